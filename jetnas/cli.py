@@ -1,0 +1,133 @@
+"""The `jetnas` command line: one entry point, subcommands from one table, flags from function signatures.
+
+Each subcommand is a plain function: its docstring's first paragraph is the help text, its parameters become
+kebab-case flags (`max_new_tokens` -> `--max-new-tokens`), their annotations give the types, defaults of None
+mean "unset". A parameter with no default is required. Lists are comma-separated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+# name -> "module:function"; modules are imported only when their command runs, so `jetnas --help` is instant
+COMMANDS: dict[str, str] = {
+    "info": "jetnas.cli:info",
+}
+
+
+def info() -> dict:
+    """Show versions, the kernel backends usable here, and the registered layer types (last line: JSON)."""
+    import torch
+    import transformers
+
+    import jetnas
+    from jetnas.layers import LAYER_TYPES
+    from jetnas.ops.backend import fla_usable, triton_usable
+
+    report = {
+        "jetnas": jetnas.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "triton_usable": triton_usable(),
+        "fla_usable": fla_usable(),
+        "layer_types": list(LAYER_TYPES),
+    }
+    for key, value in report.items():
+        print(f"{key:>14}: {value}", file=sys.stderr)
+    return report
+
+
+def _resolve(target: str) -> Callable:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _flag_type(annotation):
+    """argparse `type` (and nargs handling) for an annotation like `int`, `str | None`, `list[int] | None`."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is list:
+        item = args[0] if args else str
+        return lambda text: [item(part) for part in text.split(",") if part != ""]
+    if annotation is bool:
+        return bool
+    return annotation if annotation in (int, float, str) else str
+
+
+def _doc_summary(fn: Callable) -> str:
+    return (inspect.getdoc(fn) or "").split("\n\n")[0]
+
+
+def _param_help(fn: Callable) -> dict[str, str]:
+    """`name: text` lines of an `Args:` section of the docstring."""
+    doc, helps, in_args = inspect.getdoc(fn) or "", {}, False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if in_args and line.startswith("    ") and ":" in line and not line.startswith("        "):
+            name, text = line.strip().split(":", 1)
+            helps[name.strip()] = text.strip()
+        elif in_args and line and not line.startswith(" "):
+            in_args = False
+    return helps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jetnas",
+        description="PostNAS for your pretrained model: search, train, evaluate and serve Jet-Nemotron-style hybrids.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, target in COMMANDS.items():
+        fn = _resolve(target)
+        p = sub.add_parser(name, help=_doc_summary(fn), description=inspect.getdoc(fn))
+        hints, helps = typing.get_type_hints(fn), _param_help(fn)
+        for pname, param in inspect.signature(fn).parameters.items():
+            flag = "--" + pname.replace("_", "-")
+            kind = _flag_type(hints.get(pname, str))
+            required = param.default is inspect.Parameter.empty
+            default = None if required else param.default
+            help_text = helps.get(pname, "")
+            if kind is bool:
+                p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+            else:
+                p.add_argument(flag, dest=pname, type=kind, required=required, default=default,
+                               help=help_text + ("" if required or default is None else f" (default: {default})"))
+        p.set_defaults(_target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    target = args.pop("_target", None)
+    args.pop("command", None)
+    if target is None:
+        parser.print_help()
+        return 0
+    try:
+        result = _resolve(target)(**args)
+    except (ValueError, FileNotFoundError) as err:
+        # user errors: one clear line, no traceback
+        print(f"jetnas: error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(result, dict):
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""JetBlock: the gated delta rule with a dynamic convolution on V (Jet-Nemotron, arXiv 2508.15884, section 2.3).
+
+For input x (tokens x D), H heads, key dim K, value dim V, conv width W:
+
+    q = silu(x Wq), k = silu(x Wk)                      L2-normalised per head inside the op
+    v = silu(dynamic_conv(x Wv; kernels from x))        kernel_t = w2(silu(w1 x_t)), [H*V, W] per token
+    beta = sigmoid(x Wb), g = -exp(A_log) * softplus(x Wa + dt_bias)
+    o = gated_delta_rule(q, k, v, g, beta), scale K^-1/2
+    out = Wo( rmsnorm_per_head(o) * silu(x Wg) )
+
+Parameter names are the released checkpoints' (`q_proj, k_proj, v_proj, a_proj, b_proj, g_proj, o_proj, A_log,
+dt_bias, o_norm.weight, dynamic_conv1d.kernel_generator.{w1,w2}`). The design ablations of PostNAS step 3 are
+options: where the convolutions sit (`qk_conv`, `v_conv`) and whether the decay and the output gate exist. With
+`qk_conv="static", v_conv="static"` the block is Gated DeltaNet; without decay and gate it is DeltaNet (those two
+are registered as their own layer types in `gdn.py` and `deltanet.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast
+from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
+from jetnas.modules.norm import GatedRMSNorm
+from jetnas.ops.backend import resolve_backend
+from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+CONV_KINDS = ("none", "static", "dynamic")
+
+
+class JetBlock(TokenMixer):
+    """The JetBlock (and, through its options, the rest of the delta-rule family).
+
+    Args:
+        hidden_size: model width D.
+        num_heads: H (Jet-Nemotron-2B: 12).
+        head_k_dim: K (2B: 96).
+        head_v_dim: V (2B: 256).
+        conv_size: W of the short convolutions (4).
+        generator_reduction: the dynamic-conv kernel generator's hidden width is H*V / this (8).
+        norm_eps: eps of the per-head output norm.
+        qk_conv: "none" (the JetBlock), "static" (Gated DeltaNet's short convs) or "dynamic", on q and k.
+        v_conv: "dynamic" (the JetBlock), "static" or "none", on v.
+        use_decay: data-dependent decay g (off: the plain delta rule).
+        use_output_gate: `o_norm(o) * silu(g_proj(x))` (off: `o_norm(o)`).
+        initializer_range: std of the kernel generator's first layer.
+        backend: "auto" | "torch" | "triton", resolved once here (see `jetnas.ops.backend`).
+    """
+
+    layer_type = "jet"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 12,
+        head_k_dim: int = 96,
+        head_v_dim: int = 256,
+        conv_size: int = 4,
+        generator_reduction: int = 8,
+        norm_eps: float = 1e-5,
+        qk_conv: str = "none",
+        v_conv: str = "dynamic",
+        use_decay: bool = True,
+        use_output_gate: bool = True,
+        initializer_range: float = 0.02,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, kind in (("qk_conv", qk_conv), ("v_conv", v_conv)):
+            if kind not in CONV_KINDS:
+                raise ValueError(f"{name} must be one of {CONV_KINDS}, got {kind!r}")
+        self.hidden_size, self.num_heads, self.head_k_dim, self.head_v_dim = hidden_size, num_heads, head_k_dim, head_v_dim
+        self.conv_size, self.qk_conv, self.v_conv = conv_size, qk_conv, v_conv
+        self.use_decay, self.use_output_gate = use_decay, use_output_gate
+        self.backend = resolve_backend(backend)
+        key_dim, value_dim = num_heads * head_k_dim, num_heads * head_v_dim
+
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if use_decay:
+            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            # A ~ U(0, 16) and dt log-uniform in [1e-3, 1e-1] (Mamba2 / Gated DeltaNet); dt_bias = softplus^-1(dt)
+            self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
+            dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log._no_weight_decay = True
+            self.dt_bias._no_weight_decay = True
+
+        def make_conv(kind: str, channels: int, dynamic_name: str, static_name: str):
+            if kind == "static":
+                setattr(self, static_name, ShortConvolution(channels, conv_size, activation="silu"))
+            elif kind == "dynamic":
+                setattr(self, dynamic_name, DynamicShortConvolution(
+                    channels, conv_size, generator_input_size=hidden_size, generator_reduction=generator_reduction,
+                    activation="silu", initializer_range=initializer_range))
+
+        make_conv(qk_conv, key_dim, "q_dynamic_conv1d", "q_conv1d")
+        make_conv(qk_conv, key_dim, "k_dynamic_conv1d", "k_conv1d")
+        make_conv(v_conv, value_dim, "dynamic_conv1d", "v_conv1d")
+        self._convs = {
+            "q": ("q_dynamic_conv1d" if qk_conv == "dynamic" else "q_conv1d") if qk_conv != "none" else None,
+            "k": ("k_dynamic_conv1d" if qk_conv == "dynamic" else "k_conv1d") if qk_conv != "none" else None,
+            "v": ("dynamic_conv1d" if v_conv == "dynamic" else "v_conv1d") if v_conv != "none" else None,
+        }
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def _mix(self, name: str, u: torch.Tensor, x: torch.Tensor, state: RecurrentState | None, step: bool):
+        """Apply the short conv (and SiLU) of path `name` ("q", "k" or "v") to its projection `u [B, T, C]`."""
+        attr = self._convs[name]
+        if attr is None:
+            return F.silu(u)
+        conv = getattr(self, attr)
+        dynamic = isinstance(conv, DynamicShortConvolution)
+        conv_state = None if state is None else state.conv.get(name)
+        if step:
+            args = (u[:, 0], x[:, 0]) if dynamic else (u[:, 0],)
+            y, new_state = conv.step(*args, conv_state)
+            y = y[:, None]
+        elif dynamic:
+            y, new_state = conv(u, x, conv_state, state is not None, backend=self.backend)
+        else:
+            y, new_state = conv(u, conv_state, state is not None)
+        if state is not None:
+            state.conv[name] = new_state
+        return y
+
+    def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,
+                position_embeddings=None, use_cache=False):
+        x = hidden_states
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        mask = padding_mask(attention_mask, T)
+        if mask is not None:
+            # padded tokens become zeros: no conv input, and below no write (beta = 0) and no decay (g = 0)
+            x = x * mask[..., None].to(x.dtype)
+        if state is None and use_cache:
+            state = RecurrentState()
+        step = state is not None and T == 1
+
+        q = self._mix("q", self.q_proj(x), x, state, step).view(B, T, H, K)
+        k = self._mix("k", self.k_proj(x), x, state, step).view(B, T, H, K)
+        v = self._mix("v", self.v_proj(x), x, state, step).view(B, T, H, V)
+        beta = upcast(self.b_proj(x)).sigmoid()
+        g = None
+        if self.use_decay:
+            g = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
+        if mask is not None:
+            beta = beta * mask[..., None]
+            g = None if g is None else g * mask[..., None]
+
+        rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
+        o, final = rule(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state.recurrent,
+                        output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
+        if state is not None:
+            state.recurrent = final
+            state.seq_length += T
+        gate = self.g_proj(x).view(B, T, H, V) if self.use_output_gate else None
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(B, T, H * V)), state
+
+    def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):
+        H, K, V, W = self.num_heads, self.head_k_dim, self.head_v_dim, self.conv_size
+        conv_channels = {"q": H * K, "k": H * K, "v": H * V}
+        conv = sum(c for name, c in conv_channels.items() if self._convs[name] is not None) * (W - 1)
+        return H * K * V * dtype_bytes(state_dtype) + conv * dtype_bytes(dtype)
+
+    def init_from_attention(self, attn: nn.Module) -> list[str]:
+        """Inheritance rule: `jetnas.layers.base.inherit_qkvo` (q/k/v/o where the head split matches); the short
+        convolution of an inherited path starts as the identity, so the inherited projection is what the
+        recurrence sees first."""
+        inherited = inherit_qkvo(self, attn, self.num_heads, self.head_k_dim, self.head_v_dim)
+        for name in ("q", "k", "v"):
+            if f"{name}_proj.weight" in inherited and self._convs[name] is not None:
+                getattr(self, self._convs[name]).set_identity()
+        return inherited

@@ -1,0 +1,116 @@
+"""Causal softmax attention with grouped-query heads, rotary positions, an optional sliding window and padding.
+
+No hand-written kernel: `scaled_dot_product_attention` dispatches to FlashAttention / memory-efficient kernels on
+GPU and to a fused CPU kernel otherwise. The masking rules are spelled out once, here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for the given positions: `position_ids [B, T]` -> `(cos, sin)`, each `[B, T, head_dim]`.
+
+    The rotate-half layout of Llama/Qwen (frequencies duplicated over the two halves), computed in float32.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [B, T, H, D]` by `cos, sin [B, T, D]` (rotate-half convention)."""
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    force: bool = False,
+) -> torch.Tensor | None:
+    """Boolean visibility `[B or 1, 1, q_len, k_len]` (True = attend), or None when plain causal suffices.
+
+    The queries are the last `q_len` of the `k_len` keys. Query i (absolute index `i + k_len - q_len`) sees key j
+    when `j <= i + k_len - q_len`, and, with a window, when `j > i + k_len - q_len - window` (it sees itself and
+    the `window - 1` keys before it). Padded keys (`key_padding_mask == 0`) are never seen; a query that would see
+    nothing (a padded position) sees everything instead, so its (discarded) output stays finite. Unless `force`,
+    None is returned when only the causal rule applies.
+    """
+    if window is None and key_padding_mask is None and not force:
+        return None
+    qi = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    kj = torch.arange(k_len, device=device)[None, :]
+    visible = kj <= qi
+    if window is not None:
+        visible = visible & (kj > qi - window)
+    visible = visible[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].bool()
+        visible = visible | ~visible.any(-1, keepdim=True)
+    return visible
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention with grouped-query heads.
+
+    Args:
+        q: `[B, Tq, H, D]`, the last Tq positions of the keys' sequence.
+        k: `[B, Tk, Hkv, D]` with H a multiple of Hkv (GQA); v: `[B, Tk, Hkv, Dv]`.
+        scale: defaults to `D ** -0.5`.
+        window: each query sees itself and the `window - 1` previous keys; None for full attention.
+        key_padding_mask: `[B, Tk]`, 1 for real tokens, 0 for padding.
+
+    Returns:
+        `[B, Tq, H, Dv]` in q's dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, T, H, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[-1] != D or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k [B, Tk, Hkv, {D}] and v [B, Tk, Hkv, Dv] do not fit q {list(q.shape)}: "
+                         f"got {list(k.shape)}, {list(v.shape)}")
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if Tq > Tk:
+        raise ValueError(f"more queries ({Tq}) than keys ({Tk}): the keys must include the queries' own positions")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
+        raise ValueError(f"key_padding_mask must be [B, Tk] = [{B}, {Tk}], got {list(key_padding_mask.shape)}")
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    mask = attention_mask(Tq, Tk, window, key_padding_mask, q.device)
+    is_causal = False
+    if mask is None and Tq == Tk:
+        # SDPA's own causal flag keeps the FlashAttention path
+        is_causal = Tq > 1
+    elif mask is None and Tq > 1:
+        # a chunk of queries after cached keys; a single query sees every key and needs no mask
+        mask = attention_mask(Tq, Tk, None, None, q.device, force=True)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                       enable_gqa=H != Hkv)
+    return o.transpose(1, 2)

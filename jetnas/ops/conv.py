@@ -1,0 +1,193 @@
+"""Causal short convolutions over time, per channel: dynamic (a kernel per token, the JetBlock's) and static.
+
+For input `x` of shape `[B, T, D]` and width `W`:
+
+    y_t[d] = act( sum_{i < W} kernel_t[d, i] * x_{t-W+1+i}[d] )
+
+where inputs before the first token come from the conv state (the previous `W - 1` inputs, oldest first,
+shape `[N, D, W - 1]`) or are zero. A static convolution has one kernel `[D, W]` for every token (plus an optional
+bias). The final state is the last `W - 1` inputs, so prefill + `*_step` decoding == one full pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jetnas.ops.utils import check_cu_seqlens, check_state
+
+ACTIVATIONS = (None, "silu")
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return y
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _segments(T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
+    if cu_seqlens is None:
+        return [(0, T)]
+    b = cu_seqlens.tolist()
+    return list(zip(b[:-1], b[1:]))
+
+
+def _history(x: torch.Tensor, state: torch.Tensor | None, W: int) -> torch.Tensor:
+    """Prepend the conv state (or zeros) to `x [B, T, D]`: returns `[B, T + W - 1, D]`."""
+    if state is None:
+        return F.pad(x, (0, 0, W - 1, 0))
+    return torch.cat([state.transpose(1, 2).to(x.dtype), x], 1)
+
+
+def _check_conv_inputs(x, W, initial_state, cu_seqlens, activation):
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {list(x.shape)}")
+    if W < 1:
+        raise ValueError(f"kernel width W must be >= 1, got {W}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    B, T, D = x.shape
+    N = check_cu_seqlens(cu_seqlens, B, T)
+    check_state(initial_state, (N, D, W - 1), "initial_state")
+    return B, T, D, N
+
+
+def naive_dynamic_conv(
+    x: torch.Tensor,
+    kernels: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = "silu",
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dynamic causal convolution, in PyTorch (float32 math, float64 for float64 inputs).
+
+    Args:
+        x: `[B, T, D]` input.
+        kernels: `[B, T, D, W]`; `kernels[b, t, d, i]` multiplies `x[b, t - W + 1 + i, d]`.
+        initial_state: `[N, D, W - 1]` previous inputs (oldest first), or None for zeros.
+        output_final_state: also return the last `W - 1` inputs `[N, D, W - 1]` (x's dtype).
+        activation: None or "silu", applied to the sum.
+        cu_seqlens: `[N + 1]` packed-sequence boundaries (B == 1); no sequence sees another's inputs.
+
+    Returns:
+        `(y [B, T, D] in x's dtype, final_state or None)`.
+    """
+    W = kernels.shape[-1]
+    B, T, D, N = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    if kernels.dim() != 4 or tuple(kernels.shape[:3]) != (B, T, D):
+        raise ValueError(f"kernels must be [B, T, D, W] = [{B}, {T}, {D}, W], got {list(kernels.shape)}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ys, finals = [], []
+    for n, (s, e) in enumerate(_segments(T, cu_seqlens)):
+        state = None if initial_state is None else initial_state if cu_seqlens is None else initial_state[n : n + 1]
+        xp = _history(x[:, s:e].to(dtype), state, W)  # [B, t + W - 1, D]
+        if e > s:
+            windows = xp.unfold(1, W, 1)  # [B, t, D, W]: windows[:, t, :, i] = x_{t - W + 1 + i}
+            ys.append(_activate((windows * kernels[:, s:e].to(dtype)).sum(-1), activation))
+        finals.append(xp[:, xp.shape[1] - (W - 1):].transpose(1, 2))
+    y = torch.cat(ys, 1).to(x.dtype) if ys else x.new_empty(B, 0, D)
+    return y, (torch.cat(finals, 0).to(x.dtype) if output_final_state else None)
+
+
+def dynamic_conv_step(
+    x: torch.Tensor,
+    kernels: torch.Tensor,
+    state: torch.Tensor | None,
+    activation: str | None = "silu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of the dynamic convolution.
+
+    Args:
+        x: `[B, D]` the new input.
+        kernels: `[B, D, W]` its kernel.
+        state: `[B, D, W - 1]` previous inputs, or None for zeros.
+
+    Returns:
+        `(y [B, D], new_state [B, D, W - 1])` in x's dtype.
+    """
+    if x.dim() != 2 or kernels.dim() != 3 or kernels.shape[:2] != x.shape:
+        raise ValueError(f"expected x [B, D] and kernels [B, D, W], got {list(x.shape)} and {list(kernels.shape)}")
+    B, D = x.shape
+    W = kernels.shape[-1]
+    check_state(state, (B, D, W - 1), "state")
+    if state is None:
+        state = x.new_zeros(B, D, W - 1)
+    window = torch.cat([state.to(x.dtype), x[..., None]], -1)  # [B, D, W]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = _activate((window.to(dtype) * kernels.to(dtype)).sum(-1), activation)
+    return y.to(x.dtype), window[..., 1:]
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = "silu",
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Static causal depthwise convolution (one kernel for all tokens), via `F.conv1d` (cuDNN on GPU).
+
+    Args:
+        x: `[B, T, D]`.
+        weight: `[D, W]`.
+        bias: `[D]` or None.
+        initial_state, output_final_state, activation, cu_seqlens: as in `naive_dynamic_conv`.
+
+    Returns:
+        `(y [B, T, D], final_state [N, D, W - 1] or None)`, both in x's dtype.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
+    W = weight.shape[-1]
+    B, T, D, N = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    if weight.shape[0] != D:
+        raise ValueError(f"weight has {weight.shape[0]} channels but x has D={D}")
+    ys, finals = [], []
+    for n, (s, e) in enumerate(_segments(T, cu_seqlens)):
+        state = None if initial_state is None else initial_state if cu_seqlens is None else initial_state[n : n + 1]
+        xp = _history(x[:, s:e], state, W)  # [B, t + W - 1, D]
+        if e > s:
+            y = F.conv1d(xp.transpose(1, 2), weight.to(x.dtype)[:, None, :],
+                         None if bias is None else bias.to(x.dtype), groups=D)
+            ys.append(_activate(y.transpose(1, 2), activation))
+        finals.append(xp[:, xp.shape[1] - (W - 1):].transpose(1, 2))
+    y = torch.cat(ys, 1) if ys else x[:, :0]
+    return y, (torch.cat(finals, 0) if output_final_state else None)
+
+
+def short_conv_step(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    state: torch.Tensor | None,
+    activation: str | None = "silu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of the static convolution: `x [B, D]`, `weight [D, W]`, `state [B, D, W - 1]`."""
+    B, D = x.shape
+    y, new_state = dynamic_conv_step(x, weight.expand(B, *weight.shape), state, activation=None)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return _activate(y, activation), new_state
+
+
+def dynamic_conv(
+    x: torch.Tensor,
+    kernels: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = "silu",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dynamic causal convolution: our Triton kernel (forward and backward) on CUDA with `backend="triton"`, the
+    PyTorch reference otherwise. Arguments and returns as in `naive_dynamic_conv`."""
+    if backend == "triton" and x.is_cuda:
+        from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv
+
+        return triton_dynamic_conv(x, kernels, initial_state, output_final_state, activation, cu_seqlens)
+    return naive_dynamic_conv(x, kernels, initial_state, output_final_state, activation, cu_seqlens)
