@@ -6,3 +6,6 @@ block zoo and `jetnas.ops` for the kernels.
 """
 
 __version__ = "0.1.0"
+
+# registers the `jet_nemotron` model type with transformers' Auto classes
+from jetnas import models as _models  # noqa: E402,F401

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 # name -> "module:function"; modules are imported only when their command runs, so `jetnas --help` is instant
 COMMANDS: dict[str, str] = {
+    "convert": "jetnas.commands.models:convert",
+    "generate": "jetnas.commands.models:generate",
     "info": "jetnas.cli:info",
 }
 

@@ -90,7 +90,8 @@ class Attention(TokenMixer):
         return self.o_proj(o.reshape(B, T, -1)), state
 
     def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):
-        kept = context_length if self.window_size is None else min(context_length, self.window_size)
+        # a sliding-window layer keeps the window's last `window - 1` keys between steps (the new token is the W-th)
+        kept = context_length if self.window_size is None else min(context_length, self.window_size - 1)
         return 2 * kept * self.num_kv_heads * self.head_dim * dtype_bytes(dtype)
 
     def init_from_attention(self, attn: nn.Module) -> list[str]:

@@ -32,6 +32,17 @@ from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_
 CONV_KINDS = ("none", "static", "dynamic")
 
 
+def initial_a_log(num_heads: int) -> torch.Tensor:
+    """log(A) with A ~ U(0, 16) per head (Gated DeltaNet's decay-rate init)."""
+    return torch.empty(num_heads).uniform_(0, 16).log()
+
+
+def initial_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
+    """softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (Mamba2's time-step init)."""
+    dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class JetBlock(TokenMixer):
     """The JetBlock (and, through its options, the rest of the delta-rule family).
 
@@ -85,10 +96,8 @@ class JetBlock(TokenMixer):
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         if use_decay:
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            # A ~ U(0, 16) and dt log-uniform in [1e-3, 1e-1] (Mamba2 / Gated DeltaNet); dt_bias = softplus^-1(dt)
-            self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-            dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log = nn.Parameter(initial_a_log(num_heads))
+            self.dt_bias = nn.Parameter(initial_dt_bias(num_heads))
             self.A_log._no_weight_decay = True
             self.dt_bias._no_weight_decay = True
 
@@ -112,6 +121,12 @@ class JetBlock(TokenMixer):
             self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """Fresh values of the parameters with a non-standard init (for model-level re-initialisation)."""
+        if not self.use_decay:
+            return {}
+        return {"A_log": initial_a_log(self.num_heads), "dt_bias": initial_dt_bias(self.num_heads)}
 
     def _mix(self, name: str, u: torch.Tensor, x: torch.Tensor, state: RecurrentState | None, step: bool):
         """Apply the short conv (and SiLU) of path `name` ("q", "k" or "v") to its projection `u [B, T, C]`."""

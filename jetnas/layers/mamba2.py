@@ -10,13 +10,12 @@ follow transformers' `Mamba2Mixer` (`in_proj, conv1d, dt_bias, A_log, D, norm, o
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from jetnas.layers.base import RecurrentState, TokenMixer, attention_head_weights, dtype_bytes, padding_mask, upcast
+from jetnas.layers.jet import initial_dt_bias
 from jetnas.modules.conv import ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import resolve_backend
@@ -55,12 +54,17 @@ class Mamba2(TokenMixer):
         conv_dim = self.inner + 2 * n_groups * state_size
         self.in_proj = nn.Linear(hidden_size, self.inner + conv_dim + num_heads, bias=False)
         self.conv1d = ShortConvolution(conv_dim, conv_size, bias=True, activation="silu")
-        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.arange(1, num_heads + 1, dtype=torch.float32).log())
-        self.D = nn.Parameter(torch.ones(num_heads))
+        for name, value in self.initial_values().items():
+            setattr(self, name, nn.Parameter(value))
         self.norm = GatedRMSNorm(self.inner, eps=norm_eps, norm_before_gate=False, group_size=self.inner // n_groups)
         self.out_proj = nn.Linear(self.inner, hidden_size, bias=False)
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """Fresh values of the parameters with a non-standard init: A = 1..H (Mamba2's), dt as in the JetBlock,
+        D = 1."""
+        H = self.num_heads
+        return {"dt_bias": initial_dt_bias(H), "A_log": torch.arange(1, H + 1, dtype=torch.float32).log(),
+                "D": torch.ones(H)}
 
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,
                 position_embeddings=None, use_cache=False):

@@ -47,8 +47,14 @@ class MultiScaleRetention(TokenMixer):
         self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
         # a fixed multi-scale decay, not a parameter (RetNet's), kept out of checkpoints
-        decay = torch.log(1 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float32)))
-        self.register_buffer("log_decay", decay, persistent=False)
+        self.register_buffer("log_decay", torch.empty(num_heads), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the fixed decays (also after a meta-device construction, where buffers hold garbage)."""
+        heads = torch.arange(self.num_heads, dtype=torch.float32, device=self.log_decay.device)
+        with torch.no_grad():
+            self.log_decay.copy_(torch.log(1 - 2.0 ** (-5.0 - heads)))
 
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,
                 position_embeddings=None, use_cache=False):

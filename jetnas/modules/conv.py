@@ -29,8 +29,13 @@ class ShortConvolution(nn.Module):
         super().__init__()
         self.hidden_size, self.kernel_size, self.activation = hidden_size, kernel_size, activation
         self.weight = nn.Parameter(torch.empty(hidden_size, 1, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
-        _conv1d_default_init_(self.weight, kernel_size)
+        self.bias = nn.Parameter(torch.empty(hidden_size)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _conv1d_default_init_(self.weight, self.kernel_size)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x, state=None, output_final_state=False, cu_seqlens=None):
         """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`."""
@@ -78,9 +83,13 @@ class DynamicShortConvolution(nn.Module):
             act=nn.SiLU(),
             w2=nn.Linear(generator_hidden, hidden_size * kernel_size, bias=True),
         ))
-        nn.init.normal_(self.kernel_generator.w1.weight, std=initializer_range)
+        self.initializer_range = initializer_range
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.kernel_generator.w1.weight, std=self.initializer_range)
         nn.init.zeros_(self.kernel_generator.w2.weight)
-        _conv1d_default_init_(self.kernel_generator.w2.bias, kernel_size)
+        _conv1d_default_init_(self.kernel_generator.w2.bias, self.kernel_size)
 
     def kernels(self, generator_input: torch.Tensor) -> torch.Tensor:
         """`[..., Din]` -> `[..., D, W]`."""

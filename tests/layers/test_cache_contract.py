@@ -8,8 +8,8 @@
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from jetnas.layers import LAYER_TYPES, build_layer
 
 TOL = 1e-9

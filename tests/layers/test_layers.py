@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from jetnas.layers import Attention, GatedLinearAttention, JetBlock, Mamba2, build_layer
 from jetnas.ops.backend import resolve_backend
 
@@ -43,7 +43,7 @@ def test_jet_nemotron_2b_block_cache_size():
     assert jet.cache_bytes(65536) == jet.cache_bytes(10) == expected
     attn = Attention(1536, 12, 2, 128)
     assert attn.cache_bytes(65536) == 2 * 65536 * 2 * 128 * 2
-    assert Attention(1536, 12, 2, 128, window_size=1152).cache_bytes(65536) == 2 * 1152 * 2 * 128 * 2
+    assert Attention(1536, 12, 2, 128, window_size=1152).cache_bytes(65536) == 2 * 1151 * 2 * 128 * 2
 
 
 @pytest.mark.parametrize("layer_type,kwargs", [

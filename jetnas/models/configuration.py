@@ -1,0 +1,158 @@
+"""`JetNemotronConfig`: the configuration of a hybrid model (any mix of attention and zoo blocks per layer).
+
+It accepts the released Jet-Nemotron `config.json` unchanged: `layer_types` of `"attn" | "swa" | "jet"` and
+`efficient_attention_config = {"jet": {num_heads, head_dim, expand_v, conv_size, dconv_generator_reduction,
+norm_eps, mode, ...}, "swa": {window_size}}`. Any zoo block type may appear per layer; its keyword arguments come
+from `efficient_attention_config[type]` (the block's own argument names), with defaults derived from the model.
+
+transformers 5 reserves `layer_types` for the cache kinds it knows (`full_attention`, `sliding_attention`,
+`linear_attention`) and builds each layer's cache from it. So the block of each layer is kept in `block_types`,
+and `layer_types` holds the matching cache kinds: `generate()` then builds the right per-layer caches by itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PretrainedConfig
+
+from jetnas.layers import ATTENTION_TYPES, LAYER_TYPES, LINEAR_LAYERS
+
+# transformers' cache kind for each of our block types
+CACHE_KINDS = {"attn": "full_attention", "swa": "sliding_attention", **{t: "linear_attention" for t in LINEAR_LAYERS}}
+HF_CACHE_KINDS = set(CACHE_KINDS.values())
+# keys of the released "jet" entry that do not change the math (a kernel choice we make ourselves)
+_JET_IGNORED_KEYS = {"mode", "dconv_implementation"}
+_JET_KEYS = {"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"} | _JET_IGNORED_KEYS
+
+
+@strict
+class JetNemotronConfig(PretrainedConfig):
+    """Configuration of `JetNemotronForCausalLM`.
+
+    Defaults are Jet-Nemotron-2B's (Qwen2.5-1.5B dimensions). Besides the Qwen2 fields:
+
+    Args:
+        block_types: the block of each layer, from `jetnas.layers.LAYER_TYPES`. (The released format's
+            `layer_types` list of block names is accepted too and moved here.)
+        efficient_attention_config: per block type, its keyword arguments: `{"swa": {"window_size": W}, "jet":
+            {released JetBlock keys}, "gdn": {...}}`.
+        attention_bias: bias on the q/k/v projections of attention layers (Qwen2: True, Llama/Qwen3: False).
+        attention_out_bias: bias on o_proj of attention layers (Llama's `attention_bias` also sets this).
+        qk_norm: per-head RMS norm on q and k (Qwen3).
+        mlp_bias: biases in the SwiGLU MLP.
+    """
+
+    model_type = "jet_nemotron"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    default_theta = 1_000_000.0
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = 2
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = True
+    attention_out_bias: bool = False
+    qk_norm: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float | int = 0.0
+    block_types: list[str] | None = None
+    layer_types: list[str] | None = None
+    efficient_attention_config: dict | None = None
+    sliding_window: int | None = None
+    number_of_conv_states: int = 3
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.efficient_attention_config = dict(self.efficient_attention_config or {})
+        # the released format: block names in `layer_types`
+        if self.layer_types is not None and not set(self.layer_types) <= HF_CACHE_KINDS:
+            if self.block_types is not None and list(self.block_types) != list(self.layer_types):
+                raise ValueError(f"layer_types={self.layer_types} and block_types={self.block_types} disagree")
+            self.block_types = list(self.layer_types)
+        if self.block_types is None:
+            self.block_types = ["attn"] * self.num_hidden_layers
+        self._check()
+        self.layer_types = [CACHE_KINDS[t] for t in self.block_types]
+        if "swa" in self.block_types:
+            self.sliding_window = int(self.efficient_attention_config["swa"]["window_size"])
+        # a released config points at remote-code files we neither need nor ship
+        kwargs.pop("auto_map", None)
+        super().__post_init__(**kwargs)
+
+    def _check(self) -> None:
+        if len(self.block_types) != self.num_hidden_layers:
+            raise ValueError(f"block_types has {len(self.block_types)} entries but num_hidden_layers="
+                             f"{self.num_hidden_layers}")
+        for i, t in enumerate(self.block_types):
+            if t not in LAYER_TYPES:
+                raise ValueError(f"block_types[{i}]={t!r} is not a known block; known: {', '.join(LAYER_TYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if "swa" in self.block_types:
+            window = self.efficient_attention_config.get("swa", {}).get("window_size")
+            if not isinstance(window, int) or window < 1:
+                raise ValueError(f"efficient_attention_config['swa']['window_size'] must be an int >= 1 when a layer "
+                                 f"is 'swa', got {window!r}")
+        if "jet" in self.block_types and "jet" in self.efficient_attention_config:
+            jet = self.efficient_attention_config["jet"]
+            unknown = set(jet) - _JET_KEYS
+            if unknown:
+                raise ValueError(f"efficient_attention_config['jet'] has unknown keys {sorted(unknown)}; "
+                                 f"expected some of {sorted(_JET_KEYS)}")
+            if jet.get("mode", "chunk") not in ("chunk", "fused_recurrent"):
+                raise ValueError(f"efficient_attention_config['jet']['mode'] must be 'chunk' or 'fused_recurrent', "
+                                 f"got {jet['mode']!r}")
+
+    def block_kwargs(self, block_type: str) -> dict[str, Any]:
+        """Keyword arguments for `jetnas.layers.build_layer(block_type, hidden_size, **kwargs)`."""
+        rope_theta = (self.rope_parameters or {}).get("rope_theta", self.default_theta)
+        if block_type in ATTENTION_TYPES:
+            kwargs = dict(num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
+                          head_dim=self.head_dim, qkv_bias=self.attention_bias, o_bias=self.attention_out_bias,
+                          qk_norm=self.qk_norm, norm_eps=self.rms_norm_eps, rope_theta=rope_theta)
+            if block_type == "swa":
+                kwargs["window_size"] = self.sliding_window or self.efficient_attention_config["swa"]["window_size"]
+            return kwargs
+        given = dict(self.efficient_attention_config.get(block_type, {}))
+        if block_type == "jet":
+            return self._jet_kwargs(given)
+        if block_type == "mamba2":
+            return {"head_dim": self.head_dim, "state_size": self.head_dim, **given}
+        # gdn, deltanet, gla, retnet: heads and head dims of the attention they replace, unless given
+        defaults = dict(num_heads=self.num_attention_heads, head_k_dim=self.head_dim, head_v_dim=self.head_dim)
+        return {**defaults, **given}
+
+    def _jet_kwargs(self, jet: dict) -> dict[str, Any]:
+        num_heads = jet.get("num_heads", self.num_attention_heads)
+        head_k = jet.get("head_dim", self.head_dim)
+        expand_v = float(jet.get("expand_v", 2.0))
+        head_v = round(head_k * expand_v)
+        if not math.isclose(head_k * expand_v, head_v, rel_tol=1e-5):
+            raise ValueError(f"efficient_attention_config['jet']: head_dim={head_k} * expand_v={expand_v} is not an "
+                             f"integer value dim")
+        return dict(num_heads=num_heads, head_k_dim=head_k, head_v_dim=head_v, conv_size=jet.get("conv_size", 4),
+                    generator_reduction=jet.get("dconv_generator_reduction", 8),
+                    norm_eps=float(jet.get("norm_eps", 1e-5)), initializer_range=self.initializer_range)
+
+
+__all__ = ["JetNemotronConfig"]

