@@ -8,9 +8,9 @@
 
 import pytest
 import torch
-from conftest import rel_err
 
 from jetnas.layers import LAYER_TYPES, build_layer
+from tests.utils import rel_err
 
 TOL = 1e-9
 D = 32

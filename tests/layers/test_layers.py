@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import rel_err
 
 from jetnas.layers import Attention, GatedLinearAttention, JetBlock, Mamba2, build_layer
 from jetnas.ops.backend import resolve_backend
+from tests.utils import rel_err
 
 RELEASED_JETBLOCK_PARAMS = {
     "q_proj.weight", "k_proj.weight", "v_proj.weight", "a_proj.weight", "b_proj.weight", "g_proj.weight",

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import ALL_TYPES, randomize_zero_init, tiny_config
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from jetnas.models import JetNemotronForCausalLM
 from jetnas.models.hf_compat import cache_nbytes
+from tests.utils import ALL_TYPES, randomize_zero_init, tiny_config
 
 
 def make_model(block_types=None, dtype=torch.float32, **overrides):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import rel_err
 from jetnas.ops.attention import apply_rotary, causal_attention, rotary_cos_sin
+from tests.utils import rel_err
 
 
 def reference(q, k, v, window=None, key_padding_mask=None):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
 from jetnas.ops.conv import dynamic_conv_step, naive_dynamic_conv, short_conv, short_conv_step
+from tests.utils import rel_err
 
 TOL = 1e-12
 

