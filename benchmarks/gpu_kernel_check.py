@@ -42,6 +42,10 @@ BLOCKS = {
 }
 
 
+def log(*args) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -84,6 +88,7 @@ def op_checks(dev) -> dict:
     do, ds = torch.randn_like(o_r), torch.randn_like(s_r)
     g_fast = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), ins)
     g_ref = torch.autograd.grad((o_r * do).sum() + (s_r * ds).sum(), ref_ins)
+    log("gated delta rule chunk fwd/bwd done")
     res["gated_delta_rule.chunk"] = {"out": rel(o, o_r), "final_state": rel(s, s_r),
                                      **{f"grad_{n}": rel(a, b) for n, a, b in
                                         zip(["q", "k", "v", "g", "beta", "h0"], g_fast, g_ref)}}
@@ -108,6 +113,7 @@ def op_checks(dev) -> dict:
         g_ref = torch.autograd.grad((o_r * do).sum() + s_r.sum(), ref_ins)
         res[name] = {"out": rel(o, o_r), "final_state": rel(s, s_r),
                      **{f"grad_{n}": rel(a, b) for n, a, b in zip("qkvg", g_fast, g_ref)}}
+        log(name, res[name])
 
     # dynamic convolution, our Triton kernel, with an initial state
     x = torch.randn(B, T, H * V, device=dev, dtype=torch.bfloat16)
@@ -125,10 +131,10 @@ def op_checks(dev) -> dict:
     return res
 
 
-def block_checks(dev) -> dict:
+def block_checks(dev, types=LAYER_TYPES) -> dict:
     res = {}
     B, T = 2, 1000
-    for layer_type in LAYER_TYPES:
+    for layer_type in types:
         torch.manual_seed(0)
         fast = build_layer(layer_type, D, **BLOCKS[layer_type], **({} if layer_type in ("attn", "swa")
                                                                      else {"backend": "triton"}))
@@ -159,6 +165,7 @@ def block_checks(dev) -> dict:
             steps_r = [ref(x[:, T + i : T + i + 1].float(), state_r)[0] for i in range(4)]
         entry["decode"] = max(rel(a, b) for a, b in zip(steps, steps_r))
         res[layer_type] = entry
+        log("block", layer_type, entry)
     return res
 
 
@@ -180,12 +187,13 @@ def block_timings(dev) -> dict:
             def step():
                 layer(x)[0].sum().backward()
 
-            ms = sync_time(step, iters=5, warmup=2)
+            ms = sync_time(step, iters=3, warmup=1)
             entry[f"{backend}_ms"] = round(ms, 3)
             entry[f"{backend}_tokens_per_s"] = round(B * T / ms * 1e3)
         if "torch_ms" in entry:
             entry["speedup"] = round(entry["torch_ms"] / entry["triton_ms"], 2)
         res[layer_type] = entry
+        log("timing", layer_type, entry)
     return res
 
 
@@ -209,7 +217,8 @@ def conv_bandwidth(dev) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="kernel_check.json")
-    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--sections", default="ops,blocks,timing", help="comma-separated subset of ops,blocks,timing")
+    parser.add_argument("--blocks", default=",".join(LAYER_TYPES), help="block types to check")
     args = parser.parse_args()
     dev = torch.device("cuda")
     import fla
@@ -219,11 +228,20 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "fla": fla.__version__, "python": platform.python_version(),
               "tolerances": {"out": OUT_TOL, "grad": GRAD_TOL}}
-    report["ops"] = op_checks(dev)
-    report["blocks"] = block_checks(dev)
-    if not args.skip_timing:
-        report["block_training_step"] = block_timings(dev)
-        report["dynamic_conv_bandwidth"] = conv_bandwidth(dev)
+    sections = args.sections.split(",")
+    report.update(ops={}, blocks={}, errors={})
+    runs = [("ops", op_checks), ("blocks", lambda d: block_checks(d, args.blocks.split(","))), ("block_training_step", block_timings),
+            ("dynamic_conv_bandwidth", conv_bandwidth)]
+    for key, fn in runs:
+        if (key if key in ("ops", "blocks") else "timing") not in sections:
+            continue
+        try:
+            report[key] = fn(dev)
+        except Exception as err:  # keep what the other sections measured; the error is part of the result
+            report["errors"][key] = f"{type(err).__name__}: {err}"
+            log("section", key, "failed:", report["errors"][key][:300])
+        with open(args.out, "w") as f:  # after every section, so a cut-off run still returns its numbers
+            json.dump(report, f, indent=2)
     failures = []
     for section in ("ops", "blocks"):
         for name, entry in report[section].items():
@@ -232,6 +250,7 @@ def main() -> None:
                     limit = GRAD_TOL if key.startswith("grad") else OUT_TOL
                     if not value < limit:
                         failures.append(f"{section}.{name}.{key}={value:.3g}")
+    failures += [f"{k}: {v[:200]}" for k, v in report["errors"].items()]
     report["failures"] = failures
     report["seconds"] = round(time.time() - t0, 1)
     with open(args.out, "w") as f:

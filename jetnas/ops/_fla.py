@@ -37,6 +37,11 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, out
 
 
 def chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g))
+    if g.dim() == 3 and training:
+        # fla 0.6 refuses chunk_simple_gla's backward with Triton < 3.7.1 on Hopper (wrong results, fla #640); the
+        # per-channel kernel's backward is fine, so per-head decays are broadcast over K for training
+        g = g[..., None].expand(*g.shape, q.shape[-1])
     if g.dim() == 3:
         from fla.ops.simple_gla import chunk_simple_gla
 
