@@ -223,9 +223,11 @@ def _dynamic_conv_bwd_dstate_kernel(k_ptr, dacc_ptr, dstate_ptr, cu_ptr, T, D, W
     acc = tl.zeros([BLOCK_D, W_POW2], dtype=tl.float32)
     for r in tl.static_range(W - 1):
         row = first + r
-        g = tl.load(dacc_ptr + row * D + d, mask=d_ok & (r < length), other=0.0).to(tl.float32)
+        # a boolean tensor, not a Python bool (Triton >= 3.9 rejects non-boolean masks)
+        ok = d_ok & ((d * 0 + r) < length)
+        g = tl.load(dacc_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
         tap = c - r
-        m = (d_ok & (r < length))[:, None] & ((tap >= 0) & (c < W - 1))[None, :]
+        m = ok[:, None] & ((tap >= 0) & (c < W - 1))[None, :]
         kv = tl.load(k_ptr + (row * D + d)[:, None] * W + tap[None, :], mask=m, other=0.0).to(tl.float32)
         acc += g[:, None] * kv
     out = dstate_ptr + (n * D + d)[:, None] * (W - 1) + c[None, :]
