@@ -37,3 +37,42 @@ def randomize_zero_init(model):
             if "kernel_generator.w2.weight" in name or name.endswith("conv1d.bias"):
                 p.normal_(std=0.05)
     return model
+
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Question: what is the capital of France? Answer: Paris. "
+    "The special code for Lisbon is 4821. A farmer walked along the stone wall before the sun went down. "
+    "0123456789 ABCD. Multiple choice questions about astronomy, biology, history and geography follow. "
+)
+
+
+def tiny_tokenizer():
+    """A real byte-level BPE tokenizer (transformers fast tokenizer) trained in memory, ~300 tokens: tests get a
+    tokenizer without downloading one."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=["<eos>"], show_progress=False)
+        tok.train_from_iterator([_CORPUS] * 4, trainer)
+        _TOKENIZER = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return _TOKENIZER
+
+
+_TOKENIZER = None
+
+
+def tiny_lm(block_types=("attn", "jet"), seed: int = 0, **lm_kwargs):
+    """A random tiny hybrid with the tiny tokenizer, wrapped for the evaluators."""
+    from jetnas.evaluation.scoring import LanguageModel
+    from jetnas.models import JetNemotronForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = JetNemotronForCausalLM(tiny_config(list(block_types), vocab_size=len(tok))).eval()
+    return LanguageModel.from_hf(model, tok, **{"max_length": 512, "batch_size": 4, **lm_kwargs}), model

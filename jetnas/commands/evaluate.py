@@ -1,0 +1,96 @@
+"""`jetnas eval`: built-in tasks and lm-evaluation-harness tasks on one model, one report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jetnas.commands.models import _device, _dtype, load_model_and_tokenizer
+
+
+def _apply_limit(task, limit: int | None):
+    """`--limit` for a built-in task: rows for mc/cloze/retrieval, 1024-token windows for perplexity."""
+    from jetnas.evaluation.tasks import ClozeTask, MultipleChoiceTask, PerplexityTask, RetrievalTask
+
+    if limit is None:
+        return task
+    if isinstance(task, (MultipleChoiceTask, ClozeTask)) and task.limit is None:
+        task.limit = limit
+    elif isinstance(task, RetrievalTask):
+        task.n = min(task.n, limit)
+    elif isinstance(task, PerplexityTask) and task.tokens is None:
+        task.tokens = limit * task.window
+    return task
+
+
+def markdown_table(model: str, results: dict[str, dict]) -> str:
+    keys = ["acc", "acc_norm", "correct_nll", "nll", "ppl", "bits_per_byte", "target_nll", "n"]
+    shown = [k for k in keys if any(k in r for r in results.values())]
+    lines = [f"| task ({model}) | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for name, metrics in results.items():
+        cells = []
+        for k in shown:
+            v = metrics.get(k)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | None = None, batch_size: int = 8,
+             max_length: int | None = None, num_fewshot: int | None = None, data_dir: str | None = None,
+             device: str | None = None, dtype: str = "auto") -> dict:
+    """Evaluate a model on built-in tasks (ppl:, mc:, cloze:, retrieval:) and harness tasks or groups.
+
+    Args:
+        model: a model directory, a preset (random weights) or a teacher name (smollm2-135m).
+        tasks: comma-separated; built-in names like mc:PATH, cloze:PATH, ppl:PATH, retrieval:needle@4096;
+            anything else goes to lm-evaluation-harness (its task names, jetnas_* offline tasks, or a paper group:
+            mmlu, mmlu_pro, bbh, math, commonsense, retrieval, code, longbench).
+        limit: at most this many rows per task (quick runs).
+        out_dir: where eval.json and eval.md go (default runs/eval-<time>).
+        batch_size: sequences per forward pass.
+        max_length: longest sequence scored (default: the model's max positions).
+        num_fewshot: few-shot examples for harness tasks.
+        data_dir: the folder of local benchmark files for jetnas_* harness tasks.
+        device: cpu, cuda, ...; default cuda when available.
+        dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
+    """
+    from jetnas.evaluation.scoring import LanguageModel
+    from jetnas.evaluation.tasks import is_builtin, parse_task
+
+    specs = [t for t in tasks.split(",") if t]
+    if not specs:
+        raise ValueError("--tasks is empty")
+    builtin = [parse_task(s) for s in specs if is_builtin(s)]  # parse first: bad names fail before loading
+    harness = [s for s in specs if not is_builtin(s)]
+    dev = _device(device)
+    net, tok = load_model_and_tokenizer(model, None, dev, _dtype(dtype, dev))
+    lm = LanguageModel.from_hf(net, tok, max_length=max_length, batch_size=batch_size, name=model)
+    out = Path(out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
+    for task in builtin:
+        t0 = time.perf_counter()
+        results[task.name] = {**_apply_limit(task, limit).evaluate(lm, progress=True),
+                              "seconds": round(time.perf_counter() - t0, 2)}
+        print(f"{task.name}: {results[task.name]}", file=sys.stderr)
+    if harness:
+        from jetnas.evaluation.harness import run_harness
+
+        harness_results = run_harness(net, tok, harness, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                      data_dir=data_dir, max_length=max_length)
+        results.update({k: v for k, v in harness_results.items() if isinstance(v, dict)})
+    report = {"model": model, "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+              "dtype": str(next(net.parameters()).dtype), "limit": limit, "tasks": results,
+              "seconds": round(time.perf_counter() - start, 1)}
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(model, results)
+    (out / "eval.md").write_text(table + "\n")
+    print(table, file=sys.stderr)
+    return {"model": model, "out_dir": str(out), "results": {k: {m: v for m, v in r.items() if m != "seconds"}
+                                                             for k, r in results.items()}}

@@ -1,0 +1,437 @@
+"""Built-in tasks that need no network, named the same way everywhere (`jetnas eval`, the searches, recipes):
+
+| name | what | metrics |
+|---|---|---|
+| `ppl:PATH` | perplexity of a text file (`.jsonl[.gz]` with "text", `.txt`) or token file (`.bin`, uint16) | nll, ppl, bits_per_byte |
+| `mc:PATH` | multiple choice rows `{"question", "choices", "label"}` | acc, acc_norm, correct_nll |
+| `cloze:PATH` | LAMBADA-style rows `{"context", "target"}` | acc (greedy exact match), ppl |
+| `retrieval:KIND@LENGTH` | synthetic retrieval (`kv`, `needle`, `mqar`) at LENGTH tokens of context | acc, target_nll |
+
+Options follow a `?`: `mc:mmlu_test.jsonl.gz?shots=5&fewshot=mmlu_dev.jsonl&limit=200`, `retrieval:kv@4096?n=50&seed=1`,
+`ppl:val.bin?tokens=100000&window=1024&stride=512`. Multiple-choice prompts follow lm-evaluation-harness's tasks (MMLU as
+lettered questions, ARC/PIQA as "Question: ...\\nAnswer:", HellaSwag as the context itself), chosen by each row's
+"task" field, so built-in and harness scores agree.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from jetnas.evaluation.scoring import LanguageModel, Score, score_continuations, token_nll
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task data file {str(path)!r} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Task(ABC):
+    """A named evaluation: `evaluate(lm)` returns a flat dict of metrics."""
+
+    name: str
+
+    @abstractmethod
+    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        """Run the task on `lm`; metrics are floats, plus `n` (rows scored)."""
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric reports and searches rank by."""
+        return "acc"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multiple choice
+
+
+def mc_prompt(row: dict) -> tuple[str, list[str]]:
+    """Context and continuations of a multiple-choice row, in lm-evaluation-harness's format for its task."""
+    task = row.get("task", "")
+    if task == "mmlu":
+        lines = [row["question"].strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"])]
+        return "\n".join(lines) + "\nAnswer:", [f" {LETTERS[i]}" for i in range(len(row["choices"]))]
+    if task == "hellaswag":
+        return row["question"], [f" {c}" for c in row["choices"]]
+    return f"Question: {row['question']}\nAnswer:", [f" {c}" for c in row["choices"]]
+
+
+def _mmlu_description(row: dict) -> str:
+    subject = row.get("subject", "")
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n" \
+        if row.get("task") == "mmlu" and subject else ""
+
+
+@dataclass
+class MultipleChoiceTask(Task):
+    """Multiple choice by log-likelihood of each answer.
+
+    Metrics: `acc` (highest total log-probability), `acc_norm` (per character of the answer, as the harness),
+    `correct_nll` (mean negative log-likelihood per token of the correct answer: PostNAS's objective for
+    knowledge tasks, smooth where accuracy is coarse).
+    """
+
+    path: str
+    shots: int = 0
+    fewshot: str | None = None
+    limit: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self.name = self.name or f"mc:{Path(self.path).name}"
+        self._rows = read_jsonl(self.path)
+        for i, row in enumerate(self._rows[:3]):
+            if not {"question", "choices", "label"} <= set(row):
+                raise ValueError(f"{self.path} row {i} needs question, choices, label; has {sorted(row)}")
+        self._shots_pool = read_jsonl(self.fewshot) if self.fewshot else self._rows
+
+    def rows(self) -> list[dict]:
+        return self._rows[: self.limit] if self.limit else self._rows
+
+    def context(self, row: dict) -> str:
+        """The full context of a row: task description (MMLU), few-shot examples, the question."""
+        shots = []
+        if self.shots:
+            same = [r for r in self._shots_pool if r is not row and r.get("id") != row.get("id")
+                    and r.get("subject") == row.get("subject")]
+            for ex in same[: self.shots]:
+                ctx, conts = mc_prompt(ex)
+                shots.append(ctx + conts[ex["label"]])
+        ctx, _ = mc_prompt(row)
+        return _mmlu_description(row) + "".join(s + "\n\n" for s in shots) + ctx
+
+    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        rows = self.rows()
+        requests, spans = [], []
+        for row in rows:
+            ctx = self.context(row)
+            conts = mc_prompt(row)[1]
+            spans.append((len(requests), len(conts)))
+            requests += [(ctx, c) for c in conts]
+        scores = score_continuations(lm, requests, progress=self.name if progress else None)
+        return summarize_mc(rows, requests, scores, spans)
+
+
+def summarize_mc(rows, requests, scores: list[Score], spans) -> dict[str, float]:
+    acc = acc_norm = nll = 0.0
+    for row, (start, n) in zip(rows, spans):
+        s = scores[start : start + n]
+        ll = np.array([x.logprob for x in s])
+        # the harness normalises by the answer's length in characters, leading delimiter excluded
+        chars = np.array([max(len(requests[start + i][1].lstrip(" ")), 1) for i in range(n)])
+        acc += float(ll.argmax() == row["label"])
+        acc_norm += float((ll / chars).argmax() == row["label"])
+        nll += -s[row["label"]].logprob / s[row["label"]].num_tokens
+    n = max(len(rows), 1)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "correct_nll": nll / n, "n": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cloze
+
+
+@dataclass
+class ClozeTask(Task):
+    """Predict the last word (LAMBADA): `acc` = greedy decoding reproduces `" " + target` exactly; `ppl` of the
+    target tokens."""
+
+    path: str
+    limit: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self.name = self.name or f"cloze:{Path(self.path).name}"
+        self._rows = read_jsonl(self.path)
+        if self._rows and not {"context", "target"} <= set(self._rows[0]):
+            raise ValueError(f"{self.path}: cloze rows need context and target; has {sorted(self._rows[0])}")
+
+    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        rows = self._rows[: self.limit] if self.limit else self._rows
+        scores = score_continuations(lm, [(r["context"], " " + r["target"]) for r in rows],
+                                     progress=self.name if progress else None)
+        n = max(len(rows), 1)
+        return {"acc": sum(s.is_greedy for s in scores) / n,
+                "ppl": math.exp(-sum(s.logprob for s in scores) / n), "n": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# perplexity
+
+
+def read_tokens(path: str | Path, lm: LanguageModel, max_tokens: int | None) -> tuple[torch.Tensor, int | None]:
+    """Token stream of a file and, for text, its UTF-8 byte count (for bits per byte)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist")
+    if path.suffix == ".bin":
+        data = np.memmap(path, dtype="<u2", mode="r")
+        n = len(data) if max_tokens is None else min(len(data), max_tokens)
+        return torch.from_numpy(np.asarray(data[:n], dtype=np.int64)), None
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        texts = [r["text"] for r in read_jsonl(path)]
+    else:
+        texts = [path.read_text(encoding="utf-8")]
+    ids, used = [], 0
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    for text in texts:
+        piece = lm.encode(text)
+        ids += piece + ([eos] if eos is not None and len(texts) > 1 else [])
+        used += len(text.encode("utf-8"))
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens] if max_tokens else ids
+    return torch.tensor(ids), used if max_tokens is None or len(ids) < max_tokens else None
+
+
+@dataclass
+class PerplexityTask(Task):
+    """Language-model loss on held-out text: `nll` per token, `ppl`, and for text `bits_per_byte`."""
+
+    path: str
+    tokens: int | None = None
+    window: int = 1024
+    stride: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self.name = self.name or f"ppl:{Path(self.path).name}"
+
+    @property
+    def primary_metric(self) -> str:
+        return "nll"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return False
+
+    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        ids, nbytes = read_tokens(self.path, lm, self.tokens)
+        nll, count = token_nll(lm, ids, min(self.window, lm.max_length), self.stride,
+                               progress=self.name if progress else None)
+        out = {"nll": nll / max(count, 1), "ppl": math.exp(nll / max(count, 1)), "n": count}
+        if nbytes:
+            out["bits_per_byte"] = nll / math.log(2) / nbytes
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic retrieval
+
+_ADJ = ["red", "blue", "green", "silver", "golden", "quiet", "northern", "ancient", "hidden", "narrow", "bright",
+        "wooden", "broken", "hollow", "royal", "painted", "frozen", "distant", "little", "crowded"]
+_NOUNS = ["door", "garden", "tower", "bridge", "library", "harbor", "market", "chapel", "cellar", "gate", "mill",
+          "station", "orchard", "palace", "theater", "workshop", "cabin", "lighthouse", "museum", "stable"]
+_CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Dublin", "Nairobi", "Quito", "Kyoto", "Tunis", "Riga",
+           "Perth", "Havana", "Bergen", "Porto", "Seville", "Tallinn", "Bogota", "Accra", "Krakow"]
+_SUBJECTS = ["The farmer", "A young teacher", "The old sailor", "My neighbor", "The committee", "A tired traveler",
+             "The museum guide", "Her brother", "The baker", "A local historian", "The river", "The small village"]
+_VERBS = ["walked along", "wrote about", "looked at", "talked about", "remembered", "painted", "visited",
+          "described", "carried water to", "waited near", "cleaned", "photographed"]
+_OBJECTS = ["the stone wall", "the harvest", "the evening market", "a long letter", "the winter storm", "the hills",
+            "the old railway", "a quiet street", "the fishing boats", "the school garden", "the city square",
+            "the church bells"]
+_TAILS = ["before the sun went down.", "while the rain kept falling.", "for most of the afternoon.",
+          "and then went home.", "with great care.", "as people passed by.", "on a cold morning in spring.",
+          "without saying a word.", "during the long summer.", "near the edge of the forest."]
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+
+
+def _insert(lines: list[str], facts: list[tuple[float, str]]) -> list[str]:
+    """Filler lines with each fact inserted at its relative depth (0 = start, 1 = end)."""
+    out = list(lines)
+    for depth, fact in sorted(facts, reverse=True):
+        out.insert(round(depth * len(lines)), fact)
+    return out
+
+
+RETRIEVAL_KINDS = ("kv", "needle", "mqar")
+
+
+@dataclass
+class RetrievalTask(Task):
+    """Synthetic retrieval over a long context, deterministic from `seed`.
+
+    - `kv`: `keys` facts "The special code for <city> is <4 digits>." spread through filler prose; one is asked
+      for at the end (several similar keys: harder than the needle).
+    - `needle`: "The special magic number for <city> is <7 digits>." hidden at a random depth in filler prose;
+      asked for at the end.
+    - `mqar`: multi-query associative recall: "<word> is <number>" pairs, then several of them queried in turn.
+
+    Each row fills `length` tokens of the model's tokenizer. `acc` is the fraction of answers that greedy
+    decoding reproduces exactly; `target_nll` the mean per-token NLL of the answers.
+    """
+
+    kind: str
+    length: int
+    n: int = 20
+    seed: int = 0
+    queries: int = 8
+    keys: int = 8
+    name: str = ""
+    rows: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in RETRIEVAL_KINDS:
+            raise ValueError(f"retrieval kind must be one of {RETRIEVAL_KINDS}, got {self.kind!r}")
+        if self.length < 64:
+            raise ValueError(f"retrieval length must be >= 64 tokens, got {self.length}")
+        self.name = self.name or f"retrieval:{self.kind}@{self.length}"
+
+    def make_rows(self, lm: LanguageModel) -> list[list[tuple[str, bool]]]:
+        """Rows as text segments `(text, is_answer)`, the answers starting with a space."""
+        maker = {"kv": self._kv, "needle": self._needle, "mqar": self._mqar}[self.kind]
+        return [maker(random.Random(f"{self.seed}-{i}"), lm) for i in range(self.n)]
+
+    def _fill(self, rng, lm, make_line) -> list[str]:
+        """Lines from `make_line` until they alone take `length` tokens (trimmed to fit later)."""
+        lines, used = [], 0
+        while used < self.length:
+            lines.append(make_line(rng))
+            used += len(lm.encode(" " + lines[-1]))
+        return lines
+
+    def _fit(self, lm, lines: list[str], build) -> list[tuple[str, bool]]:
+        """`build(lines)` with as many leading filler lines as fit in `length` tokens, the whole row counted."""
+        lo, hi = 0, len(lines)
+        while lo < hi:  # the longest prefix of filler whose row fits
+            mid = (lo + hi + 1) // 2
+            if len(lm.encode("".join(t for t, _ in build(lines[:mid])))) <= self.length:
+                lo = mid
+            else:
+                hi = mid - 1
+        return build(lines[:lo])
+
+    def _kv(self, rng, lm):
+        cities = rng.sample(_CITIES, min(self.keys, len(_CITIES)))
+        facts = [(rng.random(), f"The special code for {c} is {rng.randint(1000, 9999)}.") for c in cities]
+        asked = rng.randrange(len(facts))
+        city, code = cities[asked], facts[asked][1].rsplit(" ", 1)[1].rstrip(".")
+
+        def build(lines):
+            return [(" ".join(_insert(lines, facts)) +
+                     f"\nWhat is the special code for {city}? The special code for {city} is", False), (" " + code, True)]
+
+        return self._fit(lm, self._fill(rng, lm, _filler_sentence), build)
+
+    def _needle(self, rng, lm):
+        city, number = rng.choice(_CITIES), str(rng.randint(1_000_000, 9_999_999))
+        facts = [(rng.random(), f"The special magic number for {city} is {number}.")]
+
+        def build(lines):
+            return [(" ".join(_insert(lines, facts)) + f"\nWhat is the special magic number for {city}? "
+                     f"The special magic number for {city} is", False), (" " + number, True)]
+
+        return self._fit(lm, self._fill(rng, lm, _filler_sentence), build)
+
+    def _mqar(self, rng, lm):
+        words = [f"{a} {b}" for a in _ADJ for b in _NOUNS]
+        rng.shuffle(words)
+        pairs = [(w, str(rng.randint(10, 99))) for w in words]
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+
+        def build(lines):
+            n = len(lines)
+            segments = [(" ".join(f"{w} is {v}." for w, v in pairs[:n]) + "\nNow recall.", False)]
+            for i in [i for i in order if i < n][: self.queries]:
+                segments += [(f"\n{pairs[i][0]} is", False), (" " + pairs[i][1], True)]
+            return segments
+
+        statements = iter(f"{w} is {v}." for w, v in pairs)
+
+        def statement(_):
+            try:
+                return next(statements)
+            except StopIteration:
+                raise ValueError(f"retrieval:mqar has {len(pairs)} distinct keys, fewer than {self.length} tokens "
+                                 f"need; use kv or needle for longer contexts") from None
+
+        return self._fit(lm, self._fill(rng, lm, statement), build)
+
+    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        rows = self.make_rows(lm)
+        # each answer is a continuation of everything before it (earlier answers given, teacher-forced)
+        requests = []
+        for segments in rows:
+            context = ""
+            for text, is_answer in segments:
+                if is_answer:
+                    requests.append((context, text))
+                context += text
+        scores = score_continuations(lm, requests, progress=self.name if progress else None)
+        n = max(len(scores), 1)
+        return {"acc": sum(s.is_greedy for s in scores) / n,
+                "target_nll": sum(-s.logprob / s.num_tokens for s in scores) / n, "n": len(scores)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# names
+
+
+def _options(text: str) -> dict[str, str]:
+    return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=True)) if text else {}
+
+
+def _int(options: dict, key: str, spec: str) -> int | None:
+    if key not in options:
+        return None
+    try:
+        return int(options.pop(key))
+    except ValueError as err:
+        raise ValueError(f"task {spec!r}: option {key} must be an integer") from err
+
+
+def parse_task(spec: str) -> Task:
+    """Build a built-in task from its name (see the module docstring)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"task {spec!r} is not of the form KIND:ARG (ppl:PATH, mc:PATH, cloze:PATH, "
+                         f"retrieval:KIND@LENGTH)")
+    target, _, query = rest.partition("?")
+    options = _options(query)
+    if kind == "mc":
+        task = MultipleChoiceTask(target, shots=_int(options, "shots", spec) or 0, fewshot=options.pop("fewshot", None),
+                                  limit=_int(options, "limit", spec), name=spec)
+    elif kind == "cloze":
+        task = ClozeTask(target, limit=_int(options, "limit", spec), name=spec)
+    elif kind == "ppl":
+        task = PerplexityTask(target, tokens=_int(options, "tokens", spec), window=_int(options, "window", spec) or 1024,
+                              stride=_int(options, "stride", spec), name=spec)
+    elif kind == "retrieval":
+        which, at, length = target.partition("@")
+        if not at or not length.isdigit():
+            raise ValueError(f"task {spec!r}: retrieval needs KIND@LENGTH, e.g. retrieval:kv@4096")
+        task = RetrievalTask(which, int(length), n=_int(options, "n", spec) or 20, seed=_int(options, "seed", spec) or 0,
+                             queries=_int(options, "queries", spec) or 8, keys=_int(options, "keys", spec) or 8,
+                             name=spec)
+    else:
+        raise ValueError(f"unknown built-in task kind {kind!r} in {spec!r}; known: ppl, mc, cloze, retrieval")
+    if options:
+        raise ValueError(f"task {spec!r}: unknown option(s) {sorted(options)}")
+    return task
+
+
+def is_builtin(spec: str) -> bool:
+    return spec.split(":", 1)[0] in ("ppl", "mc", "cloze", "retrieval") and ":" in spec

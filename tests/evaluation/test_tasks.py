@@ -1,0 +1,135 @@
+"""Built-in evaluation on a tiny random model with a tiny in-memory tokenizer: the scores are what they claim."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jetnas.cli import main
+from jetnas.evaluation.scoring import encode_pair, score_continuations, token_nll
+from jetnas.evaluation.tasks import MultipleChoiceTask, RetrievalTask, parse_task
+from tests.utils import tiny_lm, tiny_tokenizer
+
+MC_ROWS = [
+    {"id": f"q{i}", "task": task, "question": q, "choices": ["Paris", "Lisbon", "a fox", "4821"], "label": i % 4,
+     "subject": "geography"}
+    for i, (task, q) in enumerate([("mmlu", "What is the capital of France?"), ("arc_easy", "Which animal jumps?"),
+                                   ("piqa", "How do I remember a code?"), ("hellaswag", "The farmer walked along"),
+                                   ("mmlu", "Which city is in Portugal?"), ("arc_easy", "What is 4821?")])
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_scores_are_exact_log_likelihoods():
+    lm, model = tiny_lm()
+    ctx, cont = "Question: what is the capital of France?\nAnswer:", " Paris"
+    [score] = score_continuations(lm, [(ctx, cont)])
+    c, x = encode_pair(lm, ctx, cont)
+    with torch.no_grad():
+        logits = model(torch.tensor([c + x])).logits[0]
+    logp = F.log_softmax(logits[len(c) - 1 : -1], -1)
+    manual = logp.gather(-1, torch.tensor(x)[:, None]).sum().item()
+    assert score.logprob == pytest.approx(manual, rel=1e-5) and score.num_tokens == len(x)
+    assert score.is_greedy == bool((logp.argmax(-1) == torch.tensor(x)).all())
+
+
+def test_batching_and_padding_do_not_change_scores():
+    requests = [(f"Question: item {i} is", f" code {i * 7}") for i in range(9)]
+    one = score_continuations(tiny_lm(batch_size=1)[0], requests)
+    many = score_continuations(tiny_lm(batch_size=8)[0], requests)
+    for a, b in zip(one, many):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
+
+
+def test_trailing_context_space_moves_to_the_continuation():
+    lm, _ = tiny_lm()
+    assert encode_pair(lm, "Answer: ", "Paris") == encode_pair(lm, "Answer:", " Paris")
+
+
+def test_token_nll_counts_every_token_once():
+    lm, model = tiny_lm()
+    tokens = torch.randint(0, 320, (300,))
+    for window, stride in [(64, None), (64, 16), (300, None)]:
+        nll, count = token_nll(lm, tokens, window, stride)
+        assert count == 299
+    with torch.no_grad():
+        logp = F.log_softmax(model(tokens[None, :-1]).logits[0], -1)
+    exact = -logp.gather(-1, tokens[1:, None]).sum().item()
+    assert token_nll(lm, tokens, 300)[0] == pytest.approx(exact, rel=1e-5)
+
+
+def test_multiple_choice_metrics_follow_the_scores(tmp_path):
+    lm, _ = tiny_lm()
+    task = MultipleChoiceTask(write_jsonl(tmp_path / "mc.jsonl", MC_ROWS))
+    result = task.evaluate(lm)
+    correct = 0
+    for row in MC_ROWS:
+        from jetnas.evaluation.tasks import mc_prompt
+
+        ctx, conts = mc_prompt(row)
+        scores = [s.logprob for s in score_continuations(lm, [(task.context(row), c) for c in conts])]
+        correct += max(range(len(scores)), key=scores.__getitem__) == row["label"]
+    assert result["acc"] == pytest.approx(correct / len(MC_ROWS)) and result["n"] == len(MC_ROWS)
+    assert 0 < result["correct_nll"] < 50
+
+
+def test_mmlu_prompts_are_lettered_with_a_description_and_shots(tmp_path):
+    task = MultipleChoiceTask(write_jsonl(tmp_path / "mc.jsonl", MC_ROWS), shots=1)
+    ctx = task.context(MC_ROWS[4])
+    assert ctx.startswith("The following are multiple choice questions (with answers) about geography.\n\n")
+    assert "\nA. Paris\nB. Lisbon\nC. a fox\nD. 4821\nAnswer: A\n\n" in ctx  # the shot, with its answer
+    assert ctx.endswith("Which city is in Portugal?\nA. Paris\nB. Lisbon\nC. a fox\nD. 4821\nAnswer:")
+
+
+@pytest.mark.parametrize("kind", ["kv", "needle", "mqar"])
+def test_retrieval_rows_are_deterministic_and_fill_the_length(kind):
+    lm, _ = tiny_lm(max_length=1024)
+    task = RetrievalTask(kind, 400, n=3, seed=5)
+    rows, again = task.make_rows(lm), RetrievalTask(kind, 400, n=3, seed=5).make_rows(lm)
+    assert rows == again and rows != RetrievalTask(kind, 400, n=3, seed=6).make_rows(lm)
+    for segments in rows:
+        text = "".join(t for t, _ in segments)
+        assert 0.7 * 400 < len(lm.encode(text)) <= 400
+        answers = [t for t, is_answer in segments if is_answer]
+        assert answers and all(a.startswith(" ") for a in answers)
+        if kind != "mqar":
+            assert text.count(answers[0].strip()) >= 2  # stated in the context, then given as the answer
+
+
+def test_task_names_and_errors(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    assert parse_task(f"mc:{path}?shots=2&limit=3").shots == 2
+    assert parse_task("retrieval:needle@4096?n=7").n == 7
+    with pytest.raises(ValueError, match="unknown built-in task kind 'qa'"):
+        parse_task("qa:x")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['shot'\]"):
+        parse_task(f"mc:{path}?shot=2")
+    with pytest.raises(ValueError, match="needs KIND@LENGTH"):
+        parse_task("retrieval:kv")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        parse_task(f"mc:{tmp_path}/missing.jsonl")
+
+
+def test_eval_cli_writes_json_and_markdown(tmp_path, capsys):
+    lm, model = tiny_lm()
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    cloze = write_jsonl(tmp_path / "cloze.jsonl", [{"context": "The quick brown fox jumps over the lazy", "target": "dog"}])
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    tasks = f"mc:{mc},cloze:{cloze},ppl:{text}?window=64,retrieval:needle@200?n=2"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--tasks", tasks, "--out-dir", str(tmp_path / "out"),
+                 "--max-length", "256"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["results"]) == set(tasks.split(","))
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["tasks"][f"mc:{mc}"]["n"] == len(MC_ROWS)
+    assert math.isfinite(saved["tasks"][f"ppl:{text}?window=64"]["ppl"])
+    assert "| task (" in (tmp_path / "out" / "eval.md").read_text()
