@@ -67,6 +67,13 @@ class Attention(TokenMixer):
 
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,
                 position_embeddings=None, use_cache=False):
+        return self.attend(hidden_states, state, self.window_size, attention_mask=attention_mask,
+                           position_ids=position_ids, position_embeddings=position_embeddings, use_cache=use_cache)
+
+    def attend(self, hidden_states, state, window_size: int | None, *, attention_mask=None, position_ids=None,
+               position_embeddings=None, use_cache=False):
+        """`forward` with an explicit window (None: full attention). The PostNAS super-network runs the same
+        pretrained weights as `attn` and as `swa` through this."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -74,7 +81,7 @@ class Attention(TokenMixer):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if state is None and use_cache:
-            state = KVState(self.window_size)
+            state = KVState(window_size)
         if position_embeddings is None:
             if position_ids is None:
                 start = 0 if state is None else state.get_seq_length()
@@ -86,7 +93,7 @@ class Attention(TokenMixer):
             k_all, v_all = state.update(k.transpose(1, 2), v.transpose(1, 2))
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         key_mask = None if attention_mask is None else attention_mask[:, -k.shape[1]:]
-        o = causal_attention(q, k, v, window=self.window_size, key_padding_mask=key_mask)
+        o = causal_attention(q, k, v, window=window_size, key_padding_mask=key_mask)
         return self.o_proj(o.reshape(B, T, -1)), state
 
     def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):

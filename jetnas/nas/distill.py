@@ -1,0 +1,78 @@
+"""The distillation objective of super-network training: the sampled sub-network's hidden states after every
+layer should match the teacher's (feature distillation, per-layer MSE), optionally plus KL on the logits.
+
+The per-layer MSE is relative: divided by the mean square of the teacher's hidden state at that layer, because
+residual-stream norms grow with depth and an absolute MSE would let the last layers dominate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from jetnas.nas.sampling import SubnetSampler
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Loss weights: `hidden_weight` * mean over layers of relative MSE + `kl_weight` * KL(teacher || student) on
+    next-token distributions at `temperature`; `subnets_per_step` sub-networks share each batch."""
+
+    hidden_weight: float = 1.0
+    kl_weight: float = 0.0
+    temperature: float = 1.0
+    subnets_per_step: int = 1
+
+    def __post_init__(self):
+        if self.hidden_weight < 0 or self.kl_weight < 0 or self.hidden_weight + self.kl_weight == 0:
+            raise ValueError(f"hidden_weight={self.hidden_weight}, kl_weight={self.kl_weight}: need >= 0, not both 0")
+        if self.subnets_per_step < 1:
+            raise ValueError(f"subnets_per_step must be >= 1, got {self.subnets_per_step}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                  student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
+                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """`{"hidden": mean relative MSE over layers, "kl": KL(teacher || student) per token}` (kl only with logits)."""
+    terms = []
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        ht = ht.float()
+        terms.append((hs.float() - ht).pow(2).mean() / ht.pow(2).mean().clamp_min(1e-12))
+    out = {"hidden": torch.stack(terms).mean()}
+    if student_logits is not None and teacher_logits is not None:
+        t = temperature
+        log_p = F.log_softmax(teacher_logits.float() / t, -1)
+        log_q = F.log_softmax(student_logits.float() / t, -1)
+        out["kl"] = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+    return out
+
+
+def make_distill_loss(sampler: SubnetSampler, config: DistillConfig):
+    """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer: one teacher pass (no grad), then each
+    sampled sub-network's pass, losses averaged over the `subnets_per_step` sub-networks."""
+
+    def loss_fn(model, batch, step):
+        supernet = getattr(model, "module", model)  # unwrapped for the teacher pass (no gradient sync needed)
+        ids = batch["input_ids"][:, :-1]
+        with torch.no_grad():
+            t_logits, t_hidden = supernet(ids, supernet.teacher_choice(), output_hidden_states=True)
+        want_logits = config.kl_weight > 0
+        total, metrics = 0.0, {"hidden": 0.0, "kl": 0.0, "linear_layers": 0.0}
+        for index in range(config.subnets_per_step):
+            choice = sampler.sample(step, index)
+            s_logits, s_hidden = model(ids, choice, output_hidden_states=True)
+            terms = distill_terms(s_hidden, t_hidden, s_logits if want_logits else None,
+                                  t_logits if want_logits else None, config.temperature)
+            loss = config.hidden_weight * terms["hidden"] + config.kl_weight * terms.get("kl", 0.0)
+            total = total + loss / config.subnets_per_step
+            metrics["hidden"] += terms["hidden"].detach().item() / config.subnets_per_step
+            metrics["kl"] += float(terms["kl"].detach()) / config.subnets_per_step if "kl" in terms else 0.0
+            metrics["linear_layers"] += choice.count("linear") / config.subnets_per_step
+        return total, metrics
+
+    return loss_fn

@@ -1,0 +1,127 @@
+"""Search objectives: built-in evaluation tasks run on super-network candidates, and their combination.
+
+PostNAS scores placements per task (paper, section 2.2): the loss on the correct answer for multiple-choice
+knowledge, accuracy for retrieval, and here also the language-model loss on held-out text. To rank by several
+tasks at once, each task's metric is turned into the fraction of the gap between the all-linear network and the
+teacher that a candidate closes (0 = no better than all-linear, 1 = as good as the teacher), and averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jetnas.evaluation.scoring import LanguageModel
+from jetnas.evaluation.tasks import MultipleChoiceTask, PerplexityTask, RetrievalTask, Task, parse_task
+from jetnas.nas.search import Candidate
+
+
+@dataclass
+class SearchTask:
+    """A task and the metric the search reads from it (`secondary` breaks ties, e.g. retrieval answer NLL)."""
+
+    name: str
+    task: Task
+    metric: str
+    higher_is_better: bool
+    secondary: str | None = None
+    secondary_higher_is_better: bool = False
+
+
+def build_search_tasks(specs: list[str], rows: int = 16, lm_data: str | None = None, lm_tokens: int = 8192,
+                       retrieval_length: int = 1024) -> list[SearchTask]:
+    """Search tasks from names: `lm` (LM loss on `lm_data`), `mc:PATH` (correct-answer loss), `retrieval`
+    (needle accuracy at `retrieval_length` tokens) or any built-in task name (`retrieval:kv@2048`, `cloze:PATH`,
+    `ppl:PATH`). `rows` rows per multiple-choice / retrieval task."""
+    out = []
+    for spec in specs:
+        if spec == "lm":
+            if lm_data is None:
+                raise ValueError("task 'lm' needs held-out text (lm_data)")
+            out.append(SearchTask("lm", PerplexityTask(lm_data, tokens=lm_tokens, name="lm"), "nll", False))
+            continue
+        if spec == "retrieval":
+            spec = f"retrieval:needle@{retrieval_length}"
+        task = parse_task(spec)
+        if isinstance(task, MultipleChoiceTask):
+            task.limit = task.limit or rows
+            out.append(SearchTask(spec, task, "correct_nll", False, "acc", True))
+        elif isinstance(task, RetrievalTask):
+            task.n = min(task.n, rows) if "n=" in spec else rows
+            out.append(SearchTask(spec, task, "acc", True, "target_nll", False))
+        elif isinstance(task, PerplexityTask):
+            out.append(SearchTask(spec, task, "nll", False))
+        else:
+            out.append(SearchTask(spec, task, "acc", True, "ppl", False))
+    return out
+
+
+class CandidateEvaluator:
+    """Runs the search tasks on sub-networks of a super-network (cached per candidate)."""
+
+    def __init__(self, supernet, tokenizer, tasks: list[SearchTask], batch_size: int = 8, max_length: int = 4096):
+        self.supernet, self.tokenizer, self.tasks = supernet.eval(), tokenizer, tasks
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device = next(supernet.parameters()).device
+        self._cache: dict[Candidate, dict[str, dict]] = {}
+
+    def language_model(self, candidate: Candidate) -> LanguageModel:
+        @torch.no_grad()
+        def logits(ids, mask):
+            return self.supernet(ids, candidate, attention_mask=mask)[0]
+
+        return LanguageModel(logits, self.tokenizer, self.max_length, self.batch_size, device=self.device,
+                             name="+".join(f"{k}{v}" for k, v in _short(candidate).items()))
+
+    def results(self, candidate: Candidate) -> dict[str, dict]:
+        """`{task name: metrics}` of one candidate."""
+        candidate = tuple(candidate)
+        if candidate not in self._cache:
+            lm = self.language_model(candidate)
+            self._cache[candidate] = {t.name: t.task.evaluate(lm) for t in self.tasks}
+        return self._cache[candidate]
+
+    @property
+    def evaluations(self) -> int:
+        return len(self._cache)
+
+
+def _short(candidate: Candidate) -> dict[str, list[int]]:
+    return {k: [i for i, c in enumerate(candidate) if c == k] for k in ("attn", "swa")}
+
+
+class NormalizedObjective:
+    """Per task, the fraction of the all-linear -> teacher gap a candidate closes; the search ranks by the mean
+    over the tasks where the teacher and the all-linear network differ (and breaks ties by the same mean over
+    secondary metrics). Higher is better; the teacher scores 1, all-linear 0."""
+
+    def __init__(self, evaluator: CandidateEvaluator):
+        self.evaluator = evaluator
+        L = evaluator.supernet.num_layers
+        self.low = evaluator.results(("linear",) * L)
+        self.high = evaluator.results(("attn",) * L)
+
+    def _fraction(self, task: str, metric: str, value: float) -> float:
+        lo, hi = self.low[task][metric], self.high[task][metric]
+        # a task on which the teacher is no better than all-linear cannot tell placements apart
+        return 0.0 if abs(hi - lo) < 1e-12 else (value - lo) / (hi - lo)
+
+    def informative(self, metric_of=lambda t: t.metric) -> list:
+        """Tasks whose metric separates the teacher from the all-linear network (the others cannot rank)."""
+        return [t for t in self.evaluator.tasks if metric_of(t) is not None
+                and abs(self.high[t.name][metric_of(t)] - self.low[t.name][metric_of(t)]) > 1e-12]
+
+    def per_task(self, candidate: Candidate) -> dict[str, float]:
+        res = self.evaluator.results(candidate)
+        return {t.name: self._fraction(t.name, t.metric, res[t.name][t.metric]) for t in self.evaluator.tasks}
+
+    def __call__(self, candidate: Candidate) -> tuple[float, float]:
+        res = self.evaluator.results(candidate)
+        tasks = self.informative()
+        fractions = self.per_task(candidate)
+        primary = sum(fractions[t.name] for t in tasks) / len(tasks) if tasks else 0.0
+        with_secondary = self.informative(lambda t: t.secondary)
+        secondary = (sum(self._fraction(t.name, t.secondary, res[t.name][t.secondary]) for t in with_secondary)
+                     / len(with_secondary)) if with_secondary else 0.0
+        return (round(primary, 12), round(secondary, 12))

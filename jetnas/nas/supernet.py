@@ -1,0 +1,178 @@
+"""The PostNAS once-for-all super-network (paper, section 2.2, step 1).
+
+Every layer keeps its pretrained attention, usable as full attention (`attn`) or, with the same weights and a
+window, as sliding-window attention (`swa`), and gains a trainable linear-attention path (GLA by default, any zoo
+block by name). Embeddings, norms, MLPs and the attention weights are the teacher's and frozen: only the linear
+paths train. A sub-network is a per-layer choice among "attn", "swa" and "linear"; the all-"attn" sub-network is
+the teacher itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from jetnas.layers import LINEAR_LAYERS, build_layer
+
+CHOICES = ("attn", "swa", "linear")
+
+
+@dataclass
+class SuperNetSpec:
+    """What a super-network is, enough to rebuild it: the teacher (registry name or path), the linear block type
+    and its arguments, the sliding window, and whether linear paths inherited the attention weights."""
+
+    teacher: str
+    linear_type: str = "gla"
+    linear_kwargs: dict = field(default_factory=dict)
+    swa_window: int = 512
+    inherit: bool = True
+
+    def __post_init__(self):
+        if self.linear_type not in LINEAR_LAYERS:
+            raise ValueError(f"linear_type must be one of {', '.join(LINEAR_LAYERS)}, got {self.linear_type!r}")
+        if self.swa_window < 1:
+            raise ValueError(f"swa_window must be >= 1, got {self.swa_window}")
+
+
+class SuperNet(nn.Module):
+    """A teacher with a linear path beside every attention layer.
+
+    Args:
+        base: the teacher as a jetnas model with every layer `attn` (see `jetnas.models.convert.convert_model`);
+            it is frozen here.
+        spec: the linear block and window (see `SuperNetSpec`).
+    """
+
+    def __init__(self, base: nn.Module, spec: SuperNetSpec):
+        super().__init__()
+        if any(t != "attn" for t in base.config.block_types):
+            raise ValueError(f"the super-network's base must be all-attention, got {base.config.block_types}")
+        self.spec = spec
+        self.base = base.requires_grad_(False)
+        config = base.config
+        kwargs = {**self._default_linear_kwargs(config, spec.linear_type), **spec.linear_kwargs}
+        param = next(base.parameters())
+        with torch.device(param.device):
+            self.linear = nn.ModuleList(build_layer(spec.linear_type, config.hidden_size, **kwargs)
+                                        for _ in range(config.num_hidden_layers))
+        self.linear.to(param.dtype)
+        self.inherited = []
+        if spec.inherit:
+            for layer, block in zip(base.model.layers, self.linear):
+                self.inherited.append(block.init_from_attention(layer.self_attn))
+
+    @staticmethod
+    def _default_linear_kwargs(config, linear_type: str) -> dict:
+        """Linear paths shaped like the attention they sit beside (so they can inherit its Q/K/V/O)."""
+        heads, hd = config.num_attention_heads, config.head_dim
+        if linear_type == "mamba2":
+            return dict(num_heads=heads, head_dim=hd, state_size=hd, n_groups=heads)
+        if linear_type == "jet":
+            return dict(num_heads=heads, head_k_dim=hd, head_v_dim=2 * hd)
+        return dict(num_heads=heads, head_k_dim=hd, head_v_dim=hd)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.linear)
+
+    def check_choice(self, choice: Sequence[str]) -> tuple[str, ...]:
+        choice = tuple(choice)
+        if len(choice) != self.num_layers or not set(choice) <= set(CHOICES):
+            raise ValueError(f"a sub-network is one of {CHOICES} per layer ({self.num_layers} layers), got {choice}")
+        return choice
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        choice: Sequence[str],
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run one sub-network.
+
+        Args:
+            input_ids: `[B, T]`.
+            choice: per layer "attn", "swa" or "linear".
+            attention_mask: `[B, T]` padding mask (1 = real token).
+            output_hidden_states: also return the hidden state after each layer (`[B, T, D]` each, L of them).
+
+        Returns:
+            `(logits [B, T, V], hidden states or None)`.
+        """
+        choice = self.check_choice(choice)
+        model = self.base.model
+        B, T = input_ids.shape
+        h = model.embed_tokens(input_ids)
+        if attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        rope = model.rotary_emb(h, positions)
+        hidden = []
+        for layer, block, c in zip(model.layers, self.linear, choice):
+            x = layer.input_layernorm(h)
+            if c == "linear":
+                mixed, _ = block(x, attention_mask=attention_mask)
+            else:
+                window = self.spec.swa_window if c == "swa" else None
+                mixed, _ = layer.self_attn.attend(x, None, window, attention_mask=attention_mask,
+                                                  position_embeddings=rope)
+            h = h + mixed
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if output_hidden_states:
+                hidden.append(h)
+        logits = self.base.lm_head(model.norm(h))
+        return logits, tuple(hidden) if output_hidden_states else None
+
+    def teacher_choice(self) -> tuple[str, ...]:
+        return ("attn",) * self.num_layers
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The linear paths: all a super-network adds to its teacher."""
+        return {f"linear.{k}": v for k, v in self.linear.state_dict().items()}
+
+    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        """`supernet.json` (spec) and `linear.safetensors` (the trained linear paths), written atomically."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        tmp = out / "linear.safetensors.partial"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / "linear.safetensors")
+        meta = {"spec": asdict(self.spec), **(extra or {})}
+        (out / "supernet.json.partial").write_text(json.dumps(meta, indent=2))
+        (out / "supernet.json.partial").replace(out / "supernet.json")
+
+
+def build_supernet(spec: SuperNetSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The teacher from the registry, converted to an all-attention jetnas model, with linear paths: returns
+    `(supernet, tokenizer, teacher)`."""
+    from jetnas.models.convert import convert_model
+    from jetnas.models.teachers import load_teacher
+
+    model, tokenizer, teacher = load_teacher(spec.teacher, dtype=dtype, device=device)
+    base, _ = convert_model(model, ["attn"] * model.config.num_hidden_layers)
+    return SuperNet(base, spec), tokenizer, teacher
+
+
+def load_supernet(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Rebuild a saved super-network (its teacher comes from the registry again): `(supernet, tokenizer, meta)`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "supernet.json").exists():
+        raise FileNotFoundError(f"{str(path)!r} is not a super-network directory (no supernet.json)")
+    meta = json.loads((path / "supernet.json").read_text())
+    spec = SuperNetSpec(**meta["spec"])
+    supernet, tokenizer, _ = build_supernet(spec, dtype=dtype, device=device)
+    state = load_file(str(path / "linear.safetensors"), device=str(device))
+    supernet.linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    return supernet, tokenizer, meta
