@@ -22,7 +22,12 @@ COMMANDS: dict[str, str] = {
     "eval": "jetnas.commands.evaluate:evaluate",
     "generate": "jetnas.commands.models:generate",
     "info": "jetnas.cli:info",
+    "search placement": "jetnas.commands.nas:search_placement",
+    "supernet": "jetnas.commands.nas:supernet",
 }
+
+
+GROUP_HELP = {"search": "PostNAS searches run on a trained super-network"}
 
 
 def info() -> dict:
@@ -74,14 +79,16 @@ def _doc_summary(fn: Callable) -> str:
 
 def _param_help(fn: Callable) -> dict[str, str]:
     """`name: text` lines of an `Args:` section of the docstring."""
-    doc, helps, in_args = inspect.getdoc(fn) or "", {}, False
+    doc, helps, in_args, last = inspect.getdoc(fn) or "", {}, False, None
     for line in doc.splitlines():
         if line.strip() == "Args:":
             in_args = True
             continue
-        if in_args and line.startswith("    ") and ":" in line and not line.startswith("        "):
-            name, text = line.strip().split(":", 1)
-            helps[name.strip()] = text.strip()
+        if in_args and line.startswith("        ") and last:  # continuation of the previous argument
+            helps[last] += " " + line.strip()
+        elif in_args and line.startswith("    ") and ":" in line:
+            last, text = line.strip().split(":", 1)
+            helps[last] = text.strip()
         elif in_args and line and not line.startswith(" "):
             in_args = False
     return helps
@@ -93,9 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="PostNAS for your pretrained model: search, train, evaluate and serve Jet-Nemotron-style hybrids.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, target in COMMANDS.items():
         fn = _resolve(target)
-        p = sub.add_parser(name, help=_doc_summary(fn), description=inspect.getdoc(fn))
+        where = sub
+        if " " in name:  # "search placement": a command group and its subcommand
+            group, name = name.split(" ", 1)
+            if group not in groups:
+                group_parser = sub.add_parser(group, help=GROUP_HELP.get(group, ""))
+                groups[group] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            where = groups[group]
+        p = where.add_parser(name, help=_doc_summary(fn), description=_doc_summary(fn))
         hints, helps = typing.get_type_hints(fn), _param_help(fn)
         for pname, param in inspect.signature(fn).parameters.items():
             flag = "--" + pname.replace("_", "-")
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     target = args.pop("_target", None)
     args.pop("command", None)
+    args.pop("subcommand", None)
     if target is None:
         parser.print_help()
         return 0
