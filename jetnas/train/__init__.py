@@ -1,0 +1,1 @@
+"""Training: token data, the trainer, checkpoints, torchrun data parallelism."""

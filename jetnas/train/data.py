@@ -1,0 +1,257 @@
+"""Training data as token streams, and the deterministic batcher.
+
+A token stream is a read-only 1-D array of token ids (a memory map: corpora are never loaded whole). Sources:
+
+- a token file `.bin` (flat little-endian uint16 ids, like `shared/data/corpus/train.bin`; a sidecar
+  `<file>.json` with `{"dtype": "uint32"}` marks 32-bit ids, which vocabularies over 65,535 need);
+- text files `.txt` / `.jsonl` / `.jsonl.gz` (a "text" field), tokenised once and cached as a `.bin`;
+- `hf:NAME[:CONFIG][@SPLIT]`, a Hugging Face dataset's "text" field (the optional `data` extra), cached likewise;
+- nothing: text the teacher generates itself (sampled continuations), cached by teacher, seed and size.
+
+Cached files live under `$JETNAS_CACHE/data` and are written atomically. The batcher cuts the stream into
+non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and visits them in a seeded
+permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs only the step, and rank r
+of W takes the r-th contiguous share of each global batch, so W ranks see exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+SEED_PROMPTS = ["", "The", "In", "A", "Once upon a time,", "The history of", "Scientists have", "In the year",
+                "How to", "One of the most", "The city of", "Many people believe that"]
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+class TokenStream:
+    """Token ids `[start, end)` of a 1-D array (usually a memory map)."""
+
+    def __init__(self, array: np.ndarray, name: str = "tokens", start: int = 0, end: int | None = None):
+        self.array, self.name = array, name
+        self.start, self.end = start, len(array) if end is None else end
+        if not 0 <= self.start <= self.end <= len(array):
+            raise ValueError(f"token range [{start}, {end}) is outside a stream of {len(array)} tokens")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TokenStream":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+        sidecar = path.with_name(path.name + ".json")
+        dtype = np.dtype(json.loads(sidecar.read_text())["dtype"]) if sidecar.exists() else np.dtype("<u2")
+        return cls(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r"), name=path.name)
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def split(self, tail: int) -> tuple["TokenStream", "TokenStream"]:
+        """(everything but the last `tail` tokens, the last `tail` tokens) — the held-out split."""
+        if not 0 <= tail < len(self):
+            raise ValueError(f"cannot hold out {tail} tokens of a {len(self)}-token stream")
+        cut = self.end - tail
+        return TokenStream(self.array, self.name, self.start, cut), TokenStream(self.array, self.name, cut, self.end)
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        """`length` ids from offset `start` (int64 tensor)."""
+        return torch.from_numpy(np.asarray(self.array[self.start + start : self.start + start + length], dtype=np.int64))
+
+    def window_batch(self, n: int, seq_len: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The first `n` consecutive windows of `seq_len + 1` tokens: `[n, seq_len + 1]` (fixed evaluation data)."""
+        need = n * seq_len + 1
+        if need > len(self):
+            raise ValueError(f"{n} windows of {seq_len + 1} tokens need {need} tokens; the stream has {len(self)}")
+        return torch.stack([self.tokens(i * seq_len, seq_len + 1) for i in range(n)]).to(device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write these tokens as a `.bin` (with a dtype sidecar), atomically."""
+        path = Path(path)
+        data = np.asarray(self.array[self.start : self.end])
+        _write_bin(path, data, data.dtype)
+        return path
+
+
+def _write_bin(path: Path, data: np.ndarray, dtype: np.dtype) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    np.asarray(data, dtype=dtype).tofile(tmp)
+    path.with_name(path.name + ".json").write_text(json.dumps({"dtype": np.dtype(dtype).str}))
+    os.replace(tmp, path)
+
+
+def _cache_dir() -> Path:
+    from jetnas.models.teachers import cache_dir
+
+    return cache_dir() / "data"
+
+
+def _tokenizer_key(tokenizer) -> str:
+    return f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
+
+
+def _read_texts(path: Path) -> list[str]:
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    return [path.read_text(encoding="utf-8")]
+
+
+def tokenize_files(paths: list[Path], tokenizer, eos_id: int) -> TokenStream:
+    """Text files tokenised once (EOS after every document) and cached."""
+    key = hashlib.sha256("|".join([_tokenizer_key(tokenizer), str(eos_id)] + [
+        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"text-{key}.bin"
+    if not target.exists():
+        ids: list[int] = []
+        for path in paths:
+            for text in tqdm(_read_texts(path), desc=f"tokenizing {path.name}", leave=False, file=sys.stderr):
+                ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
+        _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
+    return TokenStream.from_file(target)
+
+
+def hf_dataset(spec: str, tokenizer, eos_id: int, max_tokens: int | None = None) -> TokenStream:
+    """`hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset's "text" field, tokenised once and cached."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"data {spec!r} needs the datasets package: pip install 'jetnas[data]'") from err
+    body, _, split = spec[3:].partition("@")
+    name, _, config = body.partition(":")
+    key = hashlib.sha256(f"{spec}|{_tokenizer_key(tokenizer)}|{eos_id}|{max_tokens}".encode()).hexdigest()[:16]
+    target = _cache_dir() / f"hf-{key}.bin"
+    if not target.exists():
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        ids: list[int] = []
+        for row in tqdm(ds, desc=f"tokenizing {spec}", leave=False, file=sys.stderr):
+            ids += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [eos_id]
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
+    return TokenStream.from_file(target)
+
+
+@torch.no_grad()
+def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0, batch_size: int = 32,
+                      length: int = 256, name: str = "teacher") -> TokenStream:
+    """Text sampled from the teacher itself (temperature 1, from short seed prompts), EOS after each sample;
+    cached by teacher name, seed and size so later runs reuse it."""
+    target = _cache_dir() / f"generated-{name}-seed{seed}-{tokens}.bin"
+    if target.exists():
+        return TokenStream.from_file(target)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    bar = tqdm(total=tokens, desc=f"generating training text with {name}", unit="tok", file=sys.stderr)
+    was_training = model.training
+    model.eval()
+    while len(ids) < tokens:
+        prompts = [SEED_PROMPTS[int(torch.randint(len(SEED_PROMPTS), (1,), generator=gen))] for _ in range(batch_size)]
+        encoded = [[eos_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(map(len, encoded))
+        input_ids = torch.full((batch_size, width), eos_id, dtype=torch.long)
+        mask = torch.zeros(batch_size, width, dtype=torch.long)
+        for row, seq in enumerate(encoded):  # left padding
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+        out = model.generate(input_ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=eos_id, eos_token_id=eos_id)
+        for row, seq in enumerate(encoded):
+            sample = out[row, width - len(seq) + 1:].tolist()  # the prompt (without its leading EOS) + text
+            if eos_id in sample[len(seq) - 1:]:
+                sample = sample[: sample.index(eos_id, len(seq) - 1)]
+            ids += sample + [eos_id]
+            bar.update(len(sample) + 1)
+    bar.close()
+    model.train(was_training)
+    _write_bin(target, np.array(ids[:tokens]), _dtype_for(len(tokenizer)))
+    return TokenStream.from_file(target)
+
+
+def resolve_data(spec: str | None, tokenizer, teacher=None, teacher_eos: int | None = None, heldout_tokens: int = 0,
+                 generated_tokens: int = 200_000, seed: int = 0, teacher_name: str = "teacher"
+                 ) -> tuple[TokenStream, TokenStream | None]:
+    """The training stream and a held-out stream of its last `heldout_tokens` tokens (None when 0).
+
+    Args:
+        spec: a `.bin`, a text file or a comma-separated list of them, `hf:...`, or None for teacher text.
+        tokenizer: the teacher's tokenizer.
+        teacher, teacher_eos: the model generating text when `spec` is None, and its end-of-document id (also the
+            separator appended to tokenised documents; default: the tokenizer's eos id).
+        generated_tokens: how much text to generate when `spec` is None.
+    """
+    eos = teacher_eos if teacher_eos is not None else tokenizer.eos_token_id
+    if spec is None:
+        if teacher is None:
+            raise ValueError("no training data given and no teacher to generate it")
+        stream = teacher_generated(teacher, tokenizer, eos, generated_tokens + heldout_tokens, seed=seed,
+                                   name=teacher_name)
+    elif spec.startswith("hf:"):
+        stream = hf_dataset(spec, tokenizer, eos)
+    else:
+        paths = [Path(p).expanduser() for p in spec.split(",") if p]
+        for p in paths:
+            if not p.exists():
+                raise FileNotFoundError(f"training data {str(p)!r} does not exist")
+        if len(paths) == 1 and paths[0].suffix == ".bin":
+            stream = TokenStream.from_file(paths[0])
+        elif any(p.suffix == ".bin" for p in paths):
+            raise ValueError(f"give one .bin file, or text files, not a mix: {spec!r}")
+        else:
+            stream = tokenize_files(paths, tokenizer, eos)
+    if not heldout_tokens:
+        return stream, None
+    return stream.split(heldout_tokens)
+
+
+class WindowBatcher:
+    """Deterministic batches of `[batch_size, seq_len + 1]` windows.
+
+    Window w covers tokens `[w * seq_len, w * seq_len + seq_len + 1)` of the stream. Sample i (counting over
+    the whole run) is window `perm_e(i mod n)` with epoch `e = i // n` and `perm_e` an affine permutation of the
+    n windows seeded by (seed, e): O(1) memory for any corpus size.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int = 0):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        self.stream, self.seq_len, self.batch_size, self.seed = stream, seq_len, batch_size, seed
+        self.num_windows = (len(stream) - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"a {len(stream)}-token stream has no window of {seq_len + 1} tokens")
+
+    def _window(self, sample: int) -> int:
+        n = self.num_windows
+        epoch, i = divmod(sample, n)
+        rng = np.random.default_rng([self.seed, epoch])
+        a = int(rng.integers(1, max(n, 2)))
+        while math.gcd(a, n) != 1:
+            a = a % n + 1
+        b = int(rng.integers(0, n))
+        return (a * i + b) % n
+
+    def windows(self, step: int) -> list[int]:
+        """Window indices of global batch `step`."""
+        return [self._window(step * self.batch_size + j) for j in range(self.batch_size)]
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Rank `rank`'s share (a contiguous slice) of global batch `step`: `[batch_size / world, seq_len + 1]`."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
+        share = self.batch_size // world_size
+        mine = self.windows(step)[rank * share : (rank + 1) * share]
+        return torch.stack([self.stream.tokens(w * self.seq_len, self.seq_len + 1) for w in mine])
