@@ -27,6 +27,17 @@ def _apply_limit(task, limit: int | None):
     return task
 
 
+def _previous_results(path: Path, model: str, limit: int | None) -> dict[str, dict]:
+    """Per-task results of an earlier run into the same folder, when it evaluated the same model with the same
+    limit."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous.get("model") != model or previous.get("limit") != limit:
+        return {}
+    return dict(previous.get("tasks", {}))
+
+
 def markdown_table(model: str, results: dict[str, dict]) -> str:
     keys = ["acc", "acc_norm", "correct_nll", "nll", "ppl", "bits_per_byte", "target_nll", "n"]
     shown = [k for k in keys if any(k in r for r in results.values())]
@@ -42,7 +53,7 @@ def markdown_table(model: str, results: dict[str, dict]) -> str:
 
 def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | None = None, batch_size: int = 8,
              max_length: int | None = None, num_fewshot: int | None = None, data_dir: str | None = None,
-             device: str | None = None, dtype: str = "auto") -> dict:
+             device: str | None = None, dtype: str = "auto", resume: bool = True) -> dict:
     """Evaluate a model on built-in tasks (ppl:, mc:, cloze:, retrieval:) and harness tasks or groups.
 
     Args:
@@ -58,6 +69,8 @@ def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | No
         data_dir: the folder of local benchmark files for jetnas_* harness tasks.
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
+        resume: keep the results of tasks already in out_dir/eval.json (same model and limit) and skip them;
+            eval.json is rewritten after every task, so an interrupted run loses at most the task in progress.
     """
     from jetnas.evaluation.scoring import LanguageModel
     from jetnas.evaluation.tasks import is_builtin, parse_task
@@ -72,23 +85,33 @@ def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | No
     lm = LanguageModel.from_hf(net, tok, max_length=max_length, batch_size=batch_size, name=model)
     out = Path(out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
+    results = _previous_results(out / "eval.json", model, limit) if resume else {}
+    device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     start = time.perf_counter()
+
+    def write():
+        report = {"model": model, "device": device_name, "dtype": str(next(net.parameters()).dtype), "limit": limit,
+                  "tasks": results, "seconds": round(time.perf_counter() - start, 1)}
+        tmp = out / "eval.json.partial"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out / "eval.json")
+
     for task in builtin:
+        if task.name in results:
+            print(f"{task.name}: kept from {out / 'eval.json'}", file=sys.stderr)
+            continue
         t0 = time.perf_counter()
         results[task.name] = {**_apply_limit(task, limit).evaluate(lm, progress=True),
                               "seconds": round(time.perf_counter() - t0, 2)}
         print(f"{task.name}: {results[task.name]}", file=sys.stderr)
+        write()
     if harness:
         from jetnas.evaluation.harness import run_harness
 
         harness_results = run_harness(net, tok, harness, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                                       data_dir=data_dir, max_length=max_length)
         results.update({k: v for k, v in harness_results.items() if isinstance(v, dict)})
-    report = {"model": model, "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
-              "dtype": str(next(net.parameters()).dtype), "limit": limit, "tasks": results,
-              "seconds": round(time.perf_counter() - start, 1)}
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    write()
     table = markdown_table(model, results)
     (out / "eval.md").write_text(table + "\n")
     print(table, file=sys.stderr)

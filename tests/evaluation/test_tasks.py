@@ -133,3 +133,21 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, capsys):
     assert saved["tasks"][f"mc:{mc}"]["n"] == len(MC_ROWS)
     assert math.isfinite(saved["tasks"][f"ppl:{text}?window=64"]["ppl"])
     assert "| task (" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, capsys):
+    _, model = tiny_lm()
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(tmp_path / "model"), "--out-dir", str(out), "--max-length", "256"]
+    assert main(args + ["--tasks", f"mc:{mc}"]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    saved["tasks"][f"mc:{mc}"]["acc"] = -1.0  # a marker: a resumed run must keep, not recompute, this task
+    (out / "eval.json").write_text(json.dumps(saved))
+    assert main(args + ["--tasks", f"mc:{mc},retrieval:needle@200?n=2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["results"][f"mc:{mc}"]["acc"] == -1.0 and "retrieval:needle@200?n=2" in result["results"]
+    assert main(args + ["--tasks", f"mc:{mc}", "--no-resume"]) == 0
+    assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"]["acc"] >= 0
