@@ -5,6 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def short_task_name(name: str) -> str:
+    """`mc:/data/bench/mmlu_dev.jsonl` -> `mc:mmlu_dev` for figure labels and table headers."""
+    kind, sep, rest = name.partition(":")
+    if not sep or "/" not in rest and "." not in rest.split("?")[0]:
+        return name
+    stem = Path(rest.split("?")[0]).name
+    for suffix in (".gz", ".jsonl", ".json", ".txt", ".bin"):
+        stem = stem.removesuffix(suffix)
+    return f"{kind}:{stem}"
+
+
 def heatmap(rows: dict[str, list[float]], out_path: str | Path, title: str) -> Path:
     """A PNG with one row per task and one column per layer; cell = score with only that layer as attention
     (fraction of the all-linear -> teacher gap closed)."""
@@ -13,8 +24,8 @@ def heatmap(rows: dict[str, list[float]], out_path: str | Path, title: str) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows)
-    data = [rows[n] for n in names]
+    data = list(rows.values())
+    names = [short_task_name(n) for n in rows]
     L = len(data[0])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * L + 2.5), 0.55 * len(names) + 1.6), dpi=150)
     im = ax.imshow(data, aspect="auto", cmap="viridis")
@@ -36,7 +47,7 @@ def heatmap(rows: dict[str, list[float]], out_path: str | Path, title: str) -> P
 def comparison_table(entries: dict[str, dict], task_names: list[str]) -> str:
     """Markdown: one row per placement (searched / uniform / one-layer ranking / references), the layers it keeps,
     each task's raw metric and gap fraction, and the combined objective."""
-    head = "| placement | attn | swa | " + " | ".join(task_names) + " | combined |"
+    head = "| placement | attn | swa | " + " | ".join(map(short_task_name, task_names)) + " | combined |"
     lines = [head, "|---|---|---|" + "---|" * (len(task_names) + 1)]
     for name, e in entries.items():
         cells = [f"{e['metrics'][t]:.4g} ({e['fractions'][t]:+.2f})" for t in task_names]
