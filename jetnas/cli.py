@@ -2,7 +2,8 @@
 
 Each subcommand is a plain function: its docstring's first paragraph is the help text, its parameters become
 kebab-case flags (`max_new_tokens` -> `--max-new-tokens`), their annotations give the types, defaults of None
-mean "unset". A parameter with no default is required. Lists are comma-separated.
+mean "unset". A parameter with no default is required; a positional-only one (before `/`) is a positional
+argument. Lists are comma-separated; a `tuple[str, ...]` parameter is a flag that can be repeated.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ COMMANDS: dict[str, str] = {
     "eval": "jetnas.commands.evaluate:evaluate",
     "generate": "jetnas.commands.models:generate",
     "info": "jetnas.cli:info",
+    "run": "jetnas.commands.run:run",
+    "search blocks": "jetnas.commands.stages:search_blocks",
+    "search hardware": "jetnas.commands.stages:search_hardware",
     "search placement": "jetnas.commands.nas:search_placement",
     "supernet": "jetnas.commands.nas:supernet",
+    "train": "jetnas.commands.stages:train",
 }
 
 
@@ -117,8 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
             kind = _flag_type(hints.get(pname, str))
             required = param.default is inspect.Parameter.empty
             default = None if required else param.default
-            help_text = helps.get(pname, "")
-            if kind is bool:
+            # argparse %-formats help strings: a literal "5%" in a docstring must reach it as "5%%"
+            help_text = helps.get(pname, "").replace("%", "%%")
+            if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+                p.add_argument(pname, type=kind, help=help_text)
+            elif typing.get_origin(hints.get(pname)) is tuple or tuple in [
+                    typing.get_origin(a) for a in typing.get_args(hints.get(pname))]:
+                p.add_argument(flag, dest=pname, action="append", default=None,
+                               help=help_text + " (repeatable)")
+            elif kind is bool:
                 p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
             else:
@@ -137,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if target is None:
         parser.print_help()
         return 0
+    fn = _resolve(target)
+    positional = [args.pop(name) for name, param in inspect.signature(fn).parameters.items()
+                  if param.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
-        result = _resolve(target)(**args)
+        result = fn(*positional, **args)
     except (ValueError, FileNotFoundError) as err:
         # user errors: one clear line, no traceback
         print(f"jetnas: error: {err}", file=sys.stderr)

@@ -25,7 +25,11 @@ CACHE_KINDS = {"attn": "full_attention", "swa": "sliding_attention", **{t: "line
 HF_CACHE_KINDS = set(CACHE_KINDS.values())
 # keys of the released "jet" entry that do not change the math (a kernel choice we make ourselves)
 _JET_IGNORED_KEYS = {"mode", "dconv_implementation"}
-_JET_KEYS = {"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"} | _JET_IGNORED_KEYS
+# JetBlock design options (PostNAS step 3 ablations, `jetnas.layers.jet.JetBlock`'s own argument names); absent in
+# released configs, where they keep the JetBlock's defaults
+_JET_DESIGN_KEYS = ("qk_conv", "v_conv", "use_decay", "use_output_gate")
+_JET_KEYS = ({"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"}
+             | _JET_IGNORED_KEYS | set(_JET_DESIGN_KEYS))
 
 
 @strict
@@ -150,9 +154,10 @@ class JetNemotronConfig(PretrainedConfig):
         if not math.isclose(head_k * expand_v, head_v, rel_tol=1e-5):
             raise ValueError(f"efficient_attention_config['jet']: head_dim={head_k} * expand_v={expand_v} is not an "
                              f"integer value dim")
+        design = {key: jet[key] for key in _JET_DESIGN_KEYS if key in jet}
         return dict(num_heads=num_heads, head_k_dim=head_k, head_v_dim=head_v, conv_size=jet.get("conv_size", 4),
                     generator_reduction=jet.get("dconv_generator_reduction", 8),
-                    norm_eps=float(jet.get("norm_eps", 1e-5)), initializer_range=self.initializer_range)
+                    norm_eps=float(jet.get("norm_eps", 1e-5)), initializer_range=self.initializer_range, **design)
 
 
 __all__ = ["JetNemotronConfig"]

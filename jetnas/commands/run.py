@@ -1,0 +1,35 @@
+"""`jetnas run RECIPE`: the whole pipeline from a teacher to a trained, evaluated and benchmarked hybrid."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | None = None,
+        out_dir: str | None = None, device: str | None = None, check: bool = False) -> dict:
+    """Run a recipe: super-network, placement, blocks, hardware, stage 1, stage 2, evaluation, throughput, report.
+
+    Args:
+        recipe: a YAML recipe, or the name of a shipped one: quickstart (CPU, minutes), smollm2-135m-gpu,
+            jet-nemotron-2b.
+        set: override one recipe key, e.g. --set stages.supernet.steps=10 (the value is parsed as YAML).
+        redo: stages to rerun even if finished (everything after them reruns too).
+        out_dir: where everything goes (default: the recipe's out_dir, else runs/<name>).
+        device: cpu, cuda, ...; default: the recipe's, else cuda when available.
+        check: validate the recipe and print the stages it would run, without running them.
+    """
+    from jetnas.pipeline import Pipeline, load_recipe
+
+    overrides = list(set or [])
+    if out_dir:
+        overrides.append(f"out_dir={out_dir}")
+    if device:
+        overrides.append(f"device={device}")
+    parsed = load_recipe(recipe, overrides)
+    if check:
+        stages = {s: ("skip" if a is None else a) for s, a in parsed.stages.items()}
+        for stage, args in stages.items():
+            print(f"{stage:10s} {args}", file=sys.stderr)
+        return {"recipe": parsed.name, "source": parsed.source, "out_dir": str(parsed.out_dir), "valid": True,
+                "stages": [s for s, a in parsed.stages.items() if a is not None]}
+    return Pipeline(parsed, redo=tuple(redo or ())).run()

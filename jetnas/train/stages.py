@@ -1,0 +1,436 @@
+"""The two training stages after the search (paper, section 2.1; DESIGN.md, "Training after the search"), as
+recipes on the shared `Trainer` (resume, gradient accumulation, bf16 autocast on GPU, DDP/FSDP under torchrun).
+
+**Stage 1** (paper: 50B tokens). The hybrid (converted from the teacher with the searched layer types, or an
+existing hybrid directory) with embeddings, norms, MLPs and LM head frozen: only the token mixers (every layer's
+`self_attn`, the kept attention layers included) train, on distillation from the teacher:
+`hidden_weight` x mean over layers of the relative hidden-state MSE (`jetnas.nas.distill.distill_terms`) +
+`kl_weight` x KL(teacher || student) of the next-token distributions (+ `lm_weight` x cross-entropy, 0 by default).
+
+**Stage 2** (paper: 350B tokens, more math and code). Every parameter trains on `lm_weight` x cross-entropy
+(1 by default) + optional `kl_weight` x KL (and `hidden_weight` x hidden MSE), over a weighted data mixture
+(`jetnas.train.mixture`: `data="web.bin:0.7,math.jsonl:0.3"`).
+
+The teacher, when a loss term needs it, runs once per micro-batch without gradients; it is the teacher converted to
+an all-attention jetnas model (identical logits), so its hidden states line up with the student's layer by layer.
+
+A stage writes under `out_dir`: `stage_config.json` (the resolved `StageConfig`, layer types and block options),
+the trainer's `train_config.json`, `log.jsonl` and `checkpoints/` (exact resume), and `model/`: a
+`save_pretrained` directory (safetensors, config, tokenizer, `jetnas_stage.json`) that
+`AutoModelForCausalLM.from_pretrained` loads after `import jetnas`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from jetnas.nas.blocks import merge_block_configs, resolve_layer_types
+from jetnas.nas.distill import distill_terms
+from jetnas.train import distributed as dist_utils
+from jetnas.train.mixture import Mixture, resolve_mixture
+from jetnas.train.trainer import TrainConfig, Trainer
+
+#: per stage, the defaults of the fields left None
+STAGE_DEFAULTS = {
+    1: {"lr": 1e-3, "hidden_weight": 1.0, "kl_weight": 1.0, "lm_weight": 0.0},
+    2: {"lr": 3e-4, "hidden_weight": 0.0, "kl_weight": 0.0, "lm_weight": 1.0},
+}
+
+
+@dataclass
+class StageConfig:
+    """One training stage (written to `out_dir/stage_config.json`).
+
+    Attributes:
+        stage: 1 (frozen MLPs, distillation) or 2 (everything trains, language-model loss).
+        teacher: the teacher (registry name, model directory, .gguf, hub id): the distillation target, the source
+            of the converted hybrid, and of the tokenizer and generated text when needed.
+        model: an existing hybrid directory to start from (e.g. stage 1's `model/` for stage 2); or None, to
+            convert the teacher with `layer_types`.
+        layer_types: per layer `attn`, `swa` or a linear block / block candidate (`jet`, `gdn`, `jet-dyn-qk`,
+            `jet:qk_conv=static`, `jet*12`; see `jetnas.nas.blocks`), or a preset name.
+        block_config: `efficient_attention_config` overrides per block type, e.g. `{"jet": {"num_heads": 12,
+            "head_dim": 96, "expand_v": 2.6667}, "swa": {"window_size": 1152}}`.
+        swa_window: the window of `swa` layers (merged into block_config).
+        data: a data spec or weighted mixture (`jetnas.train.mixture`); None: text the teacher generates.
+        steps, batch_size, micro_batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip:
+            as `TrainConfig`; lr None: the stage's default (1e-3, 3e-4); warmup None: 5% of the steps.
+        hidden_weight, kl_weight, lm_weight: loss weights; None: the stage's defaults (stage 1: 1, 1, 0;
+            stage 2: 0, 0, 1). Stage 1 needs a distillation term, stage 2 a positive lm_weight.
+        temperature: of the KL term.
+        heldout_tokens: held out of every data source's tail for the held-out loss (0: none).
+        eval_windows: held-out windows of `seq_len` per source scored at each evaluation.
+        generated_tokens: how much teacher text to generate when `data` is None.
+        eval_every, save_every, keep_checkpoints, log_every: cadence (save_every None: a quarter of the steps).
+        seed: initialisation of new blocks, data order, mixture sampling.
+        precision, distributed, resume: as `TrainConfig`.
+        out_dir: the stage's directory.
+        device: cpu, cuda, ...; None: cuda when available (torchrun: each rank's GPU).
+        save_model: write `out_dir/model` at the end.
+    """
+
+    stage: int
+    teacher: str = "smollm2-135m"
+    model: str | None = None
+    layer_types: str | list[str] | None = None
+    block_config: dict | None = None
+    swa_window: int | None = None
+    data: str | None = None
+    steps: int = 1000
+    batch_size: int = 8
+    micro_batch_size: int | None = None
+    seq_len: int = 512
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    hidden_weight: float | None = None
+    kl_weight: float | None = None
+    lm_weight: float | None = None
+    temperature: float = 1.0
+    heldout_tokens: int = 16384
+    eval_windows: int = 4
+    generated_tokens: int = 200_000
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "auto"
+    distributed: str = "auto"
+    resume: bool = True
+    out_dir: str = "runs/stage"
+    device: str | None = None
+    save_model: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"StageConfig.stage={self.stage!r} must be 1 or 2")
+        for name, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if (self.model is None) == (self.layer_types is None):
+            raise ValueError(f"stage {self.stage}: give exactly one of model (a hybrid directory) and layer_types "
+                             f"(to convert the teacher); got model={self.model!r}, layer_types={self.layer_types!r}")
+        for name in ("hidden_weight", "kl_weight", "lm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"StageConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if self.stage == 1 and self.hidden_weight + self.kl_weight == 0:
+            raise ValueError("stage 1 distils from the teacher: hidden_weight and kl_weight cannot both be 0")
+        if self.stage == 2 and self.lm_weight <= 0:
+            raise ValueError(f"stage 2 trains on the language-model loss: lm_weight={self.lm_weight!r} must be > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"StageConfig.temperature={self.temperature!r} must be > 0")
+        if self.heldout_tokens < 0 or self.eval_windows < 0:
+            raise ValueError(f"heldout_tokens={self.heldout_tokens} and eval_windows={self.eval_windows} must be >= 0")
+        if self.swa_window is not None and self.swa_window < 1:
+            raise ValueError(f"StageConfig.swa_window={self.swa_window!r} must be >= 1")
+        self.train_config()  # validate the trainer's fields now, not after loading models
+
+    @property
+    def needs_teacher_forward(self) -> bool:
+        """Whether the loss runs the teacher (any distillation term)."""
+        return self.hidden_weight > 0 or self.kl_weight > 0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+            seq_len=self.seq_len, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
+            warmup_steps=self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20),
+            weight_decay=self.weight_decay, grad_clip=self.grad_clip, precision=self.precision, seed=self.seed,
+            log_every=self.log_every, eval_every=self.eval_every,
+            save_every=self.save_every or max(1, self.steps // 4), keep_checkpoints=self.keep_checkpoints,
+            out_dir=self.out_dir, resume=self.resume, distributed=self.distributed)
+
+
+@dataclass
+class StageTeacher:
+    """A loaded teacher: the all-attention jetnas model (frozen, eval), its tokenizer, its registry entry, and the
+    end-of-document id of its training data."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: object
+    eos_token_id: int | None
+
+
+def load_stage_teacher(name: str, device: str | torch.device = "cpu") -> StageTeacher:
+    """Load a teacher for the stages and searches. A Llama/Qwen teacher is converted to an all-attention jetnas
+    model (same logits; hidden states layer-aligned with a hybrid's); a jetnas hybrid teacher is used as it is.
+    Kept in float32: it is also the source the students' frozen weights are copied from."""
+    from jetnas.models.convert import convert_model
+    from jetnas.models.teachers import load_teacher
+
+    model, tokenizer, spec = load_teacher(name, dtype=torch.float32, device=device)
+    if model.config.model_type != "jet_nemotron":
+        model, _ = convert_model(model, ["attn"] * model.config.num_hidden_layers, freeze=True)
+    model.requires_grad_(False).eval()
+    eos = spec.eos_token_id if spec.eos_token_id is not None else tokenizer.eos_token_id
+    return StageTeacher(model, tokenizer, spec, eos)
+
+
+def set_trainable(model: torch.nn.Module, stage: int) -> dict[str, int]:
+    """Stage 1: only the token mixers (`.self_attn.` parameters) train; stage 2: every parameter. Returns the
+    parameter counts `{"parameters", "trainable_parameters"}`."""
+    if stage not in STAGE_DEFAULTS:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(stage == 2 or ".self_attn." in name)
+    params = list(model.parameters())
+    return {"parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def build_student(config: StageConfig, teacher: StageTeacher | None) -> tuple[torch.nn.Module, list[str], dict]:
+    """The model a stage trains, in float32 and train mode, with `set_trainable` applied: the directory
+    `config.model`, or the teacher converted with `config.layer_types` (new blocks seeded by `config.seed`;
+    linear blocks inherit Q/K/V/O where shapes match). Returns `(model, layer types, block options used)`."""
+    swa = {"swa": {"window_size": config.swa_window}} if config.swa_window else {}
+    if config.model is not None:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(config.model).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model directory {config.model!r} has no config.json")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        types = list(getattr(model.config, "block_types", None) or ["attn"] * model.config.num_hidden_layers)
+        block_config = dict(getattr(model.config, "efficient_attention_config", None) or {})
+    else:
+        from jetnas.models.convert import convert_model
+
+        if teacher is None:
+            raise ValueError("converting the teacher with layer_types needs the teacher loaded")
+        num_layers = teacher.model.config.num_hidden_layers
+        types, implied = resolve_layer_types(config.layer_types, num_layers)
+        block_config = merge_block_configs(implied, swa, config.block_config)
+        torch.manual_seed(config.seed)
+        model, _ = convert_model(teacher.model, types, block_config or None, freeze=False)
+        model = model.float()
+    set_trainable(model, config.stage)
+    return model.train(), types, block_config
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The stage's loss on `input_ids [B, T + 1]` (inputs and next-token labels) and its terms as floats: `hidden`
+    (relative hidden MSE), `kl`, `lm` (cross-entropy), each present when computed."""
+    inputs, labels = input_ids[:, :-1], input_ids[:, 1:]
+    want_logits = config.kl_weight > 0 or config.lm_weight > 0
+    t_out = None
+    if config.needs_teacher_forward:
+        with torch.no_grad():
+            t_out = teacher_model(input_ids=inputs, use_cache=False, output_hidden_states=True,
+                                  logits_to_keep=0 if config.kl_weight > 0 else 1)
+    s_out = model(input_ids=inputs, use_cache=False, output_hidden_states=t_out is not None,
+                  logits_to_keep=0 if want_logits else 1)
+    loss = torch.zeros((), device=inputs.device)
+    metrics = {}
+    if t_out is not None:
+        # hidden states after every layer (the embeddings, identical or nearly, would only dilute the mean)
+        terms = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:],
+                              s_out.logits if config.kl_weight > 0 else None,
+                              t_out.logits if config.kl_weight > 0 else None, config.temperature)
+        if config.hidden_weight > 0:
+            loss = loss + config.hidden_weight * terms["hidden"]
+        if config.kl_weight > 0:
+            loss = loss + config.kl_weight * terms["kl"]
+        metrics.update({k: v.detach().item() for k, v in terms.items()})
+    if want_logits:
+        lm = _lm_loss(s_out.logits, labels)
+        if config.lm_weight > 0:
+            loss = loss + config.lm_weight * lm
+        metrics["lm"] = lm.detach().item()
+    return loss, metrics
+
+
+def make_stage_loss(config: StageConfig, teacher_model):
+    """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer (see `stage_losses`)."""
+
+    def loss_fn(model, batch, step):
+        return stage_losses(config, model, teacher_model, batch["input_ids"])
+
+    return loss_fn
+
+
+def make_stage_eval(config: StageConfig, teacher_model, mixture: Mixture, device: torch.device):
+    """`evaluate(model) -> metrics` on fixed held-out windows of every source: `heldout/<term>` (mean over sources)
+    and, with several sources, `heldout/<term>/<source>`. None when nothing is held out."""
+    names = [Path(s.name).name for s in mixture.sources]
+    if len(set(names)) < len(names):  # file names collide: keep the specs as given
+        names = [s.name for s in mixture.sources]
+    batches = {}
+    for name, source in zip(names, mixture.sources):
+        if source.heldout is None:
+            continue
+        n = min(config.eval_windows, (len(source.heldout) - 1) // config.seq_len)
+        if n >= 1:
+            batches[name] = source.heldout.window_batch(n, config.seq_len, device=device)
+    if not batches:
+        return None
+
+    @torch.no_grad()
+    def evaluate(model):
+        per_source = {name: stage_losses(config, model, teacher_model, ids)[1] for name, ids in batches.items()}
+        terms = sorted({k for m in per_source.values() for k in m})
+        out = {f"heldout/{k}": sum(m[k] for m in per_source.values()) / len(per_source) for k in terms}
+        if len(per_source) > 1:
+            out.update({f"heldout/{k}/{name}": m[k] for name, m in per_source.items() for k in m})
+        return out
+
+    return evaluate
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    tmp.replace(path)
+
+
+def save_model_dir(trainer_model: torch.nn.Module, model: torch.nn.Module, tokenizer, target: str | Path,
+                   meta: dict) -> Path:
+    """Write `target` as a `save_pretrained` directory (safetensors) with the tokenizer and `jetnas_stage.json`,
+    atomically (assembled as `<target>.partial`, then renamed). Every rank must call it: the full state dict of a
+    DDP/FSDP-wrapped model is gathered collectively; the main process writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    target = Path(target)
+    state = get_model_state_dict(trainer_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_utils.is_main_process():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        _write_json(partial / "jetnas_stage.json", meta)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.replace(target)
+    dist_utils.barrier()
+    return target
+
+
+def step_throughput(out_dir: str | Path) -> float | None:
+    """Training tokens/s of a run: the median over its logged steps of the per-step throughput, the first step
+    (warm-up: allocation, kernel selection) left out when there are others."""
+    log = Path(out_dir) / "log.jsonl"
+    if not log.exists():
+        return None
+    rates = [r["tokens_per_s"] for r in map(json.loads, log.read_text().splitlines()) if "tokens_per_s" in r]
+    rates = rates[1:] if len(rates) > 1 else rates
+    return statistics.median(rates) if rates else None
+
+
+@dataclass
+class StageResult:
+    """What a stage returns in-process: the trained model (unwrapped, on its device), its tokenizer, the trainer's
+    summary, the saved directory (None unless saved), the layer types and block options, and the data."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    summary: dict
+    model_dir: Path | None
+    layer_types: list[str]
+    block_config: dict
+    mixture: Mixture
+    counts: dict = field(default_factory=dict)
+
+
+def _model_tokenizer(path: str):
+    """The tokenizer saved in a model directory, or None."""
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(p)
+    return None
+
+
+def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> StageResult:
+    """Run one stage (see the module docstring); resumes from `config.out_dir`'s checkpoints when `resume`.
+
+    Args:
+        config: the stage.
+        teacher: an already loaded teacher (searches train many candidates against one); loaded from
+            `config.teacher` when needed and not given.
+    """
+    device = dist_utils.local_device(config.device)
+    # join the process group now (the trainer would later): data preparation below is ordered across ranks
+    dist_utils.setup(device)
+    tokenizer = eos = None
+    if config.model is not None:
+        tokenizer = _model_tokenizer(config.model)
+        meta_path = Path(config.model).expanduser() / "jetnas_stage.json"
+        if meta_path.exists():
+            eos = json.loads(meta_path.read_text()).get("eos_token_id")
+    needs_teacher = (config.model is None or config.needs_teacher_forward or config.data is None
+                     or tokenizer is None)
+    loaded_here = teacher is None and needs_teacher
+    if loaded_here:
+        teacher = load_stage_teacher(config.teacher, device)
+    if teacher is not None:
+        teacher.model.to(device)
+        tokenizer = tokenizer or teacher.tokenizer
+        eos = teacher.eos_token_id if eos is None else eos
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    model, types, block_config = build_student(config, teacher)
+    model.to(device)
+    counts = {"parameters": sum(p.numel() for p in model.parameters()),
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    teacher_name = teacher.spec.name if teacher is not None else config.teacher
+    # the main process tokenises or generates the (cached) data first; the others then read its cache, instead of
+    # every rank writing the same cache file at once
+    if not dist_utils.is_main_process():
+        dist_utils.barrier()
+    mixture = resolve_mixture(config.data, tokenizer, teacher=teacher.model if teacher is not None else None,
+                              teacher_eos=eos, heldout_tokens=config.heldout_tokens,
+                              generated_tokens=config.generated_tokens, seed=config.seed, teacher_name=teacher_name)
+    if dist_utils.is_main_process():
+        dist_utils.barrier()
+    teacher_model = teacher.model if config.needs_teacher_forward else None
+    if loaded_here and teacher_model is None:
+        # loaded only for the tokenizer, the conversion or the data: free it before training
+        teacher = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out = Path(config.out_dir)
+    resolved = {**asdict(config), "layer_types": types, "block_config": block_config,
+                "data_sources": mixture.describe(), "teacher_name": teacher_name, "eos_token_id": eos, **counts}
+    if dist_utils.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "stage_config.json", resolved)
+    trainer = Trainer(config.train_config(), model, make_stage_loss(config, teacher_model), mixture.sources[0].stream,
+                      evaluate=make_stage_eval(config, teacher_model, mixture, device))
+    # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own
+    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed)
+    weights = ", ".join(f"{s['source']} x{s['weight']:.3g}" for s in mixture.describe())
+    if dist_utils.is_main_process():
+        print(f"jetnas: stage {config.stage}: {counts['trainable_parameters']:,} of {counts['parameters']:,} "
+              f"parameters train; layers {_layout(types)}; data {weights}", file=sys.stderr)
+    summary = trainer.fit()
+    summary["step_tokens_per_s"] = step_throughput(out)
+    model_dir = None
+    if config.save_model:
+        meta = {"stage": config.stage, "teacher": teacher_name, "layer_types": types, "block_config": block_config,
+                "eos_token_id": eos, "data": mixture.describe(), "train": summary,
+                "stage_config": str(out / "stage_config.json")}
+        model_dir = save_model_dir(trainer.model, model, tokenizer, out / "model", meta)
+    model.eval()
+    return StageResult(model, tokenizer, summary, model_dir, types, block_config, mixture, counts)
+
+
+def _layout(types: list[str]) -> str:
+    counts = {t: types.count(t) for t in dict.fromkeys(types)}
+    return ", ".join(f"{n} {t}" for t, n in counts.items())

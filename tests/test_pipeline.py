@@ -1,0 +1,135 @@
+"""`jetnas run` bookkeeping with fake stages: recipe validation, wiring between stages, reuse and reruns, report."""
+
+import json
+
+import pytest
+
+from jetnas import pipeline
+from jetnas.pipeline import Pipeline, Recipe, RecipeError, StageSpec
+
+CALLS: list[str] = []
+
+
+def fake_supernet(teacher, data=None, steps=10, swa_window=512, out_dir=None, device=None, seed=0):
+    CALLS.append("supernet")
+    return {"out_dir": out_dir, "steps": steps}
+
+
+def fake_placement(supernet, budget="attn=1", out_dir=None, device=None):
+    CALLS.append("placement")
+    assert supernet.endswith("supernet")
+    return {"placement": {"attn": [2]}, "layer_types": "linear,linear,attn,linear",
+            "outputs": {"placements": f"{out_dir}/placements.json"}}
+
+
+def fake_blocks(teacher, placement, blocks="gdn,jet", data=None, out_dir=None, device=None, seed=0):
+    CALLS.append("blocks")
+    assert placement.endswith("placements.json")
+    return {"best": "gdn", "outputs": {}}
+
+
+def fake_hardware(teacher, placement, block="jet", data=None, out_dir=None, device=None, seed=0):
+    CALLS.append("hardware")
+    return {"chosen": [4, 32, 64], "block_config": {"gdn": {"num_heads": 4}}, "block": block}
+
+
+def fake_train(stage, teacher, model=None, layer_types=None, block_config=None, swa_window=None, data=None, steps=5,
+               out_dir=None, device=None, seed=0):
+    CALLS.append(f"stage{stage}")
+    if stage == 1 and block_config is None:
+        assert layer_types == "jet,jet,attn,jet" and swa_window == 512  # the default block, the supernet's window
+    elif stage == 1:
+        assert layer_types == "gdn,gdn,attn,gdn" and block_config == {"gdn": {"num_heads": 4}}
+    else:
+        assert model.endswith("stage1/model")
+    return {"model_dir": f"{out_dir}/model", "steps": steps, "final_loss": 1.0 / stage}
+
+
+def fake_eval(model, tasks="ppl", out_dir=None, device=None):
+    CALLS.append(f"eval:{model}")
+    return {"model": model, "results": {tasks: {"ppl": 10.0 if model == "tiny-teacher" else 12.0}}}
+
+
+def fake_bench(model, context="128", out_dir=None, device=None):
+    CALLS.append(f"bench:{model}")
+    return {"summary": {"decode_tokens_per_s": 100.0 if model == "tiny-teacher" else 300.0}}
+
+
+FAKES = {"supernet": "fake_supernet", "placement": "fake_placement", "blocks": "fake_blocks",
+         "hardware": "fake_hardware", "stage1": "fake_train", "stage2": "fake_train", "eval": "fake_eval",
+         "bench": "fake_bench"}
+
+
+@pytest.fixture(autouse=True)
+def fake_stages(monkeypatch):
+    specs = {stage: StageSpec(f"{__name__}:{FAKES[stage]}", spec.wired) for stage, spec in pipeline.SPECS.items()}
+    monkeypatch.setattr(pipeline, "SPECS", specs)
+    CALLS.clear()
+
+
+def recipe(tmp_path, **stages):
+    base = {"supernet": {"steps": 3}, "placement": {"budget": "attn=1"}, "blocks": {}, "hardware": {},
+            "stage1": {"steps": 2}, "stage2": {"steps": 2}, "eval": {"tasks": "ppl"}, "bench": {}}
+    base.update(stages)
+    return Recipe.from_dict({"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"),
+                             "data": "data.bin", "stages": base}, source="test.yaml")
+
+
+def test_full_pipeline_wires_stages_and_writes_a_report(tmp_path):
+    result = Pipeline(recipe(tmp_path)).run()
+    assert CALLS == ["supernet", "placement", "blocks", "hardware", "stage1", "stage2", f"eval:{tmp_path}/run/stage2/model",
+                     "eval:tiny-teacher", f"bench:{tmp_path}/run/stage2/model", "bench:tiny-teacher"]
+    assert result["model"] == f"{tmp_path}/run/stage2/model"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| ppl ppl | 12 | 10 | 1.2 |" in report and "| decode_tokens_per_s | 300 | 100 | 3 |" in report
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["results"]["stage1"]["final_loss"] == 1.0
+
+
+def test_finished_stages_are_reused_and_a_changed_stage_reruns_with_everything_after_it(tmp_path):
+    Pipeline(recipe(tmp_path)).run()
+    CALLS.clear()
+    Pipeline(recipe(tmp_path)).run()
+    assert CALLS == []
+    Pipeline(recipe(tmp_path, stage2={"steps": 3})).run()
+    # the teacher's evaluation and benchmark depend on nothing upstream: reused
+    assert CALLS == ["stage2", f"eval:{tmp_path}/run/stage2/model", f"bench:{tmp_path}/run/stage2/model"]
+    CALLS.clear()
+    Pipeline(recipe(tmp_path, stage2={"steps": 3}), redo=("hardware",)).run()
+    assert CALLS[:3] == ["hardware", "stage1", "stage2"]
+
+
+def test_without_block_and_shape_searches_stage1_gets_the_jetblock_and_the_supernets_window(tmp_path):
+    Pipeline(recipe(tmp_path, blocks="skip", hardware="skip", stage2="skip")).run()
+    assert CALLS[:3] == ["supernet", "placement", "stage1"]
+
+
+def test_skipped_stages_and_what_replaces_them(tmp_path):
+    r = recipe(tmp_path, supernet="skip", placement="skip", blocks="skip", hardware="skip", stage2="skip",
+               stage1={"layer_types": "gdn,gdn,attn,gdn", "block_config": {"gdn": {"num_heads": 4}}})
+    Pipeline(r).run()
+    assert CALLS[0] == "stage1" and "stage2" not in CALLS
+    bad = recipe(tmp_path / "b", supernet="skip", placement="skip", blocks="skip", hardware="skip")
+    with pytest.raises(RecipeError, match="stage1 needs layer_types"):
+        Pipeline(bad).run()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"name": "x", "teacher": "t", "stages": {"supernet": {"stepz": 3}}}, r"stages.supernet.stepz is not an argument"),
+    ({"name": "x", "teacher": "t", "stages": {"supernet": {"out_dir": "a"}}}, "set by the pipeline"),
+    ({"name": "x", "teacher": "t", "stages": {"stage3": {}}}, r"unknown stage\(s\) \['stage3'\]"),
+    ({"name": "x", "teacher": "t", "stagez": {}}, r"unknown top-level key\(s\) \['stagez'\]"),
+    ({"name": "x", "stages": {}}, "'teacher' is required"),
+    ({"name": "x", "teacher": "t", "stages": {"eval": 3}}, "must be a mapping of arguments or 'skip'"),
+], ids=["unknown-arg", "wired-arg", "unknown-stage", "unknown-top", "no-teacher", "not-a-mapping"])
+def test_bad_recipes_name_the_bad_key(raw, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict(raw, source="bad.yaml")
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nteacher: t\nstages:\n  supernet: {steps: 3}\n  eval: skip\n")
+    r = Recipe.load(path, ["stages.supernet.steps=7", "stages.eval.tasks=ppl,mc", "seed=3"])
+    assert r.stages["supernet"]["steps"] == 7 and r.stages["eval"] == {"tasks": "ppl,mc"} and r.seed == 3
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        Recipe.load(path, ["stages.supernet.steps"])
