@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 # name -> "module:function"; modules are imported only when their command runs, so `jetnas --help` is instant
 COMMANDS: dict[str, str] = {
+    "bench": "jetnas.commands.bench:bench",
     "convert": "jetnas.commands.models:convert",
     "eval": "jetnas.commands.evaluate:evaluate",
     "generate": "jetnas.commands.models:generate",

@@ -1,0 +1,1 @@
+"""Throughput measurement: cost accounting (`costs`), timed generation (`measure`), `jetnas bench`."""

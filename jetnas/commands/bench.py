@@ -1,0 +1,153 @@
+"""`jetnas bench`: prefill and decode throughput of a model against the memory-bandwidth roofline."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jetnas.commands.models import _device, _dtype, load_model_and_tokenizer
+
+
+def _is_oom(err: Exception) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _largest_batch(model, context: int, new_tokens: int, chunk: int | None, device: torch.device, cost) -> int:
+    """The largest batch whose cache fits in the free GPU memory (predicted from the cost accounting), halved
+    until a short run succeeds. On CPU: 1."""
+    from jetnas.bench.measure import decode_throughput
+
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    per_seq = max(cost.cache_bytes_per_sequence, 1)
+    # keep 20% of the free memory for activations of a prefill chunk and the logits
+    batch = max(1, int(0.8 * free // per_seq))
+    batch = 1 << (batch.bit_length() - 1)  # a power of two
+    while batch >= 1:
+        try:
+            decode_throughput(model, batch, context, new_tokens=2, chunk_size=chunk, warmup=False)
+            return batch
+        except RuntimeError as err:
+            if not _is_oom(err):
+                raise
+            torch.cuda.empty_cache()
+            batch //= 2
+    raise RuntimeError(f"not even batch 1 fits at context {context}")
+
+
+def _figure(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=130)
+    for system in sorted({r["system"] for r in rows}):
+        mine = [r for r in rows if r["system"] == system]
+        ctx = [r["context_length"] for r in mine]
+        axes[0].plot(ctx, [r["decode_tokens_per_s"] for r in mine], marker="o", label=system)
+        axes[1].plot(ctx, [r["prefill_tokens_per_s"] for r in mine], marker="o", label=system)
+        for r in mine:
+            if r.get("roofline_tokens_per_s"):
+                axes[0].scatter([r["context_length"]], [r["roofline_tokens_per_s"]], marker="_", s=200, color="gray")
+    for ax, name in zip(axes, ("decode", "prefill")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(f"{name} tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("decode (gray: roofline of the engine's batch)", fontsize=9)
+    axes[1].set_title("prefill", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", chunk: str = "auto",
+          new_tokens: int = 32, baseline: str | None = None, out_dir: str | None = None, device: str | None = None,
+          dtype: str = "auto") -> dict:
+    """Measure prefill and decode throughput at each context length, against the memory-bandwidth roofline.
+
+    Args:
+        model: a model directory, a preset (random weights: jet-nemotron-2b, jet-nemotron-4b) or a teacher name.
+        context: comma-separated prompt lengths.
+        batch: sequences decoded together: a number, or auto (the largest that fits in GPU memory; 1 on CPU).
+        chunk: prompt tokens per prefill pass: a number, none (the whole prompt), or auto (8192 on GPU, 1024 on CPU).
+        new_tokens: tokens decoded per measurement (the first comes from the prefill and is not counted).
+        baseline: hf: also run transformers generate() (dynamic cache) with the same prompts and batch.
+        out_dir: where bench.json and bench.png go (default runs/bench-<time>).
+        device: cpu, cuda, ...; default cuda when available.
+        dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.
+    """
+    from jetnas.bench.costs import copy_bandwidth, decode_cost
+    from jetnas.bench.measure import decode_throughput, hf_generate_throughput
+    from jetnas.engine import as_jetnas
+
+    if baseline not in (None, "hf"):
+        raise ValueError(f"--baseline must be hf or unset, got {baseline!r}")
+    try:
+        contexts = [int(c) for c in context.split(",") if c]
+    except ValueError as err:
+        raise ValueError(f"--context must be comma-separated integers, got {context!r}") from err
+    if not contexts or min(contexts) < 1:
+        raise ValueError(f"--context needs lengths >= 1, got {context!r}")
+    if batch != "auto" and not (batch.isdigit() and int(batch) >= 1):
+        raise ValueError(f"--batch must be a positive integer or auto, got {batch!r}")
+    if chunk not in ("auto", "none") and not (chunk.isdigit() and int(chunk) >= 1):
+        raise ValueError(f"--chunk must be a positive integer, none or auto, got {chunk!r}")
+    dev_name = _device(device)
+    dev = torch.device(dev_name)
+    source, _ = load_model_and_tokenizer(model, None, dev_name, _dtype(dtype, dev_name))
+    net = as_jetnas(source)
+    out = Path(out_dir or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth(dev, nbytes=(1 << 30) if dev.type == "cuda" else (1 << 27))
+    print(f"jetnas bench: {model} on {dev_name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    rows = []
+    for ctx in contexts:
+        chunk_size = None if chunk == "none" else (min(ctx, 8192 if dev.type == "cuda" else 1024) if chunk == "auto"
+                                                   else int(chunk))
+        cost1 = decode_cost(net, 1, ctx + new_tokens)
+        b = int(batch) if batch != "auto" else _largest_batch(net, ctx, new_tokens, chunk_size, dev, cost1)
+        cost = decode_cost(net, b, ctx + new_tokens // 2)
+        r = decode_throughput(net, b, ctx, new_tokens=new_tokens, chunk_size=chunk_size)
+        step_seconds = b / r["decode_tokens_per_s"]
+        row = {"system": "jetnas engine", "model": model, **r,
+               "weight_bytes": cost.weight_bytes, "bytes_per_step": cost.bytes_per_step,
+               "flops_per_token": cost.flops_per_token,
+               "achieved_bandwidth": cost.bytes_per_step / step_seconds,
+               "roofline_tokens_per_s": cost.roofline_tokens_per_s(bandwidth)}
+        row["roofline_fraction"] = r["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
+        rows.append(row)
+        print(f"  context {ctx}: batch {b}, chunk {chunk_size}, decode {r['decode_tokens_per_s']:.1f} tok/s "
+              f"({100 * row['roofline_fraction']:.1f}% of roofline), prefill {r['prefill_tokens_per_s']:.0f} tok/s",
+              file=sys.stderr)
+        if baseline == "hf":
+            h = hf_generate_throughput(source, b, ctx, new_tokens=new_tokens)
+            rows.append({"system": "transformers generate", "model": model, **h,
+                         "speedup_decode": r["decode_tokens_per_s"] / h["decode_tokens_per_s"],
+                         "speedup_prefill": r["prefill_tokens_per_s"] / h["prefill_tokens_per_s"]})
+            print(f"  context {ctx}: transformers generate decode {h['decode_tokens_per_s']:.1f} tok/s "
+                  f"(engine {rows[-1]['speedup_decode']:.2f}x)", file=sys.stderr)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    report = {"model": model, "device": device_name, "dtype": str(next(net.parameters()).dtype),
+              "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    _figure(rows, out / "bench.png", f"{model} on {device_name}")
+    last = [r for r in rows if r["system"] == "jetnas engine"][-1]
+    keys = ("context_length", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "cache_bytes_per_sequence",
+            "peak_memory_bytes", "roofline_fraction")
+    summary = {k: last[k] for k in keys}
+    if baseline == "hf":
+        summary["speedup_decode_vs_hf"] = rows[-1]["speedup_decode"]
+    return {"model": model, "device": device_name, "out_dir": str(out), "summary": summary,
+            "outputs": {"json": str(out / "bench.json"), "figure": str(out / "bench.png")}}

@@ -1,0 +1,158 @@
+"""Caches of the inference engine: every buffer is allocated once and updated in place.
+
+A `StaticCache` holds one layer object per model layer and plugs into `JetNemotronForCausalLM.forward` as
+`past_key_values` (the model reads `cache.layers[i]`, see `models/hf_compat.layer_state`):
+
+- `attn`: `StaticKV`, keys and values `[B, Hkv, max_length, D]`; a call writes its tokens at the current position
+  and attends over the filled prefix.
+- `swa`: `WindowKV`, keys and values `[B, Hkv, window - 1, D]`: the window-bounded memory (the newest token is the
+  window's last), shifted in place; its size does not grow with the context.
+- linear blocks: `StaticLinear`, the recurrent state and conv states with transformers' `LinearAttentionLayer`
+  interface; each buffer is allocated by the first write (its shape is the block's own) and copied into afterwards.
+
+In-place updates keep tensor addresses fixed from one decode step to the next, which is what a captured CUDA graph
+needs; they also make the memory a run takes known up front (`nbytes`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKV:
+    """Full-attention keys and values in preallocated `[B, Hkv, max_length, D]` buffers."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.seq_length = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        T = keys.shape[-2]
+        end = self.seq_length + T
+        if end > self.max_length:
+            raise ValueError(f"the cache holds {self.max_length} tokens; {self.seq_length} + {T} do not fit")
+        self.keys[:, :, self.seq_length:end].copy_(keys)
+        self.values[:, :, self.seq_length:end].copy_(values)
+        self.seq_length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def reset(self) -> None:
+        self.seq_length = 0
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class WindowKV:
+    """Sliding-window keys and values: the last `window - 1` tokens in `[B, Hkv, window - 1, D]` buffers."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, window: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.kept = window - 1
+        shape = (batch_size, num_kv_heads, self.kept, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.seq_length = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        filled = min(self.seq_length, self.kept)
+        # what the new queries attend over: the kept tokens (oldest first) and the new ones
+        all_k = torch.cat([self.keys[:, :, self.kept - filled:], keys], -2)
+        all_v = torch.cat([self.values[:, :, self.kept - filled:], values], -2)
+        self.seq_length += keys.shape[-2]
+        keep = min(self.kept, all_k.shape[-2])
+        if keep:
+            # right-aligned: the newest token sits in the last slot
+            self.keys[:, :, self.kept - keep:].copy_(all_k[:, :, -keep:])
+            self.values[:, :, self.kept - keep:].copy_(all_v[:, :, -keep:])
+        return all_k, all_v
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def reset(self) -> None:
+        self.seq_length = 0
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class StaticLinear:
+    """Conv and recurrent states of a linear-attention layer, in transformers' `LinearAttentionLayer` interface
+    (slots of conv states; recurrent state in slot 0) with in-place updates after the first write."""
+
+    def __init__(self, slots: int = 3):
+        self.conv_states: dict[int, torch.Tensor | None] = dict.fromkeys(range(slots))
+        self.recurrent_states: dict[int, torch.Tensor | None] = dict.fromkeys(range(slots))
+        self.is_conv_states_initialized = dict.fromkeys(range(slots), False)
+        self.is_recurrent_states_initialized = dict.fromkeys(range(slots), False)
+
+    @staticmethod
+    def _write(store: dict, flags: dict, value: torch.Tensor, slot: int) -> torch.Tensor:
+        current = store[slot]
+        if current is None or current.shape != value.shape or current.dtype != value.dtype:
+            store[slot] = value.clone()  # the one allocation of this buffer
+        elif current.data_ptr() != value.data_ptr():
+            current.copy_(value)
+        flags[slot] = True
+        return store[slot]
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
+        return self._write(self.conv_states, self.is_conv_states_initialized, conv_states, state_idx)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
+        return self._write(self.recurrent_states, self.is_recurrent_states_initialized, recurrent_states, state_idx)
+
+    def reset(self) -> None:
+        # buffers stay allocated; the next sequence starts from "no state"
+        for flags in (self.is_conv_states_initialized, self.is_recurrent_states_initialized):
+            for slot in flags:
+                flags[slot] = False
+
+    def nbytes(self) -> int:
+        tensors = [*self.conv_states.values(), *self.recurrent_states.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class StaticCache:
+    """One preallocated state per layer of a jetnas model, for `batch_size` sequences of up to `max_length`."""
+
+    def __init__(self, model, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        from jetnas.layers.attention import Attention
+
+        param = next(model.parameters())
+        dtype, device = dtype or param.dtype, device or param.device
+        self.batch_size, self.max_length = batch_size, max_length
+        self.layers = []
+        for layer in model.model.layers:
+            mixer = layer.self_attn
+            if isinstance(mixer, Attention):
+                shape = (batch_size, mixer.num_kv_heads, mixer.head_dim)
+                if mixer.window_size is None:
+                    self.layers.append(StaticKV(*shape, max_length, dtype, device))
+                else:
+                    self.layers.append(WindowKV(*shape, mixer.window_size, dtype, device))
+            else:
+                self.layers.append(StaticLinear())
+        self.jetnas_seen_tokens = 0
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.jetnas_seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.jetnas_seen_tokens
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,97 @@
+"""The engine gives the tokens `generate()` gives, for every block type, with left padding and chunked prefill;
+its caches are allocated once and sized as the model's cost accounting says."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from jetnas.engine import Engine, sample_next
+from jetnas.models import JetNemotronForCausalLM
+from tests.utils import ALL_TYPES, randomize_zero_init, tiny_config
+
+
+def make_model(block_types, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = JetNemotronForCausalLM(tiny_config(list(block_types), **overrides)).eval()
+    randomize_zero_init(model)
+    return model
+
+
+def left_padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :8] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4], ids=["one-shot", "chunked"])
+@pytest.mark.parametrize("block_type", ALL_TYPES)
+def test_engine_greedy_equals_generate(block_type, chunk_size):
+    model = make_model(["attn", block_type, "swa", block_type])
+    ids, mask = left_padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+    out = Engine(model, chunk_size=chunk_size).generate(ids, mask, max_new_tokens=9)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_engine_stops_rows_at_eos_like_generate():
+    model = make_model(["attn", "jet"])
+    ids, mask = left_padded_batch(1)
+    free = Engine(model).generate(ids, mask, max_new_tokens=10).sequences
+    eos = int(free[0, 13])  # row 0's third new token: it finishes there, the other rows may too
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                              pad_token_id=96)
+    out = Engine(model).generate(ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=96).sequences
+    assert torch.equal(out, expected[:, : out.shape[1]])
+    assert (expected[:, out.shape[1]:] == 96).all()
+
+
+def test_plain_llama_is_served_through_conversion():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids, mask = left_padded_batch()
+    expected = llama.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(Engine(llama).generate(ids, mask, max_new_tokens=6).sequences, expected)
+
+
+def test_sampling_is_seeded_and_filters():
+    model = make_model(["attn", "gdn"])
+    ids, mask = left_padded_batch()
+    engine = Engine(model)
+    runs = [engine.generate(ids, mask, max_new_tokens=8, temperature=0.8, top_k=5, seed=s).sequences
+            for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(50)} == {2, 3}
+    # top_p = 0.5: token 3 alone has probability 0.64 >= 0.5, so it is the only candidate
+    assert {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(20)} == {3}
+
+
+def test_cache_is_allocated_once_and_window_bounded():
+    model = make_model(["attn", "swa", "jet"])
+    engine = Engine(model)
+    ids, mask = left_padded_batch()
+    engine.generate(ids, mask, max_new_tokens=4)
+    cache = engine.cache
+    pointers = [layer.keys.data_ptr() for layer in cache.layers[:2]]
+    recurrent = cache.layers[2].recurrent_states[0].data_ptr()
+    engine.generate(ids, mask, max_new_tokens=4)
+    assert engine.cache is cache and [layer.keys.data_ptr() for layer in cache.layers[:2]] == pointers
+    assert cache.layers[2].recurrent_states[0].data_ptr() == recurrent
+    # swa keeps window - 1 = 4 tokens whatever the length; attn holds prompt + new tokens
+    assert cache.layers[1].keys.shape[2] == 4 and cache.layers[0].keys.shape[2] == 15
+    # the linear layer's state is what the model's cost accounting says per sequence
+    per_seq = model.model.layers[2].self_attn.cache_bytes(15, dtype=torch.float32)
+    assert cache.layers[2].nbytes() == 3 * per_seq
+
+
+def test_bad_inputs_are_named():
+    engine = Engine(make_model(["attn"]))
+    with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0"):
+        engine.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"chunk_size must be >= 1"):
+        Engine(make_model(["attn"]), chunk_size=0)
