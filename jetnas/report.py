@@ -46,7 +46,7 @@ def _outputs_section(result: dict, out: Path) -> list[str]:
             lines += [f"![{name}]({rel})", ""]
         else:
             lines += [f"- {name}: [{rel}]({rel})"]
-    return lines
+    return lines + [""]
 
 
 def _side_by_side(hybrid: dict, teacher: dict, metric_source: str) -> list[str]:
