@@ -51,33 +51,43 @@ def decode_throughput(model, batch_size: int, context_length: int, new_tokens: i
     }
 
 
+class _StepClock:
+    """A logits processor that timestamps every decoding step of `generate()` (synchronising the device first):
+    the first call comes right after the prefill, each later one after one more decoded token."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
 @torch.inference_mode()
 def hf_generate_throughput(model, batch_size: int, context_length: int, new_tokens: int = 32, seed: int = 0) -> dict:
-    """The same protocol through transformers `generate()` with its default dynamic cache: a timed 1-token
-    generate gives the prefill time, a timed `new_tokens` generate minus that gives the decode time."""
+    """The same protocol through transformers `generate()` with its default dynamic cache, timed inside one call:
+    prefill = start to the first step's logits, decode = first to last step (`new_tokens - 1` tokens per row)."""
+    from transformers import LogitsProcessorList
+
     dev = next(model.parameters()).device
     ids = _random_prompts(model, batch_size, context_length, dev, seed)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(ids[:, :8], max_new_tokens=2, **kwargs)  # warm-up
-
-    def timed(n):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
-
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    prefill = timed(1)
-    total = timed(new_tokens)
-    decode = max(total - prefill, 1e-9)
+        torch.cuda.synchronize(dev)
+    clock = _StepClock(dev)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   logits_processor=LogitsProcessorList([clock]), **kwargs)
+    prefill = clock.times[0] - start
+    decode = max(clock.times[-1] - clock.times[0], 1e-9)
     return {
         "batch_size": batch_size, "context_length": context_length, "new_tokens": new_tokens,
         "prefill_seconds": prefill, "decode_seconds": decode,
         "prefill_tokens_per_s": batch_size * context_length / prefill,
-        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode,
+        "decode_tokens_per_s": batch_size * (len(clock.times) - 1) / decode,
         "peak_memory_bytes": _peak_memory(dev),
     }
