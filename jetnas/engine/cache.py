@@ -49,6 +49,12 @@ class StaticKV:
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
 
+    def fill_from(self, other: StaticKV, batch_size: int) -> None:
+        n = other.seq_length
+        self.keys[:, :, :n].copy_(other.keys[:, :, :n])
+        self.values[:, :, :n].copy_(other.values[:, :, :n])
+        self.seq_length = n
+
 
 class WindowKV:
     """Sliding-window keys and values: the last `window - 1` tokens in `[B, Hkv, window - 1, D]` buffers."""
@@ -84,6 +90,11 @@ class WindowKV:
 
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
+
+    def fill_from(self, other: WindowKV, batch_size: int) -> None:
+        self.keys.copy_(other.keys)
+        self.values.copy_(other.values)
+        self.seq_length = other.seq_length
 
 
 class StaticLinear:
@@ -122,6 +133,20 @@ class StaticLinear:
         tensors = [*self.conv_states.values(), *self.recurrent_states.values()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def fill_from(self, other: StaticLinear, batch_size: int) -> None:
+        for store, flags, theirs, their_flags in (
+                (self.conv_states, self.is_conv_states_initialized, other.conv_states, other.is_conv_states_initialized),
+                (self.recurrent_states, self.is_recurrent_states_initialized, other.recurrent_states,
+                 other.is_recurrent_states_initialized)):
+            for slot, value in theirs.items():
+                if their_flags[slot]:
+                    mine = store[slot]
+                    if mine is None or mine.shape[1:] != value.shape[1:] or mine.dtype != value.dtype:
+                        store[slot] = value.expand(batch_size, *value.shape[1:]).clone()  # first allocation
+                    else:
+                        mine.copy_(value)  # broadcast over the batch, in place
+                    flags[slot] = True
+
 
 class StaticCache:
     """One preallocated state per layer of a jetnas model, for `batch_size` sequences of up to `max_length`."""
@@ -153,6 +178,16 @@ class StaticCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.jetnas_seen_tokens
+
+    def fill_from(self, other: StaticCache) -> None:
+        """Copy a one-sequence cache of the same model into every row (the buffers keep their addresses)."""
+        if other.batch_size != 1 or len(other.layers) != len(self.layers):
+            raise ValueError("fill_from takes a one-sequence cache of the same model")
+        if other.jetnas_seen_tokens > self.max_length:
+            raise ValueError(f"{other.jetnas_seen_tokens} tokens do not fit in a cache of {self.max_length}")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.fill_from(theirs, self.batch_size)
+        self.jetnas_seen_tokens = other.jetnas_seen_tokens
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

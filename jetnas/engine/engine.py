@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from jetnas.engine.cache import StaticCache
+
 
 def as_jetnas(model):
     """A jetnas model as it is; a plain HF Llama / Qwen2 / Qwen3 model converted with every layer kept as
@@ -66,6 +68,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+DECODE_MODES = ("static", "forward")
+
+
 class Engine:
     """Batched generation over a preallocated cache.
 
@@ -73,20 +78,23 @@ class Engine:
         model: a `JetNemotronForCausalLM` or a HF Llama / Qwen2 / Qwen3 causal LM (converted, see `as_jetnas`).
         chunk_size: prompt tokens per prefill pass (None: the whole prompt in one pass). Smaller chunks bound the
             activation memory of long prompts, which leaves room for a larger batch.
+        decode: "static" (default): the fixed-address step of `jetnas.engine.graph`, captured in a CUDA graph on
+            GPU; "forward": the model's own forward per token (the readable reference the tests compare with).
     """
 
-    def __init__(self, model, chunk_size: int | None = None):
+    def __init__(self, model, chunk_size: int | None = None, decode: str = "static"):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.model = as_jetnas(model).eval()
-        self.chunk_size = chunk_size
+        self.chunk_size, self.decode = chunk_size, decode
         self.device = next(self.model.parameters()).device
         self.cache = None
+        self.decoder = None
 
     def cache_for(self, batch_size: int, max_length: int):
         """The engine's cache for this batch size and length: reused (reset) when it fits, else allocated."""
-        from jetnas.engine.cache import StaticCache
-
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_length < max_length:
             self.cache = None  # free the old buffers before allocating new ones
@@ -94,6 +102,16 @@ class Engine:
         else:
             c.reset()
         return self.cache
+
+    def decoder_for(self, cache):
+        """The static decode step of this cache, prepared (and on CUDA captured) once; leaves the cache empty."""
+        from jetnas.engine.graph import StaticDecoder
+
+        if self.decoder is None or self.decoder.cache is not cache:
+            self.decoder = None
+            self.decoder = StaticDecoder(self.model, cache)
+            self.decoder.prepare()
+        return self.decoder
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -113,6 +131,7 @@ class Engine:
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {list(mask.shape)} must match input_ids {list(input_ids.shape)}")
         cache = self.cache_for(B, T + max_new_tokens)
+        decoder = self.decoder_for(cache) if self.decode == "static" else None
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -121,26 +140,43 @@ class Engine:
 
         _sync(self.device)
         start = time.perf_counter()
+        logits = self._prefill(input_ids, mask, cache)
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        _sync(self.device)
+        prefill_seconds = time.perf_counter() - start
+        return self._decode(input_ids, mask, token, cache, decoder, max_new_tokens, prefill_seconds, temperature, top_k,
+                            top_p, generator, eos_token_id, pad)
+
+    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """Fill `cache` with the prompts, `chunk_size` tokens per pass; returns the last position's logits."""
+        T = input_ids.shape[1]
         chunk = self.chunk_size or T
         for begin in range(0, T, chunk):
             end = min(begin + chunk, T)
             logits = self.model(input_ids[:, begin:end], attention_mask=mask[:, :end], past_key_values=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        _sync(self.device)
-        prefill_seconds = time.perf_counter() - start
+        return logits
 
+    def _decode(self, input_ids, mask, token, cache, decoder, max_new_tokens, prefill_seconds, temperature=0.0,
+                top_k=None, top_p=None, generator=None, eos_token_id=None, pad=None) -> GenerateOutput:
+        B = input_ids.shape[0]
         out = [token]
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         if eos_token_id is not None:
             finished |= token == eos_token_id
         start = time.perf_counter()
         ones = torch.ones(B, 1, dtype=mask.dtype, device=self.device)
+        if decoder is not None:
+            decoder.begin(mask)
         for _ in range(max_new_tokens - 1):
             if eos_token_id is not None and bool(finished.all()):
                 break
-            mask = torch.cat([mask, ones], 1)
-            logits = self.model(token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+            if decoder is not None:
+                logits = decoder.step(token)
+            else:
+                mask = torch.cat([mask, ones], 1)
+                logits = self.model(token[:, None], attention_mask=mask, past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
             token = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, pad), token)
@@ -150,3 +186,29 @@ class Engine:
         decode_seconds = time.perf_counter() - start
         sequences = torch.cat([input_ids, torch.stack(out, 1)], 1)
         return GenerateOutput(sequences, len(out), prefill_seconds, decode_seconds, cache.nbytes())
+
+    @torch.inference_mode()
+    def generate_replicated(self, prompt: torch.Tensor, batch_size: int, max_new_tokens: int = 32) -> GenerateOutput:
+        """Greedy decoding of `batch_size` copies of one prompt `[1, T]`: the prompt is prefilled once (that is what
+        `prefill_seconds` times) and its cache copied into every row of the batch's cache. Decoding then costs what
+        it costs for `batch_size` different prompts of that length (a step reads every row's cache whatever it
+        holds), without prefilling them all: how the benchmark reaches long contexts at large batches."""
+        if prompt.dim() != 2 or prompt.shape[0] != 1:
+            raise ValueError(f"prompt must be [1, tokens], got {list(prompt.shape)}")
+        T = prompt.shape[1]
+        prompt = prompt.to(self.device)
+        mask = torch.ones_like(prompt)
+        single = StaticCache(self.model, 1, T, device=self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        logits = self._prefill(prompt, mask, single)
+        token = sample_next(logits)
+        _sync(self.device)
+        prefill_seconds = time.perf_counter() - start
+        cache = self.cache_for(batch_size, T + max_new_tokens)
+        decoder = self.decoder_for(cache) if self.decode == "static" else None
+        cache.fill_from(single)
+        del single
+        input_ids = prompt.expand(batch_size, T)
+        return self._decode(input_ids, mask.expand(batch_size, T), token.expand(batch_size), cache, decoder,
+                            max_new_tokens, prefill_seconds)

@@ -27,6 +27,7 @@ from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import resolve_backend
+from jetnas.ops.decode import gated_delta_rule_step_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 CONV_KINDS = ("none", "static", "dynamic")
@@ -41,6 +42,10 @@ def initial_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -
     """softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (Mamba2's time-step init)."""
     dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def _updatable(state: torch.Tensor | None) -> bool:
+    return state is not None and state.dtype == torch.float32 and state.is_contiguous()
 
 
 class JetBlock(TokenMixer):
@@ -172,9 +177,15 @@ class JetBlock(TokenMixer):
             beta = beta * mask[..., None]
             g = None if g is None else g * mask[..., None]
 
-        rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
-        o, final = rule(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state.recurrent,
-                        output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
+        if step and _updatable(state.recurrent):
+            # decode: update the memory in place (one read and one write of it per step)
+            o = gated_delta_rule_step_(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                       beta[:, 0].to(q.dtype), state.recurrent, backend=self.backend)[:, None]
+            final = state.recurrent
+        else:
+            rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
+            o, final = rule(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state.recurrent,
+                            output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
         if state is not None:
             state.recurrent = final
             state.seq_length += T

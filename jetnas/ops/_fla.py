@@ -14,11 +14,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
     if beta is None:
         beta = q.new_ones(q.shape[:3])
     if g is None:
-        from fla.ops.delta_rule import chunk_delta_rule
-
-        return chunk_delta_rule(q, k, v, beta, scale=scale, initial_state=initial_state,
-                                output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
-                                cu_seqlens=cu_seqlens)
+        # the plain delta rule is the gated one with log-decay 0; fla's own ungated kernel refuses float32 inputs
+        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
     return fla_chunk(q, k, v, g.float(), beta, scale=scale, initial_state=initial_state,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def rotary_cos_sin(
@@ -102,15 +103,39 @@ def causal_attention(
         raise ValueError(f"key_padding_mask must be [B, Tk] = [{B}, {Tk}], got {list(key_padding_mask.shape)}")
     if key_padding_mask is not None and bool(key_padding_mask.all()):
         key_padding_mask = None
-    mask = attention_mask(Tq, Tk, window, key_padding_mask, q.device)
-    is_causal = False
-    if mask is None and Tq == Tk:
-        # SDPA's own causal flag keeps the FlashAttention path
-        is_causal = Tq > 1
-    elif mask is None and Tq > 1:
-        # a chunk of queries after cached keys; a single query sees every key and needs no mask
-        mask = attention_mask(Tq, Tk, None, None, q.device, force=True)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                       enable_gqa=H != Hkv)
+    if window is not None and key_padding_mask is None and Tq > 2 * window:
+        # a long prompt through a sliding window: query blocks against their own key band, not every key
+        return _windowed_by_blocks(qt, kt, vt, window, scale).transpose(1, 2)
+    mask = attention_mask(Tq, Tk, window, key_padding_mask, q.device)
+    if mask is None and 1 < Tq < Tk:
+        # a chunk of queries after cached keys: causal aligned to the last key, with no mask materialised
+        kt, vt = _repeat_kv(kt, H), _repeat_kv(vt, H)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
+        return o.transpose(1, 2)
+    # SDPA's own causal flag keeps the FlashAttention path; a single query sees every key and needs no mask
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None and Tq == Tk > 1,
+                                       scale=scale, enable_gqa=H != Hkv)
     return o.transpose(1, 2)
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, Hkv, T, D]` -> `[B, heads, T, D]` (the lower-right causal bias does not take grouped heads)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)
+
+
+def _windowed_by_blocks(qt, kt, vt, window: int, scale: float | None) -> torch.Tensor:
+    """Sliding-window attention over `[B, H, Tq, D]` queries (the last Tq of the Tk keys) in query blocks of
+    2 * window, each against the keys its window reaches: O(Tq * window) instead of O(Tq * Tk)."""
+    Tq, Tk = qt.shape[2], kt.shape[2]
+    block = 2 * window
+    gqa = qt.shape[1] != kt.shape[1]
+    out = []
+    for i0 in range(0, Tq, block):
+        i1 = min(i0 + block, Tq)
+        a0, a1 = i0 + Tk - Tq, i1 + Tk - Tq  # absolute positions of the block's queries
+        k0 = max(0, a0 - window + 1)
+        mask = attention_mask(i1 - i0, a1 - k0, window, None, qt.device)
+        out.append(F.scaled_dot_product_attention(qt[:, :, i0:i1], kt[:, :, k0:a1], vt[:, :, k0:a1], attn_mask=mask,
+                                                  scale=scale, enable_gqa=gqa))
+    return torch.cat(out, 2)

@@ -26,14 +26,37 @@ def left_padded_batch(seed=0):
     return ids, mask
 
 
+@pytest.mark.parametrize("decode", ["static", "forward"])
 @pytest.mark.parametrize("chunk_size", [None, 4], ids=["one-shot", "chunked"])
 @pytest.mark.parametrize("block_type", ALL_TYPES)
-def test_engine_greedy_equals_generate(block_type, chunk_size):
+def test_engine_greedy_equals_generate(block_type, chunk_size, decode):
+    # the window (5) is shorter than the prompts: the static decoder's ring buffer wraps many times
     model = make_model(["attn", block_type, "swa", block_type])
     ids, mask = left_padded_batch()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
-    out = Engine(model, chunk_size=chunk_size).generate(ids, mask, max_new_tokens=9)
+    out = Engine(model, chunk_size=chunk_size, decode=decode).generate(ids, mask, max_new_tokens=9)
     assert torch.equal(out.sequences, expected)
+
+
+def test_static_decoder_logits_match_forward_decoding():
+    # tokens could agree by luck of wide logit gaps; the logits themselves must agree to float32 rounding
+    from jetnas.engine.graph import StaticDecoder
+
+    model = make_model(["attn", "jet", "swa", "gdn"])
+    ids, mask = left_padded_batch(2)
+    engine = Engine(model, decode="forward")
+    ref = engine.generate(ids, mask, max_new_tokens=6).sequences
+    with torch.inference_mode():
+        full = model(ref, attention_mask=torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1)).logits
+        cache = engine.cache_for(3, ref.shape[1])
+        decoder = StaticDecoder(model, cache)
+        decoder.prepare()
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        decoder.begin(mask)
+        for t in range(ids.shape[1], ref.shape[1] - 1):
+            got = decoder.step(ref[:, t])
+            want = full[:, t]
+            assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
 def test_engine_stops_rows_at_eos_like_generate():
@@ -95,3 +118,12 @@ def test_bad_inputs_are_named():
         engine.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=0)
     with pytest.raises(ValueError, match=r"chunk_size must be >= 1"):
         Engine(make_model(["attn"]), chunk_size=0)
+
+
+@pytest.mark.parametrize("decode", ["static", "forward"])
+def test_replicated_prompt_decodes_like_a_batch_of_copies(decode):
+    model = make_model(["attn", "jet", "swa", "mamba2"])
+    prompt = left_padded_batch(3)[0][:1]
+    expected = Engine(model, decode=decode).generate(prompt.expand(3, -1), max_new_tokens=7).sequences
+    out = Engine(model, decode=decode).generate_replicated(prompt, 3, max_new_tokens=7)
+    assert torch.equal(out.sequences, expected) and out.new_tokens == 7

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from jetnas.ops.attention import apply_rotary, causal_attention, rotary_cos_sin
+from jetnas.ops.attention import apply_rotary, attention_mask, causal_attention, rotary_cos_sin
 from tests.utils import rel_err
 
 
@@ -59,3 +59,16 @@ def test_rotary_is_relative():
 def test_bad_heads_named():
     with pytest.raises(ValueError, match="H=3 must be a multiple of key/value heads Hkv=2"):
         causal_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+
+
+@pytest.mark.parametrize("Tq, Tk, window", [(5, 12, None), (12, 12, 3), (40, 40, 4), (37, 50, 5), (9, 50, 4)])
+def test_fast_paths_equal_the_explicit_mask(Tq, Tk, window):
+    # chunked prefill (lower-right causal bias, no mask) and long windowed prompts (query blocks against their key
+    # band) against SDPA with the full explicit mask, in float64
+    torch.manual_seed(0)
+    q = torch.randn(2, Tq, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, Tk, 2, 8, dtype=torch.float64), torch.randn(2, Tk, 2, 8, dtype=torch.float64)
+    mask = attention_mask(Tq, Tk, window, None, force=True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert torch.allclose(causal_attention(q, k, v, window=window), want, atol=1e-12)

@@ -1,0 +1,5 @@
+"""`python -m jetnas ...` is the `jetnas` command."""
+
+from jetnas.cli import main
+
+main()

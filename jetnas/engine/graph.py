@@ -1,0 +1,151 @@
+"""The engine's decode step with fixed shapes and addresses, captured once in a CUDA graph and replayed per token.
+
+The model's own forward decides positions, masks and cache slices from Python integers and a growing attention
+mask, so a captured graph of it would replay the first step's positions forever. `StaticDecoder` instead runs one
+step from tensors that the step itself advances in place:
+
+- `column [B]`: the column of the token being decoded (prompt columns include the left padding), and `start [B]`:
+  each row's first real column. The RoPE position is `column - start`.
+- full attention writes the new key/value at slot `column` of the prefill's own `StaticKV` buffers and attends over
+  columns `[start, column]` with `decode_attention`; a sliding window keeps a ring buffer of `window` slots (column
+  c in slot c % window, filled from the prefill's `WindowKV` once) and attends over the window's columns.
+- linear blocks run their own step path on the prefill's `StaticLinear` buffers, which they update in place.
+
+`prepare()` fixes the addresses before any real prompt: a one-token prefill makes every linear layer allocate its
+state buffers at their final shapes, one eager step runs the kernels (Triton compiles, fla autotunes) and, on CUDA,
+the step is captured; then the cache is reset. Prefill copies into those same buffers afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jetnas.engine.cache import StaticCache, StaticKV, WindowKV
+from jetnas.layers.attention import Attention
+from jetnas.models.hf_compat import LinearCacheView
+from jetnas.ops.attention import apply_rotary
+from jetnas.ops.decode import decode_attention
+
+
+class _Ring:
+    """A sliding-window layer's keys and values for the decode step: `[B, Hkv, window, D]`, column c in slot
+    c % window."""
+
+    def __init__(self, window_kv: WindowKV, window: int):
+        B, Hkv, _, D = window_kv.keys.shape
+        self.window = window
+        self.keys = window_kv.keys.new_zeros(B, Hkv, window, D)
+        self.values = window_kv.values.new_zeros(B, Hkv, window, D)
+
+    def load(self, window_kv: WindowKV, columns: int) -> None:
+        """Copy the prefill's kept tokens (right-aligned, the last one is column `columns - 1`) into their slots."""
+        kept = window_kv.kept
+        cols = torch.arange(columns - kept, columns, device=self.keys.device)
+        real = cols >= 0
+        slots = cols[real] % self.window
+        self.keys[:, :, slots] = window_kv.keys[:, :, real]
+        self.values[:, :, slots] = window_kv.values[:, :, real]
+
+
+class StaticDecoder:
+    """One greedy-or-not decode step over a `StaticCache`, graph-captured on CUDA (see the module docstring)."""
+
+    def __init__(self, model, cache: StaticCache, use_graph: bool | None = None):
+        self.model, self.cache = model, cache
+        B = cache.batch_size
+        device = next(model.parameters()).device
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.token = torch.zeros(B, dtype=torch.long, device=device)
+        self.column = torch.zeros(B, dtype=torch.int32, device=device)
+        self.start = torch.zeros(B, dtype=torch.int32, device=device)
+        self.rows = torch.arange(B, device=device)
+        self.logits: torch.Tensor | None = None
+        self.rings: dict[int, _Ring] = {}
+        self.views: dict[int, LinearCacheView] = {}
+        for i, (layer, state) in enumerate(zip(model.model.layers, cache.layers)):
+            if isinstance(state, WindowKV):
+                self.rings[i] = _Ring(state, layer.self_attn.window_size)
+            elif not isinstance(state, StaticKV):
+                self.views[i] = LinearCacheView(state)
+        self.graph = None
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    def _attend(self, i: int, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        q = attn.q_proj(x).view(B, 1, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(x).view(B, 1, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(x).view(B, 1, attn.num_kv_heads, attn.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        hi = self.column + 1
+        ring = self.rings.get(i)
+        if ring is None:
+            keys, values, lo, slot = self.cache.layers[i].keys, self.cache.layers[i].values, self.start, self.column
+        else:
+            keys, values, slot = ring.keys, ring.values, self.column % ring.window
+            lo = torch.maximum(self.start, hi - ring.window)
+        keys[self.rows, :, slot.long()] = k[:, 0]
+        values[self.rows, :, slot.long()] = v[:, 0]
+        backend = "triton" if x.is_cuda else "torch"
+        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=ring is not None, backend=backend)
+        return attn.o_proj(o.reshape(B, 1, -1))
+
+    def _step(self) -> torch.Tensor:
+        inner = self.model.model
+        h = inner.embed_tokens(self.token)[:, None]
+        cos, sin = inner.rotary_emb(h, (self.column - self.start).long()[:, None])
+        for i, layer in enumerate(inner.layers):
+            x = layer.input_layernorm(h)
+            if i in self.views:
+                mixed, _ = layer.self_attn(x, self.views[i], use_cache=True)
+            else:
+                mixed = self._attend(i, layer.self_attn, x, cos, sin)
+            h = h + mixed
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(inner.norm(h))[:, 0]
+        self.column.add_(1)
+        return logits
+
+    # -- set-up and use ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Fix every buffer's address, run the step once, capture it (CUDA), and leave the cache empty."""
+        B = self.cache.batch_size
+        self.cache.reset()
+        self.model(self.token[:, None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.column.fill_(1)
+        self.start.zero_()
+        if self.use_graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile / autotune every kernel outside the capture
+                    self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        else:
+            self._step()
+        self.cache.reset()
+        assert self.token.shape == (B,)
+
+    def begin(self, attention_mask: torch.Tensor) -> None:
+        """After the prefill of left-padded prompts with this `[B, T]` mask: the next step decodes column T."""
+        T = attention_mask.shape[1]
+        self.start.copy_(T - attention_mask.sum(1).to(torch.int32))
+        self.column.fill_(T)
+        for i, ring in self.rings.items():
+            ring.load(self.cache.layers[i], T)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Decode `token [B]` (at the current column) and return the next-token logits `[B, V]`."""
+        self.token.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self._step()

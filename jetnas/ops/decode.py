@@ -1,0 +1,87 @@
+"""The two decode-step ops of the inference engine, each a PyTorch reference plus a Triton kernel
+(`jetnas.ops.triton_decode`) with the same contract:
+
+- `decode_attention`: one query token per sequence against a preallocated key/value buffer, for full attention
+  (the buffer holds every column) and sliding windows (a ring buffer: column c lives in slot c % R). Row b attends
+  over the columns `[lo[b], hi[b])`, with `hi[b] - lo[b] <= R`; the bounds are tensors, so one captured CUDA graph
+  serves every step. The kernel splits each row's columns over programs (flash-decoding) and merges the partial
+  softmaxes.
+- `gated_delta_rule_step_`: the gated delta rule's one-token step, updating the float32 state in place (a decode
+  step then reads and writes each state once; an out-of-place step would also write a new state and copy it back).
+
+Both take a `backend` ("torch" | "triton"); the Triton kernels run on CUDA tensors, or on CPU under
+`TRITON_INTERPRET=1` (how the tests check them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jetnas.ops.delta_rule import gated_delta_rule_step
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    import os
+
+    return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def ring_columns(R: int, hi: torch.Tensor) -> torch.Tensor:
+    """The column each of the R slots holds when the newest column is `hi - 1`: the latest `c <= hi - 1` with
+    `c % R == slot` (negative for a slot not written yet). `[B, R]`."""
+    slot = torch.arange(R, device=hi.device)
+    last = hi.long()[:, None] - 1
+    return last - torch.remainder(last - slot, R)
+
+
+def naive_decode_attention(q, k_cache, v_cache, lo, hi, scale=None):
+    """Reference: `q [B, H, D]`, `k_cache [B, Hkv, R, D]`, `v_cache [B, Hkv, R, Dv]`, `lo, hi [B]` ->
+    `o [B, H, Dv]` in q's dtype, computed in float32 (float64 for float64 inputs)."""
+    B, H, D = q.shape
+    Hkv, R = k_cache.shape[1], k_cache.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cols = ring_columns(R, hi)
+    visible = (cols >= lo.long()[:, None]) & (cols >= 0)  # [B, R]
+    k = k_cache.to(dtype).repeat_interleave(H // Hkv, 1)
+    v = v_cache.to(dtype).repeat_interleave(H // Hkv, 1)
+    scores = torch.einsum("bhd,bhrd->bhr", q.to(dtype), k) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return torch.einsum("bhr,bhrd->bhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def _check_decode_attention(q, k_cache, v_cache, lo, hi):
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"expected q [B, H, D], k/v caches [B, Hkv, R, D]; got {list(q.shape)}, "
+                         f"{list(k_cache.shape)}, {list(v_cache.shape)}")
+    B, H, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or H % k_cache.shape[1]:
+        raise ValueError(f"q {list(q.shape)} does not match k_cache {list(k_cache.shape)} (GQA needs H % Hkv == 0)")
+    if lo.shape != (B,) or hi.shape != (B,):
+        raise ValueError(f"lo and hi must be [B={B}], got {list(lo.shape)} and {list(hi.shape)}")
+
+
+def decode_attention(q, k_cache, v_cache, lo, hi, scale=None, ring: bool = True, backend: str = "torch",
+                     num_splits: int | None = None):
+    """Attention of one query per row over the cached columns `[lo, hi)` (see the module docstring). `ring=False`
+    promises `hi <= R` (a full cache: column = slot), which lets the kernel skip the modulo."""
+    _check_decode_attention(q, k_cache, v_cache, lo, hi)
+    if _use_triton(backend, q):
+        from jetnas.ops.triton_decode import triton_decode_attention
+
+        return triton_decode_attention(q, k_cache, v_cache, lo, hi, scale, num_splits, ring)
+    return naive_decode_attention(q, k_cache, v_cache, lo, hi, scale)
+
+
+def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True, backend: str = "torch"):
+    """`gated_delta_rule_step` writing the new state into `state [B, H, K, V]` (float32) in place; returns o
+    `[B, H, V]` in v's dtype. q, k `[B, H, K]`, v `[B, H, V]`, g and beta `[B, H]` or None."""
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"the state must be a contiguous float32 tensor, got {state.dtype}")
+    if _use_triton(backend, q):
+        from jetnas.ops.triton_decode import triton_gated_delta_rule_step_
+
+        return triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale, use_qk_l2norm)
+    o, new = gated_delta_rule_step(q, k, v, g, beta, state, scale, use_qk_l2norm)
+    state.copy_(new)
+    return o

@@ -1,0 +1,154 @@
+"""Triton kernels of the decode step (contracts in `jetnas.ops.decode`, references there too).
+
+`triton_decode_attention` is flash-decoding: program (row b, kv head, split s) takes the s-th of `num_splits`
+equal slices of row b's columns `[lo, hi)`, loads each key/value tile once for all the query heads that share
+that kv head (grouped-query attention costs no extra reads), and keeps an online softmax; it writes its
+unnormalised output with the running max and sum, and a few torch ops merge the splits. Slices past a row's end
+are empty and merge with weight zero. Columns map to slots `c % R`, so the same kernel reads a sliding window's
+ring buffer (with `RING=False` for a full cache, whose columns are its slots, the modulo is skipped).
+
+`triton_gated_delta_rule_step_` runs one token of the gated delta rule with the L2 norms, decay, beta and the
+output fused, one program per (row, head, value block): it reads its `[K, BV]` state tile once and writes it back
+in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, hi_ptr, o_ptr, m_ptr, l_ptr, scale, R, S,
+                             sqb, sqh, skb, skh, skr, svb, svh, svr,
+                             HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                             DV: tl.constexpr, BLOCK_N: tl.constexpr, RING: tl.constexpr, TILES: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    hkv = pid % HKV
+    lo = tl.load(lo_ptr + b).to(tl.int32)
+    hi = tl.load(hi_ptr + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, S), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    n = tl.arange(0, BLOCK_N)
+    heads = hkv * G + g
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * skb + hkv * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + hkv * svh
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV], tl.float32)
+    # a fixed trip count (the most tiles a slice can have), not range(start, end): Triton's CPU interpreter
+    # cannot loop to a loaded or passed-in bound (numpy 2), only to a constant; tiles past `end` load nothing
+    for t in range(TILES):
+        cols = start + t * BLOCK_N + n
+        valid = cols < end
+        slots = cols % R if RING else cols
+        k = tl.load(k_base + slots[:, None].to(tl.int64) * skr + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile before any column
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_base + slots[:, None].to(tl.int64) * svr + dv[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    # partial results [B, H, S, ...]
+    row = (b * HKV * G + heads) * S + split
+    hmask = g < G
+    tl.store(o_ptr + row[:, None] * DV + dv[None, :], acc, mask=hmask[:, None])
+    tl.store(m_ptr + row, m_i, mask=hmask)
+    tl.store(l_ptr + row, l_i, mask=hmask)
+
+
+def default_splits(batch_size: int, num_kv_heads: int, max_columns: int, block_n: int = 64) -> int:
+    """Enough programs to fill the GPU about four times over (132 SMs on an H100), without slices shorter than
+    four tiles."""
+    programs = batch_size * num_kv_heads
+    want = triton.cdiv(4 * 132, programs)
+    return max(1, min(want, triton.cdiv(max_columns, 4 * block_n), 256))
+
+
+def triton_decode_attention(q, k_cache, v_cache, lo, hi, scale=None, num_splits=None, ring=True, block_n: int = 64):
+    B, H, D = q.shape
+    Hkv, R = k_cache.shape[1], k_cache.shape[2]
+    DV = v_cache.shape[-1]
+    G = H // Hkv
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the key/value caches must be contiguous in the head dimension")
+    if D & (D - 1) or DV & (DV - 1) or D < 16 or DV < 16:
+        raise ValueError(f"head dims must be powers of two >= 16 for the Triton kernel, got {D} and {DV}")
+    S = num_splits or default_splits(B, Hkv, R, block_n)
+    q = q.contiguous()
+    o = torch.empty(B, H, S, DV, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    l_ = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    tiles = triton.cdiv(triton.cdiv(R, S), block_n)  # a slice spans at most this many tiles (n <= R)
+    _decode_attention_kernel[(B * Hkv, S)](
+        q, k_cache, v_cache, lo, hi, o, m, l_, D**-0.5 if scale is None else scale, R, S,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, DV=DV, BLOCK_N=block_n, RING=ring, TILES=tiles,
+        num_warps=4, num_stages=3)
+    # merge the splits: weights exp(m_s - max m) (zero for empty splits, whose m is -inf)
+    m_max = m.amax(-1, keepdim=True)
+    w = torch.exp(m - m_max)
+    out = (o * w[..., None]).sum(2) / (l_ * w).sum(-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+@triton.jit
+def _gdr_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     USE_G: tl.constexpr, USE_BETA: tl.constexpr, L2NORM: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1)
+    kk = tl.arange(0, BK)
+    vv = vb * BV + tl.arange(0, BV)
+    kmask = kk < K
+    vmask = vv < V
+    q = tl.load(q_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + bh * V + vv, mask=vmask, other=0.0).to(tl.float32)
+    if L2NORM:
+        q = q / tl.sqrt(tl.sum(q * q) + 1e-6)
+        k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
+    smask = kmask[:, None] & vmask[None, :]
+    p_s = s_ptr + bh * K * V + kk[:, None] * V + vv[None, :]
+    h = tl.load(p_s, mask=smask, other=0.0)
+    if USE_G:
+        h = h * tl.exp(tl.load(g_ptr + bh).to(tl.float32))
+    delta = v - tl.sum(h * k[:, None], 0)
+    if USE_BETA:
+        delta = delta * tl.load(beta_ptr + bh).to(tl.float32)
+    h = h + k[:, None] * delta[None, :]
+    o = tl.sum(h * (q * scale)[:, None], 0)
+    tl.store(p_s, h, mask=smask)
+    tl.store(o_ptr + bh * V + vv, o.to(o_ptr.dtype.element_ty), mask=vmask)
+
+
+def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True):
+    B, H, K = q.shape
+    V = v.shape[-1]
+    if state.shape != (B, H, K, V):
+        raise ValueError(f"state must be {[B, H, K, V]}, got {list(state.shape)}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(v)
+    BV = min(64, triton.next_power_of_2(V))
+    dummy = state  # never read when the flag is off
+    _gdr_step_kernel[(B * H, triton.cdiv(V, BV))](
+        q, k, v, dummy if g is None else g.contiguous(), dummy if beta is None else beta.contiguous(), state, o,
+        K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
+        USE_G=g is not None, USE_BETA=beta is not None, L2NORM=use_qk_l2norm, num_warps=4)
+    return o

@@ -1,0 +1,102 @@
+"""The decode-step ops (`jetnas.ops.decode`): Triton kernels against the PyTorch references, and the references
+against the model-level definitions they stand for.
+
+Triton runs on CUDA, else on CPU under the interpreter. Float32 inputs: both sides accumulate in float32 in a
+different order (the kernel's online softmax over tiles and splits), so they agree to ~1e-6 relative; 1e-4 leaves
+margin while a wrong column, head or scale would show up at order 1.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from jetnas.ops.attention import causal_attention
+from jetnas.ops.decode import decode_attention, gated_delta_rule_step_, naive_decode_attention
+from jetnas.ops.delta_rule import gated_delta_rule_step
+from tests.utils import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4
+needs_triton = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
+
+
+def test_reference_full_cache_equals_causal_attention_last_query():
+    torch.manual_seed(0)
+    B, H, Hkv, D, T, R = 3, 4, 2, 16, 11, 20
+    k, v = torch.randn(B, T, Hkv, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    q = torch.randn(B, 1, H, D, dtype=torch.float64)
+    pad = torch.tensor([0, 3, 5])
+    mask = (torch.arange(T)[None] >= pad[:, None]).long()
+    want = causal_attention(q, k, v, key_padding_mask=mask)[:, 0]
+    kc = torch.zeros(B, Hkv, R, D, dtype=torch.float64)
+    vc = torch.zeros_like(kc)
+    kc[:, :, :T], vc[:, :, :T] = k.transpose(1, 2), v.transpose(1, 2)
+    got = naive_decode_attention(q[:, 0], kc, vc, pad, torch.full((B,), T))
+    assert rel_err(got, want) < 1e-12
+
+
+def test_reference_ring_equals_sliding_window():
+    torch.manual_seed(0)
+    B, H, Hkv, D, T, W = 2, 4, 1, 8, 13, 5
+    k, v = torch.randn(B, T, Hkv, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    q = torch.randn(B, 1, H, D, dtype=torch.float64)
+    want = causal_attention(q, k, v, window=W)[:, 0]
+    ring_k = torch.zeros(B, Hkv, W, D, dtype=torch.float64)
+    ring_v = torch.zeros_like(ring_k)
+    for c in range(T):  # column c lands in slot c % W, overwriting column c - W
+        ring_k[:, :, c % W], ring_v[:, :, c % W] = k[:, c], v[:, c]
+    hi = torch.full((B,), T)
+    got = naive_decode_attention(q[:, 0], ring_k, ring_v, hi - W, hi)
+    assert rel_err(got, want) < 1e-12
+
+
+@needs_triton
+@pytest.mark.parametrize("ring", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_triton_decode_attention_matches_reference(ring, splits):
+    torch.manual_seed(1)
+    B, H, Hkv, D, R = 3, 6, 2, 32, 150
+    q = torch.randn(B, H, D, device=DEVICE)
+    kc, vc = torch.randn(B, Hkv, R, D, device=DEVICE), torch.randn(B, Hkv, R, D, device=DEVICE)
+    if ring:  # rows past the ring's end, one with a window shorter than the ring
+        hi = torch.tensor([170, 300, 151], device=DEVICE, dtype=torch.int32)
+        lo = torch.stack([hi[0] - R, hi[1] - 70, hi[2] - R])
+    else:  # left padding, a row of one column, a full row
+        lo = torch.tensor([0, 7, 149], device=DEVICE, dtype=torch.int32)
+        hi = torch.tensor([100, 9, 150], device=DEVICE, dtype=torch.int32)
+    want = naive_decode_attention(q, kc, vc, lo, hi)
+    got = decode_attention(q, kc, vc, lo, hi, ring=ring, backend="triton", num_splits=splits)
+    assert rel_err(got, want) < TOL
+
+
+@needs_triton
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_delta_rule_step_in_place(gated):
+    torch.manual_seed(2)
+    B, H, K, V = 2, 3, 24, 40  # not powers of two: masked tiles
+    q, k = torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, K, device=DEVICE)
+    v = torch.randn(B, H, V, device=DEVICE)
+    g = -torch.rand(B, H, device=DEVICE) if gated else None
+    beta = torch.rand(B, H, device=DEVICE) if gated else None
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    want_o, want_state = gated_delta_rule_step(q, k, v, g, beta, state.clone(), use_qk_l2norm=True)
+    ptr = state.data_ptr()
+    o = gated_delta_rule_step_(q, k, v, g, beta, state, use_qk_l2norm=True, backend="triton")
+    assert state.data_ptr() == ptr
+    assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
+
+
+def test_torch_delta_rule_step_in_place():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 4)
+    state = torch.randn(2, 2, 8, 4)
+    want_o, want_state = gated_delta_rule_step(q, k, v, None, None, state.clone(), use_qk_l2norm=True)
+    o = gated_delta_rule_step_(q, k, v, None, None, state)
+    assert torch.equal(o, want_o) and torch.equal(state, want_state)
+    with pytest.raises(ValueError, match="float32"):
+        gated_delta_rule_step_(q, k, v, None, None, state.double())
