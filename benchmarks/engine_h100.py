@@ -12,7 +12,8 @@ Protocol (all in one process, one GPU):
   in 85% of the free memory (capped at 1024).
 - prefill: one prompt of `context` tokens through the model's chunked forward (warm-up run first), tokens/s.
 - transformers baseline: Qwen3ForCausalLM with its DynamicCache and generate(), real prefill of every row, timed
-  inside one call by a logits-processor clock; batch = the largest whose cache fits (capped at 64).
+  inside one call by a logits-processor clock; batch = what 70% of the free memory holds of its cache (capped at
+  64), halved until the run does not run out of memory.
 - roofline: (weight bytes + batch * cache bytes per sequence) / measured copy bandwidth (decoding is memory-bound).
 Last stdout line: one JSON object.
 """
@@ -26,13 +27,14 @@ import time
 import traceback
 
 import torch
+from gpu_generate_check import hybrid, rel  # benchmarks/, the script's directory, is on sys.path
 
-import jetnas  # noqa: F401
+import jetnas
 from jetnas.bench.costs import copy_bandwidth, decode_cost
 from jetnas.bench.measure import hf_generate_throughput
 from jetnas.engine import Engine, as_jetnas
 from jetnas.engine.cache import StaticKV, WindowKV
-from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
+from jetnas.models import JetNemotronForCausalLM
 from jetnas.models.presets import preset_config
 from jetnas.ops.decode import decode_attention, gated_delta_rule_step_, naive_decode_attention
 from jetnas.ops.delta_rule import gated_delta_rule_step
@@ -45,10 +47,6 @@ RESULT: dict = {"sections": {}}
 def save(path):
     with open(path, "w") as f:
         json.dump(RESULT, f, indent=1)
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 def qwen3_hf():
@@ -136,18 +134,7 @@ def check_engine():
 
 
 def _parity(types):
-    torch.manual_seed(0)
-    cfg = JetNemotronConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2 * len(types), num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, block_types=types * 2,
-        efficient_attention_config={"swa": {"window_size": 16}, "jet": {"num_heads": 4, "head_dim": 64},
-                                    "mamba2": {"head_dim": 64, "state_size": 64}})
-    model = JetNemotronForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "kernel_generator.w2.weight" in name or name.endswith("conv1d.bias"):
-                p.normal_(std=0.02)
-    model = model.to(DEV).eval()
+    model = hybrid(torch.float32, types, DEV)
     ids = torch.randint(1, 1000, (4, 40), device=DEV)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
@@ -211,7 +198,8 @@ def engine_point(model, name, context, bandwidth, fill="prefill", chunk=8192, ca
 
 def hf_point(model, context, cap=64):
     """transformers generate() at the largest batch that runs (predicted from the cache size, halved on OOM)."""
-    per_seq = 2 * 28 * 8 * 128 * 2 * (context + NEW)
+    c = model.config
+    per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * (context + NEW)  # bf16 K and V
     free, _ = torch.cuda.mem_get_info()
     b = max(1, min(cap, int(0.7 * free // per_seq)))
     while True:

@@ -22,11 +22,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2"]
 
 
-def hybrid(dtype) -> JetNemotronForCausalLM:
+def hybrid(dtype, types=TYPES, device=DEVICE) -> JetNemotronForCausalLM:
+    """A tiny model with two layers of each of `types`, the dynamic-conv generators and conv biases non-zero."""
     torch.manual_seed(0)
     config = JetNemotronConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=len(TYPES) * 2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_types=TYPES * 2,
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=len(types) * 2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_types=list(types) * 2,
         efficient_attention_config={"swa": {"window_size": 16}, "jet": {"num_heads": 4, "head_dim": 64},
                                     "mamba2": {"head_dim": 64, "state_size": 64}})
     model = JetNemotronForCausalLM(config)
@@ -34,7 +35,7 @@ def hybrid(dtype) -> JetNemotronForCausalLM:
         for name, p in model.named_parameters():
             if "kernel_generator.w2.weight" in name or name.endswith("conv1d.bias"):
                 p.normal_(std=0.02)
-    return model.to(DEVICE, dtype).eval()
+    return model.to(device, dtype).eval()
 
 
 def rel(a, b) -> float:

@@ -19,16 +19,33 @@ from __future__ import annotations
 import torch
 
 
-class StaticKV:
+class _KVBuffers:
+    """Keys and values in two preallocated `[B, Hkv, slots, D]` buffers, and the tokens seen so far."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, num_kv_heads, slots, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.seq_length = 0
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def reset(self) -> None:
+        self.seq_length = 0
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class StaticKV(_KVBuffers):
     """Full-attention keys and values in preallocated `[B, Hkv, max_length, D]` buffers."""
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
                  device: torch.device | str):
-        shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(batch_size, num_kv_heads, head_dim, max_length, dtype, device)
         self.max_length = max_length
-        self.seq_length = 0
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         T = keys.shape[-2]
@@ -40,15 +57,6 @@ class StaticKV:
         self.seq_length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def get_seq_length(self) -> int:
-        return self.seq_length
-
-    def reset(self) -> None:
-        self.seq_length = 0
-
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
-
     def fill_from(self, other: StaticKV, batch_size: int) -> None:
         n = other.seq_length
         self.keys[:, :, :n].copy_(other.keys[:, :, :n])
@@ -56,7 +64,7 @@ class StaticKV:
         self.seq_length = n
 
 
-class WindowKV:
+class WindowKV(_KVBuffers):
     """Sliding-window keys and values: the last `window - 1` tokens in `[B, Hkv, window - 1, D]` buffers."""
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, window: int, dtype: torch.dtype,
@@ -64,10 +72,7 @@ class WindowKV:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.kept = window - 1
-        shape = (batch_size, num_kv_heads, self.kept, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.seq_length = 0
+        super().__init__(batch_size, num_kv_heads, head_dim, self.kept, dtype, device)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         filled = min(self.seq_length, self.kept)
@@ -81,15 +86,6 @@ class WindowKV:
             self.keys[:, :, self.kept - keep:].copy_(all_k[:, :, -keep:])
             self.values[:, :, self.kept - keep:].copy_(all_v[:, :, -keep:])
         return all_k, all_v
-
-    def get_seq_length(self) -> int:
-        return self.seq_length
-
-    def reset(self) -> None:
-        self.seq_length = 0
-
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
 
     def fill_from(self, other: WindowKV, batch_size: int) -> None:
         self.keys.copy_(other.keys)

@@ -23,7 +23,6 @@ import torch
 from jetnas.engine.cache import StaticCache, StaticKV, WindowKV
 from jetnas.layers.attention import Attention
 from jetnas.models.hf_compat import LinearCacheView
-from jetnas.ops.attention import apply_rotary
 from jetnas.ops.decode import decode_attention
 
 
@@ -55,6 +54,7 @@ class StaticDecoder:
         B = cache.batch_size
         device = next(model.parameters()).device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.backend = "triton" if device.type == "cuda" else "torch"
         self.token = torch.zeros(B, dtype=torch.long, device=device)
         self.column = torch.zeros(B, dtype=torch.int32, device=device)
         self.start = torch.zeros(B, dtype=torch.int32, device=device)
@@ -71,37 +71,34 @@ class StaticDecoder:
 
     # -- the step ---------------------------------------------------------------------------------------------
 
-    def _attend(self, i: int, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        q = attn.q_proj(x).view(B, 1, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(x).view(B, 1, attn.num_kv_heads, attn.head_dim)
-        v = attn.v_proj(x).view(B, 1, attn.num_kv_heads, attn.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        hi = self.column + 1
+    def _attend(self, i: int, attn: Attention, x: torch.Tensor, cos, sin, where: dict) -> torch.Tensor:
+        q, k, v = attn.project(x, cos, sin)
         ring = self.rings.get(i)
         if ring is None:
-            keys, values, lo, slot = self.cache.layers[i].keys, self.cache.layers[i].values, self.start, self.column
+            keys, values = self.cache.layers[i].keys, self.cache.layers[i].values
         else:
-            keys, values, slot = ring.keys, ring.values, self.column % ring.window
-            lo = torch.maximum(self.start, hi - ring.window)
-        keys[self.rows, :, slot.long()] = k[:, 0]
-        values[self.rows, :, slot.long()] = v[:, 0]
-        backend = "triton" if x.is_cuda else "torch"
-        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=ring is not None, backend=backend)
-        return attn.o_proj(o.reshape(B, 1, -1))
+            keys, values = ring.keys, ring.values
+        slot, lo, hi = where[None if ring is None else ring.window]
+        keys[self.rows, :, slot] = k[:, 0]
+        values[self.rows, :, slot] = v[:, 0]
+        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=ring is not None, backend=self.backend)
+        return attn.o_proj(o.reshape(x.shape[0], 1, -1))
 
     def _step(self) -> torch.Tensor:
         inner = self.model.model
         h = inner.embed_tokens(self.token)[:, None]
         cos, sin = inner.rotary_emb(h, (self.column - self.start).long()[:, None])
+        # per step, not per layer: each cache kind's write slot and visible columns [lo, hi)
+        hi = self.column + 1
+        where = {None: (self.column.long(), self.start, hi)}
+        for window in {ring.window for ring in self.rings.values()}:
+            where[window] = ((self.column % window).long(), torch.maximum(self.start, hi - window), hi)
         for i, layer in enumerate(inner.layers):
             x = layer.input_layernorm(h)
             if i in self.views:
                 mixed, _ = layer.self_attn(x, self.views[i], use_cache=True)
             else:
-                mixed = self._attend(i, layer.self_attn, x, cos, sin)
+                mixed = self._attend(i, layer.self_attn, x, cos, sin, where)
             h = h + mixed
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.model.lm_head(inner.norm(h))[:, 0]
@@ -113,7 +110,6 @@ class StaticDecoder:
     @torch.inference_mode()
     def prepare(self) -> None:
         """Fix every buffer's address, run the step once, capture it (CUDA), and leave the cache empty."""
-        B = self.cache.batch_size
         self.cache.reset()
         self.model(self.token[:, None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.column.fill_(1)
@@ -131,7 +127,6 @@ class StaticDecoder:
         else:
             self._step()
         self.cache.reset()
-        assert self.token.shape == (B,)
 
     def begin(self, attention_mask: torch.Tensor) -> None:
         """After the prefill of left-padded prompts with this `[B, T]` mask: the next step decodes column T."""

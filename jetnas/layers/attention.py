@@ -75,11 +75,6 @@ class Attention(TokenMixer):
         """`forward` with an explicit window (None: full attention). The PostNAS super-network runs the same
         pretrained weights as `attn` and as `swa` through this."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         if state is None and use_cache:
             state = KVState(window_size)
         if position_embeddings is None:
@@ -87,14 +82,23 @@ class Attention(TokenMixer):
                 start = 0 if state is None else state.get_seq_length()
                 position_ids = torch.arange(start, start + T, device=hidden_states.device).expand(B, T)
             position_embeddings = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta)
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(hidden_states, *position_embeddings)
         if state is not None:
             k_all, v_all = state.update(k.transpose(1, 2), v.transpose(1, 2))
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         key_mask = None if attention_mask is None else attention_mask[:, -k.shape[1]:]
         o = causal_attention(q, k, v, window=window_size, key_padding_mask=key_mask)
         return self.o_proj(o.reshape(B, T, -1)), state
+
+    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries `[B, T, H, D]`, keys and values `[B, T, Hkv, D]` of `hidden_states`, QK-normed and rotated."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):
         # a sliding-window layer keeps the window's last `window - 1` keys between steps (the new token is the W-th)

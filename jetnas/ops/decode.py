@@ -15,14 +15,14 @@ Both take a `backend` ("torch" | "triton"); the Triton kernels run on CUDA tenso
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from jetnas.ops.delta_rule import gated_delta_rule_step
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    import os
-
     return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -37,7 +37,7 @@ def ring_columns(R: int, hi: torch.Tensor) -> torch.Tensor:
 def naive_decode_attention(q, k_cache, v_cache, lo, hi, scale=None):
     """Reference: `q [B, H, D]`, `k_cache [B, Hkv, R, D]`, `v_cache [B, Hkv, R, Dv]`, `lo, hi [B]` ->
     `o [B, H, Dv]` in q's dtype, computed in float32 (float64 for float64 inputs)."""
-    B, H, D = q.shape
+    H, D = q.shape[1:]
     Hkv, R = k_cache.shape[1], k_cache.shape[2]
     scale = D**-0.5 if scale is None else scale
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
