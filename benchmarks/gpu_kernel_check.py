@@ -150,9 +150,13 @@ def block_checks(dev, types=LAYER_TYPES) -> dict:
         xf = x[:, :T].detach().clone().requires_grad_()
         xr = x[:, :T].detach().float().requires_grad_()
         y, state = fast(xf, use_cache=True)
+        torch.cuda.synchronize()
+        log("block", layer_type, "fast forward done (first use compiles and autotunes)")
         y_r, state_r = ref(xr, use_cache=True)
         dy = torch.randn_like(y_r)
         (y.float() * dy).sum().backward()
+        torch.cuda.synchronize()
+        log("block", layer_type, "fast backward done")
         (y_r * dy).sum().backward()
         entry = {"out": rel(y, y_r), "grad_input": rel(xf.grad, xr.grad)}
         grads = {n: rel(p.grad, dict(ref.named_parameters())[n].grad)

@@ -68,6 +68,20 @@ class StaticDecoder:
             elif not isinstance(state, StaticKV):
                 self.views[i] = LinearCacheView(state)
         self.graph = None
+        self._addresses: dict[str, int] = {}
+
+    def _buffer_addresses(self) -> dict[str, int]:
+        """Every cache buffer the captured step reads or writes, by a name that says where it lives."""
+        out = {}
+        for i, state in enumerate(self.cache.layers):
+            if isinstance(state, (StaticKV, WindowKV)):
+                out.update({f"layer {i} keys": state.keys.data_ptr(), f"layer {i} values": state.values.data_ptr()})
+            else:
+                for kind in ("conv_states", "recurrent_states"):
+                    for slot, t in getattr(state, kind).items():
+                        if t is not None:
+                            out[f"layer {i} {kind}[{slot}]"] = t.data_ptr()
+        return out
 
     # -- the step ---------------------------------------------------------------------------------------------
 
@@ -87,7 +101,8 @@ class StaticDecoder:
     def _step(self) -> torch.Tensor:
         inner = self.model.model
         h = inner.embed_tokens(self.token)[:, None]
-        cos, sin = inner.rotary_emb(h, (self.column - self.start).long()[:, None])
+        positions = (self.column - self.start).long()[:, None]
+        cos, sin = inner.rotary_emb(h, positions)
         # per step, not per layer: each cache kind's write slot and visible columns [lo, hi)
         hi = self.column + 1
         where = {None: (self.column.long(), self.start, hi)}
@@ -96,7 +111,9 @@ class StaticDecoder:
         for i, layer in enumerate(inner.layers):
             x = layer.input_layernorm(h)
             if i in self.views:
-                mixed, _ = layer.self_attn(x, self.views[i], use_cache=True)
+                # positions from the step's tensors (RetNet rotates q/k): the view's own token count is Python
+                # state, frozen into a captured graph
+                mixed, _ = layer.self_attn(x, self.views[i], position_ids=positions, use_cache=True)
             else:
                 mixed = self._attend(i, layer.self_attn, x, cos, sin, where)
             h = h + mixed
@@ -126,10 +143,16 @@ class StaticDecoder:
                 self.logits = self._step()
         else:
             self._step()
+        self._addresses = self._buffer_addresses()
         self.cache.reset()
 
     def begin(self, attention_mask: torch.Tensor) -> None:
         """After the prefill of left-padded prompts with this `[B, T]` mask: the next step decodes column T."""
+        moved = [name for name, ptr in self._buffer_addresses().items() if self._addresses.get(name) != ptr]
+        if moved:  # a captured step would read the stale buffer: wrong tokens with no error
+            raise RuntimeError(f"the prefill reallocated cache buffers the decode step was prepared with: "
+                               f"{', '.join(moved)} (a layer's state changed shape or dtype between prepare() and "
+                               f"the prefill)")
         T = attention_mask.shape[1]
         self.start.copy_(T - attention_mask.sum(1).to(torch.int32))
         self.column.fill_(T)

@@ -1,5 +1,6 @@
 """Everything in jetnas that depends on transformers' internals, in one place (tested with transformers 5.17-5.23).
 
+- the name of the cache argument and output field (`past_key_values` before 5.24, `cache` from 5.24 on);
 - the per-layer caches `generate()` builds from `config.layer_types`, and the views that let our layers use them;
 - RoPE tables from a config (any `rope_type` transformers knows);
 - weight-initialisation helpers that respect transformers' "already loaded" flags.
@@ -9,7 +10,18 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# transformers 5.24 renamed the cache argument of forward() and the cache field of model outputs from
+# `past_key_values` to `cache` (`generate()` passes `cache=`); our models accept both names and fill whichever
+# field the installed version's outputs have
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(outputs) -> Cache | None:
+    """The cache a model output carries, under either transformers' name for it."""
+    return getattr(outputs, CACHE_FIELD)
 
 # our short convolutions' names -> the conv-state slot of transformers' LinearAttentionLayer
 _CONV_SLOTS = {"q": 0, "k": 1, "v": 2, "xBC": 0}

@@ -148,8 +148,10 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache if past_key_values is None else past_key_values  # transformers >= 5.24: `cache`
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
@@ -190,8 +192,8 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
             _advance(past_key_values, T)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **{hf_compat.CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
@@ -243,12 +245,14 @@ class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal LM forward. `labels` (same shape as input_ids, -100 ignored) give the mean next-token loss;
         `logits_to_keep=n` computes logits for the last n positions only (0: all)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         past_key_values=cache if past_key_values is None else past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -260,8 +264,8 @@ class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift = logits[:, :-1].float()
             loss = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{hf_compat.CACHE_FIELD: hf_compat.output_cache(out)})
 
     @staticmethod
     def create_masks_for_generate(attention_mask=None, **kwargs):

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from jetnas.models import JetNemotronForCausalLM
-from jetnas.models.hf_compat import cache_nbytes
+from jetnas.models.hf_compat import cache_nbytes, output_cache
 from tests.utils import ALL_TYPES, randomize_zero_init, tiny_config
 
 
@@ -93,7 +93,7 @@ def test_cache_reports_its_bytes():
     ids = torch.randint(1, 97, (2, 13))
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    measured = cache_nbytes(out.past_key_values)
+    measured = cache_nbytes(output_cache(out))
     # KV, conv inputs and recurrent states in float32 here; per sequence x batch
     assert measured == 2 * model.cache_bytes(13, dtype=torch.float32, state_dtype=torch.float32)
 

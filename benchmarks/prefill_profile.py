@@ -1,0 +1,145 @@
+"""Where a long prefill's time goes: the Jet-Nemotron-2B architecture (random weights, bf16) prefilling one prompt
+in the engine, timed at several chunk sizes, then one run under the PyTorch profiler with the GPU time summed by
+kernel and by kind of kernel (GEMMs, attention, fla's linear-attention kernels, our dynamic conv, the rest).
+
+    python benchmarks/prefill_profile.py --out $OUT/prefill_profile.json [--context 65536 --chunks 8192,16384,32768,65536]
+
+Bound: the matrix products of the weights take 2 x (non-embedding parameters) FLOPs per token; `gemm_bound_tok_s`
+is what the measured bf16 GEMM rate of this GPU (an 8192^3 product) allows for them alone. Last stdout line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+
+import torch
+
+import jetnas  # noqa: F401
+from jetnas.engine import Engine
+from jetnas.models import JetNemotronForCausalLM
+from jetnas.models.presets import preset_config
+
+DEV = torch.device("cuda")
+KINDS = [  # first match wins
+    ("attention (SDPA)", r"flash|fmha|attention|sdpa|efficient"),
+    ("fla linear attention", r"chunk|recurrent|fwd_h|bwd|wy|solve_tril|l2norm|kkt|cumsum|gated_delta"),
+    ("dynamic conv (ours)", r"dynamic_conv|_conv_fwd|conv"),
+    ("GEMM", r"gemm|nvjet|cutlass|sm90|xmma|matmul|cublas"),
+    ("norms / activations / copies", r"elementwise|vectorized|reduce|norm|copy|cat|index|silu|sigmoid|softplus"),
+]
+
+
+def log(*args) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    for label, pattern in KINDS:
+        if re.search(pattern, low):
+            return label
+    return "other"
+
+
+def timed_prefill(engine: Engine, prompt: torch.Tensor, repeats: int = 2) -> float:
+    mask = torch.ones_like(prompt)
+    best = float("inf")
+    for _ in range(repeats):
+        cache = engine.cache_for(1, prompt.shape[1])
+        cache.reset()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            engine._prefill(prompt, mask, cache)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_tflops() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--context", type=int, default=65536)
+    ap.add_argument("--chunks", default="8192,16384,32768,65536")
+    ap.add_argument("--profile-chunk", type=int, default=32768)
+    ap.add_argument("--model", default="jet-nemotron-2b")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = JetNemotronForCausalLM(preset_config(args.model, max_position_embeddings=args.context + 64))
+    model = model.to(torch.bfloat16).eval()
+    n_embed = model.model.embed_tokens.weight.numel()
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        n_embed += model.lm_head.weight.numel()
+    non_embedding = sum(p.numel() for p in model.parameters()) - n_embed
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+              "context": args.context, "non_embedding_params": non_embedding, "chunks": {}}
+    tflops = gemm_tflops()
+    report["gemm_TFLOPs"] = tflops
+    report["gemm_bound_tok_s"] = tflops * 1e12 / (2 * non_embedding)
+    log(f"GEMM {tflops:.0f} TFLOP/s -> weights-only bound {report['gemm_bound_tok_s']:.0f} tok/s")
+    prompt = torch.randint(1, model.config.vocab_size, (1, args.context), device=DEV)
+    for chunk in [int(c) for c in args.chunks.split(",")]:
+        engine = Engine(model, chunk_size=min(chunk, args.context))
+        try:
+            timed_prefill(engine, prompt[:, : 2 * engine.chunk_size], repeats=1)  # compile / autotune
+            seconds = timed_prefill(engine, prompt)
+            report["chunks"][chunk] = {"seconds": seconds, "tokens_per_s": args.context / seconds,
+                                       "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+        except torch.OutOfMemoryError as err:
+            report["chunks"][chunk] = {"error": repr(err)[:200]}
+        log("chunk", chunk, report["chunks"][chunk])
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    engine = Engine(model, chunk_size=min(args.profile_chunk, args.context))
+    timed_prefill(engine, prompt, repeats=1)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_prefill(engine, prompt, repeats=1)
+    by_kernel: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_kernel[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    total = sum(by_kernel.values())
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, us in by_kernel.items():
+        by_kind[kind(name)] += us
+    report["profile"] = {
+        "chunk": engine.chunk_size, "gpu_ms": total / 1e3,
+        "by_kind": {k: {"ms": v / 1e3, "share": v / total} for k, v in sorted(by_kind.items(), key=lambda x: -x[1])},
+        "top_kernels": [{"name": n[:160], "ms": v / 1e3, "share": v / total, "kind": kind(n)}
+                        for n, v in sorted(by_kernel.items(), key=lambda x: -x[1])[:25]],
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"{'kind':<32} {'ms':>8} {'share':>6}")
+    for k, v in report["profile"]["by_kind"].items():
+        print(f"{k:<32} {v['ms']:>8.1f} {100 * v['share']:>5.1f}%")
+    for row in report["profile"]["top_kernels"][:12]:
+        print(f"{row['ms']:>8.1f} ms {100 * row['share']:>5.1f}%  {row['name'][:90]}")
+    print(json.dumps({"chunks": {c: round(v.get("tokens_per_s", 0)) for c, v in report["chunks"].items()},
+                      "gemm_bound_tok_s": round(report["gemm_bound_tok_s"])}))
+
+
+if __name__ == "__main__":
+    main()
