@@ -30,6 +30,7 @@ import torch
 from gpu_generate_check import hybrid, rel  # benchmarks/, the script's directory, is on sys.path
 
 import jetnas
+from jetnas.bench import measure
 from jetnas.bench.costs import copy_bandwidth, decode_cost
 from jetnas.bench.measure import hf_generate_throughput
 from jetnas.engine import Engine, as_jetnas
@@ -68,12 +69,8 @@ def preset(name):
 
 
 def largest_batch(model, context, cap):
-    free, _ = torch.cuda.mem_get_info()
-    per_seq = model.cache_bytes(context + NEW, dtype=torch.bfloat16)
-    # the decode step's activations and logits grow with the batch too: ~ 4 * vocab bytes per row
-    per_seq += 4 * model.config.vocab_size
-    b = int(0.85 * free // per_seq)
-    return max(1, min(cap, b - b % 8 if b >= 8 else b))
+    # the one batch rule of jetnas bench and this script (85% of free memory over cache + logits per row)
+    return measure.largest_batch(model, context, NEW, DEV, cap=cap)
 
 
 # -- correctness ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Where a long prefill's time goes: the Jet-Nemotron-2B architecture (random weights, bf16) prefilling one prompt
 in the engine, timed at several chunk sizes, then one run under the PyTorch profiler with the GPU time summed by
 kernel and by kind of kernel (GEMMs, attention, fla's linear-attention kernels, our dynamic conv, the rest).
+Each chunk size is timed with the fused norm / SwiGLU kernels (`jetnas.ops.fused`) off and on, after a check that
+both give the same last-position logits (bf16: relative error ~1e-2 expected, from one-step roundings).
 
     python benchmarks/prefill_profile.py --out $OUT/prefill_profile.json [--context 65536 --chunks 8192,16384,32768,65536]
 
@@ -22,6 +24,7 @@ import jetnas  # noqa: F401
 from jetnas.engine import Engine
 from jetnas.models import JetNemotronForCausalLM
 from jetnas.models.presets import preset_config
+from jetnas.ops.fused import fusion
 
 DEV = torch.device("cuda")
 KINDS = [  # first match wins
@@ -60,6 +63,13 @@ def timed_prefill(engine: Engine, prompt: torch.Tensor, repeats: int = 2) -> flo
     return best
 
 
+@torch.inference_mode()
+def last_logits(engine: Engine, prompt: torch.Tensor) -> torch.Tensor:
+    cache = engine.cache_for(1, prompt.shape[1])
+    cache.reset()
+    return engine._prefill(prompt, torch.ones_like(prompt), cache).float()
+
+
 def gemm_tflops() -> float:
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     for _ in range(3):
@@ -80,6 +90,7 @@ def main() -> None:
     ap.add_argument("--profile-chunk", type=int, default=32768)
     ap.add_argument("--model", default="jet-nemotron-2b")
     args = ap.parse_args()
+    args.chunks_list = [int(c) for c in args.chunks.split(",")]
     torch.manual_seed(0)
     with torch.device(DEV):
         model = JetNemotronForCausalLM(preset_config(args.model, max_position_embeddings=args.context + 64))
@@ -95,18 +106,36 @@ def main() -> None:
     report["gemm_bound_tok_s"] = tflops * 1e12 / (2 * non_embedding)
     log(f"GEMM {tflops:.0f} TFLOP/s -> weights-only bound {report['gemm_bound_tok_s']:.0f} tok/s")
     prompt = torch.randint(1, model.config.vocab_size, (1, args.context), device=DEV)
-    for chunk in [int(c) for c in args.chunks.split(",")]:
+    # correctness of the fused kernels first: the same prefill's last logits with and without them
+    engine = Engine(model, chunk_size=min(args.chunks_list[0], args.context))
+    short = prompt[:, :8192]
+    with fusion(False):
+        want = last_logits(engine, short)
+    try:
+        got = last_logits(engine, short)
+        report["fused_vs_unfused_last_logits_rel_err"] = ((got - want).norm() / want.norm()).item()
+    except Exception as err:  # noqa: BLE001  (the unfused timings are still worth having)
+        report["fused_error"] = repr(err)[:2000]
+        report["fused_vs_unfused_last_logits_rel_err"] = float("nan")
+    log("fused vs unfused logits, rel err", report["fused_vs_unfused_last_logits_rel_err"], report.get("fused_error"))
+    for chunk in args.chunks_list:
         engine = Engine(model, chunk_size=min(chunk, args.context))
-        try:
-            timed_prefill(engine, prompt[:, : 2 * engine.chunk_size], repeats=1)  # compile / autotune
-            seconds = timed_prefill(engine, prompt)
-            report["chunks"][chunk] = {"seconds": seconds, "tokens_per_s": args.context / seconds,
-                                       "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
-        except torch.OutOfMemoryError as err:
-            report["chunks"][chunk] = {"error": repr(err)[:200]}
-        log("chunk", chunk, report["chunks"][chunk])
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        entry = report["chunks"][chunk] = {}
+        for fused in (False,) if "fused_error" in report else (False, True):
+            key = "fused" if fused else "unfused"
+            try:
+                with fusion(fused):
+                    timed_prefill(engine, prompt[:, : 2 * engine.chunk_size], repeats=1)  # compile / autotune
+                    seconds = timed_prefill(engine, prompt)
+                entry[key] = {"seconds": seconds, "tokens_per_s": args.context / seconds,
+                              "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+            except Exception as err:  # noqa: BLE001  (out of memory, or a kernel that failed: recorded)
+                entry[key] = {"error": repr(err)[:300]}
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if "seconds" in entry.get("fused", {}) and "seconds" in entry.get("unfused", {}):
+            entry["speedup"] = entry["unfused"]["seconds"] / entry["fused"]["seconds"]
+        log("chunk", chunk, entry)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
@@ -137,7 +166,13 @@ def main() -> None:
         print(f"{k:<32} {v['ms']:>8.1f} {100 * v['share']:>5.1f}%")
     for row in report["profile"]["top_kernels"][:12]:
         print(f"{row['ms']:>8.1f} ms {100 * row['share']:>5.1f}%  {row['name'][:90]}")
-    print(json.dumps({"chunks": {c: round(v.get("tokens_per_s", 0)) for c, v in report["chunks"].items()},
+    print(f"{'chunk':>6} {'unfused tok/s':>14} {'fused tok/s':>12} {'speed-up':>9}")
+    for c, v in report["chunks"].items():
+        print(f"{c:>6} {v.get('unfused', {}).get('tokens_per_s', 0):>14.0f} {v.get('fused', {}).get('tokens_per_s', 0):>12.0f} "
+              f"{v.get('speedup', float('nan')):>9.3f}")
+    print(json.dumps({"chunks": {c: {k: round(v[k]["tokens_per_s"]) for k in ("unfused", "fused")
+                                     if "tokens_per_s" in v.get(k, {})} for c, v in report["chunks"].items()},
+                      "fused_vs_unfused_rel_err": report["fused_vs_unfused_last_logits_rel_err"],
                       "gemm_bound_tok_s": round(report["gemm_bound_tok_s"])}))
 
 

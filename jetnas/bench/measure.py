@@ -1,4 +1,5 @@
-"""Timed prefill and decode of random prompts through the engine (and through `generate()` as a baseline)."""
+"""Timed prefill and decode of random prompts through the engine (and through `generate()` as a baseline), and the
+batch rule of the throughput benchmarks (`largest_batch`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,111 @@ def decode_throughput(model, batch_size: int, context_length: int, new_tokens: i
         "chunk_size": chunk_size,
         "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds,
         "prefill_tokens_per_s": batch_size * context_length / out.prefill_seconds,
+        "decode_tokens_per_s": decoded / out.decode_seconds if decoded else float("nan"),
+        "cache_bytes_per_sequence": out.cache_bytes // batch_size,
+        "peak_memory_bytes": _peak_memory(dev),
+    }
+
+
+def free_memory(device) -> int | None:
+    """Bytes that can still be allocated on `device`: `torch.cuda.mem_get_info` on CUDA; on CPU the available
+    system memory (psutil when installed, else `MemAvailable` of /proc/meminfo); None when it cannot be known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in KiB
+    except OSError:
+        pass
+    return None
+
+
+def largest_batch(model, context_length: int, new_tokens: int, device=None, cap: int = 1024, fraction: float = 0.85,
+                  free_bytes: int | None = None) -> int:
+    """The largest batch whose decoding fits, predicted from the model's cost accounting (nothing is allocated).
+
+    One row needs its cache at `context_length + new_tokens` tokens (`model.cache_bytes`, in the parameters' dtype,
+    what `Engine.generate_replicated` allocates) plus ~4 * vocab_size bytes for the decode step's logits and
+    activations, which grow with the batch too. The batch is `fraction` of the free memory over that, rounded down
+    to a multiple of 8 when >= 8, then capped at `cap`: the rule of `benchmarks/engine_h100.py`.
+
+    Args:
+        model: a jetnas model (`JetNemotronForCausalLM`; see `jetnas.engine.as_jetnas`).
+        context_length: prompt tokens per row.
+        new_tokens: tokens generated per row (the cache holds `context_length + new_tokens`).
+        device: where free memory is read (`free_memory`); default the model's device. Ignored with `free_bytes`.
+        cap: the largest batch returned (default 1024).
+        fraction: share of the free memory the rows may take (default 0.85; the rest is for the weights' workspace,
+            the one-prompt prefill and the allocator's slack).
+        free_bytes: free memory in bytes to predict from instead of measuring it (tests, what-if questions).
+
+    Raises `ValueError` when the free memory is unknown (pass `free_bytes`, or choose the batch yourself) or when
+    not even one row fits, with the numbers."""
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if device is None:
+        device = next(model.parameters()).device
+    if free_bytes is None:
+        free_bytes = free_memory(device)
+        if free_bytes is None:
+            raise ValueError(f"the free memory of device {device} is unknown: give the batch size explicitly")
+    dtype = next(model.parameters()).dtype
+    cache = model.cache_bytes(context_length + new_tokens, dtype=dtype)
+    per_row = cache + 4 * model.config.vocab_size
+    b = int(fraction * free_bytes // per_row)
+    if b < 1:
+        raise ValueError(f"not even batch 1 fits at context {context_length} + {new_tokens} new tokens: one row needs "
+                         f"{per_row} bytes (cache {cache} + logits {4 * model.config.vocab_size}), {fraction} of the "
+                         f"free {free_bytes} bytes on {device} is {int(fraction * free_bytes)}")
+    return min(cap, b - b % 8 if b >= 8 else b)
+
+
+@torch.inference_mode()
+def replicated_decode_throughput(model, batch_size: int, context_length: int, new_tokens: int = 32,
+                                 chunk_size: int | None = None, warmup: bool = True, seed: int = 0) -> dict:
+    """The protocol of `benchmarks/engine_h100.py`: one random prompt of `context_length` tokens is prefilled once
+    and its cache copied into all `batch_size` rows (`Engine.generate_replicated`), then `new_tokens` are decoded
+    greedily (no early stop). A decode step reads every row's cache whatever it holds, so decoding costs what
+    `batch_size` different prompts cost, without prefilling them all. A warm-up run (one row, the first two chunks
+    of the prompt, 2 tokens) comes first so kernel compilation and autotuning are not timed.
+
+    Returns `decode_tokens_per_s` (batch * decoded tokens after the first / decode time), `prefill_tokens_per_s`
+    of the one prompt (context_length / prefill time), `cache_bytes_per_sequence` (allocated batch cache / batch),
+    `peak_memory_bytes`, the timings and shapes, and `protocol`: "replicated-prompt".
+    """
+    from jetnas.engine import Engine
+
+    engine = Engine(model, chunk_size=chunk_size)
+    dev = engine.device
+    prompt = _random_prompts(engine.model, 1, context_length, dev, seed)
+    if warmup:
+        # two chunks: the first chunk's kernels and those of a chunk after a filled cache
+        engine.generate_replicated(prompt[:, :2 * (engine.chunk_size or context_length)], 1, max_new_tokens=2)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    out = engine.generate_replicated(prompt, batch_size, max_new_tokens=new_tokens)
+    decoded = batch_size * (out.new_tokens - 1)
+    return {
+        "protocol": "replicated-prompt",
+        "batch_size": batch_size, "context_length": context_length, "new_tokens": out.new_tokens,
+        "chunk_size": chunk_size, "prefill_batch_size": 1,
+        "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds,
+        "prefill_tokens_per_s": context_length / out.prefill_seconds,
         "decode_tokens_per_s": decoded / out.decode_seconds if decoded else float("nan"),
         "cache_bytes_per_sequence": out.cache_bytes // batch_size,
         "peak_memory_bytes": _peak_memory(dev),

@@ -13,31 +13,49 @@ from jetnas.commands.models import _device, _dtype, load_model_and_tokenizer
 
 
 def _is_oom(err: Exception) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError "... can't allocate memory ..."
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def _largest_batch(model, context: int, new_tokens: int, chunk: int | None, device: torch.device, cost) -> int:
-    """The largest batch whose cache fits in the free GPU memory (predicted from the cost accounting), halved
-    until a short run succeeds. On CPU: 1."""
-    from jetnas.bench.measure import decode_throughput
+def _measure_engine(net, batch: int, context: int, new_tokens: int, chunk: int | None, halve: bool,
+                    device: torch.device) -> tuple[dict, int]:
+    """The replicated-prompt measurement at `batch`; with `halve`, a run that runs out of memory is retried at half
+    the batch. Returns the measurement and how many times the batch was halved."""
+    from jetnas.bench import measure
 
-    if device.type != "cuda":
-        return 1
-    free, _ = torch.cuda.mem_get_info(device)
-    per_seq = max(cost.cache_bytes_per_sequence, 1)
-    # keep 20% of the free memory for activations of a prefill chunk and the logits
-    batch = max(1, int(0.8 * free // per_seq))
-    batch = 1 << (batch.bit_length() - 1)  # a power of two
-    while batch >= 1:
+    halvings = 0
+    while True:
         try:
-            decode_throughput(model, batch, context, new_tokens=2, chunk_size=chunk, warmup=False)
-            return batch
+            return measure.replicated_decode_throughput(net, batch, context, new_tokens=new_tokens,
+                                                        chunk_size=chunk), halvings
         except RuntimeError as err:
-            if not _is_oom(err):
+            if not (halve and batch > 1 and _is_oom(err)):
                 raise
+        # outside the except block, where the failed run's tensors (held by the traceback) are released
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-            batch //= 2
-    raise RuntimeError(f"not even batch 1 fits at context {context}")
+        batch //= 2
+        halvings += 1
+
+
+HF_BATCH_CAP = 64  # transformers prefills every row at once: its activations, not its cache, run out first
+
+
+def _measure_hf(source, batch: int, context: int, new_tokens: int, device: torch.device) -> dict:
+    """transformers generate() at `batch` rows (at most the engine's, capped), halved while it runs out of memory:
+    each system at the largest batch it runs, as the paper compares them."""
+    from jetnas.bench.measure import hf_generate_throughput
+
+    while True:
+        try:
+            return {**hf_generate_throughput(source, batch, context, new_tokens=new_tokens), "batch_size": batch}
+        except RuntimeError as err:
+            if not (batch > 1 and _is_oom(err)):
+                raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        batch //= 2
 
 
 def _figure(rows: list[dict], path: Path, title: str) -> None:
@@ -70,24 +88,34 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", chunk: str = "auto",
-          new_tokens: int = 32, baseline: str | None = None, out_dir: str | None = None, device: str | None = None,
-          dtype: str = "auto") -> dict:
+def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", batch_cap: int | None = None,
+          chunk: str = "auto", new_tokens: int = 32, baseline: str | None = None, out_dir: str | None = None,
+          device: str | None = None, dtype: str = "auto") -> dict:
     """Measure prefill and decode throughput at each context length, against the memory-bandwidth roofline.
+
+    The protocol of benchmarks/engine_h100.py ("replicated-prompt"): one prompt is prefilled once and its cache
+    copied into every row of the batch (`Engine.generate_replicated`), then the batch decodes; prefill tokens/s is
+    that one prompt's (after a warm-up run). A decode step reads every row's cache whatever it holds, so this costs
+    what a batch of different prompts costs.
 
     Args:
         model: a model directory, a preset (random weights: jet-nemotron-2b, jet-nemotron-4b) or a teacher name.
         context: comma-separated prompt lengths.
-        batch: sequences decoded together: a number, or auto (the largest that fits in GPU memory; 1 on CPU).
+        batch: sequences decoded together: a number, or auto (`jetnas.bench.measure.largest_batch`: the largest whose
+            cache and logits fit in 85% of the free memory, GPU memory on CUDA, available system memory on CPU,
+            predicted from the model's cost accounting, a multiple of 8 from 8 up; halved while it still runs out
+            of memory).
+        batch_cap: the largest batch auto picks; default 1024 on GPU, 8 on CPU (where memory is plentiful and
+            compute is not: a larger batch would only make the run long).
         chunk: prompt tokens per prefill pass: a number, none (the whole prompt), or auto (8192 on GPU, 1024 on CPU).
         new_tokens: tokens decoded per measurement (the first comes from the prefill and is not counted).
-        baseline: hf: also run transformers generate() (dynamic cache) with the same prompts and batch.
+        baseline: hf: also run transformers generate() (dynamic cache) with the same batch, prefilling every row.
         out_dir: where bench.json and bench.png go (default runs/bench-<time>).
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.
     """
     from jetnas.bench.costs import copy_bandwidth, decode_cost
-    from jetnas.bench.measure import decode_throughput, hf_generate_throughput
+    from jetnas.bench.measure import largest_batch
     from jetnas.engine import as_jetnas
 
     if baseline not in (None, "hf"):
@@ -100,6 +128,8 @@ def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", ch
         raise ValueError(f"--context needs lengths >= 1, got {context!r}")
     if batch != "auto" and not (batch.isdigit() and int(batch) >= 1):
         raise ValueError(f"--batch must be a positive integer or auto, got {batch!r}")
+    if batch_cap is not None and batch_cap < 1:
+        raise ValueError(f"--batch-cap must be >= 1, got {batch_cap}")
     if chunk not in ("auto", "none") and not (chunk.isdigit() and int(chunk) >= 1):
         raise ValueError(f"--chunk must be a positive integer, none or auto, got {chunk!r}")
     dev_name = _device(device)
@@ -114,38 +144,52 @@ def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", ch
     for ctx in contexts:
         chunk_size = None if chunk == "none" else (min(ctx, 8192 if dev.type == "cuda" else 1024) if chunk == "auto"
                                                    else int(chunk))
-        cost1 = decode_cost(net, 1, ctx + new_tokens)
-        b = int(batch) if batch != "auto" else _largest_batch(net, ctx, new_tokens, chunk_size, dev, cost1)
+        predicted = None
+        if batch == "auto":
+            if dev.type == "cuda":
+                # blocks cached by the allocator are not free to mem_get_info
+                torch.cuda.empty_cache()
+            try:
+                cap = batch_cap or (1024 if dev.type == "cuda" else 8)
+                predicted = largest_batch(net, ctx, new_tokens, dev, cap=cap)
+            except ValueError as err:
+                raise ValueError(f"--batch auto: {err}") from err
+        r, halved = _measure_engine(net, predicted or int(batch), ctx, new_tokens, chunk_size, predicted is not None,
+                                    dev)
+        b = r["batch_size"]
         cost = decode_cost(net, b, ctx + new_tokens // 2)
-        r = decode_throughput(net, b, ctx, new_tokens=new_tokens, chunk_size=chunk_size)
         step_seconds = b / r["decode_tokens_per_s"]
-        row = {"system": "jetnas engine", "model": model, **r,
+        row = {"system": "jetnas engine", "model": model, **r, "batch_predicted": predicted, "batch_halved": halved,
                "weight_bytes": cost.weight_bytes, "bytes_per_step": cost.bytes_per_step,
                "flops_per_token": cost.flops_per_token,
                "achieved_bandwidth": cost.bytes_per_step / step_seconds,
                "roofline_tokens_per_s": cost.roofline_tokens_per_s(bandwidth)}
         row["roofline_fraction"] = r["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
         rows.append(row)
-        print(f"  context {ctx}: batch {b}, chunk {chunk_size}, decode {r['decode_tokens_per_s']:.1f} tok/s "
+        how = "" if predicted is None else f" (predicted {predicted}" + (
+            f", halved {halved}x after running out of memory)" if halved else ")")
+        print(f"  context {ctx}: batch {b}{how}, chunk {chunk_size}, decode {r['decode_tokens_per_s']:.1f} tok/s "
               f"({100 * row['roofline_fraction']:.1f}% of roofline), prefill {r['prefill_tokens_per_s']:.0f} tok/s",
               file=sys.stderr)
         if baseline == "hf":
-            h = hf_generate_throughput(source, b, ctx, new_tokens=new_tokens)
-            rows.append({"system": "transformers generate", "model": model, **h,
+            h = _measure_hf(source, min(b, HF_BATCH_CAP), ctx, new_tokens, dev)
+            rows.append({"system": "transformers generate", "model": model, "protocol": "generate",
+                         "prefill_batch_size": h["batch_size"], **h,
                          "speedup_decode": r["decode_tokens_per_s"] / h["decode_tokens_per_s"],
                          "speedup_prefill": r["prefill_tokens_per_s"] / h["prefill_tokens_per_s"]})
-            print(f"  context {ctx}: transformers generate decode {h['decode_tokens_per_s']:.1f} tok/s "
+            print(f"  context {ctx}: transformers generate at batch {h['batch_size']}: decode "
+                  f"{h['decode_tokens_per_s']:.1f} tok/s "
                   f"(engine {rows[-1]['speedup_decode']:.2f}x)", file=sys.stderr)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     report = {"model": model, "device": device_name, "dtype": str(next(net.parameters()).dtype),
-              "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+              "protocol": "replicated-prompt", "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     _figure(rows, out / "bench.png", f"{model} on {device_name}")
     last = [r for r in rows if r["system"] == "jetnas engine"][-1]
-    keys = ("context_length", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "cache_bytes_per_sequence",
-            "peak_memory_bytes", "roofline_fraction")
+    keys = ("protocol", "context_length", "batch_size", "batch_predicted", "batch_halved", "decode_tokens_per_s",
+            "prefill_tokens_per_s", "cache_bytes_per_sequence", "peak_memory_bytes", "roofline_fraction")
     summary = {k: last[k] for k in keys}
     if baseline == "hf":
         summary["speedup_decode_vs_hf"] = rows[-1]["speedup_decode"]

@@ -27,6 +27,7 @@ from jetnas.models import hf_compat
 from jetnas.models.configuration import JetNemotronConfig
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm, RMSNorm
+from jetnas.ops.fused import silu_mul
 
 
 class JetNemotronMLP(nn.Module):
@@ -38,8 +39,11 @@ class JetNemotronMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.swiglu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:  # one fused pass in inference on CUDA
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

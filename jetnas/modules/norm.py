@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from jetnas.ops.fused import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
-    """`weight * x / sqrt(mean(x^2) + eps)` over the last dim; normalises in float32 like the HF models."""
+    """`weight * x / sqrt(mean(x^2) + eps)` over the last dim; normalises in float32 like the HF models
+    (`jetnas.ops.fused.rms_norm`: one fused kernel in inference on CUDA)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -19,10 +21,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x if x.dtype == torch.float64 else x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -47,16 +46,7 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        dtype = x.dtype
-        x = x if x.dtype == torch.float64 else x.float()
-        if gate is not None and not self.norm_before_gate:
-            x = x * F.silu(gate.to(x.dtype))
-        groups = x.unflatten(-1, (-1, self.group_size)) if self.group_size else x
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = (groups.flatten(-2) if self.group_size else groups) * self.weight.to(x.dtype)
-        if gate is not None and self.norm_before_gate:
-            x = x * F.silu(gate.to(x.dtype))
-        return x.to(dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.norm_before_gate, self.group_size)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, norm_before_gate={self.norm_before_gate}"
