@@ -188,3 +188,24 @@ def inherit_qkvo(block: nn.Module, attn: nn.Module, heads: int, head_k_dim: int,
     if copy_heads(block.o_proj.weight, w["o"], heads, head_v_dim, out_dim=False):
         inherited.append("o_proj.weight")
     return inherited
+
+
+def updatable(state: torch.Tensor | None) -> bool:
+    """Whether a recurrent state can be updated in place by the decode-step kernels (float32, contiguous)."""
+    return state is not None and state.dtype == torch.float32 and state.is_contiguous()
+
+
+def gla_recurrence(q, k, v, g, state: RecurrentState | None, step: bool, scale: float | None, backend: str):
+    """The gated-linear-attention recurrence of one layer call (GLA, RetNet, Mamba2): the chunked form for a
+    prompt, and for a decode step the in-place step (`jetnas.ops.decode.gla_step_`: the state is read and written
+    once, at a fixed address) when the cached state allows it, else fla's / the reference's recurrent form.
+    Returns `(o, final_state)`; the final state is the cached one itself after an in-place step."""
+    from jetnas.ops.decode import gla_step_
+    from jetnas.ops.gla import chunk_gla, fused_recurrent_gla
+
+    initial = None if state is None else state.recurrent
+    if step and updatable(initial):
+        return gla_step_(q[:, 0], k[:, 0], v[:, 0], g[:, 0], initial, scale, backend=backend)[:, None], initial
+    rule = fused_recurrent_gla if step else chunk_gla
+    return rule(q, k, v, g, scale=scale, initial_state=initial, output_final_state=state is not None,
+                backend=backend)

@@ -10,10 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast
+from jetnas.layers.base import (
+    RecurrentState,
+    TokenMixer,
+    dtype_bytes,
+    gla_recurrence,
+    inherit_qkvo,
+    padding_mask,
+    upcast,
+)
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import resolve_backend
-from jetnas.ops.gla import chunk_gla, fused_recurrent_gla
 
 
 class GatedLinearAttention(TokenMixer):
@@ -69,9 +76,7 @@ class GatedLinearAttention(TokenMixer):
         if mask is not None:
             # padded tokens neither write (k = 0) nor decay the memory (g = 0)
             gk = gk * mask[..., None, None]
-        rule = fused_recurrent_gla if step else chunk_gla
-        o, final = rule(q, k, v, gk, initial_state=None if state is None else state.recurrent,
-                        output_final_state=state is not None, backend=self.backend)
+        o, final = gla_recurrence(q, k, v, gk, state, step, None, self.backend)
         if state is not None:
             state.recurrent = final
             state.seq_length += T

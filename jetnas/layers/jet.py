@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast
+from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast, updatable
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import resolve_backend
@@ -42,10 +42,6 @@ def initial_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -
     """softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (Mamba2's time-step init)."""
     dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
     return dt + torch.log(-torch.expm1(-dt))
-
-
-def _updatable(state: torch.Tensor | None) -> bool:
-    return state is not None and state.dtype == torch.float32 and state.is_contiguous()
 
 
 class JetBlock(TokenMixer):
@@ -177,7 +173,7 @@ class JetBlock(TokenMixer):
             beta = beta * mask[..., None]
             g = None if g is None else g * mask[..., None]
 
-        if step and _updatable(state.recurrent):
+        if step and updatable(state.recurrent):
             # decode: update the memory in place (one read and one write of it per step)
             o = gated_delta_rule_step_(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
                                        beta[:, 0].to(q.dtype), state.recurrent, backend=self.backend)[:, None]

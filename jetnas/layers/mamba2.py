@@ -14,12 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jetnas.layers.base import RecurrentState, TokenMixer, attention_head_weights, dtype_bytes, padding_mask, upcast
+from jetnas.layers.base import (
+    RecurrentState,
+    TokenMixer,
+    attention_head_weights,
+    dtype_bytes,
+    gla_recurrence,
+    padding_mask,
+    upcast,
+)
 from jetnas.layers.jet import initial_dt_bias
 from jetnas.modules.conv import ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import resolve_backend
-from jetnas.ops.gla import chunk_gla, fused_recurrent_gla
 
 
 class Mamba2(TokenMixer):
@@ -96,9 +103,7 @@ class Mamba2(TokenMixer):
         Bm = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, 2)
         Cm = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, 2)
         v = (upcast(xs) * dt[..., None]).to(xs.dtype)
-        rule = fused_recurrent_gla if step else chunk_gla
-        y, final = rule(Cm, Bm, v, g, scale=1.0, initial_state=None if state is None else state.recurrent,
-                        output_final_state=state is not None, backend=self.backend)
+        y, final = gla_recurrence(Cm, Bm, v, g, state, step, 1.0, self.backend)
         if state is not None:
             state.recurrent = final
             state.seq_length += T

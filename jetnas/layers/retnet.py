@@ -7,11 +7,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast
+from jetnas.layers.base import (
+    RecurrentState,
+    TokenMixer,
+    dtype_bytes,
+    gla_recurrence,
+    inherit_qkvo,
+    padding_mask,
+    upcast,
+)
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.attention import apply_rotary, rotary_cos_sin
 from jetnas.ops.backend import resolve_backend
-from jetnas.ops.gla import chunk_gla, fused_recurrent_gla
 
 
 class MultiScaleRetention(TokenMixer):
@@ -78,9 +85,7 @@ class MultiScaleRetention(TokenMixer):
         g = upcast(self.log_decay).expand(B, T, H)
         if mask is not None:
             g = g * mask[..., None]
-        rule = fused_recurrent_gla if step else chunk_gla
-        o, final = rule(q, k, v, g, initial_state=None if state is None else state.recurrent,
-                        output_final_state=state is not None, backend=self.backend)
+        o, final = gla_recurrence(q, k, v, g, state, step, None, self.backend)
         if state is not None:
             state.recurrent = final
             state.seq_length += T

@@ -20,6 +20,7 @@ import os
 import torch
 
 from jetnas.ops.delta_rule import gated_delta_rule_step
+from jetnas.ops.gla import gla_step
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
@@ -83,5 +84,19 @@ def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=Tr
 
         return triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale, use_qk_l2norm)
     o, new = gated_delta_rule_step(q, k, v, g, beta, state, scale, use_qk_l2norm)
+    state.copy_(new)
+    return o
+
+
+def gla_step_(q, k, v, g, state, scale=None, backend: str = "torch"):
+    """`jetnas.ops.gla.gla_step` writing the new state into `state [B, H, K, V]` (float32) in place; returns o
+    `[B, H, V]` in v's dtype. q, k `[B, H, K]`, v `[B, H, V]`, g the log decay `[B, H, K]` or `[B, H]`."""
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"the state must be a contiguous float32 tensor, got {state.dtype}")
+    if _use_triton(backend, q):
+        from jetnas.ops.triton_decode import triton_gla_step_
+
+        return triton_gla_step_(q, k, v, g, state, scale)
+    o, new = gla_step(q, k, v, g, state, scale)
     state.copy_(new)
     return o

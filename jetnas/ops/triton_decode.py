@@ -9,7 +9,8 @@ ring buffer (with `RING=False` for a full cache, whose columns are its slots, th
 
 `triton_gated_delta_rule_step_` runs one token of the gated delta rule with the L2 norms, decay, beta and the
 output fused, one program per (row, head, value block): it reads its `[K, BV]` state tile once and writes it back
-in place.
+in place. `triton_gla_step_` does the same for gated linear attention (GLA, RetNet and Mamba2's recurrence), with a
+per-key-channel or per-head decay.
 """
 
 from __future__ import annotations
@@ -151,4 +152,44 @@ def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2
         q, k, v, dummy if g is None else g.contiguous(), dummy if beta is None else beta.contiguous(), state, o,
         K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
         USE_G=g is not None, USE_BETA=beta is not None, L2NORM=use_qk_l2norm, num_warps=4)
+    return o
+
+
+@triton.jit
+def _gla_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, s_ptr, o_ptr, scale,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1)
+    kk = tl.arange(0, BK)
+    vv = vb * BV + tl.arange(0, BV)
+    kmask = kk < K
+    vmask = vv < V
+    q = tl.load(q_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + bh * V + vv, mask=vmask, other=0.0).to(tl.float32)
+    smask = kmask[:, None] & vmask[None, :]
+    p_s = s_ptr + bh * K * V + kk[:, None] * V + vv[None, :]
+    h = tl.load(p_s, mask=smask, other=0.0)
+    if PER_CHANNEL:
+        h = h * tl.exp(tl.load(g_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32))[:, None]
+    else:
+        h = h * tl.exp(tl.load(g_ptr + bh).to(tl.float32))
+    h = h + k[:, None] * v[None, :]
+    o = tl.sum(h * (q * scale)[:, None], 0)
+    tl.store(p_s, h, mask=smask)
+    tl.store(o_ptr + bh * V + vv, o.to(o_ptr.dtype.element_ty), mask=vmask)
+
+
+def triton_gla_step_(q, k, v, g, state, scale=None):
+    B, H, K = q.shape
+    V = v.shape[-1]
+    if state.shape != (B, H, K, V):
+        raise ValueError(f"state must be {[B, H, K, V]}, got {list(state.shape)}")
+    q, k, v, g = q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous()
+    o = torch.empty_like(v)
+    BV = min(64, triton.next_power_of_2(V))
+    _gla_step_kernel[(B * H, triton.cdiv(V, BV))](
+        q, k, v, g, state, o, K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
+        PER_CHANNEL=g.dim() == 3, num_warps=4)
     return o

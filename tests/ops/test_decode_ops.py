@@ -14,9 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from jetnas.layers.base import RecurrentState
 from jetnas.ops.attention import causal_attention
-from jetnas.ops.decode import decode_attention, gated_delta_rule_step_, naive_decode_attention
+from jetnas.ops.decode import decode_attention, gated_delta_rule_step_, gla_step_, naive_decode_attention
 from jetnas.ops.delta_rule import gated_delta_rule_step
+from jetnas.ops.gla import gla_step
 from tests.utils import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,3 +102,49 @@ def test_torch_delta_rule_step_in_place():
     assert torch.equal(o, want_o) and torch.equal(state, want_state)
     with pytest.raises(ValueError, match="float32"):
         gated_delta_rule_step_(q, k, v, None, None, state.double())
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [True, False], ids=["gla", "per-head (retnet, mamba2)"])
+def test_gla_step_kernel_in_place(per_channel):
+    torch.manual_seed(4)
+    B, H, K, V = 3, 2, 24, 40  # K and V not powers of two: masked lanes
+    q, k = torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, K, device=DEVICE)
+    v = torch.randn(B, H, V, device=DEVICE)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, H, K, device=DEVICE) if per_channel
+                                       else torch.randn(B, H, device=DEVICE))
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    want_o, want_state = gla_step(q, k, v, g, state.clone(), scale=0.3)
+    ptr = state.data_ptr()
+    o = gla_step_(q, k, v, g, state, scale=0.3, backend="triton")
+    assert state.data_ptr() == ptr
+    assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
+
+
+def test_torch_gla_step_in_place():
+    torch.manual_seed(5)
+    q, k, v, g = torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 4), -torch.rand(2, 2)
+    state = torch.randn(2, 2, 8, 4)
+    want_o, want_state = gla_step(q, k, v, g, state.clone())
+    o = gla_step_(q, k, v, g, state)
+    assert torch.equal(o, want_o) and torch.equal(state, want_state)
+    with pytest.raises(ValueError, match="float32"):
+        gla_step_(q, k, v, g, state.double())
+
+
+@pytest.mark.parametrize("layer_type", ["jet", "gla", "retnet", "mamba2"])
+def test_linear_blocks_decode_into_their_cached_state(layer_type):
+    # one read and one write of the recurrent state per step: the cached tensor itself is updated, not replaced
+    from jetnas.layers import build_layer
+
+    torch.manual_seed(6)
+    layer = build_layer(layer_type, 32, **({"head_dim": 8, "state_size": 8} if layer_type == "mamba2"
+                                           else {"num_heads": 2}))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        _, state = layer(x[:, :4], use_cache=True)
+        before = state.recurrent
+        expected = layer(x[:, 4:], RecurrentState(before.clone(), dict(state.conv), 4))[0]
+        out, state = layer(x[:, 4:], state)
+    assert state.recurrent is before
+    assert torch.allclose(out, expected, atol=1e-6)
