@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Build the git-ignored .stage/ folders that GPU calls carry (see dev/gpu_session.sh): run once per fresh checkout.
+#   .stage/fla        fla wheels only (engine, kernel and generate checks): one call, ~1.5 MB
+#   .stage/c1 .. c4   everything the PostNAS recipe needs, in four calls of < 60 MB (the device takes 64 MiB a call):
+#                     tilelang + its dependencies (fla's backward of the gated delta rule on Hopper with Triton 3.6),
+#                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus
+# The device runs Python 3.12 on x86_64 (KINDS.md); wheels are fetched for it, not for this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHL=.stage/wheels
+mkdir -p "$WHL" .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4
+dl() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHL" "$@"
+}
+dl fla-core==0.6.0 flash-linear-attention==0.6.0 tilelang==0.1.15 apache-tvm-ffi==0.1.12 torch-c-dlpack-ext \
+   z3-solver==4.15.4.0 gguf==0.19.0 transformers==5.23.0
+cp "$WHL"/fla_core-*.whl "$WHL"/flash_linear_attention-*.whl .stage/fla/
+cp "$WHL"/tilelang-*.whl "$WHL"/apache_tvm_ffi-*.whl "$WHL"/torch_c_dlpack_ext-*.whl "$WHL"/gguf-*.whl \
+   .stage/fla/*.whl .stage/c1/
+cp "$WHL"/z3_solver-*.whl .stage/c2/
+
+# the teacher's GGUF (fetched and cached by jetnas itself), in four parts; setup() reassembles and checks it
+GGUF=$(python3 -c "from jetnas.models.teachers import _smollm2_gguf; print(_smollm2_gguf())")
+split -n 4 -d -a 1 "$GGUF" .stage/gguf.part
+mv .stage/gguf.part0 .stage/c2/
+mv .stage/gguf.part1 .stage/gguf.part2 .stage/c3/
+mv .stage/gguf.part3 .stage/c4/
+cp "$WHL"/transformers-*.whl .stage/c3/
+mkdir -p .stage/c4/bench .stage/c4/corpus
+cp ../shared/data/bench/* .stage/c4/bench/
+cp ../shared/data/corpus/train.bin ../shared/data/corpus/val.bin .stage/c4/corpus/
+sha256sum "$GGUF"
+du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4
