@@ -6,7 +6,8 @@ context T a step takes at least `(weight_bytes + B * cache_bytes(T)) / bandwidth
     decode tokens/s <= B * bandwidth / (weight_bytes + B * cache_bytes(T))          (the roofline)
 
 `cache_bytes` is per sequence: KV of full attention grows with T, a sliding window keeps `window - 1` tokens, a
-linear block keeps a constant conv + recurrent state (`TokenMixer.cache_bytes`).
+linear block keeps a constant conv + recurrent state (`TokenMixer.cache_bytes`). (The engine's sliding-window ring
+has one slot more, for the step's own token: a rounding error next to the rest.)
 """
 
 from __future__ import annotations

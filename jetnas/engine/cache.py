@@ -5,8 +5,8 @@ A `StaticCache` holds one layer object per model layer and plugs into `JetNemotr
 
 - `attn`: `StaticKV`, keys and values `[B, Hkv, max_length, D]`; a call writes its tokens at the current position
   and attends over the filled prefix.
-- `swa`: `WindowKV`, keys and values `[B, Hkv, window - 1, D]`: the window-bounded memory (the newest token is the
-  window's last), shifted in place; its size does not grow with the context.
+- `swa`: `WindowKV`, keys and values in a ring of `window` slots `[B, Hkv, window, D]` (column c in slot c % window),
+  written in place; its size does not grow with the context, and the decode step reads it as it is.
 - linear blocks: `StaticLinear`, the recurrent state and conv states with transformers' `LinearAttentionLayer`
   interface; each buffer is allocated by the first write (its shape is the block's own) and copied into afterwards.
 
@@ -65,26 +65,32 @@ class StaticKV(_KVBuffers):
 
 
 class WindowKV(_KVBuffers):
-    """Sliding-window keys and values: the last `window - 1` tokens in `[B, Hkv, window - 1, D]` buffers."""
+    """Sliding-window keys and values in a ring of `window` slots, `[B, Hkv, window, D]`: column c (prompt columns
+    count the left padding) lives in slot c % window. A call attends over the window's last `window - 1` kept
+    tokens plus its own; the decode step (`jetnas.engine.graph`) writes its token into its slot and reads the ring
+    as it is, so nothing is shifted or copied between prefill and decoding."""
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, window: int, dtype: torch.dtype,
                  device: torch.device | str):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.kept = window - 1
-        super().__init__(batch_size, num_kv_heads, head_dim, self.kept, dtype, device)
+        self.window = window
+        super().__init__(batch_size, num_kv_heads, head_dim, window, dtype, device)
+
+    def _slots(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.keys.device) % self.window
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        filled = min(self.seq_length, self.kept)
+        s, T = self.seq_length, keys.shape[-2]
         # what the new queries attend over: the kept tokens (oldest first) and the new ones
-        all_k = torch.cat([self.keys[:, :, self.kept - filled:], keys], -2)
-        all_v = torch.cat([self.values[:, :, self.kept - filled:], values], -2)
-        self.seq_length += keys.shape[-2]
-        keep = min(self.kept, all_k.shape[-2])
-        if keep:
-            # right-aligned: the newest token sits in the last slot
-            self.keys[:, :, self.kept - keep:].copy_(all_k[:, :, -keep:])
-            self.values[:, :, self.kept - keep:].copy_(all_v[:, :, -keep:])
+        kept = self._slots(max(0, s - (self.window - 1)), s)
+        all_k = torch.cat([self.keys[:, :, kept], keys], -2)
+        all_v = torch.cat([self.values[:, :, kept], values], -2)
+        n = min(T, self.window)  # the newest `window` tokens overwrite their slots
+        slots = self._slots(s + T - n, s + T)
+        self.keys[:, :, slots] = keys[:, :, T - n:]
+        self.values[:, :, slots] = values[:, :, T - n:]
+        self.seq_length = s + T
         return all_k, all_v
 
     def fill_from(self, other: WindowKV, batch_size: int) -> None:

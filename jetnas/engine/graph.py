@@ -7,8 +7,8 @@ step from tensors that the step itself advances in place:
 - `column [B]`: the column of the token being decoded (prompt columns include the left padding), and `start [B]`:
   each row's first real column. The RoPE position is `column - start`.
 - full attention writes the new key/value at slot `column` of the prefill's own `StaticKV` buffers and attends over
-  columns `[start, column]` with `decode_attention`; a sliding window keeps a ring buffer of `window` slots (column
-  c in slot c % window, filled from the prefill's `WindowKV` once) and attends over the window's columns.
+  columns `[start, column]` with `decode_attention`; a sliding window writes into the prefill's `WindowKV` ring
+  (column c in slot c % window) and attends over the window's columns.
 - linear blocks run their own step path on the prefill's `StaticLinear` buffers, which they update in place.
 
 `prepare()` fixes the addresses before any real prompt: a one-token prefill makes every linear layer allocate its
@@ -26,26 +26,6 @@ from jetnas.models.hf_compat import LinearCacheView
 from jetnas.ops.decode import decode_attention
 
 
-class _Ring:
-    """A sliding-window layer's keys and values for the decode step: `[B, Hkv, window, D]`, column c in slot
-    c % window."""
-
-    def __init__(self, window_kv: WindowKV, window: int):
-        B, Hkv, _, D = window_kv.keys.shape
-        self.window = window
-        self.keys = window_kv.keys.new_zeros(B, Hkv, window, D)
-        self.values = window_kv.values.new_zeros(B, Hkv, window, D)
-
-    def load(self, window_kv: WindowKV, columns: int) -> None:
-        """Copy the prefill's kept tokens (right-aligned, the last one is column `columns - 1`) into their slots."""
-        kept = window_kv.kept
-        cols = torch.arange(columns - kept, columns, device=self.keys.device)
-        real = cols >= 0
-        slots = cols[real] % self.window
-        self.keys[:, :, slots] = window_kv.keys[:, :, real]
-        self.values[:, :, slots] = window_kv.values[:, :, real]
-
-
 class StaticDecoder:
     """One greedy-or-not decode step over a `StaticCache`, graph-captured on CUDA (see the module docstring)."""
 
@@ -60,11 +40,11 @@ class StaticDecoder:
         self.start = torch.zeros(B, dtype=torch.int32, device=device)
         self.rows = torch.arange(B, device=device)
         self.logits: torch.Tensor | None = None
-        self.rings: dict[int, _Ring] = {}
+        self.rings: dict[int, WindowKV] = {}
         self.views: dict[int, LinearCacheView] = {}
-        for i, (layer, state) in enumerate(zip(model.model.layers, cache.layers)):
+        for i, state in enumerate(cache.layers):
             if isinstance(state, WindowKV):
-                self.rings[i] = _Ring(state, layer.self_attn.window_size)
+                self.rings[i] = state
             elif not isinstance(state, StaticKV):
                 self.views[i] = LinearCacheView(state)
         self.graph = None
@@ -88,10 +68,7 @@ class StaticDecoder:
     def _attend(self, i: int, attn: Attention, x: torch.Tensor, cos, sin, where: dict) -> torch.Tensor:
         q, k, v = attn.project(x, cos, sin)
         ring = self.rings.get(i)
-        if ring is None:
-            keys, values = self.cache.layers[i].keys, self.cache.layers[i].values
-        else:
-            keys, values = ring.keys, ring.values
+        keys, values = self.cache.layers[i].keys, self.cache.layers[i].values
         slot, lo, hi = where[None if ring is None else ring.window]
         keys[self.rows, :, slot] = k[:, 0]
         values[self.rows, :, slot] = v[:, 0]
@@ -156,8 +133,6 @@ class StaticDecoder:
         T = attention_mask.shape[1]
         self.start.copy_(T - attention_mask.sum(1).to(torch.int32))
         self.column.fill_(T)
-        for i, ring in self.rings.items():
-            ring.load(self.cache.layers[i], T)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:

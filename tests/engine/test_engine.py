@@ -107,8 +107,8 @@ def test_cache_is_allocated_once_and_window_bounded():
     engine.generate(ids, mask, max_new_tokens=4)
     assert engine.cache is cache and [layer.keys.data_ptr() for layer in cache.layers[:2]] == pointers
     assert cache.layers[2].recurrent_states[0].data_ptr() == recurrent
-    # swa keeps window - 1 = 4 tokens whatever the length; attn holds prompt + new tokens
-    assert cache.layers[1].keys.shape[2] == 4 and cache.layers[0].keys.shape[2] == 15
+    # swa keeps a ring of window = 5 tokens whatever the length; attn holds prompt + new tokens
+    assert cache.layers[1].keys.shape[2] == 5 and cache.layers[0].keys.shape[2] == 15
     # the linear layer's state is what the model's cost accounting says per sequence
     per_seq = model.model.layers[2].self_attn.cache_bytes(15, dtype=torch.float32)
     assert cache.layers[2].nbytes() == 3 * per_seq
