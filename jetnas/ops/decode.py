@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
@@ -51,6 +52,21 @@ def naive_decode_attention(q, k_cache, v_cache, lo, hi, scale=None):
     return torch.einsum("bhr,bhrd->bhd", scores.softmax(-1), v).to(q.dtype)
 
 
+def sdpa_decode_attention(q, k_cache, v_cache, lo, hi, scale=None, ring: bool = True):
+    """The PyTorch fast path of `decode_attention` (CPU): one SDPA call with grouped-query heads, reading the cache
+    in place (the reference repeats every KV head over its group, a copy of the whole cache per step). A full cache
+    is cut to its filled prefix `max(hi)` (a host sync, fine off the GPU)."""
+    B, H, D = q.shape
+    R = k_cache.shape[2]
+    n = R if ring else int(hi.max())
+    cols = ring_columns(R, hi)[:, :n] if ring else torch.arange(n, device=q.device).expand(B, n)
+    visible = (cols >= lo.long()[:, None]) & (cols >= 0) & (cols < hi.long()[:, None])
+    o = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n],
+                                       attn_mask=visible[:, None, None], scale=scale,
+                                       enable_gqa=H != k_cache.shape[1])
+    return o[:, :, 0]
+
+
 def _check_decode_attention(q, k_cache, v_cache, lo, hi):
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"expected q [B, H, D], k/v caches [B, Hkv, R, D]; got {list(q.shape)}, "
@@ -71,7 +87,7 @@ def decode_attention(q, k_cache, v_cache, lo, hi, scale=None, ring: bool = True,
         from jetnas.ops.triton_decode import triton_decode_attention
 
         return triton_decode_attention(q, k_cache, v_cache, lo, hi, scale, num_splits, ring)
-    return naive_decode_attention(q, k_cache, v_cache, lo, hi, scale)
+    return sdpa_decode_attention(q, k_cache, v_cache, lo, hi, scale, ring)
 
 
 def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True, backend: str = "torch"):

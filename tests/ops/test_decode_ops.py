@@ -76,6 +76,25 @@ def test_triton_decode_attention_matches_reference(ring, splits):
     assert rel_err(got, want) < TOL
 
 
+@pytest.mark.parametrize("ring", [False, True])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_sdpa_decode_attention_matches_reference(ring, groups):
+    # the CPU fast path: same bounds as the Triton test, grouped heads read in place
+    torch.manual_seed(1)
+    B, Hkv, D, R = 3, 2, 32, 150
+    q = torch.randn(B, Hkv * groups, D)
+    kc, vc = torch.randn(B, Hkv, R, D), torch.randn(B, Hkv, R, D)
+    if ring:
+        hi = torch.tensor([170, 300, 151], dtype=torch.int32)
+        lo = torch.stack([hi[0] - R, hi[1] - 70, hi[2] - R])
+    else:
+        lo = torch.tensor([0, 7, 100], dtype=torch.int32)
+        hi = torch.tensor([100, 9, 120], dtype=torch.int32)
+    want = naive_decode_attention(q, kc, vc, lo, hi)
+    got = decode_attention(q, kc, vc, lo, hi, ring=ring, backend="torch")
+    assert rel_err(got, want) < TOL
+
+
 @needs_triton
 @pytest.mark.parametrize("gated", [False, True])
 def test_triton_delta_rule_step_in_place(gated):
