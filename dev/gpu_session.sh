@@ -74,6 +74,12 @@ teacher_eval() {  # issue 6: the full HellaSwag and MMLU, and the retrieval leng
 }
 
 recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes where the last call stopped
+  # A run split over sessions (machines): RUN_FROM=<a committed copy of an earlier call's $OUT/run> puts its
+  # pipeline.json and small outputs back, so the finished stages (whose later consumers need only those files:
+  # placement, blocks, hardware results) are reused; only stage1 -> stage2 must run within one machine.
+  if [ -n "${RUN_FROM:-}" ] && [ -d "$RUN_FROM" ]; then
+    mkdir -p /root/run && cp -rn "$RUN_FROM"/. /root/run/
+  fi
   # 4 autotuning configs per kernel: every block type of the block selection would otherwise cost minutes of
   # compilation before its first step; the throughput columns are then "lightly tuned" (say so in the results)
   JETNAS_AUTOTUNE_CONFIGS=4 timeout "$1" python3 -m jetnas run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
