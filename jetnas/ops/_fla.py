@@ -8,6 +8,7 @@ CPU path work without fla or Triton. Our conventions match fla's: `[B, T, H, K]`
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -22,6 +23,9 @@ def limit_autotuning(max_configs: int | None) -> None:
     compare models, wrong for throughput benchmarks. Set by `JETNAS_AUTOTUNE_CONFIGS=N` when this module loads."""
     from triton.runtime.autotuner import Autotuner
 
+    if not hasattr(Autotuner, "prune_configs"):  # the hook this relies on (Triton 2.1 to 3.9 at least)
+        warnings.warn("this Triton's autotuner has no prune_configs: JETNAS_AUTOTUNE_CONFIGS is ignored", stacklevel=2)
+        return
     original = Autotuner.__dict__.get("_jetnas_original_prune", Autotuner.prune_configs)
     Autotuner._jetnas_original_prune = original
     if max_configs is None:
