@@ -121,7 +121,8 @@ def largest_batch(model, context_length: int, new_tokens: int, device=None, cap:
 
 @torch.inference_mode()
 def replicated_decode_throughput(model, batch_size: int, context_length: int, new_tokens: int = 32,
-                                 chunk_size: int | None = None, warmup: bool = True, seed: int = 0) -> dict:
+                                 chunk_size: int | None = None, device=None, warmup: bool = True,
+                                 seed: int = 0) -> dict:
     """The protocol of `benchmarks/engine_h100.py`: one random prompt of `context_length` tokens is prefilled once
     and its cache copied into all `batch_size` rows (`Engine.generate_replicated`), then `new_tokens` are decoded
     greedily (no early stop). A decode step reads every row's cache whatever it holds, so decoding costs what
@@ -134,6 +135,8 @@ def replicated_decode_throughput(model, batch_size: int, context_length: int, ne
     """
     from jetnas.engine import Engine
 
+    if device is not None:  # the signature of `decode_throughput`; the engine runs where the model is
+        model = model.to(device)
     engine = Engine(model, chunk_size=chunk_size)
     dev = engine.device
     prompt = _random_prompts(engine.model, 1, context_length, dev, seed)

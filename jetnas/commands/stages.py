@@ -4,7 +4,8 @@ takes a callable there.
 
 The searches train every candidate with the identical stage-1 recipe (`jetnas.train.stages`), evaluate it on the
 same built-in tasks, and measure its training throughput (median per-step tokens/s of the trainer) and decode
-throughput (`jetnas.bench.measure.decode_throughput` unless `measure` says otherwise); the bookkeeping (candidates,
+throughput (`jetnas.bench.measure.replicated_decode_throughput`, the benchmarks' protocol, unless `measure` says
+otherwise); the bookkeeping (candidates,
 reuse of finished ones, ranking, tables, figures, the tolerance rule) is `jetnas.nas.blocks`.
 """
 
@@ -27,18 +28,19 @@ DEFAULT_TASKS = "lm,retrieval"
 
 
 def _resolve_measure(measure: str | Callable | None, required: bool) -> Callable | None:
-    """The decode-throughput function: a callable as is; None: `jetnas.bench.measure.decode_throughput` (imported
-    only now); "none": no measurement (only where it is optional); "module:function" otherwise."""
+    """The decode-throughput function: a callable as is; None: `jetnas.bench.measure.replicated_decode_throughput`
+    (imported only now; the protocol of `jetnas bench` and the GPU benchmark: one prompt prefilled, its cache copied
+    into every row); "none": no measurement (only where it is optional); "module:function" otherwise."""
     if callable(measure):
         return measure
     if measure is None:
         try:
-            from jetnas.bench.measure import decode_throughput
+            from jetnas.bench.measure import replicated_decode_throughput
         except ImportError as err:
-            raise ImportError(f"decode throughput needs jetnas.bench.measure.decode_throughput, which cannot be "
-                              f"imported here ({err}); pass --measure MODULE:FUNCTION"
+            raise ImportError(f"decode throughput needs jetnas.bench.measure.replicated_decode_throughput, which "
+                              f"cannot be imported here ({err}); pass --measure MODULE:FUNCTION"
                               + ("" if required else " or --measure none to skip the decode measurement")) from err
-        return decode_throughput
+        return replicated_decode_throughput
     if measure == "none":
         if required:
             raise ValueError("the hardware search chooses by measured decode throughput: --measure none is not allowed")
@@ -252,7 +254,7 @@ def _free_memory() -> None:
 
 def _measure_name(measure) -> str:
     if measure is None:
-        return "jetnas.bench.measure:decode_throughput"
+        return "jetnas.bench.measure:replicated_decode_throughput"
     if callable(measure):
         return f"{getattr(measure, '__module__', '?')}:{getattr(measure, '__qualname__', repr(measure))}"
     return str(measure)
@@ -299,8 +301,8 @@ def search_blocks(teacher: str, placement: str, blocks: str = "gdn,gla,mamba2,re
         decode_batch_size: batch of the decode-throughput measurement.
         decode_context: context length (prompt tokens) of the decode-throughput measurement.
         decode_tokens: tokens decoded per measurement.
-        measure: decode-throughput function as MODULE:FUNCTION (default jetnas.bench.measure:decode_throughput),
-            or none to skip decode measurement.
+        measure: decode-throughput function as MODULE:FUNCTION (default
+            jetnas.bench.measure:replicated_decode_throughput), or none to skip decode measurement.
         teacher_reference: also evaluate and measure the teacher, as the table's reference row.
         keep_models: save every candidate's trained model (candidates/<name>/train/model).
         out_dir: where blocks.md, blocks.json, blocks.png and candidates/ go (default runs/blocks-<time>).
@@ -376,7 +378,8 @@ def search_hardware(teacher: str, placement: str, block: str = "jet", state_byte
         decode_batch_size: batch of the decode-throughput measurement.
         decode_context: context length (prompt tokens) of the decode-throughput measurement.
         decode_tokens: tokens decoded per measurement.
-        measure: decode-throughput function as MODULE:FUNCTION (default jetnas.bench.measure:decode_throughput).
+        measure: decode-throughput function as MODULE:FUNCTION (default
+            jetnas.bench.measure:replicated_decode_throughput).
         keep_models: save every shape's trained model.
         out_dir: where hardware.md, hardware.json, hardware.png and candidates/ go (default runs/hardware-<time>).
         seed: seed of new blocks and data order (identical for all shapes).

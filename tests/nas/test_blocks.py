@@ -297,7 +297,7 @@ def test_a_budget_other_than_the_originals(tmp_path):
 
 
 def fake_decode_throughput(model, batch_size, context_length, new_tokens=32, chunk_size=None, device=None):
-    """Stands in for jetnas.bench.measure.decode_throughput (same signature): a deterministic function of the
+    """Stands in for jetnas.bench.measure.replicated_decode_throughput (same arguments): a deterministic function of the
     model's size, so tests do not depend on timing."""
     params = sum(p.numel() for p in model.parameters())
     return {"decode_tokens_per_s": 1e9 / params, "prefill_tokens_per_s": 4e9 / params,
@@ -308,7 +308,7 @@ def test_the_default_measure_is_the_bench_engine(monkeypatch):
     from jetnas.commands.stages import _resolve_measure
 
     fake = types.ModuleType("jetnas.bench.measure")
-    fake.decode_throughput = fake_decode_throughput
+    fake.replicated_decode_throughput = fake_decode_throughput
     monkeypatch.setitem(sys.modules, "jetnas.bench.measure", fake)
     assert _resolve_measure(None, required=True) is fake_decode_throughput
     assert _resolve_measure("tests.nas.test_blocks:fake_decode_throughput", True) is fake_decode_throughput
