@@ -95,6 +95,8 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
         "uniform_objective": entries["uniform"]["combined"],
         "one_layer_objective": entries["one-layer ranking"]["combined"],
         "evaluations": evaluator.evaluations,
+        # layer passes computed / what running every sub-network from its first layer would take (prefix reuse)
+        "layer_passes": getattr(evaluator, "layers_run", None),
         "outputs": {"placements": str(out / "placements.json"), "heatmap": str(heat),
                     "comparison": str(out / "comparison.md")},
     }

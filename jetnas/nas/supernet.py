@@ -105,17 +105,29 @@ class SuperNet(nn.Module):
         Returns:
             `(logits [B, T, V], hidden states or None)`.
         """
+        logits, states = self.run_layers(input_ids, choice, attention_mask)
+        return logits, tuple(states[1:]) if output_hidden_states else None
+
+    def run_layers(self, input_ids: torch.Tensor, choice: Sequence[str], attention_mask: torch.Tensor | None = None,
+                   start: int = 0, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward` from layer `start` on, given `hidden`, the input of that layer (from an earlier run whose
+        choices agree on layers `0 .. start - 1`: the placement search's sub-networks differ in one layer from the
+        one before them). Returns `(logits, states)`: states[j] is the input of layer start + j, the last one the
+        output of the last layer."""
         choice = self.check_choice(choice)
         model = self.base.model
         B, T = input_ids.shape
-        h = model.embed_tokens(input_ids)
+        if (start == 0) != (hidden is None):
+            raise ValueError(f"give the input hidden state exactly when starting after layer 0 (start={start})")
+        h = model.embed_tokens(input_ids) if hidden is None else hidden
         if attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         rope = model.rotary_emb(h, positions)
-        hidden = []
-        for layer, block, c in zip(model.layers, self.linear, choice):
+        states = [h]
+        for i in range(start, self.num_layers):
+            layer, block, c = model.layers[i], self.linear[i], choice[i]
             x = layer.input_layernorm(h)
             if c == "linear":
                 mixed, _ = block(x, attention_mask=attention_mask)
@@ -125,10 +137,9 @@ class SuperNet(nn.Module):
                                                   position_embeddings=rope)
             h = h + mixed
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if output_hidden_states:
-                hidden.append(h)
+            states.append(h)
         logits = self.base.lm_head(model.norm(h))
-        return logits, tuple(hidden) if output_hidden_states else None
+        return logits, states
 
     def teacher_choice(self) -> tuple[str, ...]:
         return ("attn",) * self.num_layers

@@ -39,3 +39,26 @@ def test_placement_search_writes_heatmap_tables_and_ranked_placements(tmp_path):
     comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
     # the references close 0 and 1 of the gap by construction
     assert comparison["all linear"]["combined"] == 0.0 and abs(comparison["teacher (all attention)"]["combined"] - 1) < 1e-9
+
+
+def test_prefix_reuse_gives_the_same_scores_with_fewer_layers(tmp_path):
+    # sub-networks that agree on their first layers start from the kept layer inputs: bit-identical task results
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=512)).eval()
+    base, _ = convert_model(teacher, ["attn"] * 4)
+    supernet = SuperNet(base, SuperNetSpec("tiny", "gla", swa_window=16))
+    text = tmp_path / "heldout.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    tasks = build_search_tasks(["lm", "retrieval"], rows=2, lm_data=str(text), lm_tokens=256, retrieval_length=128)
+    candidates = [("linear",) * 4, ("attn", "linear", "linear", "linear"), ("attn", "linear", "swa", "linear"),
+                  ("attn", "linear", "swa", "attn"), ("linear", "swa", "linear", "linear")]
+    reused = CandidateEvaluator(supernet, tok, tasks, batch_size=4, max_length=512)
+    fresh = CandidateEvaluator(supernet, tok, tasks, batch_size=4, max_length=512, prefix_bytes=0)
+    for cand in candidates:
+        assert reused.results(cand) == fresh.results(cand)
+    assert reused.layers_run < fresh.layers_run
+    # per input batch, the first differing layer onwards: 4 + 4 + 2 + 1 + 4 layers instead of 5 x 4
+    assert reused.layers_run * 20 == fresh.layers_run * 15
