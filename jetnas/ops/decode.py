@@ -1,4 +1,4 @@
-"""The two decode-step ops of the inference engine, each a PyTorch reference plus a Triton kernel
+"""The decode-step ops of the inference engine, each a PyTorch reference plus a Triton kernel
 (`jetnas.ops.triton_decode`) with the same contract:
 
 - `decode_attention`: one query token per sequence against a preallocated key/value buffer, for full attention
@@ -8,9 +8,11 @@
   softmaxes.
 - `gated_delta_rule_step_`: the gated delta rule's one-token step, updating the float32 state in place (a decode
   step then reads and writes each state once; an out-of-place step would also write a new state and copy it back).
+- `gla_step_`: the same for gated linear attention (GLA, RetNet, Mamba2), per-key-channel or per-head decay.
 
-Both take a `backend` ("torch" | "triton"); the Triton kernels run on CUDA tensors, or on CPU under
-`TRITON_INTERPRET=1` (how the tests check them).
+All take a `backend` ("torch" | "triton"); the Triton kernels run on CUDA tensors, or on CPU under
+`TRITON_INTERPRET=1` (how the tests check them). With "torch", decode attention is one grouped SDPA call over the
+cache in place (`sdpa_decode_attention`, the CPU engine's path), checked against the reference like the kernel.
 """
 
 from __future__ import annotations
