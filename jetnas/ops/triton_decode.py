@@ -24,7 +24,8 @@ import triton.language as tl
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, hi_ptr, o_ptr, m_ptr, l_ptr, scale, R, S,
                              sqb, sqh, skb, skh, skr, svb, svh, svr,
                              HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                             DV: tl.constexpr, BLOCK_N: tl.constexpr, RING: tl.constexpr, TILES: tl.constexpr):
+                             DV: tl.constexpr, BLOCK_N: tl.constexpr, RING: tl.constexpr, TILES: tl.constexpr,
+                             PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -54,14 +55,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, hi_ptr, o_ptr, m_ptr, 
         valid = cols < end
         slots = cols % R if RING else cols
         k = tl.load(k_base + slots[:, None].to(tl.int64) * skr + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile before any column
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         v = tl.load(v_base + slots[:, None].to(tl.int64) * svr + dv[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
@@ -101,7 +102,9 @@ def triton_decode_attention(q, k_cache, v_cache, lo, hi, scale=None, num_splits=
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HKV=Hkv, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, DV=DV, BLOCK_N=block_n, RING=ring, TILES=tiles,
-        num_warps=4, num_stages=3)
+        # float32 inputs: exact products (tl.dot would round them to TF32, ~1e-3 relative: fp32 parity checks
+        # against the model's forward could not tell a bug from that)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     # merge the splits: weights exp(m_s - max m) (zero for empty splits, whose m is -inf)
     m_max = m.amax(-1, keepdim=True)
     w = torch.exp(m - m_max)
