@@ -109,7 +109,8 @@ def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", ba
             compute is not: a larger batch would only make the run long).
         chunk: prompt tokens per prefill pass: a number, none (the whole prompt), or auto (8192 on GPU, 1024 on CPU).
         new_tokens: tokens decoded per measurement (the first comes from the prefill and is not counted).
-        baseline: hf: also run transformers generate() (dynamic cache) with the same batch, prefilling every row.
+        baseline: hf: also run transformers generate() (dynamic cache), prefilling every row, at the engine's
+            batch capped at 64 and halved while it runs out of memory (each system at the batch it can run).
         out_dir: where bench.json and bench.png go (default runs/bench-<time>).
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.
