@@ -62,3 +62,7 @@ def test_prefix_reuse_gives_the_same_scores_with_fewer_layers(tmp_path):
     assert reused.layers_run < fresh.layers_run
     # per input batch, the first differing layer onwards: 4 + 4 + 2 + 1 + 4 layers instead of 5 x 4
     assert reused.layers_run * 20 == fresh.layers_run * 15
+    # the texts are built and encoded once, not once per candidate
+    calls = reused.tokenizer.calls
+    reused.results(("swa", "linear", "linear", "linear"))
+    assert calls > 0 and reused.tokenizer.calls == calls
