@@ -9,8 +9,8 @@
 # kernel source and the tuning key, so it is valid on any machine with the same image (sm_90: H100 and H200).
 # Every call starts from the results collected so far (dev/autotune, committed: a few KB; plus .stage/autotune when
 # carried) and returns the union as $OUT/autotune.tar every 30 s and at the end; keep it:
-# `tar -xf autotune.tar -C dev/autotune` and commit. (2026-12-02: GLA's forward alone benchmarked 170 configs, each
-# compiled, in ~165 s on a fresh H200; with its results restored it compiles one config per kernel.)
+# `tar -xf autotune.tar -C dev/autotune` and commit. (2026-12-02: in ~165 s a fresh H200 autotuned only GLA's forward
+# kernels, 170 configs, each compiled; with their results restored it compiles one config per kernel.)
 #
 # Usage (in the repository root on the device; steps run in order):
 #   bash dev/gpu_session.sh fla generate:300 prefill:300          # checks: carry .stage/fla (+ .stage/autotune)
@@ -40,7 +40,7 @@ fla_only() {  # the engine, kernel and generate checks need fla and nothing else
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .stage/fla/*.whl 2>&1 | tail -1
 }
 GGUF=/root/jc/teachers/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-# the recipe cut to fit one session's 30 device-minutes (with staging and compilation): ~25 min of GPU work
+# the recipe cut to fit one session's 30 device-minutes (with staging and compilation): ~25 min of GPU work, estimated, not yet run
 RECIPE_SETS=(--set stages.supernet.steps=300 --set stages.supernet.eval_every=100
              --set stages.placement.beam_width=2 --set stages.placement.rows=12 --set stages.placement.lm_tokens=8192
              --set stages.placement.retrieval_length=1024

@@ -40,11 +40,11 @@ class StaticDecoder:
         self.start = torch.zeros(B, dtype=torch.int32, device=device)
         self.rows = torch.arange(B, device=device)
         self.logits: torch.Tensor | None = None
-        self.rings: dict[int, WindowKV] = {}
+        self.windows: dict[int, int] = {}  # sliding-window layers: their ring's size
         self.views: dict[int, LinearCacheView] = {}
         for i, state in enumerate(cache.layers):
             if isinstance(state, WindowKV):
-                self.rings[i] = state
+                self.windows[i] = state.window
             elif not isinstance(state, StaticKV):
                 self.views[i] = LinearCacheView(state)
         self.graph = None
@@ -67,12 +67,12 @@ class StaticDecoder:
 
     def _attend(self, i: int, attn: Attention, x: torch.Tensor, cos, sin, where: dict) -> torch.Tensor:
         q, k, v = attn.project(x, cos, sin)
-        ring = self.rings.get(i)
+        window = self.windows.get(i)
         keys, values = self.cache.layers[i].keys, self.cache.layers[i].values
-        slot, lo, hi = where[None if ring is None else ring.window]
+        slot, lo, hi = where[window]
         keys[self.rows, :, slot] = k[:, 0]
         values[self.rows, :, slot] = v[:, 0]
-        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=ring is not None, backend=self.backend)
+        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=window is not None, backend=self.backend)
         return attn.o_proj(o.reshape(x.shape[0], 1, -1))
 
     def _step(self) -> torch.Tensor:
@@ -83,7 +83,7 @@ class StaticDecoder:
         # per step, not per layer: each cache kind's write slot and visible columns [lo, hi)
         hi = self.column + 1
         where = {None: (self.column.long(), self.start, hi)}
-        for window in {ring.window for ring in self.rings.values()}:
+        for window in set(self.windows.values()):
             where[window] = ((self.column % window).long(), torch.maximum(self.start, hi - window), hi)
         for i, layer in enumerate(inner.layers):
             x = layer.input_layernorm(h)

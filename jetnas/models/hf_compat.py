@@ -1,4 +1,4 @@
-"""Everything in jetnas that depends on transformers' internals, in one place (tested with transformers 5.17-5.23).
+"""Everything in jetnas that depends on transformers' internals, in one place (tested with transformers 5.17-5.24).
 
 - the name of the cache argument and output field (`past_key_values` before 5.24, `cache` from 5.24 on);
 - the per-layer caches `generate()` builds from `config.layer_types`, and the views that let our layers use them;

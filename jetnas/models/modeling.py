@@ -255,8 +255,7 @@ class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
         """Causal LM forward. `labels` (same shape as input_ids, -100 ignored) give the mean next-token loss;
         `logits_to_keep=n` computes logits for the last n positions only (0: all)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache if past_key_values is None else past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):

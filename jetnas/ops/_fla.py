@@ -18,7 +18,7 @@ def limit_autotuning(max_configs: int | None) -> None:
     after the kernel's own pruning), or all of them again with None.
 
     fla's kernels try up to 48 configs each, and Triton compiles every one: on a fresh GPU machine a new block type
-    costs minutes before its first step (2026-12-02: GLA's forward alone, 170 configs, ~165 s on an H200). With a
+    costs minutes before its first step (2026-12-02: in ~165 s a fresh H200 got through the autotuning of GLA's forward kernels only, 170 configs). With a
     few configs the kernels start in seconds and run somewhat slower than fully tuned ones: right for short runs that
     compare models, wrong for throughput benchmarks. Set by `JETNAS_AUTOTUNE_CONFIGS=N` when this module loads."""
     from triton.runtime.autotuner import Autotuner

@@ -113,9 +113,12 @@ def triton_decode_attention(q, k_cache, v_cache, lo, hi, scale=None, num_splits=
 
 
 @triton.jit
-def _gdr_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale,
-                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     USE_G: tl.constexpr, USE_BETA: tl.constexpr, L2NORM: tl.constexpr):
+def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale,
+                           K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           DELTA: tl.constexpr, USE_G: tl.constexpr, G_PER_KEY: tl.constexpr, USE_BETA: tl.constexpr,
+                           L2NORM: tl.constexpr):
+    # one token of a matrix memory `h [K, BV]` in place: decay, then write `k v^T` (GLA) or the delta rule's
+    # correction `k (beta (v - h^T k))^T`, then read `o = h^T q`
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
     kk = tl.arange(0, BK)
@@ -132,17 +135,21 @@ def _gdr_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale,
     p_s = s_ptr + bh * K * V + kk[:, None] * V + vv[None, :]
     h = tl.load(p_s, mask=smask, other=0.0)
     if USE_G:
-        h = h * tl.exp(tl.load(g_ptr + bh).to(tl.float32))
-    delta = v - tl.sum(h * k[:, None], 0)
+        if G_PER_KEY:
+            h = h * tl.exp(tl.load(g_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32))[:, None]
+        else:
+            h = h * tl.exp(tl.load(g_ptr + bh).to(tl.float32))
+    if DELTA:
+        v = v - tl.sum(h * k[:, None], 0)
     if USE_BETA:
-        delta = delta * tl.load(beta_ptr + bh).to(tl.float32)
-    h = h + k[:, None] * delta[None, :]
+        v = v * tl.load(beta_ptr + bh).to(tl.float32)
+    h = h + k[:, None] * v[None, :]
     o = tl.sum(h * (q * scale)[:, None], 0)
     tl.store(p_s, h, mask=smask)
     tl.store(o_ptr + bh * V + vv, o.to(o_ptr.dtype.element_ty), mask=vmask)
 
 
-def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True):
+def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool):
     B, H, K = q.shape
     V = v.shape[-1]
     if state.shape != (B, H, K, V):
@@ -150,49 +157,18 @@ def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(v)
     BV = min(64, triton.next_power_of_2(V))
-    dummy = state  # never read when the flag is off
-    _gdr_step_kernel[(B * H, triton.cdiv(V, BV))](
+    dummy = state  # never read when its flag is off
+    _recurrent_step_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, dummy if g is None else g.contiguous(), dummy if beta is None else beta.contiguous(), state, o,
-        K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
-        USE_G=g is not None, USE_BETA=beta is not None, L2NORM=use_qk_l2norm, num_warps=4)
+        K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV, DELTA=delta,
+        USE_G=g is not None, G_PER_KEY=g is not None and g.dim() == 3, USE_BETA=beta is not None, L2NORM=l2norm,
+        num_warps=4)
     return o
 
 
-@triton.jit
-def _gla_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, s_ptr, o_ptr, scale,
-                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     PER_CHANNEL: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    vb = tl.program_id(1)
-    kk = tl.arange(0, BK)
-    vv = vb * BV + tl.arange(0, BV)
-    kmask = kk < K
-    vmask = vv < V
-    q = tl.load(q_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + bh * V + vv, mask=vmask, other=0.0).to(tl.float32)
-    smask = kmask[:, None] & vmask[None, :]
-    p_s = s_ptr + bh * K * V + kk[:, None] * V + vv[None, :]
-    h = tl.load(p_s, mask=smask, other=0.0)
-    if PER_CHANNEL:
-        h = h * tl.exp(tl.load(g_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32))[:, None]
-    else:
-        h = h * tl.exp(tl.load(g_ptr + bh).to(tl.float32))
-    h = h + k[:, None] * v[None, :]
-    o = tl.sum(h * (q * scale)[:, None], 0)
-    tl.store(p_s, h, mask=smask)
-    tl.store(o_ptr + bh * V + vv, o.to(o_ptr.dtype.element_ty), mask=vmask)
+def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True):
+    return _recurrent_step_(q, k, v, g, beta, state, scale, delta=True, l2norm=use_qk_l2norm)
 
 
 def triton_gla_step_(q, k, v, g, state, scale=None):
-    B, H, K = q.shape
-    V = v.shape[-1]
-    if state.shape != (B, H, K, V):
-        raise ValueError(f"state must be {[B, H, K, V]}, got {list(state.shape)}")
-    q, k, v, g = q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous()
-    o = torch.empty_like(v)
-    BV = min(64, triton.next_power_of_2(V))
-    _gla_step_kernel[(B * H, triton.cdiv(V, BV))](
-        q, k, v, g, state, o, K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
-        PER_CHANNEL=g.dim() == 3, num_warps=4)
-    return o
+    return _recurrent_step_(q, k, v, g, None, state, scale, delta=False, l2norm=False)

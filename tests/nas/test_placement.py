@@ -13,7 +13,8 @@ from jetnas.nas.supernet import SuperNet, SuperNetSpec
 from tests.utils import tiny_tokenizer
 
 
-def test_placement_search_writes_heatmap_tables_and_ranked_placements(tmp_path):
+def tiny_search(tmp_path):
+    """A 4-layer super-network (GLA linear paths), its tokenizer, and tiny lm + retrieval search tasks."""
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -24,6 +25,11 @@ def test_placement_search_writes_heatmap_tables_and_ranked_placements(tmp_path):
     text = tmp_path / "heldout.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
     tasks = build_search_tasks(["lm", "retrieval"], rows=2, lm_data=str(text), lm_tokens=256, retrieval_length=128)
+    return supernet, tok, tasks
+
+
+def test_placement_search_writes_heatmap_tables_and_ranked_placements(tmp_path):
+    supernet, tok, tasks = tiny_search(tmp_path)
     evaluator = CandidateEvaluator(supernet, tok, tasks, batch_size=4, max_length=512)
     summary = run_placement_search(evaluator, Budget(attn=1, swa=1), beam_width=2, out_dir=tmp_path / "out")
     assert len(summary["placement"]["attn"]) == 1 and len(summary["placement"]["swa"]) == 1
@@ -43,16 +49,7 @@ def test_placement_search_writes_heatmap_tables_and_ranked_placements(tmp_path):
 
 def test_prefix_reuse_gives_the_same_scores_with_fewer_layers(tmp_path):
     # sub-networks that agree on their first layers start from the kept layer inputs: bit-identical task results
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                           max_position_embeddings=512)).eval()
-    base, _ = convert_model(teacher, ["attn"] * 4)
-    supernet = SuperNet(base, SuperNetSpec("tiny", "gla", swa_window=16))
-    text = tmp_path / "heldout.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    tasks = build_search_tasks(["lm", "retrieval"], rows=2, lm_data=str(text), lm_tokens=256, retrieval_length=128)
+    supernet, tok, tasks = tiny_search(tmp_path)
     candidates = [("linear",) * 4, ("attn", "linear", "linear", "linear"), ("attn", "linear", "swa", "linear"),
                   ("attn", "linear", "swa", "attn"), ("linear", "swa", "linear", "linear")]
     reused = CandidateEvaluator(supernet, tok, tasks, batch_size=4, max_length=512)
