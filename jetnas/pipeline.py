@@ -156,6 +156,16 @@ def validate_arguments(stage: str, args: dict, source: str) -> None:
             raise RecipeError(f"{source}: stages.{stage}.{key} is not an argument of `{stage}`; allowed: {allowed}")
 
 
+def _missing_model(result: dict) -> str | None:
+    """The model directory a finished stage produced, if it no longer holds safetensors weights (a run continued
+    from a copy of its small outputs, as dev/gpu_session.sh does across machines, has the records but not the
+    weights): later stages need them, so the stage must run again."""
+    model_dir = result.get("model_dir") if isinstance(result, dict) else None
+    if model_dir and not any(Path(model_dir).glob("*.safetensors")):
+        return model_dir
+    return None
+
+
 def _fingerprint(kwargs: dict) -> str:
     return hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -189,7 +199,11 @@ class Pipeline:
         fingerprint = _fingerprint(kwargs)
         record = self.state["stages"].get(stage)
         stale = self.changed and upstream
-        if record and record.get("fingerprint") == fingerprint and not stale and stage not in self.redo:
+        gone = _missing_model(record["result"]) if record else None
+        if gone:
+            self._log(f"{stage}: finished before, but its model {gone} holds no weights any more (a run directory "
+                      "copied without them?): running it again")
+        if record and record.get("fingerprint") == fingerprint and not stale and stage not in self.redo and not gone:
             self._log(f"{stage}: reusing the finished result in {self.state_path}")
             self.results[stage] = record["result"]
             return record["result"]

@@ -1,6 +1,7 @@
 """`jetnas run` bookkeeping with fake stages: recipe validation, wiring between stages, reuse and reruns, report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,10 @@ def fake_train(stage, teacher, model=None, layer_types=None, block_config=None, 
         assert layer_types == "gdn,gdn,attn,gdn" and block_config == {"gdn": {"num_heads": 4}}
     else:
         assert model.endswith("stage1/model")
-    return {"model_dir": f"{out_dir}/model", "steps": steps, "final_loss": 1.0 / stage}
+    model_dir = Path(out_dir) / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    return {"model_dir": str(model_dir), "steps": steps, "final_loss": 1.0 / stage}
 
 
 def fake_eval(model, tasks="ppl", out_dir=None, device=None):
@@ -96,6 +100,15 @@ def test_finished_stages_are_reused_and_a_changed_stage_reruns_with_everything_a
     CALLS.clear()
     Pipeline(recipe(tmp_path, stage2={"steps": 3}), redo=("hardware",)).run()
     assert CALLS[:3] == ["hardware", "stage1", "stage2"]
+
+
+def test_a_finished_stage_whose_model_weights_are_gone_runs_again(tmp_path):
+    # a run continued on another machine from a copy of its small outputs: the records, not the weights
+    Pipeline(recipe(tmp_path)).run()
+    CALLS.clear()
+    (tmp_path / "run" / "stage1" / "model" / "model.safetensors").unlink()
+    Pipeline(recipe(tmp_path)).run()
+    assert CALLS == ["stage1", "stage2", f"eval:{tmp_path}/run/stage2/model", f"bench:{tmp_path}/run/stage2/model"]
 
 
 def test_without_block_and_shape_searches_stage1_gets_the_jetblock_and_the_supernets_window(tmp_path):
