@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jetnas.models.convert import convert_model
-from jetnas.nas.objectives import CandidateEvaluator, build_search_tasks
+from jetnas.nas.objectives import CandidateEvaluator, NormalizedObjective, SearchTask, build_search_tasks
 from jetnas.nas.placement import run_placement_search
 from jetnas.nas.sampling import Budget
 from jetnas.nas.supernet import SuperNet, SuperNetSpec
@@ -63,3 +64,26 @@ def test_prefix_reuse_gives_the_same_scores_with_fewer_layers(tmp_path):
     calls = reused.tokenizer.calls
     reused.results(("swa", "linear", "linear", "linear"))
     assert calls > 0 and reused.tokenizer.calls == calls
+
+
+class _FakeEvaluator:
+    """Fixed metrics per candidate (lower is better on both tasks), for the objective's arithmetic alone."""
+
+    def __init__(self, table):
+        self.table = table
+        self.supernet = type("S", (), {"num_layers": 2})()
+        self.tasks = [SearchTask(name, None, "nll", False) for name in ("lm", "mc")]
+
+    def results(self, candidate):
+        return {name: {"nll": value} for name, value in zip(("lm", "mc"), self.table[candidate])}
+
+
+def test_a_task_counts_at_most_as_much_as_the_teacher_in_the_combined_objective():
+    fake = _FakeEvaluator({("linear", "linear"): (5.0, 6.0), ("attn", "attn"): (3.0, 5.5),
+                           ("attn", "linear"): (4.0, 5.5),   # half the lm gap, the mc gap closed
+                           ("linear", "attn"): (4.8, 4.5)})  # 0.1 of the lm gap, "3x" the mc gap: noise
+    objective = NormalizedObjective(fake)
+    assert objective.per_task(("linear", "attn")) == pytest.approx({"lm": 0.1, "mc": 3.0})  # tables keep it raw
+    assert objective(("attn", "linear"))[0] == pytest.approx(0.75)
+    assert objective(("linear", "attn"))[0] == pytest.approx(0.55)
+    assert objective(("attn", "attn"))[0] == pytest.approx(1.0)
