@@ -139,7 +139,7 @@ class JetBlock(TokenMixer):
         conv_state = None if state is None else state.conv.get(name)
         if step:
             args = (u[:, 0], x[:, 0]) if dynamic else (u[:, 0],)
-            y, new_state = conv.step(*args, conv_state)
+            y, new_state = conv.step(*args, conv_state, backend=self.backend)
             y = y[:, None]
         elif dynamic:
             y, new_state = conv(u, x, conv_state, state is not None, backend=self.backend)

@@ -87,7 +87,7 @@ class Mamba2(TokenMixer):
         z, xBC, dt = self.in_proj(x).split([self.inner, self.inner + 2 * G * N, H], -1)
         conv_state = None if state is None else state.conv.get("xBC")
         if step:
-            xBC, conv_state = self.conv1d.step(xBC[:, 0], conv_state)
+            xBC, conv_state = self.conv1d.step(xBC[:, 0], conv_state, backend=self.backend)
             xBC = xBC[:, None]
         else:
             xBC, conv_state = self.conv1d(xBC, conv_state, state is not None)

@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 from jetnas.ops.conv import dynamic_conv, dynamic_conv_step, short_conv, short_conv_step
+from jetnas.ops.decode import conv_step_
+
+
+def _in_place(x: torch.Tensor, state: torch.Tensor | None) -> bool:
+    """Whether a decode step may shift the cached inputs in place: a state of x's dtype, outside autograd."""
+    return state is not None and state.dtype == x.dtype and not torch.is_grad_enabled()
 
 
 def _conv1d_default_init_(w: torch.Tensor, kernel_size: int) -> None:
@@ -41,8 +47,11 @@ class ShortConvolution(nn.Module):
         """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`."""
         return short_conv(x, self.weight[:, 0], self.bias, state, output_final_state, self.activation, cu_seqlens)
 
-    def step(self, x, state):
-        """`x [B, D]`, `state [B, D, W-1]` or None -> `(y [B, D], new_state)`."""
+    def step(self, x, state, backend="torch"):
+        """`x [B, D]`, `state [B, D, W-1]` or None -> `(y [B, D], new_state)`; outside autograd a given state is
+        updated in place and returned (`jetnas.ops.decode.conv_step_`)."""
+        if _in_place(x, state):
+            return conv_step_(x, self.weight[:, 0], self.bias, state, self.activation, backend), state
         return short_conv_step(x, self.weight[:, 0], self.bias, state, self.activation)
 
     @torch.no_grad()
@@ -100,8 +109,11 @@ class DynamicShortConvolution(nn.Module):
         return dynamic_conv(x, self.kernels(generator_input), state, output_final_state, self.activation, cu_seqlens,
                             backend)
 
-    def step(self, x, generator_input, state):
-        """`x [B, D]`, `generator_input [B, Din]`, `state [B, D, W-1]` or None -> `(y [B, D], new_state)`."""
+    def step(self, x, generator_input, state, backend="torch"):
+        """`x [B, D]`, `generator_input [B, Din]`, `state [B, D, W-1]` or None -> `(y [B, D], new_state)`; outside
+        autograd a given state is updated in place and returned."""
+        if _in_place(x, state):
+            return conv_step_(x, self.kernels(generator_input), None, state, self.activation, backend), state
         return dynamic_conv_step(x, self.kernels(generator_input), state, self.activation)
 
     @torch.no_grad()

@@ -9,6 +9,8 @@
 - `gated_delta_rule_step_`: the gated delta rule's one-token step, updating the float32 state in place (a decode
   step then reads and writes each state once; an out-of-place step would also write a new state and copy it back).
 - `gla_step_`: the same for gated linear attention (GLA, RetNet, Mamba2), per-key-channel or per-head decay.
+- `conv_step_`: a short convolution's one-token step (static kernel or the JetBlock's per-token kernels), shifting
+  its cached inputs in place.
 
 All take a `backend` ("torch" | "triton"); the Triton kernels run on CUDA tensors, or on CPU under
 `TRITON_INTERPRET=1` (how the tests check them). With "torch", decode attention is one grouped SDPA call over the
@@ -22,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from jetnas.ops.conv import dynamic_conv_step
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
 
@@ -118,3 +121,27 @@ def gla_step_(q, k, v, g, state, scale=None, backend: str = "torch"):
     o, new = gla_step(q, k, v, g, state, scale)
     state.copy_(new)
     return o
+
+
+def conv_step_(x, kernels, bias, state, activation="silu", backend: str = "torch"):
+    """One decode step of a short causal convolution, writing the new window into `state [B, D, W - 1]` in place
+    (any strides; the oldest input is dropped, x kept). `x [B, D]`; `kernels [D, W]` (static) or `[B, D, W]`
+    (per token); `bias [D]` or None; the activation after the bias. Returns `y [B, D]` in x's dtype.
+
+    The Triton kernel accumulates in float32 and rounds once; the reference (`jetnas.ops.conv.dynamic_conv_step`,
+    then the bias) rounds the sum to x's dtype before adding the bias and activating, so in bfloat16 the two
+    differ by a rounding step or two."""
+    W = kernels.shape[-1]
+    if state.shape != (*x.shape, W - 1) or state.dtype != x.dtype:
+        raise ValueError(f"state must be {[*x.shape, W - 1]} in {x.dtype}, got {list(state.shape)} {state.dtype}")
+    if _use_triton(backend, x) and W >= 2:
+        from jetnas.ops.triton_decode import triton_conv_step_
+
+        return triton_conv_step_(x, kernels, bias, state, activation)
+    if kernels.dim() == 2:
+        kernels = kernels.expand(x.shape[0], *kernels.shape)
+    y, new = dynamic_conv_step(x, kernels, state, activation=None if bias is not None else activation)
+    if bias is not None:
+        y = F.silu(y + bias.to(y.dtype)) if activation == "silu" else y + bias.to(y.dtype)
+    state.copy_(new)
+    return y

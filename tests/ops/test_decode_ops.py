@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 
 from jetnas.layers.base import RecurrentState
 from jetnas.ops.attention import causal_attention
-from jetnas.ops.decode import decode_attention, gated_delta_rule_step_, gla_step_, naive_decode_attention
+from jetnas.ops.conv import dynamic_conv_step, short_conv_step
+from jetnas.ops.decode import conv_step_, decode_attention, gated_delta_rule_step_, gla_step_, naive_decode_attention
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
 from tests.utils import rel_err
@@ -151,7 +152,7 @@ def test_torch_gla_step_in_place():
         gla_step_(q, k, v, g, state.double())
 
 
-@pytest.mark.parametrize("layer_type", ["jet", "gla", "retnet", "mamba2"])
+@pytest.mark.parametrize("layer_type", ["jet", "gdn", "deltanet", "gla", "retnet", "mamba2"])
 def test_linear_blocks_decode_into_their_cached_state(layer_type):
     # one read and one write of the recurrent state per step: the cached tensor itself is updated, not replaced
     from jetnas.layers import build_layer
@@ -162,8 +163,44 @@ def test_linear_blocks_decode_into_their_cached_state(layer_type):
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         _, state = layer(x[:, :4], use_cache=True)
-        before = state.recurrent
-        expected = layer(x[:, 4:], RecurrentState(before.clone(), dict(state.conv), 4))[0]
+        before, convs = state.recurrent, dict(state.conv)
+        expected = layer(x[:, 4:], RecurrentState(before.clone(), {k: c.clone() for k, c in convs.items()}, 4))[0]
         out, state = layer(x[:, 4:], state)
     assert state.recurrent is before
+    assert all(state.conv[k] is c for k, c in convs.items())  # the conv windows shift in place too
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["static", "static+bias", "per-token"])
+@pytest.mark.parametrize("W", [4, 3, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "time-major"])
+def test_conv_step_kernel_in_place(kind, W, layout):
+    torch.manual_seed(7)
+    B, D = 3, 300  # D not a multiple of the channel block: masked lanes
+    x = torch.randn(B, D, device=DEVICE)
+    kernels = torch.randn(D, W, device=DEVICE) if kind != "per-token" else torch.randn(B, D, W, device=DEVICE)
+    bias = torch.randn(D, device=DEVICE) if kind == "static+bias" else None
+    # the prefill's final conv state is a transposed view of its inputs [B, W-1, D]: the cache keeps those strides
+    state = (torch.randn(B, D, W - 1, device=DEVICE) if layout == "contiguous"
+             else torch.randn(B, W - 1, D, device=DEVICE).transpose(1, 2))
+    want_state = state.clone()
+    want = conv_step_(x, kernels, bias, want_state, "silu", backend="torch")
+    ptr = state.data_ptr()
+    got = conv_step_(x, kernels, bias, state, "silu", backend="triton")
+    assert state.data_ptr() == ptr
+    assert rel_err(got, want) < TOL and torch.equal(state, want_state)
+
+
+def test_torch_conv_step_in_place_equals_the_reference_steps():
+    torch.manual_seed(8)
+    x, w, bias, state = torch.randn(2, 6), torch.randn(6, 4), torch.randn(6), torch.randn(2, 6, 3)
+    want_y, want_state = short_conv_step(x, w, bias, state.clone(), "silu")
+    got_state = state.clone()
+    assert torch.equal(conv_step_(x, w, bias, got_state, "silu"), want_y) and torch.equal(got_state, want_state)
+    kernels = torch.randn(2, 6, 4)
+    want_y, want_state = dynamic_conv_step(x, kernels, state.clone(), "silu")
+    got_state = state.clone()
+    assert torch.equal(conv_step_(x, kernels, None, got_state, "silu"), want_y) and torch.equal(got_state, want_state)
+    with pytest.raises(ValueError, match="state must be"):
+        conv_step_(x, w, None, torch.randn(2, 6, 2))
