@@ -14,7 +14,9 @@
 #
 # Usage (in the repository root on the device; steps run in order):
 #   bash dev/gpu_session.sh fla generate:300 prefill:300          # checks: carry .stage/fla (+ .stage/autotune)
+#   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, teacher_eval:S; S = seconds)
 #   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c4)
+# Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
 set -uo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 JETNAS_CACHE=/root/jc
 TRITON_CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
@@ -40,7 +42,8 @@ fla_only() {  # the engine, kernel and generate checks need fla and nothing else
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .stage/fla/*.whl 2>&1 | tail -1
 }
 GGUF=/root/jc/teachers/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-# the recipe cut to fit one session's 30 device-minutes (with staging and compilation): ~25 min of GPU work, estimated, not yet run
+# the recipe cut to fit 30 device-minutes: 2026-12-02 on an H200 the stages up to stage 2 took 13.1 min (+ staging
+# 1.5 min, compilation and evaluation); the evaluation did not fit (results/h200_postnas_smollm2_135m)
 RECIPE_SETS=(--set stages.supernet.steps=300 --set stages.supernet.eval_every=100
              --set stages.placement.beam_width=2 --set stages.placement.rows=12 --set stages.placement.lm_tokens=8192
              --set stages.placement.retrieval_length=1024
@@ -83,9 +86,9 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   # 4 autotuning configs per kernel: every block type of the block selection would otherwise cost minutes of
   # compilation before its first step; the throughput columns are then "lightly tuned" (say so in the results)
   JETNAS_AUTOTUNE_CONFIGS=4 timeout "$1" python3 -m jetnas run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
-  mkdir -p $OUT/run
-  (cd /root/run && find . -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" | grep -v checkpoint \
-     | tar -cf - -T - | tar -xf - -C $OUT/run)
+  # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
+  (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
+     ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)
 }
 
 restore_autotune
@@ -93,8 +96,15 @@ for step in "$@"; do
   case $step in
     setup) setup ;;
     fla) fla_only ;;
-    generate:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_generate_check.py --out $OUT/generate_check.json 2>&1 \
-                  | grep -v Warn | tail -20 ;;
+    # teacher-forced in bf16 only: fp32 crashed in fla's chunk_gla_fwd_kernel_o autotuning (misaligned address, 2026-12-02)
+    generate:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_generate_check.py --dtypes bfloat16 \
+                  --out $OUT/generate_check.json 2>&1 | grep -v Warn | tail -20 ;;
+    tests:*) timeout "${step#*:}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_decode_ops.py tests/ops/test_fused.py \
+               2>&1 | tail -8 ;;
+    blocks:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --sections blocks \
+                --blocks ${BLOCKS:-deltanet,mamba2} --out $OUT/kernel_check_blocks.json 2>&1 | grep -v Warn | tail -12 ;;
+    convstep:*) timeout "${step#*:}" python3 benchmarks/decode_step_bench.py --out $OUT/decode_step.json 2>&1 \
+                  | grep -v Warn | tail -9 ;;
     kernels:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --sections ops,blocks \
                  --out $OUT/kernel_check.json 2>&1 | grep -v Warn | tail -20 ;;
     warmup:*) timeout "${step#*:}" python3 benchmarks/autotune_warmup.py 2>&1 | grep -v Warn | tail -8 ;;

@@ -1,0 +1,127 @@
+"""Decode throughput of SmolLM2-135M-shaped hybrids (the block-selection candidates of the H200 recipe run: full
+attention in layers 23 and 28, a 512 window in 10 and 11, one linear block type elsewhere; random weights, bf16)
+with the short convolutions' decode step as one in-place Triton launch (`jetnas.ops.decode.conv_step_`) and as the
+PyTorch step it replaced (about ten launches per conv), in the same process. Same protocol as the block selection:
+one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUDA-graph step.
+
+    python benchmarks/decode_step_bench.py --out $OUT/decode_step.json [--blocks gdn,gla,jet,mamba2 --repeats 3]
+
+Before timing, each block type's two paths must give the same greedy tokens over 16 steps on a short prompt (bf16
+rounding of the conv output differs by a step, so a flipped argmax is reported, not failed). Bound: a decode step
+reads the weights and every row's cache once: `roofline_tok_s` = batch / ((weight bytes + batch x cache bytes) /
+copy bandwidth), with the bandwidth measured here. Last stdout line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import contextlib
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+import jetnas  # noqa: F401
+from jetnas.bench.measure import replicated_decode_throughput
+from jetnas.engine import Engine
+from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, max_position_embeddings=16384, rms_norm_eps=1e-5,
+               tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e5})
+DEV = torch.device("cuda")
+SHAPES = {"gdn": {"num_heads": 9, "head_k_dim": 64, "head_v_dim": 64}, "jet": {"num_heads": 9, "head_dim": 64,
+                                                                              "expand_v": 1.0}}
+
+
+def log(*args) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
+
+
+def hybrid(block: str) -> JetNemotronForCausalLM:
+    types = ["attn" if i in (23, 28) else "swa" if i in (10, 11) else block for i in range(30)]
+    eac = {"swa": {"window_size": 512}}
+    if block in SHAPES:
+        eac[block] = SHAPES[block]
+    torch.manual_seed(0)
+    config = JetNemotronConfig(**SMOLLM2, block_types=types, efficient_attention_config=eac)
+    return JetNemotronForCausalLM(config).to(DEV, torch.bfloat16 if DEV.type == "cuda" else torch.float32).eval()
+
+
+def copy_bandwidth() -> float:
+    if DEV.type != "cuda":
+        return float("nan")
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - start)
+
+
+def torch_conv_step(on: bool):
+    """The PyTorch conv step (the path before the in-place kernel) while active."""
+    return mock.patch("jetnas.modules.conv._in_place", return_value=False) if on else contextlib.nullcontext()
+
+
+def greedy(model, torch_step: bool) -> torch.Tensor:
+    prompt = torch.randint(0, 49152, (2, 300), generator=torch.Generator().manual_seed(1))
+    with torch_conv_step(torch_step):
+        return Engine(model).generate(prompt, max_new_tokens=16).sequences
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", default="gdn,gla,jet,mamba2")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="decode_step.json")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script, no meaningful figures")
+    args = ap.parse_args()
+    global DEV
+    DEV = torch.device(args.device)
+    bandwidth = copy_bandwidth()
+    out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "batch": args.batch,
+           "context": args.context, "copy_bandwidth_bytes_s": bandwidth, "blocks": {}}
+    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    torch.set_grad_enabled(False)
+    for block in args.blocks.split(","):
+        model = hybrid(block)
+        flips = int((greedy(model, False) != greedy(model, True)).sum())
+        row = {"greedy_token_mismatches_of_32": flips}
+        for label, torch_step in (("torch_step", True), ("in_place_kernel", False)):
+            with torch_conv_step(torch_step):
+                runs = [replicated_decode_throughput(model, args.batch, args.context, warmup=(r == 0))
+                        for r in range(args.repeats)]
+            row[label] = {"decode_tok_s": [r["decode_tokens_per_s"] for r in runs],
+                          "median_decode_tok_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+                          "cache_bytes_per_sequence": runs[0]["cache_bytes_per_sequence"]}
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        step_bytes = weights + args.batch * row["in_place_kernel"]["cache_bytes_per_sequence"]
+        row["roofline_tok_s"] = args.batch / (step_bytes / bandwidth)
+        row["speedup"] = row["in_place_kernel"]["median_decode_tok_s"] / row["torch_step"]["median_decode_tok_s"]
+        row["roofline_fraction"] = row["in_place_kernel"]["median_decode_tok_s"] / row["roofline_tok_s"]
+        out["blocks"][block] = row
+        with open(args.out, "w") as f:  # after every block: a cut-off run keeps what it measured
+            json.dump(out, f, indent=2)
+        log(f"{block}: {row['torch_step']['median_decode_tok_s']:,.0f} -> {row['in_place_kernel']['median_decode_tok_s']:,.0f}"
+            f" tok/s ({row['speedup']:.2f}x; {row['roofline_fraction']:.0%} of {row['roofline_tok_s']:,.0f}); "
+            f"token mismatches {flips}/32")
+        del model
+        torch.cuda.empty_cache()
+    print("| block | torch step tok/s | in-place kernel tok/s | speed-up | roofline tok/s |")
+    print("|---|---|---|---|---|")
+    for block, row in out["blocks"].items():
+        print(f"| {block} | {row['torch_step']['median_decode_tok_s']:,.0f} | "
+              f"{row['in_place_kernel']['median_decode_tok_s']:,.0f} | {row['speedup']:.2f}x | {row['roofline_tok_s']:,.0f} |")
+    print(json.dumps({"out": args.out, **{b: round(r["speedup"], 3) for b, r in out["blocks"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
