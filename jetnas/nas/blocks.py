@@ -443,11 +443,16 @@ def _figure(path: Path, title: str, points: list[tuple[str, float, float | None]
     fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(6 + 3.2 * len(metrics), 4.8), squeeze=False,
                              gridspec_kw={"width_ratios": [1.7] + [1] * len(metrics)})
     ax = axes[0][0]
-    for label, score, x in points:
-        if x is None:
-            continue
+    shown = [(label, score, x) for label, score, x in points if x is not None]
+    xs, ys = [p[2] for p in shown], [p[1] for p in shown]
+    span_x, span_y = (max(xs) - min(xs) or 1.0) if xs else 1.0, (max(ys) - min(ys) or 1.0) if ys else 1.0
+    placed: list[tuple[float, float]] = []
+    for label, score, x in shown:
         ax.scatter([x], [score], s=45, color=colors[label])
-        ax.annotate(label, (x, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # a label whose point sits next to an earlier labelled one goes below its point, not over the other label
+        near = any(abs(x - px) < 0.15 * span_x and abs(score - py) < 0.05 * span_y for px, py in placed)
+        placed.append((x, score))
+        ax.annotate(label, (x, score), textcoords="offset points", xytext=(4, -11 if near else 4), fontsize=8)
     if vline is not None:
         ax.axvline(vline, color="grey", linestyle="--", linewidth=1, label="throughput floor")
         ax.legend(fontsize=8)
