@@ -139,6 +139,13 @@ def train(stage: int, teacher: str = "smollm2-135m", model: str | None = None, l
                         "log": str(Path(out) / "log.jsonl")}}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The measurement with the median decode throughput (the lower middle of an even count), plus every run's
+    throughput under `decode_tokens_per_s_runs`."""
+    middle = sorted(runs, key=lambda r: r["decode_tokens_per_s"])[(len(runs) - 1) // 2]
+    return {**middle, "decode_tokens_per_s_runs": [r["decode_tokens_per_s"] for r in runs]}
+
+
 class _Search:
     """What both searches share: the teacher, the placement, the held-out text, the tasks, and running one
     candidate (train with the stage-1 recipe, evaluate, measure)."""
@@ -203,8 +210,12 @@ class _Search:
             return {"cache_bytes_per_sequence": cache}
         if self.device.type == "cuda":
             model = model.to(torch.bfloat16)
-        result = self.measure(model, batch_size=self.decode["batch_size"], context_length=context,
-                              new_tokens=self.decode["new_tokens"], device=self.device)
+        if self.decode["repeats"] < 1:
+            raise ValueError(f"decode_repeats must be >= 1, got {self.decode['repeats']}")
+        runs = [self.measure(model, batch_size=self.decode["batch_size"], context_length=context,
+                             new_tokens=self.decode["new_tokens"], device=self.device)
+                for _ in range(self.decode["repeats"])]
+        result = median_run(runs)
         return {"decode": result, "decode_tokens_per_s": result["decode_tokens_per_s"],
                 "prefill_tokens_per_s": result.get("prefill_tokens_per_s"),
                 "cache_bytes_per_sequence": result.get("cache_bytes_per_sequence", cache)}
@@ -267,7 +278,8 @@ def search_blocks(teacher: str, placement: str, blocks: str = "gdn,gla,mamba2,re
                   swa_window: int | None = None, rows: int = 16, lm_tokens: int = 8192, retrieval_length: int = 1024,
                   heldout_tokens: int = 32768, generated_tokens: int = 200_000, eval_batch_size: int = 8,
                   decode_batch_size: int = 8, decode_context: int = 2048, decode_tokens: int = 32,
-                  measure: str | Callable | None = None, teacher_reference: bool = True, keep_models: bool = False,
+                  decode_repeats: int = 3, measure: str | Callable | None = None, teacher_reference: bool = True,
+                  keep_models: bool = False,
                   out_dir: str | None = None, seed: int = 0, precision: str = "auto",
                   device: str | None = None) -> dict:
     """PostNAS step 2 (and 3): train each linear block in the fixed placement with one recipe, compare them.
@@ -301,6 +313,8 @@ def search_blocks(teacher: str, placement: str, blocks: str = "gdn,gla,mamba2,re
         decode_batch_size: batch of the decode-throughput measurement.
         decode_context: context length (prompt tokens) of the decode-throughput measurement.
         decode_tokens: tokens decoded per measurement.
+        decode_repeats: measurements per model; the median counts (one takes ~0.2 s on a GPU, and the
+            hardware search's 1% tolerance is finer than one measurement's noise).
         measure: decode-throughput function as MODULE:FUNCTION (default
             jetnas.bench.measure:replicated_decode_throughput), or none to skip decode measurement.
         teacher_reference: also evaluate and measure the teacher, as the table's reference row.
@@ -315,7 +329,8 @@ def search_blocks(teacher: str, placement: str, blocks: str = "gdn,gla,mamba2,re
     candidates = parse_candidates(blocks)  # bad names fail before anything loads
     measure_fn = _resolve_measure(measure, required=False)
     out = Path(out_dir or f"runs/blocks-{time.strftime('%Y%m%d-%H%M%S')}")
-    decode = {"batch_size": decode_batch_size, "context_length": decode_context, "new_tokens": decode_tokens}
+    decode = {"batch_size": decode_batch_size, "context_length": decode_context, "new_tokens": decode_tokens,
+              "repeats": decode_repeats}
     train_args = {"steps": steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
                   "lr": lr, "warmup_steps": warmup_steps, "hidden_weight": hidden_weight, "kl_weight": kl_weight,
                   "precision": precision}
@@ -341,8 +356,8 @@ def search_hardware(teacher: str, placement: str, block: str = "jet", state_byte
                     kl_weight: float = 1.0, swa_window: int | None = None, rows: int = 16, lm_tokens: int = 8192,
                     retrieval_length: int = 1024, heldout_tokens: int = 32768, generated_tokens: int = 200_000,
                     eval_batch_size: int = 8, decode_batch_size: int = 8, decode_context: int = 2048,
-                    decode_tokens: int = 32, measure: str | Callable | None = None, keep_models: bool = False,
-                    out_dir: str | None = None, seed: int = 0, precision: str = "auto",
+                    decode_tokens: int = 32, decode_repeats: int = 3, measure: str | Callable | None = None,
+                    keep_models: bool = False, out_dir: str | None = None, seed: int = 0, precision: str = "auto",
                     device: str | None = None) -> dict:
     """PostNAS step 4: at a fixed state size, pick the block's (d_k, d_v, heads) by measured decode speed and accuracy.
 
@@ -378,6 +393,8 @@ def search_hardware(teacher: str, placement: str, block: str = "jet", state_byte
         decode_batch_size: batch of the decode-throughput measurement.
         decode_context: context length (prompt tokens) of the decode-throughput measurement.
         decode_tokens: tokens decoded per measurement.
+        decode_repeats: measurements per model; the median counts (one takes ~0.2 s on a GPU, and the
+            hardware search's 1% tolerance is finer than one measurement's noise).
         measure: decode-throughput function as MODULE:FUNCTION (default
             jetnas.bench.measure:replicated_decode_throughput).
         keep_models: save every shape's trained model.
@@ -401,7 +418,8 @@ def search_hardware(teacher: str, placement: str, block: str = "jet", state_byte
         raise ValueError(f"--state-bytes={state_bytes} must be a positive multiple of 4 (float32 state numbers)")
     measure_fn = _resolve_measure(measure, required=True)
     out = Path(out_dir or f"runs/hardware-{time.strftime('%Y%m%d-%H%M%S')}")
-    decode = {"batch_size": decode_batch_size, "context_length": decode_context, "new_tokens": decode_tokens}
+    decode = {"batch_size": decode_batch_size, "context_length": decode_context, "new_tokens": decode_tokens,
+              "repeats": decode_repeats}
     train_args = {"steps": steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
                   "lr": lr, "warmup_steps": warmup_steps, "hidden_weight": hidden_weight, "kl_weight": kl_weight,
                   "precision": precision}

@@ -663,9 +663,14 @@ def run_hardware_search(base: BlockCandidate, shapes: Sequence[BlockShape], orig
     chosen = choose_shape(results, original, tolerance)
     floor = (1 - tolerance) * records[original]["decode_tokens_per_s"]
     table = hardware_table(records, metrics, scores, original, chosen, floor, context_length)
+    measured = "measured on this device"
+    runs = [(records[s].get("decode") or {}).get("decode_tokens_per_s_runs") or [] for s in shapes]
+    if all(len(r) > 1 for r in runs):
+        spread = max((max(r) - min(r)) / records[s]["decode_tokens_per_s"] for s, r in zip(shapes, runs))
+        measured += f" (median of {min(map(len, runs))} measurements; largest spread {100 * spread:.1f}%)"
     (out / "hardware.md").write_text(
         f"# Hardware-aware search of the {base.name} shape (PostNAS step 4)\n\nRecurrent state fixed at {target} "
-        f"numbers per layer and sequence; decode throughput measured on this device. Chosen: the best score among "
+        f"numbers per layer and sequence; decode throughput {measured}. Chosen: the best score among "
         f"shapes within {100 * tolerance:g}% of the original's decode throughput (floor {floor:,.1f} tok/s).\n\n"
         f"{table}\n")
     rows = [{"shape": vars(s), "name": shape_name(s), "state_numbers": s.state_numbers, "score": scores[s],

@@ -304,6 +304,15 @@ def fake_decode_throughput(model, batch_size, context_length, new_tokens=32, chu
             "cache_bytes_per_sequence": model.cache_bytes(context_length), "batch_size": batch_size}
 
 
+def test_decode_throughput_is_the_median_of_repeated_measurements():
+    from jetnas.commands.stages import median_run
+
+    runs = [{"decode_tokens_per_s": v, "i": i} for i, v in enumerate([300.0, 100.0, 200.0, 250.0])]
+    assert median_run(runs) == {"decode_tokens_per_s": 200.0, "i": 2,
+                                "decode_tokens_per_s_runs": [300.0, 100.0, 200.0, 250.0]}
+    assert median_run(runs[:1])["i"] == 0
+
+
 def test_the_default_measure_is_the_bench_engine(monkeypatch):
     from jetnas.commands.stages import _resolve_measure
 
@@ -396,6 +405,8 @@ def test_search_hardware_from_the_cli(workspace, tmp_path, capsys):
     assert result["state_numbers"] == 512 and result["state_bytes"] == 2048
     rows = json.loads((out / "hardware.json").read_text())["rows"]
     assert len(rows) == 3 and {r["state_numbers"] for r in rows} == {512}
+    assert all(len(r["decode"]["decode_tokens_per_s_runs"]) == 3 for r in rows)  # --decode-repeats' default
+    assert "median of 3 measurements; largest spread 0.0%" in (out / "hardware.md").read_text()
     assert sum(r["original"] for r in rows) == 1 and sum(r["chosen"] for r in rows) == 1
     chosen = next(r for r in rows if r["chosen"])
     assert chosen["shape"] == result["chosen"]
