@@ -14,7 +14,8 @@
 #
 # Usage (in the repository root on the device; steps run in order):
 #   bash dev/gpu_session.sh fla generate:300 prefill:300          # checks: carry .stage/fla (+ .stage/autotune)
-#   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, teacher_eval:S; S = seconds)
+#   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, teacher_eval:S, dist:S
+#    (S seconds for each of its three runs); S = seconds)
 #   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c4)
 # Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
 set -uo pipefail
@@ -91,6 +92,17 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
      ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)
 }
 
+dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
+  for mode in plain ddp fsdp; do
+    launch="python3 -m jetnas"
+    [ $mode != plain ] && launch="python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m jetnas"
+    JETNAS_AUTOTUNE_CONFIGS=4 timeout "$1" $launch supernet --teacher smollm2-135m --data ../shared/data/corpus/train.bin \
+      --steps 30 --batch-size 16 --seq-len 512 --out-dir /root/dist_$mode \
+      $([ $mode != plain ] && echo --distributed $mode) 2>&1 | grep -v Warn | tail -2
+    cp /root/dist_$mode/log.jsonl $OUT/dist_$mode.jsonl 2>/dev/null
+  done
+}
+
 restore_autotune
 for step in "$@"; do
   case $step in
@@ -111,6 +123,7 @@ for step in "$@"; do
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;
+    dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
   esac
