@@ -172,6 +172,22 @@ class NormalizedObjective:
         return [t for t in self.evaluator.tasks if metric_of(t) is not None
                 and abs(self.high[t.name][metric_of(t)] - self.low[t.name][metric_of(t)]) > 1e-12]
 
+    def fall_back_where_flat(self, candidates: list[Candidate]) -> list[str]:
+        """Tasks whose primary metric no candidate moves from the all-linear value (retrieval accuracy 0 for every
+        one-layer network after a short super-network training: 2026-12-02, H200, all 318 sub-networks) rank by
+        their secondary metric instead (the answer's NLL), which still tells the layers apart. Swaps the metrics
+        of those tasks in place, so tables and heat-maps show what is ranked; returns their names."""
+        swapped = []
+        for t in self.evaluator.tasks:
+            if t.secondary is None or t not in self.informative():
+                continue
+            lo = self.low[t.name][t.metric]
+            if all(abs(self.evaluator.results(c)[t.name][t.metric] - lo) < 1e-12 for c in candidates):
+                t.metric, t.secondary = t.secondary, t.metric
+                t.higher_is_better, t.secondary_higher_is_better = t.secondary_higher_is_better, t.higher_is_better
+                swapped.append(t.name)
+        return swapped
+
     def per_task(self, candidate: Candidate) -> dict[str, float]:
         res = self.evaluator.results(candidate)
         return {t.name: self._fraction(t.name, t.metric, res[t.name][t.metric]) for t in self.evaluator.tasks}

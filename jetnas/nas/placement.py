@@ -43,8 +43,15 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
               file=sys.stderr, flush=True)
 
     log(f"references: all-linear {_metrics(evaluator, ('linear',) * L)}; teacher {_metrics(evaluator, ('attn',) * L)}")
-    single = {kind: [objective.per_task(make_candidate(L, **{kind: [i]})) for i in range(L)]
-              for kind in ("attn", "swa") if getattr(budget, kind) or kind == "attn"}
+    kinds = [kind for kind in ("attn", "swa") if getattr(budget, kind) or kind == "attn"]
+    one_layer = [make_candidate(L, **{kind: [i]}) for kind in kinds for i in range(L)]
+    for c in one_layer:
+        evaluator.results(c)
+    flat = objective.fall_back_where_flat(one_layer)
+    if flat:
+        log(f"no one-layer network moves the primary metric of {', '.join(flat)} from all-linear's: ranking "
+            f"{', '.join(f'{t.name} by {t.metric}' for t in evaluator.tasks if t.name in flat)} instead")
+    single = {kind: [objective.per_task(make_candidate(L, **{kind: [i]})) for i in range(L)] for kind in kinds}
     log("one-layer scores done")
     rows = {name: [s[name] for s in single["attn"]] for name in names}
     if len(names) > 1:
@@ -76,7 +83,7 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
     (out / "comparison.md").write_text(
         f"# Placement search: budget {budget}, beam width {beam_width}\n\n"
         f"Metrics: {', '.join(f'{t.name} -> {t.metric}' for t in evaluator.tasks)}; in brackets the fraction of the "
-        f"all-linear -> teacher gap closed.\n\n{table}\n")
+        f"all-linear -> teacher gap closed.{_fallback_note(evaluator, flat)}\n\n{table}\n")
     (out / "comparison.json").write_text(json.dumps(entries, indent=2))
     placements = [{"rank": r + 1, **describe(c), "objective": list(score), "fractions": objective.per_task(c),
                    "layer_types": ",".join(_layer_type(x, linear_type) for x in c)}
@@ -85,6 +92,7 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
         "budget": str(budget), "beam_width": beam_width, "tasks": [t.name for t in evaluator.tasks],
         "metrics": {t.name: t.metric for t in evaluator.tasks}, "evaluations": evaluator.evaluations,
         "one_layer": {kind: s for kind, s in single.items()}, "ranked": placements,
+        "fallback_to_secondary": flat,
     }, indent=2))
     log("done")
     print(table, file=sys.stderr)
@@ -100,6 +108,13 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
         "outputs": {"placements": str(out / "placements.json"), "heatmap": str(heat),
                     "comparison": str(out / "comparison.md")},
     }
+
+
+def _fallback_note(evaluator: CandidateEvaluator, flat: list[str]) -> str:
+    if not flat:
+        return ""
+    return (" " + "; ".join(f"{t.name} ranks by {t.metric}: its {t.secondary} was the all-linear network's for every "
+                            f"one-layer network" for t in evaluator.tasks if t.name in flat) + ".")
 
 
 def _layer_type(choice: str, linear_type: str) -> str:

@@ -87,3 +87,33 @@ def test_a_task_counts_at_most_as_much_as_the_teacher_in_the_combined_objective(
     assert objective(("attn", "linear"))[0] == pytest.approx(0.75)
     assert objective(("linear", "attn"))[0] == pytest.approx(0.55)
     assert objective(("attn", "attn"))[0] == pytest.approx(1.0)
+
+
+class _FakeRetrievalEvaluator:
+    """A retrieval task whose accuracy no one-layer network moves from all-linear's, and whose answer NLL does."""
+
+    def __init__(self):
+        self.supernet = type("S", (), {"num_layers": 2})()
+        self.tasks = [SearchTask("retrieval", None, "acc", True, "target_nll", False)]
+        self.table = {("linear", "linear"): (0.0, 6.0), ("attn", "attn"): (1.0, 0.1),
+                      ("attn", "linear"): (0.0, 3.0), ("linear", "attn"): (0.0, 5.0)}
+
+    def results(self, candidate):
+        acc, nll = self.table[candidate]
+        return {"retrieval": {"acc": acc, "target_nll": nll}}
+
+
+def test_a_task_no_candidate_moves_ranks_by_its_secondary_metric():
+    fake = _FakeRetrievalEvaluator()
+    objective = NormalizedObjective(fake)
+    one_layer = [("attn", "linear"), ("linear", "attn")]
+    assert objective(("attn", "linear"))[0] == objective(("linear", "attn"))[0] == 0.0  # accuracy: no signal
+    assert objective.fall_back_where_flat(one_layer) == ["retrieval"]
+    task = fake.tasks[0]
+    assert (task.metric, task.higher_is_better, task.secondary) == ("target_nll", False, "acc")
+    assert objective.per_task(("attn", "linear"))["retrieval"] == pytest.approx(3.0 / 5.9)
+    assert objective(("attn", "linear"))[0] > objective(("linear", "attn"))[0] > 0
+    # a task some candidate moves keeps its metric
+    fake.table[("linear", "attn")] = (0.5, 5.0)
+    task.metric, task.secondary, task.higher_is_better, task.secondary_higher_is_better = "acc", "target_nll", True, False
+    assert NormalizedObjective(fake).fall_back_where_flat(one_layer) == []
