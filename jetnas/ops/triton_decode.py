@@ -190,7 +190,7 @@ def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, D, swb, ssb, ssd, ss
     x = tl.load(x_ptr + b * D + d, mask=dmask, other=0.0)
     p_s = s_ptr + b * ssb + d[:, None] * ssd + c[None, :] * ssw
     s = tl.load(p_s, mask=cached, other=0.0)
-    older = tl.load(p_s + ssw, mask=dmask[:, None] & (c < W - 2)[None, :], other=0.0)  # the window shifted by one
+    newer = tl.load(p_s + ssw, mask=dmask[:, None] & (c < W - 2)[None, :], other=0.0)  # slot c + 1 of the cache
     p_w = w_ptr + b * swb + d[:, None] * W + c[None, :]
     acc = tl.sum(s.to(tl.float32) * tl.load(p_w, mask=cached, other=0.0).to(tl.float32), 1)
     acc += x.to(tl.float32) * tl.load(w_ptr + b * swb + d * W + (W - 1), mask=dmask, other=0.0).to(tl.float32)
@@ -200,7 +200,7 @@ def _conv_step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, D, swb, ssb, ssd, ss
         acc = acc * tl.sigmoid(acc)
     tl.store(y_ptr + b * D + d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
     tl.debug_barrier()  # every lane has read the old window before any lane overwrites it
-    new = tl.where((c == W - 2)[None, :], x[:, None].to(s.dtype), older)
+    new = tl.where((c == W - 2)[None, :], x[:, None].to(s.dtype), newer)
     tl.store(p_s, new, mask=cached)
 
 
