@@ -156,14 +156,23 @@ def validate_arguments(stage: str, args: dict, source: str) -> None:
             raise RecipeError(f"{source}: stages.{stage}.{key} is not an argument of `{stage}`; allowed: {allowed}")
 
 
-def _missing_model(result: dict) -> str | None:
-    """The model directory a finished stage produced, if it no longer holds safetensors weights (a run continued
-    from a copy of its small outputs, as dev/gpu_session.sh does across machines, has the records but not the
-    weights): later stages need them, so the stage must run again."""
-    model_dir = result.get("model_dir") if isinstance(result, dict) else None
+def _missing_output(result: dict) -> str | None:
+    """What a finished stage produced and later stages read, if it is gone: a model directory without its
+    safetensors weights, or the generated training data file. A run continued from a copy of its small outputs (as
+    dev/gpu_session.sh does across machines) has the records but not these, so the stage must run again."""
+    if not isinstance(result, dict):
+        return None
+    model_dir = result.get("model_dir")
     if model_dir and not any(Path(model_dir).glob("*.safetensors")):
-        return model_dir
+        return f"model {model_dir} (no weights)"
+    if result.get("path") and not Path(result["path"]).exists():
+        return f"file {result['path']}"
     return None
+
+
+# Stages whose output is a function of their arguments (the teacher's text, sampled with the recipe's seed; the
+# same tokens on the same kind of device): a lost one is remade without rerunning the stages that used it.
+REPRODUCIBLE = {"data"}
 
 
 def _fingerprint(kwargs: dict) -> str:
@@ -199,15 +208,16 @@ class Pipeline:
         fingerprint = _fingerprint(kwargs)
         record = self.state["stages"].get(stage)
         stale = self.changed and upstream
-        gone = _missing_model(record["result"]) if record else None
-        if gone:
-            self._log(f"{stage}: finished before, but its model {gone} holds no weights any more (a run directory "
-                      "copied without them?): running it again")
-        if record and record.get("fingerprint") == fingerprint and not stale and stage not in self.redo and not gone:
+        current = bool(record) and record.get("fingerprint") == fingerprint and not stale and stage not in self.redo
+        gone = _missing_output(record["result"]) if current else None
+        if current and not gone:
             self._log(f"{stage}: reusing the finished result in {self.state_path}")
             self.results[stage] = record["result"]
             return record["result"]
-        self.changed = self.changed or upstream
+        if gone:
+            self._log(f"{stage}: finished before, but its {gone} is gone (a run directory copied without it?): "
+                      "running it again")
+        self.changed = self.changed or (upstream and not (gone and stage in REPRODUCIBLE))
         self._log(f"{stage}: running")
         start = time.perf_counter()
         result = fn(**kwargs)

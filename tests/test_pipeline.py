@@ -111,6 +111,26 @@ def test_a_finished_stage_whose_model_weights_are_gone_runs_again(tmp_path):
     assert CALLS == ["stage1", "stage2", f"eval:{tmp_path}/run/stage2/model", f"bench:{tmp_path}/run/stage2/model"]
 
 
+def test_lost_generated_data_is_remade_without_rerunning_the_stages_that_used_it(tmp_path, monkeypatch):
+    made = []
+
+    def fake_generate(target, device, teacher, tokens, seed):
+        made.append(target)
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"\0\0" * tokens)
+        return {"path": target, "tokens": tokens}
+
+    monkeypatch.setattr(pipeline, "_generate_data", fake_generate)
+    r = Recipe.from_dict({"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"),
+                          "data": {"generate": 8}, "stages": {"supernet": {"steps": 3}}}, source="test.yaml")
+    Pipeline(r).run()
+    data = tmp_path / "run" / "data" / "train.bin"
+    data.unlink()
+    CALLS.clear()
+    Pipeline(r).run()
+    assert len(made) == 2 and data.exists() and CALLS == []
+
+
 def test_without_block_and_shape_searches_stage1_gets_the_jetblock_and_the_supernets_window(tmp_path):
     Pipeline(recipe(tmp_path, blocks="skip", hardware="skip", stage2="skip")).run()
     assert CALLS[:3] == ["supernet", "placement", "stage1"]
