@@ -1,12 +1,14 @@
 """Decode throughput of SmolLM2-135M-shaped hybrids (the block-selection candidates of the H200 recipe run: full
 attention in layers 23 and 28, a 512 window in 10 and 11, one linear block type elsewhere; random weights, bf16)
-with the short convolutions' decode step as one in-place Triton launch (`jetnas.ops.decode.conv_step_`) and as the
-PyTorch step it replaced (about ten launches per conv), in the same process. Same protocol as the block selection:
+before and after two changes to the linear blocks' decode step, in the same process: the short convolutions' step
+as one in-place Triton launch (`jetnas.ops.decode.conv_step_`; the PyTorch step took about ten launches per conv)
+and, for Gated DeltaNet / the JetBlock, the gates g and beta made inside the recurrent step kernel
+(`gated_delta_rule_step_raw_`; about eight launches per layer before). Same protocol as the block selection:
 one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUDA-graph step.
 
     python benchmarks/decode_step_bench.py --out $OUT/decode_step.json [--blocks gdn,gla,jet,mamba2 --repeats 3]
 
-Before timing, each block type's two paths must give the same greedy tokens over 16 steps on a short prompt (bf16
+Before timing, each block type's two paths should give the same greedy tokens over 16 steps on a short prompt (bf16
 rounding of the conv output differs by a step, so a flipped argmax is reported, not failed). Bound: a decode step
 reads the weights and every row's cache once: `roofline_tok_s` = batch / ((weight bytes + batch x cache bytes) /
 copy bandwidth), with the bandwidth measured here. Last stdout line: JSON.
@@ -15,18 +17,20 @@ copy bandwidth), with the bandwidth measured here. Last stdout line: JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import statistics
 import time
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 import jetnas  # noqa: F401
 from jetnas.bench.measure import replicated_decode_throughput
 from jetnas.engine import Engine
 from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
+from jetnas.ops.decode import gated_delta_rule_step_
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, max_position_embeddings=16384, rms_norm_eps=1e-5,
@@ -64,9 +68,21 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - start)
 
 
+def _unfused_gates(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2norm=True, backend="torch"):
+    """The decode step as before the gates moved into the kernel: g and beta made by PyTorch ops, beta rounded to
+    q's dtype, then the in-place step kernel."""
+    g = None if A_log is None else -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return gated_delta_rule_step_(q, k, v, g, b.float().sigmoid().to(q.dtype), state, scale, use_qk_l2norm, backend)
+
+
 def torch_conv_step(on: bool):
-    """The PyTorch conv step (the path before the in-place kernel) while active."""
-    return mock.patch("jetnas.modules.conv._in_place", return_value=False) if on else contextlib.nullcontext()
+    """While active: the decode step as it was before both changes (PyTorch conv step, gates outside the kernel)."""
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch("jetnas.modules.conv._in_place", return_value=False))
+    stack.enter_context(mock.patch("jetnas.layers.jet.gated_delta_rule_step_raw_", _unfused_gates))
+    return stack
 
 
 def greedy(model, torch_step: bool) -> torch.Tensor:
@@ -95,7 +111,7 @@ def main() -> None:
         model = hybrid(block)
         flips = int((greedy(model, False) != greedy(model, True)).sum())
         row = {"greedy_token_mismatches_of_32": flips}
-        for label, torch_step in (("torch_step", True), ("in_place_kernel", False)):
+        for label, torch_step in (("before", True), ("after", False)):
             with torch_conv_step(torch_step):
                 runs = [replicated_decode_throughput(model, args.batch, args.context, warmup=(r == 0))
                         for r in range(args.repeats)]
@@ -103,23 +119,23 @@ def main() -> None:
                           "median_decode_tok_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
                           "cache_bytes_per_sequence": runs[0]["cache_bytes_per_sequence"]}
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        step_bytes = weights + args.batch * row["in_place_kernel"]["cache_bytes_per_sequence"]
+        step_bytes = weights + args.batch * row["after"]["cache_bytes_per_sequence"]
         row["roofline_tok_s"] = args.batch / (step_bytes / bandwidth)
-        row["speedup"] = row["in_place_kernel"]["median_decode_tok_s"] / row["torch_step"]["median_decode_tok_s"]
-        row["roofline_fraction"] = row["in_place_kernel"]["median_decode_tok_s"] / row["roofline_tok_s"]
+        row["speedup"] = row["after"]["median_decode_tok_s"] / row["before"]["median_decode_tok_s"]
+        row["roofline_fraction"] = row["after"]["median_decode_tok_s"] / row["roofline_tok_s"]
         out["blocks"][block] = row
         with open(args.out, "w") as f:  # after every block: a cut-off run keeps what it measured
             json.dump(out, f, indent=2)
-        log(f"{block}: {row['torch_step']['median_decode_tok_s']:,.0f} -> {row['in_place_kernel']['median_decode_tok_s']:,.0f}"
+        log(f"{block}: {row['before']['median_decode_tok_s']:,.0f} -> {row['after']['median_decode_tok_s']:,.0f}"
             f" tok/s ({row['speedup']:.2f}x; {row['roofline_fraction']:.0%} of {row['roofline_tok_s']:,.0f}); "
             f"token mismatches {flips}/32")
         del model
         torch.cuda.empty_cache()
-    print("| block | torch step tok/s | in-place kernel tok/s | speed-up | roofline tok/s |")
+    print("| block | before tok/s | after tok/s | speed-up | roofline tok/s |")
     print("|---|---|---|---|---|")
     for block, row in out["blocks"].items():
-        print(f"| {block} | {row['torch_step']['median_decode_tok_s']:,.0f} | "
-              f"{row['in_place_kernel']['median_decode_tok_s']:,.0f} | {row['speedup']:.2f}x | {row['roofline_tok_s']:,.0f} |")
+        print(f"| {block} | {row['before']['median_decode_tok_s']:,.0f} | "
+              f"{row['after']['median_decode_tok_s']:,.0f} | {row['speedup']:.2f}x | {row['roofline_tok_s']:,.0f} |")
     print(json.dumps({"out": args.out, **{b: round(r["speedup"], 3) for b, r in out["blocks"].items()}}))
 
 

@@ -27,7 +27,7 @@ from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import resolve_backend
-from jetnas.ops.decode import gated_delta_rule_step_
+from jetnas.ops.decode import gated_delta_rule_step_, gated_delta_rule_step_raw_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 CONV_KINDS = ("none", "static", "dynamic")
@@ -149,6 +149,23 @@ class JetBlock(TokenMixer):
             state.conv[name] = new_state
         return y
 
+    def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool):
+        """The gated delta rule of a prompt (chunked), or of a decode step whose state cannot be updated in place
+        or whose batch has padding. Returns `(o, final_state)`."""
+        beta = upcast(b).sigmoid()
+        g = None if a is None else -upcast(self.A_log).exp() * F.softplus(upcast(a) + upcast(self.dt_bias))
+        if mask is not None:
+            # padded tokens: no write (beta = 0) and no decay (g = 0)
+            beta = beta * mask[..., None]
+            g = None if g is None else g * mask[..., None]
+        if step and updatable(state.recurrent):
+            o = gated_delta_rule_step_(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                       beta[:, 0].to(q.dtype), state.recurrent, backend=self.backend)[:, None]
+            return o, state.recurrent
+        rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
+        return rule(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state.recurrent,
+                    output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
+
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,
                 position_embeddings=None, use_cache=False):
         x = hidden_states
@@ -165,23 +182,17 @@ class JetBlock(TokenMixer):
         q = self._mix("q", self.q_proj(x), x, state, step).view(B, T, H, K)
         k = self._mix("k", self.k_proj(x), x, state, step).view(B, T, H, K)
         v = self._mix("v", self.v_proj(x), x, state, step).view(B, T, H, V)
-        beta = upcast(self.b_proj(x)).sigmoid()
-        g = None
-        if self.use_decay:
-            g = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
-        if mask is not None:
-            beta = beta * mask[..., None]
-            g = None if g is None else g * mask[..., None]
-
-        if step and updatable(state.recurrent):
-            # decode: update the memory in place (one read and one write of it per step)
-            o = gated_delta_rule_step_(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                                       beta[:, 0].to(q.dtype), state.recurrent, backend=self.backend)[:, None]
+        b = self.b_proj(x)
+        a = self.a_proj(x) if self.use_decay else None
+        if step and updatable(state.recurrent) and mask is None:
+            # decode: update the memory in place (one read and one write of it per step), gates made in the step
+            o = gated_delta_rule_step_raw_(
+                q[:, 0], k[:, 0], v[:, 0], None if a is None else a[:, 0], b[:, 0],
+                self.A_log if self.use_decay else None, self.dt_bias if self.use_decay else None, state.recurrent,
+                backend=self.backend)[:, None]
             final = state.recurrent
         else:
-            rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
-            o, final = rule(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state.recurrent,
-                            output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
+            o, final = self._recurrence(q, k, v, a, b, mask, state, step)
         if state is not None:
             state.recurrent = final
             state.seq_length += T

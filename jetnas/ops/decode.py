@@ -8,6 +8,8 @@
   softmaxes.
 - `gated_delta_rule_step_`: the gated delta rule's one-token step, updating the float32 state in place (a decode
   step then reads and writes each state once; an out-of-place step would also write a new state and copy it back).
+- `gated_delta_rule_step_raw_`: the same with Gated DeltaNet's / the JetBlock's gates made from their projections
+  inside the kernel.
 - `gla_step_`: the same for gated linear attention (GLA, RetNet, Mamba2), per-key-channel or per-head decay.
 - `conv_step_`: a short convolution's one-token step (static kernel or the JetBlock's per-token kernels), shifting
   its cached inputs in place.
@@ -107,6 +109,23 @@ def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=Tr
     o, new = gated_delta_rule_step(q, k, v, g, beta, state, scale, use_qk_l2norm)
     state.copy_(new)
     return o
+
+
+def gated_delta_rule_step_raw_(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2norm=True,
+                               backend: str = "torch"):
+    """`gated_delta_rule_step_` with the gates of Gated DeltaNet and the JetBlock given as their projections:
+    `g = -exp(A_log) * softplus(a + dt_bias)` and `beta = sigmoid(b)`, `a, b [B, H]`, `A_log, dt_bias [H]` (A_log
+    None: no decay, as DeltaNet). The Triton kernel makes them itself, saving a decode step about eight small
+    launches per layer (casts, exp, softplus, sums, sigmoid); the reference computes them in float32 first. The
+    kernel keeps beta in float32 where the layer's unfused path rounded it to q's dtype."""
+    if _use_triton(backend, q):
+        from jetnas.ops.triton_decode import triton_gated_delta_rule_step_raw_
+
+        if state.dtype != torch.float32 or not state.is_contiguous():
+            raise ValueError(f"the state must be a contiguous float32 tensor, got {state.dtype}")
+        return triton_gated_delta_rule_step_raw_(q, k, v, a, b, A_log, dt_bias, state, scale, use_qk_l2norm)
+    g = None if A_log is None else -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return gated_delta_rule_step_(q, k, v, g, b.float().sigmoid(), state, scale, use_qk_l2norm, backend)
 
 
 def gla_step_(q, k, v, g, state, scale=None, backend: str = "torch"):

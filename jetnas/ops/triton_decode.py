@@ -115,12 +115,13 @@ def triton_decode_attention(q, k_cache, v_cache, lo, hi, scale=None, num_splits=
 
 
 @triton.jit
-def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale,
+def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, alog_ptr, dtb_ptr, scale, H,
                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            DELTA: tl.constexpr, USE_G: tl.constexpr, G_PER_KEY: tl.constexpr, USE_BETA: tl.constexpr,
-                           L2NORM: tl.constexpr):
+                           L2NORM: tl.constexpr, RAW_GATES: tl.constexpr):
     # one token of a matrix memory `h [K, BV]` in place: decay, then write `k v^T` (GLA) or the delta rule's
-    # correction `k (beta (v - h^T k))^T`, then read `o = h^T q`
+    # correction `k (beta (v - h^T k))^T`, then read `o = h^T q`. RAW_GATES: g_ptr and beta_ptr hold the gates'
+    # projections a and b, and g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) are made here
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
     kk = tl.arange(0, BK)
@@ -137,21 +138,29 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, s
     p_s = s_ptr + bh * K * V + kk[:, None] * V + vv[None, :]
     h = tl.load(p_s, mask=smask, other=0.0)
     if USE_G:
-        if G_PER_KEY:
+        if RAW_GATES:
+            head = bh % H
+            a = tl.load(g_ptr + bh).to(tl.float32) + tl.load(dtb_ptr + head).to(tl.float32)
+            softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # torch's threshold
+            h = h * tl.exp(-tl.exp(tl.load(alog_ptr + head).to(tl.float32)) * softplus)
+        elif G_PER_KEY:
             h = h * tl.exp(tl.load(g_ptr + bh * K + kk, mask=kmask, other=0.0).to(tl.float32))[:, None]
         else:
             h = h * tl.exp(tl.load(g_ptr + bh).to(tl.float32))
     if DELTA:
         v = v - tl.sum(h * k[:, None], 0)
     if USE_BETA:
-        v = v * tl.load(beta_ptr + bh).to(tl.float32)
+        if RAW_GATES:
+            v = v * tl.sigmoid(tl.load(beta_ptr + bh).to(tl.float32))
+        else:
+            v = v * tl.load(beta_ptr + bh).to(tl.float32)
     h = h + k[:, None] * v[None, :]
     o = tl.sum(h * (q * scale)[:, None], 0)
     tl.store(p_s, h, mask=smask)
     tl.store(o_ptr + bh * V + vv, o.to(o_ptr.dtype.element_ty), mask=vmask)
 
 
-def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool):
+def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool, A_log=None, dt_bias=None):
     B, H, K = q.shape
     V = v.shape[-1]
     if state.shape != (B, H, K, V):
@@ -160,16 +169,25 @@ def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool):
     o = torch.empty_like(v)
     BV = min(64, triton.next_power_of_2(V))
     dummy = state  # never read when its flag is off
+    raw = A_log is not None
     _recurrent_step_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, dummy if g is None else g.contiguous(), dummy if beta is None else beta.contiguous(), state, o,
-        K**-0.5 if scale is None else scale, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV, DELTA=delta,
-        USE_G=g is not None, G_PER_KEY=g is not None and g.dim() == 3, USE_BETA=beta is not None, L2NORM=l2norm,
+        A_log if raw else dummy, dt_bias if raw else dummy, K**-0.5 if scale is None else scale, H, K=K, V=V,
+        BK=triton.next_power_of_2(K), BV=BV, DELTA=delta, USE_G=g is not None,
+        G_PER_KEY=g is not None and g.dim() == 3, USE_BETA=beta is not None, L2NORM=l2norm, RAW_GATES=raw,
         num_warps=4)
     return o
 
 
 def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True):
     return _recurrent_step_(q, k, v, g, beta, state, scale, delta=True, l2norm=use_qk_l2norm)
+
+
+def triton_gated_delta_rule_step_raw_(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2norm=True):
+    if A_log is None:  # no decay (DeltaNet): only beta is made in the kernel
+        A_log = dt_bias = torch.empty(0, device=q.device)
+        return _recurrent_step_(q, k, v, None, b, state, scale, True, use_qk_l2norm, A_log, dt_bias)
+    return _recurrent_step_(q, k, v, a, b, state, scale, True, use_qk_l2norm, A_log.contiguous(), dt_bias.contiguous())
 
 
 def triton_gla_step_(q, k, v, g, state, scale=None):

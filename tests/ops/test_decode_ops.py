@@ -17,7 +17,14 @@ if not torch.cuda.is_available():
 from jetnas.layers.base import RecurrentState
 from jetnas.ops.attention import causal_attention
 from jetnas.ops.conv import dynamic_conv_step, short_conv_step
-from jetnas.ops.decode import conv_step_, decode_attention, gated_delta_rule_step_, gla_step_, naive_decode_attention
+from jetnas.ops.decode import (
+    conv_step_,
+    decode_attention,
+    gated_delta_rule_step_,
+    gated_delta_rule_step_raw_,
+    gla_step_,
+    naive_decode_attention,
+)
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
 from tests.utils import rel_err
@@ -111,6 +118,31 @@ def test_triton_delta_rule_step_in_place(gated):
     o = gated_delta_rule_step_(q, k, v, g, beta, state, use_qk_l2norm=True, backend="triton")
     assert state.data_ptr() == ptr
     assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
+
+
+@needs_triton
+@pytest.mark.parametrize("decay", [True, False], ids=["gdn/jet", "deltanet"])
+def test_triton_delta_rule_step_makes_its_gates(decay):
+    torch.manual_seed(9)
+    B, H, K, V = 2, 3, 24, 40
+    q, k = torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, K, device=DEVICE)
+    v = torch.randn(B, H, V, device=DEVICE)
+    a, b = 3 * torch.randn(B, H, device=DEVICE), torch.randn(B, H, device=DEVICE)
+    a[0, 0] = 25.0  # past softplus's linear threshold
+    A_log, dt_bias = (torch.rand(H, device=DEVICE) * 2, torch.randn(H, device=DEVICE)) if decay else (None, None)
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    g = -A_log.exp() * torch.nn.functional.softplus(a + dt_bias) if decay else None
+    want_o, want_state = gated_delta_rule_step(q, k, v, g, b.sigmoid(), state.clone(), use_qk_l2norm=True)
+    ptr = state.data_ptr()
+    o = gated_delta_rule_step_raw_(q, k, v, a if decay else None, b, A_log, dt_bias, state, backend="triton")
+    assert state.data_ptr() == ptr
+    assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
+
+    # the PyTorch path of the same op
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    want_o, want_state = gated_delta_rule_step(q, k, v, g, b.sigmoid(), state.clone(), use_qk_l2norm=True)
+    o = gated_delta_rule_step_raw_(q, k, v, a if decay else None, b, A_log, dt_bias, state, backend="torch")
+    assert rel_err(o, want_o) < 1e-6 and rel_err(state, want_state) < 1e-6
 
 
 def test_torch_delta_rule_step_in_place():
