@@ -43,8 +43,8 @@ fla_only() {  # the engine, kernel and generate checks need fla and nothing else
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .stage/fla/*.whl 2>&1 | tail -1
 }
 GGUF=/root/jc/teachers/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-# the recipe cut to fit 30 device-minutes: 2026-12-02 on an H200 the stages up to stage 2 took 13.1 min (+ staging
-# 1.5 min, compilation and evaluation); the evaluation did not fit (results/h200_postnas_smollm2_135m)
+# the recipe cut to fit 30 device-minutes: 2026-12-02 on an H200 three calls (26 min, compilation included) got
+# through stage 2 and 3 of the evaluation's 7 tasks (results/h200_postnas_smollm2_135m)
 RECIPE_SETS=(--set stages.supernet.steps=300 --set stages.supernet.eval_every=100
              --set stages.placement.beam_width=2 --set stages.placement.rows=12 --set stages.placement.lm_tokens=8192
              --set stages.placement.retrieval_length=1024
