@@ -279,8 +279,8 @@ def search_blocks(teacher: str, placement: str, blocks: str = "gdn,gla,mamba2,re
                   heldout_tokens: int = 32768, generated_tokens: int = 200_000, eval_batch_size: int = 8,
                   decode_batch_size: int = 8, decode_context: int = 2048, decode_tokens: int = 32,
                   decode_repeats: int = 3, measure: str | Callable | None = None, teacher_reference: bool = True,
-                  keep_models: bool = False,
-                  out_dir: str | None = None, seed: int = 0, precision: str = "auto",
+                  matched_shapes: bool = True, keep_models: bool = False, out_dir: str | None = None, seed: int = 0,
+                  precision: str = "auto",
                   device: str | None = None) -> dict:
     """PostNAS step 2 (and 3): train each linear block in the fixed placement with one recipe, compare them.
 
@@ -318,15 +318,20 @@ def search_blocks(teacher: str, placement: str, blocks: str = "gdn,gla,mamba2,re
         measure: decode-throughput function as MODULE:FUNCTION (default
             jetnas.bench.measure:replicated_decode_throughput), or none to skip decode measurement.
         teacher_reference: also evaluate and measure the teacher, as the table's reference row.
+        matched_shapes: give every candidate the teacher's attention shape (heads x head_dim keys and values; the
+            JetBlock's value dim and Mamba2's width are otherwise 2x), so all hold the same state and inherit
+            q/k/v/o; a candidate's own shape options win.
         keep_models: save every candidate's trained model (candidates/<name>/train/model).
         out_dir: where blocks.md, blocks.json, blocks.png and candidates/ go (default runs/blocks-<time>).
         seed: seed of new blocks and data order (identical for all candidates).
         precision: auto (bf16 autocast on GPU), fp32 or bf16.
         device: cpu, cuda, ...; default cuda when available.
     """
-    from jetnas.nas.blocks import parse_candidates, run_block_search
+    from jetnas.nas.blocks import matched_shape, parse_candidates, run_block_search
 
     candidates = parse_candidates(blocks)  # bad names fail before anything loads
+    if matched_shapes:
+        candidates = [matched_shape(c) for c in candidates]
     measure_fn = _resolve_measure(measure, required=False)
     out = Path(out_dir or f"runs/blocks-{time.strftime('%Y%m%d-%H%M%S')}")
     decode = {"batch_size": decode_batch_size, "context_length": decode_context, "new_tokens": decode_tokens,

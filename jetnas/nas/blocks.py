@@ -164,6 +164,25 @@ def split_entries(spec: str) -> list[str]:
     return entries
 
 
+#: per block type, the options that give it the teacher's attention shape (heads x head_dim for keys and values:
+#: the defaults of gdn, deltanet, gla and retnet) where its own default differs: the JetBlock's value dim is
+#: 2 x head_dim (expand_v, as released) and Mamba2's width 2 x hidden (expand)
+MATCHED_SHAPE: dict[str, dict] = {"jet": {"expand_v": 1.0}, "mamba2": {"expand": 1}}
+#: options that set a block's shape (a candidate giving any of them keeps its own)
+SHAPE_KEYS = {"num_heads", "head_dim", "head_k_dim", "head_v_dim", "expand_v", "expand", "state_size"}
+
+
+def matched_shape(candidate: BlockCandidate) -> BlockCandidate:
+    """The candidate at the teacher's attention shape, so that block selection compares blocks, not sizes: every
+    candidate then holds the same recurrent state per layer and inherits the attention's q/k/v/o (a JetBlock with
+    value dim 2 x head_dim cannot inherit v and o; in the 2026-12-02 H200 run it had 2x GDN's state and fresh v/o,
+    and trailed GDN). A candidate that sets a shape option itself is left as it is."""
+    extra = MATCHED_SHAPE.get(candidate.block_type)
+    if not extra or SHAPE_KEYS & set(candidate.kwargs):
+        return candidate
+    return BlockCandidate(candidate.name, candidate.block_type, tuple({**candidate.kwargs, **extra}.items()))
+
+
 def parse_candidates(spec: str | Sequence[str]) -> list[BlockCandidate]:
     """Candidates from a comma-separated list (or a list of written forms); names must be distinct."""
     entries = split_entries(spec) if isinstance(spec, str) else [str(s) for s in spec]

@@ -304,6 +304,15 @@ def fake_decode_throughput(model, batch_size, context_length, new_tokens=32, chu
             "cache_bytes_per_sequence": model.cache_bytes(context_length), "batch_size": batch_size}
 
 
+def test_matched_shapes_give_jet_and_mamba2_the_attention_shape_unless_the_candidate_sets_one():
+    from jetnas.nas.blocks import matched_shape, parse_candidates
+
+    jet, mamba2, gdn, own = [matched_shape(c) for c in parse_candidates("jet-static-qk,mamba2,gdn,jet:expand_v=2")]
+    assert jet.kwargs == {"qk_conv": "static", "expand_v": 1.0} and jet.name == "jet-static-qk"
+    assert mamba2.kwargs == {"expand": 1}
+    assert gdn.kwargs == {} and own.kwargs == {"expand_v": 2}
+
+
 def test_decode_throughput_is_the_median_of_repeated_measurements():
     from jetnas.commands.stages import median_run
 
@@ -382,7 +391,9 @@ def test_search_blocks_from_the_cli(workspace, tmp_path, capsys):
             1e9 / record["params"])
         assert 0 < record["trainable_params"] < record["params"]
     jet = saved["records"]["jet:qk_conv=dynamic+v_conv=static"]
-    assert jet["block_config"]["jet"] == {"qk_conv": "dynamic", "v_conv": "static"}
+    # at the teacher's attention shape by default (--matched-shapes): value dim = head dim, like gdn's
+    assert jet["block_config"]["jet"] == {"qk_conv": "dynamic", "v_conv": "static", "expand_v": 1.0}
+    assert jet["cache_bytes_per_sequence"] == saved["records"]["gdn"]["cache_bytes_per_sequence"]
     assert saved["teacher"]["tasks"]["lm"]["nll"] > 0
     for name in ("blocks.md", "blocks.png", "heldout.bin"):
         assert (out / name).stat().st_size > 0
