@@ -10,8 +10,8 @@ one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUD
 
 Before timing, each block type's two paths should give the same greedy tokens over 16 steps on a short prompt (bf16
 rounding of the conv output differs by a step, so a flipped argmax is reported, not failed). Bound: a decode step
-reads the weights and every row's cache once: `roofline_tok_s` = batch / ((weight bytes + batch x cache bytes) /
-copy bandwidth), with the bandwidth measured here. Last stdout line: JSON.
+reads the weights and every row's cache once: `roofline_tok_s` is `jetnas.bench.costs.decode_cost`'s roofline
+at the copy bandwidth measured here. Last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import jetnas  # noqa: F401
+from jetnas.bench.costs import copy_bandwidth, decode_cost
 from jetnas.bench.measure import replicated_decode_throughput
 from jetnas.engine import Engine
 from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
@@ -54,20 +55,6 @@ def hybrid(block: str) -> JetNemotronForCausalLM:
     return JetNemotronForCausalLM(config).to(DEV, torch.bfloat16 if DEV.type == "cuda" else torch.float32).eval()
 
 
-def copy_bandwidth() -> float:
-    if DEV.type != "cuda":
-        return float("nan")
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - start)
-
-
 def _unfused_gates(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2norm=True, backend="torch"):
     """The decode step as before the gates moved into the kernel: g and beta made by PyTorch ops, beta rounded to
     q's dtype, then the in-place step kernel."""
@@ -75,7 +62,7 @@ def _unfused_gates(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2no
     return gated_delta_rule_step_(q, k, v, g, b.float().sigmoid().to(q.dtype), state, scale, use_qk_l2norm, backend)
 
 
-def torch_conv_step(on: bool):
+def before_changes(on: bool):
     """While active: the decode step as it was before both changes (PyTorch conv step, gates outside the kernel)."""
     if not on:
         return contextlib.nullcontext()
@@ -85,9 +72,9 @@ def torch_conv_step(on: bool):
     return stack
 
 
-def greedy(model, torch_step: bool) -> torch.Tensor:
+def greedy(model, before: bool) -> torch.Tensor:
     prompt = torch.randint(0, 49152, (2, 300), generator=torch.Generator().manual_seed(1))
-    with torch_conv_step(torch_step):
+    with before_changes(before):
         return Engine(model).generate(prompt, max_new_tokens=16).sequences
 
 
@@ -102,7 +89,8 @@ def main() -> None:
     args = ap.parse_args()
     global DEV
     DEV = torch.device(args.device)
-    bandwidth = copy_bandwidth()
+    # 2 GiB per copy on the GPU, well past its L2
+    bandwidth = copy_bandwidth(DEV, nbytes=1 << 31) if DEV.type == "cuda" else float("nan")
     out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "batch": args.batch,
            "context": args.context, "copy_bandwidth_bytes_s": bandwidth, "blocks": {}}
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -111,16 +99,14 @@ def main() -> None:
         model = hybrid(block)
         flips = int((greedy(model, False) != greedy(model, True)).sum())
         row = {"greedy_token_mismatches_of_32": flips}
-        for label, torch_step in (("before", True), ("after", False)):
-            with torch_conv_step(torch_step):
+        for label, before in (("before", True), ("after", False)):
+            with before_changes(before):
                 runs = [replicated_decode_throughput(model, args.batch, args.context, warmup=(r == 0))
                         for r in range(args.repeats)]
             row[label] = {"decode_tok_s": [r["decode_tokens_per_s"] for r in runs],
                           "median_decode_tok_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
                           "cache_bytes_per_sequence": runs[0]["cache_bytes_per_sequence"]}
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        step_bytes = weights + args.batch * row["after"]["cache_bytes_per_sequence"]
-        row["roofline_tok_s"] = args.batch / (step_bytes / bandwidth)
+        row["roofline_tok_s"] = decode_cost(model, args.batch, args.context).roofline_tokens_per_s(bandwidth)
         row["speedup"] = row["after"]["median_decode_tok_s"] / row["before"]["median_decode_tok_s"]
         row["roofline_fraction"] = row["after"]["median_decode_tok_s"] / row["roofline_tok_s"]
         out["blocks"][block] = row

@@ -154,6 +154,8 @@ class _Search:
                  rows: int, lm_tokens: int, retrieval_length: int, heldout_tokens: int, generated_tokens: int,
                  train_args: dict, eval_batch_size: int, decode: dict, measure: Callable | None, measure_name: str,
                  keep_models: bool, out: Path, seed: int, device: str | None):
+        if decode["repeats"] < 1:  # before anything loads or trains
+            raise ValueError(f"decode_repeats must be >= 1, got {decode['repeats']}")
         from jetnas.evaluation.tasks import MultipleChoiceTask
         from jetnas.nas.blocks import TaskMetric, read_placement
         from jetnas.nas.objectives import build_search_tasks
@@ -210,8 +212,6 @@ class _Search:
             return {"cache_bytes_per_sequence": cache}
         if self.device.type == "cuda":
             model = model.to(torch.bfloat16)
-        if self.decode["repeats"] < 1:
-            raise ValueError(f"decode_repeats must be >= 1, got {self.decode['repeats']}")
         runs = [self.measure(model, batch_size=self.decode["batch_size"], context_length=context,
                              new_tokens=self.decode["new_tokens"], device=self.device)
                 for _ in range(self.decode["repeats"])]

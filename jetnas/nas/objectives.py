@@ -177,9 +177,9 @@ class NormalizedObjective:
         one-layer network after a short super-network training: 2026-12-02, H200, all 318 sub-networks) rank by
         their secondary metric instead (the answer's NLL), which still tells the layers apart. Swaps the metrics
         of those tasks in place, so tables and heat-maps show what is ranked; returns their names."""
-        swapped = []
+        swapped, informative = [], self.informative()
         for t in self.evaluator.tasks:
-            if t.secondary is None or t not in self.informative():
+            if t.secondary is None or t not in informative:
                 continue
             lo = self.low[t.name][t.metric]
             if all(abs(self.evaluator.results(c)[t.name][t.metric] - lo) < 1e-12 for c in candidates):

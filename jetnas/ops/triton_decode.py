@@ -160,7 +160,8 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, a
     tl.store(o_ptr + bh * V + vv, o.to(o_ptr.dtype.element_ty), mask=vmask)
 
 
-def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool, A_log=None, dt_bias=None):
+def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool, raw_gates: bool = False,
+                     A_log=None, dt_bias=None):
     B, H, K = q.shape
     V = v.shape[-1]
     if state.shape != (B, H, K, V):
@@ -169,13 +170,12 @@ def _recurrent_step_(q, k, v, g, beta, state, scale, delta: bool, l2norm: bool, 
     o = torch.empty_like(v)
     BV = min(64, triton.next_power_of_2(V))
     dummy = state  # never read when its flag is off
-    raw = A_log is not None
     _recurrent_step_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, v, dummy if g is None else g.contiguous(), dummy if beta is None else beta.contiguous(), state, o,
-        A_log if raw else dummy, dt_bias if raw else dummy, K**-0.5 if scale is None else scale, H, K=K, V=V,
-        BK=triton.next_power_of_2(K), BV=BV, DELTA=delta, USE_G=g is not None,
-        G_PER_KEY=g is not None and g.dim() == 3, USE_BETA=beta is not None, L2NORM=l2norm, RAW_GATES=raw,
-        num_warps=4)
+        dummy if A_log is None else A_log.contiguous(), dummy if dt_bias is None else dt_bias.contiguous(),
+        K**-0.5 if scale is None else scale, H, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV, DELTA=delta,
+        USE_G=g is not None, G_PER_KEY=g is not None and g.dim() == 3, USE_BETA=beta is not None, L2NORM=l2norm,
+        RAW_GATES=raw_gates, num_warps=4)
     return o
 
 
@@ -184,10 +184,9 @@ def triton_gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2
 
 
 def triton_gated_delta_rule_step_raw_(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2norm=True):
-    if A_log is None:  # no decay (DeltaNet): only beta is made in the kernel
-        A_log = dt_bias = torch.empty(0, device=q.device)
-        return _recurrent_step_(q, k, v, None, b, state, scale, True, use_qk_l2norm, A_log, dt_bias)
-    return _recurrent_step_(q, k, v, a, b, state, scale, True, use_qk_l2norm, A_log.contiguous(), dt_bias.contiguous())
+    # without A_log (DeltaNet: no decay) only beta is made in the kernel
+    return _recurrent_step_(q, k, v, None if A_log is None else a, b, state, scale, True, use_qk_l2norm,
+                            raw_gates=True, A_log=A_log, dt_bias=dt_bias)
 
 
 def triton_gla_step_(q, k, v, g, state, scale=None):
