@@ -157,6 +157,24 @@ class Trainer:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _trim_log(self) -> None:
+        """Drop the log rows of steps this run will (re)do: those after its checkpoint, or all of an earlier run when
+        it starts afresh (e.g. a run directory copied without its checkpoints). They move to log.replaced.jsonl, so
+        log.jsonl describes the model this run writes."""
+        path = self.out / "log.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(kept) == len([line for line in lines if line.strip()]):
+            return
+        path.replace(self.out / "log.replaced.jsonl")
+        tmp = self.out / "log.jsonl.partial"
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        print(f"jetnas: {path}: moved the rows of steps after {self.step} (an earlier run's) to "
+              f"{self.out / 'log.replaced.jsonl'}", file=sys.stderr)
+
     def _save(self) -> None:
         save_checkpoint(self.out, self.step, self.model, self.optimizer,
                         {"data_step": self.step, "seed": self.config.seed, "world_size": self.world_size},
@@ -210,6 +228,7 @@ class Trainer:
             self.step = meta["step"]
             if self.is_main:
                 print(f"jetnas: resuming from {ckpt} (step {self.step})", file=sys.stderr)
+        self._trim_log()
         self.model.train()
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.is_main, file=sys.stderr,

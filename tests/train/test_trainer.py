@@ -88,8 +88,24 @@ def test_resume_continues_bit_identically(tmp_path):
     full_losses = {r["step"]: r["loss"] for r in full_log if "loss" in r}
     split_losses = {r["step"]: r["loss"] for r in split_log if "loss" in r}
     assert full_losses == split_losses  # exact equality: same data, same RNG, same optimizer state
+    assert len([r for r in split_log if "loss" in r]) == 8  # each step logged once
     for (n, a), (_, b) in zip(full_model.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_a_fresh_start_over_an_old_run_replaces_its_log(tmp_path):
+    """A run directory copied without its checkpoints (as a GPU session carries on) trains from step 0 again: the
+    log must then describe the new run only, the old rows kept aside, not appended to."""
+    import shutil
+
+    run_to(tmp_path, "again", 3, 3, save_every=1)
+    shutil.rmtree(tmp_path / "again" / "checkpoints")
+    run_to(tmp_path, "again", 3, 3)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "again" / "log.jsonl").read_text().splitlines()
+             if "loss" in x]
+    assert steps == [1, 2, 3]
+    old = (tmp_path / "again" / "log.replaced.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in old if "loss" in x] == [1, 2, 3]
 
 
 def test_checkpoints_are_safetensors_atomic_and_trainable_only(tmp_path):
