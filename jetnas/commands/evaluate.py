@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -27,13 +28,27 @@ def _apply_limit(task, limit: int | None):
     return task
 
 
+def model_identity(model: str) -> str:
+    """What says two evaluations saw the same weights: for a model directory, its weight files' names, sizes and
+    modification times (a retrained model at the same path differs; hashing gigabytes would cost seconds);
+    otherwise the name (a teacher, a preset)."""
+    path = Path(model)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if not files:
+        return model
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def _previous_results(path: Path, model: str, limit: int | None) -> dict[str, dict]:
-    """Per-task results of an earlier run into the same folder, when it evaluated the same model with the same
-    limit."""
+    """Per-task results of an earlier run into the same folder, when it evaluated the same weights (see
+    `model_identity`; 2026-12-02: a stage-2 model retrained at the same path kept the old model's first three
+    tasks) with the same limit."""
     if not path.exists():
         return {}
     previous = json.loads(path.read_text())
-    if previous.get("model") != model or previous.get("limit") != limit:
+    if (previous.get("model") != model or previous.get("model_id") != model_identity(model)
+            or previous.get("limit") != limit):
         return {}
     return dict(previous.get("tasks", {}))
 
@@ -69,7 +84,7 @@ def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | No
         data_dir: the folder of local benchmark files for jetnas_* harness tasks.
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
-        resume: keep the results of tasks already in out_dir/eval.json (same model and limit) and skip them;
+        resume: keep the results of tasks already in out_dir/eval.json (same weights and limit) and skip them;
             eval.json is rewritten after every task, so an interrupted run loses at most the task in progress.
     """
     from jetnas.evaluation.scoring import LanguageModel
@@ -86,11 +101,12 @@ def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | No
     out = Path(out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     results = _previous_results(out / "eval.json", model, limit) if resume else {}
+    identity = model_identity(model)
     device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     start = time.perf_counter()
 
     def write():
-        report = {"model": model, "device": device_name, "dtype": str(next(net.parameters()).dtype), "limit": limit,
+        report = {"model": model, "model_id": identity, "device": device_name, "dtype": str(next(net.parameters()).dtype), "limit": limit,
                   "tasks": results, "seconds": round(time.perf_counter() - start, 1)}
         tmp = out / "eval.json.partial"
         tmp.write_text(json.dumps(report, indent=2))

@@ -151,3 +151,10 @@ def test_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, capsys):
     assert result["results"][f"mc:{mc}"]["acc"] == -1.0 and "retrieval:needle@200?n=2" in result["results"]
     assert main(args + ["--tasks", f"mc:{mc}", "--no-resume"]) == 0
     assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"]["acc"] >= 0
+    # the same path with new weights (a retrained model): nothing is kept
+    saved = json.loads((out / "eval.json").read_text())
+    saved["tasks"][f"mc:{mc}"]["acc"] = -1.0
+    (out / "eval.json").write_text(json.dumps(saved))
+    model.save_pretrained(tmp_path / "model")
+    assert main(args + ["--tasks", f"mc:{mc}"]) == 0
+    assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"]["acc"] >= 0
