@@ -4,23 +4,29 @@ left-padded.
     python benchmarks/gpu_generate_check.py --out generate_check.json [--sections generate,engine,teacher_forced]
 
 Sections (each logs as it goes and rewrites the JSON when it finishes, so a cut-off run keeps what it measured):
-- generate (float32, so kernel-order differences stay far below the logit gaps greedy decoding depends on):
-  cached greedy generation == uncached; a left-padded row == the same prompt alone; seeded sampling reproducible.
+- generate (float32): cached greedy generation == uncached, or where they part, a near tie (the margin at the first
+  differing step below the logit difference the two paths have there, their scores within 1e-3 before it: on the
+  H200 they parted on 2026-12-02, and fla's float32 chunk kernels multiply in TF32); a left-padded row == the same
+  prompt alone; seeded sampling reproducible.
 - engine (float32): for each linear block type X, a model `attn, X, swa, X` and the model of every type: the
   engine's CUDA-graph decode gives the tokens of `generate()`, and its per-step logits match the model's own
   forward decoding (relative error; limit 1e-4: fp32 with TF32 off, only kernel order differs).
 - teacher_forced (bf16 and fp32): one long sequence; the logits of prefill + token-by-token decoding through the
-  model's forward, and through the engine's graph step, against one full forward over the whole sequence. Greedy
-  token agreement in bf16 is a poor check (one flipped argmax and the sequences part for good); teacher forcing
-  compares the same positions whatever was generated. Limits: 1e-3 fp32; 5e-2 bf16 (8-bit mantissa activations
-  through 16 layers: the model's own bf16 decode is 3.3e-2 from its full forward on CPU), and the engine may not
-  be more than 25% further from the full forward than the model's own decoding is.
+  model's forward, and through the engine (chunked prefill, graph step), against one full forward over the whole
+  sequence. Greedy token agreement in bf16 is a poor check (one flipped argmax and the sequences part for good);
+  teacher forcing compares the same positions whatever was generated. fp32: within 1e-3 of the full forward, the
+  engine no more than 25% further from it than the model's own decoding. bf16: the two bf16 paths differ by
+  rounding (2026-12-02 on the H200, the engine's chunked prefill was 6.6e-2 from the bf16 full forward while the
+  model's one-shot prefill is that forward), so each is judged against the same weights in float32 and may be at
+  most 25% further from them than the bf16 full forward is. `--per-type` adds the same for attn+swa alone and
+  `attn, X, swa, X` per linear type X, with the engine's one-shot prefill too (diagnostics, not judged).
 Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 import traceback
@@ -73,18 +79,38 @@ def prompts(vocab: int = 1000):
     return ids, mask
 
 
+def divergence(a, b, prompt_len: int) -> dict:
+    """Where two greedy generations (with scores) part, and whether that is a near tie: the first differing step,
+    the top-1 - top-2 logit margin there, and the largest logit difference between the two up to it. A flip whose
+    margin is below that difference is rounding deciding a tie (fla's fp32 kernels multiply in TF32), not a bug."""
+    steps = len(a.scores)
+    diffs = [(sa.float() - sb.float()).abs().amax().item() for sa, sb in zip(a.scores, b.scores)]
+    differ = (a.sequences[:, prompt_len:] != b.sequences[:, prompt_len:]).any(0).nonzero()
+    first = int(differ[0]) if len(differ) else None
+    out = {"first_differing_step": first, "max_logit_diff_before": max(diffs[: (first or steps) + 1]),
+           "scores_rel_err_before": max(rel(sa, sb) for sa, sb in zip(a.scores[: (first or steps) + 1],
+                                                                      b.scores[: (first or steps) + 1]))}
+    if first is not None:
+        top = b.scores[first].float().topk(2, -1).values
+        rows = (a.sequences[:, prompt_len + first] != b.sequences[:, prompt_len + first]).nonzero()[:, 0]
+        out["margin_at_first_difference"] = (top[rows, 0] - top[rows, 1]).min().item()
+        out["near_tie"] = out["margin_at_first_difference"] <= 2 * diffs[first]
+    return out
+
+
 def generate_section() -> dict:
     model = hybrid(torch.float32)
     ids, mask = prompts()
     # 8 new tokens: uncached generation re-runs the whole prefix at each new length, and on a fresh GPU every new
     # length cost fla compilation time (24 tokens did not finish in 400 s on 2026-12-02)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    cached = model.generate(ids, use_cache=True, **kw)
+    cached = model.generate(ids, use_cache=True, return_dict_in_generate=True, output_scores=True, **kw)
     log("cached generate done")
-    uncached = model.generate(ids, use_cache=False, **kw)
+    uncached = model.generate(ids, use_cache=False, return_dict_in_generate=True, output_scores=True, **kw)
     alone = model.generate(ids[3:, 33:], max_new_tokens=8, do_sample=False, pad_token_id=0)
-    res = {"cached_equals_uncached": bool(torch.equal(cached, uncached)),
-           "padded_row_equals_alone": bool(torch.equal(cached[3, 40:], alone[0, 7:]))}
+    res = {"cached_equals_uncached": bool(torch.equal(cached.sequences, uncached.sequences)),
+           "padded_row_equals_alone": bool(torch.equal(cached.sequences[3, 40:], alone[0, 7:])),
+           "cached_vs_uncached": divergence(cached, uncached, ids.shape[1])}
     runs = []
     for _ in range(2):
         torch.manual_seed(1)
@@ -134,40 +160,75 @@ def engine_section(report: dict, out: str) -> dict:
 
 
 @torch.inference_mode()
-def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16")) -> dict:
+def engine_teacher_forced(model, seq: torch.Tensor, prompt_len: int, chunk_size: int | None = 64) -> torch.Tensor:
+    """Logits [B, T - prompt_len, V] (float32) of the engine along `seq`: chunked prefill of the prompt into the
+    static cache (the last prompt position's logits), then the graph-captured step fed `seq`'s own tokens."""
+    engine = Engine(model, decode="static", chunk_size=chunk_size)
+    mask = torch.ones(seq.shape[0], prompt_len, dtype=torch.long, device=seq.device)
+    cache = engine.cache_for(seq.shape[0], seq.shape[1])
+    decoder = StaticDecoder(model, cache)
+    decoder.prepare()
+    steps = [engine._prefill(seq[:, :prompt_len], mask, cache)[:, None].float()]
+    decoder.begin(mask)
+    for t in range(prompt_len, seq.shape[1] - 1):
+        steps.append(decoder.step(seq[:, t])[:, None].float())
+    return torch.cat(steps, 1)
+
+
+@torch.inference_mode()
+def forward_teacher_forced(model, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The same through the model's own forward: one prefill, then one token at a time with its cache."""
+    first = model(seq[:, :prompt_len], use_cache=True)
+    cache = output_cache(first)
+    steps = [first.logits[:, -1:].float()]
+    for t in range(prompt_len, seq.shape[1] - 1):
+        steps.append(model(seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits.float())
+    return torch.cat(steps, 1)
+
+
+def _errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative error over all positions, at the prefill's last position, and over the decode steps only."""
+    return {"all": rel(got, ref), "prefill": rel(got[:, 0], ref[:, 0]), "steps": rel(got[:, 1:], ref[:, 1:])}
+
+
+@torch.inference_mode()
+def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16"), configs=(TYPES,)) -> dict:
+    """`configs`: the layer-type lists to check; the model of every type is reported under the dtype's name,
+    others under `dtype:types` (used to find which layer type or which engine stage adds error)."""
     res = report.setdefault("teacher_forced", {})
     for dtype in [getattr(torch, d) for d in dtypes]:
-        model = hybrid(dtype)
-        g = torch.Generator().manual_seed(2)
-        seq = torch.randint(1, 1000, (4, 320), generator=g).to(DEVICE)
-        prompt_len = 288
-        full = model(seq).logits.float()
-        # the model's forward: prefill, then one token at a time
-        first = model(seq[:, :prompt_len], use_cache=True)
-        cache = output_cache(first)
-        steps = [first.logits[:, -1:].float()]
-        for t in range(prompt_len, seq.shape[1] - 1):
-            steps.append(model(seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits.float())
-        forward = torch.cat(steps, 1)
-        # the engine: chunked prefill (64) into the static cache, then the graph-captured step
-        engine = Engine(model, decode="static", chunk_size=64)
-        mask = torch.ones(seq.shape[0], prompt_len, dtype=torch.long, device=DEVICE)
-        ecache = engine.cache_for(seq.shape[0], seq.shape[1])
-        decoder = StaticDecoder(model, ecache)
-        decoder.prepare()
-        engine_steps = [engine._prefill(seq[:, :prompt_len], mask, ecache)[:, None].float()]
-        decoder.begin(mask)
-        for t in range(prompt_len, seq.shape[1] - 1):
-            engine_steps.append(decoder.step(seq[:, t])[:, None].float())
-        eng = torch.cat(engine_steps, 1)
-        ref = full[:, prompt_len - 1 : -1]
-        key = str(dtype).split(".")[-1]
-        res[key] = {"forward_decode_vs_full": rel(forward, ref), "engine_vs_full": rel(eng, ref),
-                    "engine_vs_forward_decode": rel(eng, forward),
-                    "argmax_agreement_engine_vs_full": (eng.argmax(-1) == ref.argmax(-1)).float().mean().item()}
-        log("teacher-forced", key, res[key])
-        report["teacher_forced"] = res
-        dump(report, out)
+        for types in configs:
+            key = str(dtype).split(".")[-1] + ("" if list(types) == TYPES else ":" + "+".join(types))
+            try:
+                full_model = list(types) == TYPES
+                model = hybrid(dtype, types, repeat=2)
+                g = torch.Generator().manual_seed(2)
+                seq = torch.randint(1, 1000, (4, 320), generator=g).to(DEVICE)
+                prompt_len = 288
+                ref = model(seq).logits.float()[:, prompt_len - 1 : -1]
+                # the truth for bf16: the same weights in float32 (rounding differences between bf16 paths say nothing
+                # about which is right; the engine must be about as close to this as the bf16 full forward is)
+                truth = ref if dtype == torch.float32 else (
+                    copy.deepcopy(model).float()(seq).logits.float()[:, prompt_len - 1 : -1])
+                forward = forward_teacher_forced(model, seq, prompt_len)
+                eng = engine_teacher_forced(model, seq, prompt_len, chunk_size=64)
+                res[key] = {"forward_decode_vs_full": rel(forward, ref), "engine_vs_full": rel(eng, ref),
+                            "engine_vs_forward_decode": rel(eng, forward),
+                            "argmax_agreement_engine_vs_full": (eng.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                            "forward_decode_vs_full_parts": _errors(forward, ref), "engine_vs_full_parts": _errors(eng, ref),
+                            "full_vs_fp32": rel(ref, truth), "forward_decode_vs_fp32": rel(forward, truth),
+                            "engine_vs_fp32": rel(eng, truth)}
+                if not full_model:  # where the engine's extra error comes from: its chunked prefill or its step
+                    one_shot = engine_teacher_forced(model, seq, prompt_len, chunk_size=None)
+                    res[key]["engine_one_shot_prefill_vs_full_parts"] = _errors(one_shot, ref)
+                log("teacher-forced", key, {k: (round(v, 5) if isinstance(v, float) else
+                                                {kk: round(vv, 5) for kk, vv in v.items()}) for k, v in res[key].items()})
+            except Exception as err:  # noqa: BLE001 - a kernel crash in one configuration is recorded, the rest run
+                # (2026-12-02: float32 crashed in fla's chunk_gla_fwd_kernel_o autotuning, misaligned address)
+                res[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                log("teacher-forced", key, "failed:", res[key]["error"])
+            report["teacher_forced"] = res
+            dump(report, out)
     return res
 
 
@@ -177,19 +238,33 @@ def dump(report: dict, out: str) -> None:
 
 
 def verdict(report: dict) -> list[str]:
-    failures = [k for k in ("cached_equals_uncached", "padded_row_equals_alone", "sampling_reproducible")
-                if k in report.get("generate", {}) and not report["generate"][k]]
+    gen = report.get("generate", {})
+    failures = [k for k in ("padded_row_equals_alone", "sampling_reproducible") if k in gen and not gen[k]]
+    if "cached_equals_uncached" in gen and not gen["cached_equals_uncached"] and not (
+            gen["cached_vs_uncached"].get("near_tie") and gen["cached_vs_uncached"]["scores_rel_err_before"] < 1e-3):
+        failures.append("cached_equals_uncached")
     for name, e in report.get("engine", {}).items():
         if not e["tokens_equal_generate"]:
             failures.append(f"engine.{name}.tokens")
         if not e["step_logits_rel_err"] < LIMITS["engine_logits"]:
             failures.append(f"engine.{name}.logits={e['step_logits_rel_err']:.2e}")
     for key, e in report.get("teacher_forced", {}).items():
-        for name in ("forward_decode_vs_full", "engine_vs_full"):
-            if not e[name] < LIMITS[key]:
-                failures.append(f"teacher_forced.{key}.{name}={e[name]:.2e}")
-        if not e["engine_vs_full"] <= 1.25 * e["forward_decode_vs_full"] + 1e-6:
-            failures.append(f"teacher_forced.{key}.engine_worse_than_forward_decode")
+        if ":" in key:  # a diagnostic of one layer type, not judged
+            continue
+        if "error" in e:
+            failures.append(f"teacher_forced.{key}: {e['error'][:120]}")
+            continue
+        if key == "float32":
+            for name in ("forward_decode_vs_full", "engine_vs_full"):
+                if not e[name] < LIMITS[key]:
+                    failures.append(f"teacher_forced.{key}.{name}={e[name]:.2e}")
+            if not e["engine_vs_full"] <= 1.25 * e["forward_decode_vs_full"] + 1e-6:
+                failures.append(f"teacher_forced.{key}.engine_worse_than_forward_decode")
+        else:  # reduced precision: no further from the float32 model than the bf16 full forward, 25% slack
+            for name in ("forward_decode_vs_fp32", "engine_vs_fp32"):
+                if not e[name] <= 1.25 * e["full_vs_fp32"] + 1e-6:
+                    failures.append(f"teacher_forced.{key}.{name}={e[name]:.2e}>1.25x full_vs_fp32="
+                                    f"{e['full_vs_fp32']:.2e}")
     return failures
 
 
@@ -198,6 +273,8 @@ def main() -> None:
     parser.add_argument("--out", default="generate_check.json")
     parser.add_argument("--sections", default="generate,engine,teacher_forced")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="of the teacher_forced section")
+    parser.add_argument("--per-type", action="store_true",
+                        help="teacher_forced also for attn+swa alone and attn,X,swa,X per linear type X (diagnostic)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
               "limits": LIMITS, "errors": {}}
@@ -210,7 +287,11 @@ def main() -> None:
             elif section == "engine":
                 engine_section(report, args.out)
             elif section == "teacher_forced":
-                teacher_forced_section(report, args.out, args.dtypes.split(","))
+                # the model of every type last and GLA last of the rest: a CUDA error (fla's float32 GLA autotuning
+                # crashed once) leaves the context unusable for what follows
+                per_type = [["attn", "swa"]] + [["attn", t, "swa", t] for t in sorted(LINEAR, key=lambda t: t == "gla")]
+                configs = (per_type if args.per_type else []) + [TYPES]
+                teacher_forced_section(report, args.out, args.dtypes.split(","), configs)
             else:
                 raise SystemExit(f"unknown section {section!r}: use generate, engine, teacher_forced")
         except Exception as err:  # keep the other sections' results; the error is part of the report
