@@ -29,6 +29,24 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def test_supernet_runs_of_one_seed_start_from_the_same_weights(teacher_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    text = tmp_path / "train.txt"
+    text.write_text(_CORPUS * 6)
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 7 + ord(name))  # whatever the caller's RNG holds
+        assert main(["supernet", "--teacher", str(teacher_dir), "--data", str(text), "--steps", "1", "--batch-size",
+                     "2", "--seq-len", "16", "--heldout-tokens", "128", "--out-dir", str(tmp_path / name),
+                     "--device", "cpu", "--seed", "3"]) == 0
+        capsys.readouterr()
+        runs.append(load_file(tmp_path / name / "linear.safetensors"))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
 @pytest.mark.slow
 def test_supernet_then_placement_search_from_the_cli(teacher_dir, tmp_path, capsys):
     text = tmp_path / "train.txt"
