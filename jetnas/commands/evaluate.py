@@ -47,7 +47,8 @@ def _previous_results(path: Path, model: str, limit: int | None) -> dict[str, di
     if not path.exists():
         return {}
     previous = json.loads(path.read_text())
-    if (previous.get("model") != model or previous.get("model_id") != model_identity(model)
+    # files from before model_id existed: a name (teacher, preset) is its own identity, a directory is unknown
+    if (previous.get("model") != model or previous.get("model_id", model) != model_identity(model)
             or previous.get("limit") != limit):
         return {}
     return dict(previous.get("tasks", {}))
