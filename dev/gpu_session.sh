@@ -22,10 +22,22 @@ set -uo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 JETNAS_CACHE=/root/jc
 TRITON_CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 
+TILELANG_CACHE=${TILELANG_CACHE_DIR:-$HOME/.tilelang/cache}
+
 harvest_autotune() {
   [ -n "${OUT:-}" ] || return 0
   (cd "$TRITON_CACHE" 2>/dev/null && find . -name "*.autotune.json" | tar -cf "$OUT/autotune.tar.tmp" -T - \
      && mv "$OUT/autotune.tar.tmp" "$OUT/autotune.tar") 2>/dev/null
+}
+
+# TileLang's compiled kernels (fla's Hopper backward of the gated delta rule): 45-49 s per new GDN shape on a fresh
+# machine (2026-12-02). Its cache is keyed by kernel source and target, so a later machine of the same image can
+# reuse it: it comes back as $OUT/tilelang.tar (when under $OUT's 16 MiB per file); unpack it into .stage/tilelang
+# and carry that folder.
+harvest_tilelang() {
+  [ -n "${OUT:-}" ] && [ -d "$TILELANG_CACHE" ] || return 0
+  (cd "$TILELANG_CACHE" && tar -cf "$OUT/tilelang.tar.tmp" . && mv "$OUT/tilelang.tar.tmp" "$OUT/tilelang.tar") 2>/dev/null
+  [ -f "$OUT/tilelang.tar" ] && echo "tilelang cache: $(du -h "$OUT/tilelang.tar" | cut -f1) in \$OUT/tilelang.tar"
 }
 
 restore_autotune() {
@@ -34,9 +46,13 @@ restore_autotune() {
     [ -d $d ] && cp -rn $d/. "$TRITON_CACHE"/ 2>/dev/null
   done
   echo "autotune results restored: $(find "$TRITON_CACHE" -name '*.autotune.json' | wc -l)"
+  if [ -d .stage/tilelang ]; then
+    mkdir -p "$TILELANG_CACHE" && cp -rn .stage/tilelang/. "$TILELANG_CACHE"/ 2>/dev/null
+    echo "tilelang kernels restored: $(find "$TILELANG_CACHE" -name '*.so' | wc -l)"
+  fi
   (while sleep 30; do harvest_autotune; done) &
   HARVESTER=$!
-  trap 'kill $HARVESTER 2>/dev/null; harvest_autotune' EXIT
+  trap 'kill $HARVESTER 2>/dev/null; harvest_autotune; harvest_tilelang' EXIT
 }
 
 fla_only() {  # the engine, kernel and generate checks need fla and nothing else staged
