@@ -159,8 +159,8 @@ class Trainer:
 
     def _trim_log(self) -> None:
         """Drop the log rows of steps this run will (re)do: those after its checkpoint, or all of an earlier run when
-        it starts afresh (e.g. a run directory copied without its checkpoints). They move to log.replaced.jsonl, so
-        log.jsonl describes the model this run writes."""
+        it starts afresh (e.g. a run directory copied without its checkpoints), so log.jsonl describes the model this
+        run writes. The old log is kept whole as log.replaced.jsonl."""
         path = self.out / "log.jsonl"
         if not self.is_main or not path.exists():
             return
@@ -172,8 +172,8 @@ class Trainer:
         tmp = self.out / "log.jsonl.partial"
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
-        print(f"jetnas: {path}: moved the rows of steps after {self.step} (an earlier run's) to "
-              f"{self.out / 'log.replaced.jsonl'}", file=sys.stderr)
+        print(f"jetnas: {path}: dropped an earlier run's rows of steps after {self.step} (the old log is kept as "
+              f"{self.out / 'log.replaced.jsonl'})", file=sys.stderr)
 
     def _save(self) -> None:
         save_checkpoint(self.out, self.step, self.model, self.optimizer,
