@@ -91,8 +91,13 @@ def supernet(teacher: str = "smollm2-135m", data: str | None = None, steps: int 
 
     trainer = Trainer(config, net, make_distill_loss(sampler, distill), stream, evaluate=evaluate)
     summary = trainer.fit()
+    state = None
+    if torch.distributed.is_initialized():  # DDP / FSDP (FSDP2 wraps in place): every rank helps gather the weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main_process():
-        net.save(out, extra={"teacher": teacher_spec.name, "data": data or "teacher-generated",
+        net.save(out, state=state, extra={"teacher": teacher_spec.name, "data": data or "teacher-generated",
                              "heldout": str(heldout_path), "sampling": {"mode": mode, "budget": str(budget),
                                                                         "p_attn": p_attn, "seed": seed},
                              "distill": {"kl_weight": kl_weight, "subnets_per_step": subnets_per_step},

@@ -141,6 +141,12 @@ class SuperNet(nn.Module):
         logits = self.base.lm_head(model.norm(h))
         return logits, states
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """What FSDP2 shards block by block: the linear paths (called through their own forward). The teacher's
+        layers are used piecewise (`run_layers` calls their norms, attention and MLP directly), so they stay with
+        the root, gathered for the whole forward; they are frozen, so no optimizer state is lost to that."""
+        return list(self.linear)
+
     def teacher_choice(self) -> tuple[str, ...]:
         return ("attn",) * self.num_layers
 
@@ -148,13 +154,16 @@ class SuperNet(nn.Module):
         """The linear paths: all a super-network adds to its teacher."""
         return {f"linear.{k}": v for k, v in self.linear.state_dict().items()}
 
-    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
-        """`supernet.json` (spec) and `linear.safetensors` (the trained linear paths), written atomically."""
+    def save(self, out_dir: str | Path, extra: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+        """`supernet.json` (spec) and `linear.safetensors` (the trained linear paths), written atomically. `state`:
+        the full state dict gathered from a DDP/FSDP-wrapped copy (its `linear.*` entries are saved)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        source = self.trainable_state_dict() if state is None else {k: v for k, v in state.items()
+                                                                    if k.startswith("linear.")}
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         tmp = out / "linear.safetensors.partial"
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / "linear.safetensors")

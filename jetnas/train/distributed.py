@@ -35,9 +35,9 @@ def local_device(device: str | None = None) -> torch.device:
 
 
 def setup(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes (no-op for a single process); returns (rank, world size)."""
-    size = int(os.environ.get("WORLD_SIZE", 1))
-    if size > 1 and not dist.is_initialized():
+    """Join the process group torchrun describes (no-op for a plain single process; under torchrun also for one
+    process, so that `--nproc-per-node 1` runs the DDP / FSDP code path); returns (rank, world size)."""
+    if "WORLD_SIZE" in os.environ and dist.is_available() and not dist.is_initialized():
         # never NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -65,11 +65,25 @@ def _decoder_layers(model: nn.Module):
     return None
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one (each gathered just for its own forward): the model's `fsdp_units()` when
+    it has one (a model that calls parts of a layer directly, like the PostNAS super-network, must not have that
+    layer sharded on its own: no forward hook would gather it), else each decoder layer and each block of a module
+    list of trainable blocks."""
+    if hasattr(model, "fsdp_units"):
+        return list(model.fsdp_units())
+    layers = _decoder_layers(model)
+    units = list(layers) if layers is not None else []
+    for child in model.modules():
+        if isinstance(child, nn.ModuleList) and child is not layers and any(p.requires_grad for p in child.parameters()):
+            units.extend(child)
+    return units
+
+
 def wrap(model: nn.Module, mode: str, find_unused_parameters: bool = False) -> nn.Module:
-    """Wrap for data parallelism: `mode` "ddp" or "fsdp" (FSDP2 `fully_shard` on each decoder layer and each
-    module list of trainable blocks, then the root); unchanged when not distributed."""
-    rank, size = world()
-    if size == 1:
+    """Wrap for data parallelism: `mode` "ddp" or "fsdp" (FSDP2 `fully_shard` on each of `fsdp_units`, then the
+    root); unchanged when no process group is set up (a plain single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -80,13 +94,8 @@ def wrap(model: nn.Module, mode: str, find_unused_parameters: bool = False) -> n
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        layers = _decoder_layers(model)
-        for layer in layers if layers is not None else []:
-            fully_shard(layer)
-        for child in model.modules():
-            if isinstance(child, nn.ModuleList) and child is not layers and any(p.requires_grad for p in child.parameters()):
-                for block in child:
-                    fully_shard(block)
+        for unit in fsdp_units(model):
+            fully_shard(unit)
         return fully_shard(model)
     raise ValueError(f"distributed mode must be 'ddp' or 'fsdp', got {mode!r}")
 

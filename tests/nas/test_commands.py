@@ -82,3 +82,51 @@ def test_supernet_then_placement_search_from_the_cli(teacher_dir, tmp_path, caps
     assert (best["attn"], best["swa"]) == (placement["attn"], placement["swa"])
     for name in ("heatmap.png", "comparison.md"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_supernet_under_torchrun_ddp_and_fsdp_agree(teacher_dir, tmp_path):
+    """`jetnas supernet` on two gloo processes, DDP and FSDP2: the same losses and the same trained linear branches.
+    (Not against one process: the relative hidden MSE normalises by each rank's own half batch.) Until 2026-12-02
+    FSDP crashed here: the teacher's layers were sharded one by one, but the super-network calls their parts
+    directly, so nothing gathered them; and the saved branches would have been the ranks' shards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    text = tmp_path / "train.txt"
+    text.write_text(_CORPUS * 6)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for port, mode in enumerate(("ddp", "fsdp"), 29500 + os.getpid() % 1000):
+        out = tmp_path / mode
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               str(port), "-m", "jetnas.cli", "supernet", "--teacher", str(teacher_dir), "--data",
+                               str(text), "--steps", "3", "--batch-size", "4", "--seq-len", "16", "--heldout-tokens",
+                               "128", "--device", "cpu", "--distributed", mode, "--out-dir", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        runs[mode] = ([r["loss"] for r in log if "loss" in r], load_file(out / "linear.safetensors"))
+    # one process under torchrun still runs the wrapped code path (a single-GPU check of it): same as a plain run
+    for name, launch in (("plain", []), ("fsdp1", ["-m", "torch.distributed.run", "--nproc-per-node", "1",
+                                                     "--master-port", str(29600 + os.getpid() % 1000)])):
+        out = tmp_path / name
+        extra = ["--distributed", "fsdp"] if launch else []
+        proc = subprocess.run([sys.executable, *launch, "-m", "jetnas.cli", "supernet", "--teacher", str(teacher_dir),
+                               "--data", str(text), "--steps", "3", "--batch-size", "4", "--seq-len", "16",
+                               "--heldout-tokens", "128", "--device", "cpu", *extra, "--out-dir", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
+    assert torch.allclose(torch.tensor(runs["plain"]), torch.tensor(runs["fsdp1"]), rtol=1e-5)
+    (ddp_losses, ddp_weights), (fsdp_losses, fsdp_weights) = runs["ddp"], runs["fsdp"]
+    assert len(ddp_losses) == 3
+    assert torch.allclose(torch.tensor(ddp_losses), torch.tensor(fsdp_losses), rtol=1e-5)
+    assert ddp_weights.keys() == fsdp_weights.keys()
+    for key in ddp_weights:
+        assert torch.allclose(ddp_weights[key], fsdp_weights[key], rtol=1e-4, atol=1e-6), key
