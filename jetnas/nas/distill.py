@@ -38,11 +38,16 @@ class DistillConfig:
 def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                   student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
                   temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """`{"hidden": mean relative MSE over layers, "kl": KL(teacher || student) per token}` (kl only with logits)."""
+    """`{"hidden": mean over layers of the relative MSE, "kl": KL(teacher || student) per token}` (kl only with
+    logits). The relative MSE of a layer is each sequence's squared error over its teacher's mean square, averaged
+    over the sequences: a mean of per-sequence terms, so a batch split over ranks or micro-batches gives the
+    whole batch's loss and gradient (a ratio of batch means would not: 2026-12-02, DDP != one process)."""
     terms = []
     for hs, ht in zip(student_hidden, teacher_hidden):
         ht = ht.float()
-        terms.append((hs.float() - ht).pow(2).mean() / ht.pow(2).mean().clamp_min(1e-12))
+        dims = tuple(range(1, ht.dim()))
+        err = (hs.float() - ht).pow(2).mean(dims)
+        terms.append((err / ht.pow(2).mean(dims).clamp_min(1e-12)).mean())
     out = {"hidden": torch.stack(terms).mean()}
     if student_logits is not None and teacher_logits is not None:
         t = temperature

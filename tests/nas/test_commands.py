@@ -86,8 +86,8 @@ def test_supernet_then_placement_search_from_the_cli(teacher_dir, tmp_path, caps
 
 @pytest.mark.slow
 def test_supernet_under_torchrun_ddp_and_fsdp_agree(teacher_dir, tmp_path):
-    """`jetnas supernet` on two gloo processes, DDP and FSDP2: the same losses and the same trained linear branches.
-    (Not against one process: the relative hidden MSE normalises by each rank's own half batch.) Until 2026-12-02
+    """`jetnas supernet` on two gloo processes, DDP and FSDP2, and in one process: the same losses, and DDP and FSDP
+    the same trained linear branches. Until 2026-12-02
     FSDP crashed here: the teacher's layers were sharded one by one, but the super-network calls their parts
     directly, so nothing gathered them; and the saved branches would have been the ranks' shards."""
     import os
@@ -124,6 +124,8 @@ def test_supernet_under_torchrun_ddp_and_fsdp_agree(teacher_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
     assert torch.allclose(torch.tensor(runs["plain"]), torch.tensor(runs["fsdp1"]), rtol=1e-5)
+    # two half batches on two ranks: the whole batch's loss (the hidden term is a mean of per-sequence terms)
+    assert torch.allclose(torch.tensor(runs["plain"]), torch.tensor(runs["ddp"][0]), rtol=1e-4)
     (ddp_losses, ddp_weights), (fsdp_losses, fsdp_weights) = runs["ddp"], runs["fsdp"]
     assert len(ddp_losses) == 3
     assert torch.allclose(torch.tensor(ddp_losses), torch.tensor(fsdp_losses), rtol=1e-5)
