@@ -10,7 +10,7 @@ one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUD
 
 Before timing, each block type's two paths are teacher-forced along one sequence (2 rows, a 288-token prompt, 31 steps
 through the engine: `gpu_generate_check.engine_teacher_forced`) and their logits compared with one full forward of
-the same weights in float32: the changed step must be no further from it than the old one (greedy tokens are no
+the same weights in float32 on the CPU: the changed step must be no further from it than the old one (greedy tokens are no
 check in bf16 with random weights: near-tied logits flip and the sequences part; 2026-12-02 on the H200: 13 and 28
 of 32 tokens differed for gdn and jet while both paths may be equally right). Bound: a decode step
 reads the weights and every row's cache once: `roofline_tok_s` is `jetnas.bench.costs.decode_cost`'s roofline
@@ -88,8 +88,9 @@ def logit_errors(model) -> dict:
     """Teacher-forced logits of the old and the new step against a float32 full forward (see the docstring)."""
     seq = torch.randint(0, 49152, (2, 320), generator=torch.Generator().manual_seed(1)).to(DEV)
     prompt_len = 288
-    reference = copy.deepcopy(model).float()
-    want = reference(seq).logits.float()[:, prompt_len - 1 : -1]
+    # float32 on the CPU's reference paths: exact products (GPU float32 kernels multiply in TF32)
+    reference = copy.deepcopy(model).float().cpu()
+    want = reference(seq.cpu()).logits.float()[:, prompt_len - 1 : -1].to(DEV)
     del reference
     got = {}
     for label, before in (("before", True), ("after", False)):

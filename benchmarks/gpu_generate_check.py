@@ -208,9 +208,10 @@ def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16"
                 prompt_len = 288
                 ref = model(seq).logits.float()[:, prompt_len - 1 : -1]
                 # the truth for bf16: the same weights in float32 (rounding differences between bf16 paths say nothing
-                # about which is right; the engine must be about as close to this as the bf16 full forward is)
+                # about which is right; the engine must be about as close to this as the bf16 full forward is), on
+                # the CPU's reference paths: exact float32, and no float32 fla kernel (one crashed autotuning GLA)
                 truth = ref if dtype == torch.float32 else (
-                    copy.deepcopy(model).float()(seq).logits.float()[:, prompt_len - 1 : -1])
+                    copy.deepcopy(model).float().cpu()(seq.cpu()).logits.float()[:, prompt_len - 1 : -1].to(DEVICE))
                 forward = forward_teacher_forced(model, seq, prompt_len)
                 eng = engine_teacher_forced(model, seq, prompt_len, chunk_size=64)
                 res[key] = {"forward_decode_vs_full": rel(forward, ref), "engine_vs_full": rel(eng, ref),
