@@ -10,11 +10,11 @@ one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUD
 
 Before timing, each block type's two paths are teacher-forced along one sequence (2 rows, a 288-token prompt, 31 steps
 through the engine: `gpu_generate_check.engine_teacher_forced`) and their logits compared with one full forward of
-the same weights in float32 on the CPU: the changed step must be no further from it than the old one (greedy tokens are no
-check in bf16 with random weights: near-tied logits flip and the sequences part; 2026-12-02 on the H200: 13 and 28
-of 32 tokens differed for gdn and jet while both paths may be equally right). Bound: a decode step
-reads the weights and every row's cache once: `roofline_tok_s` is `jetnas.bench.costs.decode_cost`'s roofline
-at the copy bandwidth measured here. Last stdout line: JSON.
+the same weights in float32 on the CPU: the changed step must be no further from it than the old one (greedy
+tokens are no check in bf16 with random weights: near-tied logits flip and the sequences part; 2026-12-02 on the
+H200: 13 and 28 of 32 tokens differed for gdn and jet while both paths may be equally right). Bound: a decode step
+reads the weights and every row's cache once: `roofline_tok_s` is `jetnas.bench.costs.decode_cost`'s roofline at
+the copy bandwidth measured here. Last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def main() -> None:
     DEV = torch.device(args.device)
     # 2 GiB per copy on the GPU, well past its L2
     bandwidth = copy_bandwidth(DEV, nbytes=1 << 31) if DEV.type == "cuda" else float("nan")
-    out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "batch": args.batch,
+    out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__,
+           "batch": args.batch,
            "context": args.context, "copy_bandwidth_bytes_s": bandwidth, "blocks": {}}
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     torch.set_grad_enabled(False)
@@ -128,7 +129,8 @@ def main() -> None:
         # output), not by being further from the float32 model; 10% slack for that rounding's own noise
         row["logits_ok"] = e["after_vs_fp32_full"] <= 1.1 * e["before_vs_fp32_full"] + 1e-4
         log(f"{block}: logits vs fp32 full forward: before {e['before_vs_fp32_full']:.4f}, after "
-            f"{e['after_vs_fp32_full']:.4f} (bf16 full forward {e['bf16_full_vs_fp32_full']:.4f}); ok={row['logits_ok']}")
+            f"{e['after_vs_fp32_full']:.4f} (bf16 full forward {e['bf16_full_vs_fp32_full']:.4f}); "
+            f"ok={row['logits_ok']}")
         if args.repeats == 0:
             out["blocks"][block] = row
             with open(args.out, "w") as f:
@@ -155,7 +157,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for block, row in out["blocks"].items():
         if "speedup" in row:
-            print(f"| {block} | {row['before']['median_decode_tok_s']:,.0f} | {row['after']['median_decode_tok_s']:,.0f}"
+            print(f"| {block} | {row['before']['median_decode_tok_s']:,.0f} | "
+                  f"{row['after']['median_decode_tok_s']:,.0f}"
                   f" | {row['speedup']:.2f}x | {row['roofline_tok_s']:,.0f} |")
     print(json.dumps({"out": args.out, **{b: {"speedup": round(r.get("speedup", float("nan")), 3),
                                              "logits_ok": r["logits_ok"]} for b, r in out["blocks"].items()}}))

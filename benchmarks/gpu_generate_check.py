@@ -217,14 +217,15 @@ def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16"
                 res[key] = {"forward_decode_vs_full": rel(forward, ref), "engine_vs_full": rel(eng, ref),
                             "engine_vs_forward_decode": rel(eng, forward),
                             "argmax_agreement_engine_vs_full": (eng.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-                            "forward_decode_vs_full_parts": _errors(forward, ref), "engine_vs_full_parts": _errors(eng, ref),
+                            "forward_decode_vs_full_parts": _errors(forward, ref),
+                            "engine_vs_full_parts": _errors(eng, ref),
                             "full_vs_fp32": rel(ref, truth), "forward_decode_vs_fp32": rel(forward, truth),
                             "engine_vs_fp32": rel(eng, truth)}
                 if not full_model:  # where the engine's extra error comes from: its chunked prefill or its step
                     one_shot = engine_teacher_forced(model, seq, prompt_len, chunk_size=None)
                     res[key]["engine_one_shot_prefill_vs_full_parts"] = _errors(one_shot, ref)
-                log("teacher-forced", key, {k: (round(v, 5) if isinstance(v, float) else
-                                                {kk: round(vv, 5) for kk, vv in v.items()}) for k, v in res[key].items()})
+                log("teacher-forced", key, {k: round(v, 5) if isinstance(v, float) else
+                                            {kk: round(vv, 5) for kk, vv in v.items()} for k, v in res[key].items()})
             except Exception as err:  # noqa: BLE001 - a kernel crash in one configuration is recorded, the rest run
                 # (2026-12-02: float32 crashed in fla's chunk_gla_fwd_kernel_o autotuning, misaligned address)
                 res[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}

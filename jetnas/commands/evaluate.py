@@ -108,7 +108,8 @@ def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | No
 
     def write():
         report = {"model": model, "model_id": identity, "device": device_name,
-                  "dtype": str(next(net.parameters()).dtype), "limit": limit, "tasks": results, "seconds": round(time.perf_counter() - start, 1)}
+                  "dtype": str(next(net.parameters()).dtype), "limit": limit, "tasks": results,
+                  "seconds": round(time.perf_counter() - start, 1)}
         tmp = out / "eval.json.partial"
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(out / "eval.json")

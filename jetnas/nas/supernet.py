@@ -154,7 +154,8 @@ class SuperNet(nn.Module):
         """The linear paths: all a super-network adds to its teacher."""
         return {f"linear.{k}": v for k, v in self.linear.state_dict().items()}
 
-    def save(self, out_dir: str | Path, extra: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+    def save(self, out_dir: str | Path, extra: dict | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> None:
         """`supernet.json` (spec) and `linear.safetensors` (the trained linear paths), written atomically. `state`:
         the full state dict gathered from a DDP/FSDP-wrapped copy (its `linear.*` entries are saved)."""
         from safetensors.torch import save_file

@@ -75,7 +75,8 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     layers = _decoder_layers(model)
     units = list(layers) if layers is not None else []
     for child in model.modules():
-        if isinstance(child, nn.ModuleList) and child is not layers and any(p.requires_grad for p in child.parameters()):
+        trainable = any(p.requires_grad for p in child.parameters())
+        if isinstance(child, nn.ModuleList) and child is not layers and trainable:
             units.extend(child)
     return units
 
