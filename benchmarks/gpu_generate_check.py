@@ -88,9 +88,9 @@ def divergence(a, b, prompt_len: int) -> dict:
     diffs = [(sa.float() - sb.float()).abs().amax().item() for sa, sb in zip(a.scores, b.scores)]
     differ = (a.sequences[:, prompt_len:] != b.sequences[:, prompt_len:]).any(0).nonzero()
     first = int(differ[0]) if len(differ) else None
-    out = {"first_differing_step": first, "max_logit_diff_before": max(diffs[: (first or steps) + 1]),
-           "scores_rel_err_before": max(rel(sa, sb) for sa, sb in zip(a.scores[: (first or steps) + 1],
-                                                                      b.scores[: (first or steps) + 1]))}
+    upto = steps if first is None else first + 1  # the steps up to and including the first difference
+    out = {"first_differing_step": first, "max_logit_diff_before": max(diffs[:upto]),
+           "scores_rel_err_before": max(rel(sa, sb) for sa, sb in zip(a.scores[:upto], b.scores[:upto]))}
     if first is not None:
         top = b.scores[first].float().topk(2, -1).values
         rows = (a.sequences[:, prompt_len + first] != b.sequences[:, prompt_len + first]).nonzero()[:, 0]
