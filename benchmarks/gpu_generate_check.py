@@ -4,11 +4,11 @@ left-padded.
     python benchmarks/gpu_generate_check.py --out generate_check.json [--sections generate,engine,teacher_forced]
 
 Sections (each logs as it goes and rewrites the JSON when it finishes, so a cut-off run keeps what it measured):
-- generate (float32): cached greedy generation == uncached, or where they part, a near tie (the margin at the first
-  differing step below twice the logit difference the two paths have there, their scores within 5e-3 before it:
-  fla's float32 chunk kernels multiply in TF32, unit roundoff 4.9e-4, and uncached generation reruns them over the
-  whole prefix; on the H200 on 2026-12-02 they parted at step 4 with a 3.8e-4 margin against a 1.7e-3 logit
-  difference, scores 1.2e-3 apart); a left-padded row == the same prompt alone; seeded sampling reproducible.
+- generate (float32): cached greedy generation == uncached, or where they part, their scores within 5e-3 of each
+  other up to and including the split (rounding deciding a near tie: fla's float32 chunk kernels multiply in TF32,
+  unit roundoff 4.9e-4, and uncached generation reruns them over the whole prefix; on the H200 on 2026-12-02 they
+  parted at step 4 with a 3.8e-4 top-2 margin, scores 1.2e-3 apart); a left-padded row == the same prompt alone;
+  seeded sampling reproducible.
 - engine (float32): for each linear block type X, a model `attn, X, swa, X` and the model of every type: the
   engine's CUDA-graph decode gives the tokens of `generate()`, and its per-step logits match the model's own
   forward decoding (relative error; limit 1e-4: fp32 with TF32 off, only kernel order differs).
@@ -81,9 +81,11 @@ def prompts(vocab: int = 1000):
 
 
 def divergence(a, b, prompt_len: int) -> dict:
-    """Where two greedy generations (with scores) part, and whether that is a near tie: the first differing step,
-    the top-1 - top-2 logit margin there, and the largest logit difference between the two up to it. A flip whose
-    margin is below that difference is rounding deciding a tie (fla's fp32 kernels multiply in TF32), not a bug."""
+    """Where two greedy generations (with scores) part: the first differing step, the largest logit difference and
+    the scores' relative error up to and including it, and the top-1 - top-2 margin there (for the record: a flip
+    caused by a logit difference d always has a margin below 2d, so the margin proves nothing by itself). The
+    verdict rests on the relative error: if the two paths' scores agree to rounding level up to the split, the split
+    was rounding deciding a near tie (fla's float32 kernels multiply in TF32), not a cache error."""
     steps = len(a.scores)
     diffs = [(sa.float() - sb.float()).abs().amax().item() for sa, sb in zip(a.scores, b.scores)]
     differ = (a.sequences[:, prompt_len:] != b.sequences[:, prompt_len:]).any(0).nonzero()
@@ -95,7 +97,6 @@ def divergence(a, b, prompt_len: int) -> dict:
         top = b.scores[first].float().topk(2, -1).values
         rows = (a.sequences[:, prompt_len + first] != b.sequences[:, prompt_len + first]).nonzero()[:, 0]
         out["margin_at_first_difference"] = (top[rows, 0] - top[rows, 1]).min().item()
-        out["near_tie"] = out["margin_at_first_difference"] <= 2 * diffs[first]
     return out
 
 
@@ -244,7 +245,7 @@ def verdict(report: dict) -> list[str]:
     gen = report.get("generate", {})
     failures = [k for k in ("padded_row_equals_alone", "sampling_reproducible") if k in gen and not gen[k]]
     if "cached_equals_uncached" in gen and not gen["cached_equals_uncached"] and not (
-            gen["cached_vs_uncached"].get("near_tie") and gen["cached_vs_uncached"]["scores_rel_err_before"] < 5e-3):
+            gen["cached_vs_uncached"]["scores_rel_err_before"] < 5e-3):
         failures.append("cached_equals_uncached")
     for name, e in report.get("engine", {}).items():
         if not e["tokens_equal_generate"]:

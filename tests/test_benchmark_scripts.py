@@ -1,0 +1,57 @@
+"""The GPU check scripts run on CPU too (reference paths): a smoke test before spending device time on them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_divergence_finds_the_first_split_and_measures_up_to_it():
+    from gpu_generate_check import divergence
+
+    scores = [torch.tensor([[1.0, 0.9995, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])]
+    a = SimpleNamespace(scores=scores, sequences=torch.tensor([[5, 0, 1], [5, 0, 0]]))
+    nudged = [scores[0] + torch.tensor([[0.0, 0.001, 0.0], [0.0, 0.0, 0.0]]), scores[1] + 0.3]
+    b = SimpleNamespace(scores=nudged, sequences=torch.tensor([[5, 1, 1], [5, 0, 0]]))
+    split = divergence(a, b, prompt_len=1)
+    assert split["first_differing_step"] == 0
+    assert split["max_logit_diff_before"] == pytest.approx(1e-3, rel=1e-3)  # step 0 only, not step 1's 0.3
+    assert split["margin_at_first_difference"] == pytest.approx(5e-4, rel=1e-2)
+    assert split["scores_rel_err_before"] < 5e-3
+    assert divergence(a, a, 1) == {"first_differing_step": None, "max_logit_diff_before": 0.0,
+                                   "scores_rel_err_before": 0.0}
+
+
+def run_script(args: list[str], tmp_path: Path) -> dict:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_generate_check_runs_on_cpu(tmp_path):
+    out = tmp_path / "generate.json"
+    summary = run_script(["benchmarks/gpu_generate_check.py", "--sections", "generate,teacher_forced", "--dtypes",
+                          "bfloat16", "--per-type", "--out", str(out)], tmp_path)
+    assert summary["passed"], summary["failures"]
+    report = json.loads(out.read_text())
+    assert report["generate"]["cached_equals_uncached"]
+    assert {"bfloat16", "bfloat16:attn+swa", "bfloat16:attn+jet+swa+jet"} <= set(report["teacher_forced"])
+    assert report["teacher_forced"]["bfloat16"]["full_vs_fp32"] > 0  # a real bf16 vs fp32 distance was measured
+
+
+@pytest.mark.slow
+def test_decode_step_bench_logit_check_runs_on_cpu(tmp_path):
+    out = tmp_path / "decode_step.json"
+    summary = run_script(["benchmarks/decode_step_bench.py", "--device", "cpu", "--repeats", "0", "--blocks", "gdn",
+                          "--out", str(out)], tmp_path)
+    assert summary["gdn"]["logits_ok"]
+    assert json.loads(out.read_text())["blocks"]["gdn"]["logits"]["after_vs_before"] == 0.0  # one path on CPU
