@@ -39,7 +39,7 @@ from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
 from jetnas.ops.decode import gated_delta_rule_step_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_generate_check import engine_teacher_forced
+from gpu_generate_check import engine_teacher_forced, rel
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, max_position_embeddings=16384, rms_norm_eps=1e-5,
@@ -80,10 +80,6 @@ def before_changes(on: bool):
     return stack
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def logit_errors(model) -> dict:
     """Teacher-forced logits of the old and the new step against a float32 full forward (see the docstring)."""
     seq = torch.randint(0, 49152, (2, 320), generator=torch.Generator().manual_seed(1)).to(DEV)
@@ -117,8 +113,7 @@ def main() -> None:
     # 2 GiB per copy on the GPU, well past its L2
     bandwidth = copy_bandwidth(DEV, nbytes=1 << 31) if DEV.type == "cuda" else float("nan")
     out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__,
-           "batch": args.batch,
-           "context": args.context, "copy_bandwidth_bytes_s": bandwidth, "blocks": {}}
+           "batch": args.batch, "context": args.context, "copy_bandwidth_bytes_s": bandwidth, "blocks": {}}
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     torch.set_grad_enabled(False)
     for block in args.blocks.split(","):

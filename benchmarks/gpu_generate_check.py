@@ -43,7 +43,8 @@ from jetnas.models.hf_compat import output_cache
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2"]
 LINEAR = [t for t in TYPES if t not in ("attn", "swa")]
-LIMITS = {"engine_logits": 1e-4, "float32": 1e-3, "bfloat16": 5e-2}
+# bf16 has no absolute limit: it is judged against the float32 model (see teacher_forced above)
+LIMITS = {"engine_logits": 1e-4, "float32": 1e-3}
 
 
 def log(*args) -> None:

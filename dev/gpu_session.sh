@@ -30,7 +30,7 @@ harvest_autotune() {
      && mv "$OUT/autotune.tar.tmp" "$OUT/autotune.tar") 2>/dev/null
 }
 
-# TileLang's compiled kernels (fla's Hopper backward of the gated delta rule): 45-49 s per new GDN shape on a fresh
+# TileLang's compiled kernels (fla's Hopper backward of the gated delta rule): 44-49 s per new GDN shape on a fresh
 # machine (2026-12-02). Its cache is keyed by kernel source and target, so a later machine of the same image can
 # reuse it: it comes back as $OUT/tilelang.tar (when under $OUT's 16 MiB per file); unpack it into .stage/tilelang
 # and carry that folder.

@@ -40,7 +40,7 @@ def model_identity(model: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
-def _previous_results(path: Path, model: str, limit: int | None) -> dict[str, dict]:
+def _previous_results(path: Path, model: str, identity: str, limit: int | None) -> dict[str, dict]:
     """Per-task results of an earlier run into the same folder, when it evaluated the same weights (see
     `model_identity`; 2026-12-02: a stage-2 model retrained at the same path kept the old model's first three
     tasks) with the same limit."""
@@ -48,7 +48,7 @@ def _previous_results(path: Path, model: str, limit: int | None) -> dict[str, di
         return {}
     previous = json.loads(path.read_text())
     # files from before model_id existed: a name (teacher, preset) is its own identity, a directory is unknown
-    if (previous.get("model") != model or previous.get("model_id", model) != model_identity(model)
+    if (previous.get("model") != model or previous.get("model_id", model) != identity
             or previous.get("limit") != limit):
         return {}
     return dict(previous.get("tasks", {}))
@@ -101,8 +101,8 @@ def evaluate(model: str, tasks: str, limit: int | None = None, out_dir: str | No
     lm = LanguageModel.from_hf(net, tok, max_length=max_length, batch_size=batch_size, name=model)
     out = Path(out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    results = _previous_results(out / "eval.json", model, limit) if resume else {}
     identity = model_identity(model)
+    results = _previous_results(out / "eval.json", model, identity, limit) if resume else {}
     device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     start = time.perf_counter()
 

@@ -48,7 +48,7 @@ def supernet(teacher: str = "smollm2-135m", data: str | None = None, steps: int 
     from jetnas.nas.sampling import Budget, SubnetSampler
     from jetnas.nas.supernet import SuperNetSpec, build_supernet
     from jetnas.train.data import resolve_data
-    from jetnas.train.distributed import local_device, is_main_process
+    from jetnas.train.distributed import gather_full, is_main_process, local_device
     from jetnas.train.trainer import Trainer, TrainConfig
 
     if sample == "uniform":
@@ -91,11 +91,7 @@ def supernet(teacher: str = "smollm2-135m", data: str | None = None, steps: int 
 
     trainer = Trainer(config, net, make_distill_loss(sampler, distill), stream, evaluate=evaluate)
     summary = trainer.fit()
-    state = None
-    if torch.distributed.is_initialized():  # DDP / FSDP (FSDP2 wraps in place): every rank helps gather the weights
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = gather_full(net.trainable_state_dict())  # every rank: FSDP's shards of the branches are gathered
     if is_main_process():
         net.save(out, state=state, extra={"teacher": teacher_spec.name, "data": data or "teacher-generated",
                              "heldout": str(heldout_path), "sampling": {"mode": mode, "budget": str(budget),

@@ -157,14 +157,13 @@ class SuperNet(nn.Module):
     def save(self, out_dir: str | Path, extra: dict | None = None,
              state: dict[str, torch.Tensor] | None = None) -> None:
         """`supernet.json` (spec) and `linear.safetensors` (the trained linear paths), written atomically. `state`:
-        the full state dict gathered from a DDP/FSDP-wrapped copy (its `linear.*` entries are saved)."""
+        the linear paths' tensors when they had to be gathered first (FSDP shards: `distributed.gather_full`)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        source = self.trainable_state_dict() if state is None else {k: v for k, v in state.items()
-                                                                    if k.startswith("linear.")}
-        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+        state = {k: v.detach().contiguous().cpu()
+                 for k, v in (self.trainable_state_dict() if state is None else state).items()}
         tmp = out / "linear.safetensors.partial"
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / "linear.safetensors")

@@ -101,6 +101,12 @@ def wrap(model: nn.Module, mode: str, find_unused_parameters: bool = False) -> n
     raise ValueError(f"distributed mode must be 'ddp' or 'fsdp', got {mode!r}")
 
 
+def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every FSDP2 shard (DTensor) gathered into its full tensor; a collective: every rank calls it,
+    with the same keys in the same order. Plain tensors (one process, DDP) pass through."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over all ranks (identity for one process)."""
     if world()[1] == 1 or not values:

@@ -164,9 +164,9 @@ class Trainer:
         path = self.out / "log.jsonl"
         if not self.is_main or not path.exists():
             return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        if len(kept) == len([line for line in lines if line.strip()]):
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
+        if len(kept) == len(rows):
             return
         path.replace(self.out / "log.replaced.jsonl")
         tmp = self.out / "log.jsonl.partial"
