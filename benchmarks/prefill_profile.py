@@ -2,7 +2,10 @@
 in the engine, timed at several chunk sizes, then one run under the PyTorch profiler with the GPU time summed by
 kernel and by kind of kernel (GEMMs, attention, fla's linear-attention kernels, our dynamic conv, the rest).
 Each chunk size is timed with the fused norm / SwiGLU kernels (`jetnas.ops.fused`) off and on, after a check that
-both give the same last-position logits (bf16: relative error ~1e-2 expected, from one-step roundings).
+both give the same last-position logits (bf16: relative error ~1e-2 expected, from one-step roundings). A model
+with static short convolutions (GDN, DeltaNet, Mamba2) is also timed fused with those convs on their Triton kernel
+(`jetnas.ops.conv.triton_static_conv`, off by default until measured) instead of `F.conv1d`
+(`static_conv_kernel_speedup`), after the same logits check.
 
     python benchmarks/prefill_profile.py --out $OUT/prefill_profile.json [--context 65536 --chunks 8192,16384,32768,65536]
 
@@ -17,13 +20,16 @@ import json
 import re
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 import jetnas  # noqa: F401
 from jetnas.engine import Engine
-from jetnas.models import JetNemotronForCausalLM
+from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
 from jetnas.models.presets import preset_config
+from jetnas.modules.conv import ShortConvolution
+from jetnas.ops.conv import triton_static_conv
 from jetnas.ops.fused import fusion
 
 DEV = torch.device("cuda")
@@ -46,6 +52,19 @@ def kind(name: str) -> str:
         if re.search(pattern, low):
             return label
     return "other"
+
+
+def model_config(model: str, max_positions: int, block_types: str | None = None) -> JetNemotronConfig:
+    """A preset's config, or the config.json of a model directory (or the file itself)."""
+    path = Path(model)
+    if path.suffix == ".json" or path.is_dir():
+        config = JetNemotronConfig.from_pretrained(path.parent if path.suffix == ".json" else path)
+        config.max_position_embeddings = max(config.max_position_embeddings, max_positions)
+    else:
+        config = preset_config(model, max_position_embeddings=max_positions)
+    if block_types:
+        config.block_types = [block_types] * config.num_hidden_layers
+    return config
 
 
 def timed_prefill(engine: Engine, prompt: torch.Tensor, repeats: int = 2) -> float:
@@ -88,18 +107,23 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=65536)
     ap.add_argument("--chunks", default="8192,16384,32768,65536")
     ap.add_argument("--profile-chunk", type=int, default=32768)
-    ap.add_argument("--model", default="jet-nemotron-2b")
+    ap.add_argument("--model", default="jet-nemotron-2b",
+                    help="a preset, or a jetnas model directory / config.json (its architecture, random weights)")
+    ap.add_argument("--block-types", default=None,
+                    help="one layer type for every layer instead of the model's (e.g. attn: the all-attention model "
+                         "of the same shape, a converted model's teacher)")
     args = ap.parse_args()
     args.chunks_list = [int(c) for c in args.chunks.split(",")]
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = JetNemotronForCausalLM(preset_config(args.model, max_position_embeddings=args.context + 64))
+        model = JetNemotronForCausalLM(model_config(args.model, args.context + 64, args.block_types))
     model = model.to(torch.bfloat16).eval()
     n_embed = model.model.embed_tokens.weight.numel()
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
         n_embed += model.lm_head.weight.numel()
     non_embedding = sum(p.numel() for p in model.parameters()) - n_embed
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+              "block_types": args.block_types or "as the model's",
               "context": args.context, "non_embedding_params": non_embedding, "chunks": {}}
     tflops = gemm_tflops()
     report["gemm_TFLOPs"] = tflops
@@ -118,6 +142,13 @@ def main() -> None:
         report["fused_error"] = repr(err)[:2000]
         report["fused_vs_unfused_last_logits_rel_err"] = float("nan")
     log("fused vs unfused logits, rel err", report["fused_vs_unfused_last_logits_rel_err"], report.get("fused_error"))
+    has_static_conv = any(isinstance(m, ShortConvolution) for m in model.modules())
+    if has_static_conv:  # the static convs' Triton kernel against F.conv1d, the rest fused in both
+        want = last_logits(engine, short)
+        with triton_static_conv(True):
+            got = last_logits(engine, short)
+        report["static_conv_kernel_vs_conv1d_last_logits_rel_err"] = ((got - want).norm() / want.norm()).item()
+        log("static conv kernel vs F.conv1d, rel err", report["static_conv_kernel_vs_conv1d_last_logits_rel_err"])
     for chunk in args.chunks_list:
         engine = Engine(model, chunk_size=min(chunk, args.context))
         entry = report["chunks"][chunk] = {}
@@ -135,6 +166,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         if "seconds" in entry.get("fused", {}) and "seconds" in entry.get("unfused", {}):
             entry["speedup"] = entry["unfused"]["seconds"] / entry["fused"]["seconds"]
+        if has_static_conv and "seconds" in entry.get("fused", {}):
+            # the same with the static short convs' Triton kernel instead of F.conv1d (jetnas.ops.conv)
+            with fusion(True), triton_static_conv(True):
+                seconds = timed_prefill(engine, prompt)
+            entry["fused_conv_kernel"] = {"seconds": seconds, "tokens_per_s": args.context / seconds}
+            entry["static_conv_kernel_speedup"] = entry["fused"]["seconds"] / seconds
         log("chunk", chunk, entry)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -166,10 +203,11 @@ def main() -> None:
         print(f"{k:<32} {v['ms']:>8.1f} {100 * v['share']:>5.1f}%")
     for row in report["profile"]["top_kernels"][:12]:
         print(f"{row['ms']:>8.1f} ms {100 * row['share']:>5.1f}%  {row['name'][:90]}")
-    print(f"{'chunk':>6} {'unfused tok/s':>14} {'fused tok/s':>12} {'speed-up':>9}")
+    print(f"{'chunk':>6} {'unfused tok/s':>14} {'fused tok/s':>12} {'speed-up':>9} {'conv kernel':>12} {'conv x':>7}")
     for c, v in report["chunks"].items():
         print(f"{c:>6} {v.get('unfused', {}).get('tokens_per_s', 0):>14.0f} {v.get('fused', {}).get('tokens_per_s', 0):>12.0f} "
-              f"{v.get('speedup', float('nan')):>9.3f}")
+              f"{v.get('speedup', float('nan')):>9.3f} {v.get('fused_conv_kernel', {}).get('tokens_per_s', 0):>12.0f} "
+              f"{v.get('static_conv_kernel_speedup', float('nan')):>7.3f}")
     print(json.dumps({"chunks": {c: {k: round(v[k]["tokens_per_s"]) for k in ("unfused", "fused")
                                      if "tokens_per_s" in v.get(k, {})} for c, v in report["chunks"].items()},
                       "fused_vs_unfused_rel_err": report["fused_vs_unfused_last_logits_rel_err"],

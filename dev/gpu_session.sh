@@ -14,7 +14,7 @@
 #
 # Usage (in the repository root on the device; steps run in order):
 #   bash dev/gpu_session.sh fla generate:300 prefill:300          # checks: carry .stage/fla (+ .stage/autotune)
-#   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, teacher_eval:S, dist:S
+#   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, convprefill:S, teacher_eval:S, dist:S
 #    (S seconds for each of its three runs); S = seconds)
 #   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c4)
 # Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
@@ -129,7 +129,12 @@ for step in "$@"; do
     generate:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_generate_check.py --dtypes bfloat16,float32 --per-type \
                   --out $OUT/generate_check.json 2>&1 | grep -v Warn | tail -20 ;;
     tests:*) timeout "${step#*:}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_decode_ops.py tests/ops/test_fused.py \
-               2>&1 | tail -8 ;;
+               tests/ops/test_triton_dynamic_conv.py 2>&1 | tail -8 ;;
+    # the static short convs' Triton kernel (off by default until this has run) against F.conv1d, in the prefill of
+    # the final SmolLM2-135M hybrid's architecture (random weights): flip jetnas.ops.conv._TRITON_STATIC if it wins
+    convprefill:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/prefill_profile.py \
+                     --model results/h200_postnas_smollm2_135m/stage2/model --context 32768 --chunks 8192,32768 \
+                     --profile-chunk 32768 --out $OUT/prefill_static_conv.json 2>&1 | grep -v Warn | grep -vE "^ +[0-9.]+ ms" | tail -13 ;;
     blocks:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --sections blocks \
                 --blocks ${BLOCKS:-deltanet,mamba2} --out $OUT/kernel_check_blocks.json 2>&1 | grep -v Warn | tail -12 ;;
     convstep:*) timeout "${step#*:}" python3 benchmarks/decode_step_bench.py --out $OUT/decode_step.json 2>&1 \

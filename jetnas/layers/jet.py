@@ -144,7 +144,7 @@ class JetBlock(TokenMixer):
         elif dynamic:
             y, new_state = conv(u, x, conv_state, state is not None, backend=self.backend)
         else:
-            y, new_state = conv(u, conv_state, state is not None)
+            y, new_state = conv(u, conv_state, state is not None, backend=self.backend)
         if state is not None:
             state.conv[name] = new_state
         return y

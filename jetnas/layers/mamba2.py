@@ -90,7 +90,7 @@ class Mamba2(TokenMixer):
             xBC, conv_state = self.conv1d.step(xBC[:, 0], conv_state, backend=self.backend)
             xBC = xBC[:, None]
         else:
-            xBC, conv_state = self.conv1d(xBC, conv_state, state is not None)
+            xBC, conv_state = self.conv1d(xBC, conv_state, state is not None, backend=self.backend)
         if state is not None:
             state.conv["xBC"] = conv_state
         xs, Bm, Cm = xBC.split([self.inner, G * N, G * N], -1)

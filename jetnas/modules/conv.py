@@ -43,9 +43,11 @@ class ShortConvolution(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x, state=None, output_final_state=False, cu_seqlens=None):
-        """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`."""
-        return short_conv(x, self.weight[:, 0], self.bias, state, output_final_state, self.activation, cu_seqlens)
+    def forward(self, x, state=None, output_final_state=False, cu_seqlens=None, backend="torch"):
+        """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`; `backend="triton"` takes the
+        Triton kernel on CUDA outside autograd (`jetnas.ops.conv.short_conv`)."""
+        return short_conv(x, self.weight[:, 0], self.bias, state, output_final_state, self.activation, cu_seqlens,
+                          backend)
 
     def step(self, x, state, backend="torch"):
         """`x [B, D]`, `state [B, D, W-1]` or None -> `(y [B, D], new_state)`; outside autograd a given state is

@@ -11,6 +11,8 @@ bias). The final state is the last `W - 1` inputs, so prefill + `*_step` decodin
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -121,6 +123,23 @@ def dynamic_conv_step(
     return y.to(x.dtype), window[..., 1:]
 
 
+# Off by default until it has run on a GPU: written and checked under the Triton interpreter (tests/ops) on
+# 2026-12-02 after that session's device time was spent; `benchmarks/prefill_profile.py` times it on and off.
+_TRITON_STATIC = False
+
+
+@contextlib.contextmanager
+def triton_static_conv(enabled: bool):
+    """Let `short_conv(backend="triton")` use its Triton kernel outside autograd, or keep it on `F.conv1d` (the
+    default for now, see `_TRITON_STATIC`); `benchmarks/prefill_profile.py` times one against the other."""
+    global _TRITON_STATIC
+    previous, _TRITON_STATIC = _TRITON_STATIC, enabled
+    try:
+        yield
+    finally:
+        _TRITON_STATIC = previous
+
+
 def short_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -129,8 +148,11 @@ def short_conv(
     output_final_state: bool = False,
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Static causal depthwise convolution (one kernel for all tokens), via `F.conv1d` (cuDNN on GPU).
+    """Static causal depthwise convolution (one kernel for all tokens), via `F.conv1d`; with `backend="triton"`,
+    CUDA tensors, no gradient to compute and `triton_static_conv(True)`, `jetnas.ops.triton_dynamic_conv.
+    triton_short_conv` instead (same contract, no transposed copies; forward only).
 
     Args:
         x: `[B, T, D]`.
@@ -141,6 +163,11 @@ def short_conv(
     Returns:
         `(y [B, T, D], final_state [N, D, W - 1] or None)`, both in x's dtype.
     """
+    if backend == "triton" and _TRITON_STATIC and x.is_cuda and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, initial_state))):
+        from jetnas.ops.triton_dynamic_conv import triton_short_conv
+
+        return triton_short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens)
     if weight.dim() != 2:
         raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
     W = weight.shape[-1]

@@ -156,6 +156,28 @@ def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, state_ptr, y_ptr, tok_start_ptr, tok_
 
 
 @triton.jit
+def _static_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, T, D,
+                            W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+                            HAS_BIAS: tl.constexpr):
+    """The static convolution (one `[D, W]` kernel for every token, optional bias before the activation) on the
+    same tiles as the dynamic one. Grid (B, cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)); writes `y [B, T, D]`."""
+    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                                               tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
+                                               IS_VARLEN)
+    xw = _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W, HAS_STATE)
+    d_ok = d < D
+    k = tl.load(w_ptr + d[:, None] * W + w[None, :], mask=d_ok[:, None] & (w < W)[None, :], other=0.0)
+    acc = tl.sum(xw * k.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    off = r[:, None] * D + d[None, :]
+    tl.store(y_ptr + row0 * D + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, state_ptr, dy_ptr, dacc_ptr, dk_ptr, tok_start_ptr, tok_seq_ptr, T, D,
                                 W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr, HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -351,3 +373,44 @@ def triton_dynamic_conv(
     final = _final_state(x, state, seg, W) if output_final_state else None
     return y, final
 
+
+
+def triton_short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = "silu",
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The static causal depthwise convolution (`jetnas.ops.conv.short_conv`'s contract: `weight [D, W]`, optional
+    `bias [D]`) on `[B, T, D]` as it lies: one read of x, one write of y, accumulated in float32 with the bias and
+    SiLU fused. Forward only (no autograd: inference prefill and evaluation; training keeps `F.conv1d`).
+
+    Why: `F.conv1d` wants `[B, D, T]`, so each conv cost two transposed copies, and PyTorch's generic depthwise
+    kernel for bf16; on an H200 the 26 GDN layers of a SmolLM2-135M hybrid spent 36 of 97 GPU-ms of a 32K prefill
+    in them (benchmarks/results/2026-12-02_h200_parity_and_dist)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
+    W = weight.shape[-1]
+    _, T, D, _ = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    if weight.shape[0] != D or (bias is not None and tuple(bias.shape) != (D,)):
+        raise ValueError(f"weight must be [D={D}, W] and bias [D], got {list(weight.shape)} and "
+                         f"{None if bias is None else list(bias.shape)}")
+    if W > MAX_WIDTH:
+        raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state)):
+        raise RuntimeError("triton_short_conv has no backward: use jetnas.ops.conv.short_conv (it picks this "
+                           "kernel only outside autograd)")
+    seg = _segments(T, cu_seqlens, x.device)
+    state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
+    has_state = state is not None and W > 1
+    x = x.contiguous()
+    tok_start, tok_seq, _ = _varlen_ptrs(x, seg)
+    y = torch.empty_like(x)
+    _launch(_static_conv_fwd_kernel, x, W, seg, x, weight.contiguous(), x if bias is None else bias.contiguous(),
+            state if has_state else x, y, tok_start, tok_seq, HAS_STATE=has_state, SILU=activation == "silu",
+            HAS_BIAS=bias is not None)
+    final = _final_state(x, state, seg, W) if output_final_state else None
+    return y, final

@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv
-from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv
+from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv, short_conv
+from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv, triton_short_conv
 from tests.utils import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,3 +144,65 @@ def test_dispatch_from_dynamic_conv():
     y, final = dynamic_conv(x, kernels, state, True, backend="triton")
     y_ref, final_ref = naive_dynamic_conv(x, kernels, state, True)
     assert rel_err(y, y_ref) < TOL and torch.equal(final, final_ref)
+
+
+# -- the static convolution's forward kernel (`triton_short_conv`), against `short_conv`'s F.conv1d path ----------
+
+
+def _check_static(B, T, D, W, activation, bias, with_state, cu=None, dtype=torch.float32, tol=TOL):
+    N = B if cu is None else cu.numel() - 1
+    x = torch.randn(B, T, D, device=DEVICE, dtype=dtype)
+    weight = torch.randn(D, W, device=DEVICE, dtype=dtype)
+    b = torch.randn(D, device=DEVICE, dtype=dtype) if bias else None
+    state = torch.randn(N, D, W - 1, device=DEVICE, dtype=dtype) if with_state else None
+    y_ref, final_ref = short_conv(x, weight, b, state, True, activation, cu)
+    y, final = triton_short_conv(x, weight, b, state, True, activation, cu)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < tol
+    assert torch.equal(final, final_ref)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("activation", [None, "silu"], ids=["linear", "silu"])
+@pytest.mark.parametrize("W", [1, 4], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("T", [1, 63], ids=lambda t: f"T{t}")
+def test_static_matches_reference(T, W, activation, bias, with_state):
+    _check_static(2, T, 40, W, activation, bias, with_state)
+
+
+def test_static_packed_sequences_and_production_tiles(monkeypatch):
+    import jetnas.ops.triton_dynamic_conv as module
+
+    monkeypatch.setattr(module, "_launch_config", lambda T, D, W: ((4, 16), {"num_warps": 4}))
+    cu = torch.tensor([0, 2, 2, 3, 35, 40], device=DEVICE, dtype=torch.int32)
+    _check_static(1, 40, 40, 4, "silu", True, True, cu)
+
+
+def test_static_refuses_autograd_and_bad_shapes():
+    x = torch.randn(1, 4, 3, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        triton_short_conv(x, torch.randn(3, 4, device=DEVICE))
+    with torch.no_grad():
+        triton_short_conv(x, torch.randn(3, 4, device=DEVICE))  # fine outside autograd
+    with pytest.raises(ValueError, match=r"weight must be \[D=3, W\] and bias \[D\]"):
+        triton_short_conv(x.detach(), torch.randn(2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="W <= 8"):
+        triton_short_conv(x.detach(), torch.randn(3, 9, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="short_conv uses Triton only for CUDA tensors")
+def test_static_dispatch_and_bf16():
+    # switched on, short_conv(backend="triton") is the kernel outside autograd; with gradients F.conv1d
+    from jetnas.ops.conv import triton_static_conv
+
+    x = torch.randn(2, 33, 40, device=DEVICE)
+    w = torch.randn(40, 4, device=DEVICE, requires_grad=True)
+    with torch.no_grad(), triton_static_conv(True):
+        y, _ = short_conv(x, w, None, None, False, "silu", backend="triton")
+    with triton_static_conv(True):
+        y_grad, _ = short_conv(x, w, None, None, False, "silu", backend="triton")
+    assert y_grad.requires_grad and rel_err(y, y_grad.detach()) < TOL
+    # bf16 in, float32 accumulation: within bf16's rounding of the output (2^-8) of the float32 result
+    _check_static(2, 300, 1728, 4, "silu", True, True, dtype=torch.bfloat16, tol=1e-2)
