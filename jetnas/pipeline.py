@@ -339,6 +339,22 @@ class Pipeline:
         return {"recipe": self.recipe.name, "out_dir": str(self.out), "model": self.results.get(
             "stage2", self.results.get("stage1", {})).get("model_dir"), **paths}
 
+    def write_report(self) -> dict:
+        """report.md / report.json from the finished stages recorded in pipeline.json, running nothing."""
+        if not self.state["stages"]:
+            raise RecipeError(f"{self.state_path}: no finished stage recorded (is {self.out} a run directory?)")
+        for stage, record in self.state["stages"].items():
+            result = record["result"]
+            if stage in ("eval", "bench"):
+                teacher = self.state["stages"].get(f"{stage}_teacher")
+                if teacher is None:
+                    continue
+                result = {"hybrid": result, "teacher": teacher["result"]}
+            self.results[stage] = result
+        from jetnas.report import write_pipeline_report
+
+        return write_pipeline_report(self.recipe, self.results, self.state, self.out)
+
     def _run_eval(self, kwargs: dict) -> None:
         """The final model and the teacher on the same tasks."""
         fn = SPECS["eval"].function()

@@ -33,11 +33,27 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _local(path: str | None, out: Path) -> Path | None:
+    """`path` if it exists, else the same file found under `out` by its trailing parts (a run directory copied or
+    moved since: its records keep the paths of the machine that wrote them), else None."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.exists():
+        return p
+    parts = p.parts
+    for i in range(1, len(parts)):
+        candidate = out.joinpath(*parts[i:])
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def _outputs_section(result: dict, out: Path) -> list[str]:
     lines = []
     for name, path in (result.get("outputs") or {}).items():
-        p = Path(path)
-        if not p.exists():
+        p = _local(path, out)
+        if p is None:
             continue
         rel = os.path.relpath(p, out)
         if p.suffix == ".md":
@@ -71,6 +87,72 @@ def _side_by_side(hybrid: dict, teacher: dict, metric_source: str) -> list[str]:
     return lines + [""]
 
 
+def _num(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+BENCH_COLUMNS = (("decode tok/s", "decode_tokens_per_s", True), ("prefill tok/s", "prefill_tokens_per_s", True),
+                 ("batch", "batch_size", False), ("cache/seq (MB)", "cache_bytes_per_sequence", False),
+                 ("roofline share", "roofline_fraction", False))
+
+
+def _bench_comparison(hybrid: dict, teacher: dict, out: Path) -> list[str]:
+    """Every context both benchmarks measured: a table of the two engines' rows side by side, and one figure of
+    decode and prefill throughput against context for both (`out/bench_vs_teacher.png`)."""
+    rows: dict[int, dict[str, dict]] = {}
+    for who, result in (("hybrid", hybrid), ("teacher", teacher)):
+        path = _local((result.get("outputs") or {}).get("json"), out)
+        if path is None:
+            return []
+        for r in json.loads(path.read_text()).get("rows", []):
+            if r.get("system") == "jetnas engine":
+                rows.setdefault(int(r["context_length"]), {})[who] = r
+    contexts = sorted(c for c, v in rows.items() if len(v) == 2)
+    if not contexts:
+        return []
+    head = ["context"]
+    for label, _, ratio in BENCH_COLUMNS:
+        head += [f"{label} hybrid", "teacher"] + (["x"] if ratio else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in contexts:
+        h, t = rows[c]["hybrid"], rows[c]["teacher"]
+        cells = [str(c)]
+        for _, key, ratio in BENCH_COLUMNS:
+            a, b = h.get(key), t.get(key)
+            if key == "cache_bytes_per_sequence":
+                a, b = a / 1e6 if a is not None else None, b / 1e6 if b is not None else None
+            cells += [_num(a), _num(b)]
+            if ratio:
+                cells.append(f"{a / b:.2f}x" if a and b else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the table says it all; the figure is a convenience
+        return lines
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (label, key, _) in zip(axes, BENCH_COLUMNS[:2]):
+        for who, style in (("hybrid", "o-"), ("teacher", "s--")):
+            ax.plot(contexts, [rows[c][who][key] for c in contexts], style, label=who)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    device = json.loads(_local(hybrid["outputs"]["json"], out).read_text()).get("device", "")
+    fig.suptitle(f"hybrid vs teacher, {device}".rstrip(", "))
+    fig.tight_layout()
+    fig.savefig(out / "bench_vs_teacher.png", dpi=110)
+    plt.close(fig)
+    return lines + ["![hybrid vs teacher](bench_vs_teacher.png)", ""]
+
+
 def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict:
     """`out/report.md` and `out/report.json`; returns their paths."""
     lines = [f"# jetnas run: {recipe.name}", "", f"Teacher `{recipe.teacher}`, recipe `{recipe.source}`, "
@@ -88,9 +170,13 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
         if not result:
             continue
         lines += [f"## {title}", ""]
-        if stage in ("eval", "bench"):
-            source = "results" if stage == "eval" else "summary"
-            lines += _side_by_side(result["hybrid"], result["teacher"], source)
+        if stage == "eval":
+            lines += _side_by_side(result["hybrid"], result["teacher"], "results")
+            lines += _outputs_section(result["hybrid"], out)
+            continue
+        if stage == "bench":
+            lines += _bench_comparison(result["hybrid"], result["teacher"], out) or _side_by_side(
+                result["hybrid"], result["teacher"], "summary")
             lines += _outputs_section(result["hybrid"], out)
             continue
         shown = [(k, result[k]) for k in SCALARS if result.get(k) is not None]

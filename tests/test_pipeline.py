@@ -166,3 +166,15 @@ def test_overrides(tmp_path):
     assert r.stages["supernet"]["steps"] == 7 and r.stages["eval"] == {"tasks": "ppl,mc"} and r.seed == 3
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         Recipe.load(path, ["stages.supernet.steps"])
+
+
+def test_report_only_rewrites_the_report_from_the_records(tmp_path):
+    Pipeline(recipe(tmp_path)).run()
+    report = tmp_path / "run" / "report.md"
+    first = report.read_text()
+    report.unlink()
+    CALLS.clear()
+    Pipeline(recipe(tmp_path)).write_report()
+    assert CALLS == [] and report.read_text() == first
+    with pytest.raises(RecipeError, match="no finished stage recorded"):
+        Pipeline(recipe(tmp_path / "empty")).write_report()

@@ -6,7 +6,7 @@ import sys
 
 
 def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | None = None,
-        out_dir: str | None = None, device: str | None = None, check: bool = False) -> dict:
+        out_dir: str | None = None, device: str | None = None, check: bool = False, report_only: bool = False) -> dict:
     """Run a recipe: super-network, placement, blocks, hardware, stage 1, stage 2, evaluation, throughput, report.
 
     Args:
@@ -17,6 +17,8 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
         out_dir: where everything goes (default: the recipe's out_dir, else runs/<name>).
         device: cpu, cuda, ...; default: the recipe's, else cuda when available.
         check: validate the recipe and print the stages it would run, without running them.
+        report_only: write report.md / report.json again from the run directory's pipeline.json and run nothing
+            (a run directory copied from another machine: its recorded paths are found under out_dir).
     """
     from jetnas.pipeline import Pipeline, load_recipe
 
@@ -32,4 +34,6 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
             print(f"{stage:10s} {args}", file=sys.stderr)
         return {"recipe": parsed.name, "source": parsed.source, "out_dir": str(parsed.out_dir), "valid": True,
                 "stages": [s for s, a in parsed.stages.items() if a is not None]}
+    if report_only:
+        return Pipeline(parsed).write_report()
     return Pipeline(parsed, redo=tuple(redo or ())).run()
