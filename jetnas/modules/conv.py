@@ -44,8 +44,8 @@ class ShortConvolution(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x, state=None, output_final_state=False, cu_seqlens=None, backend="torch"):
-        """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`; `backend="triton"` takes the
-        Triton kernel on CUDA outside autograd (`jetnas.ops.conv.short_conv`)."""
+        """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`; `backend="triton"` may take
+        the Triton kernels on CUDA (`jetnas.ops.conv.short_conv`)."""
         return short_conv(x, self.weight[:, 0], self.bias, state, output_final_state, self.activation, cu_seqlens,
                           backend)
 

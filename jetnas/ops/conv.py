@@ -130,8 +130,8 @@ _TRITON_STATIC = False
 
 @contextlib.contextmanager
 def triton_static_conv(enabled: bool):
-    """Let `short_conv(backend="triton")` use its Triton kernel outside autograd, or keep it on `F.conv1d` (the
-    default for now, see `_TRITON_STATIC`); `benchmarks/prefill_profile.py` times one against the other."""
+    """Let `short_conv(backend="triton")` use its Triton kernels, or keep it on `F.conv1d` (the default for now,
+    see `_TRITON_STATIC`); `benchmarks/prefill_profile.py` times one against the other."""
     global _TRITON_STATIC
     previous, _TRITON_STATIC = _TRITON_STATIC, enabled
     try:
@@ -151,8 +151,8 @@ def short_conv(
     backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Static causal depthwise convolution (one kernel for all tokens), via `F.conv1d`; with `backend="triton"`,
-    CUDA tensors, no gradient to compute and `triton_static_conv(True)`, `jetnas.ops.triton_dynamic_conv.
-    triton_short_conv` instead (same contract, no transposed copies; forward only).
+    CUDA tensors and `triton_static_conv(True)`, `jetnas.ops.triton_dynamic_conv.triton_short_conv` instead (same
+    contract and gradients, no transposed copies).
 
     Args:
         x: `[B, T, D]`.
@@ -163,8 +163,7 @@ def short_conv(
     Returns:
         `(y [B, T, D], final_state [N, D, W - 1] or None)`, both in x's dtype.
     """
-    if backend == "triton" and _TRITON_STATIC and x.is_cuda and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, initial_state))):
+    if backend == "triton" and _TRITON_STATIC and x.is_cuda:
         from jetnas.ops.triton_dynamic_conv import triton_short_conv
 
         return triton_short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens)

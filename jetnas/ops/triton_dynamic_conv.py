@@ -20,6 +20,9 @@ writes the state gradient (only the first W - 1 tokens of each sequence read the
 plain torch indexing. Packed sequences pass
 per-token sequence start / end / index tensors made from `cu_seqlens`.
 
+`triton_short_conv` runs the static convolution (one `[D, W]` kernel for every token, optional bias) on the same
+kernels (`STATIC`): its weight gradient is summed per tile in the first backward kernel, then over tiles.
+
 This module imports Triton, so `jetnas.ops.conv.dynamic_conv` imports it lazily, only for CUDA tensors. Under
 `TRITON_INTERPRET=1` the kernels also run on CPU tensors (slowly), which is how the tests check them.
 """
@@ -131,46 +134,32 @@ def _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W: tl
 
 
 @triton.jit
-def _load_kernels(k_ptr, row0, r, d, w, mask, D, W: tl.constexpr):
+def _load_kernels(k_ptr, row0, r, d, w, mask, D, W: tl.constexpr, STATIC: tl.constexpr):
     """The float32 `[BLOCK_T, BLOCK_D, W_POW2]` tile of kernels: W contiguous taps per (token, channel), so the
-    load is coalesced and vectorized; taps `w >= W` are zero."""
-    off = (r[:, None, None] * D + d[None, :, None]) * W + w[None, None, :]
+    load is coalesced and vectorized; taps `w >= W` are zero. STATIC: one `[D, W]` kernel for every token (the
+    static convolution), read from the cache for every token of the tile."""
     m = mask[:, :, None] & (w < W)[None, None, :]
+    if STATIC:
+        return tl.load(k_ptr + (r[:, None, None] * 0 + d[None, :, None]) * W + w[None, None, :], mask=m,
+                       other=0.0).to(tl.float32)
+    off = (r[:, None, None] * D + d[None, :, None]) * W + w[None, None, :]
     return tl.load(k_ptr + row0 * D * W + off, mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, T, D, W: tl.constexpr,
-                             W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """Grid (B, cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)); writes `y [B, T, D]`."""
+def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, T, D,
+                             W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                             HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+                             STATIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Grid (B, cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)); writes `y [B, T, D]`. STATIC: `k_ptr` is one `[D, W]`
+    kernel; HAS_BIAS: `bias [D]` added before the activation."""
     row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
                                                tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
                                                IS_VARLEN)
     xw = _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W, HAS_STATE)
-    acc = tl.sum(xw * _load_kernels(k_ptr, row0, r, d, w, mask, D, W), axis=2)
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    off = r[:, None] * D + d[None, :]
-    tl.store(y_ptr + row0 * D + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _static_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, T, D,
-                            W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                            HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
-                            HAS_BIAS: tl.constexpr):
-    """The static convolution (one `[D, W]` kernel for every token, optional bias before the activation) on the
-    same tiles as the dynamic one. Grid (B, cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)); writes `y [B, T, D]`."""
-    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                                               tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
-                                               IS_VARLEN)
-    xw = _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W, HAS_STATE)
-    d_ok = d < D
-    k = tl.load(w_ptr + d[:, None] * W + w[None, :], mask=d_ok[:, None] & (w < W)[None, :], other=0.0)
-    acc = tl.sum(xw * k.to(tl.float32)[None, :, :], axis=2)
+    acc = tl.sum(xw * _load_kernels(k_ptr, row0, r, d, w, mask, D, W, STATIC), axis=2)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
     off = r[:, None] * D + d[None, :]
@@ -178,12 +167,14 @@ def _static_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, tok_start_
 
 
 @triton.jit
-def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, state_ptr, dy_ptr, dacc_ptr, dk_ptr, tok_start_ptr, tok_seq_ptr, T, D,
-                                W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr, dk_ptr, tok_start_ptr,
+                                tok_seq_ptr, T, D, W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr, HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-                                SILU: tl.constexpr):
+                                SILU: tl.constexpr, STATIC: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Grid as forward. Writes `dkernels[b, t, d, i] = dacc[b, t, d] * x[b, t - W + 1 + i, d]` (`[B, T, D, W]`)
-    with `dacc = dy * act'(pre)`, and with SILU also dacc itself (float32 `[B, T, D]`; without, dacc is dy)."""
+    with `dacc = dy * act'(pre)`, and with SILU also dacc itself (float32 `[B, T, D]`; without, dacc is dy).
+    STATIC: the tile's sum over its tokens instead, float32 `[B, cdiv(T, BLOCK_T), D, W]` partials (their sum
+    over the first two dims is the static kernel's gradient)."""
     row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
                                                tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
                                                IS_VARLEN)
@@ -191,10 +182,18 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, state_ptr, dy_ptr, dacc_ptr, dk_pt
     xw = _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W, HAS_STATE)
     dacc = tl.load(dy_ptr + row0 * D + off, mask=mask, other=0.0).to(tl.float32)
     if SILU:
-        pre = tl.sum(xw * _load_kernels(k_ptr, row0, r, d, w, mask, D, W), axis=2)
+        pre = tl.sum(xw * _load_kernels(k_ptr, row0, r, d, w, mask, D, W, STATIC), axis=2)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         sig = tl.sigmoid(pre)
         dacc = dacc * sig * (1.0 + pre * (1.0 - sig))
         tl.store(dacc_ptr + row0 * D + off, dacc, mask=mask)
+    if STATIC:
+        part = tl.sum(dacc[:, :, None] * xw, axis=0)  # [BLOCK_D, W_POW2]; tokens past T contribute 0
+        tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        out = dk_ptr + (tile * D + d[:, None]) * W + w[None, :]
+        tl.store(out, part, mask=(d < D)[:, None] & (w < W)[None, :])
+        return
     dk_off = off[:, :, None] * W + w[None, None, :]
     dk_mask = mask[:, :, None] & (w < W)[None, None, :]
     tl.store(dk_ptr + row0 * D * W + dk_off, (dacc[:, :, None] * xw).to(dk_ptr.dtype.element_ty), mask=dk_mask)
@@ -202,7 +201,8 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, state_ptr, dy_ptr, dacc_ptr, dk_pt
 
 @triton.jit
 def _dynamic_conv_bwd_dx_kernel(k_ptr, dacc_ptr, dx_ptr, tok_end_ptr, T, D, W: tl.constexpr, W_POW2: tl.constexpr,
-                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                                STATIC: tl.constexpr):
     """Grid as forward. `dx[b, s, d] = sum_i dacc[b, s + W - 1 - i, d] * kernels[b, s + W - 1 - i, d, i]` over
     the tokens `s + W - 1 - i` of s's own sequence."""
     t0 = tl.program_id(1) * BLOCK_T
@@ -222,14 +222,19 @@ def _dynamic_conv_bwd_dx_kernel(k_ptr, dacc_ptr, dx_ptr, tok_end_ptr, T, D, W: t
     m = mask[:, :, None] & ok[:, None, :]
     off = (r[:, None] + shift)[:, None, :] * D + d[None, :, None]
     dacc = tl.load(dacc_ptr + row0 * D + off, mask=m, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + row0 * D * W + off * W + w[None, None, :], mask=m, other=0.0).to(tl.float32)
+    if STATIC:
+        k_off = (r[:, None, None] * 0 + d[None, :, None]) * W + w[None, None, :]
+        k = tl.load(k_ptr + k_off, mask=m, other=0.0).to(tl.float32)
+    else:
+        k = tl.load(k_ptr + row0 * D * W + off * W + w[None, None, :], mask=m, other=0.0).to(tl.float32)
     dx = tl.sum(dacc * k, axis=2)
     tl.store(dx_ptr + row0 * D + r[:, None] * D + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dynamic_conv_bwd_dstate_kernel(k_ptr, dacc_ptr, dstate_ptr, cu_ptr, T, D, W: tl.constexpr,
-                                    W_POW2: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+                                    W_POW2: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                                    STATIC: tl.constexpr):
     """Grid (N, cdiv(D, BLOCK_D)). `dstate[n, d, c] = sum_r dacc[first + r, d] * kernels[first + r, d, c - r]`
     over the sequence's tokens r <= c: only its first W - 1 tokens read the state."""
     n = tl.program_id(0).to(tl.int64)
@@ -250,7 +255,8 @@ def _dynamic_conv_bwd_dstate_kernel(k_ptr, dacc_ptr, dstate_ptr, cu_ptr, T, D, W
         g = tl.load(dacc_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
         tap = c - r
         m = ok[:, None] & ((tap >= 0) & (c < W - 1))[None, :]
-        kv = tl.load(k_ptr + (row * D + d)[:, None] * W + tap[None, :], mask=m, other=0.0).to(tl.float32)
+        k_row = d if STATIC else row * D + d
+        kv = tl.load(k_ptr + k_row[:, None] * W + tap[None, :], mask=m, other=0.0).to(tl.float32)
         acc += g[:, None] * kv
     out = dstate_ptr + (n * D + d)[:, None] * (W - 1) + c[None, :]
     tl.store(out, acc.to(dstate_ptr.dtype.element_ty), mask=d_ok[:, None] & (c < W - 1)[None, :])
@@ -287,49 +293,64 @@ def _varlen_ptrs(x: torch.Tensor, seg: _Segments) -> tuple[torch.Tensor, torch.T
     return seg.tok_start, seg.tok_seq, seg.tok_end
 
 
-class _DynamicConvFunction(torch.autograd.Function):
+class _ConvFunction(torch.autograd.Function):
+    """The dynamic convolution (`kernels [B, T, D, W]`), or with `static` the static one (`kernels [D, W]`, optional
+    `bias [D]`), forward and backward on the same kernels."""
+
     @staticmethod
-    def forward(ctx, x, kernels, state, activation, seg):
+    def forward(ctx, x, kernels, bias, state, activation, seg, static):
         W = kernels.shape[-1]
         has_state = state is not None and W > 1  # with W == 1 the state is [N, D, 0] and never read
         tok_start, tok_seq, _ = _varlen_ptrs(x, seg)
         y = torch.empty_like(x)
-        _launch(_dynamic_conv_fwd_kernel, x, W, seg, x, kernels, state if has_state else x, y, tok_start, tok_seq,
-                HAS_STATE=has_state, SILU=activation == "silu")
-        ctx.save_for_backward(x, kernels, state if has_state else None)
-        ctx.activation, ctx.seg = activation, seg
+        _launch(_dynamic_conv_fwd_kernel, x, W, seg, x, kernels, x if bias is None else bias,
+                state if has_state else x, y, tok_start, tok_seq, HAS_STATE=has_state, SILU=activation == "silu",
+                STATIC=static, HAS_BIAS=bias is not None)
+        ctx.save_for_backward(x, kernels, bias, state if has_state else None)
+        ctx.activation, ctx.seg, ctx.static = activation, seg, static
         ctx.state_shape = None if state is None else state.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, kernels, state = ctx.saved_tensors
-        seg = ctx.seg
+        x, kernels, bias, state = ctx.saved_tensors
+        seg, static = ctx.seg, ctx.static
+        B, T, D = x.shape
         W = kernels.shape[-1]
         tok_start, tok_seq, tok_end = _varlen_ptrs(x, seg)
         dy = dy.contiguous()
         silu = ctx.activation == "silu"
         # Without an activation dacc is dy itself: no buffer to write and read back.
         dacc = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dy
-        dk = torch.empty_like(kernels)
-        _launch(_dynamic_conv_bwd_dk_kernel, x, W, seg, x, kernels, x if state is None else state, dy, dacc, dk,
-                tok_start, tok_seq, HAS_STATE=state is not None, SILU=silu)
+        if static:  # per-tile partial sums of the kernel's gradient, summed below
+            (block_t, _), _ = _launch_config(T, D, W)
+            dk = torch.zeros(B, triton.cdiv(T, block_t), D, W, device=x.device, dtype=torch.float32)
+        else:
+            dk = torch.empty_like(kernels)
+        _launch(_dynamic_conv_bwd_dk_kernel, x, W, seg, x, kernels, x if bias is None else bias,
+                x if state is None else state, dy, dacc, dk, tok_start, tok_seq, HAS_STATE=state is not None,
+                SILU=silu, STATIC=static, HAS_BIAS=bias is not None)
+        if static:
+            dk = dk.sum((0, 1)).to(kernels.dtype)
+        dbias = dacc.sum((0, 1), dtype=torch.float32).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] \
+            else None
         dx = dstate = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _launch(_dynamic_conv_bwd_dx_kernel, x, W, seg, kernels, dacc, dx, tok_end)
-        if ctx.needs_input_grad[2]:
+            _launch(_dynamic_conv_bwd_dx_kernel, x, W, seg, kernels, dacc, dx, tok_end, STATIC=static)
+        if ctx.needs_input_grad[3]:
             if state is None:  # W == 1: the state is empty
                 dstate = x.new_zeros(ctx.state_shape)
             else:
                 dstate = torch.empty_like(state)
-                N, D = state.shape[:2]
+                N = state.shape[0]
                 block_d = min(128, max(16, triton.next_power_of_2(D)))
                 if dstate.numel():
                     _dynamic_conv_bwd_dstate_kernel[(N, triton.cdiv(D, block_d))](
-                        kernels, dacc, dstate, x if seg.cu is None else seg.cu, x.shape[1], D, W=W,
-                        W_POW2=triton.next_power_of_2(W), BLOCK_D=block_d, IS_VARLEN=seg.cu is not None)
-        return dx, dk, dstate, None, None
+                        kernels, dacc, dstate, x if seg.cu is None else seg.cu, T, D, W=W,
+                        W_POW2=triton.next_power_of_2(W), BLOCK_D=block_d, IS_VARLEN=seg.cu is not None,
+                        STATIC=static)
+        return dx, dk, dbias, dstate, None, None, None
 
 
 def triton_dynamic_conv(
@@ -369,7 +390,7 @@ def triton_dynamic_conv(
     # The reference casts the state to x's dtype before using it; casting outside the Function lets autograd
     # carry the gradient back to the state's own dtype.
     state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
-    y = _DynamicConvFunction.apply(x.contiguous(), kernels.contiguous(), state, activation, seg)
+    y = _ConvFunction.apply(x.contiguous(), kernels.contiguous(), None, state, activation, seg, False)
     final = _final_state(x, state, seg, W) if output_final_state else None
     return y, final
 
@@ -385,8 +406,9 @@ def triton_short_conv(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The static causal depthwise convolution (`jetnas.ops.conv.short_conv`'s contract: `weight [D, W]`, optional
-    `bias [D]`) on `[B, T, D]` as it lies: one read of x, one write of y, accumulated in float32 with the bias and
-    SiLU fused. Forward only (no autograd: inference prefill and evaluation; training keeps `F.conv1d`).
+    `bias [D]`) on `[B, T, D]` as it lies, on the dynamic convolution's kernels with one kernel for every token:
+    one read of x and one write of y forward, accumulated in float32 with the bias and SiLU fused; gradients to x,
+    weight, bias and the initial state (the weight's summed per tile of tokens, then over tiles).
 
     Why: `F.conv1d` wants `[B, D, T]`, so each conv cost two transposed copies, and PyTorch's generic depthwise
     kernel for bf16; on an H200 the 26 GDN layers of a SmolLM2-135M hybrid spent 36 of 97 GPU-ms of a 32K prefill
@@ -400,17 +422,12 @@ def triton_short_conv(
                          f"{None if bias is None else list(bias.shape)}")
     if W > MAX_WIDTH:
         raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state)):
-        raise RuntimeError("triton_short_conv has no backward: use jetnas.ops.conv.short_conv (it picks this "
-                           "kernel only outside autograd)")
+    for name, t in (("weight", weight), ("bias", bias), ("initial_state", initial_state)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     seg = _segments(T, cu_seqlens, x.device)
     state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
-    has_state = state is not None and W > 1
-    x = x.contiguous()
-    tok_start, tok_seq, _ = _varlen_ptrs(x, seg)
-    y = torch.empty_like(x)
-    _launch(_static_conv_fwd_kernel, x, W, seg, x, weight.contiguous(), x if bias is None else bias.contiguous(),
-            state if has_state else x, y, tok_start, tok_seq, HAS_STATE=has_state, SILU=activation == "silu",
-            HAS_BIAS=bias is not None)
+    y = _ConvFunction.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), state,
+                            activation, seg, True)
     final = _final_state(x, state, seg, W) if output_final_state else None
     return y, final

@@ -146,20 +146,30 @@ def test_dispatch_from_dynamic_conv():
     assert rel_err(y, y_ref) < TOL and torch.equal(final, final_ref)
 
 
-# -- the static convolution's forward kernel (`triton_short_conv`), against `short_conv`'s F.conv1d path ----------
+# -- the static convolution (`triton_short_conv`), against `short_conv`'s F.conv1d path, gradients included -------
 
 
 def _check_static(B, T, D, W, activation, bias, with_state, cu=None, dtype=torch.float32, tol=TOL):
     N = B if cu is None else cu.numel() - 1
-    x = torch.randn(B, T, D, device=DEVICE, dtype=dtype)
-    weight = torch.randn(D, W, device=DEVICE, dtype=dtype)
-    b = torch.randn(D, device=DEVICE, dtype=dtype) if bias else None
-    state = torch.randn(N, D, W - 1, device=DEVICE, dtype=dtype) if with_state else None
-    y_ref, final_ref = short_conv(x, weight, b, state, True, activation, cu)
-    y, final = triton_short_conv(x, weight, b, state, True, activation, cu)
+    x = torch.randn(B, T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = torch.randn(D, W, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = torch.randn(D, device=DEVICE, dtype=dtype, requires_grad=True) if bias else None
+    state = torch.randn(N, D, W - 1, device=DEVICE, dtype=dtype, requires_grad=True) if with_state else None
+    leaves = [t for t in (x, weight, b, state) if t is not None]
+    dy = torch.randn_like(x)
+    dfinal = torch.randn(N, D, W - 1, device=DEVICE, dtype=dtype)
+    outs = []
+    for fn in (short_conv, triton_short_conv):
+        y, final = fn(x, weight, b, state, True, activation, cu)
+        grads = torch.autograd.grad((y.float() * dy).sum() + (final.float() * dfinal).sum(), leaves, allow_unused=True)
+        outs.append((y, final, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]))
+    (y_ref, final_ref, g_ref), (y, final, g) = outs
     assert y.dtype == x.dtype and y.shape == y_ref.shape
     assert rel_err(y, y_ref) < tol
     assert torch.equal(final, final_ref)
+    for name, a, ref in zip(["dx", "dweight", "dbias", "dstate"] if bias else ["dx", "dweight", "dstate"], g, g_ref):
+        assert a.shape == ref.shape and a.dtype == ref.dtype, name
+        assert rel_err(a, ref) < tol, name
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
@@ -172,6 +182,7 @@ def test_static_matches_reference(T, W, activation, bias, with_state):
 
 
 def test_static_packed_sequences_and_production_tiles(monkeypatch):
+    # 4-token tiles: the weight gradient is summed over 10 tiles, some spanning two packed sequences
     import jetnas.ops.triton_dynamic_conv as module
 
     monkeypatch.setattr(module, "_launch_config", lambda T, D, W: ((4, 16), {"num_warps": 4}))
@@ -179,30 +190,26 @@ def test_static_packed_sequences_and_production_tiles(monkeypatch):
     _check_static(1, 40, 40, 4, "silu", True, True, cu)
 
 
-def test_static_refuses_autograd_and_bad_shapes():
-    x = torch.randn(1, 4, 3, device=DEVICE, requires_grad=True)
-    with pytest.raises(RuntimeError, match="no backward"):
-        triton_short_conv(x, torch.randn(3, 4, device=DEVICE))
-    with torch.no_grad():
-        triton_short_conv(x, torch.randn(3, 4, device=DEVICE))  # fine outside autograd
+def test_static_bad_inputs_raise():
+    x = torch.randn(1, 4, 3, device=DEVICE)
     with pytest.raises(ValueError, match=r"weight must be \[D=3, W\] and bias \[D\]"):
-        triton_short_conv(x.detach(), torch.randn(2, 4, device=DEVICE))
+        triton_short_conv(x, torch.randn(2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"weight must be \[D=3, W\] and bias \[D\]"):
+        triton_short_conv(x, torch.randn(3, 4, device=DEVICE), torch.randn(2, device=DEVICE))
     with pytest.raises(ValueError, match="W <= 8"):
-        triton_short_conv(x.detach(), torch.randn(3, 9, device=DEVICE))
+        triton_short_conv(x, torch.randn(3, 9, device=DEVICE))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="short_conv uses Triton only for CUDA tensors")
 def test_static_dispatch_and_bf16():
-    # switched on, short_conv(backend="triton") is the kernel outside autograd; with gradients F.conv1d
     from jetnas.ops.conv import triton_static_conv
 
     x = torch.randn(2, 33, 40, device=DEVICE)
     w = torch.randn(40, 4, device=DEVICE, requires_grad=True)
-    with torch.no_grad(), triton_static_conv(True):
-        y, _ = short_conv(x, w, None, None, False, "silu", backend="triton")
     with triton_static_conv(True):
-        y_grad, _ = short_conv(x, w, None, None, False, "silu", backend="triton")
-    assert y_grad.requires_grad and rel_err(y, y_grad.detach()) < TOL
-    # bf16 in, float32 accumulation: within bf16's rounding of the output (2^-8) of the float32 result
+        y, _ = short_conv(x, w, None, None, False, "silu", backend="triton")
+    y_ref, _ = short_conv(x, w, None, None, False, "silu")
+    assert rel_err(y, y_ref) < TOL
+    # bf16 in, float32 accumulation: within bf16's rounding (2^-8) of F.conv1d's bf16 result, gradients included
     _check_static(2, 300, 1728, 4, "silu", True, True, dtype=torch.bfloat16, tol=1e-2)
