@@ -193,10 +193,11 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_
         tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
         out = dk_ptr + (tile * D + d[:, None]) * W + w[None, :]
         tl.store(out, part, mask=(d < D)[:, None] & (w < W)[None, :])
-        return
-    dk_off = off[:, :, None] * W + w[None, None, :]
-    dk_mask = mask[:, :, None] & (w < W)[None, None, :]
-    tl.store(dk_ptr + row0 * D * W + dk_off, (dacc[:, :, None] * xw).to(dk_ptr.dtype.element_ty), mask=dk_mask)
+    else:  # (no early return: Triton's code generator does not promise one inside a compile-time branch)
+        dk_off = off[:, :, None] * W + w[None, None, :]
+        dk_mask = mask[:, :, None] & (w < W)[None, None, :]
+        tl.store(dk_ptr + row0 * D * W + dk_off, (dacc[:, :, None] * xw).to(dk_ptr.dtype.element_ty),
+                 mask=dk_mask)
 
 
 @triton.jit

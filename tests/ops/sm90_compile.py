@@ -1,0 +1,85 @@
+"""Compile our Triton kernels for Hopper (sm_90) on a machine without a GPU; run by `test_sm90_compile.py` in a
+process of its own (the tests' Triton interpreter replaces every `@triton.jit` function at import, and compiled
+kernels must come from a process where it is off).
+
+    TRITON_INTERPRET=0 python tests/ops/sm90_compile.py     # prints {"case": "ok" | "<error>"} as JSON
+
+The signature is written out per kernel: pointers with their dtypes, the rest 32-bit ints (float scalars by
+name), constexprs as the wrappers launch them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+FLOATS = {"scale", "eps"}
+
+
+def compile_for_hopper(fn, pointers: dict[str, str], constexprs: dict) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    unknown = set(constexprs) - set(names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no parameters {sorted(unknown)}")
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    if not kernel.asm.get("ptx"):
+        raise RuntimeError("no PTX produced")
+
+
+def cases():
+    """(name, kernel, pointer dtypes, constexprs) for the variants the wrappers launch."""
+    from jetnas.ops import triton_decode as dec
+    from jetnas.ops import triton_dynamic_conv as conv
+
+    for static in (False, True):
+        for varlen in (False, True):
+            io = {n: "*bf16" for n in ("x_ptr", "k_ptr", "bias_ptr", "state_ptr", "y_ptr", "dy_ptr", "dx_ptr",
+                                       "dstate_ptr")}
+            io.update({"dacc_ptr": "*fp32", "dk_ptr": "*fp32" if static else "*bf16", "tok_start_ptr": "*i32",
+                       "tok_seq_ptr": "*i32", "tok_end_ptr": "*i32", "cu_ptr": "*i64"})
+            tiles = {"W": 4, "W_POW2": 4, "BLOCK_T": 4, "BLOCK_D": 128, "IS_VARLEN": varlen}
+            flags = {"HAS_STATE": True, "SILU": True, "STATIC": static, "HAS_BIAS": static}
+            tag = f"{'static' if static else 'dynamic'}, {'packed' if varlen else 'dense'}"
+            yield f"conv fwd ({tag})", conv._dynamic_conv_fwd_kernel, io, {**tiles, **flags}
+            yield f"conv bwd dk ({tag})", conv._dynamic_conv_bwd_dk_kernel, io, {**tiles, **flags}
+            yield f"conv bwd dx ({tag})", conv._dynamic_conv_bwd_dx_kernel, io, {**tiles, "STATIC": static}
+            yield (f"conv bwd dstate ({tag})", conv._dynamic_conv_bwd_dstate_kernel, io,
+                   {"W": 4, "W_POW2": 4, "BLOCK_D": 128, "IS_VARLEN": varlen, "STATIC": static})
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        for ring in (False, True):
+            pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "lo_ptr": "*i32",
+                        "hi_ptr": "*i32"}
+            yield (f"decode attention ({dtype}, {'ring' if ring else 'full'})", dec._decode_attention_kernel,
+                   pointers, {"HKV": 2, "G": 3, "G_PAD": 16, "D": 64, "DV": 64, "BLOCK_N": 64, "RING": ring,
+                              "TILES": 4, "PRECISION": precision})
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
+    results = {}
+    for name, fn, pointers, constexprs in cases():
+        try:
+            compile_for_hopper(fn, pointers, constexprs)
+            results[name] = "ok"
+        except Exception as err:  # noqa: BLE001 - every case is reported
+            results[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
