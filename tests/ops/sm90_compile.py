@@ -68,11 +68,37 @@ def cases():
                               "TILES": 4, "PRECISION": precision})
 
 
+def more_cases():
+    """The decode steps' recurrences and convolution, and the fused norms / SwiGLU."""
+    from jetnas.ops import triton_decode as dec
+    from jetnas.ops import triton_fused as fused
+
+    bf16 = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "beta_ptr", "o_ptr", "alog_ptr", "dtb_ptr")}
+    for name, flags in (("GLA, per-key decay", dict(DELTA=False, USE_G=True, G_PER_KEY=True, USE_BETA=False,
+                                                    L2NORM=False, RAW_GATES=False)),
+                        ("gated delta rule", dict(DELTA=True, USE_G=True, G_PER_KEY=False, USE_BETA=True,
+                                                  L2NORM=True, RAW_GATES=False)),
+                        ("gated delta rule, raw gates", dict(DELTA=True, USE_G=True, G_PER_KEY=False,
+                                                             USE_BETA=True, L2NORM=True, RAW_GATES=True))):
+        yield (f"recurrent step ({name})", dec._recurrent_step_kernel, {**bf16, "s_ptr": "*fp32"},
+               {"K": 64, "V": 64, "BK": 64, "BV": 32, **flags})
+    for bias in (False, True):
+        yield (f"conv step ({'bias' if bias else 'no bias'})", dec._conv_step_kernel,
+               {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "s_ptr", "y_ptr")},
+               {"W": 4, "WP": 4, "HAS_BIAS": bias, "SILU": True, "BLOCK_D": 256})
+    io = {n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "y_ptr", "u_ptr")}
+    yield "rms norm", fused._rms_norm_kernel, io, {"BLOCK_N": 1024}
+    for before in (False, True):
+        yield (f"gated rms norm (norm {'before' if before else 'after'} gate)", fused._gated_rms_norm_kernel, io,
+               {"HAS_GATE": True, "NORM_BEFORE_GATE": before, "BLOCK_L": 128})
+    yield "silu * up", fused._silu_mul_kernel, io, {"BLOCK": 2048}
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     results = {}
-    for name, fn, pointers, constexprs in cases():
+    for name, fn, pointers, constexprs in [*cases(), *more_cases()]:
         try:
             compile_for_hopper(fn, pointers, constexprs)
             results[name] = "ok"
