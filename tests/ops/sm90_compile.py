@@ -74,12 +74,12 @@ def more_cases():
     from jetnas.ops import triton_fused as fused
 
     bf16 = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "beta_ptr", "o_ptr", "alog_ptr", "dtb_ptr")}
-    for name, flags in (("GLA, per-key decay", dict(DELTA=False, USE_G=True, G_PER_KEY=True, USE_BETA=False,
-                                                    L2NORM=False, RAW_GATES=False)),
-                        ("gated delta rule", dict(DELTA=True, USE_G=True, G_PER_KEY=False, USE_BETA=True,
-                                                  L2NORM=True, RAW_GATES=False)),
-                        ("gated delta rule, raw gates", dict(DELTA=True, USE_G=True, G_PER_KEY=False,
-                                                             USE_BETA=True, L2NORM=True, RAW_GATES=True))):
+    for name, flags in (("GLA, per-key decay", {"DELTA": False, "USE_G": True, "G_PER_KEY": True, "USE_BETA": False,
+                                                    "L2NORM": False, "RAW_GATES": False}),
+                        ("gated delta rule", {"DELTA": True, "USE_G": True, "G_PER_KEY": False, "USE_BETA": True,
+                                                  "L2NORM": True, "RAW_GATES": False}),
+                        ("gated delta rule, raw gates", {"DELTA": True, "USE_G": True, "G_PER_KEY": False,
+                                                             "USE_BETA": True, "L2NORM": True, "RAW_GATES": True})):
         yield (f"recurrent step ({name})", dec._recurrent_step_kernel, {**bf16, "s_ptr": "*fp32"},
                {"K": 64, "V": 64, "BK": 64, "BV": 32, **flags})
     for bias in (False, True):
