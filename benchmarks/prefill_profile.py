@@ -208,7 +208,7 @@ def main() -> None:
         print(f"{c:>6} {v.get('unfused', {}).get('tokens_per_s', 0):>14.0f} {v.get('fused', {}).get('tokens_per_s', 0):>12.0f} "
               f"{v.get('speedup', float('nan')):>9.3f} {v.get('fused_conv_kernel', {}).get('tokens_per_s', 0):>12.0f} "
               f"{v.get('static_conv_kernel_speedup', float('nan')):>7.3f}")
-    print(json.dumps({"chunks": {c: {k: round(v[k]["tokens_per_s"]) for k in ("unfused", "fused")
+    print(json.dumps({"chunks": {c: {k: round(v[k]["tokens_per_s"]) for k in ("unfused", "fused", "fused_conv_kernel")
                                      if "tokens_per_s" in v.get(k, {})} for c, v in report["chunks"].items()},
                       "fused_vs_unfused_rel_err": report["fused_vs_unfused_last_logits_rel_err"],
                       "gemm_bound_tok_s": round(report["gemm_bound_tok_s"])}))
