@@ -176,7 +176,7 @@ def engine_teacher_forced(model, seq: torch.Tensor, prompt_len: int, chunk_size:
     for t in range(prompt_len, seq.shape[1] - 1):
         # a copy: the step returns its captured graph's output buffer, overwritten by the next step (float32's
         # .float() is no copy: 2026-12-02 every float32 step read as the last one, 0.7-1.4 from the forward)
-        steps.append(decoder.step(seq[:, t])[:, None].float().clone())
+        steps.append(decoder.step(seq[:, t])[:, None].to(torch.float32, copy=True))
     return torch.cat(steps, 1)
 
 

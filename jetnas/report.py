@@ -102,11 +102,14 @@ def _bench_comparison(hybrid: dict, teacher: dict, out: Path) -> list[str]:
     """Every context both benchmarks measured: a table of the two engines' rows side by side, and one figure of
     decode and prefill throughput against context for both (`out/bench_vs_teacher.png`)."""
     rows: dict[int, dict[str, dict]] = {}
+    device = ""
     for who, result in (("hybrid", hybrid), ("teacher", teacher)):
         path = _local((result.get("outputs") or {}).get("json"), out)
         if path is None:
             return []
-        for r in json.loads(path.read_text()).get("rows", []):
+        bench = json.loads(path.read_text())
+        device = device or bench.get("device", "")
+        for r in bench.get("rows", []):
             if r.get("system") == "jetnas engine":
                 rows.setdefault(int(r["context_length"]), {})[who] = r
     contexts = sorted(c for c, v in rows.items() if len(v) == 2)
@@ -145,7 +148,6 @@ def _bench_comparison(hybrid: dict, teacher: dict, out: Path) -> list[str]:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    device = json.loads(_local(hybrid["outputs"]["json"], out).read_text()).get("device", "")
     fig.suptitle(f"hybrid vs teacher, {device}".rstrip(", "))
     fig.tight_layout()
     fig.savefig(out / "bench_vs_teacher.png", dpi=110)

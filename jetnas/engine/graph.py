@@ -136,7 +136,9 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Decode `token [B]` (at the current column) and return the next-token logits `[B, V]`."""
+        """Decode `token [B]` (at the current column) and return the next-token logits `[B, V]`. With a captured
+        graph these are its output buffer, overwritten by the next step: copy them to keep them (a copy per step
+        here would cost every caller B x V floats)."""
         self.token.copy_(token)
         if self.graph is not None:
             self.graph.replay()

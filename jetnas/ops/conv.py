@@ -128,6 +128,18 @@ def dynamic_conv_step(
 _TRITON_STATIC = False
 
 
+def check_short_conv_inputs(x, weight, bias, initial_state, cu_seqlens, activation) -> tuple[int, int, int]:
+    """`short_conv`'s argument checks (also `triton_short_conv`'s); returns (T, D, W)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
+    W = weight.shape[-1]
+    _, T, D, _ = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    if weight.shape[0] != D or (bias is not None and tuple(bias.shape) != (D,)):
+        raise ValueError(f"weight must be [D={D}, W] and bias [D], got {list(weight.shape)} and "
+                         f"{None if bias is None else list(bias.shape)}")
+    return T, D, W
+
+
 @contextlib.contextmanager
 def triton_static_conv(enabled: bool):
     """Let `short_conv(backend="triton")` use its Triton kernels, or keep it on `F.conv1d` (the default for now,
@@ -167,12 +179,7 @@ def short_conv(
         from jetnas.ops.triton_dynamic_conv import triton_short_conv
 
         return triton_short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
-    W = weight.shape[-1]
-    B, T, D, N = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
-    if weight.shape[0] != D:
-        raise ValueError(f"weight has {weight.shape[0]} channels but x has D={D}")
+    T, D, W = check_short_conv_inputs(x, weight, bias, initial_state, cu_seqlens, activation)
     ys, finals = [], []
     for n, (s, e) in enumerate(_segments(T, cu_seqlens)):
         state = None if initial_state is None else initial_state if cu_seqlens is None else initial_state[n : n + 1]

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from jetnas.ops.conv import _check_conv_inputs
+from jetnas.ops.conv import _check_conv_inputs, check_short_conv_inputs
 
 MAX_WIDTH = 8
 
@@ -333,8 +333,9 @@ class _ConvFunction(torch.autograd.Function):
                 SILU=silu, STATIC=static, HAS_BIAS=bias is not None)
         if static:
             dk = dk.sum((0, 1)).to(kernels.dtype)
-        dbias = dacc.sum((0, 1), dtype=torch.float32).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] \
-            else None
+        dbias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            dbias = dacc.sum((0, 1), dtype=torch.float32).to(bias.dtype)
         dx = dstate = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
@@ -383,18 +384,23 @@ def triton_dynamic_conv(
         raise ValueError(f"kernels must be [B, T, D, W] = [{B}, {T}, {D}, W], got {list(kernels.shape)}")
     if W > MAX_WIDTH:
         raise ValueError(f"triton_dynamic_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
-    for name, t in (("kernels", kernels), ("initial_state", initial_state)):
+    return _apply(x, kernels, None, initial_state, output_final_state, activation, cu_seqlens, static=False)
+
+
+def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_seqlens, static):
+    """Both convolutions once their shapes are checked: devices, packed-sequence indices, the autograd Function,
+    the final state."""
+    for name, t in (("weight" if static else "kernels", kernels), ("bias", bias), ("initial_state", initial_state)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-
-    seg = _segments(T, cu_seqlens, x.device)
+    seg = _segments(x.shape[1], cu_seqlens, x.device)
     # The reference casts the state to x's dtype before using it; casting outside the Function lets autograd
     # carry the gradient back to the state's own dtype.
     state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
-    y = _ConvFunction.apply(x.contiguous(), kernels.contiguous(), None, state, activation, seg, False)
-    final = _final_state(x, state, seg, W) if output_final_state else None
+    y = _ConvFunction.apply(x.contiguous(), kernels.contiguous(), None if bias is None else bias.contiguous(), state,
+                            activation, seg, static)
+    final = _final_state(x, state, seg, kernels.shape[-1]) if output_final_state else None
     return y, final
-
 
 
 def triton_short_conv(
@@ -411,24 +417,10 @@ def triton_short_conv(
     one read of x and one write of y forward, accumulated in float32 with the bias and SiLU fused; gradients to x,
     weight, bias and the initial state (the weight's summed per tile of tokens, then over tiles).
 
-    Why: `F.conv1d` wants `[B, D, T]`, so each conv cost two transposed copies, and PyTorch's generic depthwise
-    kernel for bf16; on an H200 the 26 GDN layers of a SmolLM2-135M hybrid spent 36 of 97 GPU-ms of a 32K prefill
-    in them (benchmarks/results/2026-12-02_h200_parity_and_dist)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
-    W = weight.shape[-1]
-    _, T, D, _ = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
-    if weight.shape[0] != D or (bias is not None and tuple(bias.shape) != (D,)):
-        raise ValueError(f"weight must be [D={D}, W] and bias [D], got {list(weight.shape)} and "
-                         f"{None if bias is None else list(bias.shape)}")
+    Why: `F.conv1d` wants `[B, D, T]`, so each conv costs two transposed copies, and PyTorch's generic depthwise
+    kernel for bf16: on an H200, 15 of 97 GPU-ms of a SmolLM2-135M GDN hybrid's 32K prefill went to that kernel
+    and 20 to strided copies, most likely those transposes (benchmarks/results/2026-12-02_h200_parity_and_dist)."""
+    W = check_short_conv_inputs(x, weight, bias, initial_state, cu_seqlens, activation)[2]
     if W > MAX_WIDTH:
         raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
-    for name, t in (("weight", weight), ("bias", bias), ("initial_state", initial_state)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    seg = _segments(T, cu_seqlens, x.device)
-    state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
-    y = _ConvFunction.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), state,
-                            activation, seg, True)
-    final = _final_state(x, state, seg, W) if output_final_state else None
-    return y, final
+    return _apply(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, static=True)

@@ -160,7 +160,7 @@ class Trainer:
     def _trim_log(self) -> None:
         """Drop the log rows of steps this run will (re)do: those after its checkpoint, or all of an earlier run when
         it starts afresh (e.g. a run directory copied without its checkpoints), so log.jsonl describes the model this
-        run writes. The old log is kept whole as log.replaced.jsonl."""
+        run writes. The old log is appended whole to log.replaced.jsonl."""
         path = self.out / "log.jsonl"
         if not self.is_main or not path.exists():
             return
@@ -168,7 +168,8 @@ class Trainer:
         kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
         if len(kept) == len(rows):
             return
-        path.replace(self.out / "log.replaced.jsonl")
+        with open(self.out / "log.replaced.jsonl", "a") as f:  # after any earlier replaced rows, not over them
+            f.write("".join(line + "\n" for line in rows))
         tmp = self.out / "log.jsonl.partial"
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
