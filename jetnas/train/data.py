@@ -8,7 +8,8 @@ A token stream is a read-only 1-D array of token ids (a memory map: corpora are 
 - `hf:NAME[:CONFIG][@SPLIT]`, a Hugging Face dataset's "text" field (the optional `data` extra), cached likewise;
 - nothing: text the teacher generates itself (sampled continuations), cached by teacher, seed and size.
 
-Cached files live under `$JETNAS_CACHE/data` and are written atomically. The batcher cuts the stream into
+Cached files live under `$JETNAS_CACHE/data` and are written atomically (`jetnas.files`: safe when the ranks
+of one job tokenise the same files at once). The batcher cuts the stream into
 non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and visits them in a seeded
 permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs only the step, and rank r
 of W takes the r-th contiguous share of each global batch, so W ranks see exactly the single-process batch.
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from jetnas.files import temp_sibling, write_text_atomic
 
 SEED_PROMPTS = ["", "The", "In", "A", "Once upon a time,", "The history of", "Scientists have", "In the year",
                 "How to", "One of the most", "The city of", "Many people believe that"]
@@ -85,9 +88,10 @@ class TokenStream:
 
 def _write_bin(path: Path, data: np.ndarray, dtype: np.dtype) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    # the sidecar first: a reader that finds the `.bin` finds its dtype too
+    write_text_atomic(path.with_name(path.name + ".json"), json.dumps({"dtype": np.dtype(dtype).str}))
+    tmp = temp_sibling(path)
     np.asarray(data, dtype=dtype).tofile(tmp)
-    path.with_name(path.name + ".json").write_text(json.dumps({"dtype": np.dtype(dtype).str}))
     os.replace(tmp, path)
 
 
