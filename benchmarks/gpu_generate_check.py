@@ -171,7 +171,7 @@ def engine_teacher_forced(model, seq: torch.Tensor, prompt_len: int, chunk_size:
     cache = engine.cache_for(seq.shape[0], seq.shape[1])
     decoder = StaticDecoder(model, cache)
     decoder.prepare()
-    steps = [engine._prefill(seq[:, :prompt_len], mask, cache)[:, None].float()]
+    steps = [engine.prefill(seq[:, :prompt_len], mask, cache)[:, None].float()]
     decoder.begin(mask)
     for t in range(prompt_len, seq.shape[1] - 1):
         # a copy: the step returns its captured graph's output buffer, overwritten by the next step (float32's

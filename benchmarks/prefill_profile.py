@@ -76,7 +76,7 @@ def timed_prefill(engine: Engine, prompt: torch.Tensor, repeats: int = 2) -> flo
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            engine._prefill(prompt, mask, cache)
+            engine.prefill(prompt, mask, cache)
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
@@ -86,7 +86,7 @@ def timed_prefill(engine: Engine, prompt: torch.Tensor, repeats: int = 2) -> flo
 def last_logits(engine: Engine, prompt: torch.Tensor) -> torch.Tensor:
     cache = engine.cache_for(1, prompt.shape[1])
     cache.reset()
-    return engine._prefill(prompt, torch.ones_like(prompt), cache).float()
+    return engine.prefill(prompt, torch.ones_like(prompt), cache).float()
 
 
 def gemm_tflops() -> float:

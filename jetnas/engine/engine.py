@@ -140,15 +140,23 @@ class Engine:
 
         _sync(self.device)
         start = time.perf_counter()
-        logits = self._prefill(input_ids, mask, cache)
+        logits = self.prefill(input_ids, mask, cache)
         token = sample_next(logits, temperature, top_k, top_p, generator)
         _sync(self.device)
         prefill_seconds = time.perf_counter() - start
         return self._decode(input_ids, mask, token, cache, decoder, max_new_tokens, prefill_seconds, temperature, top_k,
                             top_p, generator, eos_token_id, pad)
 
-    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-        """Fill `cache` with the prompts, `chunk_size` tokens per pass; returns the last position's logits."""
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: StaticCache | None = None) -> torch.Tensor:
+        """Fill `cache` with left-padded prompts `input_ids [B, T]`, `chunk_size` tokens per pass, and return the
+        last position's logits `[B, V]`. `cache` (empty, holding at least `T` positions for `B` rows) defaults to
+        the engine's own for this batch and length, reset. What `generate` times as its prefill, without sampling."""
+        input_ids = input_ids.to(self.device)
+        mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).long()
+        if cache is None:
+            cache = self.cache_for(*input_ids.shape)
         T = input_ids.shape[1]
         chunk = self.chunk_size or T
         for begin in range(0, T, chunk):
@@ -201,7 +209,7 @@ class Engine:
         single = StaticCache(self.model, 1, T, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
-        logits = self._prefill(prompt, mask, single)
+        logits = self.prefill(prompt, mask, single)
         token = sample_next(logits)
         _sync(self.device)
         prefill_seconds = time.perf_counter() - start

@@ -129,3 +129,18 @@ def test_replicated_prompt_decodes_like_a_batch_of_copies(decode):
     expected = Engine(model, decode=decode).generate(prompt.expand(3, -1), max_new_tokens=7).sequences
     out = Engine(model, decode=decode).generate_replicated(prompt, 3, max_new_tokens=7)
     assert torch.equal(out.sequences, expected) and out.new_tokens == 7
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3], ids=["one-shot", "chunked"])
+def test_prefill_returns_the_forwards_last_logits(chunk_size):
+    model = make_model(["attn", "jet", "swa", "gdn"])
+    ids, mask = left_padded_batch(4)
+    engine = Engine(model, chunk_size=chunk_size)
+    with torch.inference_mode():
+        want = model(ids, attention_mask=mask).logits[:, -1]
+    got = engine.prefill(ids, mask)
+    # chunking reorders float32 sums only
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert engine.cache.get_seq_length() == ids.shape[1]
+    again = engine.prefill(ids, mask, cache=engine.cache_for(3, 20))  # a given (reset, longer) cache: the same
+    assert (again - got).abs().max() < 1e-5 * got.abs().max()
