@@ -4,6 +4,7 @@ batch rule of the throughput benchmarks (`largest_batch`)."""
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 
 import torch
@@ -122,7 +123,7 @@ def largest_batch(model, context_length: int, new_tokens: int, device=None, cap:
 @torch.inference_mode()
 def replicated_decode_throughput(model, batch_size: int, context_length: int, new_tokens: int = 32,
                                  chunk_size: int | None = None, device=None, warmup: bool = True,
-                                 seed: int = 0) -> dict:
+                                 seed: int = 0, prefill_repeats: int = 0) -> dict:
     """The protocol of `benchmarks/engine_h100.py`: one random prompt of `context_length` tokens is prefilled once
     and its cache copied into all `batch_size` rows (`Engine.generate_replicated`), then `new_tokens` are decoded
     greedily (no early stop). A decode step reads every row's cache whatever it holds, so decoding costs what
@@ -132,9 +133,16 @@ def replicated_decode_throughput(model, batch_size: int, context_length: int, ne
     Returns `decode_tokens_per_s` (batch * decoded tokens after the first / decode time), `prefill_tokens_per_s`
     of the one prompt (context_length / prefill time), `cache_bytes_per_sequence` (allocated batch cache / batch),
     `peak_memory_bytes`, the timings and shapes, and `protocol`: "replicated-prompt".
+
+    With `prefill_repeats`, the prompt's prefill is timed that many more times before the decoding run;
+    `prefill_seconds` is the median of all its timings (listed in `prefill_seconds_runs`), so that one slow pass
+    does not set it.
     """
     from jetnas.engine import Engine
+    from jetnas.engine.engine import _sync
 
+    if prefill_repeats < 0:
+        raise ValueError(f"prefill_repeats must be >= 0, got {prefill_repeats}")
     if device is not None:  # the signature of `decode_throughput`; the engine runs where the model is
         model = model.to(device)
     engine = Engine(model, chunk_size=chunk_size)
@@ -143,17 +151,27 @@ def replicated_decode_throughput(model, batch_size: int, context_length: int, ne
     if warmup:
         # two chunks: the first chunk's kernels and those of a chunk after a filled cache
         engine.generate_replicated(prompt[:, :2 * (engine.chunk_size or context_length)], 1, max_new_tokens=2)
+    runs = []
+    for _ in range(prefill_repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        engine.prefill(prompt)
+        _sync(dev)
+        runs.append(time.perf_counter() - start)
+    engine.cache = None  # the batch-1 cache, before the batch's is allocated
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     out = engine.generate_replicated(prompt, batch_size, max_new_tokens=new_tokens)
+    runs.append(out.prefill_seconds)
+    prefill = statistics.median(runs)
     decoded = batch_size * (out.new_tokens - 1)
     return {
         "protocol": "replicated-prompt",
         "batch_size": batch_size, "context_length": context_length, "new_tokens": out.new_tokens,
         "chunk_size": chunk_size, "prefill_batch_size": 1,
-        "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds,
-        "prefill_tokens_per_s": context_length / out.prefill_seconds,
+        "prefill_seconds": prefill, "prefill_seconds_runs": runs, "decode_seconds": out.decode_seconds,
+        "prefill_tokens_per_s": context_length / prefill,
         "decode_tokens_per_s": decoded / out.decode_seconds if decoded else float("nan"),
         "cache_bytes_per_sequence": out.cache_bytes // batch_size,
         "peak_memory_bytes": _peak_memory(dev),

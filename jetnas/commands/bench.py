@@ -28,7 +28,7 @@ def _measure_engine(net, batch: int, context: int, new_tokens: int, chunk: int |
     while True:
         try:
             return measure.replicated_decode_throughput(net, batch, context, new_tokens=new_tokens,
-                                                        chunk_size=chunk), halvings
+                                                        chunk_size=chunk, prefill_repeats=2), halvings
         except RuntimeError as err:
             if not (halve and batch > 1 and _is_oom(err)):
                 raise
@@ -95,8 +95,8 @@ def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", ba
 
     The protocol of benchmarks/engine_h100.py ("replicated-prompt"): one prompt is prefilled once and its cache
     copied into every row of the batch (`Engine.generate_replicated`), then the batch decodes; prefill tokens/s is
-    that one prompt's (after a warm-up run). A decode step reads every row's cache whatever it holds, so this costs
-    what a batch of different prompts costs.
+    that one prompt's (after a warm-up run; the median of three timed passes). A decode step reads every row's
+    cache whatever it holds, so this costs what a batch of different prompts costs.
 
     Args:
         model: a model directory, a preset (random weights: jet-nemotron-2b, jet-nemotron-4b) or a teacher name.

@@ -130,6 +130,9 @@ def test_bench_cli_auto_batch_uses_the_replicated_protocol_and_halves_on_oom(tmp
     assert row["batch_size"] == 2 and row["prefill_batch_size"] == 1 and row["new_tokens"] == 3
     # prefill tokens/s is the one prompt's; decode counts every row's tokens after the first
     assert row["prefill_tokens_per_s"] == pytest.approx(24 / row["prefill_seconds"])
+    # the median of three timed passes (two before the decoding run, one inside it)
+    runs = row["prefill_seconds_runs"]
+    assert len(runs) == 3 and row["prefill_seconds"] == sorted(runs)[1]
     assert row["decode_tokens_per_s"] == pytest.approx(2 * 2 / row["decode_seconds"])
     # an explicit batch that runs out of memory is not halved: the error reaches the caller
     with pytest.raises(torch.OutOfMemoryError):
