@@ -178,3 +178,12 @@ def test_report_only_rewrites_the_report_from_the_records(tmp_path):
     assert CALLS == [] and report.read_text() == first
     with pytest.raises(RecipeError, match="no finished stage recorded"):
         Pipeline(recipe(tmp_path / "empty")).write_report()
+
+
+@pytest.mark.parametrize("extra", [{"redo": ["eval"]}, {"check": True}])
+def test_report_only_refuses_options_it_would_ignore(tmp_path, extra):
+    from jetnas.commands.run import run
+
+    with pytest.raises(ValueError, match="--report-only runs nothing"):
+        run("quickstart", out_dir=str(tmp_path), report_only=True, **extra)
+    assert list(tmp_path.iterdir()) == []

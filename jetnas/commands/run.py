@@ -22,6 +22,9 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
     """
     from jetnas.pipeline import Pipeline, load_recipe
 
+    if report_only and (redo or check):
+        given = "--redo " + ",".join(redo) if redo else "--check"
+        raise ValueError(f"--report-only runs nothing, so {given} cannot apply: drop one of them")
     overrides = list(set or [])
     if out_dir:
         overrides.append(f"out_dir={out_dir}")
