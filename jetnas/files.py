@@ -4,13 +4,19 @@ Caches under `$JETNAS_CACHE` are filled by whichever process needs them first, a
 the ranks of one `torchrun` job, or two jobs sharing a cache. Each writer assembles its copy under a name no other
 writer uses (`<name>.<pid>-<random>.partial`), then renames it into place. The rename is atomic, so a reader sees a
 complete file or none, and as cached content is a pure function of its key, it does not matter which writer wins.
+
+Correct is not yet economical: eight ranks would each tokenise the corpus (or generate the teacher's text). So a
+builder also holds `build_lock(target)`: the first process builds while the others wait, then find it built.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,3 +50,30 @@ def publish_dir(tmp: Path, target: Path, complete: str) -> None:
         if not (target / complete).exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Held while this process builds `target` (an exclusive `flock` on `<target>.lock`); another process asking
+    for it waits until the builder is done, so check whether `target` exists after entering. Where locks are not
+    available (no `fcntl`, a filesystem without `flock`) it holds nothing: writers then duplicate work, and the
+    atomic renames still keep the cache whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+
+        f = open(target.with_name(target.name + ".lock"), "a")  # noqa: SIM115 - closed below, which unlocks
+    except (ImportError, OSError):  # no fcntl, or a cache we may read but not write
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"jetnas: waiting for another process to build {target.name}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        f.close()

@@ -1,5 +1,7 @@
 """Cache writes under concurrency: the ranks of one torchrun job tokenise the same text into the same cache file at
-once (CI once failed on exactly that: one rank renamed the shared `.partial` away from under the other)."""
+once (CI once failed on exactly that: one rank renamed the shared `.partial` away from under the other). Threads
+stand in for processes: each opens its own lock file description, and `flock` excludes those within one process
+too."""
 
 import threading
 from pathlib import Path
@@ -7,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jetnas.files import publish_dir, temp_sibling
-from jetnas.train.data import TokenStream, _write_bin
+from jetnas.files import build_lock, publish_dir, temp_sibling
+from jetnas.train.data import TokenStream, _write_bin, tokenize_files
 
 
 def _race(n: int, fn) -> list[BaseException]:
@@ -79,3 +81,61 @@ def test_publish_dir_race(tmp_path):
 def test_publish_dir_reports_a_missing_source(tmp_path):
     with pytest.raises(OSError):
         publish_dir(tmp_path / "missing", tmp_path / "hf", complete="model.safetensors")
+
+
+class _CountingTokenizer:
+    name_or_path = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __len__(self):
+        return 300
+
+    def __call__(self, text, add_special_tokens=False):
+        self.calls += 1
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+
+def test_ranks_tokenise_a_corpus_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("JETNAS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "train.txt"
+    text.write_text("the quick brown fox " * 200)
+    tok = _CountingTokenizer()
+    streams = {}
+    assert _race(6, lambda i: streams.__setitem__(i, tokenize_files([text], tok, eos_id=0))) == []
+    assert tok.calls == 1  # one builder; the other five waited and read its file
+    want = [ord(c) % 256 for c in text.read_text()] + [0]
+    assert all(s.tokens(0, len(s)).tolist() == want for s in streams.values())
+
+
+def test_build_lock_serialises_builders(tmp_path):
+    target, built, inside = tmp_path / "thing.bin", [], []
+
+    def build(i):
+        with build_lock(target):
+            inside.append(i)
+            assert len(inside) == 1  # nobody else in here
+            if not target.exists():
+                built.append(i)
+                target.write_text(str(i))
+            inside.remove(i)
+
+    assert _race(8, build) == []
+    assert len(built) == 1 and target.read_text() == str(built[0])
+
+
+def test_build_lock_without_a_writable_cache_still_builds(tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def no_lock_files(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "read-only cache", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_lock_files)
+    with build_lock(tmp_path / "x.bin"):
+        (tmp_path / "x.bin").write_text("built")
+    assert (tmp_path / "x.bin").read_text() == "built"

