@@ -186,6 +186,7 @@ def engine_point(model, name, context, bandwidth, fill="prefill", chunk=8192, ca
     row["roofline_tokens_per_s"] = cost.roofline_tokens_per_s(bandwidth)
     row["roofline_fraction"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
     row["achieved_bandwidth_TBps"] = cost.bytes_per_step / (decode_s / steps) / 1e12
+    row["roofline_rw_fraction"] = row["decode_tokens_per_s"] / cost.roofline_rw_tokens_per_s(bandwidth)
     row["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del engine
     torch.cuda.empty_cache()

@@ -95,7 +95,8 @@ def _num(v) -> str:
 
 BENCH_COLUMNS = (("decode tok/s", "decode_tokens_per_s", True), ("prefill tok/s", "prefill_tokens_per_s", True),
                  ("batch", "batch_size", False), ("cache/seq (MB)", "cache_bytes_per_sequence", False),
-                 ("roofline share", "roofline_fraction", False))
+                 ("roofline share", "roofline_fraction", False),
+                 ("roofline share, reads + writes", "roofline_rw_fraction", False))
 
 
 def _bench_comparison(hybrid: dict, teacher: dict, out: Path) -> list[str]:

@@ -55,3 +55,37 @@ def test_decode_step_bench_logit_check_runs_on_cpu(tmp_path):
                           "--out", str(out)], tmp_path)
     assert summary["gdn"]["logits_ok"]
     assert json.loads(out.read_text())["blocks"]["gdn"]["logits"]["after_vs_before"] == 0.0  # one path on CPU
+
+
+def test_roofline_rw_recomputes_what_bench_reports(tmp_path):
+    """benchmarks/roofline_rw.py on a results file: the same reads + writes bound `jetnas bench` now writes itself,
+    from the shapes of the named model (a directory) or preset."""
+    from roofline_rw import recompute
+
+    from jetnas.bench.costs import decode_cost
+    from jetnas.models import JetNemotronForCausalLM
+    from jetnas.models.presets import preset_config
+    from tests.utils import tiny_config
+
+    model = JetNemotronForCausalLM(tiny_config(["attn", "jet", "swa", "gdn"])).eval()
+    model.save_pretrained(tmp_path / "m")
+    cost = decode_cost(model, 4, 64)
+    bench = {"copy_bandwidth_bytes_per_s": 1e10, "dtype": "torch.float32", "rows": [
+        {"system": "jetnas engine", "context_length": 64, "batch_size": 4, "decode_tokens_per_s": 1000.0,
+         "bytes_per_step": cost.bytes_per_step, "roofline_fraction": 0.1},
+        {"system": "transformers generate", "context_length": 64, "batch_size": 4}]}
+    rows, skipped = recompute(bench, str(tmp_path / "m"))
+    assert skipped == [] and len(rows) == 1
+    assert rows[0]["bytes_moved_per_step"] == cost.bytes_moved_per_step
+    assert rows[0]["roofline_rw_fraction"] == pytest.approx(1000.0 / cost.roofline_rw_tokens_per_s(1e10))
+    # an engine.json names its presets; architectures built elsewhere are skipped, and said to be
+    with torch.device("meta"):
+        big = decode_cost(JetNemotronForCausalLM(preset_config("jet-nemotron-2b")), 8, 4096, torch.bfloat16)
+    engine = {"copy_bandwidth_TBps": 3.0, "rows": [
+        {"system": "jetnas engine: jet-nemotron-2b", "context_length": 4096, "batch_size": 8,
+         "decode_tokens_per_s": 500.0, "bytes_per_step": big.bytes_per_step, "roofline_fraction": 0.2},
+        {"system": "jetnas engine: qwen3-1.7b", "context_length": 4096, "batch_size": 8,
+         "decode_tokens_per_s": 400.0, "bytes_per_step": 1, "roofline_fraction": 0.3}]}
+    rows, skipped = recompute(engine)
+    assert skipped == ["jetnas engine: qwen3-1.7b"]
+    assert rows[0]["bytes_moved_per_step"] == big.bytes_moved_per_step

@@ -8,6 +8,12 @@ context T a step takes at least `(weight_bytes + B * cache_bytes(T)) / bandwidth
 `cache_bytes` is per sequence: KV of full attention grows with T, a sliding window keeps `window - 1` tokens, a
 linear block keeps a constant conv + recurrent state (`TokenMixer.cache_bytes`). (The engine's sliding-window ring
 has one slot more, for the step's own token: a rounding error next to the rest.)
+
+That roofline counts reads only (the issue's definition, kept as `roofline_tokens_per_s`). A step also writes: a
+linear block rewrites its whole state in place (every entry of a decayed recurrent state changes, and the conv step
+shifts its window), while attention appends one token's key and value. Memory moves both, and the measured copy
+bandwidth counts both, so `roofline_rw_tokens_per_s` (reads + writes) is the tighter bound; for attention-only
+models the two agree to a token's KV.
 """
 
 from __future__ import annotations
@@ -25,11 +31,22 @@ class DecodeCost:
     weight_bytes: int
     cache_bytes_per_sequence: int
     cache_bytes_per_token: float  # cache_bytes_per_sequence / context_length
-    bytes_per_step: int  # weight_bytes + batch_size * cache_bytes_per_sequence
+    bytes_per_step: int  # read: weight_bytes + batch_size * cache_bytes_per_sequence
     flops_per_token: int
+    bytes_written_per_sequence: int = 0  # per step: linear states rewritten, one token's KV per attention layer
+
+    @property
+    def bytes_moved_per_step(self) -> int:
+        """Reads and writes of one step."""
+        return self.bytes_per_step + self.batch_size * self.bytes_written_per_sequence
 
     def roofline_tokens_per_s(self, bandwidth_bytes_per_s: float) -> float:
+        """The reads-only bound: batch * bandwidth / bytes read per step."""
         return self.batch_size * bandwidth_bytes_per_s / self.bytes_per_step
+
+    def roofline_rw_tokens_per_s(self, bandwidth_bytes_per_s: float) -> float:
+        """The bound with the step's writes counted too (tighter; see the module docstring)."""
+        return self.batch_size * bandwidth_bytes_per_s / self.bytes_moved_per_step
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,13 +85,21 @@ def flops_per_token(model, context_length: int) -> int:
     return int(flops)
 
 
+def bytes_written_per_step(model, dtype: torch.dtype) -> int:
+    """Bytes one decode step writes per sequence: a linear block's whole state, an attention layer's new key and
+    value. Both are what a layer keeps after one token: `model.cache_bytes(1)` (a linear state is the same size
+    at every context; attention keeps one token's KV, sliding window or not)."""
+    return model.cache_bytes(1, dtype=dtype)
+
+
 def decode_cost(model, batch_size: int, context_length: int, cache_dtype: torch.dtype | None = None) -> DecodeCost:
-    """What one decode step of `batch_size` sequences at `context_length` reads and computes."""
+    """What one decode step of `batch_size` sequences at `context_length` reads, writes and computes."""
     dtype = cache_dtype or next(model.parameters()).dtype
     cache = model.cache_bytes(context_length, dtype=dtype)
     weights = weight_bytes(model)
     return DecodeCost(batch_size, context_length, weights, cache, cache / max(context_length, 1),
-                      weights + batch_size * cache, flops_per_token(model, context_length))
+                      weights + batch_size * cache, flops_per_token(model, context_length),
+                      bytes_written_per_step(model, dtype))
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 28, repeats: int = 10) -> float:

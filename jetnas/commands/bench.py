@@ -73,6 +73,9 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
         for r in mine:
             if r.get("roofline_tokens_per_s"):
                 axes[0].scatter([r["context_length"]], [r["roofline_tokens_per_s"]], marker="_", s=200, color="gray")
+            if r.get("roofline_rw_tokens_per_s"):
+                axes[0].scatter([r["context_length"]], [r["roofline_rw_tokens_per_s"]], marker="_", s=200,
+                                color="black")
     for ax, name in zip(axes, ("decode", "prefill")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -80,7 +83,7 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(f"{name} tokens/s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_title("decode (gray: roofline of the engine's batch)", fontsize=9)
+    axes[0].set_title("decode (rooflines of the engine's batch: gray reads, black reads + writes)", fontsize=9)
     axes[1].set_title("prefill", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -164,13 +167,18 @@ def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", ba
                "weight_bytes": cost.weight_bytes, "bytes_per_step": cost.bytes_per_step,
                "flops_per_token": cost.flops_per_token,
                "achieved_bandwidth": cost.bytes_per_step / step_seconds,
-               "roofline_tokens_per_s": cost.roofline_tokens_per_s(bandwidth)}
+               "roofline_tokens_per_s": cost.roofline_tokens_per_s(bandwidth),
+               "bytes_moved_per_step": cost.bytes_moved_per_step,
+               "achieved_bandwidth_rw": cost.bytes_moved_per_step / step_seconds,
+               "roofline_rw_tokens_per_s": cost.roofline_rw_tokens_per_s(bandwidth)}
         row["roofline_fraction"] = r["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
+        row["roofline_rw_fraction"] = r["decode_tokens_per_s"] / row["roofline_rw_tokens_per_s"]
         rows.append(row)
         how = "" if predicted is None else f" (predicted {predicted}" + (
             f", halved {halved}x after running out of memory)" if halved else ")")
         print(f"  context {ctx}: batch {b}{how}, chunk {chunk_size}, decode {r['decode_tokens_per_s']:.1f} tok/s "
-              f"({100 * row['roofline_fraction']:.1f}% of roofline), prefill {r['prefill_tokens_per_s']:.0f} tok/s",
+              f"({100 * row['roofline_fraction']:.1f}% of the reads roofline, "
+              f"{100 * row['roofline_rw_fraction']:.1f}% with writes), prefill {r['prefill_tokens_per_s']:.0f} tok/s",
               file=sys.stderr)
         if baseline == "hf":
             h = _measure_hf(source, min(b, HF_BATCH_CAP), ctx, new_tokens, dev)
@@ -190,7 +198,8 @@ def bench(model: str, context: str = "4096,16384,65536", batch: str = "auto", ba
     _figure(rows, out / "bench.png", f"{model} on {device_name}")
     last = [r for r in rows if r["system"] == "jetnas engine"][-1]
     keys = ("protocol", "context_length", "batch_size", "batch_predicted", "batch_halved", "decode_tokens_per_s",
-            "prefill_tokens_per_s", "cache_bytes_per_sequence", "peak_memory_bytes", "roofline_fraction")
+            "prefill_tokens_per_s", "cache_bytes_per_sequence", "peak_memory_bytes", "roofline_fraction",
+            "roofline_rw_fraction")
     summary = {k: last[k] for k in keys}
     if baseline == "hf":
         summary["speedup_decode_vs_hf"] = rows[-1]["speedup_decode"]

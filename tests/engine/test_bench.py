@@ -27,6 +27,11 @@ def test_costs_match_hand_computation_and_the_allocated_cache():
     assert cost.bytes_per_step == weight_bytes(model) + B * (attn + swa + jet)
     assert weight_bytes(model) == 4 * sum(p.numel() for p in model.parameters())
     assert cost.roofline_tokens_per_s(1e9) == B * 1e9 / cost.bytes_per_step
+    # a step also writes: the linear block's whole state, one token's KV in each attention layer
+    kv_token = 2 * 2 * 8 * 4
+    assert cost.bytes_written_per_sequence == 2 * kv_token + jet
+    assert cost.bytes_moved_per_step == cost.bytes_per_step + B * (2 * kv_token + jet)
+    assert cost.roofline_rw_tokens_per_s(1e9) == B * 1e9 / cost.bytes_moved_per_step
     # attention FLOPs grow with the context for attn, stop at the window for swa, none for the linear block
     grow = flops_per_token(model, 1000) - flops_per_token(model, 100)
     assert grow == 4 * 4 * 8 * 900
@@ -52,6 +57,10 @@ def test_bench_cli_on_cpu_with_the_hf_baseline(tmp_path, capsys):
     systems = [r["system"] for r in saved["rows"]]
     assert systems == ["jetnas engine", "transformers generate"] * 2
     assert 0 < saved["rows"][0]["roofline_fraction"] and (out / "bench.png").stat().st_size > 0
+    # counting the step's writes (two linear states here) tightens the bound: a larger share of a lower roofline
+    row = saved["rows"][0]
+    assert row["roofline_rw_tokens_per_s"] < row["roofline_tokens_per_s"]
+    assert row["roofline_rw_fraction"] == pytest.approx(row["decode_tokens_per_s"] / row["roofline_rw_tokens_per_s"])
     assert main(["bench", "--model", str(tmp_path / "m"), "--context", "32,x"]) == 2
     assert "--context must be comma-separated integers" in capsys.readouterr().err
     assert saved["protocol"] == "replicated-prompt"
