@@ -8,8 +8,8 @@ A token stream is a read-only 1-D array of token ids (a memory map: corpora are 
 - `hf:NAME[:CONFIG][@SPLIT]`, a Hugging Face dataset's "text" field (the optional `data` extra), cached likewise;
 - nothing: text the teacher generates itself (sampled continuations), cached by teacher, seed and size.
 
-Cached files live under `$JETNAS_CACHE/data` and are written atomically (`jetnas.files`: safe when the ranks
-of one job tokenise the same files at once). The batcher cuts the stream into
+Cached files live under `$JETNAS_CACHE/data`, built by one process while the others (the ranks of one job, other
+jobs) wait for it, and written atomically (`jetnas.files`). The batcher cuts the stream into
 non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and visits them in a seeded
 permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs only the step, and rank r
 of W takes the r-th contiguous share of each global batch, so W ranks see exactly the single-process batch.
