@@ -120,20 +120,20 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, device: 
     """Load a teacher model (eval mode) and its tokenizer: `(model, tokenizer, teacher)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    def load(source, **kwargs):
+        return (AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs),
+                AutoTokenizer.from_pretrained(source, **kwargs))
+
     teacher = resolve_teacher(name_or_path)
     if teacher.gguf_file is None:
-        tokenizer = AutoTokenizer.from_pretrained(teacher.path)
-        model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=torch.float32)
-        return model.to(device=device, dtype=dtype).eval(), tokenizer, teacher
-    converted = _converted_copy(teacher)
-    # dequantised once into a safetensors copy, so later loads (and the other ranks, waiting) skip the GGUF path
-    with build_lock(converted):
-        if (converted / "model.safetensors").exists():
-            tokenizer = AutoTokenizer.from_pretrained(converted)
-            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
-        else:
-            kwargs = {"gguf_file": teacher.gguf_file}
-            tokenizer = AutoTokenizer.from_pretrained(teacher.path, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=torch.float32, **kwargs)
-            _save_dequantized(model, tokenizer, converted)
+        model, tokenizer = load(teacher.path)
+    else:
+        converted = _converted_copy(teacher)
+        # dequantised once into a safetensors copy, so later loads (and the other ranks, waiting) skip the GGUF path
+        with build_lock(converted):
+            if (converted / "model.safetensors").exists():
+                model, tokenizer = load(converted)
+            else:
+                model, tokenizer = load(teacher.path, gguf_file=teacher.gguf_file)
+                _save_dequantized(model, tokenizer, converted)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, teacher
