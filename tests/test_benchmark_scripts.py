@@ -89,3 +89,33 @@ def test_roofline_rw_recomputes_what_bench_reports(tmp_path):
     rows, skipped = recompute(engine)
     assert skipped == ["jetnas engine: qwen3-1.7b"]
     assert rows[0]["bytes_moved_per_step"] == big.bytes_moved_per_step
+
+
+@pytest.mark.slow
+def test_train_bench_times_every_mode_and_compares_two_runs(tmp_path):
+    """benchmarks/train_bench.py on a tiny Llama teacher on CPU: each mode's steps are timed, their FLOPs counted and
+    losses logged, and `--compare` puts two runs side by side."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.utils import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    outs = []
+    for label in ("a", "b"):
+        outs.append(tmp_path / f"{label}.json")
+        summary = run_script(["benchmarks/train_bench.py", "--teacher", str(tmp_path / "teacher"), "--device", "cpu",
+                              "--linear", "gla", "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup",
+                              "1", "--swa-window", "8", "--label", label, "--out", str(outs[-1])], tmp_path)
+        assert set(summary["modes"]) == {"supernet", "stage1", "stage2"}
+        assert all(m["tokens_per_s"] > 0 for m in summary["modes"].values()), summary
+    report = json.loads(outs[0].read_text())
+    for mode in report["modes"].values():
+        assert len(mode["losses"]) == 2 and mode["flops_per_token"] > 0
+    table = run_script(["benchmarks/train_bench.py", "--compare", f"{outs[0]},{outs[1]}"], tmp_path)
+    # same code, same seed: the same losses step by step
+    assert table["stage1"]["b"]["max_abs_loss_diff_vs_a"] == 0.0
+    assert table["supernet"]["b"]["speedup_vs_a"] > 0
