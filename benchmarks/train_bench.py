@@ -166,7 +166,7 @@ def random_stream(api: Api, teacher, seed: int):
 def profile_steps(trainer, first_step: int, n: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(n):
             trainer._train_step(first_step + i)
         torch.cuda.synchronize()
@@ -178,17 +178,42 @@ def profile_steps(trainer, first_step: int, n: int) -> dict:
     by_kind: dict[str, float] = defaultdict(float)
     for name, us in by_kernel.items():
         by_kind[kind(name)] += us
-    return {"steps": n, "gpu_ms_per_step": total / 1e3 / n,
+    # which operators launched that GPU time (aten::copy_, aten::mul, autograd nodes, fla's functions, ...)
+    ops = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.self_device_time_total > 0]
+    ops.sort(key=lambda x: -x[1])
+    return {"steps": n, "top_ops": [{"op": k[:120], "ms_per_step": v / 1e3 / n, "share": v / total}
+                                    for k, v in ops[:30]], "gpu_ms_per_step": total / 1e3 / n,
             "by_kind": {k: {"ms_per_step": v / 1e3 / n, "share": v / total}
                         for k, v in sorted(by_kind.items(), key=lambda x: -x[1])},
             "top_kernels": [{"name": k[:160], "ms_per_step": v / 1e3 / n, "share": v / total, "kind": kind(k)}
                             for k, v in sorted(by_kernel.items(), key=lambda x: -x[1])[:30]]}
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """q.k^T and p.v of an attention call, grouped-query heads broadcast to the query's (torch 2.11's own formula
+    rejects GQA shapes); like torch's, it does not halve for causal masks."""
+    b, h, s_q, d = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    return 2 * b * h * s_q * s_k * (d + d_v)
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The backward: the scores again, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q."""
+    b, h, s_q, d = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    return 2 * b * h * s_q * s_k * (3 * d + 2 * d_v)
+
+
 def count_flops(trainer, step: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    mapping = {}
+    for name in ("flash", "efficient", "cudnn"):
+        if hasattr(aten, f"_scaled_dot_product_{name}_attention"):
+            mapping[getattr(aten, f"_scaled_dot_product_{name}_attention")] = _sdpa_flops
+            mapping[getattr(aten, f"_scaled_dot_product_{name}_attention_backward")] = _sdpa_backward_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         trainer._train_step(step)
     return int(counter.get_total_flops())
@@ -330,6 +355,8 @@ def main() -> None:
                 print(f"  {k:<36} {v['ms_per_step']:>8.2f} ms {100 * v['share']:>5.1f}%")
             for row in r["profile"]["top_kernels"][:10]:
                 print(f"  {row['ms_per_step']:>8.2f} ms {100 * row['share']:>5.1f}%  {row['name'][:100]}")
+            for row in r["profile"]["top_ops"][:12]:
+                print(f"  {row['ms_per_step']:>8.2f} ms {100 * row['share']:>5.1f}%  op {row['op'][:90]}")
     summary = {m: {"tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["mfu"], 4) if r.get("mfu") else None,
                    "loss_first": r["losses"][0].get("loss"), "loss_last": r["losses"][-1].get("loss")}
                if "tokens_per_s" in r else {"error": r.get("error", "")[:200]} for m, r in report["modes"].items()}
