@@ -3,7 +3,7 @@ first, then speed and memory, at the stage-1 shape (N = 32 x 1024 tokens, D = 57
 bf16. Each row times one forward + backward of the loss from the LM-head inputs (hidden states and head weight).
 
     python benchmarks/loss_bench.py --out $OUT/loss_bench.json                    # CUDA, the full shape
-    python benchmarks/loss_bench.py --device cpu --tiny --no-compile --out x.json  # the CPU smoke test
+    python benchmarks/loss_bench.py --device cpu --tiny --steps torch --out x.json  # the CPU smoke test
 
 Tasks:
 - `kl` (stage 1): KL(teacher || student), the teacher given as hidden states + its head (its logits are part of the
@@ -11,9 +11,10 @@ Tasks:
 - `ce` (stage 2): cross-entropy with next-token labels; the tied head trains (weight gradient).
 - `kl+ce` (stage 2 with kl_weight > 0): both in one pass over the student's logits.
 
-Methods: `naive` (today's path: full bf16 logits, float32 log-softmaxes), `chunked/<rows>` (eager chunks; `auto`
-is `default_chunk_size`), `compiled/auto` (each chunk's elementwise work through torch.compile),
-`chunked+teacher-logits/auto` (the teacher's logits made in full first, then chunked), and, when importable on
+Methods: `naive` (today's path: full bf16 logits, float32 log-softmaxes); `<step>/<rows>`, the chunked op with
+each chunk step (`torch`: eager PyTorch, `compile`: torch.compile of it, `triton`: the fused kernel) and chunk size
+(`auto` is `default_chunk_size` for that step; the sizes are swept for torch and triton, compile runs auto only);
+`torch+teacher-logits/auto` (the teacher's full logits made first, then chunked); and, when importable on
 CUDA, liger-kernel's `LigerFusedLinearJSD` (beta = 0: forward KL; its loss has no T^2 factor, so it is scaled by
 T^2 here) and `LigerFusedLinearCrossEntropyLoss`, and cut-cross-entropy's `linear_cross_entropy` (default
 `filter_eps="auto"`: it skips gradient entries below bf16 resolution by design).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,6 +44,7 @@ import torch
 
 import jetnas  # noqa: F401
 from jetnas.ops.losses import (
+    STEPS,
     chunked_linear_kl_ce,
     default_chunk_size,
     naive_linear_cross_entropy,
@@ -82,18 +85,17 @@ def task_fn(task: str, method: str, chunk: int | None, temperature: float) -> Ca
             return lambda h, w, th, tw, y: naive_linear_cross_entropy(h, w, y)
         return lambda h, w, th, tw, y: naive_linear_kl_ce(h, w, y, teacher_hidden=th, teacher_weight=tw,
                                                           temperature=t).loss
-    if method in ("chunked", "compiled"):
-        compiled = method == "compiled"
+    if method in STEPS:
         if task == "kl":
             return lambda h, w, th, tw, y: chunked_linear_kl_ce(
                 h, w, teacher_hidden=th, teacher_weight=tw, temperature=t, ce_weight=0.0, chunk_size=chunk,
-                compiled=compiled).loss
+                step=method).loss
         if task == "ce":
             return lambda h, w, th, tw, y: chunked_linear_kl_ce(h, w, y, kl_weight=0.0, chunk_size=chunk,
-                                                                compiled=compiled).loss
+                                                                step=method).loss
         return lambda h, w, th, tw, y: chunked_linear_kl_ce(h, w, y, teacher_hidden=th, teacher_weight=tw,
-                                                            temperature=t, chunk_size=chunk, compiled=compiled).loss
-    if method == "chunked+teacher-logits":
+                                                            temperature=t, chunk_size=chunk, step=method).loss
+    if method == "torch+teacher-logits":
         if task == "ce":
             raise ValueError("no teacher in the ce task")
         ce_weight = 0.0 if task == "kl" else 1.0
@@ -223,13 +225,13 @@ def matmul_flops(task: str, n: int, d: int, v: int, train_w: bool) -> float:
     return mm * (1 + (task != "ce") + 1 + train_w)
 
 
-def methods_for(task: str, chunks: list[int | None], device: torch.device, compile_on: bool,
+def methods_for(task: str, chunks: list[int | None], steps: list[str], device: torch.device,
                 libraries: dict) -> list[tuple[str, int | None]]:
-    out = [("naive", None)] + [("chunked", c) for c in chunks]
-    if compile_on:
-        out.append(("compiled", None))
-    if task != "ce":
-        out.append(("chunked+teacher-logits", None))
+    out = [("naive", None)]
+    for step in steps:
+        out += [(step, None)] if step == "compile" else [(step, c) for c in chunks]
+    if task != "ce" and "torch" in steps:
+        out.append(("torch+teacher-logits", None))
     cuda = device.type == "cuda"
     if cuda and task in ("kl", "ce") and not libraries["liger-kernel"].startswith("unavailable"):
         out.append(("liger", None))
@@ -243,11 +245,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     ap.add_argument("--tiny", action="store_true", help=f"tiny shapes {TINY} instead of {FULL}")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--chunks", default="256,1024,4096,auto", help="eager chunk sizes (rows); auto = default")
+    ap.add_argument("--chunks", default="256,1024,4096,auto", help="chunk sizes (rows) to sweep; auto = default")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help="chunk steps: torch, compile (~1 min of compiling), triton (CUDA, or TRITON_INTERPRET=1)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=5, help="CPU / CUDA-event repeats (do_bench picks its own)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (~1 min of compile)")
     ap.add_argument("--out", default="loss_bench.json")
     args = ap.parse_args()
 
@@ -260,23 +263,28 @@ def main() -> None:
     for c in args.chunks.split(","):
         c = c.strip()
         chunks.append(None if c == "auto" else (tiny_chunks.get(c, int(c)) if args.tiny else int(c)))
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if "triton" in steps and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        log("no CUDA and TRITON_INTERPRET is not 1: the triton step is left out")
+        steps.remove("triton")
     libraries = library_versions()
     inputs = make_inputs(n, d, v, device, dtype)
     inputs32 = {k: t.float() if t.is_floating_point() else t for k, t in inputs.items()}
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "shape": shape, "dtype": str(dtype), "temperature": args.temperature,
-            "auto_chunk_rows": default_chunk_size(n, v), "libraries": libraries}
-    log(f"{meta['device']}: N={n} D={d} V={v} {dtype}, auto chunk {meta['auto_chunk_rows']} rows; {libraries}")
+            "auto_chunk_rows": {s: default_chunk_size(n, v, step=s) for s in STEPS}, "libraries": libraries}
+    log(f"{meta['device']}: N={n} D={d} V={v} {dtype}, auto chunks {meta['auto_chunk_rows']} rows; {libraries}")
 
     rows, failures, library_flags = [], [], []
     for task in args.tasks.split(","):
         train_w = task != "kl"  # stage 1 freezes the embeddings (the tied head); stage 2 trains them
         ref = reference(task_fn(task, "naive", None, args.temperature), inputs32, train_w, block=4096)
         baseline = None
-        for method, chunk in methods_for(task, chunks, device, not args.no_compile, libraries):
-            ours = method in ("chunked", "compiled", "chunked+teacher-logits")
+        for method, chunk in methods_for(task, chunks, steps, device, libraries):
+            ours = method in (*STEPS, "torch+teacher-logits")
             name = f"{method}/{chunk or 'auto'}" if ours else method
-            row = {"task": task, "method": name, "chunk_rows": (chunk or default_chunk_size(n, v)) if ours else None}
+            auto = default_chunk_size(n, v, step=method.split("+")[0]) if ours else None
+            row = {"task": task, "method": name, "chunk_rows": chunk or auto}
             # a library's rows are measured and flagged, but only jetnas' own paths decide `passed`
             problems = failures if ours or method == "naive" else library_flags
             try:

@@ -40,6 +40,11 @@ and dL/dW. Backward multiplies them by the incoming scalar gradient. Memory: `O(
 `[N, D]` and `[V, D]` gradients, instead of `O(N x V)`; work: the same three matmuls autograd would do (one forward,
 two backward), all in the forward pass, nothing recomputed. Without grad mode (evaluation) only the values are made.
 
+A chunk's elementwise work (softmaxes, loss terms, G) runs as eager PyTorch (`step="torch"`, `_chunk_terms`, the
+readable version: ~20 passes over float32 `[chunk, V]` tensors), through `torch.compile` (`step="compile"`), or as
+one Triton kernel (`step="triton"`, `jetnas.ops.triton_losses`: two passes over each row, G written over the
+student's logits). The matmuls are ATen's (cuBLAS) in every case.
+
 ## Numerics (the same as the reference, i.e. as today's `distill_terms` / `F.cross_entropy` path)
 
 Logits come from a matmul in the compute dtype (the inputs' dtype, or autocast's dtype when autocast is on, as
@@ -60,10 +65,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# The eager chunk step keeps about six float32 [chunk, V] tensors alive at its peak (logits, teacher logits, the
-# two log-softmaxes, p, G) plus the two compute-dtype matmul outputs: 32 bytes per logit is a safe estimate.
-BYTES_PER_CHUNK_LOGIT = 32
-# 1 GiB of working set: 682 rows at V = 49,152 (rounded down to 640); the benchmark sweeps other sizes.
+STEPS = ("torch", "compile", "triton")
+# Working-set bytes per logit of a chunk, by chunk step. The eager step keeps about six float32 [chunk, V] tensors
+# alive at its peak (logits, teacher logits, the two log-softmaxes, p, G) plus the two compute-dtype matmul
+# outputs: 32 is a safe bound (24 measured for KL + CE at T != 1, tests/ops/test_losses.py); the compiled step is
+# given the same. The Triton step holds only the two matmul outputs (G overwrites the student's logits): 8 covers
+# float32 logits.
+BYTES_PER_CHUNK_LOGIT = {"torch": 32, "compile": 32, "triton": 8}
+# 1 GiB of working set: 640 rows at V = 49,152 for the eager step, 2,688 for the Triton one; the benchmark sweeps
+# other sizes.
 DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30
 
 
@@ -76,13 +86,16 @@ class LinearLosses(NamedTuple):
     ce: torch.Tensor | None
 
 
-def default_chunk_size(n_rows: int, vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Rows per chunk so that the chunk's working set (`BYTES_PER_CHUNK_LOGIT` per logit) fits `budget_bytes`:
-    a multiple of 64 when at least 64 rows fit, never more than `n_rows`, at least 1."""
+def default_chunk_size(n_rows: int, vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+                       step: str = "torch") -> int:
+    """Rows per chunk so that the chunk's working set (`BYTES_PER_CHUNK_LOGIT[step]` per logit) fits
+    `budget_bytes`: a multiple of 64 when at least 64 rows fit, never more than `n_rows`, at least 1."""
     if n_rows < 1 or vocab_size < 1 or budget_bytes < 1:
         raise ValueError(f"n_rows, vocab_size and budget_bytes must be >= 1, got {n_rows}, {vocab_size}, "
                          f"{budget_bytes}")
-    rows = budget_bytes // (vocab_size * BYTES_PER_CHUNK_LOGIT)
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    rows = budget_bytes // (vocab_size * BYTES_PER_CHUNK_LOGIT[step])
     if rows >= 64:
         rows -= rows % 64
     return max(1, min(n_rows, rows))
@@ -109,7 +122,7 @@ class _Inputs:
     kl_weight: float
     ce_weight: float
     chunk_size: int
-    compiled: bool
+    step: str
 
 
 def _compute_dtype(name: str, *tensors: torch.Tensor) -> torch.dtype:
@@ -184,7 +197,7 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _prepare(hidden, weight, labels, teacher_logits, teacher_hidden, teacher_weight, kl_weight, ce_weight,
-             temperature, mask, ignore_index, chunk_size, compiled) -> _Inputs:
+             temperature, mask, ignore_index, chunk_size, step) -> _Inputs:
     _check_head(hidden, weight, "")
     n, vocab = hidden.shape[0], weight.shape[0]
     if n < 1:
@@ -193,13 +206,17 @@ def _prepare(hidden, weight, labels, teacher_logits, teacher_hidden, teacher_wei
         raise ValueError("nothing to compute: give labels (cross-entropy), the teacher (KL), or both")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     compute = _compute_dtype("hidden and weight", hidden, weight)
+    if step == "triton" and compute == torch.float64:
+        raise ValueError("step='triton' computes in float32: float64 inputs take step='torch'")
     acc = _acc_dtype(compute)
     inputs = _Inputs(n=n, vocab=vocab, compute_dtype=compute, teacher_logits=None, teacher_hidden=None,
                      teacher_weight=None, labels=None, kl_scale=None, ce_scale=None,
                      temperature=_check_temperature(temperature), kl_weight=float(kl_weight),
-                     ce_weight=float(ce_weight), chunk_size=chunk_size or default_chunk_size(n, vocab),
-                     compiled=bool(compiled))
+                     ce_weight=float(ce_weight), step=step,
+                     chunk_size=chunk_size or default_chunk_size(n, vocab, step=step))
     if teacher_logits is not None or teacher_hidden is not None or teacher_weight is not None:
         t_logits, t_hidden, t_weight = _teacher_rows(weight, teacher_logits, teacher_hidden, teacher_weight, n)
         inputs.teacher_logits = t_logits
@@ -266,7 +283,10 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, inp: _Inputs, need_h: bool,
     h's dtype, dL/dW in the accumulation dtype (float32, or float64)."""
     compute, acc = inp.compute_dtype, _acc_dtype(inp.compute_dtype)
     h, w = hidden.detach().to(compute), weight.detach().to(compute)
-    step = _compiled_chunk_terms() if inp.compiled else _chunk_terms
+    if inp.step == "triton":
+        from jetnas.ops.triton_losses import triton_chunk_terms as chunk_step
+    else:
+        chunk_step = _compiled_chunk_terms() if inp.step == "compile" else _chunk_terms
     want_grad = need_h or need_w
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -283,10 +303,10 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, inp: _Inputs, need_h: bool,
                 zt = inp.teacher_hidden[rows] @ inp.teacher_weight.t()
             else:
                 zt = None
-            kl, ce, grad = step(z, zt, None if inp.labels is None else inp.labels[rows],
-                                None if inp.kl_scale is None else inp.kl_scale[rows],
-                                None if inp.ce_scale is None else inp.ce_scale[rows],
-                                inp.temperature, inp.kl_weight, inp.ce_weight, want_grad)
+            kl, ce, grad = chunk_step(z, zt, None if inp.labels is None else inp.labels[rows],
+                                      None if inp.kl_scale is None else inp.kl_scale[rows],
+                                      None if inp.ce_scale is None else inp.ce_scale[rows],
+                                      inp.temperature, inp.kl_weight, inp.ce_weight, want_grad)
             del z, zt
             if kl is not None:
                 kl_total += kl
@@ -330,7 +350,7 @@ def chunked_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          teacher_weight: torch.Tensor | None = None, *, kl_weight: float = 1.0,
                          ce_weight: float = 1.0, temperature: float = 1.0, mask: torch.Tensor | None = None,
                          ignore_index: int = -100, chunk_size: int | None = None,
-                         compiled: bool = False) -> LinearLosses:
+                         step: str = "torch") -> LinearLosses:
     """KL(teacher || student) and / or the cross-entropy of the student's LM head in one pass over chunks of rows,
     never holding the `[N, V]` logits (see the module docstring for the definitions and the gradients).
 
@@ -346,8 +366,11 @@ def chunked_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         temperature: T > 0 of the KL (the CE uses the raw logits); the KL carries the T^2 factor.
         mask: `[...]` bool, the tokens the KL averages over (default: all). Only with a teacher.
         ignore_index: labels equal to it are left out of the cross-entropy (default -100).
-        chunk_size: rows per chunk; None picks `default_chunk_size(N, V)` (a 1 GiB working set).
-        compiled: run each chunk's elementwise work through `torch.compile` (matmuls stay cuBLAS / eager).
+        chunk_size: rows per chunk; None picks `default_chunk_size(N, V, step=step)` (a 1 GiB working set).
+        step: how each chunk's elementwise work runs (the matmuls are always cuBLAS / ATen): "torch" (eager
+            PyTorch, the default until the GPU benchmark says otherwise), "compile" (`torch.compile` of the same
+            function), or "triton" (`jetnas.ops.triton_losses`, two passes per row; CUDA, or CPU tensors under
+            Triton's interpreter; not float64).
 
     Returns:
         `LinearLosses(loss, kl, ce)`: loss differentiable (w.r.t. hidden and weight), the terms detached; float32
@@ -356,7 +379,7 @@ def chunked_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     _check_head(hidden, weight, "")
     h = hidden.reshape(-1, hidden.shape[-1])
     inp = _prepare(h, weight, labels, teacher_logits, teacher_hidden, teacher_weight, kl_weight, ce_weight,
-                   temperature, mask, ignore_index, chunk_size, compiled)
+                   temperature, mask, ignore_index, chunk_size, step)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, kl, ce = _ChunkedLinearLoss.apply(h, weight, inp)
     else:  # evaluation: values only
@@ -367,21 +390,21 @@ def chunked_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 def chunked_linear_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                       *, teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                       temperature: float = 1.0, mask: torch.Tensor | None = None, chunk_size: int | None = None,
-                      compiled: bool = False) -> torch.Tensor:
+                      step: str = "torch") -> torch.Tensor:
     """`T^2 * mean over (masked) tokens of KL(softmax(teacher / T) || softmax(student / T))`, differentiable,
     chunked: `chunked_linear_kl_ce` with the KL only (same arguments)."""
     return chunked_linear_kl_ce(student_hidden, weight, None, teacher_logits, teacher_hidden, teacher_weight,
                                 kl_weight=1.0, ce_weight=0.0, temperature=temperature, mask=mask,
-                                chunk_size=chunk_size, compiled=compiled).loss
+                                chunk_size=chunk_size, step=step).loss
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                  ignore_index: int = -100, chunk_size: int | None = None,
-                                 compiled: bool = False) -> torch.Tensor:
+                                 step: str = "torch") -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against labels (ignore_index left out; 0 when all are), chunked:
     `chunked_linear_kl_ce` with the CE only (same arguments)."""
     return chunked_linear_kl_ce(hidden, weight, labels, kl_weight=0.0, ce_weight=1.0, ignore_index=ignore_index,
-                                chunk_size=chunk_size, compiled=compiled).loss
+                                chunk_size=chunk_size, step=step).loss
 
 
 def naive_linear_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor | None = None,

@@ -12,6 +12,7 @@ Tolerances (relative error ||a - b|| / ||b||):
   ~4e-3 seen.
 """
 
+import os
 import weakref
 
 import pytest
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from jetnas.ops.losses import (
     BYTES_PER_CHUNK_LOGIT,
+    _chunk_terms,
     chunked_linear_cross_entropy,
     chunked_linear_kl,
     chunked_linear_kl_ce,
@@ -31,6 +33,10 @@ from jetnas.ops.losses import (
     naive_linear_kl_ce,
 )
 from tests.utils import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 
 D, V = 24, 301  # V odd: no chunk or block size divides it
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -258,9 +264,10 @@ def test_validation(bad, match):
 def test_default_chunk_size():
     # SmolLM2's vocabulary in 1 GiB: 1 GiB / (49152 * 32 B) = 682 rows -> 640, a multiple of 64
     assert default_chunk_size(32 * 1024, 49152) == 640
+    assert default_chunk_size(32 * 1024, 49152, step="triton") == 2688  # 8 bytes per logit: 2730 -> 2688
     assert default_chunk_size(100, 49152) == 100  # never more than the rows
     assert default_chunk_size(10, 1 << 30) == 1  # at least one row
-    assert default_chunk_size(10_000, 1000, budget_bytes=50 * 1000 * BYTES_PER_CHUNK_LOGIT) == 50  # < 64: as is
+    assert default_chunk_size(10_000, 1000, budget_bytes=50 * 1000 * 32) == 50  # < 64: as is
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -320,9 +327,9 @@ def test_chunked_memory_does_not_scale_with_rows_times_vocab():
     # the counter sees the reference's logits (so it can fail): at least two full float32 [N, V] tensors alive
     assert peak_bytes(naive, 4096) > 2 * full
     small, large = peak_bytes(chunked, 1024, 32), peak_bytes(chunked, 4096, 32)
-    # the chunk's working set (BYTES_PER_CHUNK_LOGIT per logit, the estimate default_chunk_size relies on) plus
+    # the chunk's working set (BYTES_PER_CHUNK_LOGIT["torch"] per logit, default_chunk_size's estimate) plus
     # the gradients and per-row vectors: [N, D] float32 x a few, [V, D] float32 x a few
-    bound = 32 * v * BYTES_PER_CHUNK_LOGIT + 4096 * (d + 8) * 4 * 4 + v * d * 4 * 3
+    bound = 32 * v * BYTES_PER_CHUNK_LOGIT["torch"] + 4096 * (d + 8) * 4 * 4 + v * d * 4 * 3
     assert large < bound < full // 4
     # 4x the rows costs only the per-row [N, D] and [N] tensors, not 3 x 1024 more logit rows
     assert large - small < 3072 * (d + 8) * 4 * 4
@@ -330,17 +337,90 @@ def test_chunked_memory_does_not_scale_with_rows_times_vocab():
     # the working set grows with the chunk at no more than the BYTES_PER_CHUNK_LOGIT that default_chunk_size
     # assumes (24 bytes per logit seen for KL + CE at T != 1)
     per_logit = (peak_bytes(chunked, 4096, 256) - large) / ((256 - 32) * v)
-    assert 4 < per_logit <= BYTES_PER_CHUNK_LOGIT
+    assert 4 < per_logit <= BYTES_PER_CHUNK_LOGIT["torch"]
 
 
 @pytest.mark.slow
 def test_compiled_chunk_step_matches_eager():
-    """`compiled=True` runs each chunk's elementwise work through torch.compile (~1 min to compile on 2 CPU cores:
+    """`step="compile"` runs each chunk's elementwise work through torch.compile (~1 min to compile on 2 CPU cores:
     one chunk shape only). Same float32 algebra, fused: 1e-5 as for float32."""
     hidden, weight, kwargs = make_inputs(96, torch.float32, "kl-ce-t1.5")
     eager, (e_h, e_w) = loss_and_grads(lambda h, w, **kw: chunked_linear_kl_ce(h, w, chunk_size=32, **kw),
                                        hidden, weight, kwargs)
     fused, (f_h, f_w) = loss_and_grads(
-        lambda h, w, **kw: chunked_linear_kl_ce(h, w, chunk_size=32, compiled=True, **kw), hidden, weight, kwargs)
+        lambda h, w, **kw: chunked_linear_kl_ce(h, w, chunk_size=32, step="compile", **kw), hidden, weight, kwargs)
     assert rel_err(fused.loss, eager.loss) < 1e-5
     assert rel_err(f_h, e_h) < 1e-5 and rel_err(f_w, e_w) < 1e-5
+
+
+def chunk_arguments(case, dtype, n=40):
+    """The arguments of one chunk step, built from a case's inputs: student / teacher logits, labels with the
+    ignored ones at 0, and the per-row scales m_i / n_kl, valid_i / n_ce."""
+    hidden, weight, kwargs = make_inputs(n, dtype, case)
+    z = (hidden.detach() @ weight.detach().T).to(DEVICE)
+    zt = kwargs.get("teacher_logits")
+    if "teacher_hidden" in kwargs:
+        zt = kwargs["teacher_hidden"] @ kwargs["teacher_weight"].T
+    labels = kl_scale = ce_scale = None
+    if zt is not None:
+        zt = zt.to(DEVICE)
+        keep = kwargs.get("mask", torch.ones(n, dtype=torch.bool)).float()
+        kl_scale = (keep / keep.sum()).to(DEVICE)
+    if "labels" in kwargs:
+        valid = kwargs["labels"] != -100
+        labels = kwargs["labels"].masked_fill(~valid, 0).to(DEVICE)
+        ce_scale = (valid.float() / valid.sum()).to(DEVICE)
+    return z, zt, labels, kl_scale, ce_scale, kwargs.get("temperature", 1.0), kwargs.get("kl_weight", 1.0), \
+        kwargs.get("ce_weight", 1.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_chunk_step_matches_torch_step(dtype, case):
+    """The Triton step against the eager one on one chunk, in blocks of 64 over V = 301 (four full blocks and a
+    45-wide tail: the online max / sum rescaling runs across blocks). Float32: 1e-5 (sums in another order; the KL
+    as A / d_t + lse_s - lse_t instead of sum p (log p - log q)). bf16 logits in, bf16 G out: the float32 math
+    agrees as before, then G is rounded to bf16 once in both, except that Triton's CPU interpreter truncates
+    (one bf16 step, 2^-8 relative, where PyTorch rounds to nearest): 1e-2."""
+    from jetnas.ops.triton_losses import triton_chunk_terms
+
+    args = chunk_arguments(case, dtype, n=24)
+    want = _chunk_terms(*args, True)
+    got = triton_chunk_terms(args[0].clone(), *args[1:], True, block_v=64)
+    for g, w in zip(got[:2], want[:2]):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert rel_err(g, w) < 1e-5
+    if case == "kl-ce-t1.5":  # values only (evaluation): the same terms, no G, z left alone
+        z = args[0].clone()
+        values = triton_chunk_terms(z, *args[1:], False, block_v=64)
+        assert values[2] is None and torch.equal(z, args[0])
+        assert rel_err(values[0], want[0]) < 1e-5 and rel_err(values[1], want[1]) < 1e-5
+    assert got[2].dtype == dtype
+    assert rel_err(got[2], want[2]) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_step_matches_reference(case):
+    """The whole op with step="triton" (float32; 40 rows in chunks of 16) against the full-logits reference:
+    values and both gradients, 1e-5 as for the eager step."""
+    hidden, weight, kwargs = make_inputs(40, torch.float32, case)
+    to = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    hidden = hidden.detach().to(DEVICE).requires_grad_()
+    weight = weight.detach().to(DEVICE).requires_grad_()
+    ref, (ref_h, ref_w) = loss_and_grads(naive_linear_kl_ce, hidden, weight, to, scale=3.0)
+    got, (got_h, got_w) = loss_and_grads(
+        lambda h, w, **kw: chunked_linear_kl_ce(h, w, chunk_size=16, step="triton", **kw), hidden, weight, to,
+        scale=3.0)
+    assert rel_err(got.loss, ref.loss) < 1e-5
+    assert rel_err(got_h, ref_h) < 1e-5 and rel_err(got_w, ref_w) < 1e-5
+
+
+def test_triton_step_refuses_float64():
+    hidden, weight, kwargs = make_inputs(4, torch.float64, "ce-ignore")
+    with pytest.raises(ValueError, match="float64 inputs take step='torch'"):
+        chunked_linear_kl_ce(hidden, weight, step="triton", **kwargs)
+    with pytest.raises(ValueError, match="step must be one of"):
+        chunked_linear_kl_ce(hidden, weight, step="cuda", **kwargs)
