@@ -11,7 +11,8 @@ Tasks:
 - `ce` (stage 2): cross-entropy with next-token labels; the tied head trains (weight gradient).
 - `kl+ce` (stage 2 with kl_weight > 0): both in one pass over the student's logits.
 
-Methods: `naive` (today's path: full bf16 logits, float32 log-softmaxes); `<step>/<rows>`, the chunked op with
+Methods: `naive` (today's path: full bf16 logits, float32 log-softmaxes; for kl+ce the student's logits made once,
+as `stage_losses` does); `<step>/<rows>`, the chunked op with
 each chunk step (`torch`: eager PyTorch, `compile`: torch.compile of it, `triton`: the fused kernel) and chunk size
 (`auto` is `default_chunk_size` for that step; the sizes are swept for torch and triton, compile runs auto only);
 `torch+teacher-logits/auto` (the teacher's full logits made first, then chunked); and, when importable on
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import jetnas  # noqa: F401
 from jetnas.ops.losses import (
@@ -49,7 +51,6 @@ from jetnas.ops.losses import (
     default_chunk_size,
     naive_linear_cross_entropy,
     naive_linear_kl,
-    naive_linear_kl_ce,
 )
 
 FULL = {"n": 32 * 1024, "d": 576, "v": 49152}
@@ -75,6 +76,17 @@ def make_inputs(n: int, d: int, v: int, device: torch.device, dtype: torch.dtype
             "tw": w.clone().to(device, dtype), "labels": labels.to(device)}
 
 
+def stage_losses_today(h, w, th, tw, y, t: float) -> torch.Tensor:
+    """KL + CE as `stage_losses` computes them today: the student's logits made once and shared by both terms
+    (`naive_linear_kl_ce`, the reference, makes them once per term), the teacher's under no_grad."""
+    logits = F.linear(h, w)
+    with torch.no_grad():
+        log_p = F.log_softmax(F.linear(th, tw).float() / t, -1)
+    log_q = F.log_softmax(logits.float() / t, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+    return kl + F.cross_entropy(logits.float(), y)
+
+
 def task_fn(task: str, method: str, chunk: int | None, temperature: float) -> Callable:
     """`fn(h, w, th, tw, labels) -> loss` (differentiable w.r.t. h and w) for one method of one task."""
     t = temperature
@@ -83,8 +95,7 @@ def task_fn(task: str, method: str, chunk: int | None, temperature: float) -> Ca
             return lambda h, w, th, tw, y: naive_linear_kl(h, w, teacher_hidden=th, teacher_weight=tw, temperature=t)
         if task == "ce":
             return lambda h, w, th, tw, y: naive_linear_cross_entropy(h, w, y)
-        return lambda h, w, th, tw, y: naive_linear_kl_ce(h, w, y, teacher_hidden=th, teacher_weight=tw,
-                                                          temperature=t).loss
+        return lambda h, w, th, tw, y: stage_losses_today(h, w, th, tw, y, t)
     if method in STEPS:
         if task == "kl":
             return lambda h, w, th, tw, y: chunked_linear_kl_ce(

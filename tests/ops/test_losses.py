@@ -10,6 +10,10 @@ Tolerances (relative error ||a - b|| / ||b||):
   before its matmuls in both, but the reference rounds G * dOut/dL while the chunked path rounds G and scales
   after; and dL/dW is accumulated in float32 over chunks instead of inside one GEMM. Each is a few 2^-9 steps;
   ~4e-3 seen.
+
+The Triton chunk step (`step="triton"`) runs on CUDA, else on CPU tensors under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1); its tolerances are given where it is tested. Memory is measured by counting live tensor
+storage bytes (`LiveTensorBytes` below), so the check works on CPU.
 """
 
 import os
