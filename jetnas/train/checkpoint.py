@@ -273,6 +273,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, state: dic
     check_finite(tensors, f"checkpoint of step {step}: optimizer state")
     root = Path(out_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
+    if final.exists() and checkpoint_problem(final) is None:
+        # this step is saved already (a Ctrl-C right after a periodic save): the same run, so the same state; never
+        # replace a good checkpoint, since a kill between removing it and publishing the new one could lose both
+        return final
     tmp = root / f"step-{step:08d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
