@@ -180,8 +180,8 @@ def quarantine(path: Path) -> Path:
 
 
 def choose_checkpoint(out_dir: str | Path, quarantine_damaged: bool = True) -> tuple[Path | None, list[tuple]]:
-    """The newest checkpoint of `out_dir` that verifies, and `(path, reason)` of each newer one passed over (each
-    moved to `checkpoints/damaged/` unless `quarantine_damaged` is False; the path is then its new place). None
+    """The newest checkpoint of `out_dir` that verifies, and `(path, reason, moved to)` of each newer one passed
+    over (each moved to `checkpoints/damaged/` unless `quarantine_damaged` is False: moved to is then None). None
     when no checkpoint verifies. Incomplete `step-*` directories (no manifest, no state.json) are passed over too:
     they are what a kill between creating and publishing a directory would leave (not our writes, which publish by
     renaming)."""
@@ -190,7 +190,7 @@ def choose_checkpoint(out_dir: str | Path, quarantine_damaged: bool = True) -> t
         problem = checkpoint_problem(path) if _is_complete(path) else "it is incomplete (no manifest.json)"
         if problem is None:
             return path, skipped
-        skipped.append((quarantine(path) if quarantine_damaged else path, problem))
+        skipped.append((path, problem, quarantine(path) if quarantine_damaged else None))
     return None, skipped
 
 

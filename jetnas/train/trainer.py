@@ -230,6 +230,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self._locked = False
+        self._evaluated: set[int] = set()  # steps whose evaluation log.jsonl holds already
 
     @property
     def is_main(self) -> bool:
@@ -307,8 +308,8 @@ class Trainer:
         chosen = None
         if cfg.resume:
             chosen, skipped = choose_checkpoint(self.out)
-            for path, reason in skipped:
-                log(f"skipping damaged checkpoint {path.name}: {reason} (moved to {path})")
+            for path, reason, moved in skipped:
+                log(f"skipping damaged checkpoint {path.name}: {reason} (moved to {moved})")
             if skipped and chosen is None:
                 log("no intact checkpoint is left: starting from step 0")
         write_run_identity(self.out, identity)
@@ -383,6 +384,8 @@ class Trainer:
             return
         rows, cut = self._read_log(path)
         kept = [line for line, row in rows if row.get("step", 0) <= self.step]
+        self._evaluated = {row.get("step") for _, row in rows if row.get("step", 0) <= self.step
+                           and any(k.startswith("eval/") for k in row)}
         if len(kept) == len(rows) and not cut:
             return
         if len(kept) != len(rows):
@@ -512,7 +515,7 @@ class Trainer:
             raise
         bar.close()
         final_eval = self._evaluate()
-        if final_eval:
+        if final_eval and self.step not in self._evaluated:  # a finished run resumed: its evaluation is logged
             self._log({"step": self.step, **{f"eval/{k}": v for k, v in final_eval.items()}})
         if self.step > start_step or ckpt is None:
             self._save()
