@@ -188,6 +188,11 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, device: 
             else:
                 if teacher.name == "smollm2-135m":
                     _smollm2_gguf(full_check=True)  # about to be read: hash it (fetched again if damaged)
-                model, tokenizer = load(teacher.path, gguf_file=teacher.gguf_file)
+                try:
+                    model, tokenizer = load(teacher.path, gguf_file=teacher.gguf_file)
+                except (ValueError, KeyError, IndexError, OSError) as err:
+                    # gguf's reader fails deep in numpy on a damaged file, naming no file
+                    raise InputError(f"{Path(teacher.path) / teacher.gguf_file}: cannot be read as a GGUF model "
+                                     f"({err}); damaged or truncated?") from None
                 _save_dequantized(model, tokenizer, converted)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, teacher

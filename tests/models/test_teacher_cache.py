@@ -62,3 +62,14 @@ def test_a_damaged_or_unverified_converted_copy_is_removed_to_be_rebuilt(tmp_pat
     assert not teachers._cached_copy_usable(copy)
     assert "(model.safetensors is truncated (500 of 1000 bytes))" in capsys.readouterr().err
     assert not copy.exists() and not list(tmp_path.glob("hf*"))
+
+
+@pytest.mark.skipif(not SHARED_GGUF.exists(), reason="the embedded teacher's GGUF is not cached on this machine")
+def test_a_truncated_user_gguf_is_named(cache, tmp_path):
+    bad = tmp_path / "mine.gguf"
+    with open(SHARED_GGUF, "rb") as src:
+        bad.write_bytes(src.read(50_000_000))
+    with pytest.raises(teachers.InputError, match=rf"{bad}: cannot be read as a GGUF model \(.*\); damaged or "
+                                                  r"truncated\?"):
+        teachers.load_teacher(str(bad))
+    assert not (cache / "teachers" / "mine" / "hf").exists()
