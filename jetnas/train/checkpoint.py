@@ -182,9 +182,8 @@ def quarantine(path: Path) -> Path:
 def choose_checkpoint(out_dir: str | Path, quarantine_damaged: bool = True) -> tuple[Path | None, list[tuple]]:
     """The newest checkpoint of `out_dir` that verifies, and `(path, reason, moved to)` of each newer one passed
     over (each moved to `checkpoints/damaged/` unless `quarantine_damaged` is False: moved to is then None). None
-    when no checkpoint verifies. Incomplete `step-*` directories (no manifest, no state.json) are passed over too:
-    they are what a kill between creating and publishing a directory would leave (not our writes, which publish by
-    renaming)."""
+    when no checkpoint verifies. A `step-*` directory with neither manifest nor state.json is passed over too
+    (emptied by something else: our saves publish complete directories by renaming)."""
     skipped = []
     for path in checkpoint_dirs(out_dir):
         problem = checkpoint_problem(path) if _is_complete(path) else "it is incomplete (no manifest.json)"

@@ -285,7 +285,10 @@ class Trainer:
         self._locked = True
         clean_partials(self.out)
         identity = self.identity()
-        log = lambda msg: print(f"jetnas: {self.out}: {msg}", file=sys.stderr)  # noqa: E731
+
+        def log(msg: str) -> None:
+            print(f"jetnas: {self.out}: {msg}", file=sys.stderr)
+
         if not cfg.resume:
             moved = move_run_aside(self.out)
             if moved is not None:
@@ -334,8 +337,9 @@ class Trainer:
             failed = agreed["failed"] > 0
             step = round(agreed["step"] * self.world_size)
             if not self.is_main:
-                if failed:
-                    raise RuntimeError(f"rank 0 could not start the run in {self.out} (its error is above)")
+                if failed:  # an InputError, so that each rank prints one line, not a traceback
+                    raise InputError(f"rank {self.rank}: rank 0 could not start the run in {self.out} (its error "
+                                     f"is above)")
                 chosen = None if step < 0 else self.out / "checkpoints" / f"step-{step:08d}"
         if error is not None:
             self._release()
