@@ -231,6 +231,7 @@ class Trainer:
         self.skipped_steps = 0
         self._locked = False
         self._evaluated: set[int] = set()  # steps whose evaluation log.jsonl holds already
+        self._chosen: tuple[Path | None] | None = None  # (checkpoint to resume from,) once `prepare` ran
 
     @property
     def is_main(self) -> bool:
@@ -471,13 +472,22 @@ class Trainer:
         totals["lr"] = cfg.lr_at(step)
         return totals
 
+    def prepare(self) -> None:
+        """Take the run folder now: lock it, move an old run aside or check the run's identity, choose the checkpoint
+        to resume from. `fit` does this itself; a caller that writes its own records into `out_dir` calls it first,
+        so that nothing is written when the run is refused (another writer, other arguments, bad data). The lock is
+        held until `fit` returns (or this process ends: a dead holder's lock is taken over)."""
+        if self._chosen is None:
+            self._chosen = (self._start(),)
+
     def fit(self) -> dict:
         """Train (resuming from the newest good checkpoint when `resume`); returns a summary dict. Holds the run
         folder's lock throughout."""
-        ckpt = self._start()
+        self.prepare()
         try:
-            return self._fit(ckpt)
+            return self._fit(self._chosen[0])
         finally:
+            self._chosen = None
             self._release()
 
     def _fit(self, ckpt: Path | None) -> dict:

@@ -394,3 +394,18 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_anything_is_written(
                                          r"model's vocabulary of 64"):
         run(tmp_path, "r", data=TokenStream.from_file(path))
     assert not (tmp_path / "r").exists()
+
+
+def test_prepare_takes_the_folder_before_the_caller_writes_into_it(tmp_path):
+    """A caller (a training stage) writes its own records into out_dir only after `prepare`: a refused run leaves
+    the old run's records as they were."""
+    run(tmp_path, "r", stop_after=2)
+    (tmp_path / "r" / "stage_config.json").write_text('{"lr": 0.001}')
+    _, trainer = make_trainer(tmp_path, "r", lr=2e-3)
+    with pytest.raises(RunIdentityError, match=r"lr 0.001 -> 0.002"):
+        trainer.prepare()
+    assert (tmp_path / "r" / "stage_config.json").read_text() == '{"lr": 0.001}'
+    _, trainer = make_trainer(tmp_path, "r")
+    trainer.prepare()
+    assert (tmp_path / "r" / "run.lock").exists()
+    assert trainer.fit()["steps"] == STEPS and not (tmp_path / "r" / "run.lock").exists()
