@@ -7,10 +7,11 @@ load dequantises the GGUF (about 20 s on 2 cores) and keeps a safetensors copy, 
 Files live under `$JETNAS_CACHE` (default `~/.cache/jetnas`).
 
 The cache is checked, not trusted: the GGUF against the sha256 its wheel's RECORD lists (`SMOLLM2_SHA256`), the
-dequantised copy against the sha256 manifest written with it (`jetnas.manifest`; hashing its 542 MB takes 0.4 s
-at sha256's 1.45 GB/s, 1.2 s measured on our 2-core box under a load of 8). A damaged cached file (truncated, changed) is removed and built again, with a message; a copy written
-before manifests existed is built again once. A local teacher directory's config.json is validated, and a
-config declaring more layers than the weights hold is an error (`jetnas.models.hf_compat.load_pretrained`).
+dequantised copy against the sha256 manifest written with it (`jetnas.manifest`; hashing its 542 MB takes 0.4 s at
+sha256's 1.45 GB/s, 1.2 s measured on our 2-core box under a load of 8). A damaged cached file (truncated, changed)
+is removed and built again, with a message; a copy written before manifests existed is built again once. A local
+teacher directory's config.json is validated, and a config declaring more layers than the weights hold is an error
+(`jetnas.models.hf_compat.load_pretrained`).
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ jobs) wait for it, and written atomically (`jetnas.files`); each one's sidecar r
 (truncated) cache file is detected and built again. Bad inputs (an empty or odd-sized `.bin`, a `.jsonl` row without
 a "text" string, a file with no text) fail with `jetnas.validation.InputError` naming the file and line.
 
-The batcher cuts the stream into non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and visits them in a seeded
-permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs only the step, and rank r
-of W takes the r-th contiguous share of each global batch, so W ranks see exactly the single-process batch.
+The batcher cuts the stream into non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and
+visits them in a seeded permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs
+only the step, and rank r of W takes the r-th contiguous share of each global batch, so W ranks see exactly the
+single-process batch.
 """
 
 from __future__ import annotations
