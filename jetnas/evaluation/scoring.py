@@ -35,6 +35,7 @@ class LanguageModel:
         batch_tokens: padded tokens per forward pass, at most (the logits alone take batch_tokens x vocab floats).
         device: where inputs go.
         name: for reports.
+        vocab_size: the number of token ids the model embeds (None: unknown); token files are checked against it.
     """
 
     logits: LogitsFn
@@ -44,6 +45,7 @@ class LanguageModel:
     batch_tokens: int = 16384
     device: torch.device | str = "cpu"
     name: str = "model"
+    vocab_size: int | None = None
 
     @classmethod
     def from_hf(cls, model, tokenizer, max_length: int | None = None, batch_size: int = 16, name: str | None = None):
@@ -55,7 +57,11 @@ class LanguageModel:
         def logits(ids, mask):
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-        return cls(logits, tokenizer, window, batch_size, device=device, name=name or type(model).__name__)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else \
+            getattr(model.config, "vocab_size", None)
+        return cls(logits, tokenizer, window, batch_size, device=device, name=name or type(model).__name__,
+                   vocab_size=vocab)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -7,6 +7,10 @@
 | `cloze:PATH` | LAMBADA-style rows `{"context", "target"}` | acc (greedy exact match), ppl |
 | `retrieval:KIND@LENGTH` | synthetic retrieval (`kv`, `needle`, `mqar`) at LENGTH tokens of context | acc, target_nll |
 
+Task files are validated as they are read (`jetnas.validation`): an empty file, a row without its fields or with
+a label outside its choices, invalid JSON, or a token id beyond the model's vocabulary is an `InputError` naming the
+file, line, field and value, never a score of 0 over nothing.
+
 Options follow a `?`: `mc:mmlu_test.jsonl.gz?shots=5&fewshot=mmlu_dev.jsonl&limit=200`, `retrieval:kv@4096?n=50&seed=1`,
 `ppl:val.bin?tokens=100000&window=1024&stride=512`. Multiple-choice prompts follow lm-evaluation-harness's tasks (MMLU as
 lettered questions, ARC/PIQA as "Question: ...\\nAnswer:", HellaSwag as the context itself), chosen by each row's
@@ -15,8 +19,6 @@ lettered questions, ARC/PIQA as "Question: ...\\nAnswer:", HellaSwag as the cont
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import random
 from abc import ABC, abstractmethod
@@ -28,17 +30,41 @@ import numpy as np
 import torch
 
 from jetnas.evaluation.scoring import LanguageModel, Score, score_continuations, token_nll
+from jetnas.validation import InputError, check_token_ids, iter_jsonl, open_token_file, show
 
 LETTERS = "ABCDEFGHIJ"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows (JSON objects) of a `.jsonl(.gz)` task file; an empty file or a bad line is an `InputError`."""
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task data file {str(path)!r} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = list(iter_jsonl(path))
+    if not rows:
+        raise InputError(f"{path}: no rows (an empty task file)")
+    return rows
+
+
+def _check_mc_row(path, lineno: int, row: dict) -> None:
+    where = f"{path} line {lineno}"
+    for key in ("question", "choices", "label"):
+        if key not in row:
+            raise InputError(f"{where}: no {key!r} field (multiple-choice rows need question, choices, label; "
+                             f"this one has {', '.join(sorted(row)) or 'none'})")
+    if not isinstance(row["question"], str):
+        raise InputError(f"{where}: question={show(row['question'])}: must be a string")
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise InputError(f"{where}: choices={show(choices)}: must be a list of at least 2 strings")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise InputError(f"{where}: label={show(label)}: must be the index of the answer among its "
+                         f"{len(choices)} choices")
 
 
 class Task(ABC):
@@ -98,11 +124,18 @@ class MultipleChoiceTask(Task):
 
     def __post_init__(self):
         self.name = self.name or f"mc:{Path(self.path).name}"
-        self._rows = read_jsonl(self.path)
-        for i, row in enumerate(self._rows[:3]):
-            if not {"question", "choices", "label"} <= set(row):
-                raise ValueError(f"{self.path} row {i} needs question, choices, label; has {sorted(row)}")
-        self._shots_pool = read_jsonl(self.fewshot) if self.fewshot else self._rows
+        _check_options(self.name, shots=(self.shots, 0), limit=(self.limit, 1))
+        numbered = _numbered_rows(self.path)
+        for lineno, row in numbered:
+            _check_mc_row(self.path, lineno, row)
+        self._rows = [row for _, row in numbered]
+        if self.fewshot:
+            pool = _numbered_rows(self.fewshot)
+            for lineno, row in pool:
+                _check_mc_row(self.fewshot, lineno, row)
+            self._shots_pool = [row for _, row in pool]
+        else:
+            self._shots_pool = self._rows
 
     def rows(self) -> list[dict]:
         return self._rows[: self.limit] if self.limit else self._rows
@@ -160,9 +193,15 @@ class ClozeTask(Task):
 
     def __post_init__(self):
         self.name = self.name or f"cloze:{Path(self.path).name}"
-        self._rows = read_jsonl(self.path)
-        if self._rows and not {"context", "target"} <= set(self._rows[0]):
-            raise ValueError(f"{self.path}: cloze rows need context and target; has {sorted(self._rows[0])}")
+        _check_options(self.name, limit=(self.limit, 1))
+        numbered = _numbered_rows(self.path)
+        for lineno, row in numbered:
+            for key in ("context", "target"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    what = f"{key}={show(row[key])}" if key in row else f"no {key!r} field"
+                    raise InputError(f"{self.path} line {lineno}: {what}: cloze rows need non-empty context and "
+                                     f"target strings")
+        self._rows = [row for _, row in numbered]
 
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
         rows = self._rows[: self.limit] if self.limit else self._rows
@@ -183,13 +222,23 @@ def read_tokens(path: str | Path, lm: LanguageModel, max_tokens: int | None) -> 
     if not path.exists():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
     if path.suffix == ".bin":
-        data = np.memmap(path, dtype="<u2", mode="r")
+        data = open_token_file(path)
         n = len(data) if max_tokens is None else min(len(data), max_tokens)
+        if lm.vocab_size is not None:
+            check_token_ids(data[:n], lm.vocab_size, str(path))
         return torch.from_numpy(np.asarray(data[:n], dtype=np.int64)), None
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        texts = [r["text"] for r in read_jsonl(path)]
+        texts = []
+        for lineno, row in _numbered_rows(path):
+            if not isinstance(row.get("text"), str):
+                what = f"text={show(row['text'])}" if "text" in row else "no 'text' field"
+                raise InputError(f"{path} line {lineno}: {what}: perplexity rows need a \"text\" string")
+            texts.append(row["text"])
     else:
-        texts = [path.read_text(encoding="utf-8")]
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a token file must end in .bin") from None
     ids, used = [], 0
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     for text in texts:
@@ -214,6 +263,7 @@ class PerplexityTask(Task):
 
     def __post_init__(self):
         self.name = self.name or f"ppl:{Path(self.path).name}"
+        _check_options(self.name, tokens=(self.tokens, 2), window=(self.window, 1), stride=(self.stride, 1))
 
     @property
     def primary_metric(self) -> str:
@@ -225,6 +275,9 @@ class PerplexityTask(Task):
 
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
         ids, nbytes = read_tokens(self.path, lm, self.tokens)
+        if len(ids) < 2:
+            raise InputError(f"{self.path}: {len(ids)} token(s): perplexity needs at least 2 (the file holds "
+                             f"almost no text)")
         nll, count = token_nll(lm, ids, min(self.window, lm.max_length), self.stride,
                                progress=self.name if progress else None)
         out = {"nll": nll / max(count, 1), "ppl": math.exp(nll / max(count, 1)), "n": count}
@@ -297,6 +350,8 @@ class RetrievalTask(Task):
             raise ValueError(f"retrieval kind must be one of {RETRIEVAL_KINDS}, got {self.kind!r}")
         if self.length < 64:
             raise ValueError(f"retrieval length must be >= 64 tokens, got {self.length}")
+        _check_options(f"retrieval:{self.kind}@{self.length}", n=(self.n, 1), queries=(self.queries, 1),
+                       keys=(self.keys, 1), seed=(self.seed, 0))
         self.name = self.name or f"retrieval:{self.kind}@{self.length}"
 
     def make_rows(self, lm: LanguageModel) -> list[list[tuple[str, bool]]]:
@@ -388,6 +443,13 @@ class RetrievalTask(Task):
 
 # ---------------------------------------------------------------------------------------------------------------
 # names
+
+
+def _check_options(task: str, **options: tuple[int | None, int]) -> None:
+    """Each option `name=(value, minimum)` is None or an integer >= minimum."""
+    for name, (value, minimum) in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise InputError(f"task {task!r}: option {name}={show(value)}: must be an integer >= {minimum}")
 
 
 def _options(text: str) -> dict[str, str]:

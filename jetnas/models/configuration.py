@@ -19,17 +19,15 @@ from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 from jetnas.layers import ATTENTION_TYPES, LAYER_TYPES, LINEAR_LAYERS
+from jetnas.validation import InputError, check_block_config, check_bool, check_int, check_number, check_str, show
 
 # transformers' cache kind for each of our block types
 CACHE_KINDS = {"attn": "full_attention", "swa": "sliding_attention", **{t: "linear_attention" for t in LINEAR_LAYERS}}
 HF_CACHE_KINDS = set(CACHE_KINDS.values())
-# keys of the released "jet" entry that do not change the math (a kernel choice we make ourselves)
-_JET_IGNORED_KEYS = {"mode", "dconv_implementation"}
 # JetBlock design options (PostNAS step 3 ablations, `jetnas.layers.jet.JetBlock`'s own argument names); absent in
-# released configs, where they keep the JetBlock's defaults
+# released configs, where they keep the JetBlock's defaults. The released "jet" keys (and these) are checked by
+# `jetnas.validation.check_block_config`; "mode" and "dconv_implementation" are kernel choices we make ourselves.
 _JET_DESIGN_KEYS = ("qk_conv", "v_conv", "use_decay", "use_output_gate")
-_JET_KEYS = ({"num_heads", "head_dim", "expand_v", "conv_size", "dconv_generator_reduction", "norm_eps"}
-             | _JET_IGNORED_KEYS | set(_JET_DESIGN_KEYS))
 
 
 @strict
@@ -82,6 +80,7 @@ class JetNemotronConfig(PretrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_fields()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -102,30 +101,53 @@ class JetNemotronConfig(PretrainedConfig):
         kwargs.pop("auto_map", None)
         super().__post_init__(**kwargs)
 
+    def _check_fields(self) -> None:
+        """Types and ranges of the fields, before anything divides by one or builds a layer from it: an
+        `InputError` (a ValueError) naming the field and its value."""
+        where = "JetNemotronConfig"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "number_of_conv_states"):
+            check_int(getattr(self, name), name, where)
+        for name in ("num_key_value_heads", "head_dim", "sliding_window"):
+            check_int(getattr(self, name), name, where, allow_none=True)
+        check_number(self.rms_norm_eps, "rms_norm_eps", where, minimum=0.0)
+        check_number(self.initializer_range, "initializer_range", where, minimum=0.0, inclusive=True)
+        check_number(self.attention_dropout, "attention_dropout", where, minimum=0.0, inclusive=True, maximum=1.0)
+        for name in ("use_cache", "tie_word_embeddings", "attention_bias", "attention_out_bias", "qk_norm",
+                     "mlp_bias"):
+            check_bool(getattr(self, name), name, where)
+        check_str(self.hidden_act, "hidden_act", where)
+        for name in ("block_types", "layer_types"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(t, str)
+                                                                                     for t in value)):
+                raise InputError(f"{where}: {name}={show(value)}: must be a list of layer type names")
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise InputError(f"{where}: rope_parameters={show(self.rope_parameters)}: must be an object")
+        check_block_config(self.efficient_attention_config, f"{where}: efficient_attention_config")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            for token in value if isinstance(value, list) else [value]:
+                if token is not None and check_int(token, name, where, minimum=0) >= self.vocab_size:
+                    raise InputError(f"{where}: {name}={show(value)}: beyond the vocabulary (vocab_size="
+                                     f"{self.vocab_size})")
+
     def _check(self) -> None:
         if len(self.block_types) != self.num_hidden_layers:
-            raise ValueError(f"block_types has {len(self.block_types)} entries but num_hidden_layers="
-                             f"{self.num_hidden_layers}")
+            raise InputError(f"JetNemotronConfig: block_types has {len(self.block_types)} entries but "
+                             f"num_hidden_layers={self.num_hidden_layers}")
         for i, t in enumerate(self.block_types):
             if t not in LAYER_TYPES:
-                raise ValueError(f"block_types[{i}]={t!r} is not a known block; known: {', '.join(LAYER_TYPES)}")
+                raise InputError(f"JetNemotronConfig: block_types[{i}]={t!r} is not a known block; known: "
+                                 f"{', '.join(LAYER_TYPES)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+            raise InputError(f"JetNemotronConfig: num_attention_heads={self.num_attention_heads} must be a multiple "
+                             f"of num_key_value_heads={self.num_key_value_heads}")
         if "swa" in self.block_types:
             window = self.efficient_attention_config.get("swa", {}).get("window_size")
             if not isinstance(window, int) or window < 1:
-                raise ValueError(f"efficient_attention_config['swa']['window_size'] must be an int >= 1 when a layer "
-                                 f"is 'swa', got {window!r}")
-        if "jet" in self.block_types and "jet" in self.efficient_attention_config:
-            jet = self.efficient_attention_config["jet"]
-            unknown = set(jet) - _JET_KEYS
-            if unknown:
-                raise ValueError(f"efficient_attention_config['jet'] has unknown keys {sorted(unknown)}; "
-                                 f"expected some of {sorted(_JET_KEYS)}")
-            if jet.get("mode", "chunk") not in ("chunk", "fused_recurrent"):
-                raise ValueError(f"efficient_attention_config['jet']['mode'] must be 'chunk' or 'fused_recurrent', "
-                                 f"got {jet['mode']!r}")
+                raise InputError(f"JetNemotronConfig: efficient_attention_config['swa']['window_size'] must be an "
+                                 f"int >= 1 when a layer is 'swa', got {window!r}")
 
     def block_kwargs(self, block_type: str) -> dict[str, Any]:
         """Keyword arguments for `jetnas.layers.build_layer(block_type, hidden_size, **kwargs)`."""

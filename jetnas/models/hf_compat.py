@@ -102,3 +102,44 @@ def init_param_(param: torch.Tensor, value: torch.Tensor) -> None:
     if not getattr(param, "_is_hf_initialized", False):
         with torch.no_grad():
             param.copy_(value)
+
+
+def _short_keys(keys: list[str], limit: int = 6) -> str:
+    """`model.layers.6.mlp.up_proj.weight, ...`: the first `limit` keys, then how many more."""
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_pretrained(source, dtype: torch.dtype = torch.float32, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(source)`, strictly: a local directory's config.json is checked first
+    (`jetnas.validation.read_model_config`: invalid JSON, negative sizes, `num_key_value_heads: 0`, strings where
+    numbers belong), and a checkpoint that lacks weights the config declares is an error naming them (transformers
+    would initialise them at random with a warning: a config declaring 8 layers over the weights of 6 loads, two
+    layers random). Bad input raises `jetnas.validation.InputError` naming the file."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from jetnas.validation import InputError, read_model_config
+
+    path = Path(str(source)).expanduser()
+    local = path.is_dir() and "gguf_file" not in kwargs
+    where = str(path / "config.json") if local else str(source)
+    if local:
+        read_model_config(path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
+    except SafetensorError as err:
+        raise InputError(f"{source}: its weights cannot be read ({err})") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{where}: the config declares {len(missing)} weights that {source} does not hold "
+                         f"({_short_keys(missing)}): it does not match the weights (num_hidden_layers?)")
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        raise InputError(f"{where}: weights of {source} have other shapes than the config declares "
+                         f"({_short_keys([str(m[0] if isinstance(m, tuple) else m) for m in mismatched])})")
+    return model

@@ -9,15 +9,18 @@ A token stream is a read-only 1-D array of token ids (a memory map: corpora are 
 - nothing: text the teacher generates itself (sampled continuations), cached by teacher, seed and size.
 
 Cached files live under `$JETNAS_CACHE/data`, built by one process while the others (the ranks of one job, other
-jobs) wait for it, and written atomically (`jetnas.files`). The batcher cuts the stream into
-non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and visits them in a seeded
-permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs only the step, and rank r
-of W takes the r-th contiguous share of each global batch, so W ranks see exactly the single-process batch.
+jobs) wait for it, and written atomically (`jetnas.files`); each one's sidecar records its token count, so a damaged
+(truncated) cache file is detected and built again. Bad inputs (an empty or odd-sized `.bin`, a `.jsonl` row without
+a "text" string, a file with no text) fail with `jetnas.validation.InputError` naming the file and line.
+
+The batcher cuts the stream into non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and
+visits them in a seeded permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs
+only the step, and rank r of W takes the r-th contiguous share of each global batch, so W ranks see exactly the
+single-process batch.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
@@ -30,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jetnas.files import build_lock, temp_sibling, write_text_atomic
+from jetnas.validation import InputError, iter_jsonl, open_token_file, show
 
 SEED_PROMPTS = ["", "The", "In", "A", "Once upon a time,", "The history of", "Scientists have", "In the year",
                 "How to", "One of the most", "The city of", "Many people believe that"]
@@ -50,20 +54,27 @@ class TokenStream:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TokenStream":
+        """A token file (see the module docstring), checked by `jetnas.validation.open_token_file`: not empty, a
+        whole number of ids, as many as its sidecar records."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"token file {str(path)!r} does not exist")
-        sidecar = path.with_name(path.name + ".json")
-        dtype = np.dtype(json.loads(sidecar.read_text())["dtype"]) if sidecar.exists() else np.dtype("<u2")
-        return cls(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r"), name=path.name)
+        return cls(open_token_file(path), name=path.name)
 
     def __len__(self) -> int:
         return self.end - self.start
 
+    def digest(self, edge: int = 65536) -> str:
+        """A short fingerprint of these tokens: sha256 of the length and the first and last `edge` ids (as int64),
+        the same for a moved or re-cached copy of the same tokens (a run's identity uses it)."""
+        h = hashlib.sha256(str(len(self)).encode())
+        h.update(self.tokens(0, min(edge, len(self))).numpy().tobytes())
+        h.update(self.tokens(max(0, len(self) - edge), min(edge, len(self))).numpy().tobytes())
+        return h.hexdigest()[:12]
+
     def split(self, tail: int) -> tuple["TokenStream", "TokenStream"]:
         """(everything but the last `tail` tokens, the last `tail` tokens) — the held-out split."""
         if not 0 <= tail < len(self):
-            raise ValueError(f"cannot hold out {tail} tokens of a {len(self)}-token stream")
+            raise InputError(f"{self.name}: cannot hold out {tail} tokens of its {len(self)} (heldout_tokens too "
+                             f"large for this data)")
         cut = self.end - tail
         return TokenStream(self.array, self.name, self.start, cut), TokenStream(self.array, self.name, cut, self.end)
 
@@ -88,11 +99,27 @@ class TokenStream:
 
 def _write_bin(path: Path, data: np.ndarray, dtype: np.dtype) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the sidecar first: a reader that finds the `.bin` finds its dtype too
-    write_text_atomic(path.with_name(path.name + ".json"), json.dumps({"dtype": np.dtype(dtype).str}))
+    data = np.asarray(data, dtype=dtype)
+    if data.size and int(data.max()) > np.iinfo(dtype).max:
+        raise InputError(f"{path}: token id {int(data.max())} does not fit {np.dtype(dtype).name}")
+    # the sidecar first: a reader that finds the `.bin` finds its dtype and size too
+    write_text_atomic(path.with_name(path.name + ".json"), json.dumps({"dtype": np.dtype(dtype).str,
+                                                                       "tokens": int(data.size)}))
     tmp = temp_sibling(path)
-    np.asarray(data, dtype=dtype).tofile(tmp)
+    data.tofile(tmp)
     os.replace(tmp, path)
+
+
+def _cached(target: Path) -> TokenStream | None:
+    """A cached token file, or None when it is absent or damaged (then removed, to be built again)."""
+    if not target.exists():
+        return None
+    try:
+        return TokenStream.from_file(target)
+    except InputError as err:
+        print(f"jetnas: damaged data cache ({err}): building it again", file=sys.stderr)
+        target.unlink(missing_ok=True)
+        return None
 
 
 def _cache_dir() -> Path:
@@ -105,12 +132,25 @@ def _tokenizer_key(tokenizer) -> str:
     return f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
 
 
-def _read_texts(path: Path) -> list[str]:
+def read_texts(path: Path) -> list[str]:
+    """The documents of a text file: each row's "text" string of a `.jsonl(.gz)`, or the whole of any other file.
+    Raises `InputError` naming the file (and line) for a row without a "text" string or a file with no text."""
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
-    return [path.read_text(encoding="utf-8")]
+        texts = []
+        for lineno, row in iter_jsonl(path):
+            if not isinstance(row.get("text"), str):
+                what = f"text={show(row['text'])} is not a string" if "text" in row else \
+                    f"no \"text\" field (its fields: {', '.join(sorted(row)) or 'none'})"
+                raise InputError(f"{path} line {lineno}: {what}")
+            texts.append(row["text"])
+    else:
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a token file must end in .bin") from None
+    if not any(t.strip() for t in texts):
+        raise InputError(f"{path}: holds no text")
+    return texts
 
 
 def tokenize_files(paths: list[Path], tokenizer, eos_id: int) -> TokenStream:
@@ -119,10 +159,10 @@ def tokenize_files(paths: list[Path], tokenizer, eos_id: int) -> TokenStream:
         f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"text-{key}.bin"
     with build_lock(target):
-        if not target.exists():
+        if _cached(target) is None:
             ids: list[int] = []
             for path in paths:
-                for text in tqdm(_read_texts(path), desc=f"tokenizing {path.name}", leave=False, file=sys.stderr):
+                for text in tqdm(read_texts(path), desc=f"tokenizing {path.name}", leave=False, file=sys.stderr):
                     ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
             _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
     return TokenStream.from_file(target)
@@ -139,13 +179,17 @@ def hf_dataset(spec: str, tokenizer, eos_id: int, max_tokens: int | None = None)
     key = hashlib.sha256(f"{spec}|{_tokenizer_key(tokenizer)}|{eos_id}|{max_tokens}".encode()).hexdigest()[:16]
     target = _cache_dir() / f"hf-{key}.bin"
     with build_lock(target):
-        if not target.exists():
+        if _cached(target) is None:
             ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
             ids: list[int] = []
-            for row in tqdm(ds, desc=f"tokenizing {spec}", leave=False, file=sys.stderr):
+            for i, row in enumerate(tqdm(ds, desc=f"tokenizing {spec}", leave=False, file=sys.stderr)):
+                if not isinstance(row.get("text"), str):
+                    raise InputError(f"data {spec!r} row {i}: no \"text\" string (its fields: {sorted(row)})")
                 ids += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [eos_id]
                 if max_tokens is not None and len(ids) >= max_tokens:
                     break
+            if not ids:
+                raise InputError(f"data {spec!r}: the dataset has no rows")
             _write_bin(target, np.array(ids), _dtype_for(len(tokenizer)))
     return TokenStream.from_file(target)
 
@@ -156,7 +200,7 @@ def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0,
     cached by teacher name, seed and size so later runs reuse it."""
     target = _cache_dir() / f"generated-{name}-seed{seed}-{tokens}.bin"
     with build_lock(target):
-        if not target.exists():
+        if _cached(target) is None:
             ids = _sample_text(model, tokenizer, eos_id, tokens, seed, batch_size, length, name)
             _write_bin(target, np.array(ids[:tokens]), _dtype_for(len(tokenizer)))
     return TokenStream.from_file(target)
@@ -245,7 +289,8 @@ class WindowBatcher:
         self.stream, self.seq_len, self.batch_size, self.seed = stream, seq_len, batch_size, seed
         self.num_windows = (len(stream) - 1) // seq_len
         if self.num_windows < 1:
-            raise ValueError(f"a {len(stream)}-token stream has no window of {seq_len + 1} tokens")
+            raise InputError(f"{stream.name}: its {len(stream)} training tokens hold no window of seq_len + 1 = "
+                             f"{seq_len + 1} tokens")
 
     def _window(self, sample: int) -> int:
         n = self.num_windows

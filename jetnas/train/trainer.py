@@ -4,10 +4,19 @@ atomic safetensors checkpoints, exact resume, and torchrun data parallelism (DDP
 
 What is trained and how is the caller's: `loss_fn(model, batch, step) -> (loss, metrics)` gets the (possibly
 wrapped) model and `batch = {"input_ids": [micro_batch, seq_len + 1]}` on the model's device.
+
+What keeps a run's folder trustworthy (`jetnas.train.checkpoint`): one writer at a time (`run.lock`); the run's
+identity in `run.json` (the arguments that change what it computes: `Trainer.identity`), so a resume with other
+ones is refused, naming each; `resume=False` moves an old run aside instead of mixing with it; checkpoints verified
+by their sha256 manifest, a damaged one skipped for the newest good one; a non-finite loss or gradient stops the run
+(or skips the step: `on_nonfinite`) before the optimizer step, so nothing non-finite is ever saved; token ids beyond
+the model's vocabulary are refused before the first step.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import sys
@@ -20,12 +29,33 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from jetnas.manifest import write_json_durably
 from jetnas.train import distributed as dist_utils
-from jetnas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from jetnas.train.checkpoint import (
+    NonFiniteError,
+    RunIdentityError,
+    acquire_run_lock,
+    checkpoint_dirs,
+    choose_checkpoint,
+    clean_partials,
+    identity_changes,
+    load_checkpoint,
+    move_run_aside,
+    read_run_identity,
+    release_run_lock,
+    save_checkpoint,
+    write_run_identity,
+)
 from jetnas.train.data import TokenStream, WindowBatcher
+from jetnas.validation import InputError, check_token_ids
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
+ON_NONFINITE = ("error", "skip")
+#: the TrainConfig fields that change what a run computes (its identity); the others are cadence, placement or
+#: memory (micro-batching changes only rounding), which a resume may change
+IDENTITY_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas",
+                   "grad_clip", "seed")
 
 
 @dataclass
@@ -42,10 +72,14 @@ class TrainConfig:
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
         seed: data order (and whatever the loss samples with it).
         log_every, eval_every, save_every, keep_checkpoints: cadence (None: at the end only).
-        out_dir: where log.jsonl, train_config.json and checkpoints go.
-        resume: continue from the newest complete checkpoint in out_dir.
+        out_dir: where log.jsonl, train_config.json, run.json, run.lock and checkpoints go.
+        resume: continue from the newest checkpoint of out_dir that verifies (refused if the run's identity
+            differs); False: move the old run aside (`out_dir/old-runs/<time>/`, nothing deleted) and start clean.
         distributed: "auto" (DDP when launched with torchrun), "ddp" or "fsdp".
         find_unused_parameters: for DDP when a step leaves parameters unused (super-network branches).
+        on_nonfinite: a step whose loss or gradient norm is NaN or infinite: "error" stops the run before its
+            optimizer step (the weights and the checkpoints on disk are the last good step's); "skip" drops that
+            step's update (logged with `"skipped": true`) and goes on.
     """
 
     steps: int
@@ -68,24 +102,39 @@ class TrainConfig:
     resume: bool = True
     distributed: str = "auto"
     find_unused_parameters: bool = False
+    on_nonfinite: str = "error"
 
     def __post_init__(self):
-        checks = [("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("seq_len", self.seq_len >= 1),
-                  ("lr", self.lr > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1),
-                  ("warmup_steps", 0 <= self.warmup_steps <= self.steps), ("weight_decay", self.weight_decay >= 0),
-                  ("grad_clip", self.grad_clip >= 0), ("log_every", self.log_every >= 1),
-                  ("keep_checkpoints", self.keep_checkpoints >= 1)]
+        ints = {"steps": 1, "batch_size": 1, "seq_len": 1, "warmup_steps": 0, "seed": 0, "log_every": 1,
+                "keep_checkpoints": 1}
+        for name, minimum in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"TrainConfig.{name}={value!r} is not an integer")
+            if value < minimum:
+                raise InputError(f"TrainConfig.{name}={value!r} is out of range: must be >= {minimum}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"TrainConfig.{name}={value!r} is not a finite number")
+        checks = [("lr", self.lr > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1),
+                  ("warmup_steps", self.warmup_steps <= self.steps), ("weight_decay", self.weight_decay >= 0),
+                  ("grad_clip", self.grad_clip >= 0)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
+                raise InputError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
         for name in ("micro_batch_size", "eval_every", "save_every"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"TrainConfig.{name}={value!r} must be >= 1 or None")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"TrainConfig.{name}={value!r} must be an integer >= 1 or None")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise InputError(f"TrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r} must be one of {PRECISIONS}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"TrainConfig.distributed={self.distributed!r} must be one of {DISTRIBUTED}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r} must be one of {ON_NONFINITE}")
         self.betas = tuple(self.betas)
 
     def lr_at(self, step: int) -> float:
@@ -101,6 +150,35 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or name.endswith("bias") or getattr(p, "_no_weight_decay", False)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _batcher_streams(batcher) -> list[tuple[TokenStream, float | None]]:
+    """`(stream, weight)` of each source a batcher draws from (weight None for a plain `WindowBatcher`)."""
+    if isinstance(batcher, WindowBatcher):
+        return [(batcher.stream, None)]
+    sources, weights = getattr(batcher, "sources", None), getattr(batcher, "weights", None)
+    if sources is not None and weights is not None:  # a MixtureBatcher: one WindowBatcher per source
+        return [(b.stream, float(w)) for b, w in zip(sources, weights)]
+    return []
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """The number of token ids `model` embeds, when it says (an input embedding, or `config.vocab_size`)."""
+    model = getattr(model, "module", model)
+    for candidate in (model, getattr(model, "base", None)):
+        if candidate is None:
+            continue
+        embeddings = candidate.get_input_embeddings() if hasattr(candidate, "get_input_embeddings") else None
+        if isinstance(embeddings, torch.nn.Embedding):
+            return embeddings.num_embeddings
+        vocab = getattr(getattr(candidate, "config", None), "vocab_size", None)
+        if isinstance(vocab, int):
+            return vocab
+    return None
+
+
 class Trainer:
     """Runs `config.steps` optimizer steps of `loss_fn` over `data` (see the module docstring).
 
@@ -110,12 +188,19 @@ class Trainer:
         loss_fn: `(model, batch, step) -> (loss tensor, {name: float})`.
         data: a `TokenStream` of training tokens.
         evaluate: `(model) -> {name: float}`, called every `eval_every` steps and at the end.
+        identity: what else decides this run, from the caller (model source, layer types, loss weights, data
+            spec...): JSON-able values, merged into `identity()`. Only arguments that change what the run
+            computes belong here, not its cadence, devices or output paths.
     """
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module,
                  loss_fn: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict]], data: TokenStream,
-                 evaluate: Callable[[torch.nn.Module], dict] | None = None):
+                 evaluate: Callable[[torch.nn.Module], dict] | None = None, identity: dict | None = None):
         self.config, self.loss_fn, self.evaluate_fn = config, loss_fn, evaluate
+        # the run's identity is the configuration the trainer was built with (a caller may shorten `steps` later to
+        # stop early, as an interruption would)
+        self._config_at_start = copy.deepcopy(config)
+        self.caller_identity = dict(identity or {})
         self.device = next(model.parameters()).device
         self.rank, self.world_size = dist_utils.setup(self.device)
         per_rank = config.batch_size // self.world_size
@@ -143,40 +228,196 @@ class Trainer:
                                            fused=self.device.type == "cuda" or None)
         self.out = Path(config.out_dir)
         self.step = 0
+        self.skipped_steps = 0
+        self._locked = False
+        self._evaluated: set[int] = set()  # steps whose evaluation log.jsonl holds already
+        self._chosen: tuple[Path | None] | None = None  # (checkpoint to resume from,) once `prepare` ran
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _use_bf16(self) -> bool:
+        return self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
+
     def _autocast(self):
-        use_bf16 = self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self._use_bf16() else nullcontext()
+
+    # -- the run folder -------------------------------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        """What decides this run's results, recorded in `out_dir/run.json` and compared on resume: the training
+        fields of `IDENTITY_FIELDS` (as constructed), the resolved precision, the data (per source: tokens and a
+        digest of its first and last 64K ids, so a moved or re-cached copy of the same data still matches), the
+        trainable parameters (count, numbers, digest of names and shapes), and the caller's `identity`."""
+        cfg = self._config_at_start
+        ident = {name: getattr(cfg, name) for name in IDENTITY_FIELDS}
+        ident["precision"] = "bf16" if self._use_bf16() else "fp32"
+        streams = _batcher_streams(self.batcher)
+        ident["data"] = ([{"tokens": len(s), "digest": s.digest(), **({"weight": round(w, 6)} if w is not None
+                                                                         else {})} for s, w in streams]
+                         if streams else type(self.batcher).__name__)
+        shapes = [(n, tuple(p.shape)) for n, p in getattr(self.model, "module", self.model).named_parameters()
+                  if p.requires_grad]
+        ident["trainable"] = {"tensors": len(shapes), "numbers": sum(math.prod(s) for _, s in shapes),
+                              "digest": hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]}
+        ident.update(self.caller_identity)
+        return ident
+
+    def _check_tokens(self) -> None:
+        """Every id of every training source (held-out tails included: they share the arrays) is < the vocabulary."""
+        vocab = _vocab_size(self.model)
+        if vocab is None:
+            return
+        seen = set()
+        for stream, _ in _batcher_streams(self.batcher):
+            if id(stream.array) not in seen:
+                seen.add(id(stream.array))
+                check_token_ids(stream.array, vocab, f"training data {stream.name}")
+
+    def _claim(self) -> Path | None:
+        """(main process) Take the run folder and decide where training starts: check the data, lock, clean up
+        after killed writers, move an old run aside (resume off) or check its identity (resume on), then choose
+        the newest checkpoint that verifies. Returns it, or None to start at step 0."""
+        cfg = self.config
+        self._check_tokens()  # before anything on disk changes
+        self.out.mkdir(parents=True, exist_ok=True)
+        acquire_run_lock(self.out)
+        self._locked = True
+        clean_partials(self.out)
+        identity = self.identity()
+
+        def log(msg: str) -> None:
+            print(f"jetnas: {self.out}: {msg}", file=sys.stderr)
+
+        if not cfg.resume:
+            moved = move_run_aside(self.out)
+            if moved is not None:
+                log(f"starting over (resume off); the old run is moved to {moved}")
+        else:
+            old = read_run_identity(self.out)
+            has_checkpoints = bool(checkpoint_dirs(self.out))
+            changes = identity_changes(old, identity) if old is not None else []
+            if changes and has_checkpoints:
+                raise RunIdentityError(
+                    f"{self.out} holds a run with other arguments, so it cannot be resumed with these: "
+                    f"{'; '.join(changes)}. Resume it with its own arguments, or start over with --no-resume "
+                    f"(resume=False), which moves the old run aside")
+            if changes:
+                moved = move_run_aside(self.out)
+                log(f"an earlier run with other arguments ({'; '.join(changes)}) left no checkpoint; its files are "
+                    f"moved to {moved}")
+            elif old is None and has_checkpoints:
+                log("its checkpoints predate run.json (an older jetnas): their arguments cannot be checked")
+        chosen = None
+        if cfg.resume:
+            chosen, skipped = choose_checkpoint(self.out)
+            for path, reason, moved in skipped:
+                log(f"skipping damaged checkpoint {path.name}: {reason} (moved to {moved})")
+            if skipped and chosen is None:
+                log("no intact checkpoint is left: starting from step 0")
+        write_run_identity(self.out, identity)
+        write_json_durably(self.out / "train_config.json", {
+            **asdict(cfg), "world_size": self.world_size, "micro_batch_size": self.micro,
+            "accumulation": self.accumulation})
+        return chosen
+
+    def _start(self) -> Path | None:
+        """Run `_claim` on the main process and make every rank agree on its outcome (a collective)."""
+        chosen, error = None, None
+        if self.is_main:
+            try:
+                chosen = self._claim()
+            except BaseException as err:  # every rank must reach the collective below before anyone raises
+                error = err
+        if self.world_size > 1:
+            # only rank 0 contributes: the mean times the world size is its value
+            step = -1 if chosen is None else int(chosen.name.split("-")[1])
+            agreed = dist_utils.mean_over_ranks({"failed": float(error is not None), "step": float(step)
+                                                 if self.is_main else 0.0}, self.device)
+            failed = agreed["failed"] > 0
+            step = round(agreed["step"] * self.world_size)
+            if not self.is_main:
+                if failed:  # an InputError, so that each rank prints one line, not a traceback
+                    raise InputError(f"rank {self.rank}: rank 0 could not start the run in {self.out} (its error "
+                                     f"is above)")
+                chosen = None if step < 0 else self.out / "checkpoints" / f"step-{step:08d}"
+        if error is not None:
+            self._release()
+            raise error
+        return chosen
+
+    def _release(self) -> None:
+        if self.is_main and self._locked:
+            release_run_lock(self.out)
+            self._locked = False
+
+    # -- logging --------------------------------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
         if self.is_main:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _read_log(self, path: Path) -> tuple[list[tuple[str, dict]], bool]:
+        """`(line, row)` of each row of a log, and whether its last line was cut (a kill mid-write: dropped with a
+        warning). Any other unreadable line is an error naming the file and line."""
+        lines = [(i, line) for i, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1)
+                 if line.strip()]
+        rows, cut = [], False
+        for k, (number, line) in enumerate(lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError as err:
+                if k == len(lines) - 1:
+                    print(f"jetnas: {path}: dropping its cut last line {number} ({show_line(line)}), as a kill "
+                          f"mid-write leaves it", file=sys.stderr)
+                    cut = True
+                    break
+                raise InputError(f"{path} line {number}: not a JSON object ({err}): {show_line(line)}") from None
+            rows.append((line, row))
+        return rows, cut
+
     def _trim_log(self) -> None:
         """Drop the log rows of steps this run will (re)do: those after its checkpoint, or all of an earlier run when
         it starts afresh (e.g. a run directory copied without its checkpoints), so log.jsonl describes the model this
-        run writes. The old log is appended whole to log.replaced.jsonl."""
+        run writes. The old log is appended whole to log.replaced.jsonl. A cut last line is dropped."""
         path = self.out / "log.jsonl"
         if not self.is_main or not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
-        if len(kept) == len(rows):
+        rows, cut = self._read_log(path)
+        kept = [line for line, row in rows if row.get("step", 0) <= self.step]
+        self._evaluated = {row.get("step") for _, row in rows if row.get("step", 0) <= self.step
+                           and any(k.startswith("eval/") for k in row)}
+        if len(kept) == len(rows) and not cut:
             return
-        with open(self.out / "log.replaced.jsonl", "a") as f:  # after any earlier replaced rows, not over them
-            f.write("".join(line + "\n" for line in rows))
+        if len(kept) != len(rows):
+            with open(self.out / "log.replaced.jsonl", "a") as f:  # after any earlier replaced rows, not over them
+                f.write("".join(line + "\n" for line, _ in rows))
+            print(f"jetnas: {path}: dropped an earlier run's rows of steps after {self.step} (the old log is kept "
+                  f"as {self.out / 'log.replaced.jsonl'})", file=sys.stderr)
         tmp = self.out / "log.jsonl.partial"
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
-        print(f"jetnas: {path}: dropped an earlier run's rows of steps after {self.step} (the old log is kept as "
-              f"{self.out / 'log.replaced.jsonl'})", file=sys.stderr)
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def _check_weights(self, what: str) -> None:
+        """Raise `NonFiniteError` on every rank when any rank's parameters (its shards, under FSDP) hold a NaN or
+        infinity; a collective."""
+        model = getattr(self.model, "module", self.model)
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(_local(p.detach())).all())]
+        count = dist_utils.mean_over_ranks({"bad": float(len(bad))}, self.device)["bad"]
+        if count > 0:
+            names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else \
+                "another rank's shards"
+            raise NonFiniteError(f"{what}: non-finite weights in {names}: not saved; the newest checkpoint in "
+                                 f"{self.out / 'checkpoints'} holds the last good state")
 
     def _save(self) -> None:
+        self._check_weights(f"step {self.step}")
         save_checkpoint(self.out, self.step, self.model, self.optimizer,
                         {"data_step": self.step, "seed": self.config.seed, "world_size": self.world_size},
                         keep=self.config.keep_checkpoints, is_main=self.is_main)
@@ -208,24 +449,51 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + float(v) / self.accumulation
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # every rank sees the same mean loss and global gradient norm, so all take the same branch below
         totals = dist_utils.mean_over_ranks(totals, self.device)
-        totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(totals["loss"]) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.on_nonfinite == "error":
+                raise NonFiniteError(
+                    f"step {step + 1}: the loss is {totals['loss']} and the gradient norm {grad_norm}: stopped "
+                    f"before its optimizer step, so the weights and the checkpoints in {self.out / 'checkpoints'} "
+                    f"are those of step {step} or earlier. Lower the learning rate or check the data, or skip "
+                    f"such steps (on_nonfinite='skip')")
+            self.skipped_steps += 1
+            totals["skipped"] = True
+            if self.is_main:
+                print(f"jetnas: step {step + 1}: loss {totals['loss']}, gradient norm {grad_norm}: update "
+                      f"skipped ({self.skipped_steps} so far)", file=sys.stderr)
+        totals["grad_norm"] = grad_norm
         totals["lr"] = cfg.lr_at(step)
         return totals
 
+    def prepare(self) -> None:
+        """Take the run folder now: lock it, move an old run aside or check the run's identity, choose the checkpoint
+        to resume from. `fit` does this itself; a caller that writes its own records into `out_dir` calls it first,
+        so that nothing is written when the run is refused (another writer, other arguments, bad data). The lock is
+        held until `fit` returns (or this process ends: a dead holder's lock is taken over)."""
+        if self._chosen is None:
+            self._chosen = (self._start(),)
+
     def fit(self) -> dict:
-        """Train (resuming if a checkpoint exists and `resume`); returns a summary dict."""
+        """Train (resuming from the newest good checkpoint when `resume`); returns a summary dict. Holds the run
+        folder's lock throughout."""
+        self.prepare()
+        try:
+            return self._fit(self._chosen[0])
+        finally:
+            self._chosen = None
+            self._release()
+
+    def _fit(self, ckpt: Path | None) -> dict:
         cfg = self.config
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(
-                {**asdict(cfg), "world_size": self.world_size, "micro_batch_size": self.micro,
-                 "accumulation": self.accumulation}, indent=2))
-        ckpt = latest_checkpoint(self.out) if cfg.resume else None
         if ckpt is not None:
-            meta = load_checkpoint(ckpt, self.model, self.optimizer)
+            meta = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)  # verified by _claim
             self.step = meta["step"]
             if self.is_main:
                 print(f"jetnas: resuming from {ckpt} (step {self.step})", file=sys.stderr)
@@ -261,13 +529,19 @@ class Trainer:
             raise
         bar.close()
         final_eval = self._evaluate()
-        if final_eval:
+        if final_eval and self.step not in self._evaluated:  # a finished run resumed: its evaluation is logged
             self._log({"step": self.step, **{f"eval/{k}": v for k, v in final_eval.items()}})
         if self.step > start_step or ckpt is None:
             self._save()
+        else:
+            self._check_weights(f"the model resumed at step {self.step}")
         elapsed = time.perf_counter() - start
         done = self.step - start_step
         return {"steps": self.step, "final_loss": last.get("loss"), "tokens": self.step * tokens_per_step,
                 "seconds": round(elapsed, 2),
                 "tokens_per_s": round(done * tokens_per_step / elapsed, 1) if done else None,
-                "eval": final_eval, "world_size": self.world_size}
+                "eval": final_eval, "world_size": self.world_size, "skipped_steps": self.skipped_steps}
+
+
+def show_line(line: str, limit: int = 60) -> str:
+    return repr(line if len(line) <= limit else line[: limit - 3] + "...")

@@ -158,3 +158,43 @@ def test_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     assert main(args + ["--tasks", f"mc:{mc}"]) == 0
     assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"]["acc"] >= 0
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], r"empty.jsonl: no rows \(an empty task file\)"),
+    ([MC_ROWS[0], {"question": "q", "choices": ["a", "b"]}], r"line 2: no 'label' field"),
+    ([MC_ROWS[0], {**MC_ROWS[1], "label": 4}], r"line 2: label=4: must be the index of the answer among its 4 "
+                                               r"choices"),
+    ([{**MC_ROWS[0], "label": True}], r"line 1: label=True: must be the index"),
+    ([{**MC_ROWS[0], "choices": "Paris"}], r"line 1: choices='Paris': must be a list of at least 2 strings"),
+    ([{**MC_ROWS[0], "question": None}], r"line 1: question=None: must be a string"),
+], ids=["empty", "no-label", "label-out-of-range", "label-bool", "choices-string", "question-none"])
+def test_multiple_choice_files_are_validated_row_by_row(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "empty.jsonl", rows)
+    with pytest.raises(ValueError, match=message):
+        parse_task(f"mc:{path}")
+
+
+def test_cloze_and_perplexity_files_are_validated(tmp_path):
+    lm, _ = tiny_lm()
+    path = write_jsonl(tmp_path / "cloze.jsonl", [{"context": "The quick brown", "target": "fox"}, {"context": "x"}])
+    with pytest.raises(ValueError, match=r"cloze.jsonl line 2: no 'target' field: cloze rows need non-empty"):
+        parse_task(f"cloze:{path}")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "cut')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
+        parse_task(f"ppl:{tmp_path / 'bad.jsonl'}").evaluate(lm)
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02")
+    with pytest.raises(ValueError, match=r"odd.bin: 3 bytes is not a whole number of 2-byte token ids"):
+        parse_task(f"ppl:{tmp_path / 'odd.bin'}").evaluate(lm)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.bin: the token file is empty"):
+        parse_task(f"ppl:{tmp_path / 'empty.bin'}").evaluate(lm)
+    torch.tensor([1, 2, 3, 60000], dtype=torch.int32).numpy().astype("<u2").tofile(tmp_path / "far.bin")
+    with pytest.raises(ValueError, match=rf"far.bin: token id 60000 at position 3 is outside the model's vocabulary "
+                                         rf"of {lm.vocab_size}"):
+        parse_task(f"ppl:{tmp_path / 'far.bin'}").evaluate(lm)
+    (tmp_path / "one.txt").write_text("a")
+    with pytest.raises(ValueError, match=r"one.txt: 1 token\(s\): perplexity needs at least 2"):
+        parse_task(f"ppl:{tmp_path / 'one.txt'}").evaluate(lm)
+    with pytest.raises(ValueError, match=r"option limit=-3: must be an integer >= 1"):
+        parse_task(f"mc:{write_jsonl(tmp_path / 'mc.jsonl', MC_ROWS)}?limit=-3")

@@ -60,9 +60,12 @@ def test_preset_parameter_counts():
     (dict(block_types=["attn", "lstm"]), r"block_types\[1\]='lstm' is not a known block"),
     (dict(block_types=["attn"]), r"block_types has 1 entries but num_hidden_layers=2"),
     (dict(block_types=["attn", "swa"]), r"\['swa'\]\['window_size'\] must be an int >= 1 .* got None"),
-    (dict(block_types=["attn", "swa"], efficient_attention_config={"swa": {"window_size": 0}}), r"got 0"),
-    (dict(block_types=["jet", "attn"], efficient_attention_config={"jet": {"heads": 4}}), r"unknown keys \['heads'\]"),
-    (dict(block_types=["jet", "attn"], efficient_attention_config={"jet": {"mode": "fast"}}), r"got 'fast'"),
+    (dict(block_types=["attn", "swa"], efficient_attention_config={"swa": {"window_size": 0}}),
+     r"\['swa'\]\['window_size'\]=0: must be an integer >= 1"),
+    (dict(block_types=["jet", "attn"], efficient_attention_config={"jet": {"heads": 4}}),
+     r"\['jet'\]\['heads'\]: jet has no option 'heads'"),
+    (dict(block_types=["jet", "attn"], efficient_attention_config={"jet": {"mode": "fast"}}),
+     r"\['jet'\]\['mode'\]='fast': must be one of chunk, fused_recurrent"),
     (dict(num_key_value_heads=3), r"num_attention_heads=4 must be a multiple of num_key_value_heads=3"),
 ])
 def test_invalid_configs_name_field_and_value(fields, message):

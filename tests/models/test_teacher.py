@@ -1,6 +1,7 @@
 """The embedded teacher (SmolLM2-135M-Instruct, GGUF from PyPI) end to end: conversion exactness, the CLI."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -48,3 +49,26 @@ def test_convert_cli_then_generate_from_the_directory(teacher, tmp_path, capsys)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_tokens"] == 3
     # a second conversion into the same directory is refused rather than overwriting it
     assert main(["convert", "--teacher", "smollm2-135m", "--layer-types", "attn*30", "--out", str(out_dir)]) == 2
+
+
+def test_a_truncated_teacher_cache_is_detected_and_rebuilt(teacher, tmp_path, monkeypatch, capsys):
+    """The dequantised copy cut short (a full disk, a kill while copying a cache): detected by its manifest and
+    rebuilt from the GGUF (~20-40 s), giving the same model."""
+    from jetnas.models import teachers
+
+    shared = teachers.cache_dir() / "teachers" / "smollm2-135m"
+    monkeypatch.setenv("JETNAS_CACHE", str(tmp_path))
+    local = tmp_path / "teachers" / "smollm2-135m"
+    local.mkdir(parents=True)
+    shutil.copyfile(shared / teachers.SMOLLM2_GGUF, local / teachers.SMOLLM2_GGUF)
+    shutil.copytree(shared / "hf", local / "hf")
+    weights = local / "hf" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    capsys.readouterr()
+    model, _, _ = teachers.load_teacher("smollm2-135m")
+    assert "is damaged or unverified (model.safetensors is truncated" in capsys.readouterr().err
+    assert teachers.verify_manifest(local / "hf") is None
+    reference = teacher[0]
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name

@@ -118,7 +118,7 @@ def test_checkpoints_are_safetensors_atomic_and_trainable_only(tmp_path):
     weights = load_file(str(ckpt / "model.safetensors"))
     assert weights and all(".self_attn." in k for k in weights)
     assert {f.name for f in ckpt.iterdir()} == {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
-                                                "state.json"}
+                                                "state.json", "manifest.json"}
     # a half-written newer checkpoint is ignored
     (tmp_path / "ck" / "checkpoints" / "step-00000009.partial").mkdir()
     (tmp_path / "ck" / "checkpoints" / "step-00000010").mkdir()  # no state.json: incomplete
