@@ -14,8 +14,8 @@ when an input needs a gradient they run as an autograd Function whose backward i
 gradient is summed per program in float32 (each program walks a strided set of rows), then over programs; a
 weight that needs no gradient (frozen, as the MLPs and norms of PostNAS stage 1) skips that sum.
 
-Design of the backward kernels: program p of P takes rows p, p + P, ... (P about four per SM, so the per-program
-weight partials stay small), recomputes the row's statistics from x (cheaper than storing them: x is read anyway)
+Design of the backward kernels: program p of P takes rows p, p + P, ... (P about 32 warps' worth per SM, so the
+per-program weight partials stay small), recomputes the row's statistics from x (cheaper than storing them: x is read anyway)
 and writes dx (and dgate) once.
 """
 
@@ -177,10 +177,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _programs(rows: int, device: torch.device) -> int:
-    """How many programs a backward kernel spreads `rows` over: about four per SM on a GPU; under the interpreter
-    (CPU tensors) a few, since it runs programs one after another anyway."""
-    per_device = 4 * _sm_count(device) if device.type == "cuda" else 4
+def _programs(rows: int, device: torch.device, warps: int) -> int:
+    """How many programs a backward kernel spreads `rows` over: on a GPU about 32 warps per SM (at least four
+    programs), so narrow rows (a 64-channel head: one warp each) still keep the SM busy while the per-program weight
+    partials stay a few MB at most; under the interpreter (CPU tensors) four, since it runs programs one after
+    another anyway."""
+    per_device = _sm_count(device) * max(4, 32 // warps) if device.type == "cuda" else 4
     return max(1, min(rows, per_device))
 
 
@@ -243,10 +245,10 @@ class _RMSNorm(torch.autograd.Function):
         M = x2.shape[0]
         dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         has_dw = ctx.needs_input_grad[1]
-        P = _programs(M, x.device)
+        block = triton.next_power_of_2(N)
+        P = _programs(M, x.device, _warps(block))
         dw = torch.empty(P, N, dtype=torch.float32, device=x.device) if has_dw else dx
         if M:
-            block = triton.next_power_of_2(N)
             _rms_norm_bwd_kernel[(P,)](x2, weight, dy2, dx, dw, M, N, ctx.eps, x2.stride(0), dy2.stride(0),
                                        dx.stride(0), BLOCK_N=block, HAS_DW=has_dw, num_warps=_warps(block))
         dweight = None
@@ -273,10 +275,11 @@ class _GatedRMSNorm(torch.autograd.Function):
         dx = torch.empty_like(x)
         dgate = None if gate is None else torch.empty_like(gate)
         has_dw = ctx.needs_input_grad[2]
-        P = _programs(rows // G, x.device)
+        block = triton.next_power_of_2(L)
+        # G programs per slot already: spread the rows of each weight group over P
+        P = max(1, _programs(rows, x.device, _warps(block)) // G)
         dw = torch.empty(P * G, L, dtype=torch.float32, device=x.device) if has_dw else dx
         if rows:
-            block = triton.next_power_of_2(L)
             _gated_rms_norm_bwd_kernel[(P, G)](x, x if gate is None else gate, weight, dy, dx,
                                                dx if dgate is None else dgate, dw, rows, L, G, ctx.eps,
                                                HAS_GATE=gate is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
