@@ -36,6 +36,9 @@ class Backend:
 
     name: str = "torch"
     fused: bool = True
+    # The static conv kernel was written and checked (values and gradients) under Triton's interpreter on 2026-12-02
+    # but has not yet run on a GPU; it is on so that the next GPU timing (benchmarks/prefill_profile.py, which times
+    # it against F.conv1d on the same weights) decides. Turn it off here if it loses.
     static_conv: bool = True
     interpret: bool = False
 

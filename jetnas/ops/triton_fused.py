@@ -3,11 +3,12 @@
 
 Each is one pass over its rows: the unfused PyTorch code makes 5-8 passes, half of them in float32 (a 64K-token
 prefill of the Jet-Nemotron-2B architecture spent a third of its GPU time in such kernels, measured on an H200,
-benchmarks/results/2026-12-02_h200_checks), and its backward as many again, keeping float32 copies for it. Rounding
-follows the references step by step: float32 math, and a rounding to a low-precision dtype wherever the reference
-(or PyTorch's autograd of it) rounds; the float32 sums run in another order and 1 / sqrt stands for rsqrt, so an
-output can land one rounding step of its dtype away (tests/ops/test_fused.py: bf16 within one step, < 2% of
-elements differing, on an H200).
+benchmarks/results/2026-12-02_h200_checks), and autograd's backward of that code one more kernel per op, keeping
+float32 copies of the inputs for it. Rounding follows the references step by step: float32 math, and a rounding to a
+low-precision dtype wherever the reference (or PyTorch's autograd of it) rounds; the float32 sums run in another
+order and 1 / sqrt stands for rsqrt, so an output can land one rounding step of its dtype away
+(tests/ops/test_fused.py: the forward kernels in bf16 within one step, < 2% of elements differing, on an H200; the
+backward kernels are checked under the interpreter and compiled for sm_90, not yet run on a GPU).
 
 `triton_rms_norm`, `triton_gated_rms_norm` and `triton_silu_mul` have the references' contracts, gradients included:
 when an input needs a gradient they run as an autograd Function whose backward is one more kernel. A weight's
@@ -15,8 +16,8 @@ gradient is summed per program in float32 (each program walks a strided set of r
 weight that needs no gradient (frozen, as the MLPs and norms of PostNAS stage 1) skips that sum.
 
 Design of the backward kernels: program p of P takes rows p, p + P, ... (P about 32 warps' worth per SM, so the
-per-program weight partials stay small), recomputes the row's statistics from x (cheaper than storing them: x is read anyway)
-and writes dx (and dgate) once.
+per-program weight partials stay small), recomputes the row's statistics from x (cheaper than storing them: x is
+read anyway) and writes dx (and dgate) once.
 """
 
 from __future__ import annotations
