@@ -38,6 +38,7 @@ import jetnas  # noqa: F401  (registers the model type)
 from jetnas.engine import Engine
 from jetnas.engine.graph import StaticDecoder
 from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
+from jetnas.ops.autotune import limit_autotuning
 from jetnas.models.hf_compat import output_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,7 +283,11 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="of the teacher_forced section")
     parser.add_argument("--per-type", action="store_true",
                         help="teacher_forced also for attn+swa alone and attn,X,swa,X per linear type X (diagnostic)")
+    parser.add_argument("--autotune-configs", type=int, default=None,
+                        help="benchmark at most N autotuning configs per Triton kernel (a fast start, fresh machine)")
     args = parser.parse_args()
+    if args.autotune_configs is not None:
+        limit_autotuning(args.autotune_configs)
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
               "limits": LIMITS, "errors": {}}
     t0 = time.time()

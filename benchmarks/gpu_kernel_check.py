@@ -22,6 +22,8 @@ import time
 import torch
 
 from jetnas.layers import LAYER_TYPES, build_layer
+from jetnas.modules.backend import set_backend
+from jetnas.ops.autotune import limit_autotuning
 from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule
 from jetnas.ops.gla import chunk_gla, naive_chunk_gla
@@ -136,16 +138,14 @@ def block_checks(dev, types=LAYER_TYPES) -> dict:
     B, T = 2, 1000
     for layer_type in types:
         torch.manual_seed(0)
-        fast = build_layer(layer_type, D, **BLOCKS[layer_type], **({} if layer_type in ("attn", "swa")
-                                                                     else {"backend": "triton"}))
+        fast = build_layer(layer_type, D, **BLOCKS[layer_type], backend="triton")
         with torch.no_grad():  # make the zero-initialised parts count
             for name, p in fast.named_parameters():
                 if "kernel_generator.w2.weight" in name or name.endswith("conv1d.bias"):
                     p.normal_(std=0.02)
         fast = fast.to(dev, torch.bfloat16)
         ref = copy.deepcopy(fast).float()
-        if hasattr(ref, "backend"):
-            ref.backend = "torch"
+        set_backend(ref, "torch")  # the block and its norms: the PyTorch references
         x = torch.randn(B, T + 4, D, device=dev, dtype=torch.bfloat16)
         xf = x[:, :T].detach().clone().requires_grad_()
         xr = x[:, :T].detach().float().requires_grad_()
@@ -183,10 +183,9 @@ def block_timings(dev) -> dict:
         layer = build_layer(layer_type, D, **BLOCKS[layer_type]).to(dev, torch.bfloat16)
         entry = {}
         for backend in ("triton", "torch"):
-            if hasattr(layer, "backend"):
-                layer.backend = backend
-            elif backend == "torch":
-                continue
+            if layer_type in ("attn", "swa") and backend == "torch":
+                continue  # SDPA either way
+            set_backend(layer, backend)
 
             def step():
                 layer(x)[0].sum().backward()
@@ -223,7 +222,12 @@ def main() -> None:
     parser.add_argument("--out", default="kernel_check.json")
     parser.add_argument("--sections", default="ops,blocks,timing", help="comma-separated subset of ops,blocks,timing")
     parser.add_argument("--blocks", default=",".join(LAYER_TYPES), help="block types to check")
+    parser.add_argument("--autotune-configs", type=int, default=None,
+                        help="benchmark at most N autotuning configs per Triton kernel (a fast start on a fresh "
+                             "machine, slightly slower kernels: the timings are then lightly tuned)")
     args = parser.parse_args()
+    if args.autotune_configs is not None:
+        limit_autotuning(args.autotune_configs)
     dev = torch.device("cuda")
     import fla
     import triton

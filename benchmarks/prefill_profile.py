@@ -1,13 +1,16 @@
 """Where a long prefill's time goes: the Jet-Nemotron-2B architecture (random weights, bf16) prefilling one prompt
 in the engine, timed at several chunk sizes, then one run under the PyTorch profiler with the GPU time summed by
 kernel and by kind of kernel (GEMMs, attention, fla's linear-attention kernels, our dynamic conv, the rest).
-Each chunk size is timed with the fused norm / SwiGLU kernels (`jetnas.ops.fused`) off and on, after a check that
-both give the same last-position logits (bf16: relative error ~1e-2 expected, from one-step roundings). A model
-with static short convolutions (GDN, DeltaNet, Mamba2) is also timed fused with those convs on their Triton kernel
-(`jetnas.ops.conv.triton_static_conv`, off by default until measured) instead of `F.conv1d`
-(`static_conv_kernel_speedup`), after the same logits check.
+Each chunk size is timed under three backends of the same weights, switched explicitly on the built model
+(`jetnas.modules.backend.set_backend`): the fused norm / SwiGLU kernels (`jetnas.ops.fused`) off (`unfused`) and
+on (`fused`), both with the static short convolutions on `F.conv1d`, after a check that both give the same
+last-position logits (bf16: relative error ~1e-2 expected, from one-step roundings); and a model with static short
+convolutions (GDN, DeltaNet, Mamba2) also fused with those convs on their Triton kernel (`fused_conv_kernel`,
+`Backend.static_conv`, the default) instead of `F.conv1d` (`static_conv_kernel_speedup`), after the same logits
+check. The profile runs under the default backend (`resolve_backend("auto")`, recorded).
 
     python benchmarks/prefill_profile.py --out $OUT/prefill_profile.json [--context 65536 --chunks 8192,16384,32768,65536]
+    [--autotune-configs 4]   (a fast start on a fresh machine; the timings are then lightly tuned)
 
 Bound: the matrix products of the weights take 2 x (non-embedding parameters) FLOPs per token; `gemm_bound_tok_s`
 is what the measured bf16 GEMM rate of this GPU (an 8192^3 product) allows for them alone. Last stdout line: JSON.
@@ -28,11 +31,17 @@ import jetnas  # noqa: F401
 from jetnas.engine import Engine
 from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
 from jetnas.models.presets import preset_config
+from jetnas.modules.backend import set_backend
 from jetnas.modules.conv import ShortConvolution
-from jetnas.ops.conv import triton_static_conv
-from jetnas.ops.fused import fusion
+from jetnas.ops.autotune import limit_autotuning
+from jetnas.ops.backend import Backend, resolve_backend
 
 DEV = torch.device("cuda")
+# the backends compared, on the same weights: fused norms / SwiGLU off and on (static convs on F.conv1d), and on
+# with the static convs' Triton kernel
+UNFUSED = Backend("triton", fused=False, static_conv=False)
+FUSED = Backend("triton", fused=True, static_conv=False)
+FUSED_CONV_KERNEL = Backend("triton", fused=True, static_conv=True)
 KINDS = [  # first match wins
     ("attention (SDPA)", r"flash|fmha|attention|sdpa|efficient"),
     ("fla linear attention", r"chunk|recurrent|fwd_h|bwd|wy|solve_tril|l2norm|kkt|cumsum|gated_delta"),
@@ -112,7 +121,12 @@ def main() -> None:
     ap.add_argument("--block-types", default=None,
                     help="one layer type for every layer instead of the model's (e.g. attn: the all-attention model "
                          "of the same shape, a converted model's teacher)")
+    ap.add_argument("--autotune-configs", type=int, default=None,
+                    help="benchmark at most N autotuning configs per Triton kernel (a fast start on a fresh machine; "
+                         "the timings are then lightly tuned)")
     args = ap.parse_args()
+    if args.autotune_configs is not None:
+        limit_autotuning(args.autotune_configs)
     args.chunks_list = [int(c) for c in args.chunks.split(",")]
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -133,9 +147,10 @@ def main() -> None:
     # correctness of the fused kernels first: the same prefill's last logits with and without them
     engine = Engine(model, chunk_size=min(args.chunks_list[0], args.context))
     short = prompt[:, :8192]
-    with fusion(False):
-        want = last_logits(engine, short)
+    set_backend(model, UNFUSED)
+    want = last_logits(engine, short)
     try:
+        set_backend(model, FUSED)
         got = last_logits(engine, short)
         report["fused_vs_unfused_last_logits_rel_err"] = ((got - want).norm() / want.norm()).item()
     except Exception as err:  # noqa: BLE001  (the unfused timings are still worth having)
@@ -144,20 +159,26 @@ def main() -> None:
     log("fused vs unfused logits, rel err", report["fused_vs_unfused_last_logits_rel_err"], report.get("fused_error"))
     has_static_conv = any(isinstance(m, ShortConvolution) for m in model.modules())
     if has_static_conv:  # the static convs' Triton kernel against F.conv1d, the rest fused in both
-        want = last_logits(engine, short)
-        with triton_static_conv(True):
+        try:
+            set_backend(model, FUSED)
+            want = last_logits(engine, short)
+            set_backend(model, FUSED_CONV_KERNEL)
             got = last_logits(engine, short)
-        report["static_conv_kernel_vs_conv1d_last_logits_rel_err"] = ((got - want).norm() / want.norm()).item()
-        log("static conv kernel vs F.conv1d, rel err", report["static_conv_kernel_vs_conv1d_last_logits_rel_err"])
+            report["static_conv_kernel_vs_conv1d_last_logits_rel_err"] = ((got - want).norm() / want.norm()).item()
+        except Exception as err:  # noqa: BLE001  (its first GPU run: the other timings are still worth having)
+            report["static_conv_error"] = repr(err)[:2000]
+            report["static_conv_kernel_vs_conv1d_last_logits_rel_err"] = float("nan")
+        log("static conv kernel vs F.conv1d, rel err", report["static_conv_kernel_vs_conv1d_last_logits_rel_err"],
+            report.get("static_conv_error"))
     for chunk in args.chunks_list:
         engine = Engine(model, chunk_size=min(chunk, args.context))
         entry = report["chunks"][chunk] = {}
         for fused in (False,) if "fused_error" in report else (False, True):
             key = "fused" if fused else "unfused"
             try:
-                with fusion(fused):
-                    timed_prefill(engine, prompt[:, : 2 * engine.chunk_size], repeats=1)  # compile / autotune
-                    seconds = timed_prefill(engine, prompt)
+                set_backend(model, FUSED if fused else UNFUSED)
+                timed_prefill(engine, prompt[:, : 2 * engine.chunk_size], repeats=1)  # compile / autotune
+                seconds = timed_prefill(engine, prompt)
                 entry[key] = {"seconds": seconds, "tokens_per_s": args.context / seconds,
                               "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
             except Exception as err:  # noqa: BLE001  (out of memory, or a kernel that failed: recorded)
@@ -166,16 +187,19 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         if "seconds" in entry.get("fused", {}) and "seconds" in entry.get("unfused", {}):
             entry["speedup"] = entry["unfused"]["seconds"] / entry["fused"]["seconds"]
-        if has_static_conv and "seconds" in entry.get("fused", {}):
+        if has_static_conv and "seconds" in entry.get("fused", {}) and "static_conv_error" not in report:
             # the same with the static short convs' Triton kernel instead of F.conv1d (jetnas.ops.conv)
-            with fusion(True), triton_static_conv(True):
-                seconds = timed_prefill(engine, prompt)
+            set_backend(model, FUSED_CONV_KERNEL)
+            seconds = timed_prefill(engine, prompt)
             entry["fused_conv_kernel"] = {"seconds": seconds, "tokens_per_s": args.context / seconds}
             entry["static_conv_kernel_speedup"] = entry["fused"]["seconds"] / seconds
         log("chunk", chunk, entry)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
+    # the default backend, unless its static conv kernel failed above
+    default = FUSED if "static_conv_error" in report else resolve_backend("auto")
+    report["profile_backend"] = repr(set_backend(model, default))
     engine = Engine(model, chunk_size=min(args.profile_chunk, args.context))
     timed_prefill(engine, prompt, repeats=1)
     from torch.profiler import ProfilerActivity, profile

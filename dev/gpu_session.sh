@@ -102,7 +102,7 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   fi
   # 4 autotuning configs per kernel: every block type of the block selection would otherwise cost minutes of
   # compilation before its first step; the throughput columns are then "lightly tuned" (say so in the results)
-  JETNAS_AUTOTUNE_CONFIGS=4 timeout "$1" python3 -m jetnas run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
+  timeout "$1" python3 dev/lightly_tuned.py 4 -m jetnas run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
   # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
      ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)
@@ -110,9 +110,9 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
 
 dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
   for mode in plain ddp fsdp; do
-    launch="python3 -m jetnas"
-    [ $mode != plain ] && launch="python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m jetnas"
-    JETNAS_AUTOTUNE_CONFIGS=4 timeout "$1" $launch supernet --teacher smollm2-135m --data ../shared/data/corpus/train.bin \
+    launch="python3 dev/lightly_tuned.py 4 -m jetnas"
+    [ $mode != plain ] && launch="python3 -m torch.distributed.run --standalone --nproc-per-node 1 dev/lightly_tuned.py 4 -m jetnas"
+    timeout "$1" $launch supernet --teacher smollm2-135m --data ../shared/data/corpus/train.bin \
       --steps 30 --batch-size 16 --seq-len 512 --out-dir /root/dist_$mode \
       $([ $mode != plain ] && echo --distributed $mode) 2>&1 | grep -v Warn | tail -2
     cp /root/dist_$mode/log.jsonl $OUT/dist_$mode.jsonl 2>/dev/null
@@ -126,20 +126,21 @@ for step in "$@"; do
     fla) fla_only ;;
     # fp32 crashed once in fla's chunk_gla_fwd_kernel_o autotuning (misaligned address, 2026-12-02): GLA and the
     # model of every type run last, each configuration on its own
-    generate:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_generate_check.py --dtypes bfloat16,float32 --per-type \
+    generate:*) timeout "${step#*:}" python3 benchmarks/gpu_generate_check.py --autotune-configs 4 --dtypes bfloat16,float32 --per-type \
                   --out $OUT/generate_check.json 2>&1 | grep -v Warn | tail -20 ;;
     tests:*) timeout "${step#*:}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_decode_ops.py tests/ops/test_fused.py \
                tests/ops/test_triton_dynamic_conv.py 2>&1 | tail -8 ;;
-    # the static short convs' Triton kernel (off by default until this has run) against F.conv1d, in the prefill of
-    # the final SmolLM2-135M hybrid's architecture (random weights): flip jetnas.ops.conv._TRITON_STATIC if it wins
-    convprefill:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/prefill_profile.py \
+    # the static short convs' Triton kernel (on by default, never yet run on a GPU) against F.conv1d, in the prefill
+    # of the final SmolLM2-135M hybrid's architecture (random weights): its default is jetnas.ops.backend.Backend's
+    # static_conv, to turn off if it loses
+    convprefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --autotune-configs 4 \
                      --model results/h200_postnas_smollm2_135m/stage2/model --context 32768 --chunks 8192,32768 \
                      --profile-chunk 32768 --out $OUT/prefill_static_conv.json 2>&1 | grep -v Warn | grep -vE "^ +[0-9.]+ ms" | tail -13 ;;
-    blocks:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --sections blocks \
+    blocks:*) timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --autotune-configs 4 --sections blocks \
                 --blocks ${BLOCKS:-deltanet,mamba2} --out $OUT/kernel_check_blocks.json 2>&1 | grep -v Warn | tail -12 ;;
     convstep:*) timeout "${step#*:}" python3 benchmarks/decode_step_bench.py --out $OUT/decode_step.json 2>&1 \
                   | grep -v Warn | tail -9 ;;
-    kernels:*) JETNAS_AUTOTUNE_CONFIGS=4 timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --sections ops,blocks \
+    kernels:*) timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --autotune-configs 4 --sections ops,blocks \
                  --out $OUT/kernel_check.json 2>&1 | grep -v Warn | tail -20 ;;
     warmup:*) timeout "${step#*:}" python3 benchmarks/autotune_warmup.py 2>&1 | grep -v Warn | tail -8 ;;
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \

@@ -34,7 +34,6 @@ class StaticDecoder:
         B = cache.batch_size
         device = next(model.parameters()).device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
-        self.backend = "triton" if device.type == "cuda" else "torch"
         self.token = torch.zeros(B, dtype=torch.long, device=device)
         self.column = torch.zeros(B, dtype=torch.int32, device=device)
         self.start = torch.zeros(B, dtype=torch.int32, device=device)
@@ -72,7 +71,8 @@ class StaticDecoder:
         slot, lo, hi = where[window]
         keys[self.rows, :, slot] = k[:, 0]
         values[self.rows, :, slot] = v[:, 0]
-        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=window is not None, backend=self.backend)
+        # the kernel the attention layer was built for (its resolved backend), as every other op of the step
+        o = decode_attention(q[:, 0], keys, values, lo, hi, ring=window is not None, backend=attn.backend)
         return attn.o_proj(o.reshape(x.shape[0], 1, -1))
 
     def _step(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from jetnas.layers.base import KVState, TokenMixer, dtype_bytes
 from jetnas.modules.norm import RMSNorm
+from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.attention import apply_rotary, causal_attention, rotary_cos_sin
 
 
@@ -27,6 +28,8 @@ class Attention(TokenMixer):
         qk_norm: RMS-normalise q and k per head before RoPE (Qwen3).
         norm_eps: eps of the QK norms.
         rope_theta: RoPE base, used when the caller passes positions rather than precomputed (cos, sin).
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here: the QK norms run under it, and so
+            does the engine's decode attention over this layer's cache (`jetnas.engine.graph`).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class Attention(TokenMixer):
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         rope_theta: float = 1e6,
+        backend: Backend | str = "auto",
     ):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -51,13 +55,14 @@ class Attention(TokenMixer):
             raise ValueError(f"window_size must be >= 1 or None, got {window_size}")
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.window_size, self.rope_theta = window_size, rope_theta
+        self.backend = resolve_backend(backend)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, eps=norm_eps)
-            self.k_norm = RMSNorm(head_dim, eps=norm_eps)
+            self.q_norm = RMSNorm(head_dim, eps=norm_eps, backend=self.backend)
+            self.k_norm = RMSNorm(head_dim, eps=norm_eps, backend=self.backend)
         else:
             self.q_norm = self.k_norm = None
 

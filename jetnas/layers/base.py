@@ -23,6 +23,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from jetnas.ops.backend import Backend
+
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -195,7 +197,8 @@ def updatable(state: torch.Tensor | None) -> bool:
     return state is not None and state.dtype == torch.float32 and state.is_contiguous()
 
 
-def gla_recurrence(q, k, v, g, state: RecurrentState | None, step: bool, scale: float | None, backend: str):
+def gla_recurrence(q, k, v, g, state: RecurrentState | None, step: bool, scale: float | None,
+                   backend: Backend | str):
     """The gated-linear-attention recurrence of one layer call (GLA, RetNet, Mamba2): the chunked form for a
     prompt, and for a decode step the in-place step (`jetnas.ops.decode.gla_step_`: the state is read and written
     once, at a fixed address) when the cached state allows it, else fla's / the reference's recurrent form.

@@ -8,6 +8,7 @@ the JetBlock with static convolutions on q, k and v instead of a dynamic one on 
 from __future__ import annotations
 
 from jetnas.layers.jet import JetBlock
+from jetnas.ops.backend import Backend
 
 
 class GatedDeltaNet(JetBlock):
@@ -16,6 +17,6 @@ class GatedDeltaNet(JetBlock):
     layer_type = "gdn"
 
     def __init__(self, hidden_size: int, num_heads: int = 12, head_k_dim: int = 96, head_v_dim: int = 256,
-                 conv_size: int = 4, norm_eps: float = 1e-5, backend: str = "auto"):
+                 conv_size: int = 4, norm_eps: float = 1e-5, backend: Backend | str = "auto"):
         super().__init__(hidden_size, num_heads, head_k_dim, head_v_dim, conv_size=conv_size, norm_eps=norm_eps,
                          qk_conv="static", v_conv="static", backend=backend)

@@ -20,7 +20,7 @@ from jetnas.layers.base import (
     upcast,
 )
 from jetnas.modules.norm import GatedRMSNorm
-from jetnas.ops.backend import resolve_backend
+from jetnas.ops.backend import Backend, resolve_backend
 
 
 class GatedLinearAttention(TokenMixer):
@@ -34,14 +34,14 @@ class GatedLinearAttention(TokenMixer):
         gate_low_rank_dim: rank of the decay projection `gk_proj` (16).
         gate_logit_normalizer: `gk = logsigmoid(gk_proj(x)) / this` (16), a slow decay at start.
         norm_eps: eps of the output norm.
-        backend: "auto" | "torch" | "triton".
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here and passed to every op.
     """
 
     layer_type = "gla"
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_k_dim: int | None = None,
                  head_v_dim: int | None = None, gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0,
-                 norm_eps: float = 1e-5, backend: str = "auto"):
+                 norm_eps: float = 1e-5, backend: Backend | str = "auto"):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_k_dim = head_k_dim or hidden_size // (2 * num_heads)
@@ -55,7 +55,7 @@ class GatedLinearAttention(TokenMixer):
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, key_dim, bias=True))
         self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, eps=norm_eps, backend=self.backend)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,

@@ -26,7 +26,7 @@ from torch import nn
 from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast, updatable
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
-from jetnas.ops.backend import resolve_backend
+from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.decode import gated_delta_rule_step_, gated_delta_rule_step_raw_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
@@ -60,7 +60,8 @@ class JetBlock(TokenMixer):
         use_decay: data-dependent decay g (off: the plain delta rule).
         use_output_gate: `o_norm(o) * silu(g_proj(x))` (off: `o_norm(o)`).
         initializer_range: std of the kernel generator's first layer.
-        backend: "auto" | "torch" | "triton", resolved once here (see `jetnas.ops.backend`).
+        backend: a `jetnas.ops.backend.Backend` or "auto" | "torch" | "triton", resolved once here and passed to
+            every op the block calls (recurrence, convolutions, decode steps, output norm).
     """
 
     layer_type = "jet"
@@ -79,7 +80,7 @@ class JetBlock(TokenMixer):
         use_decay: bool = True,
         use_output_gate: bool = True,
         initializer_range: float = 0.02,
-        backend: str = "auto",
+        backend: Backend | str = "auto",
     ):
         super().__init__()
         for name, kind in (("qk_conv", qk_conv), ("v_conv", v_conv)):
@@ -120,7 +121,7 @@ class JetBlock(TokenMixer):
         }
         if use_output_gate:
             self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, backend=self.backend)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def initial_values(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from jetnas.layers.base import (
 from jetnas.layers.jet import initial_dt_bias
 from jetnas.modules.conv import ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
-from jetnas.ops.backend import resolve_backend
+from jetnas.ops.backend import Backend, resolve_backend
 
 
 class Mamba2(TokenMixer):
@@ -41,14 +41,14 @@ class Mamba2(TokenMixer):
         expand: inner width `expand * D` when num_heads is not given (2).
         conv_size: W (4).
         norm_eps: eps of the gated norm.
-        backend: "auto" | "torch" | "triton".
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here and passed to every op.
     """
 
     layer_type = "mamba2"
 
     def __init__(self, hidden_size: int, num_heads: int | None = None, head_dim: int = 64, state_size: int = 128,
                  n_groups: int = 1, expand: int = 2, conv_size: int = 4, norm_eps: float = 1e-5,
-                 backend: str = "auto"):
+                 backend: Backend | str = "auto"):
         super().__init__()
         num_heads = num_heads or expand * hidden_size // head_dim
         if num_heads % n_groups:
@@ -63,7 +63,8 @@ class Mamba2(TokenMixer):
         self.conv1d = ShortConvolution(conv_dim, conv_size, bias=True, activation="silu")
         for name, value in self.initial_values().items():
             setattr(self, name, nn.Parameter(value))
-        self.norm = GatedRMSNorm(self.inner, eps=norm_eps, norm_before_gate=False, group_size=self.inner // n_groups)
+        self.norm = GatedRMSNorm(self.inner, eps=norm_eps, norm_before_gate=False, group_size=self.inner // n_groups,
+                                 backend=self.backend)
         self.out_proj = nn.Linear(self.inner, hidden_size, bias=False)
 
     def initial_values(self) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from jetnas.layers.base import (
 )
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.attention import apply_rotary, rotary_cos_sin
-from jetnas.ops.backend import resolve_backend
+from jetnas.ops.backend import Backend, resolve_backend
 
 
 class MultiScaleRetention(TokenMixer):
@@ -32,14 +32,14 @@ class MultiScaleRetention(TokenMixer):
         head_v_dim: V; defaults to 2D / H (fla's expand_v = 2).
         norm_eps: eps of the output norm.
         rope_theta: RoPE base for q and k.
-        backend: "auto" | "torch" | "triton".
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here and passed to every op.
     """
 
     layer_type = "retnet"
 
     def __init__(self, hidden_size: int, num_heads: int = 8, head_k_dim: int | None = None,
                  head_v_dim: int | None = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
-                 backend: str = "auto"):
+                 backend: Backend | str = "auto"):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_k_dim = head_k_dim or hidden_size // num_heads
@@ -51,7 +51,7 @@ class MultiScaleRetention(TokenMixer):
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
         self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, eps=norm_eps, backend=self.backend)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
         # a fixed multi-scale decay, not a parameter (RetNet's), kept out of checkpoints
         self.register_buffer("log_decay", torch.empty(num_heads), persistent=False)

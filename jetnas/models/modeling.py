@@ -5,6 +5,10 @@ built from `config.block_types` by `jetnas.layers.build_layer`. State-dict names
 `model.layers.{i}.{input_layernorm, self_attn, post_attention_layernorm, mlp.{gate,up,down}_proj}`, `model.norm`,
 `lm_head`), so released Jet-Nemotron checkpoints and converted Llama/Qwen weights load with no renaming.
 
+Kernels: the model resolves one `jetnas.ops.backend.Backend` at construction (`backend="auto"` unless given, e.g.
+`JetNemotronForCausalLM(config, backend=Backend("torch"))` or `from_pretrained(path, backend=...)`) and passes it to
+every layer, norm and MLP, which pass it to every op they call.
+
 Caching uses transformers' own per-layer caches (`DynamicCache` built from `config.layer_types`), so `generate()`
 works with greedy, sampling, beam search and left padding without any override.
 """
@@ -27,14 +31,16 @@ from jetnas.models import hf_compat
 from jetnas.models.configuration import JetNemotronConfig
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm, RMSNorm
+from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.fused import silu_mul
 
 
 class JetNemotronMLP(nn.Module):
-    """SwiGLU MLP: `down(act(gate(x)) * up(x))`."""
+    """SwiGLU MLP: `down(act(gate(x)) * up(x))`; with SiLU, `jetnas.ops.fused.silu_mul` under `backend`."""
 
-    def __init__(self, config: JetNemotronConfig):
+    def __init__(self, config: JetNemotronConfig, backend: Backend | str = "auto"):
         super().__init__()
+        self.backend = resolve_backend(backend)
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
@@ -42,21 +48,23 @@ class JetNemotronMLP(nn.Module):
         self.swiglu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:  # one fused pass in inference on CUDA
-            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.swiglu:  # one fused pass each way under a fused "triton" backend on CUDA
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.backend))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class JetNemotronDecoderLayer(nn.Module):
-    def __init__(self, config: JetNemotronConfig, layer_idx: int):
+    def __init__(self, config: JetNemotronConfig, layer_idx: int, backend: Backend | str = "auto"):
         super().__init__()
+        backend = resolve_backend(backend)
         self.layer_idx = layer_idx
         self.block_type = config.block_types[layer_idx]
         self.is_attention = self.block_type in ATTENTION_TYPES
-        self.self_attn = build_layer(self.block_type, config.hidden_size, **config.block_kwargs(self.block_type))
-        self.mlp = JetNemotronMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = build_layer(self.block_type, config.hidden_size, backend=backend,
+                                     **config.block_kwargs(self.block_type))
+        self.mlp = JetNemotronMLP(config, backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
     def forward(self, hidden_states, *, past_key_values=None, attention_mask=None, position_ids=None,
                 position_embeddings=None):
@@ -126,12 +134,15 @@ class JetNemotronPreTrainedModel(PreTrainedModel):
 
 
 class JetNemotronModel(JetNemotronPreTrainedModel):
-    def __init__(self, config: JetNemotronConfig):
+    def __init__(self, config: JetNemotronConfig, backend: Backend | str = "auto"):
         super().__init__(config)
+        # resolved once: every layer, norm and MLP runs its ops under this one value
+        self.backend = resolve_backend(backend)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(JetNemotronDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(JetNemotronDecoderLayer(config, i, self.backend)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=self.backend)
         self.rotary_emb = JetNemotronRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -218,9 +229,9 @@ def _advance(cache: Cache, n: int) -> None:
 class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: JetNemotronConfig):
+    def __init__(self, config: JetNemotronConfig, backend: Backend | str = "auto"):
         super().__init__(config)
-        self.model = JetNemotronModel(config)
+        self.model = JetNemotronModel(config, backend)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

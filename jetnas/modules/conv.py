@@ -1,7 +1,8 @@
 """Short causal convolutions as modules: static (Gated DeltaNet, DeltaNet, Mamba2) and dynamic (the JetBlock's).
 
 Both follow one state contract: the state is the last `W - 1` inputs `[B, D, W - 1]`; `forward` handles a
-whole chunk (prefill/training), `step` one token (decode).
+whole chunk (prefill/training), `step` one token (decode). Both take the owning layer's backend (a
+`jetnas.ops.backend.Backend`, or its name) with every call and hand it to the ops.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class ShortConvolution(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x, state=None, output_final_state=False, cu_seqlens=None, backend="torch"):
-        """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`; `backend="triton"` may take
-        the Triton kernels on CUDA (`jetnas.ops.conv.short_conv`)."""
+        """`x [B, T, D]`, `state [N, D, W-1]` -> `(y [B, T, D], final_state or None)`; a "triton" backend with
+        `static_conv` on takes the Triton kernel on CUDA (`jetnas.ops.conv.short_conv`)."""
         return short_conv(x, self.weight[:, 0], self.bias, state, output_final_state, self.activation, cu_seqlens,
                           backend)
 

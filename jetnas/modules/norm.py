@@ -1,27 +1,39 @@
-"""RMS norms: the plain one of Llama/Qwen, and the gated one that closes every linear-attention block."""
+"""RMS norms: the plain one of Llama/Qwen, and the gated one that closes every linear-attention block.
+
+Each holds the backend its owner (a layer, or the model) resolved, and runs the op of `jetnas.ops.fused` under it:
+one fused Triton kernel forward and backward with a fused "triton" backend on CUDA, the PyTorch reference otherwise.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.fused import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
     """`weight * x / sqrt(mean(x^2) + eps)` over the last dim; normalises in float32 like the HF models
-    (`jetnas.ops.fused.rms_norm`: one fused kernel in inference on CUDA)."""
+    (`jetnas.ops.fused.rms_norm`).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    Args:
+        hidden_size: N, the width of the weight.
+        eps: added to the mean square.
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved here (`jetnas.ops.backend.resolve_backend`).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend: Backend | str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.backend = resolve_backend(backend)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -30,10 +42,19 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(nn.Module):
     """RMS norm with a SiLU output gate: `norm(x) * silu(gate)` (fla's `FusedRMSNormGated`, per head), or with
     `norm_before_gate=False` `norm(x * silu(gate))` (Mamba2's). With `group_size` the statistics are taken over
-    groups of that many channels (Mamba2 with several groups). Float32 math, returned in x's dtype."""
+    groups of that many channels (Mamba2 with several groups). Float32 math, returned in x's dtype
+    (`jetnas.ops.fused.gated_rms_norm`).
+
+    Args:
+        hidden_size: D, the width of the weight.
+        eps: added to the mean square.
+        norm_before_gate: see above.
+        group_size: channels per group of statistics (a divisor of D), or None for all D.
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved here.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, norm_before_gate: bool = True,
-                 group_size: int | None = None):
+                 group_size: int | None = None, backend: Backend | str = "auto"):
         super().__init__()
         if group_size is not None and hidden_size % group_size:
             raise ValueError(f"hidden_size={hidden_size} must be a multiple of group_size={group_size}")
@@ -41,12 +62,13 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.norm_before_gate = norm_before_gate
         self.group_size = group_size
+        self.backend = resolve_backend(backend)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        return gated_rms_norm(x, gate, self.weight, self.eps, self.norm_before_gate, self.group_size)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.norm_before_gate, self.group_size, self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, norm_before_gate={self.norm_before_gate}"

@@ -1,51 +1,13 @@
 """Thin adapters from our op signatures to flash-linear-attention's Triton kernels (CUDA only).
 
-Nothing here is imported unless a CUDA tensor reaches an op whose backend is "fla", so `import jetnas` and every
+fla is imported only when a CUDA tensor reaches an op whose backend is "triton", so `import jetnas` and every
 CPU path work without fla or Triton. Our conventions match fla's: `[B, T, H, K]` tensors, log-space decays,
 `[N, H, K, V]` float32 states, `cu_seqlens` for packed sequences.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
-
-
-def limit_autotuning(max_configs: int | None) -> None:
-    """Benchmark at most `max_configs` of each Triton kernel's autotuning configs (evenly spread over the list left
-    after the kernel's own pruning), or all of them again with None.
-
-    fla's kernels try up to 48 configs each, and Triton compiles every one: on a fresh GPU machine a new block type
-    costs minutes before its first step (2026-12-02: in ~165 s a fresh H200 got through the autotuning of GLA's forward kernels only, 170 configs). With a
-    few configs the kernels start in seconds and run somewhat slower than fully tuned ones: right for short runs that
-    compare models, wrong for throughput benchmarks. Set by `JETNAS_AUTOTUNE_CONFIGS=N` when this module loads."""
-    from triton.runtime.autotuner import Autotuner
-
-    if not hasattr(Autotuner, "prune_configs"):  # the hook this relies on (Triton 2.1 to 3.9 at least)
-        warnings.warn("this Triton's autotuner has no prune_configs: JETNAS_AUTOTUNE_CONFIGS is ignored", stacklevel=2)
-        return
-    original = Autotuner.__dict__.get("_jetnas_original_prune", Autotuner.prune_configs)
-    Autotuner._jetnas_original_prune = original
-    if max_configs is None:
-        Autotuner.prune_configs = original
-        return
-    if max_configs < 1:
-        raise ValueError(f"max_configs must be >= 1, got {max_configs}")
-
-    def prune_configs(self, kwargs):
-        configs = original(self, kwargs)
-        if len(configs) <= max_configs:
-            return configs
-        step = (len(configs) - 1) / max(max_configs - 1, 1)
-        return [configs[round(i * step)] for i in range(max_configs)]
-
-    Autotuner.prune_configs = prune_configs
-
-
-if os.environ.get("JETNAS_AUTOTUNE_CONFIGS"):
-    limit_autotuning(int(os.environ["JETNAS_AUTOTUNE_CONFIGS"]))
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):

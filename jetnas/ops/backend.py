@@ -1,11 +1,67 @@
-"""Choosing between the PyTorch references and the fast GPU kernels, once, when a layer is built."""
+"""Which kernels a layer's ops run, decided once, when the layer (or the model) is built.
+
+A layer resolves a `Backend` at construction and passes it to every op it calls: its recurrences, short
+convolutions, decode steps, norms and SwiGLU. The value says everything that picks a kernel; no module global or
+environment variable changes the choice afterwards. Ops run the PyTorch reference on CPU tensors whatever the
+backend (unless `interpret` asks for our Triton kernels there), so a model built on one device can move to another.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
+from dataclasses import dataclass
+
+import torch
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The kernels of a layer (or of a whole model: the model passes its backend to every layer).
+
+    Attributes:
+        name: "torch" (the PyTorch references everywhere) or "triton" (for CUDA tensors: fla's kernels for the
+            linear-attention recurrences and our own Triton kernels); "auto" only before `resolve_backend`.
+        fused: with "triton", RMS norms, the gated RMS norms and SwiGLU's `silu(gate) * up` run as one fused Triton
+            kernel each, forward and backward (`jetnas.ops.fused`); False keeps their PyTorch references.
+        static_conv: with "triton", static short convolutions run on our Triton kernel
+            (`jetnas.ops.triton_dynamic_conv.triton_short_conv`) instead of `F.conv1d`. Its default here is the one
+            place the project decides it.
+        interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
+            must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
+    """
+
+    name: str = "torch"
+    fused: bool = True
+    # The static conv kernel was written and checked (values and gradients) under Triton's interpreter on 2026-12-02
+    # but has not yet run on a GPU; it is on so that the next GPU timing (benchmarks/prefill_profile.py, which times
+    # it against F.conv1d on the same weights) decides. Turn it off here if it loses.
+    static_conv: bool = True
+    interpret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
+
+    def runs_triton(self, x: torch.Tensor) -> bool:
+        """Whether our Triton kernels take `x`: backend "triton" and x on CUDA (or on CPU with `interpret`)."""
+        return self.name == "triton" and (x.is_cuda or (self.interpret and x.device.type == "cpu"))
+
+    def runs_fla(self, x: torch.Tensor) -> bool:
+        """Whether fla's kernels take `x`: backend "triton" and x on CUDA."""
+        return self.name == "triton" and x.is_cuda
+
+
+def as_backend(backend: Backend | str) -> Backend:
+    """An op's `backend` argument as a `Backend`: a name stands for `Backend(name)` (the default options)."""
+    if isinstance(backend, Backend):
+        return backend
+    if isinstance(backend, str):
+        return Backend(backend)
+    raise ValueError(f"backend must be a Backend or one of {BACKENDS}, got {backend!r}")
 
 
 @functools.cache
@@ -16,11 +72,7 @@ def fla_usable() -> bool:
 
 
 @functools.cache
-def triton_usable() -> bool:
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
+def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # a broken triton install must not break the CPU paths
@@ -29,31 +81,33 @@ def triton_usable() -> bool:
 
 
 @functools.cache
+def triton_usable() -> bool:
+    return torch.cuda.is_available() and triton_importable()
+
+
+@functools.cache
 def _warn_missing_fla() -> None:
     warnings.warn(
-        "CUDA is available but flash-linear-attention is not importable: linear-attention layers fall back to the "
-        "PyTorch references (correct, much slower). Install the GPU extra: pip install 'jetnas[gpu]'.",
+        "CUDA is available but flash-linear-attention is not importable: layers fall back to the PyTorch "
+        "references (correct, much slower). Install the GPU extra: pip install 'jetnas[gpu]'.",
         stacklevel=3,
     )
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """Resolve a layer's kernel backend to "torch" or "triton".
+def resolve_backend(backend: Backend | str = "auto") -> Backend:
+    """Resolve a layer's backend to one named "torch" or "triton", keeping its options.
 
     "auto" picks "triton" (fla's kernels and ours) when CUDA, Triton and fla are all usable, warning once when
-    only fla is missing, and "torch" otherwise. Ops still run the reference on CPU tensors whatever the backend, so a model built on one device
-    can move to another.
+    only fla is missing, and "torch" otherwise. "triton" needs them too (or, with `interpret`, an importable Triton).
+    A resolved backend comes back as it is.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    if fla_usable():
-        return "triton"
-    if backend == "triton":
+    backend = as_backend(backend)
+    if backend.name == "torch":
+        return backend
+    if fla_usable() or (backend.name == "triton" and backend.interpret and triton_importable()):
+        return backend if backend.name == "triton" else dataclasses.replace(backend, name="triton")
+    if backend.name == "triton":
         raise ValueError("backend='triton' needs CUDA and flash-linear-attention (pip install 'jetnas[gpu]')")
-    import torch
-
     if torch.cuda.is_available():
         _warn_missing_fla()
-    return "torch"
+    return dataclasses.replace(backend, name="torch")

@@ -11,14 +11,12 @@ bias). The final state is the last `W - 1` inputs, so prefill + `*_step` decodin
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-from jetnas.ops.utils import check_cu_seqlens, check_state
-
-ACTIVATIONS = (None, "silu")
+from jetnas.ops.backend import Backend, as_backend
+from jetnas.ops.utils import CONV_ACTIVATIONS as ACTIVATIONS
+from jetnas.ops.utils import check_conv_inputs, check_short_conv_inputs, check_state
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -43,19 +41,6 @@ def _history(x: torch.Tensor, state: torch.Tensor | None, W: int) -> torch.Tenso
     return torch.cat([state.transpose(1, 2).to(x.dtype), x], 1)
 
 
-def _check_conv_inputs(x, W, initial_state, cu_seqlens, activation):
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, D], got shape {list(x.shape)}")
-    if W < 1:
-        raise ValueError(f"kernel width W must be >= 1, got {W}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    B, T, D = x.shape
-    N = check_cu_seqlens(cu_seqlens, B, T)
-    check_state(initial_state, (N, D, W - 1), "initial_state")
-    return B, T, D, N
-
-
 def naive_dynamic_conv(
     x: torch.Tensor,
     kernels: torch.Tensor,
@@ -78,7 +63,7 @@ def naive_dynamic_conv(
         `(y [B, T, D] in x's dtype, final_state or None)`.
     """
     W = kernels.shape[-1]
-    B, T, D, N = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    B, T, D, N = check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
     if kernels.dim() != 4 or tuple(kernels.shape[:3]) != (B, T, D):
         raise ValueError(f"kernels must be [B, T, D, W] = [{B}, {T}, {D}, W], got {list(kernels.shape)}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -123,35 +108,6 @@ def dynamic_conv_step(
     return y.to(x.dtype), window[..., 1:]
 
 
-# Off by default until it has run on a GPU: written and checked under the Triton interpreter (tests/ops) on
-# 2026-12-02 after that session's device time was spent; `benchmarks/prefill_profile.py` times it on and off.
-_TRITON_STATIC = False
-
-
-def check_short_conv_inputs(x, weight, bias, initial_state, cu_seqlens, activation) -> tuple[int, int, int]:
-    """`short_conv`'s argument checks (also `triton_short_conv`'s); returns (T, D, W)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
-    W = weight.shape[-1]
-    _, T, D, _ = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
-    if weight.shape[0] != D or (bias is not None and tuple(bias.shape) != (D,)):
-        raise ValueError(f"weight must be [D={D}, W] and bias [D], got {list(weight.shape)} and "
-                         f"{None if bias is None else list(bias.shape)}")
-    return T, D, W
-
-
-@contextlib.contextmanager
-def triton_static_conv(enabled: bool):
-    """Let `short_conv(backend="triton")` use its Triton kernels, or keep it on `F.conv1d` (the default for now,
-    see `_TRITON_STATIC`); `benchmarks/prefill_profile.py` times one against the other."""
-    global _TRITON_STATIC
-    previous, _TRITON_STATIC = _TRITON_STATIC, enabled
-    try:
-        yield
-    finally:
-        _TRITON_STATIC = previous
-
-
 def short_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -160,10 +116,10 @@ def short_conv(
     output_final_state: bool = False,
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: Backend | str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Static causal depthwise convolution (one kernel for all tokens), via `F.conv1d`; with `backend="triton"`,
-    CUDA tensors and `triton_static_conv(True)`, `jetnas.ops.triton_dynamic_conv.triton_short_conv` instead (same
+    """Static causal depthwise convolution (one kernel for all tokens), via `F.conv1d`; with a "triton" backend
+    whose `static_conv` is on and a CUDA tensor, `jetnas.ops.triton_dynamic_conv.triton_short_conv` instead (same
     contract and gradients, no transposed copies).
 
     Args:
@@ -171,11 +127,13 @@ def short_conv(
         weight: `[D, W]`.
         bias: `[D]` or None.
         initial_state, output_final_state, activation, cu_seqlens: as in `naive_dynamic_conv`.
+        backend: a `jetnas.ops.backend.Backend` (or its name), default "torch".
 
     Returns:
         `(y [B, T, D], final_state [N, D, W - 1] or None)`, both in x's dtype.
     """
-    if backend == "triton" and _TRITON_STATIC and x.is_cuda:
+    backend = as_backend(backend)
+    if backend.static_conv and backend.runs_triton(x):
         from jetnas.ops.triton_dynamic_conv import triton_short_conv
 
         return triton_short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens)
@@ -215,11 +173,11 @@ def dynamic_conv(
     output_final_state: bool = False,
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: Backend | str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dynamic causal convolution: our Triton kernel (forward and backward) on CUDA with `backend="triton"`, the
+    """Dynamic causal convolution: our Triton kernel (forward and backward) on CUDA with a "triton" backend, the
     PyTorch reference otherwise. Arguments and returns as in `naive_dynamic_conv`."""
-    if backend == "triton" and x.is_cuda:
+    if as_backend(backend).runs_triton(x):
         from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv
 
         return triton_dynamic_conv(x, kernels, initial_state, output_final_state, activation, cu_seqlens)

@@ -14,25 +14,25 @@
 - `conv_step_`: a short convolution's one-token step (static kernel or the JetBlock's per-token kernels), shifting
   its cached inputs in place.
 
-All take a `backend` ("torch" | "triton"); the Triton kernels run on CUDA tensors, or on CPU under
-`TRITON_INTERPRET=1` (how the tests check them). With "torch", decode attention is one grouped SDPA call over the
-cache in place (`sdpa_decode_attention`, the CPU engine's path), checked against the reference like the kernel.
+All take a `backend` (a `jetnas.ops.backend.Backend` or its name, default "torch"): with "triton" the Triton kernels
+run on CUDA tensors, and on CPU tensors too when the backend says `interpret` (Triton's interpreter: how the tests
+check them). With "torch", decode attention is one grouped SDPA call over the cache in place
+(`sdpa_decode_attention`, the CPU engine's path), checked against the reference like the kernel.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from jetnas.ops.backend import Backend, as_backend
 from jetnas.ops.conv import dynamic_conv_step, short_conv_step
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def _use_triton(backend: Backend | str, x: torch.Tensor) -> bool:
+    return as_backend(backend).runs_triton(x)
 
 
 def ring_columns(R: int, hi: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _check_decode_attention(q, k_cache, v_cache, lo, hi):
         raise ValueError(f"lo and hi must be [B={B}], got {list(lo.shape)} and {list(hi.shape)}")
 
 
-def decode_attention(q, k_cache, v_cache, lo, hi, scale=None, ring: bool = True, backend: str = "torch",
+def decode_attention(q, k_cache, v_cache, lo, hi, scale=None, ring: bool = True, backend: Backend | str = "torch",
                      num_splits: int | None = None):
     """Attention of one query per row over the cached columns `[lo, hi)` (see the module docstring). `ring=False`
     promises `hi <= R` (a full cache: column = slot), which lets the kernel skip the modulo."""
@@ -97,7 +97,7 @@ def decode_attention(q, k_cache, v_cache, lo, hi, scale=None, ring: bool = True,
     return sdpa_decode_attention(q, k_cache, v_cache, lo, hi, scale, ring)
 
 
-def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True, backend: str = "torch"):
+def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=True, backend: Backend | str = "torch"):
     """`gated_delta_rule_step` writing the new state into `state [B, H, K, V]` (float32) in place; returns o
     `[B, H, V]` in v's dtype. q, k `[B, H, K]`, v `[B, H, V]`, g and beta `[B, H]` or None."""
     if state.dtype != torch.float32 or not state.is_contiguous():
@@ -112,7 +112,7 @@ def gated_delta_rule_step_(q, k, v, g, beta, state, scale=None, use_qk_l2norm=Tr
 
 
 def gated_delta_rule_step_raw_(q, k, v, a, b, A_log, dt_bias, state, scale=None, use_qk_l2norm=True,
-                               backend: str = "torch"):
+                               backend: Backend | str = "torch"):
     """`gated_delta_rule_step_` with the gates of Gated DeltaNet and the JetBlock given as their projections:
     `g = -exp(A_log) * softplus(a + dt_bias)` and `beta = sigmoid(b)`, `a, b [B, H]`, `A_log, dt_bias [H]` (A_log
     None: no decay, as DeltaNet). The Triton kernel makes them itself, saving a decode step about eight small
@@ -128,7 +128,7 @@ def gated_delta_rule_step_raw_(q, k, v, a, b, A_log, dt_bias, state, scale=None,
     return gated_delta_rule_step_(q, k, v, g, b.float().sigmoid(), state, scale, use_qk_l2norm, backend)
 
 
-def gla_step_(q, k, v, g, state, scale=None, backend: str = "torch"):
+def gla_step_(q, k, v, g, state, scale=None, backend: Backend | str = "torch"):
     """`jetnas.ops.gla.gla_step` writing the new state into `state [B, H, K, V]` (float32) in place; returns o
     `[B, H, V]` in v's dtype. q, k `[B, H, K]`, v `[B, H, V]`, g the log decay `[B, H, K]` or `[B, H]`."""
     if state.dtype != torch.float32 or not state.is_contiguous():
@@ -142,7 +142,7 @@ def gla_step_(q, k, v, g, state, scale=None, backend: str = "torch"):
     return o
 
 
-def conv_step_(x, kernels, bias, state, activation="silu", backend: str = "torch"):
+def conv_step_(x, kernels, bias, state, activation="silu", backend: Backend | str = "torch"):
     """One decode step of a short causal convolution, writing the new window into `state [B, D, W - 1]` in place
     (any strides; the oldest input is dropped, x kept). `x [B, D]`; `kernels [D, W]` (static) or `[B, D, W]`
     (per token); `bias [D]` or None; the activation after the bias. Returns `y [B, D]` in x's dtype.

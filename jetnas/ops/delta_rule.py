@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from jetnas.ops import _fla
+from jetnas.ops.backend import Backend, as_backend
 from jetnas.ops.utils import check_cu_seqlens, check_state, compute_dtype, l2norm
 
 
@@ -246,14 +247,14 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
-    backend: str = "torch",
+    backend: Backend | str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule: fla's Triton kernels on CUDA with `backend="triton"`, the PyTorch reference otherwise.
 
     Arguments and returns as in `naive_recurrent_gated_delta_rule`. The final state is float32.
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
-    if backend == "triton" and q.is_cuda:
+    if as_backend(backend).runs_fla(q):
         return _fla.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                            use_qk_l2norm)
     return naive_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
@@ -271,12 +272,12 @@ def fused_recurrent_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
-    backend: str = "torch",
+    backend: Backend | str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token gated delta rule (decode): fla's fused recurrent kernel on CUDA with `backend="triton"`,
     the reference recurrence otherwise. Arguments and returns as in `naive_recurrent_gated_delta_rule`."""
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
-    if backend == "triton" and q.is_cuda:
+    if as_backend(backend).runs_fla(q):
         return _fla.fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                                      cu_seqlens, use_qk_l2norm)
     return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,

@@ -1,44 +1,37 @@
-"""Fused inference kernels for the elementwise tails of a layer: RMS norm, the gated RMS norm that closes the
-linear-attention blocks, and SwiGLU's `silu(gate) * up`.
+"""The elementwise tails of a layer: RMS norm, the gated RMS norm that closes the linear-attention blocks, and
+SwiGLU's `silu(gate) * up`, each as a readable PyTorch reference and a dispatcher to a fused Triton kernel.
 
-Each function here is the readable PyTorch reference and the dispatcher: the Triton kernel
-(`jetnas.ops.triton_fused`) runs when the tensors are on CUDA, Triton is usable, fusion is enabled, and no
-gradient is needed (the kernels have no backward: training keeps the autograd path). Results agree with the
-references to float32 rounding before the final rounding to the output dtype (tests/ops/test_fused.py).
-
-`fusion(False)` switches the kernels off (a context manager), e.g. to measure what they save in the same process.
+The kernel (`jetnas.ops.triton_fused`, forward and backward) runs when the caller's backend says so: a
+`jetnas.ops.backend.Backend` named "triton" with `fused` on, and a tensor it takes (CUDA, or CPU under the
+interpreter), in float16 / bfloat16 / float32. Otherwise, and for float64, the reference runs. Results agree with
+the references to float32 rounding before each rounding to a low-precision dtype that the reference makes
+(tests/ops/test_fused.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-from jetnas.ops.backend import triton_usable
+from jetnas.ops.backend import Backend, as_backend
 
-_ENABLED = True
-
-
-@contextlib.contextmanager
-def fusion(enabled: bool):
-    """Use (or not) the fused kernels inside the block."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, enabled
-    try:
-        yield
-    finally:
-        _ENABLED = previous
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _fused(*tensors: torch.Tensor | None) -> bool:
+def _fused(backend: Backend | str, *tensors: torch.Tensor | None) -> bool:
+    """Whether the fused kernel takes these tensors under this backend."""
+    backend = as_backend(backend)
     present = [t for t in tensors if t is not None]
-    if not _ENABLED or not present[0].is_cuda or not triton_usable():
+    first = present[0]
+    if not (backend.fused and backend.runs_triton(first)):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    return present[0].dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return all(t.dtype in _KERNEL_DTYPES and t.device == first.device for t in present)
+
+
+def _row_fits(width: int) -> bool:
+    from jetnas.ops.triton_fused import MAX_WIDTH
+
+    return width <= MAX_WIDTH
 
 
 def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,8 +43,21 @@ def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * x.to(dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _fused(x, weight) and weight.dtype == x.dtype:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: Backend | str = "torch") -> torch.Tensor:
+    """RMS norm over the last dim (`naive_rms_norm`; one fused kernel each way under a fused "triton" backend).
+
+    Args:
+        x: `[..., N]`.
+        weight: `[N]`.
+        eps: added to the mean square.
+        backend: a `Backend` or its name (default "torch": the reference).
+
+    Returns:
+        `[..., N]` in the promoted dtype of x and weight (Llama's `weight * x.to(input_dtype)`).
+    """
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [N={x.shape[-1]}] for x {list(x.shape)}, got {list(weight.shape)}")
+    if _fused(backend, x, weight) and _row_fits(x.shape[-1]):
         from jetnas.ops.triton_fused import triton_rms_norm
 
         return triton_rms_norm(x, weight, eps)
@@ -75,8 +81,30 @@ def naive_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: tor
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                   norm_before_gate: bool = True, group_size: int | None = None) -> torch.Tensor:
-    if _fused(x, gate, weight) and (gate is None or gate.shape == x.shape):
+                   norm_before_gate: bool = True, group_size: int | None = None,
+                   backend: Backend | str = "torch") -> torch.Tensor:
+    """The gated RMS norm (`naive_gated_rms_norm`; one fused kernel each way under a fused "triton" backend).
+
+    Args:
+        x: `[..., D]`.
+        gate: x's shape, or None (no gate).
+        weight: `[D]`.
+        eps: added to the mean square.
+        norm_before_gate: `norm(x) * weight * silu(gate)` (True) or `norm(x * silu(gate)) * weight`.
+        group_size: statistics over groups of this many channels (D a multiple), or None for all D.
+        backend: a `Backend` or its name (default "torch": the reference).
+
+    Returns:
+        `[..., D]` in x's dtype.
+    """
+    D = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != D:
+        raise ValueError(f"weight must be [D={D}] for x {list(x.shape)}, got {list(weight.shape)}")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {list(x.shape)}, got {list(gate.shape)}")
+    if group_size is not None and (group_size < 1 or D % group_size):
+        raise ValueError(f"group_size must divide D={D}, got {group_size}")
+    if _fused(backend, x, gate, weight) and _row_fits(group_size or D):
         from jetnas.ops.triton_fused import triton_gated_rms_norm
 
         return triton_gated_rms_norm(x, gate, weight, eps, norm_before_gate, group_size)
@@ -87,9 +115,10 @@ def naive_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's `silu(gate) * up`, fused into one pass on CUDA (inference)."""
-    if _fused(gate, up) and gate.shape == up.shape and gate.dtype == up.dtype:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: Backend | str = "torch") -> torch.Tensor:
+    """SwiGLU's `silu(gate) * up` (`naive_silu_mul`; one fused kernel each way under a fused "triton" backend,
+    for gate and up of one shape and dtype; otherwise the reference, which broadcasts)."""
+    if _fused(backend, gate, up) and gate.shape == up.shape and gate.dtype == up.dtype:
         from jetnas.ops.triton_fused import triton_silu_mul
 
         return triton_silu_mul(gate, up)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from jetnas.ops import _fla
+from jetnas.ops.backend import Backend, as_backend
 from jetnas.ops.utils import check_cu_seqlens, check_state, compute_dtype
 
 
@@ -189,11 +190,11 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: Backend | str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked GLA: fla's `chunk_gla` / `chunk_simple_gla` on CUDA with `backend="triton"`, else the reference."""
     _check_inputs(q, k, v, g, initial_state, cu_seqlens)
-    if backend == "triton" and q.is_cuda:
+    if as_backend(backend).runs_fla(q):
         return _fla.chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return naive_chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
@@ -207,10 +208,10 @@ def fused_recurrent_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: Backend | str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token GLA (decode): fla's fused recurrent kernels on CUDA with `backend="triton"`, else the reference."""
     _check_inputs(q, k, v, g, initial_state, cu_seqlens)
-    if backend == "triton" and q.is_cuda:
+    if as_backend(backend).runs_fla(q):
         return _fla.fused_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return naive_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -23,20 +23,20 @@ per-token sequence start / end / index tensors made from `cu_seqlens`.
 `triton_short_conv` runs the static convolution (one `[D, W]` kernel for every token, optional bias) on the same
 kernels (`STATIC`): its weight gradient is summed per tile in the first backward kernel, then over tiles.
 
-This module imports Triton, so `jetnas.ops.conv.dynamic_conv` imports it lazily, only for CUDA tensors. Under
-`TRITON_INTERPRET=1` the kernels also run on CPU tensors (slowly), which is how the tests check them.
+This module imports Triton, so `jetnas.ops.conv` imports it lazily, only when a backend sends a tensor here; it
+imports nothing of `jetnas.ops.conv` (the shared checks live in `jetnas.ops.utils`). Under `TRITON_INTERPRET=1` the
+kernels also run on CPU tensors (slowly), which is how the tests check them.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from jetnas.ops.conv import _check_conv_inputs, check_short_conv_inputs
+from jetnas.ops.utils import check_conv_inputs, check_short_conv_inputs
 
 MAX_WIDTH = 8
 
@@ -263,14 +263,15 @@ def _dynamic_conv_bwd_dstate_kernel(k_ptr, dacc_ptr, dstate_ptr, cu_ptr, T, D, W
     tl.store(out, acc.to(dstate_ptr.dtype.element_ty), mask=d_ok[:, None] & (c < W - 1)[None, :])
 
 
-def _launch_config(T: int, D: int, W: int) -> tuple[tuple[int, int], dict]:
+def _launch_config(T: int, D: int, W: int, on_gpu: bool) -> tuple[tuple[int, int], dict]:
     # Each program holds BLOCK_T x BLOCK_D x next_pow2(W) taps. Measured on an H200 (B=4, T=4096, D=2048, W=2..8,
     # bf16 and fp32): short 4-token tiles 128 channels wide ran every kernel at 2.6-4 TB/s, within ~15% of the
     # best of the configurations tried; 16+ token tiles were up to 2x slower. T and W do not pick the tile, so
     # varying sequence lengths do not recompile.
     block_t = 4
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"):
-        # The interpreter runs programs one at a time in Python: fewer, taller tiles (same code) are much faster.
+    if not on_gpu:
+        # CPU tensors reach these kernels only under Triton's interpreter, which runs programs one at a time in
+        # Python: fewer, taller tiles (same code) are much faster.
         block_t = 32
     return (block_t, min(128, max(16, triton.next_power_of_2(D)))), {"num_warps": 4}
 
@@ -280,7 +281,7 @@ def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, **constexprs
     B, T, D = x.shape
     if x.numel() == 0:  # nothing to compute, and an empty grid cannot be launched
         return
-    (block_t, block_d), opts = _launch_config(T, D, W)
+    (block_t, block_d), opts = _launch_config(T, D, W, x.is_cuda)
     grid = (B, triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     kernel[grid](*args, T, D, W=W, W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t, BLOCK_D=block_d,
                  IS_VARLEN=seg.tok_start is not None, **constexprs, **opts)
@@ -324,7 +325,7 @@ class _ConvFunction(torch.autograd.Function):
         # Without an activation dacc is dy itself: no buffer to write and read back.
         dacc = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dy
         if static:  # per-tile partial sums of the kernel's gradient, summed below
-            (block_t, _), _ = _launch_config(T, D, W)
+            (block_t, _), _ = _launch_config(T, D, W, x.is_cuda)
             dk = torch.zeros(B, triton.cdiv(T, block_t), D, W, device=x.device, dtype=torch.float32)
         else:
             dk = torch.empty_like(kernels)
@@ -379,7 +380,7 @@ def triton_dynamic_conv(
     if kernels.dim() != 4:
         raise ValueError(f"kernels must be [B, T, D, W], got shape {list(kernels.shape)}")
     W = kernels.shape[-1]
-    B, T, D, _ = _check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    B, T, D, _ = check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
     if tuple(kernels.shape[:3]) != (B, T, D):
         raise ValueError(f"kernels must be [B, T, D, W] = [{B}, {T}, {D}, W], got {list(kernels.shape)}")
     if W > MAX_WIDTH:

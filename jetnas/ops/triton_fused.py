@@ -1,19 +1,35 @@
-"""Triton kernels that fuse the elementwise tails of a layer for inference (contracts and references in
+"""Triton kernels that fuse the elementwise tails of a layer, forward and backward (contracts and references in
 `jetnas.ops.fused`).
 
 Each is one pass over its rows: the unfused PyTorch code makes 5-8 passes, half of them in float32 (a 64K-token
 prefill of the Jet-Nemotron-2B architecture spent a third of its GPU time in such kernels, measured on an H200,
-benchmarks/results/2026-12-02_h200_checks). Rounding follows the references step by step: float32 math, and a
-rounding to the output dtype wherever the reference rounds; the float32 sums run in another order and 1 / sqrt
-stands for rsqrt, so an output can land one rounding step of its dtype away (tests/ops/test_fused.py: bf16 within
-one step, < 2% of elements differing, on an H200).
+benchmarks/results/2026-12-02_h200_checks), and autograd's backward of that code one more kernel per op, keeping
+float32 copies of the inputs for it. Rounding follows the references step by step: float32 math, and a rounding to a
+low-precision dtype wherever the reference (or PyTorch's autograd of it) rounds; the float32 sums run in another
+order and 1 / sqrt stands for rsqrt, so an output can land one rounding step of its dtype away
+(tests/ops/test_fused.py: the forward kernels in bf16 within one step, < 2% of elements differing, on an H200; the
+backward kernels are checked under the interpreter and compiled for sm_90, not yet run on a GPU).
+
+`triton_rms_norm`, `triton_gated_rms_norm` and `triton_silu_mul` have the references' contracts, gradients included:
+when an input needs a gradient they run as an autograd Function whose backward is one more kernel. A weight's
+gradient is summed per program in float32 (each program walks a strided set of rows), then over programs; a
+weight that needs no gradient (frozen, as the MLPs and norms of PostNAS stage 1) skips that sum.
+
+Design of the backward kernels: program p of P takes rows p, p + P, ... (P about 32 warps' worth per SM, so the
+per-program weight partials stay small), recomputes the row's statistics from x (cheaper than storing them: x is
+read anyway) and writes dx (and dgate) once.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+# widest row one program holds (a row lives in registers); wider rows take the references
+MAX_WIDTH = 65536
 
 
 @triton.jit
@@ -23,10 +39,38 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK_N: t
     inside = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
-    # HF order: normalise in float32, round to the input dtype, then multiply by the weight (rounded again)
-    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+    # HF order: normalise in float32, round to the input dtype, then multiply by the weight (in the promoted dtype)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, N, eps, stride_x, stride_dy, stride_dx,
+                         BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr):
+    """Program p takes rows p, p + P, ...; writes dx and, with HAS_DW, its float32 partial sum of dw (row p of
+    `dw [P, N]`)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # an int64 start makes the row index int64 (no overflow of row * stride)
+    for row in range(pid.to(tl.int64), M, tl.num_programs(0)):
+        x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+        xhat = x * rstd
+        # autograd of the reference rounds the gradient of its rounded `normed` to x's dtype
+        g = (dy * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, 0) / N))
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        if HAS_DW:
+            # and computes each product dy * normed in the output dtype before summing them in float32
+            normed = xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw += (dy * normed).to(dy_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_DW:
+        tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
 
 
 @triton.jit
@@ -50,6 +94,55 @@ def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, L, G, eps, HAS_GATE: tl.c
 
 
 @triton.jit
+def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_ptr, R, L, G, eps,
+                               HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_DW: tl.constexpr,
+                               BLOCK_L: tl.constexpr):
+    """Grid (P, G): program (p, k) takes the rows of weight group k (rows j * G + k) for j = p, p + P, ...; writes
+    dx, dgate and, with HAS_DW, its float32 partial dw (row p * G + k of `dw [P * G, L]`). All math in float32, as
+    the reference's."""
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_L)
+    inside = cols < L
+    w = tl.load(w_ptr + grp * L + cols, mask=inside, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for j in range(pid.to(tl.int64), R // G, tl.num_programs(0)):  # int64 start: int64 offsets
+        off = (j * G + grp) * L
+        x = tl.load(x_ptr + off + cols, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + off + cols, mask=inside, other=0.0).to(tl.float32)
+        u = x
+        dyw = dy  # the gradient w.r.t. norm(u) * w
+        if HAS_GATE:
+            gate = tl.load(g_ptr + off + cols, mask=inside, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            dsilu = sig * (1.0 + gate * (1.0 - sig))
+            if NORM_BEFORE_GATE:
+                dyw = dy * silu
+            else:
+                u = x * silu
+        rstd = 1.0 / tl.sqrt(tl.sum(u * u, 0) / L + eps)
+        uhat = u * rstd
+        duhat = dyw * w
+        du = rstd * (duhat - uhat * (tl.sum(duhat * uhat, 0) / L))
+        if HAS_GATE:
+            if NORM_BEFORE_GATE:
+                dx = du
+                dgate = dy * uhat * w * dsilu
+            else:
+                dx = du * silu
+                dgate = du * x * dsilu
+            tl.store(dg_ptr + off + cols, dgate.to(dg_ptr.dtype.element_ty), mask=inside)
+        else:
+            dx = du
+        tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        if HAS_DW:
+            dw += dyw * uhat
+    if HAS_DW:
+        tl.store(dw_ptr + (pid.to(tl.int64) * G + grp) * L + cols, dw, mask=inside)
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -60,41 +153,192 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _silu_mul_bwd_kernel(g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+    """`dup = dy * silu(g)` and `dgate = (dy * up) * silu'(g)`, each product rounded to the dtype where PyTorch's
+    autograd of `F.silu(gate) * up` rounds it."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    act = (g * sig).to(g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(du_ptr + offs, (dy * act).to(du_ptr.dtype.element_ty), mask=inside)
+    dact = (dy * u).to(g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dg_ptr + offs, (dact * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=inside)
+
+
 def _warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(rows: int, device: torch.device, warps: int) -> int:
+    """How many programs a backward kernel spreads `rows` over: on a GPU about 32 warps per SM (at least four
+    programs), so narrow rows (a 64-channel head: one warp each) still keep the SM busy while the per-program weight
+    partials stay a few MB at most; under the interpreter (CPU tensors) four, since it runs programs one after
+    another anyway."""
+    per_device = _sm_count(device) * max(4, 32 // warps) if device.type == "cuda" else 4
+    return max(1, min(rows, per_device))
+
+
+# -- forward launches --------------------------------------------------------------------------------------------
+
+
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(N)
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, N, eps, x2.stride(0), y.stride(0), BLOCK_N=block,
-                                     num_warps=_warps(block))
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(N)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, N, eps, x2.stride(0), y.stride(0), BLOCK_N=block,
+                                         num_warps=_warps(block))
     return y.view(x.shape)
+
+
+def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size) -> torch.Tensor:
+    hidden = x.shape[-1]
+    L = group_size or hidden
+    y = torch.empty_like(x)
+    rows = x.numel() // L
+    if rows:
+        block = triton.next_power_of_2(L)
+        _gated_rms_norm_kernel[(rows,)](x, x if gate is None else gate, weight, y, L, hidden // L, eps,
+                                        HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate,
+                                        BLOCK_L=block, num_warps=_warps(block))
+    return y
+
+
+def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        block = 2048
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block, num_warps=8)
+    return y
+
+
+# -- autograd ----------------------------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _rms_norm_fwd(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        N = x.shape[-1]
+        x2 = x.reshape(-1, N)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        dy2 = dy.reshape(-1, N)
+        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+        M = x2.shape[0]
+        dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        has_dw = ctx.needs_input_grad[1]
+        block = triton.next_power_of_2(N)
+        P = _programs(M, x.device, _warps(block))
+        dw = torch.empty(P, N, dtype=torch.float32, device=x.device) if has_dw else dx
+        if M:
+            _rms_norm_bwd_kernel[(P,)](x2, weight, dy2, dx, dw, M, N, ctx.eps, x2.stride(0), dy2.stride(0),
+                                       dx.stride(0), BLOCK_N=block, HAS_DW=has_dw, num_warps=_warps(block))
+        dweight = None
+        if has_dw:
+            dweight = (dw.sum(0) if M else torch.zeros(N, device=x.device)).to(weight.dtype)
+        return dx.view(x.shape) if ctx.needs_input_grad[0] else None, dweight, None
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, norm_before_gate, group_size):
+        ctx.save_for_backward(x, gate, weight)
+        ctx.eps, ctx.norm_before_gate, ctx.group_size = eps, norm_before_gate, group_size
+        return _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gate, weight = ctx.saved_tensors
+        hidden = x.shape[-1]
+        L = ctx.group_size or hidden
+        G = hidden // L
+        rows = x.numel() // L
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        dgate = None if gate is None else torch.empty_like(gate)
+        has_dw = ctx.needs_input_grad[2]
+        block = triton.next_power_of_2(L)
+        # G programs per slot already: spread the rows of each weight group over P
+        P = max(1, _programs(rows, x.device, _warps(block)) // G)
+        dw = torch.empty(P * G, L, dtype=torch.float32, device=x.device) if has_dw else dx
+        if rows:
+            _gated_rms_norm_bwd_kernel[(P, G)](x, x if gate is None else gate, weight, dy, dx,
+                                               dx if dgate is None else dgate, dw, rows, L, G, ctx.eps,
+                                               HAS_GATE=gate is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
+                                               HAS_DW=has_dw, BLOCK_L=block, num_warps=_warps(block))
+        dweight = None
+        if has_dw:
+            dweight = (dw.view(P, G * L).sum(0) if rows else torch.zeros(hidden, device=x.device)).to(weight.dtype)
+        return (dx if ctx.needs_input_grad[0] else None, dgate if ctx.needs_input_grad[1] else None, dweight,
+                None, None, None)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _silu_mul_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        if n:
+            block = 2048
+            _silu_mul_bwd_kernel[(triton.cdiv(n, block),)](gate, up, dy, dgate, dup, n, BLOCK=block, num_warps=8)
+        return dgate, dup
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# -- the ops -----------------------------------------------------------------------------------------------------
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`naive_rms_norm` in one pass (and its backward in one more): x `[..., N]` (any row stride), weight `[N]`;
+    returns `[..., N]` in the promoted dtype of x and weight. Shapes are checked by `jetnas.ops.fused.rms_norm`."""
+    if _needs_grad(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
+    return _rms_norm_fwd(x, weight, eps)
 
 
 def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
                           norm_before_gate: bool, group_size: int | None) -> torch.Tensor:
-    hidden = x.shape[-1]
-    L = group_size or hidden
+    """`naive_gated_rms_norm` in one pass (and its backward in one more): x and gate `[..., D]` of one shape,
+    weight `[D]`, statistics over groups of `group_size` channels (None: all D); returns x's dtype."""
     x = x.contiguous()
     gate = None if gate is None else gate.contiguous()
-    y = torch.empty_like(x)
-    rows = x.numel() // L
-    block = triton.next_power_of_2(L)
-    _gated_rms_norm_kernel[(rows,)](x, x if gate is None else gate, weight, y, L, hidden // L, eps,
-                                    HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_L=block,
-                                    num_warps=_warps(block))
-    return y
+    if _needs_grad(x, gate, weight):
+        return _GatedRMSNorm.apply(x, gate, weight, eps, norm_before_gate, group_size)
+    return _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size)
 
 
 def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` in one pass (and its backward in one more): gate and up of one shape and dtype."""
     gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    n = gate.numel()
-    block = 2048
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block, num_warps=8)
-    return y
+    if _needs_grad(gate, up):
+        return _SiluMul.apply(gate, up)
+    return _silu_mul_fwd(gate, up)

@@ -45,6 +45,38 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch_size: int, seq_len: 
     return len(bounds) - 1
 
 
+CONV_ACTIVATIONS = (None, "silu")
+
+
+def check_conv_inputs(x: torch.Tensor, W: int, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                      activation: str | None) -> tuple[int, int, int, int]:
+    """The short convolutions' common checks (`jetnas.ops.conv`, `jetnas.ops.triton_dynamic_conv`): x `[B, T, D]`,
+    W >= 1, a known activation, packed-sequence bounds and an `[N, D, W - 1]` state. Returns (B, T, D, N)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {list(x.shape)}")
+    if W < 1:
+        raise ValueError(f"kernel width W must be >= 1, got {W}")
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+    B, T, D = x.shape
+    N = check_cu_seqlens(cu_seqlens, B, T)
+    check_state(initial_state, (N, D, W - 1), "initial_state")
+    return B, T, D, N
+
+
+def check_short_conv_inputs(x, weight, bias, initial_state, cu_seqlens, activation) -> tuple[int, int, int]:
+    """The static convolution's checks (`short_conv`, `triton_short_conv`): weight `[D, W]`, bias `[D]` or None, and
+    `check_conv_inputs`. Returns (T, D, W)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [D, W], got shape {list(weight.shape)}")
+    W = weight.shape[-1]
+    _, T, D, _ = check_conv_inputs(x, W, initial_state, cu_seqlens, activation)
+    if weight.shape[0] != D or (bias is not None and tuple(bias.shape) != (D,)):
+        raise ValueError(f"weight must be [D={D}, W] and bias [D], got {list(weight.shape)} and "
+                         f"{None if bias is None else list(bias.shape)}")
+    return T, D, W
+
+
 def check_state(state: torch.Tensor | None, expected: tuple[int, ...], name: str) -> None:
     if state is not None and tuple(state.shape) != expected:
         raise ValueError(f"{name} must have shape {list(expected)}, got {list(state.shape)}")

@@ -1,6 +1,9 @@
 """The engine gives the tokens `generate()` gives, for every block type, with left padding and chunked prefill;
 its caches are allocated once and sized as the model's cost accounting says."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -144,3 +147,33 @@ def test_prefill_returns_the_forwards_last_logits(chunk_size):
     assert engine.cache.get_seq_length() == ids.shape[1]
     again = engine.prefill(ids, mask, cache=engine.cache_for(3, 20))  # a given (reset, longer) cache: the same
     assert (again - got).abs().max() < 1e-5 * got.abs().max()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+def test_static_decoder_runs_the_kernels_of_the_models_backend(monkeypatch):
+    # the decode step's attention takes the backend its attention layer was built with, as the linear blocks' steps
+    # do theirs: under the triton backend (interpreted on CPU) the flash-decoding kernel runs, and the logits are
+    # those of the torch backend's step to float32 rounding
+    import jetnas.ops.triton_decode as td
+    from jetnas.engine.graph import StaticDecoder
+    from jetnas.ops.backend import Backend
+
+    types = ["attn", "gdn", "swa", "jet"]
+    reference = make_model(types, head_dim=16)  # the kernel takes head dims of powers of two >= 16
+    model = JetNemotronForCausalLM(tiny_config(types, head_dim=16), backend=Backend("triton", interpret=True)).eval()
+    model.load_state_dict(reference.state_dict())
+    calls = []
+    monkeypatch.setattr(td, "triton_decode_attention",
+                        lambda *a, _f=td.triton_decode_attention: calls.append(1) or _f(*a))
+    ids, mask = left_padded_batch(5)
+    logits = []
+    with torch.inference_mode():
+        for m in (reference, model):
+            cache = Engine(m).cache_for(3, ids.shape[1] + 3)
+            decoder = StaticDecoder(m, cache)
+            decoder.prepare()
+            m(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            decoder.begin(mask)
+            logits.append(torch.stack([decoder.step(ids[:, -1 - t]).clone() for t in range(3)]))
+    assert calls and (logits[1] - logits[0]).abs().max() < 1e-4 * logits[0].abs().max()

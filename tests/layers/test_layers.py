@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jetnas.layers import Attention, GatedLinearAttention, JetBlock, Mamba2, build_layer
-from jetnas.ops.backend import resolve_backend
+from jetnas.ops.backend import Backend, resolve_backend
 from tests.utils import rel_err
 
 RELEASED_JETBLOCK_PARAMS = {
@@ -99,10 +99,43 @@ def test_registry_errors_name_the_problem():
 
 
 def test_backend_resolution_on_cpu():
-    assert resolve_backend("torch") == "torch"
+    assert resolve_backend("torch") == Backend("torch")
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda")
     if not torch.cuda.is_available():
-        assert resolve_backend("auto") == "torch"
+        assert resolve_backend("auto").name == "torch"
         with pytest.raises(ValueError, match="needs CUDA and flash-linear-attention"):
             resolve_backend("triton")
+    # options survive resolution; a resolved backend comes back as it is
+    custom = Backend("auto", fused=False, static_conv=False)
+    assert resolve_backend(custom) == Backend(resolve_backend("auto").name, fused=False, static_conv=False)
+    interpreted = resolve_backend(Backend("triton", interpret=True))  # the tests' way to reach our kernels on CPU
+    assert interpreted.name == "triton" and resolve_backend(interpreted) is interpreted
+
+
+@pytest.mark.parametrize("layer_type", ["attn", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2"])
+def test_a_layer_passes_its_backend_to_every_module_it_calls(layer_type):
+    # one value decides every kernel of the block: its norms get the very backend the block resolved
+    from jetnas.modules.norm import GatedRMSNorm, RMSNorm
+
+    backend = Backend("torch", fused=False, static_conv=False)
+    kwargs = {"head_dim": 8, "state_size": 8} if layer_type == "mamba2" else {"num_heads": 4}
+    if layer_type == "attn":
+        kwargs.update(qk_norm=True)
+    layer = build_layer(layer_type, 32, backend=backend, **kwargs)
+    norms = [m for m in layer.modules() if isinstance(m, (RMSNorm, GatedRMSNorm))]
+    assert layer.backend is backend and norms and all(m.backend is backend for m in norms)
+
+
+def test_set_backend_switches_every_module_below():
+    from jetnas.modules.backend import set_backend
+    from jetnas.models import JetNemotronForCausalLM
+    from tests.utils import tiny_config
+
+    model = JetNemotronForCausalLM(tiny_config(), backend="torch")
+    holders = [m for m in model.modules() if isinstance(getattr(m, "backend", None), Backend)]
+    # the model, every layer's mixer, MLP and two norms, the final norm, the blocks' own norms
+    assert len(holders) > 4 * len(model.model.layers)
+    assert all(m.backend == Backend("torch") for m in holders)
+    unfused = set_backend(model, Backend("torch", fused=False))
+    assert all(m.backend is unfused for m in holders)

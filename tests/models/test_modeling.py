@@ -1,5 +1,8 @@
 """The hybrid model as a transformers model: save/load, the released key layout, caching and generation."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -113,3 +116,45 @@ def test_bad_mask_is_refused_with_a_clear_message():
     model = make_model()
     with pytest.raises(ValueError, match="2-D"):
         model(torch.randint(1, 97, (1, 4)), attention_mask=torch.ones(1, 1, 4, 4))
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+def test_the_model_runs_its_backend_everywhere_in_training(monkeypatch):
+    # the same weights under the torch backend and under our Triton kernels (the interpreter lets CPU tensors reach
+    # them: fused norms and SwiGLU, static and dynamic short convs, forward and backward; fla's recurrences never
+    # run on CPU and stay the references): float32 logits and every gradient agree to float32 rounding, and the
+    # fused kernels did run, as the backend passed down at construction said
+    import jetnas.ops.triton_fused as tf
+    from jetnas.ops.backend import Backend
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    reference = randomize_zero_init(JetNemotronForCausalLM(config, backend="torch"))
+    model = JetNemotronForCausalLM(config, backend=Backend("triton", interpret=True))
+    model.load_state_dict(reference.state_dict())
+    calls = []
+    for name in ("triton_rms_norm", "triton_gated_rms_norm", "triton_silu_mul"):
+        monkeypatch.setattr(tf, name, lambda *a, _f=getattr(tf, name), _n=name: calls.append(_n) or _f(*a))
+    ids = torch.randint(1, 97, (2, 11))
+    outs = [m(ids, labels=ids) for m in (reference, model)]
+    for out in outs:
+        out.loss.backward()
+    assert set(calls) == {"triton_rms_norm", "triton_gated_rms_norm", "triton_silu_mul"}
+    assert (outs[1].logits - outs[0].logits).abs().max() < 1e-5 * outs[0].logits.abs().max()
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        assert (p.grad - p_ref.grad).norm() <= 1e-4 * p_ref.grad.norm() + 1e-12, name
+
+
+def test_a_model_backend_is_given_at_construction_and_on_loading(tmp_path):
+    from jetnas.ops.backend import Backend
+
+    unfused = Backend("torch", fused=False)
+    model = JetNemotronForCausalLM(tiny_config(["attn", "jet"]), backend=unfused)
+    assert model.model.backend is unfused and model.model.layers[1].self_attn.o_norm.backend is unfused
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, backend=unfused)
+    assert loaded.model.backend is unfused and loaded.model.layers[0].mlp.backend is unfused
+    assert "backend" not in loaded.config.to_dict()

@@ -86,12 +86,24 @@ def more_cases():
         yield (f"conv step ({'bias' if bias else 'no bias'})", dec._conv_step_kernel,
                {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "s_ptr", "y_ptr")},
                {"W": 4, "WP": 4, "HAS_BIAS": bias, "SILU": True, "BLOCK_D": 256})
-    io = {n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "y_ptr", "u_ptr")}
+    io = {n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "y_ptr", "u_ptr", "dy_ptr", "dx_ptr", "dg_ptr", "du_ptr")}
     yield "rms norm", fused._rms_norm_kernel, io, {"BLOCK_N": 1024}
     for before in (False, True):
         yield (f"gated rms norm (norm {'before' if before else 'after'} gate)", fused._gated_rms_norm_kernel, io,
                {"HAS_GATE": True, "NORM_BEFORE_GATE": before, "BLOCK_L": 128})
     yield "silu * up", fused._silu_mul_kernel, io, {"BLOCK": 2048}
+    # the backward kernels: an fp32 residual stream normed by an fp32 weight (training under bf16 autocast), and
+    # bf16 everywhere (inference dtypes); the weight's gradient partials are fp32
+    for dw in (False, True):
+        for dtype in ("fp32", "bf16"):
+            pointers = {**{n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "dy_ptr", "dx_ptr")}, "dw_ptr": "*fp32"}
+            yield (f"rms norm backward ({dtype}, {'with' if dw else 'no'} dw)", fused._rms_norm_bwd_kernel, pointers,
+                   {"BLOCK_N": 1024, "HAS_DW": dw})
+    for gate, before, dw in ((True, True, True), (True, False, True), (False, True, True), (True, True, False)):
+        yield (f"gated rms norm backward ({'gate' if gate else 'no gate'}, norm {'before' if before else 'after'},"
+               f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_kernel, {**io, "dw_ptr": "*fp32"},
+               {"HAS_GATE": gate, "NORM_BEFORE_GATE": before, "HAS_DW": dw, "BLOCK_L": 256})
+    yield "silu * up backward", fused._silu_mul_bwd_kernel, io, {"BLOCK": 2048}
 
 
 def main() -> None:

@@ -1,4 +1,9 @@
-"""`JETNAS_AUTOTUNE_CONFIGS`: how many of a Triton kernel's autotuning configs get benchmarked (and compiled)."""
+"""`limit_autotuning`: how many of a Triton kernel's autotuning configs get benchmarked (and compiled)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +13,7 @@ triton = pytest.importorskip("triton")
 def test_limit_spreads_over_the_configs_and_restores():
     import triton.language as tl
 
-    from jetnas.ops._fla import limit_autotuning
+    from jetnas.ops.autotune import limit_autotuning
 
     configs = [triton.Config({"B": b}, num_warps=w) for b in (16, 32, 64) for w in (2, 4, 8, 16)]
 
@@ -28,3 +33,15 @@ def test_limit_spreads_over_the_configs_and_restores():
     finally:
         limit_autotuning(None)
     assert kernel.prune_configs({}) == configs
+
+
+def test_importing_jetnas_leaves_the_autotuner_alone():
+    # the limit is a call, never an import-time side effect of an environment variable (the old switch's name is
+    # set here to show it no longer counts)
+    code = ("import jetnas, jetnas.ops._fla, jetnas.ops.autotune, jetnas.ops.delta_rule\n"
+            "from triton.runtime.autotuner import Autotuner\n"
+            "assert not hasattr(Autotuner, '_jetnas_original_prune')\n")
+    env = {**os.environ, "JETNAS_AUTOTUNE_CONFIGS": "2"}
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -67,3 +67,18 @@ def test_bad_input_names_values():
         naive_dynamic_conv(torch.randn(1, 4, 3), torch.randn(1, 4, 2, 4))
     with pytest.raises(ValueError, match="activation must be one of"):
         naive_dynamic_conv(torch.randn(1, 4, 3), torch.randn(1, 4, 3, 4), activation="relu")
+
+
+def test_the_triton_conv_module_does_not_import_the_dispatcher():
+    # ops/conv.py dispatches to ops/triton_dynamic_conv.py; the kernels' module takes its shared checks from
+    # ops/utils.py, so the two never import each other (at module level or inside a function)
+    import ast
+    from pathlib import Path
+
+    import jetnas.ops
+
+    source = Path(jetnas.ops.__file__).with_name("triton_dynamic_conv.py").read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert "jetnas.ops.conv" not in imported and "jetnas.ops.utils" in imported

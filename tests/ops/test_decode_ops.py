@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from jetnas.layers.base import RecurrentState
+from jetnas.ops.backend import Backend
 from jetnas.ops.attention import causal_attention
 from jetnas.ops.conv import dynamic_conv_step, short_conv_step
 from jetnas.ops.decode import (
@@ -33,6 +34,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4
 needs_triton = pytest.mark.skipif(
     DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
+# what a layer built with backend="triton" passes to its decode steps; `interpret` lets CPU tensors reach the kernels
+TRITON = Backend("triton", interpret=DEVICE == "cpu")
 
 
 def test_reference_full_cache_equals_causal_attention_last_query():
@@ -80,7 +83,7 @@ def test_triton_decode_attention_matches_reference(ring, splits):
         lo = torch.tensor([0, 7, 149], device=DEVICE, dtype=torch.int32)
         hi = torch.tensor([100, 9, 150], device=DEVICE, dtype=torch.int32)
     want = naive_decode_attention(q, kc, vc, lo, hi)
-    got = decode_attention(q, kc, vc, lo, hi, ring=ring, backend="triton", num_splits=splits)
+    got = decode_attention(q, kc, vc, lo, hi, ring=ring, backend=TRITON, num_splits=splits)
     assert rel_err(got, want) < TOL
 
 
@@ -115,7 +118,7 @@ def test_triton_delta_rule_step_in_place(gated):
     state = torch.randn(B, H, K, V, device=DEVICE)
     want_o, want_state = gated_delta_rule_step(q, k, v, g, beta, state.clone(), use_qk_l2norm=True)
     ptr = state.data_ptr()
-    o = gated_delta_rule_step_(q, k, v, g, beta, state, use_qk_l2norm=True, backend="triton")
+    o = gated_delta_rule_step_(q, k, v, g, beta, state, use_qk_l2norm=True, backend=TRITON)
     assert state.data_ptr() == ptr
     assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
 
@@ -134,7 +137,7 @@ def test_triton_delta_rule_step_makes_its_gates(decay):
     g = -A_log.exp() * torch.nn.functional.softplus(a + dt_bias) if decay else None
     want_o, want_state = gated_delta_rule_step(q, k, v, g, b.sigmoid(), state.clone(), use_qk_l2norm=True)
     ptr = state.data_ptr()
-    o = gated_delta_rule_step_raw_(q, k, v, a if decay else None, b, A_log, dt_bias, state, backend="triton")
+    o = gated_delta_rule_step_raw_(q, k, v, a if decay else None, b, A_log, dt_bias, state, backend=TRITON)
     assert state.data_ptr() == ptr
     assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
 
@@ -168,7 +171,7 @@ def test_gla_step_kernel_in_place(per_channel):
     state = torch.randn(B, H, K, V, device=DEVICE)
     want_o, want_state = gla_step(q, k, v, g, state.clone(), scale=0.3)
     ptr = state.data_ptr()
-    o = gla_step_(q, k, v, g, state, scale=0.3, backend="triton")
+    o = gla_step_(q, k, v, g, state, scale=0.3, backend=TRITON)
     assert state.data_ptr() == ptr
     assert rel_err(o, want_o) < TOL and rel_err(state, want_state) < TOL
 
@@ -219,7 +222,7 @@ def test_conv_step_kernel_in_place(kind, W, layout):
     want_state = state.clone()
     want = conv_step_(x, kernels, bias, want_state, "silu", backend="torch")
     ptr = state.data_ptr()
-    got = conv_step_(x, kernels, bias, state, "silu", backend="triton")
+    got = conv_step_(x, kernels, bias, state, "silu", backend=TRITON)
     assert state.data_ptr() == ptr
     assert rel_err(got, want) < TOL and torch.equal(state, want_state)
 
@@ -236,3 +239,25 @@ def test_torch_conv_step_in_place_equals_the_reference_steps():
     assert torch.equal(conv_step_(x, kernels, None, got_state, "silu"), want_y) and torch.equal(got_state, want_state)
     with pytest.raises(ValueError, match="state must be"):
         conv_step_(x, w, None, torch.randn(2, 6, 2))
+
+
+@needs_triton
+def test_dispatch_follows_the_backend(monkeypatch):
+    # the kernels run exactly when the backend says so (no environment variable decides it): "triton" and a tensor
+    # it takes; "torch", or a CPU tensor without `interpret`, keeps the PyTorch path
+    import jetnas.ops.triton_decode as td
+
+    calls = []
+    for name in ("triton_decode_attention", "triton_gla_step_", "triton_conv_step_"):
+        monkeypatch.setattr(td, name, lambda *a, _n=name, **k: calls.append(_n))
+    q, kc = torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, 5, 16, device=DEVICE)
+    lo, hi = torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.full((1,), 5, dtype=torch.int32, device=DEVICE)
+    state, g = torch.zeros(1, 2, 16, 16, device=DEVICE), -torch.rand(1, 2, device=DEVICE)
+    x, w = torch.randn(1, 16, device=DEVICE), torch.randn(16, 4, device=DEVICE)
+    conv = torch.zeros(1, 16, 3, device=DEVICE)
+    untaken = ["torch", Backend("torch", interpret=True)] + ([Backend("triton")] if DEVICE == "cpu" else [])
+    for backend in [*untaken, TRITON]:
+        decode_attention(q, kc, kc, lo, hi, backend=backend)
+        gla_step_(q, q, q, g, state, backend=backend)
+        conv_step_(x, w, None, conv, backend=backend)
+    assert calls == ["triton_decode_attention", "triton_gla_step_", "triton_conv_step_"]

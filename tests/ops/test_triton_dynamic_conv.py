@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from jetnas.ops.backend import Backend
 from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv, short_conv
 from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv, triton_short_conv
 from tests.utils import rel_err
@@ -98,7 +99,7 @@ def test_production_tiles(monkeypatch, packed):
     # narrow channel blocks, so that W = 8 windows reach two tiles back and D = 40 spans three channel blocks.
     import jetnas.ops.triton_dynamic_conv as module
 
-    monkeypatch.setattr(module, "_launch_config", lambda T, D, W: ((4, 16), {"num_warps": 4}))
+    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, 16), {"num_warps": 4}))
     cu = torch.tensor([0, 5, 5, 7, 23], device=DEVICE) if packed else None
     B, N = (1, 4) if packed else (2, 2)
     _check(*_inputs(B, 23, 40, 8, N, True), "silu", cu)
@@ -137,13 +138,23 @@ def test_bad_inputs_raise():
                             cu_seqlens=torch.tensor([0, 4], device=DEVICE))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="dynamic_conv uses Triton only for CUDA tensors")
-def test_dispatch_from_dynamic_conv():
+# what a layer built with backend="triton" passes down; `interpret` lets CPU tensors reach our kernels
+TRITON = Backend("triton", interpret=DEVICE == "cpu")
+
+
+def test_dispatch_from_dynamic_conv(monkeypatch):
+    import jetnas.ops.triton_dynamic_conv as module
+
+    calls = []
+    monkeypatch.setattr(module, "triton_dynamic_conv", lambda *a: calls.append(1) or triton_dynamic_conv(*a))
     x, kernels, state = _inputs(2, 33, 40, 4, 2, True)
-    y, final = dynamic_conv(x, kernels, state, True, backend="triton")
+    y, final = dynamic_conv(x, kernels, state, True, backend=TRITON)
     y_ref, final_ref = naive_dynamic_conv(x, kernels, state, True)
-    assert rel_err(y, y_ref) < TOL and torch.equal(final, final_ref)
+    assert calls == [1] and rel_err(y, y_ref) < TOL and torch.equal(final, final_ref)
+    # the torch backend (and, off the interpreter, a CPU tensor) keeps the reference
+    dynamic_conv(x, kernels, state, True, backend="torch")
+    dynamic_conv(x.cpu(), kernels.cpu(), state.cpu(), True, backend=Backend("triton"))
+    assert calls == [1]
 
 
 # -- the static convolution (`triton_short_conv`), against `short_conv`'s F.conv1d path, gradients included -------
@@ -185,7 +196,7 @@ def test_static_packed_sequences_and_production_tiles(monkeypatch):
     # 4-token tiles: the weight gradient is summed over 10 tiles, some spanning two packed sequences
     import jetnas.ops.triton_dynamic_conv as module
 
-    monkeypatch.setattr(module, "_launch_config", lambda T, D, W: ((4, 16), {"num_warps": 4}))
+    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, 16), {"num_warps": 4}))
     cu = torch.tensor([0, 2, 2, 3, 35, 40], device=DEVICE, dtype=torch.int32)
     _check_static(1, 40, 40, 4, "silu", True, True, cu)
 
@@ -200,16 +211,23 @@ def test_static_bad_inputs_raise():
         triton_short_conv(x, torch.randn(3, 9, device=DEVICE))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="short_conv uses Triton only for CUDA tensors")
-def test_static_dispatch_and_bf16():
-    from jetnas.ops.conv import triton_static_conv
+def test_static_dispatch_follows_the_backend(monkeypatch):
+    import jetnas.ops.triton_dynamic_conv as module
 
+    calls = []
+    monkeypatch.setattr(module, "triton_short_conv", lambda *a: calls.append(1) or triton_short_conv(*a))
     x = torch.randn(2, 33, 40, device=DEVICE)
     w = torch.randn(40, 4, device=DEVICE, requires_grad=True)
-    with triton_static_conv(True):
-        y, _ = short_conv(x, w, None, None, False, "silu", backend="triton")
+    y, _ = short_conv(x, w, None, None, False, "silu", backend=TRITON)
     y_ref, _ = short_conv(x, w, None, None, False, "silu")
-    assert rel_err(y, y_ref) < TOL
+    assert calls == [1] and rel_err(y, y_ref) < TOL
+    # static_conv=False: F.conv1d even with the triton backend
+    short_conv(x, w, None, None, False, "silu", backend=Backend("triton", static_conv=False, interpret=True))
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 rounding is checked on the GPU's conversions")
+def test_static_bf16():
     # bf16 in, float32 accumulation: within bf16's rounding (2^-8) of F.conv1d's bf16 result, gradients included
     _check_static(2, 300, 1728, 4, "silu", True, True, dtype=torch.bfloat16, tol=1e-2)
