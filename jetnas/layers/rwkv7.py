@@ -148,7 +148,7 @@ class RWKV7(TokenMixer):
         powers = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
         values = {name: 1.0 - ddd ** (p * depth) for name, p in powers.items()}
         values.update(
-            # 0.5 and the sigmoid: RWKV-7's decay exp(-softplus(-z) - 0.5) is exp(-1/2) * sigmoid(z)
+            # RWKV-7's offset z of its log decay -exp(-softplus(-z) - 0.5), which is -exp(-1/2) * sigmoid(z) here
             w0=www + 0.5 + zigzag * 2.5, a0=-0.19 + zigzag * 0.3 + linear * 0.4,
             k_k=0.71 - linear * 0.1, k_a=torch.full((H * K,), 1.02), r_k=torch.full((H, K), -0.04))
         return values
