@@ -2,6 +2,7 @@
 left-padded.
 
     python benchmarks/gpu_generate_check.py --out generate_check.json [--sections generate,engine,teacher_forced]
+    python benchmarks/gpu_generate_check.py --sections engine --types rwkv7 --out rwkv7.json      # one linear type
 
 Sections (each logs as it goes and rewrites the JSON when it finishes, so a cut-off run keeps what it measured):
 - generate (float32): cached greedy generation == uncached, or where they part, their scores within 5e-3 of each
@@ -42,7 +43,7 @@ from jetnas.ops.autotune import limit_autotuning
 from jetnas.models.hf_compat import output_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2"]
+TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2", "rwkv7"]
 LINEAR = [t for t in TYPES if t not in ("attn", "swa")]
 # bf16 has no absolute limit: it is judged against the float32 model (see teacher_forced above)
 LIMITS = {"engine_logits": 1e-4, "float32": 1e-3}
@@ -148,11 +149,12 @@ def engine_logit_error(model, ids, mask, new_tokens: int = 12) -> tuple[bool, fl
     return bool(torch.equal(got, expected)), worst
 
 
-def engine_section(report: dict, out: str) -> dict:
-    res = {}
+def engine_section(report: dict, out: str, linear=LINEAR, with_all: bool = True) -> dict:
+    """`attn, X, swa, X` for each X of `linear`, then (`with_all`) the model of every type."""
+    res = report.setdefault("engine", {})
     ids, mask = prompts()
     torch.backends.cuda.matmul.allow_tf32 = False
-    for types in [["attn", t, "swa", t] for t in LINEAR] + [TYPES]:
+    for types in [["attn", t, "swa", t] for t in linear] + ([TYPES] if with_all else []):
         name = "+".join(types) if len(types) < len(TYPES) else "all"
         tokens_equal, err = engine_logit_error(hybrid(torch.float32, types, repeat=1 if name != "all" else 2),
                                                ids, mask)
@@ -285,9 +287,16 @@ def main() -> None:
                         help="teacher_forced also for attn+swa alone and attn,X,swa,X per linear type X (diagnostic)")
     parser.add_argument("--autotune-configs", type=int, default=None,
                         help="benchmark at most N autotuning configs per Triton kernel (a fast start, fresh machine)")
+    parser.add_argument("--types", default=None,
+                        help="engine section: only attn,X,swa,X for these linear types X (comma-separated), without "
+                             "the model of every type; default: every linear type and the model of every type")
     args = parser.parse_args()
     if args.autotune_configs is not None:
         limit_autotuning(args.autotune_configs)
+    linear = LINEAR if args.types is None else args.types.split(",")
+    unknown = sorted(set(linear) - set(LINEAR))
+    if unknown:
+        raise SystemExit(f"unknown linear types {unknown}; known: {', '.join(LINEAR)}")
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
               "limits": LIMITS, "errors": {}}
     t0 = time.time()
@@ -297,7 +306,7 @@ def main() -> None:
                 report["generate"] = generate_section()
                 log("generate", report["generate"])
             elif section == "engine":
-                engine_section(report, args.out)
+                engine_section(report, args.out, linear, with_all=args.types is None)
             elif section == "teacher_forced":
                 # the model of every type last and GLA last of the rest: a CUDA error (fla's float32 GLA autotuning
                 # crashed once) leaves the context unusable for what follows

@@ -4,6 +4,7 @@ Then times each block's training step (forward + backward), fast vs reference, a
 against the memory-bandwidth bound.
 
     python benchmarks/gpu_kernel_check.py --out results.json
+    python benchmarks/gpu_kernel_check.py --sections ops,blocks --ops rwkv7 --blocks rwkv7    # one block type
 
 Errors are ||fast - ref|| / ||ref||. Both sides start from the same bf16 values (weights and inputs); the
 reference upcasts them and computes in fp32, so the error measures bf16 arithmetic in the fast path: ~1e-3 to
@@ -25,8 +26,10 @@ from jetnas.layers import LAYER_TYPES, build_layer
 from jetnas.modules.backend import set_backend
 from jetnas.ops.autotune import limit_autotuning
 from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv
+from jetnas.ops.decode import rwkv7_step_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule
 from jetnas.ops.gla import chunk_gla, naive_chunk_gla
+from jetnas.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7, naive_chunk_rwkv7, rwkv7_step
 
 OUT_TOL, GRAD_TOL = 2e-2, 5e-2
 D = 1536
@@ -41,7 +44,9 @@ BLOCKS = {
     "gla": dict(num_heads=12, head_k_dim=128, head_v_dim=128),
     "retnet": dict(num_heads=12, head_k_dim=128, head_v_dim=128),
     "mamba2": dict(head_dim=64, state_size=128),
+    "rwkv7": dict(num_heads=12, head_k_dim=128, head_v_dim=128),
 }
+OPS = ("gated_delta_rule", "gla", "dynamic_conv", "rwkv7")
 
 
 def log(*args) -> None:
@@ -68,14 +73,23 @@ def sync_time(fn, iters: int = 10, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def op_checks(dev) -> dict:
+def op_checks(dev, ops=OPS) -> dict:
+    res = {}
+    if "gated_delta_rule" in ops:
+        res.update(gated_delta_rule_checks(dev))
+    if "gla" in ops:
+        res.update(gla_checks(dev))
+    if "dynamic_conv" in ops:
+        res.update(dynamic_conv_checks(dev))
+    if "rwkv7" in ops:
+        res.update(rwkv7_checks(dev))
+    return res
+
+
+def gated_delta_rule_checks(dev) -> dict:
     torch.manual_seed(0)
     B, T, H, K, V = 2, 1000, 12, 96, 256
     res = {}
-
-    def leaves(*shapes_dtypes):
-        return [torch.randn(*s, device=dev, dtype=d).requires_grad_() for s, d in shapes_dtypes]
-
     # gated delta rule, chunked (training/prefill) with initial state and final state
     q, k, v = (torch.randn(B, T, H, d, device=dev, dtype=torch.bfloat16) for d in (K, K, V))
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=dev)) * 0.1
@@ -101,7 +115,13 @@ def op_checks(dev) -> dict:
                                             g[:, :1].double(), beta[:, :1].double(), initial_state=h0.double(),
                                             output_final_state=True, use_qk_l2norm=True)
     res["gated_delta_rule.decode_step"] = {"out": rel(o1, o1r), "final_state": rel(s1, s1r)}
+    return res
 
+
+def gla_checks(dev) -> dict:
+    torch.manual_seed(0)
+    B, T, H = 2, 1000, 12
+    res = {}
     # GLA: per-channel decay (GLA) and per-head decay (RetNet, Mamba2)
     for name, gshape in (("gla.per_channel", (B, T, H, 128)), ("gla.per_head", (B, T, H))):
         qg, kg, vg = (torch.randn(B, T, H, 128, device=dev, dtype=torch.bfloat16) * 0.3 for _ in range(3))
@@ -116,7 +136,13 @@ def op_checks(dev) -> dict:
         res[name] = {"out": rel(o, o_r), "final_state": rel(s, s_r),
                      **{f"grad_{n}": rel(a, b) for n, a, b in zip("qkvg", g_fast, g_ref)}}
         log(name, res[name])
+    return res
 
+
+def dynamic_conv_checks(dev) -> dict:
+    torch.manual_seed(0)
+    B, T, H, V = 2, 1000, 12, 256
+    res = {}
     # dynamic convolution, our Triton kernel, with an initial state
     x = torch.randn(B, T, H * V, device=dev, dtype=torch.bfloat16)
     kern = torch.randn(B, T, H * V, 4, device=dev, dtype=torch.bfloat16) * 0.5
@@ -130,6 +156,46 @@ def op_checks(dev) -> dict:
     g_ref = torch.autograd.grad((y_r * dy).sum(), ref_ins)
     res["dynamic_conv"] = {"out": rel(y, y_r), "final_state": rel(f, f_r),
                            **{f"grad_{n}": rel(a, b) for n, a, b in zip(["x", "kernels", "state"], g_fast, g_ref)}}
+    return res
+
+
+def rwkv7_checks(dev) -> dict:
+    """RWKV-7's recurrence at the 2B attention shape (12 heads, K = V = 128), RWKV-7's own parametrisation (log decay
+    in (-exp(-1/2), 0), a = -kk, b = kk * iclr): fla's chunked kernel with initial and final state, forward and every
+    gradient, against the float64 reference; then one decode step from that state through fla's fused recurrent
+    kernel and through our in-place step kernel."""
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 1000, 12, 128, 128
+    res = {}
+    r, k = (torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
+    w = -0.6065306597126334 * torch.sigmoid(torch.randn(B, T, H, K, device=dev))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev), dim=-1)
+    iclr = torch.sigmoid(torch.randn(B, T, H, K, device=dev))
+    a, b = (-kk).bfloat16(), (kk * iclr).bfloat16()
+    h0 = torch.randn(B, H, K, V, device=dev) * 0.1
+    ins = [t.detach().clone().requires_grad_() for t in (r, w, k, v, a, b, h0)]
+    ref_ins = [t.detach().double().requires_grad_() for t in (r, w, k, v, a, b, h0)]
+    o, s = chunk_rwkv7(*ins[:6], initial_state=ins[6], output_final_state=True, backend="triton")
+    torch.cuda.synchronize()
+    log("rwkv7 chunk forward done (first use compiles and autotunes)")
+    o_r, s_r = naive_chunk_rwkv7(*ref_ins[:6], initial_state=ref_ins[6], output_final_state=True)
+    do, ds = torch.randn_like(o_r), torch.randn_like(s_r)
+    g_fast = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), ins)
+    g_ref = torch.autograd.grad((o_r * do).sum() + (s_r * ds).sum(), ref_ins)
+    res["rwkv7.chunk"] = {"out": rel(o, o_r), "final_state": rel(s, s_r),
+                          **{f"grad_{n}": rel(x, y) for n, x, y in zip(["r", "w", "k", "v", "a", "b", "h0"],
+                                                                        g_fast, g_ref)}}
+    log("rwkv7.chunk", res["rwkv7.chunk"])
+    step = [t[:, :1] for t in (r, w, k, v, a, b)]
+    with torch.no_grad():
+        o1, s1 = fused_recurrent_rwkv7(*step, initial_state=h0, output_final_state=True, backend="triton")
+        o1r, s1r = rwkv7_step(*(t[:, 0].double() for t in step), h0.double())
+        state = h0.clone()
+        o1k = rwkv7_step_(*(t[:, 0] for t in step), state, backend="triton")
+    res["rwkv7.decode_step"] = {"out": rel(o1[:, 0], o1r), "final_state": rel(s1, s1r)}
+    res["rwkv7.decode_step_in_place"] = {"out": rel(o1k, o1r), "final_state": rel(state, s1r)}
+    log("rwkv7 decode", res["rwkv7.decode_step"], res["rwkv7.decode_step_in_place"])
     return res
 
 
@@ -173,12 +239,12 @@ def block_checks(dev, types=LAYER_TYPES) -> dict:
     return res
 
 
-def block_timings(dev) -> dict:
+def block_timings(dev, types=LAYER_TYPES) -> dict:
     """Training step (forward + backward) of each block, B=4, T=2048, bf16: fast path vs reference."""
     res = {}
     B, T = 4, 2048
     x = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    for layer_type in LAYER_TYPES:
+    for layer_type in types:
         torch.manual_seed(0)
         layer = build_layer(layer_type, D, **BLOCKS[layer_type]).to(dev, torch.bfloat16)
         entry = {}
@@ -221,7 +287,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="kernel_check.json")
     parser.add_argument("--sections", default="ops,blocks,timing", help="comma-separated subset of ops,blocks,timing")
-    parser.add_argument("--blocks", default=",".join(LAYER_TYPES), help="block types to check")
+    parser.add_argument("--blocks", default=",".join(LAYER_TYPES), help="block types to check and time")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"op groups of the ops section, from {','.join(OPS)}")
     parser.add_argument("--autotune-configs", type=int, default=None,
                         help="benchmark at most N autotuning configs per Triton kernel (a fast start on a fresh "
                              "machine, slightly slower kernels: the timings are then lightly tuned)")
@@ -238,8 +305,13 @@ def main() -> None:
               "tolerances": {"out": OUT_TOL, "grad": GRAD_TOL}}
     sections = args.sections.split(",")
     report.update(ops={}, blocks={}, errors={})
-    runs = [("ops", op_checks), ("blocks", lambda d: block_checks(d, args.blocks.split(","))), ("block_training_step", block_timings),
-            ("dynamic_conv_bandwidth", conv_bandwidth)]
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise SystemExit(f"unknown op groups {unknown}; known: {', '.join(OPS)}")
+    blocks = args.blocks.split(",")
+    runs = [("ops", lambda d: op_checks(d, ops)), ("blocks", lambda d: block_checks(d, blocks)),
+            ("block_training_step", lambda d: block_timings(d, blocks)), ("dynamic_conv_bandwidth", conv_bandwidth)]
     for key, fn in runs:
         if (key if key in ("ops", "blocks") else "timing") not in sections:
             continue

@@ -9,7 +9,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-ALL_TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2"]
+ALL_TYPES = ["attn", "swa", "jet", "gdn", "deltanet", "gla", "retnet", "mamba2", "rwkv7"]
 
 
 def tiny_config(block_types=None, **overrides):
@@ -24,6 +24,8 @@ def tiny_config(block_types=None, **overrides):
             "swa": {"window_size": 5},
             "jet": {"num_heads": 2, "head_dim": 8, "expand_v": 2.0},
             "mamba2": {"num_heads": 4, "head_dim": 8, "state_size": 8},
+            "rwkv7": {"num_heads": 2, "head_k_dim": 8, "head_v_dim": 16, "decay_low_rank_dim": 8, "a_low_rank_dim": 8,
+                      "gate_low_rank_dim": 8},
         },
     )
     fields.update(overrides)

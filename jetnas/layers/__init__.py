@@ -10,8 +10,7 @@
 | `gla` | Gated Linear Attention | H*K*V |
 | `retnet` | multi-scale retention | H*K*V |
 | `mamba2` | Mamba2 (SSD) | H*N*P + conv inputs |
-
-RWKV7 is not included: the paper drops it for slow training, and PostNAS step 2 can run without it.
+| `rwkv7` | RWKV-7 time mixing (generalised delta rule), no cross-layer value residual | H*K*V + last token |
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from jetnas.layers.gla import GatedLinearAttention
 from jetnas.layers.jet import JetBlock
 from jetnas.layers.mamba2 import Mamba2
 from jetnas.layers.retnet import MultiScaleRetention
+from jetnas.layers.rwkv7 import RWKV7
 
 LINEAR_LAYERS: dict[str, type[TokenMixer]] = {
     "jet": JetBlock,
@@ -32,6 +32,7 @@ LINEAR_LAYERS: dict[str, type[TokenMixer]] = {
     "gla": GatedLinearAttention,
     "retnet": MultiScaleRetention,
     "mamba2": Mamba2,
+    "rwkv7": RWKV7,
 }
 ATTENTION_TYPES = ("attn", "swa")
 LAYER_TYPES = (*ATTENTION_TYPES, *LINEAR_LAYERS)
@@ -57,5 +58,5 @@ def build_layer(layer_type: str, hidden_size: int, **kwargs) -> TokenMixer:
 
 __all__ = [
     "Attention", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention", "JetBlock", "KVState", "LAYER_TYPES",
-    "LINEAR_LAYERS", "Mamba2", "MultiScaleRetention", "RecurrentState", "TokenMixer", "build_layer",
+    "LINEAR_LAYERS", "Mamba2", "MultiScaleRetention", "RWKV7", "RecurrentState", "TokenMixer", "build_layer",
 ]

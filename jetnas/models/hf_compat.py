@@ -24,7 +24,7 @@ def output_cache(outputs) -> Cache | None:
     return getattr(outputs, CACHE_FIELD)
 
 # our short convolutions' names -> the conv-state slot of transformers' LinearAttentionLayer
-_CONV_SLOTS = {"q": 0, "k": 1, "v": 2, "xBC": 0}
+_CONV_SLOTS = {"q": 0, "k": 1, "v": 2, "xBC": 0, "shift": 0}
 
 
 def new_cache(config) -> DynamicCache:

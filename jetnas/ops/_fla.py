@@ -62,6 +62,24 @@ def fused_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+def chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens):
+    # fla's RWKV-7 kernels are its DPLR delta rule: same argument names, w the log decay, [N, H, K, V] states
+    from fla.ops.rwkv7 import chunk_rwkv7 as fla_chunk
+
+    return fla_chunk(r=r, w=w.float(), k=k, v=v, a=a, b=b, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def fused_recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (r, w, k, v, a, b, initial_state) if t is not None):
+        # fla's fused recurrent DPLR kernel has no backward (it raises): the chunked kernel computes the same function
+        return chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens)
+    from fla.ops.rwkv7 import fused_recurrent_rwkv7 as fla_recurrent
+
+    return fla_recurrent(r=r, w=w.float(), k=k, v=v, a=a, b=b, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
 def is_available() -> bool:
     """True when fla and Triton import and a CUDA device exists."""
     if not torch.cuda.is_available():

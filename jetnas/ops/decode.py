@@ -11,6 +11,7 @@
 - `gated_delta_rule_step_raw_`: the same with Gated DeltaNet's / the JetBlock's gates made from their projections
   inside the kernel.
 - `gla_step_`: the same for gated linear attention (GLA, RetNet, Mamba2), per-key-channel or per-head decay.
+- `rwkv7_step_`: the same for RWKV-7's generalised delta rule (kernel in `jetnas.ops.triton_rwkv7`).
 - `conv_step_`: a short convolution's one-token step (static kernel or the JetBlock's per-token kernels), shifting
   its cached inputs in place.
 
@@ -29,6 +30,7 @@ from jetnas.ops.backend import Backend, as_backend
 from jetnas.ops.conv import dynamic_conv_step, short_conv_step
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
+from jetnas.ops.rwkv7 import rwkv7_step
 
 
 def _use_triton(backend: Backend | str, x: torch.Tensor) -> bool:
@@ -138,6 +140,20 @@ def gla_step_(q, k, v, g, state, scale=None, backend: Backend | str = "torch"):
 
         return triton_gla_step_(q, k, v, g, state, scale)
     o, new = gla_step(q, k, v, g, state, scale)
+    state.copy_(new)
+    return o
+
+
+def rwkv7_step_(r, w, k, v, a, b, state, scale=1.0, backend: Backend | str = "torch"):
+    """`jetnas.ops.rwkv7.rwkv7_step` writing the new state into `state [B, H, K, V]` (float32) in place; returns o
+    `[B, H, V]` in v's dtype. r, w (log decay), k, a, b `[B, H, K]`, v `[B, H, V]`."""
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"the state must be a contiguous float32 tensor, got {state.dtype}")
+    if _use_triton(backend, r):
+        from jetnas.ops.triton_rwkv7 import triton_rwkv7_step_
+
+        return triton_rwkv7_step_(r, w, k, v, a, b, state, scale)
+    o, new = rwkv7_step(r, w, k, v, a, b, state, scale)
     state.copy_(new)
     return o
 

@@ -24,6 +24,8 @@ CONFIGS = {
     "gla": dict(num_heads=2, head_k_dim=8, head_v_dim=16),
     "retnet": dict(num_heads=2, head_k_dim=8, head_v_dim=16),
     "mamba2": dict(num_heads=4, head_dim=8, state_size=8, n_groups=2),
+    "rwkv7": dict(num_heads=2, head_k_dim=8, head_v_dim=16, decay_low_rank_dim=8, a_low_rank_dim=8,
+                  gate_low_rank_dim=8),
 }
 
 

@@ -48,7 +48,7 @@ def test_candidates_plain_blocks_variants_and_options():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("rwkv7", "unknown block candidate 'rwkv7'"),
+    ("rwkv9", "unknown block candidate 'rwkv9'"),
     ("attn", "'attn' is softmax attention"),
     ("jet:heads=4", "jet has no option 'heads'"),
     ("gdn:qk_conv=dynamic", "gdn has no option 'qk_conv'"),
@@ -435,7 +435,7 @@ def test_search_hardware_rejects_bad_budgets(workspace):
     with pytest.raises(ValueError, match="--state-bytes=1001 must be a positive multiple of 4"):
         search_hardware(str(workspace / "teacher"), "attn,jet,jet,attn", state_bytes=1001)
     with pytest.raises(ValueError, match="unknown block candidate"):
-        search_hardware(str(workspace / "teacher"), "attn,jet,jet,attn", block="rwkv7")
+        search_hardware(str(workspace / "teacher"), "attn,jet,jet,attn", block="rwkv9")
 
 
 def test_block_candidates_are_hashable_and_renamable():
