@@ -47,9 +47,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK_N: t
 
 @triton.jit
 def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, N, eps, stride_x, stride_dy, stride_dx,
-                         BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr):
+                         BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr, PROD_ROUND: tl.constexpr):
     """Program p takes rows p, p + P, ...; writes dx and, with HAS_DW, its float32 partial sum of dw (row p of
-    `dw [P, N]`)."""
+    `dw [P, N]`). PROD_ROUND: where the reference rounds each product dy * normed (the dtype x and the weight promote
+    to): 0 not at all (float32), 1 to dy's dtype, 2 to x's dtype (an output cast to another dtype by out_dtype)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     inside = cols < N
@@ -66,9 +67,14 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, N, eps, stride
         dx = rstd * (g - xhat * (tl.sum(g * xhat, 0) / N))
         tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         if HAS_DW:
-            # and computes each product dy * normed in the output dtype before summing them in float32
+            # and computes each product dy * normed in the promoted dtype before summing them in float32
             normed = xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
-            dw += (dy * normed).to(dy_ptr.dtype.element_ty).to(tl.float32)
+            if PROD_ROUND == 1:
+                dw += (dy * normed).to(dy_ptr.dtype.element_ty).to(tl.float32)
+            elif PROD_ROUND == 2:
+                dw += (dy * normed).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                dw += dy * normed
     if HAS_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
 
@@ -190,12 +196,13 @@ def _programs(rows: int, device: torch.device, warps: int) -> int:
 # -- forward launches --------------------------------------------------------------------------------------------
 
 
-def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    y = torch.empty(x2.shape, dtype=out_dtype or torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, N, eps, x2.stride(0), y.stride(0), BLOCK_N=block,
@@ -230,10 +237,10 @@ def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        return _rms_norm_fwd(x, weight, eps)
+        return _rms_norm_fwd(x, weight, eps, out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -249,13 +256,16 @@ class _RMSNorm(torch.autograd.Function):
         block = triton.next_power_of_2(N)
         P = _programs(M, x.device, _warps(block))
         dw = torch.empty(P, N, dtype=torch.float32, device=x.device) if has_dw else dx
+        product = torch.promote_types(x.dtype, weight.dtype)
+        prod_round = 0 if product == torch.float32 else 1 if product == dy.dtype else 2
         if M:
             _rms_norm_bwd_kernel[(P,)](x2, weight, dy2, dx, dw, M, N, ctx.eps, x2.stride(0), dy2.stride(0),
-                                       dx.stride(0), BLOCK_N=block, HAS_DW=has_dw, num_warps=_warps(block))
+                                       dx.stride(0), BLOCK_N=block, HAS_DW=has_dw, PROD_ROUND=prod_round,
+                                       num_warps=_warps(block))
         dweight = None
         if has_dw:
             dweight = (dw.sum(0) if M else torch.zeros(N, device=x.device)).to(weight.dtype)
-        return dx.view(x.shape) if ctx.needs_input_grad[0] else None, dweight, None
+        return dx.view(x.shape) if ctx.needs_input_grad[0] else None, dweight, None, None
 
 
 class _GatedRMSNorm(torch.autograd.Function):
@@ -317,12 +327,15 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 # -- the ops -----------------------------------------------------------------------------------------------------
 
 
-def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`naive_rms_norm` in one pass (and its backward in one more): x `[..., N]` (any row stride), weight `[N]`;
-    returns `[..., N]` in the promoted dtype of x and weight. Shapes are checked by `jetnas.ops.fused.rms_norm`."""
+    returns `[..., N]` in `out_dtype`, else the promoted dtype of x and weight (the product is rounded once, to the
+    output's dtype, so an `out_dtype` equals the reference followed by a cast). Shapes are checked by
+    `jetnas.ops.fused.rms_norm`."""
     if _needs_grad(x, weight):
-        return _RMSNorm.apply(x, weight, eps)
-    return _rms_norm_fwd(x, weight, eps)
+        return _RMSNorm.apply(x, weight, eps, out_dtype)
+    return _rms_norm_fwd(x, weight, eps, out_dtype)
 
 
 def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,

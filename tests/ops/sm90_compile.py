@@ -98,7 +98,11 @@ def more_cases():
         for dtype in ("fp32", "bf16"):
             pointers = {**{n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "dy_ptr", "dx_ptr")}, "dw_ptr": "*fp32"}
             yield (f"rms norm backward ({dtype}, {'with' if dw else 'no'} dw)", fused._rms_norm_bwd_kernel, pointers,
-                   {"BLOCK_N": 1024, "HAS_DW": dw})
+                   {"BLOCK_N": 1024, "HAS_DW": dw, "PROD_ROUND": 0 if dtype == "fp32" else 1})
+    # the float32 residual stream normalised straight into bf16 (out_dtype under autocast): dy is bf16
+    pointers = {"x_ptr": "*fp32", "w_ptr": "*fp32", "dy_ptr": "*bf16", "dx_ptr": "*fp32", "dw_ptr": "*fp32"}
+    yield ("rms norm backward (fp32 -> bf16 output, with dw)", fused._rms_norm_bwd_kernel, pointers,
+           {"BLOCK_N": 1024, "HAS_DW": True, "PROD_ROUND": 0})
     for gate, before, dw in ((True, True, True), (True, False, True), (False, True, True), (True, True, False)):
         yield (f"gated rms norm backward ({'gate' if gate else 'no gate'}, norm {'before' if before else 'after'},"
                f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_kernel, {**io, "dw_ptr": "*fp32"},

@@ -158,6 +158,31 @@ def test_rms_norm_gradients_mixed_dtypes_and_strides():
                            [x, w], torch.randn(2, 5, 576, device=DEVICE))
 
 
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 100], ids=lambda r: f"rows{r}")
+def test_rms_norm_into_the_autocast_dtype(rows):
+    # training under bf16 autocast: the float32 residual stream normalised by a float32 weight straight into bf16
+    # (out_dtype), what the next matrix product would have cast it to: the reference followed by that cast, and
+    # float32 gradients (x and weight) equal to those through the cast, for a bf16 gradient from above
+    from jetnas.ops.triton_fused import triton_rms_norm
+
+    torch.manual_seed(5)
+    x = torch.randn(rows, 576, device=DEVICE) * 3
+    w = 1 + 0.1 * torch.randn(576, device=DEVICE)
+    dy = torch.randn(rows, 576, device=DEVICE).bfloat16()
+    (y, grads), (y_ref, grads_ref) = (
+        outputs_and_grads(fn, [x, w], dy) for fn in (
+            lambda a, b: triton_rms_norm(a, b, 1e-5, torch.bfloat16),
+            lambda a, b: naive_rms_norm(a, b, 1e-5).to(torch.bfloat16)))
+    close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32 and rel_err(g, g_ref) < 1e-5
+    # the op's reference path takes out_dtype the same way
+    assert torch.equal(fused.rms_norm(x, w, 1e-5, out_dtype=torch.bfloat16), y_ref)
+    with pytest.raises(ValueError, match="out_dtype"):
+        fused.rms_norm(x, w, 1e-5, out_dtype=torch.int8)
+
+
 GATED_CASES = [  # as the blocks use them
     pytest.param(True, None, True, [64], id="per-head, gated (jet, gdn, gla, retnet)"),
     pytest.param(True, None, False, [96], id="per-head, no gate (deltanet)"),
