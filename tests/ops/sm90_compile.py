@@ -108,6 +108,11 @@ def more_cases():
                f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_kernel, {**io, "dw_ptr": "*fp32"},
                {"HAS_GATE": gate, "NORM_BEFORE_GATE": before, "HAS_DW": dw, "BLOCK_L": 256})
     yield "silu * up backward", fused._silu_mul_bwd_kernel, io, {"BLOCK": 2048}
+    from jetnas.ops import triton_rwkv7
+
+    yield ("rwkv7 step", triton_rwkv7._rwkv7_step_kernel,
+           {**{n: "*bf16" for n in ("r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "o_ptr")}, "s_ptr": "*fp32"},
+           {"K": 64, "V": 64, "BK": 64, "BV": 64})
 
 
 def main() -> None:
