@@ -27,7 +27,7 @@ import argparse
 import gc
 import importlib
 import json
-import math
+import os
 import re
 import statistics
 import sys
@@ -316,6 +316,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--autotune-configs", type=int, default=None,
+                    help="benchmark at most N of each Triton kernel's autotuning configs (old and new code alike)")
     ap.add_argument("--label", default="new")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compare", default=None, help="comma-separated result files: print the side-by-side table")
@@ -324,7 +326,17 @@ def main() -> None:
         print(json.dumps(compare(args.compare.split(","))))
         return
     device = torch.device(args.device)
+    if args.autotune_configs is not None:
+        # jetnas before 2026-12-06 read this variable when it loaded fla; later versions take the explicit call
+        os.environ["JETNAS_AUTOTUNE_CONFIGS"] = str(args.autotune_configs)
     api = Api()
+    if args.autotune_configs is not None:
+        try:
+            from jetnas.ops.autotune import limit_autotuning
+        except ImportError:
+            pass
+        else:
+            limit_autotuning(args.autotune_configs)
     log(f"jetnas {api.version} from {api.path}")
     work = Path(tempfile.mkdtemp(prefix="train_bench_"))
     teacher_arg = args.teacher
