@@ -214,3 +214,54 @@ def test_an_aligned_hybrid_starts_stage_1_with_a_lower_distillation_loss(setup, 
         after, terms_after = stage_losses(config, aligned.eval(), teacher.model, batch)
     assert after < 0.67 * before
     assert terms_after["hidden"] < terms_before["hidden"] and terms_after["kl"] < terms_before["kl"]
+
+
+def _align_under(teacher_dir: str, out: str, mode: str) -> None:
+    """Four alignment steps on the tiny teacher, in this process or as one rank of torchrun (see the test below)."""
+    from jetnas.train.distributed import teardown
+
+    teacher = load_stage_teacher(teacher_dir)
+    config = StageConfig(stage=1, teacher=teacher_dir, layer_types=TYPES, swa_window=6, steps=1, out_dir=out)
+    student = build_student(config, teacher)[0]
+    ids = np.array(tiny_tokenizer()(_CORPUS * 40)["input_ids"], dtype="<u2")
+    train_alignment(student, teacher.model, TokenStream(ids),
+                    TrainConfig(steps=4, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, out_dir=out,
+                                distributed=mode))
+    teardown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_align_like_one(tmp_path, mode):
+    """The aligner is what the trainer wraps, so DDP averages its gradients and FSDP gathers its blocks: two
+    processes with half the batch each take the single process's steps (a hybrid called around the wrapper would
+    train each rank on its own half and the logged mean loss would part from the single process's)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    make_teacher(tmp_path / "teacher")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve()
+    args = [str(tmp_path / "teacher")]
+    single = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), mode], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(29700 + os.getpid() % 1000), str(script), *args, str(tmp_path / "two"), mode], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        # same global batch and updates; only float32 reduction order differs
+        for key in ("loss", "align/1", "align/3"):
+            assert np.isclose(a[key], b[key], rtol=1e-5, atol=1e-7), (mode, a["step"], key)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _align_under(*sys.argv[1:4])
