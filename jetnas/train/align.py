@@ -46,7 +46,7 @@ def _decoder(model: nn.Module) -> nn.Module:
     """The `JetNemotronModel` inside a `JetNemotronForCausalLM` (or the model itself)."""
     base = getattr(model, "model", model)
     if not isinstance(getattr(base, "layers", None), nn.ModuleList):
-        raise ValueError(f"expected a jetnas model with .model.layers, got {type(model).__name__}")
+        raise TypeError(f"expected a jetnas model with .model.layers, got {type(model).__name__}")
     return base
 
 

@@ -521,7 +521,7 @@ def build_recall_bin(corpus_path: str | Path, tokenizer, out_path: str | Path, c
     distances = docs.distances()
     meta = {"config": asdict(config), "corpus": str(corpus_path), "max_articles": max_articles,
             "articles": corpus.articles, "articles_excluded_for_eval_phrases": corpus.excluded,
-            "glossary_entries": len(corpus.entries), "tokens": int(len(docs.tokens)), "answers": int(len(docs.spans)),
+            "glossary_entries": len(corpus.entries), "tokens": len(docs.tokens), "answers": len(docs.spans),
             "answer_tokens": int((docs.spans[:, 1] - docs.spans[:, 0]).sum()),
             "answers_per_kind": {k: int((docs.spans[:, 3] == i).sum()) for i, k in enumerate(KINDS)},
             "distance": {"min": int(distances.min()), "median": float(np.median(distances)),

@@ -10,8 +10,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from jetnas.train.align import (LayerAligner, alignment_layers, capture_teacher_io, make_align_loss, relative_mse,
-                                set_align_trainable, train_alignment)
+from jetnas.train.align import (
+    LayerAligner,
+    alignment_layers,
+    capture_teacher_io,
+    make_align_loss,
+    relative_mse,
+    set_align_trainable,
+    train_alignment,
+)
 from jetnas.train.data import TokenStream
 from jetnas.train.stages import StageConfig, build_student, load_stage_teacher, stage_losses
 from jetnas.train.trainer import TrainConfig, Trainer
@@ -247,11 +254,11 @@ def test_torchrun_two_processes_align_like_one(tmp_path, mode):
     script = Path(__file__).resolve()
     args = [str(tmp_path / "teacher")]
     single = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), mode], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                             str(29700 + os.getpid() % 1000), str(script), *args, str(tmp_path / "two"), mode], env=env,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, check=False)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(one) == len(two) == 4

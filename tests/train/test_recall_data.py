@@ -14,10 +14,23 @@ import pytest
 from jetnas.evaluation import tasks as eval_tasks
 from jetnas.train.data import TokenStream
 from jetnas.train.mixture import resolve_mixture
-from jetnas.train.recall_data import (GLOSSARY_HEADERS, KINDS, QUOTE_HEADERS, QUOTE_MARKER, REVIEW_HEADERS,
-                                      RecallConfig, _WordCounter, build_recall_bin, eval_key_words, eval_keys,
-                                      eval_template_phrases, find_eval_overlap, load_spans, make_documents,
-                                      prepare_corpus)
+from jetnas.train.recall_data import (
+    GLOSSARY_HEADERS,
+    KINDS,
+    QUOTE_HEADERS,
+    QUOTE_MARKER,
+    REVIEW_HEADERS,
+    RecallConfig,
+    _WordCounter,
+    build_recall_bin,
+    eval_key_words,
+    eval_keys,
+    eval_template_phrases,
+    find_eval_overlap,
+    load_spans,
+    make_documents,
+    prepare_corpus,
+)
 
 DOC = 512
 EOS = 0
