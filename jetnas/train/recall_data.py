@@ -45,7 +45,7 @@ pure function of (corpus, tokenizer, configuration, seed).
 **Alignment with the training windows.** The batchers cut a stream into windows starting at multiples of
 `seq_len`: documents line up with the windows (so no window holds a query without its source) only when `seq_len`
 is a multiple of `doc_tokens` and held-out tails (`heldout_tokens`) are multiples of `doc_tokens` too (the stage
-default, 16,384, is for any power of two up to 16K). Build with `doc_tokens = seq_len` (or a divisor of it).
+default, 16,384, is a multiple of every power of two up to 16K). Build with `doc_tokens = seq_len` (or a divisor of it).
 """
 
 from __future__ import annotations
