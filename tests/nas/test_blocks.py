@@ -9,24 +9,21 @@ import types
 import pytest
 import torch
 
-from jetnas.nas.blocks import (
-    BlockCandidate,
-    TaskMetric,
-    candidate_scores,
-    parse_candidate,
-    parse_candidates,
-    rank,
-    read_placement,
-    resolve_layer_types,
-    run_block_search,
-    run_candidates,
+from jetnas.models.layer_types import BlockSpec as BlockCandidate
+from jetnas.models.layer_types import parse_block as parse_candidate
+from jetnas.models.layer_types import resolve_layer_types
+from jetnas.nas.blocks import run_block_search
+from jetnas.nas.candidates import parse_candidates, run_candidates
+from jetnas.nas.hardware import (
+    BlockShape,
     run_hardware_search,
     shape_candidates,
     shape_from_kwargs,
     shape_name,
     shape_options,
 )
-from jetnas.nas.hardware import BlockShape
+from jetnas.nas.placement import read_placement
+from jetnas.nas.ranking import TaskMetric, candidate_scores, rank
 
 # ---------------------------------------------------------------------------------------------------------------
 # candidates
@@ -305,7 +302,7 @@ def fake_decode_throughput(model, batch_size, context_length, new_tokens=32, chu
 
 
 def test_matched_shapes_give_jet_and_mamba2_the_attention_shape_unless_the_candidate_sets_one():
-    from jetnas.nas.blocks import matched_shape, parse_candidates
+    from jetnas.nas.candidates import matched_shape, parse_candidates
 
     jet, mamba2, gdn, own = [matched_shape(c) for c in parse_candidates("jet-static-qk,mamba2,gdn,jet:expand_v=2")]
     assert jet.kwargs == {"qk_conv": "static", "expand_v": 1.0} and jet.name == "jet-static-qk"
@@ -314,7 +311,7 @@ def test_matched_shapes_give_jet_and_mamba2_the_attention_shape_unless_the_candi
 
 
 def test_decode_throughput_is_the_median_of_repeated_measurements():
-    from jetnas.commands.stages import median_run
+    from jetnas.runner.candidates import median_run
 
     runs = [{"decode_tokens_per_s": v, "i": i} for i, v in enumerate([300.0, 100.0, 200.0, 250.0])]
     assert median_run(runs) == {"decode_tokens_per_s": 200.0, "i": 2,
@@ -323,7 +320,7 @@ def test_decode_throughput_is_the_median_of_repeated_measurements():
 
 
 def test_the_default_measure_is_the_bench_engine(monkeypatch):
-    from jetnas.commands.stages import _resolve_measure
+    from jetnas.runner.measures import resolve_measure as _resolve_measure
 
     fake = types.ModuleType("jetnas.bench.measure")
     fake.replicated_decode_throughput = fake_decode_throughput
