@@ -21,6 +21,9 @@ import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
+from typing import ClassVar
+
+from jetnas.runner.measures import check_measure
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
@@ -308,8 +311,8 @@ class CandidateRecipe(Recipe):
         decode_tokens: tokens decoded per measurement.
         decode_repeats: measurements per model; the median counts (one takes ~0.2 s on a GPU, and the
             hardware search's 1% tolerance is finer than one measurement's noise).
-        measure: decode-throughput function as MODULE:FUNCTION (default
-            jetnas.bench.measure:replicated_decode_throughput).
+        measure: the decode-throughput measurement by name: replicated (`jetnas.bench.measure`'s protocol), or a
+            plugin's (`jetnas.runner.measures`).
         keep_models: save every candidate's trained model (candidates/<name>/train/model).
         out_dir: where the search's table, records, figure and candidates/ go.
         seed: seed of new blocks and data order (identical for all candidates).
@@ -340,12 +343,18 @@ class CandidateRecipe(Recipe):
     decode_context: int = arg(2048, min=1)
     decode_tokens: int = arg(32, min=1)
     decode_repeats: int = arg(3, min=1)
-    measure: str | None = None
+    measure: str = "replicated"
     keep_models: bool = False
     out_dir: str | None = None
     seed: int = 0
     precision: str = arg("auto", choices=PRECISIONS)
     device: str | None = None
+
+    #: whether the search needs a decode measurement (the shape search chooses by it)
+    measure_required: ClassVar[bool] = False
+
+    def check(self) -> None:
+        check_measure(self.measure, self.measure_required)
 
     def train_args(self) -> dict:
         """The stage-1 recipe every candidate trains with (the `jetnas.train.stages.StageConfig` fields it sets)."""
@@ -372,8 +381,8 @@ class BlockSearchRecipe(CandidateRecipe):
         matched_shapes: give every candidate the teacher's attention shape (heads x head_dim keys and values; the
             JetBlock's value dim and Mamba2's width are otherwise 2x), so all hold the same state and inherit
             q/k/v/o; a candidate's own shape options win.
-        measure: decode-throughput function as MODULE:FUNCTION (default
-            jetnas.bench.measure:replicated_decode_throughput), or none to skip decode measurement.
+        measure: the decode-throughput measurement by name: replicated (`jetnas.bench.measure`'s protocol), none
+            (only the cache size), or a plugin's (`jetnas.runner.measures`).
         out_dir: where blocks.md, blocks.json, blocks.png and candidates/ go (default runs/blocks-<time>).
     """
 
@@ -408,13 +417,13 @@ class ShapeSearchRecipe(CandidateRecipe):
     max_candidates: int | None = arg(None, min=1)
     steps: int = arg(100, min=1)
 
+    measure_required: ClassVar[bool] = True
+
     def check(self) -> None:
         if self.state_bytes is not None and (self.state_bytes < 4 or self.state_bytes % 4):
             raise ValueError(f"--state-bytes={self.state_bytes} must be a positive multiple of 4 (float32 state "
                              f"numbers)")
-        if self.measure == "none":
-            raise ValueError("the hardware search chooses by measured decode throughput: --measure none is not "
-                             "allowed")
+        super().check()
 
 
 @dataclass

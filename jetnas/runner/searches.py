@@ -28,7 +28,7 @@ def run_blocks(recipe: BlockSearchRecipe) -> BlockSearchResult:
         candidates = [matched_shape(c) for c in candidates]
     measure = resolve_measure(recipe.measure, required=False)
     out = Path(recipe.out_dir or f"runs/blocks-{time.strftime('%Y%m%d-%H%M%S')}")
-    runner = CandidateRunner(recipe, out, measure, measure_name(recipe.measure))
+    runner = CandidateRunner(recipe, out, measure, measure_name(measure))
     print(f"jetnas: block selection, {len(candidates)} candidates ({', '.join(c.name for c in candidates)}), "
           f"placement attn {runner.placement.attn} swa {runner.placement.swa}, {recipe.steps} steps each",
           file=sys.stderr)
@@ -52,7 +52,7 @@ def run_hardware(recipe: ShapeSearchRecipe) -> ShapeSearchResult:
     base = parse_block(recipe.block)
     measure = resolve_measure(recipe.measure, required=True)
     out = Path(recipe.out_dir or f"runs/hardware-{time.strftime('%Y%m%d-%H%M%S')}")
-    runner = CandidateRunner(recipe, out, measure, measure_name(recipe.measure))
+    runner = CandidateRunner(recipe, out, measure, measure_name(measure))
     types = runner.placement.layer_types(base.block_type)
     config = hybrid_config(runner.teacher.model.config, types, runner.block_config(base))
     original = shape_from_kwargs(base.block_type, config.block_kwargs(base.block_type), config.hidden_size)

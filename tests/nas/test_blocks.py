@@ -319,19 +319,41 @@ def test_decode_throughput_is_the_median_of_repeated_measurements():
     assert median_run(runs[:1])["i"] == 0
 
 
-def test_the_default_measure_is_the_bench_engine(monkeypatch):
-    from jetnas.runner.measures import resolve_measure as _resolve_measure
+def fake_plugin() -> dict:
+    """The `jetnas.measures` entry points of an installed plugin whose `fake` is `fake_decode_throughput`."""
+    from importlib.metadata import EntryPoint
+
+    return {"fake": EntryPoint("fake", "tests.nas.test_blocks:fake_decode_throughput", "jetnas.measures")}
+
+
+def test_measures_are_named_never_imported_from_a_path(monkeypatch):
+    from jetnas.runner import measures
 
     fake = types.ModuleType("jetnas.bench.measure")
     fake.replicated_decode_throughput = fake_decode_throughput
     monkeypatch.setitem(sys.modules, "jetnas.bench.measure", fake)
-    assert _resolve_measure(None, required=True) is fake_decode_throughput
-    assert _resolve_measure("tests.nas.test_blocks:fake_decode_throughput", True) is fake_decode_throughput
-    assert _resolve_measure("none", required=False) is None
+    assert measures.resolve_measure("replicated", required=True) is fake_decode_throughput
+    assert measures.resolve_measure("none", required=False) is None
     with pytest.raises(ValueError, match="--measure none is not allowed"):
-        _resolve_measure("none", required=True)
-    with pytest.raises(ValueError, match="MODULE:FUNCTION or none"):
-        _resolve_measure("decode", required=False)
+        measures.resolve_measure("none", required=True)
+    # an import path is not a name: a recipe cannot make jetnas import and call a module of its choosing
+    with pytest.raises(ValueError, match="'tests.nas.test_blocks:fake_decode_throughput' is not a known decode "
+                                         "measurement; known: replicated, none"):
+        measures.resolve_measure("tests.nas.test_blocks:fake_decode_throughput", required=False)
+    # a plugin's measurement, through the jetnas.measures entry-point group; one registered in-process
+    monkeypatch.setattr(measures, "_entry_points", fake_plugin)
+    assert measures.measure_names() == ["replicated", "none", "fake"]
+    assert measures.resolve_measure("fake", required=True) is fake_decode_throughput
+    monkeypatch.setattr(measures, "_REGISTERED", {})
+    measures.register_measure("mine", len)
+    assert measures.resolve_measure("mine", required=True) is len and measures.measure_name(len) == "builtins:len"
+    with pytest.raises(ValueError, match="'none' is built in"):
+        measures.register_measure("none", len)
+    # the recipes check the name before anything loads
+    from jetnas.commands.stages import search_blocks
+
+    with pytest.raises(ValueError, match="'os:system' is not a known decode measurement"):
+        search_blocks("teacher", "attn,jet", measure="os:system")
 
 
 @pytest.fixture(scope="module")
@@ -351,6 +373,10 @@ def workspace(tmp_path_factory):
     (root / "train.txt").write_text(_CORPUS * 12)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JETNAS_CACHE", str(root / "cache"))
+        # the searches measure with a plugin's function (deterministic, no timing): `--measure fake`
+        from jetnas.runner import measures
+
+        mp.setattr(measures, "_entry_points", fake_plugin)
         yield root
 
 
@@ -365,7 +391,7 @@ def common_args(workspace):
     return ["--teacher", str(workspace / "teacher"), "--data", str(workspace / "train.txt"), "--steps", "3",
             "--batch-size", "2", "--seq-len", "32", "--heldout-tokens", "300", "--rows", "2", "--lm-tokens", "128",
             "--retrieval-length", "96", "--eval-batch-size", "2", "--decode-context", "64",
-            "--measure", "tests.nas.test_blocks:fake_decode_throughput", "--device", "cpu"]
+            "--measure", "fake", "--device", "cpu"]
 
 
 @pytest.mark.slow
