@@ -463,11 +463,23 @@ class Pipeline:
         return write_pipeline_report(self.recipe, self.records, self.state, self.out)
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with jetnas (`jetnas/configs/*.yaml`), by name."""
+    return {p.stem: p for p in sorted((Path(__file__).resolve().parent / "configs").glob("*.yaml"))}
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """A recipe file, or a shipped recipe by name (`quickstart`, see `configs/`)."""
+    """A recipe file, or a shipped recipe by name (`quickstart`, see `configs/`); a name that is neither is refused
+    with the shipped names (and the closest one)."""
     path = Path(path)
     if not path.exists() and not path.suffix:
-        shipped = Path(__file__).resolve().parent / "configs" / f"{path.name}.yaml"
-        if shipped.exists():
-            path = shipped
+        shipped = shipped_recipes()
+        if path.name not in shipped:
+            import difflib
+
+            close = difflib.get_close_matches(path.name, list(shipped), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"recipe {str(path)!r} is neither a file nor a shipped recipe; {hint}shipped: "
+                              f"{', '.join(shipped)}")
+        path = shipped[path.name]
     return Recipe.load(path, overrides)
