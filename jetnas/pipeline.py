@@ -306,9 +306,14 @@ class Pipeline:
         current = bool(record) and record.get("fingerprint") == fingerprint and not stale and name not in self.redo
         gone = _missing_output(record["result"]) if current else None
         if current and not gone:
-            self._log(f"{name}: reusing the finished result in {self.state_path}")
-            self.records[name] = record["result"]
-            return result.from_record(record["result"])
+            try:
+                reused = result.from_record(record["result"])
+            except TypeError:  # a record another version of jetnas wrote, with other fields: run it again
+                reused = None
+            if reused is not None:
+                self._log(f"{name}: reusing the finished result in {self.state_path}")
+                self.records[name] = record["result"]
+                return reused
         if gone:
             self._log(f"{name}: finished before, but its {gone} is gone (a run directory copied without it?): "
                       "running it again")
@@ -350,7 +355,9 @@ class Pipeline:
         return {"teacher": self.recipe.teacher, "data": data, "seed": self.recipe.seed}
 
     def _placement_args(self, args: dict, data: str | None) -> dict:
-        return {"supernet": self._require(self.done.supernet, "supernet", "out_dir").out_dir}
+        if self.done.supernet is None:
+            raise self._skipped("supernet", "out_dir")
+        return {"supernet": self.done.supernet.out_dir}
 
     def _search_args(self, args: dict, data: str | None) -> dict:
         return {"teacher": self.recipe.teacher, "data": data, "seed": self.recipe.seed,
@@ -387,20 +394,18 @@ class Pipeline:
         args = self.recipe.stages["supernet"] or {}
         return int(args["swa_window"]) if "swa_window" in args else default_of(SupernetRecipe, "swa_window")
 
-    def _require(self, result: StageResult | None, stage: str, key: str) -> StageResult:
-        if result is None:
-            raise RecipeError(f"{self.recipe.source}: a later stage needs the {stage!r} stage's {key}, but "
-                              f"{stage!r} is skipped and the recipe gives no replacement")
-        return result
+    def _skipped(self, stage: str, key: str) -> RecipeError:
+        return RecipeError(f"{self.recipe.source}: a later stage needs the {stage!r} stage's {key}, but {stage!r} is "
+                           f"skipped and the recipe gives no replacement")
 
     def _placement(self) -> str:
         """The placement for blocks/hardware: the placement stage's placements.json, or stage1's layer_types."""
         if self.done.placement is not None:
             return self.done.placement.placements
         given = (self.recipe.stages["stage1"] or {}).get("layer_types")
-        if given:
-            return given
-        self._require(None, "placement", "placements")
+        if not given:
+            raise self._skipped("placement", "placements")
+        return given
 
     def _layer_types(self) -> str:
         """stage1's per-layer types: the searched placement with the chosen block in the linear layers."""
