@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from jetnas.runner.recipes import docstring_args
+from jetnas.runner.fields import docstring_args
 
 # name -> "module:function"; modules are imported only when their command runs, so `jetnas --help` is instant
 COMMANDS: dict[str, str] = {

@@ -30,6 +30,8 @@ from pathlib import Path
 import yaml
 
 from jetnas.files import write_json_atomic
+from jetnas.runner.fields import Recipe as StageRecipe
+from jetnas.runner.fields import check_value, default_of
 from jetnas.runner.bench import run_bench
 from jetnas.runner.evaluate import run_eval
 from jetnas.runner.recipes import (
@@ -40,10 +42,7 @@ from jetnas.runner.recipes import (
     ShapeSearchRecipe,
     SupernetRecipe,
     TrainRecipe,
-    check_value,
-    default_of,
 )
-from jetnas.runner.recipes import Recipe as StageRecipe
 from jetnas.runner.results import (
     BenchResult,
     BlockSearchResult,

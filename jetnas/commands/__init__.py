@@ -12,7 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable
 
-from jetnas.runner.recipes import Recipe, field_docs, recipe_parameters
+from jetnas.runner.fields import Recipe, field_docs, recipe_parameters
 
 
 def recipe_command(recipe: type[Recipe]) -> Callable[[Callable[[Recipe], dict]], Callable[..., dict]]:

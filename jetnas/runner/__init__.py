@@ -1,7 +1,8 @@
 """The runner: PostNAS stages and search candidates as library calls, the floor between the pieces (`jetnas.nas`,
 `jetnas.train`, `jetnas.evaluation`, `jetnas.bench`) and their users (the `jetnas` commands and `jetnas run`).
 
-Each stage is a typed recipe in, a typed result out (`recipes.py`, `results.py`):
+Each stage is a typed recipe in, a typed result out (`recipes.py`, on the typed fields of `fields.py`;
+`results.py`):
 
 | stage | recipe | runner | result |
 |---|---|---|---|
