@@ -1,5 +1,7 @@
 """`python -m jetnas ...` is the `jetnas` command."""
 
+import sys
+
 from jetnas.cli import main
 
-main()
+sys.exit(main())

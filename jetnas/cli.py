@@ -3,12 +3,15 @@
 Each subcommand is a plain function: its docstring's first paragraph is the help text, its parameters become
 kebab-case flags (`max_new_tokens` -> `--max-new-tokens`), their annotations give the types, defaults of None
 mean "unset". A parameter with no default is required; a positional-only one (before `/`) is a positional
-argument. Lists are comma-separated; a `tuple[str, ...]` parameter is a flag that can be repeated.
+argument. Lists (`list[int]`, `Sequence[int]`) are comma-separated; a `tuple[str, ...]` parameter is a flag that can
+be repeated. A stage's command takes its typed recipe's fields (`jetnas.commands.recipe_command`), so the recipe
+is where its flags, types and help are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import importlib
 import inspect
 import json
@@ -16,6 +19,8 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+
+from jetnas.runner.fields import docstring_args
 
 # name -> "module:function"; modules are imported only when their command runs, so `jetnas --help` is instant
 COMMANDS: dict[str, str] = {
@@ -65,18 +70,45 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _flag_type(annotation):
-    """argparse `type` (and nargs handling) for an annotation like `int`, `str | None`, `list[int] | None`."""
-    origin = typing.get_origin(annotation)
+def _optional(annotation):
+    """`X` of `X | None`, else the annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _flag_type(args[0])
-    if origin is list:
-        item = args[0] if args else str
-        return lambda text: [item(part) for part in text.split(",") if part != ""]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _list_item(annotation):
+    """The item type of a comma-separated list parameter (`list[int]`, `Sequence[int]`, optional or not), or None."""
+    annotation = _optional(annotation)
+    if typing.get_origin(annotation) in (list, collections.abc.Sequence):
+        return (typing.get_args(annotation) or (str,))[0]
+    return None
+
+
+def _flag_type(annotation):
+    """argparse `type` for an annotation like `int`, `str | None`; anything but int, float, str, bool is a string."""
+    annotation = _optional(annotation)
     if annotation is bool:
         return bool
     return annotation if annotation in (int, float, str) else str
+
+
+class _CommaList(argparse.Action):
+    """A comma-separated list flag (`--context 4096,16384`), its items converted to the item type; a bad item is
+    refused naming the flag."""
+
+    def __init__(self, option_strings, dest, item=str, **kwargs):
+        self.item = item
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, text, option_string=None):
+        try:
+            value = [self.item(part) for part in text.split(",") if part != ""]
+        except ValueError:
+            plural = {int: "integers", float: "numbers"}.get(self.item, "values")
+            raise argparse.ArgumentError(None, f"{option_string} must be comma-separated {plural}, got {text!r}")
+        setattr(namespace, self.dest, value)
 
 
 def _doc_summary(fn: Callable) -> str:
@@ -85,19 +117,12 @@ def _doc_summary(fn: Callable) -> str:
 
 def _param_help(fn: Callable) -> dict[str, str]:
     """`name: text` lines of an `Args:` section of the docstring."""
-    doc, helps, in_args, last = inspect.getdoc(fn) or "", {}, False, None
-    for line in doc.splitlines():
-        if line.strip() == "Args:":
-            in_args = True
-            continue
-        if in_args and line.startswith("        ") and last:  # continuation of the previous argument
-            helps[last] += " " + line.strip()
-        elif in_args and line.startswith("    ") and ":" in line:
-            last, text = line.strip().split(":", 1)
-            helps[last] = text.strip()
-        elif in_args and line and not line.startswith(" "):
-            in_args = False
-    return helps
+    return docstring_args(inspect.getdoc(fn))
+
+
+def _shown(default) -> str:
+    """A default as the user would type it (a list comma-separated)."""
+    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,30 +145,39 @@ def build_parser() -> argparse.ArgumentParser:
         hints, helps = typing.get_type_hints(fn), _param_help(fn)
         for pname, param in inspect.signature(fn).parameters.items():
             flag = "--" + pname.replace("_", "-")
-            kind = _flag_type(hints.get(pname, str))
+            annotation = hints.get(pname, str)
+            kind = _flag_type(annotation)
             required = param.default is inspect.Parameter.empty
             default = None if required else param.default
             # argparse %-formats help strings: a literal "5%" in a docstring must reach it as "5%%"
             help_text = helps.get(pname, "").replace("%", "%%")
+            shown = "" if required or default is None else f" (default: {_shown(default)})"
             if param.kind is inspect.Parameter.POSITIONAL_ONLY:
                 p.add_argument(pname, type=kind, help=help_text)
-            elif typing.get_origin(hints.get(pname)) is tuple or tuple in [
-                    typing.get_origin(a) for a in typing.get_args(hints.get(pname))]:
+            elif typing.get_origin(_optional(annotation)) is tuple:
                 p.add_argument(flag, dest=pname, action="append", default=None,
                                help=help_text + " (repeatable)")
             elif kind is bool:
                 p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
+            elif _list_item(annotation) is not None:
+                p.add_argument(flag, dest=pname, action=_CommaList, item=_list_item(annotation), required=required,
+                               default=default, help=help_text + shown)
             else:
                 p.add_argument(flag, dest=pname, type=kind, required=required, default=default,
-                               help=help_text + ("" if required or default is None else f" (default: {default})"))
+                               help=help_text + shown)
         p.set_defaults(_target=target)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` names; returns the exit status (argparse's for --help and bad flags, 2 for a user
+    error, printed as one line)."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    try:
+        args = vars(parser.parse_args(argv))
+    except SystemExit as done:  # --help, or a bad flag argparse has already explained
+        return done.code if isinstance(done.code, int) else 2
     target = args.pop("_target", None)
     args.pop("command", None)
     args.pop("subcommand", None)

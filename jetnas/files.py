@@ -1,4 +1,8 @@
-"""Atomic writes that concurrent writers cannot break.
+"""Atomic writes that concurrent writers cannot break, and the one place jetnas writes a file atomically.
+
+Every record a run reads back (pipeline.json, a stage's stage_config.json, a search's result.json, eval.json,
+the super-network's files, a saved model directory) is written here: assembled under another name, then renamed
+into place, so an interrupted run leaves the old file or the new one, never half of one.
 
 Caches under `$JETNAS_CACHE` are filled by whichever process needs them first, and several may need them at once:
 the ranks of one `torchrun` job, or two jobs sharing a cache. Each writer assembles its copy under a name no other
@@ -11,6 +15,7 @@ builder also holds `build_lock(target)`: the first process builds while the othe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -25,10 +30,42 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` for the caller to write (`save_file(state, tmp)`); renamed onto `path` when the
+    block ends without an error, removed when it raises."""
+    path = Path(path)
     tmp = temp_sibling(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, value) -> None:
+    """`value` as indented JSON (anything json cannot encode written as its `str`), atomically."""
+    write_text_atomic(path, json.dumps(value, indent=2, default=str))
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """A fresh directory `<target>.partial` for the caller to fill; when the block ends without an error it replaces
+    `target` (an existing `target` is removed first), so a reader never finds a half-written directory. For a
+    directory one process writes (a saved model); caches that several writers fill use `publish_dir`. A partial
+    directory left by a crash is removed by the next write: a model's weights are too big to leave behind."""
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
 
 
 def publish_dir(tmp: Path, target: Path, complete: str) -> None:

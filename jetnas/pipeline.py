@@ -4,30 +4,59 @@
 
 A recipe is a YAML mapping: `name`, `teacher`, `out_dir`, optional `device` and `seed`, `data` (a path / `hf:`
 spec, or `{generate: TOKENS}` for text sampled from the teacher), and `stages`: one mapping per stage whose keys are
-the flags of that stage's command (`jetnas supernet`, `jetnas search placement`, ...; snake_case), or `skip`.
-Every stage writes under `out_dir/<stage>/`; `out_dir/pipeline.json` records each finished stage's result and the
-arguments it ran with. Running the recipe again reuses finished stages whose arguments are unchanged, resumes an
-interrupted stage from its own checkpoints, and reruns a changed stage and everything after it.
+the fields of that stage's typed recipe (`jetnas.runner.recipes`; the flags of its command in snake_case), or
+`skip`. Loading a recipe checks every key, type and range, so a recipe that loads runs. Every stage writes under
+`out_dir/<stage>/`; `out_dir/pipeline.json` records each finished stage's result and the arguments it ran with.
+Running the recipe again reuses finished stages whose arguments are unchanged, resumes an interrupted stage from its
+own checkpoints, and reruns a changed stage and everything after it.
 
-What flows between stages: the searched placement (`placement` -> `blocks`, `hardware`, `stage1`), the best linear
-block (`blocks` -> `hardware`, `stage1`), the chosen block shape (`hardware` -> `stage1`), the trained model
-(`stage1` -> `stage2` -> `eval`, `bench`). A skipped stage passes on what the recipe gives instead (e.g. with
-`placement: skip`, `stage1` needs `layer_types`).
+What flows between stages (typed results, `jetnas.runner.results`): the searched placement (`placement` ->
+`blocks`, `hardware`, `stage1`), the best linear block (`blocks` -> `hardware`, `stage1`), the chosen block shape
+(`hardware` -> `stage1`), the trained model (`stage1` -> `stage2` -> `eval`, `bench`). A skipped stage passes on what
+the recipe gives instead (e.g. with `placement: skip`, `stage1` needs `layer_types`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib
-import inspect
 import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from jetnas.files import write_json_atomic
+from jetnas.runner.fields import Recipe as StageRecipe
+from jetnas.runner.fields import check_value, default_of
+from jetnas.runner.bench import run_bench
+from jetnas.runner.evaluate import run_eval
+from jetnas.runner.recipes import (
+    BenchRecipe,
+    BlockSearchRecipe,
+    EvalRecipe,
+    PlacementRecipe,
+    ShapeSearchRecipe,
+    SupernetRecipe,
+    TrainRecipe,
+)
+from jetnas.runner.results import (
+    BenchResult,
+    BlockSearchResult,
+    DataResult,
+    EvalResult,
+    PlacementResult,
+    ShapeSearchResult,
+    StageResult,
+    SupernetResult,
+    TrainResult,
+)
+from jetnas.runner.searches import run_blocks, run_hardware
+from jetnas.runner.supernet import run_placement, run_supernet
+from jetnas.runner.training import generate_data, run_training
 
 STAGES = ("supernet", "placement", "blocks", "hardware", "stage1", "stage2", "eval", "bench")
 TOP_LEVEL = {"name", "description", "teacher", "out_dir", "device", "seed", "data", "stages"}
@@ -35,29 +64,34 @@ TOP_LEVEL = {"name", "description", "teacher", "out_dir", "device", "seed", "dat
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One pipeline stage: the command function it calls and the arguments the pipeline fills in itself."""
+    """One pipeline stage: its typed recipe, the runner that runs it, its result, the recipe fields the pipeline
+    sets itself (a YAML recipe must not set them), fields fixed for the stage, and whether it also runs on the
+    teacher (evaluation and throughput are reported hybrid against teacher)."""
 
-    command: str  # "module:function"
-    wired: frozenset[str]  # parameters set by the pipeline (a recipe must not set them)
-
-    def function(self) -> Callable[..., dict]:
-        module, name = self.command.split(":")
-        return getattr(importlib.import_module(module), name)
+    recipe: type[StageRecipe]
+    run: Callable[[StageRecipe], StageResult]
+    result: type[StageResult]
+    wired: frozenset[str]
+    fixed: dict = field(default_factory=dict)
+    with_teacher: bool = False
 
 
 SPECS: dict[str, StageSpec] = {
-    "supernet": StageSpec("jetnas.commands.nas:supernet", frozenset({"teacher", "data", "out_dir", "device", "seed"})),
-    "placement": StageSpec("jetnas.commands.nas:search_placement", frozenset({"supernet", "out_dir", "device"})),
-    "blocks": StageSpec("jetnas.commands.stages:search_blocks",
+    "supernet": StageSpec(SupernetRecipe, run_supernet, SupernetResult,
+                          frozenset({"teacher", "data", "out_dir", "device", "seed"})),
+    "placement": StageSpec(PlacementRecipe, run_placement, PlacementResult,
+                           frozenset({"supernet", "out_dir", "device"})),
+    "blocks": StageSpec(BlockSearchRecipe, run_blocks, BlockSearchResult,
                         frozenset({"teacher", "placement", "data", "out_dir", "device", "seed"})),
-    "hardware": StageSpec("jetnas.commands.stages:search_hardware",
+    "hardware": StageSpec(ShapeSearchRecipe, run_hardware, ShapeSearchResult,
                           frozenset({"teacher", "placement", "data", "out_dir", "device", "seed"})),
-    "stage1": StageSpec("jetnas.commands.stages:train",
-                        frozenset({"stage", "teacher", "model", "data", "out_dir", "device", "seed"})),
-    "stage2": StageSpec("jetnas.commands.stages:train",
-                        frozenset({"stage", "teacher", "model", "out_dir", "device", "seed"})),
-    "eval": StageSpec("jetnas.commands.evaluate:evaluate", frozenset({"model", "out_dir", "device"})),
-    "bench": StageSpec("jetnas.commands.bench:bench", frozenset({"model", "out_dir", "device"})),
+    "stage1": StageSpec(TrainRecipe, run_training, TrainResult,
+                        frozenset({"stage", "teacher", "model", "data", "out_dir", "device", "seed"}), {"stage": 1}),
+    "stage2": StageSpec(TrainRecipe, run_training, TrainResult,
+                        frozenset({"stage", "teacher", "model", "out_dir", "device", "seed"}), {"stage": 2}),
+    "eval": StageSpec(EvalRecipe, run_eval, EvalResult, frozenset({"model", "out_dir", "device"}), with_teacher=True),
+    "bench": StageSpec(BenchRecipe, run_bench, BenchResult, frozenset({"model", "out_dir", "device"}),
+                       with_teacher=True),
 }
 
 
@@ -67,17 +101,19 @@ class RecipeError(ValueError):
 
 @dataclass
 class Recipe:
+    """A loaded recipe: the top level, and per stage its arguments as written (checked), None when skipped."""
+
     name: str
     teacher: str
     out_dir: Path
     data: str | dict | None
-    stages: dict[str, dict | None]  # stage -> its arguments, None when skipped
+    stages: dict[str, dict | None]
     device: str | None = None
     seed: int = 0
     source: str = "<recipe>"
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
         path = Path(path)
         if not path.exists():
             raise RecipeError(f"recipe {str(path)!r} does not exist")
@@ -87,7 +123,7 @@ class Recipe:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<recipe>") -> "Recipe":
+    def from_dict(cls, raw: dict, source: str = "<recipe>") -> Recipe:
         if not isinstance(raw, dict):
             raise RecipeError(f"{source}: a recipe is a mapping, got {type(raw).__name__}")
         unknown = set(raw) - TOP_LEVEL
@@ -96,6 +132,9 @@ class Recipe:
         for key in ("name", "teacher"):
             if not raw.get(key):
                 raise RecipeError(f"{source}: {key!r} is required")
+        seed = raw.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise RecipeError(f"{source}: seed must be an integer, got {seed!r}")
         stages_raw = raw.get("stages") or {}
         if not isinstance(stages_raw, dict):
             raise RecipeError(f"{source}: 'stages' must be a mapping of stage -> arguments")
@@ -119,7 +158,8 @@ class Recipe:
             raise RecipeError(f"{source}: data must be a path / hf: spec or {{generate: TOKENS}}, got {data!r}")
         return cls(name=str(raw["name"]), teacher=str(raw["teacher"]),
                    out_dir=Path(raw.get("out_dir") or f"runs/{raw['name']}"), data=data,
-                   stages=stages, device=raw.get("device"), seed=int(raw.get("seed", 0)), source=source)
+                   stages=stages, device=raw.get("device"), seed=seed, source=source)
+
 
 
 def apply_override(raw: dict, item: str, source: str) -> None:
@@ -140,20 +180,42 @@ def apply_override(raw: dict, item: str, source: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
+#: what a wired field holds while a recipe is checked before anything ran (the real value comes from the recipe's
+#: top level or an earlier stage)
+_WIRED_PLACEHOLDER = "<set by the pipeline>"
+
+
 def validate_arguments(stage: str, args: dict, source: str) -> None:
-    """Every key must be a parameter of the stage's command that the pipeline does not set itself."""
+    """Every key must be a field of the stage's recipe that the pipeline does not set itself, every value of the
+    field's type and in its range, and the stage's recipe must accept them together (its `check`): what `--check`
+    promises, that a recipe which loads runs."""
     spec = SPECS[stage]
-    try:
-        params = inspect.signature(spec.function()).parameters
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"{source}: stage {stage!r} needs {spec.command}, which is not available: {err}") from err
-    for key in args:
+    allowed = [f.name for f in dataclasses.fields(spec.recipe) if f.name not in spec.wired]
+    for key, value in args.items():
         if key in spec.wired:
             raise RecipeError(f"{source}: stages.{stage}.{key} is set by the pipeline (from the recipe's top level or "
                               f"an earlier stage); remove it")
-        if key not in params:
-            allowed = sorted(set(params) - spec.wired)
-            raise RecipeError(f"{source}: stages.{stage}.{key} is not an argument of `{stage}`; allowed: {allowed}")
+        if key not in allowed:
+            raise RecipeError(f"{source}: stages.{stage}.{key} is not an argument of `{stage}`; allowed: "
+                              f"{sorted(allowed)}")
+        _, problem = check_value(spec.recipe, key, value)
+        if problem:
+            raise RecipeError(f"{source}: stages.{stage}.{key} {problem}, got {value!r}")
+    # the whole stage recipe, wired fields standing in: its cross-field checks and its required fields
+    wired = {name: _WIRED_PLACEHOLDER for name in spec.wired
+             if name not in spec.fixed and _field_type_is_text(spec.recipe, name)}
+    try:
+        spec.recipe(**{**wired, **spec.fixed, **args})
+    except ValueError as err:
+        raise RecipeError(f"{source}: stages.{stage}: {err}") from err
+    except TypeError as err:  # a required field the recipe does not give
+        missing = [f.name for f in dataclasses.fields(spec.recipe)
+                   if f.default is dataclasses.MISSING and f.name not in {**wired, **spec.fixed, **args}]
+        raise RecipeError(f"{source}: stages.{stage} needs {', '.join(missing)}") from err
+
+
+def _field_type_is_text(cls: type[StageRecipe], name: str) -> bool:
+    return check_value(cls, name, _WIRED_PLACEHOLDER)[1] is None
 
 
 def _missing_output(result: dict) -> str | None:
@@ -179,6 +241,32 @@ def _fingerprint(kwargs: dict) -> str:
     return hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass
+class Comparison:
+    """A stage run on the hybrid and on the teacher (evaluation, throughput): the report puts them side by side."""
+
+    hybrid: StageResult
+    teacher: StageResult
+
+    def to_record(self) -> dict:
+        return {"hybrid": self.hybrid.to_record(), "teacher": self.teacher.to_record()}
+
+
+@dataclass
+class Done:
+    """The typed results of the stages finished (or reused) so far in this run: what later stages read."""
+
+    data: DataResult | None = None
+    supernet: SupernetResult | None = None
+    placement: PlacementResult | None = None
+    blocks: BlockSearchResult | None = None
+    hardware: ShapeSearchResult | None = None
+    stage1: TrainResult | None = None
+    stage2: TrainResult | None = None
+    eval: Comparison | None = None
+    bench: Comparison | None = None
+
+
 class Pipeline:
     """Runs a recipe's stages in order, reusing finished ones (see the module docstring)."""
 
@@ -190,44 +278,55 @@ class Pipeline:
         self.out = recipe.out_dir
         self.state_path = self.out / "pipeline.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
-        self.results: dict[str, dict] = {}
+        self.done = Done()
+        #: every run's record in the order run (eval and bench as hybrid / teacher pairs): report.json's results
+        self.records: dict[str, dict] = {}
         self.changed = False  # once a stage reruns, every later stage reruns too
+        # what the pipeline sets in each stage's recipe, from the recipe's top level and earlier stages
+        self._wiring: dict[str, Callable[[dict, str | None], dict]] = {
+            "supernet": self._supernet_args, "placement": self._placement_args, "blocks": self._search_args,
+            "hardware": self._hardware_args, "stage1": self._stage1_args, "stage2": self._stage2_args,
+            "eval": self._model_args, "bench": self._model_args}
 
     def _save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, self.state)
 
     def _log(self, msg: str) -> None:
         print(f"[jetnas run {self.recipe.name}] {msg}", file=sys.stderr, flush=True)
 
-    def _run(self, stage: str, fn: Callable[..., dict], kwargs: dict, upstream: bool = True) -> dict:
+    def _run(self, name: str, kwargs: dict, run: Callable[[dict], StageResult], result: type[StageResult],
+             upstream: bool = True) -> StageResult:
         """Run (or reuse) one stage; its record in pipeline.json is written when it finishes. `upstream=False`:
         the stage depends on nothing earlier (the teacher's own evaluation), only its arguments decide."""
         fingerprint = _fingerprint(kwargs)
-        record = self.state["stages"].get(stage)
+        record = self.state["stages"].get(name)
         stale = self.changed and upstream
-        current = bool(record) and record.get("fingerprint") == fingerprint and not stale and stage not in self.redo
+        current = bool(record) and record.get("fingerprint") == fingerprint and not stale and name not in self.redo
         gone = _missing_output(record["result"]) if current else None
         if current and not gone:
-            self._log(f"{stage}: reusing the finished result in {self.state_path}")
-            self.results[stage] = record["result"]
-            return record["result"]
+            try:
+                reused = result.from_record(record["result"])
+            except TypeError:  # a record another version of jetnas wrote, with other fields: run it again
+                reused = None
+            if reused is not None:
+                self._log(f"{name}: reusing the finished result in {self.state_path}")
+                self.records[name] = record["result"]
+                return reused
         if gone:
-            self._log(f"{stage}: finished before, but its {gone} is gone (a run directory copied without it?): "
+            self._log(f"{name}: finished before, but its {gone} is gone (a run directory copied without it?): "
                       "running it again")
-        self.changed = self.changed or (upstream and not (gone and stage in REPRODUCIBLE))
-        self._log(f"{stage}: running")
+        self.changed = self.changed or (upstream and not (gone and name in REPRODUCIBLE))
+        self._log(f"{name}: running")
         start = time.perf_counter()
-        result = fn(**kwargs)
-        self.state["stages"][stage] = {"fingerprint": fingerprint, "arguments": kwargs, "result": result,
-                                       "seconds": round(time.perf_counter() - start, 1),
-                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        outcome = run(kwargs)
+        self.state["stages"][name] = {"fingerprint": fingerprint, "arguments": kwargs, "result": outcome.to_record(),
+                                      "seconds": round(time.perf_counter() - start, 1),
+                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._save_state()
-        self.results[stage] = result
-        self._log(f"{stage}: done in {time.perf_counter() - start:.1f}s")
-        return result
+        self.records[name] = outcome.to_record()
+        self._log(f"{name}: done in {time.perf_counter() - start:.1f}s")
+        return outcome
 
     # -- data ---------------------------------------------------------------------------------------------------
 
@@ -237,83 +336,90 @@ class Pipeline:
         data = self.recipe.data
         if not isinstance(data, dict):
             return data
-        target = self.out / "data" / "train.bin"
+        target = str(self.out / "data" / "train.bin")
         kwargs = {"teacher": self.recipe.teacher, "tokens": int(data["generate"]), "seed": self.recipe.seed}
-        return self._run("data", lambda **kw: _generate_data(target=str(target), device=self.recipe.device, **kw),
-                         kwargs)["path"]
+        self.done.data = self._run("data", kwargs, lambda kw: generate_data(target=target, device=self.recipe.device,
+                                                                            **kw), DataResult)
+        return self.done.data.path
 
-    # -- the stages ---------------------------------------------------------------------------------------------
+    # -- what each stage is given -------------------------------------------------------------------------------
 
     def stage_kwargs(self, stage: str, data: str | None) -> dict:
-        """The recipe's arguments for `stage` plus what the pipeline wires in from earlier stages."""
-        r, args = self.recipe, dict(self.recipe.stages[stage] or {})
-        common = {"out_dir": str(self.out / stage), "device": r.device}
-        if stage == "supernet":
-            return {**args, **common, "teacher": r.teacher, "data": data, "seed": r.seed}
-        if stage == "placement":
-            return {**args, **common, "supernet": self._require("supernet", "out_dir")}
-        if stage in ("blocks", "hardware"):
-            kwargs = {**args, **common, "teacher": r.teacher, "data": data, "seed": r.seed,
-                      "placement": self._placement()}
-            if stage == "hardware" and "blocks" in self.results and "block" not in args:
-                kwargs["block"] = self.results["blocks"]["best"]
-            return kwargs
-        if stage == "stage1":
-            kwargs = {**args, **common, "stage": 1, "teacher": r.teacher, "data": data, "seed": r.seed, "model": None}
-            if "layer_types" not in args:
-                kwargs["layer_types"] = self._layer_types()
-            if "block_config" not in args:
-                # the chosen shape (hardware), else the chosen block's options (blocks); both carry the swa window
-                for source in ("hardware", "blocks"):
-                    if source in self.results:
-                        kwargs["block_config"] = self.results[source]["block_config"]
-                        break
-                else:
-                    if "placement" in self.results and "swa_window" not in args:
-                        kwargs["swa_window"] = self._supernet_window()
-            return kwargs
-        if stage == "stage2":
-            args.setdefault("data", data)
-            return {**args, **common, "stage": 2, "teacher": r.teacher, "seed": r.seed, "model": self._model()}
-        if stage in ("eval", "bench"):
-            return {**args, **common, "model": self._model()}
-        raise AssertionError(stage)
+        """The recipe's arguments for `stage` plus what the pipeline wires in (the fields in `SPECS[stage].wired`)."""
+        args = dict(self.recipe.stages[stage] or {})
+        common = {"out_dir": str(self.out / stage), "device": self.recipe.device}
+        return {**args, **common, **SPECS[stage].fixed, **self._wiring[stage](args, data)}
+
+    def _supernet_args(self, args: dict, data: str | None) -> dict:
+        return {"teacher": self.recipe.teacher, "data": data, "seed": self.recipe.seed}
+
+    def _placement_args(self, args: dict, data: str | None) -> dict:
+        if self.done.supernet is None:
+            raise self._skipped("supernet", "out_dir")
+        return {"supernet": self.done.supernet.out_dir}
+
+    def _search_args(self, args: dict, data: str | None) -> dict:
+        return {"teacher": self.recipe.teacher, "data": data, "seed": self.recipe.seed,
+                "placement": self._placement()}
+
+    def _hardware_args(self, args: dict, data: str | None) -> dict:
+        kwargs = self._search_args(args, data)
+        if self.done.blocks is not None and "block" not in args:
+            kwargs["block"] = self.done.blocks.best
+        return kwargs
+
+    def _stage1_args(self, args: dict, data: str | None) -> dict:
+        kwargs = {"teacher": self.recipe.teacher, "data": data, "seed": self.recipe.seed, "model": None}
+        if "layer_types" not in args:
+            kwargs["layer_types"] = self._layer_types()
+        if "block_config" not in args:
+            # the chosen shape (hardware), else the chosen block's options (blocks); both carry the swa window
+            chosen = self.done.hardware or self.done.blocks
+            if chosen is not None:
+                kwargs["block_config"] = chosen.block_config
+            elif self.done.placement is not None and "swa_window" not in args:
+                kwargs["swa_window"] = self._supernet_window()
+        return kwargs
+
+    def _stage2_args(self, args: dict, data: str | None) -> dict:
+        return {"data": args.get("data", data), "teacher": self.recipe.teacher, "seed": self.recipe.seed,
+                "model": self._model()}
+
+    def _model_args(self, args: dict, data: str | None) -> dict:
+        return {"model": self._model()}
 
     def _supernet_window(self) -> int:
         """The sliding window the super-network (and so the searched placement) used."""
         args = self.recipe.stages["supernet"] or {}
-        if "swa_window" in args:
-            return int(args["swa_window"])
-        return inspect.signature(SPECS["supernet"].function()).parameters["swa_window"].default
+        return int(args["swa_window"]) if "swa_window" in args else default_of(SupernetRecipe, "swa_window")
 
-    def _require(self, stage: str, key: str):
-        if stage not in self.results:
-            raise RecipeError(f"{self.recipe.source}: a later stage needs the {stage!r} stage's {key}, but "
-                              f"{stage!r} is skipped and the recipe gives no replacement")
-        return self.results[stage][key]
+    def _skipped(self, stage: str, key: str) -> RecipeError:
+        return RecipeError(f"{self.recipe.source}: a later stage needs the {stage!r} stage's {key}, but {stage!r} is "
+                           f"skipped and the recipe gives no replacement")
 
     def _placement(self) -> str:
-        """The placement for blocks/hardware: placement stage's placements.json, or stage1's layer_types."""
-        if "placement" in self.results:
-            return self.results["placement"]["outputs"]["placements"]
+        """The placement for blocks/hardware: the placement stage's placements.json, or stage1's layer_types."""
+        if self.done.placement is not None:
+            return self.done.placement.placements
         given = (self.recipe.stages["stage1"] or {}).get("layer_types")
-        if given:
-            return given
-        return self._require("placement", "placements")
+        if not given:
+            raise self._skipped("placement", "placements")
+        return given
 
     def _layer_types(self) -> str:
         """stage1's per-layer types: the searched placement with the chosen block in the linear layers."""
-        block = self.results["blocks"]["best"] if "blocks" in self.results else "jet"
-        if "placement" in self.results:
-            return ",".join(block if t not in ("attn", "swa") else t
-                            for t in self.results["placement"]["layer_types"].split(","))
-        raise RecipeError(f"{self.recipe.source}: stage1 needs layer_types when the placement stage is skipped")
+        if self.done.placement is None:
+            raise RecipeError(f"{self.recipe.source}: stage1 needs layer_types when the placement stage is skipped")
+        block = self.done.blocks.best if self.done.blocks is not None else "jet"
+        return ",".join(block if t not in ("attn", "swa") else t for t in self.done.placement.layer_types.split(","))
 
     def _model(self) -> str:
-        for stage in ("stage2", "stage1"):
-            if stage in self.results:
-                return self.results[stage]["model_dir"]
-        raise RecipeError(f"{self.recipe.source}: eval/bench/stage2 need a trained model: stage1 is skipped")
+        trained = self.done.stage2 or self.done.stage1
+        if trained is None:
+            raise RecipeError(f"{self.recipe.source}: eval/bench/stage2 need a trained model: stage1 is skipped")
+        return trained.model_dir
+
+    # -- running ------------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -326,18 +432,23 @@ class Pipeline:
             if self.recipe.stages[stage] is None:
                 self._log(f"{stage}: skipped by the recipe")
                 continue
+            spec = SPECS[stage]
             kwargs = self.stage_kwargs(stage, data)
-            if stage == "eval":
-                self._run_eval(kwargs)
-            elif stage == "bench":
-                self._run_bench(kwargs)
-            else:
-                self._run(stage, SPECS[stage].function(), kwargs)
+            result = self._run(stage, kwargs, lambda kw, spec=spec: spec.run(spec.recipe(**kw)), spec.result)
+            if spec.with_teacher:
+                # the teacher through the same stage, for the report's side-by-side; it depends on nothing earlier
+                teacher = self._run(f"{stage}_teacher", {**kwargs, "model": self.recipe.teacher,
+                                                         "out_dir": str(self.out / f"{stage}_teacher")},
+                                    lambda kw, spec=spec: spec.run(spec.recipe(**kw)), spec.result, upstream=False)
+                result = Comparison(result, teacher)
+                self.records[stage] = result.to_record()
+            setattr(self.done, stage, result)
         from jetnas.report import write_pipeline_report
 
-        paths = write_pipeline_report(self.recipe, self.results, self.state, self.out)
-        return {"recipe": self.recipe.name, "out_dir": str(self.out), "model": self.results.get(
-            "stage2", self.results.get("stage1", {})).get("model_dir"), **paths}
+        paths = write_pipeline_report(self.recipe, self.records, self.state, self.out)
+        trained = self.done.stage2 or self.done.stage1
+        return {"recipe": self.recipe.name, "out_dir": str(self.out),
+                "model": trained.model_dir if trained is not None else None, **paths}
 
     def write_report(self) -> dict:
         """report.md / report.json from the finished stages recorded in pipeline.json, running nothing."""
@@ -345,49 +456,34 @@ class Pipeline:
             raise RecipeError(f"{self.state_path}: no finished stage recorded (is {self.out} a run directory?)")
         for stage, record in self.state["stages"].items():
             result = record["result"]
-            if stage in ("eval", "bench"):
+            if SPECS.get(stage) is not None and SPECS[stage].with_teacher:
                 teacher = self.state["stages"].get(f"{stage}_teacher")
                 if teacher is None:
                     continue
                 result = {"hybrid": result, "teacher": teacher["result"]}
-            self.results[stage] = result
+            self.records[stage] = result
         from jetnas.report import write_pipeline_report
 
-        return write_pipeline_report(self.recipe, self.results, self.state, self.out)
-
-    def _run_eval(self, kwargs: dict) -> None:
-        """The final model and the teacher on the same tasks."""
-        fn = SPECS["eval"].function()
-        hybrid = self._run("eval", fn, kwargs)
-        teacher = self._run("eval_teacher", fn, {**kwargs, "model": self.recipe.teacher,
-                                                  "out_dir": str(self.out / "eval_teacher")}, upstream=False)
-        self.results["eval"] = {"hybrid": hybrid, "teacher": teacher}
-
-    def _run_bench(self, kwargs: dict) -> None:
-        fn = SPECS["bench"].function()
-        hybrid = self._run("bench", fn, kwargs)
-        teacher = self._run("bench_teacher", fn, {**kwargs, "model": self.recipe.teacher,
-                                                   "out_dir": str(self.out / "bench_teacher")}, upstream=False)
-        self.results["bench"] = {"hybrid": hybrid, "teacher": teacher}
+        return write_pipeline_report(self.recipe, self.records, self.state, self.out)
 
 
-def _generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None) -> dict:
-    from jetnas.commands.models import _device
-    from jetnas.models.teachers import load_teacher
-    from jetnas.train.data import teacher_generated
-
-    dev = _device(device)
-    model, tokenizer, spec = load_teacher(teacher, device=dev)
-    stream = teacher_generated(model, tokenizer, spec.eos_token_id, tokens, seed=seed, name=spec.name)
-    path = stream.save(target)
-    return {"path": str(path), "tokens": len(stream)}
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with jetnas (`jetnas/configs/*.yaml`), by name."""
+    return {p.stem: p for p in sorted((Path(__file__).resolve().parent / "configs").glob("*.yaml"))}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """A recipe file, or a shipped recipe by name (`quickstart`, see `configs/`)."""
+    """A recipe file, or a shipped recipe by name (`quickstart`, see `configs/`); a name that is neither is refused
+    with the shipped names (and the closest one)."""
     path = Path(path)
     if not path.exists() and not path.suffix:
-        shipped = Path(__file__).resolve().parent / "configs" / f"{path.name}.yaml"
-        if shipped.exists():
-            path = shipped
+        shipped = shipped_recipes()
+        if path.name not in shipped:
+            import difflib
+
+            close = difflib.get_close_matches(path.name, list(shipped), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"recipe {str(path)!r} is neither a file nor a shipped recipe; {hint}shipped: "
+                              f"{', '.join(shipped)}")
+        path = shipped[path.name]
     return Recipe.load(path, overrides)

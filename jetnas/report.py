@@ -1,7 +1,9 @@
 """The report of a `jetnas run`: one markdown file with every stage's tables and figures, and one JSON file.
 
-Stages hand over what they wrote through their result's `outputs` mapping (name -> path): markdown files are
-inlined, PNG figures embedded, everything else linked. Evaluation and throughput are shown hybrid-vs-teacher.
+It reads the stages' records (`jetnas.runner.results`, as `jetnas run` keeps them in pipeline.json), so it can be
+written again from a run directory alone (`jetnas run --report-only`). Stages hand over what they wrote through
+their record's `outputs` mapping (name -> path): markdown files are inlined, PNG figures embedded, everything else
+linked. Evaluation and throughput are shown hybrid-vs-teacher.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from jetnas.files import write_text_atomic
 
 TITLES = {
     "data": "Training data",
@@ -187,8 +191,8 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
             lines += [f"- {k}: {_fmt(v)}" for k, v in shown] + [""]
         lines += _outputs_section(result, out)
     md, js = out / "report.md", out / "report.json"
-    md.write_text("\n".join(lines).rstrip() + "\n")
-    js.write_text(json.dumps({"recipe": recipe.name, "teacher": recipe.teacher, "results": results,
-                              "stages": {k: {"seconds": v.get("seconds"), "finished": v.get("finished")}
-                                         for k, v in state["stages"].items()}}, indent=2, default=str))
+    write_text_atomic(md, "\n".join(lines).rstrip() + "\n")
+    write_text_atomic(js, json.dumps({"recipe": recipe.name, "teacher": recipe.teacher, "results": results,
+                                      "stages": {k: {"seconds": v.get("seconds"), "finished": v.get("finished")}
+                                                 for k, v in state["stages"].items()}}, indent=2, default=str))
     return {"report": str(md), "report_json": str(js)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jetnas.files import build_lock, publish_dir, temp_sibling
+from jetnas.files import atomic_dir, atomic_path, build_lock, publish_dir, temp_sibling, write_json_atomic
 from jetnas.train.data import TokenStream, _write_bin, tokenize_files
 
 
@@ -139,3 +139,28 @@ def test_build_lock_without_a_writable_cache_still_builds(tmp_path, monkeypatch)
     with build_lock(tmp_path / "x.bin"):
         (tmp_path / "x.bin").write_text("built")
     assert (tmp_path / "x.bin").read_text() == "built"
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_leftovers(tmp_path):
+    target = tmp_path / "pipeline.json"
+    write_json_atomic(target, {"stages": {"a": 1}})
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"stages": {"a": 1, "b"')  # half written when the run is killed
+            raise KeyboardInterrupt
+    assert target.read_text() == '{\n  "stages": {\n    "a": 1\n  }\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline.json"]
+
+
+def test_atomic_dir_replaces_the_old_directory_only_when_complete(tmp_path):
+    target = _dir(tmp_path / "model", {"model.safetensors": "old"})
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as partial:
+            (partial / "model.safetensors").write_text("half")
+            raise RuntimeError("killed while saving")
+    assert (target / "model.safetensors").read_text() == "old"
+    with atomic_dir(target) as partial:
+        (partial / "model.safetensors").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["model.safetensors"]
+    assert (target / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -1,72 +1,81 @@
 """`jetnas run` bookkeeping with fake stages: recipe validation, wiring between stages, reuse and reruns, report."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from jetnas import pipeline
-from jetnas.pipeline import Pipeline, Recipe, RecipeError, StageSpec
+from jetnas.pipeline import Pipeline, Recipe, RecipeError
+from jetnas.runner import results
 
 CALLS: list[str] = []
 
+# The fakes stand in for the runner functions (`jetnas.runner`): each takes its stage's typed recipe (built from
+# what the pipeline wired in, so the asserts check the wiring) and returns a typed result with the fields the test
+# reads; the other fields are None.
 
-def fake_supernet(teacher, data=None, steps=10, swa_window=512, out_dir=None, device=None, seed=0):
+
+def make(cls, **given):
+    return cls(**{**{f.name: None for f in dataclasses.fields(cls)}, **given})
+
+
+def fake_supernet(r):
     CALLS.append("supernet")
-    return {"out_dir": out_dir, "steps": steps}
+    return results.SupernetResult(r.out_dir, r.teacher, r.linear, {"steps": r.steps})
 
 
-def fake_placement(supernet, budget="attn=1", out_dir=None, device=None):
+def fake_placement(r):
     CALLS.append("placement")
-    assert supernet.endswith("supernet")
-    return {"placement": {"attn": [2]}, "layer_types": "linear,linear,attn,linear",
-            "outputs": {"placements": f"{out_dir}/placements.json"}}
+    assert r.supernet.endswith("supernet")
+    return make(results.PlacementResult, placement={"attn": [2]}, layer_types="linear,linear,attn,linear",
+                outputs={"placements": f"{r.out_dir}/placements.json"})
 
 
-def fake_blocks(teacher, placement, blocks="gdn,jet", data=None, out_dir=None, device=None, seed=0):
+def fake_blocks(r):
     CALLS.append("blocks")
-    assert placement.endswith("placements.json")
-    return {"best": "gdn", "outputs": {}}
+    assert r.placement.endswith("placements.json")
+    return make(results.BlockSearchResult, best="gdn", outputs={})
 
 
-def fake_hardware(teacher, placement, block="jet", data=None, out_dir=None, device=None, seed=0):
+def fake_hardware(r):
     CALLS.append("hardware")
-    return {"chosen": [4, 32, 64], "block_config": {"gdn": {"num_heads": 4}}, "block": block}
+    return make(results.ShapeSearchResult, chosen=[4, 32, 64], block_config={"gdn": {"num_heads": 4}}, block=r.block)
 
 
-def fake_train(stage, teacher, model=None, layer_types=None, block_config=None, swa_window=None, data=None, steps=5,
-               out_dir=None, device=None, seed=0):
-    CALLS.append(f"stage{stage}")
-    if stage == 1 and block_config is None:
-        assert layer_types == "jet,jet,attn,jet" and swa_window == 512  # the default block, the supernet's window
-    elif stage == 1:
-        assert layer_types == "gdn,gdn,attn,gdn" and block_config == {"gdn": {"num_heads": 4}}
+def fake_train(r):
+    CALLS.append(f"stage{r.stage}")
+    if r.stage == 1 and r.block_config is None:
+        assert r.layer_types == "jet,jet,attn,jet" and r.swa_window == 512  # the default block, the supernet's window
+    elif r.stage == 1:
+        assert r.layer_types == "gdn,gdn,attn,gdn" and r.block_config == {"gdn": {"num_heads": 4}}
     else:
-        assert model.endswith("stage1/model")
-    model_dir = Path(out_dir) / "model"
+        assert r.model.endswith("stage1/model")
+    model_dir = Path(r.out_dir) / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model.safetensors").write_bytes(b"weights")
-    return {"model_dir": str(model_dir), "steps": steps, "final_loss": 1.0 / stage}
+    return make(results.TrainResult, model_dir=str(model_dir), steps=r.steps, final_loss=1.0 / r.stage)
 
 
-def fake_eval(model, tasks="ppl", out_dir=None, device=None):
-    CALLS.append(f"eval:{model}")
-    return {"model": model, "results": {tasks: {"ppl": 10.0 if model == "tiny-teacher" else 12.0}}}
+def fake_eval(r):
+    CALLS.append(f"eval:{r.model}")
+    return make(results.EvalResult, model=r.model,
+                results={r.tasks: {"ppl": 10.0 if r.model == "tiny-teacher" else 12.0}})
 
 
-def fake_bench(model, context="128", out_dir=None, device=None):
-    CALLS.append(f"bench:{model}")
-    return {"summary": {"decode_tokens_per_s": 100.0 if model == "tiny-teacher" else 300.0}}
+def fake_bench(r):
+    CALLS.append(f"bench:{r.model}")
+    return make(results.BenchResult, summary={"decode_tokens_per_s": 100.0 if r.model == "tiny-teacher" else 300.0})
 
 
-FAKES = {"supernet": "fake_supernet", "placement": "fake_placement", "blocks": "fake_blocks",
-         "hardware": "fake_hardware", "stage1": "fake_train", "stage2": "fake_train", "eval": "fake_eval",
-         "bench": "fake_bench"}
+FAKES = {"supernet": fake_supernet, "placement": fake_placement, "blocks": fake_blocks, "hardware": fake_hardware,
+         "stage1": fake_train, "stage2": fake_train, "eval": fake_eval, "bench": fake_bench}
 
 
 @pytest.fixture(autouse=True)
 def fake_stages(monkeypatch):
-    specs = {stage: StageSpec(f"{__name__}:{FAKES[stage]}", spec.wired) for stage, spec in pipeline.SPECS.items()}
+    specs = {stage: dataclasses.replace(spec, run=FAKES[stage]) for stage, spec in pipeline.SPECS.items()}
     monkeypatch.setattr(pipeline, "SPECS", specs)
     CALLS.clear()
 
@@ -118,9 +127,9 @@ def test_lost_generated_data_is_remade_without_rerunning_the_stages_that_used_it
         made.append(target)
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_bytes(b"\0\0" * tokens)
-        return {"path": target, "tokens": tokens}
+        return results.DataResult(target, tokens)
 
-    monkeypatch.setattr(pipeline, "_generate_data", fake_generate)
+    monkeypatch.setattr(pipeline, "generate_data", fake_generate)
     r = Recipe.from_dict({"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"),
                           "data": {"generate": 8}, "stages": {"supernet": {"steps": 3}}}, source="test.yaml")
     Pipeline(r).run()

@@ -37,6 +37,25 @@ def test_check_flag_validates_without_running(capsys):
     assert "stages.supernet.stepz is not an argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("stages.supernet.steps=ten", "stages.supernet.steps must be an integer, got 'ten'"),
+    # 4.5 steps used to run 5
+    ("stages.stage1.steps=4.5", "stages.stage1.steps must be an integer, got 4.5"),
+    ("stages.bench.context=0", "stages.bench.context must be >= 1, got 0"),
+    ("stages.hardware.tolerance=1.5", "stages.hardware.tolerance must be < 1, got 1.5"),
+    ("stages.supernet.precision=fp8", "stages.supernet.precision must be one of auto, fp32, bf16, got 'fp8'"),
+    ("stages.bench.batch=many", "stages.bench: --batch must be a positive integer or auto, got 'many'"),
+    # a recipe names its decode measurement; it cannot make jetnas import a module
+    ("stages.blocks.measure=os:system", "stages.blocks: --measure 'os:system' is not a known decode measurement"),
+    ("stages.hardware.measure=none", "stages.hardware: the hardware search chooses by measured decode throughput"),
+], ids=["word", "fraction", "range", "open-range", "choice", "cross-field", "import-path", "none-required"])
+def test_check_refuses_a_bad_value_in_one_line_naming_file_stage_key_and_value(setting, message, capsys):
+    assert main(["run", "quickstart", "--check", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jetnas: error: ") and "quickstart.yaml: " in err[0], err
+    assert message in err[0]
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_reuses_its_stages(teacher, tmp_path, capsys):
     out = tmp_path / "quickstart"

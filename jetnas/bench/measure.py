@@ -1,11 +1,13 @@
 """Timed prefill and decode of random prompts through the engine (and through `generate()` as a baseline), and the
-batch rule of the throughput benchmarks (`largest_batch`)."""
+batch rules of the throughput benchmarks: the largest batch predicted to fit (`largest_batch`), and halving a batch
+that runs out of memory anyway (`halving_on_oom`)."""
 
 from __future__ import annotations
 
 import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -118,6 +120,32 @@ def largest_batch(model, context_length: int, new_tokens: int, device=None, cap:
                          f"{per_row} bytes (cache {cache} + logits {4 * model.config.vocab_size}), {fraction} of the "
                          f"free {free_bytes} bytes on {device} is {int(fraction * free_bytes)}")
     return min(cap, b - b % 8 if b >= 8 else b)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the allocator running out of memory: CUDA raises torch.OutOfMemoryError; the CPU allocator
+    a RuntimeError "... can't allocate memory ..."."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def halving_on_oom(run: Callable[[int], dict], batch: int, device, halve: bool = True) -> tuple[dict, int]:
+    """`run(batch)`, retried at half the batch while it runs out of memory (down to 1; with `halve` False, the
+    error is raised). Returns `run`'s result and how many times the batch was halved: a measurement at the largest
+    batch that runs, as the paper compares systems."""
+    device = torch.device(device)
+    halvings = 0
+    while True:
+        try:
+            return run(batch), halvings
+        except RuntimeError as err:
+            if not (halve and batch > 1 and is_out_of_memory(err)):
+                raise
+        # outside the except block, where the failed run's tensors (held by the traceback) are released
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        batch //= 2
+        halvings += 1
 
 
 @torch.inference_mode()

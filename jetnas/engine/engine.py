@@ -18,20 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from jetnas.engine.cache import StaticCache
-
-
-def as_jetnas(model):
-    """A jetnas model as it is; a plain HF Llama / Qwen2 / Qwen3 model converted with every layer kept as
-    attention (exact: same logits, see `jetnas.models.convert`), sharing nothing it does not need to copy."""
-    from jetnas.models.modeling import JetNemotronForCausalLM
-
-    if isinstance(model, JetNemotronForCausalLM):
-        return model
-    from jetnas.models.convert import convert_model
-
-    param = next(model.parameters())
-    converted, _ = convert_model(model, ["attn"] * model.config.num_hidden_layers)
-    return converted.to(device=param.device, dtype=param.dtype).eval()
+from jetnas.models.convert import as_jetnas
 
 
 @dataclass

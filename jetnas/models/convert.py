@@ -2,46 +2,22 @@
 
 Embeddings, norms, MLPs and the LM head are copied bit for bit (and frozen by default); `attn`/`swa` layers take
 the pretrained attention weights; each linear block inherits what its rule allows (`init_from_attention` of the
-block: Q/K/V/O where head splits match) and starts fresh otherwise.
+block: Q/K/V/O where head splits match) and starts fresh otherwise. `as_jetnas` is the all-attention case: a teacher
+as a jetnas model with the same logits, what distillation, the super-network and the engine run.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from jetnas.layers import ATTENTION_TYPES, LAYER_TYPES, Attention
+from jetnas.layers import ATTENTION_TYPES, Attention
 from jetnas.models.configuration import JetNemotronConfig
 from jetnas.models.modeling import JetNemotronForCausalLM
-from jetnas.models.presets import PRESETS
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "jet_nemotron")
-_REPEAT = re.compile(r"^([a-z0-9_]+)\*(\d+)$")
-
-
-def parse_layer_types(spec: str | list[str], num_layers: int) -> list[str]:
-    """Per-layer block types from `"attn,jet,..."` (one entry per layer; `jet*14` repeats an entry), or a preset
-    name whose layout has `num_layers` layers."""
-    if isinstance(spec, str) and spec in PRESETS:
-        types = list(PRESETS[spec]["block_types"])
-        if len(types) != num_layers:
-            raise ValueError(f"preset {spec!r} has {len(types)} layers but the teacher has {num_layers}")
-        return types
-    entries = spec.split(",") if isinstance(spec, str) else list(spec)
-    types = []
-    for entry in (e.strip() for e in entries):
-        m = _REPEAT.match(entry)
-        name, count = (m.group(1), int(m.group(2))) if m else (entry, 1)
-        if name not in LAYER_TYPES:
-            raise ValueError(f"unknown layer type {name!r} in --layer-types; known: {', '.join(LAYER_TYPES)} "
-                             f"(or a preset: {', '.join(PRESETS)})")
-        types += [name] * count
-    if len(types) != num_layers:
-        raise ValueError(f"--layer-types gives {len(types)} layers but the teacher has {num_layers}")
-    return types
 
 
 def hybrid_config(source, block_types: list[str], efficient_attention_config: dict | None = None) -> JetNemotronConfig:
@@ -112,7 +88,7 @@ def convert_model(
 
     Args:
         source: the pretrained model (`...ForCausalLM`).
-        block_types: one entry per layer (see `parse_layer_types`).
+        block_types: one entry per layer (see `jetnas.models.layer_types`).
         efficient_attention_config: per block type kwargs, e.g. `{"swa": {"window_size": 1024}}`.
         freeze: set `requires_grad=False` on everything inherited that PostNAS keeps fixed: embeddings, norms,
             MLPs, LM head.
@@ -148,3 +124,14 @@ def convert_model(
                 p.requires_grad_(False)
                 report.frozen.append(name)
     return hybrid.eval(), report
+
+
+def as_jetnas(model: nn.Module, freeze: bool = True) -> JetNemotronForCausalLM:
+    """`model` as a jetnas model: a jetnas model as it is; a Llama / Qwen2 / Qwen3 model converted with every layer
+    kept as attention (`convert_model`: the same logits, on the source's device and dtype, in eval mode, its
+    inherited weights frozen when `freeze`). The teacher of distillation, the super-network's base and what the
+    engine runs for a plain HF model; hidden states then line up with a hybrid's layer by layer."""
+    if isinstance(model, JetNemotronForCausalLM):
+        return model
+    converted, _ = convert_model(model, ["attn"] * model.config.num_hidden_layers, freeze=freeze)
+    return converted

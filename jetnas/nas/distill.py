@@ -1,19 +1,17 @@
 """The distillation objective of super-network training: the sampled sub-network's hidden states after every
-layer should match the teacher's (feature distillation, per-layer MSE), optionally plus KL on the logits.
-
-The per-layer MSE is relative: divided by the mean square of the teacher's hidden state at that layer, because
-residual-stream norms grow with depth and an absolute MSE would let the last layers dominate.
+layer should match the teacher's (feature distillation, per-layer relative MSE), optionally plus KL on the logits.
+The terms are training stage 1's (`jetnas.train.losses.distill_terms`); what is the super-network's own is the
+sampling of sub-networks per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from jetnas.nas.sampling import SubnetSampler
+from jetnas.train.losses import distill_terms
 
 
 @dataclass(frozen=True)
@@ -33,28 +31,6 @@ class DistillConfig:
             raise ValueError(f"subnets_per_step must be >= 1, got {self.subnets_per_step}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-
-def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                  student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """`{"hidden": mean over layers of the relative MSE, "kl": KL(teacher || student) per token}` (kl only with
-    logits). The relative MSE of a layer is each sequence's squared error over its teacher's mean square, averaged
-    over the sequences: a mean of per-sequence terms, so a batch split over ranks or micro-batches gives the
-    whole batch's loss and gradient (a ratio of batch means would not: 2026-12-02, DDP != one process)."""
-    terms = []
-    for hs, ht in zip(student_hidden, teacher_hidden):
-        ht = ht.float()
-        dims = tuple(range(1, ht.dim()))
-        err = (hs.float() - ht).pow(2).mean(dims)
-        terms.append((err / ht.pow(2).mean(dims).clamp_min(1e-12)).mean())
-    out = {"hidden": torch.stack(terms).mean()}
-    if student_logits is not None and teacher_logits is not None:
-        t = temperature
-        log_p = F.log_softmax(teacher_logits.float() / t, -1)
-        log_q = F.log_softmax(student_logits.float() / t, -1)
-        out["kl"] = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
-    return out
 
 
 def make_distill_loss(sampler: SubnetSampler, config: DistillConfig):

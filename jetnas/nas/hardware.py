@@ -3,13 +3,24 @@
 Decode is memory-bound and the cache is what a step reads per sequence, so the cache size is held fixed and the
 (key dim, value dim, heads) grid is searched at that size: throughput then stays about the same (the paper's nine
 settings at 154 MB ran within 1% of each other) while parameters, and accuracy, vary. This module is the
-bookkeeping: the candidates at a fixed state size, and the choice rule. Measuring and training are passed in.
+bookkeeping: the shapes at a fixed state size, the choice rule, and the search (`run_hardware_search`). Training,
+evaluating and measuring a shape is a callable passed in, as for the block search (`jetnas.nas.candidates`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from jetnas.files import write_json_atomic
+from jetnas.layers import LINEAR_LAYERS
+from jetnas.models.layer_types import BlockSpec
+from jetnas.nas.candidates import log_progress, run_candidates
+from jetnas.nas.ranking import TaskMetric, candidate_scores
+from jetnas.nas.tables import hardware_table, search_figure
 
 
 @dataclass(frozen=True)
@@ -69,3 +80,133 @@ def choose_shape(results: dict[BlockShape, dict], original: BlockShape, toleranc
     floor = (1 - tolerance) * results[original][throughput]
     eligible = [s for s, r in results.items() if r[throughput] >= floor]
     return max(eligible, key=lambda s: (results[s][accuracy], -results[s].get("params", 0), s == original))
+
+
+def shape_from_kwargs(block_type: str, kwargs: Mapping, hidden_size: int) -> BlockShape:
+    """The (heads, key dim, value dim) of a block from its constructor kwargs (`JetNemotronConfig.block_kwargs`).
+    For Mamba2 the "key dim" is the SSM state size N and the "value dim" the head dim P (state H*N*P)."""
+    if block_type == "mamba2":
+        head_dim = kwargs.get("head_dim", 64)
+        heads = kwargs.get("num_heads") or kwargs.get("expand", 2) * hidden_size // head_dim
+        return BlockShape(heads, kwargs.get("state_size", 128), head_dim)
+    if block_type not in LINEAR_LAYERS:
+        raise ValueError(f"no block shape for {block_type!r}; linear blocks: {', '.join(LINEAR_LAYERS)}")
+    heads = kwargs["num_heads"]
+    k = kwargs.get("head_k_dim")
+    v = kwargs.get("head_v_dim")
+    if k is None or v is None:
+        raise ValueError(f"{block_type} kwargs {dict(kwargs)} do not give head_k_dim and head_v_dim")
+    return BlockShape(heads, k, v)
+
+
+def shape_options(block_type: str, shape: BlockShape) -> dict:
+    """The config options that give a block this shape (the keys of its `efficient_attention_config` entry)."""
+    if block_type == "jet":
+        return shape.as_config()
+    if block_type == "mamba2":
+        return {"num_heads": shape.num_heads, "state_size": shape.head_k_dim, "head_dim": shape.head_v_dim}
+    return {"num_heads": shape.num_heads, "head_k_dim": shape.head_k_dim, "head_v_dim": shape.head_v_dim}
+
+
+def shape_name(shape: BlockShape) -> str:
+    return f"H{shape.num_heads}-K{shape.head_k_dim}-V{shape.head_v_dim}"
+
+
+DEFAULT_HEADS = (2, 4, 6, 8, 12, 16, 24, 32)
+DEFAULT_KEY_DIMS = (32, 48, 64, 96, 128, 192, 256)
+
+
+def shape_candidates(original: BlockShape, state_numbers: int | None = None, heads: Sequence[int] | None = None,
+                     key_dims: Sequence[int] | None = None, max_candidates: int | None = None,
+                     value_multiple: int = 16) -> list[BlockShape]:
+    """The shapes to try: every (heads, key dim, value dim) with exactly `state_numbers` recurrent-state numbers
+    (default: the original's) from `jetnas.nas.hardware.shapes_at_state_size`, over the given (or default) head
+    counts and key dims plus the original's own, value dims a multiple of `value_multiple` (or of the original's
+    value dim, if smaller). The original is always included: it is the throughput reference of the tolerance rule.
+
+    `max_candidates` keeps the original and an evenly spaced subset of the others (sorted by heads, key dim).
+    """
+    target = state_numbers if state_numbers is not None else original.state_numbers
+    if target < 1:
+        raise ValueError(f"state size must be >= 1 number, got {target}")
+    heads = sorted(set(heads or DEFAULT_HEADS) | {original.num_heads})
+    key_dims = sorted(set(key_dims or DEFAULT_KEY_DIMS) | {original.head_k_dim})
+    multiple = math.gcd(value_multiple, original.head_v_dim)
+    low, high = min(32, original.head_v_dim), max(1024, original.head_v_dim)
+    shapes = shapes_at_state_size(target, heads, key_dims, value_multiple=multiple, value_range=(low, high))
+    others = [s for s in shapes if s != original]
+    if max_candidates is not None:
+        if max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
+        keep = max_candidates - 1
+        if keep <= 0:
+            others = []
+        elif keep < len(others):
+            step = (len(others) - 1) / max(1, keep - 1)
+            others = [others[round(i * step)] for i in range(keep)] if keep > 1 else [others[len(others) // 2]]
+    return sorted([original, *others], key=lambda s: (s.num_heads, s.head_k_dim))
+
+
+def run_hardware_search(base: BlockSpec, shapes: Sequence[BlockShape], original: BlockShape,
+                        run: Callable[[BlockSpec, Path], dict], metrics: Sequence[TaskMetric],
+                        out_dir: str | Path, recipe: Mapping, tolerance: float = 0.01,
+                        state_numbers: int | None = None, context_length: int | None = None,
+                        log: Callable[[str], None] = log_progress) -> dict:
+    """PostNAS step 4: run the block `base` at every shape (`run` trains briefly, evaluates, and measures decode
+    throughput on the current device into `decode_tokens_per_s`), then choose with the paper's rule
+    (`jetnas.nas.hardware.choose_shape`): the best-scoring shape whose decode throughput is within `tolerance` of
+    the original's. `state_numbers` is the state size searched (default: the original's); a shape of another size
+    (the original, when a budget other than its own is given) is only the throughput reference and is chosen only
+    when no shape at the budget is fast enough.
+
+    Writes `hardware.md` (Table-2-like), `hardware.json` and `hardware.png` under `out_dir`; returns the chosen
+    shape, the options that build it (`block_config`), the table rows and the outputs.
+    """
+    if original not in shapes:
+        raise ValueError(f"the original shape {original} must be among the shapes searched")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_name = {shape_name(s): s for s in shapes}
+    candidates = [base.with_options(name, **shape_options(base.block_type, s)) for name, s in by_name.items()]
+    named = run_candidates(candidates, run, out, recipe, log)
+    records = {by_name[name]: r for name, r in named.items()}
+    for shape, r in records.items():
+        if not r.get("decode_tokens_per_s"):
+            raise ValueError(f"shape {shape_name(shape)}: the record has no decode_tokens_per_s measurement")
+    scores_by_name = candidate_scores(named, metrics)
+    scores = {by_name[n]: s for n, s in scores_by_name.items()}
+    target = state_numbers if state_numbers is not None else original.state_numbers
+    at_budget = {s for s in shapes if s.state_numbers == target}
+    results = {s: {"accuracy": scores[s] if s in at_budget else -math.inf,
+                   "decode_tokens_per_s": records[s]["decode_tokens_per_s"], "params": records[s].get("params", 0)}
+               for s in shapes}
+    chosen = choose_shape(results, original, tolerance)
+    floor = (1 - tolerance) * records[original]["decode_tokens_per_s"]
+    table = hardware_table(records, metrics, scores, original, chosen, floor, context_length)
+    measured = "measured on this device"
+    runs = [(records[s].get("decode") or {}).get("decode_tokens_per_s_runs") or [] for s in shapes]
+    if all(len(r) > 1 for r in runs):
+        spread = max((max(r) - min(r)) / records[s]["decode_tokens_per_s"] for s, r in zip(shapes, runs))
+        measured += f" (median of {min(map(len, runs))} measurements; largest spread {100 * spread:.1f}%)"
+    (out / "hardware.md").write_text(
+        f"# Hardware-aware search of the {base.name} shape (PostNAS step 4)\n\nRecurrent state fixed at {target} "
+        f"numbers per layer and sequence; decode throughput {measured}. Chosen: the best score among "
+        f"shapes within {100 * tolerance:g}% of the original's decode throughput (floor {floor:,.1f} tok/s).\n\n"
+        f"{table}\n")
+    rows = [{"shape": vars(s), "name": shape_name(s), "state_numbers": s.state_numbers, "score": scores[s],
+             "chosen": s == chosen, "original": s == original, **records[s]} for s in shapes]
+    write_json_atomic(out / "hardware.json", {"block": base.describe(), "state_numbers": target, "tolerance": tolerance,
+                                        "floor_tokens_per_s": floor, "metrics": [vars(m) for m in metrics],
+                                        "chosen": vars(chosen), "original": vars(original), "rows": rows,
+                                        "recipe": recipe})
+    points = [(shape_name(s), scores[s], records[s]["decode_tokens_per_s"]) for s in shapes]
+    figure = search_figure(out / "hardware.png", f"{base.name} shapes at {target} state numbers per layer", points,
+                           metrics, {shape_name(s): records[s] for s in shapes}, None, "decode tokens/s", vline=floor)
+    print(table, file=sys.stderr)
+    return {"chosen": vars(chosen), "chosen_name": shape_name(chosen), "original": vars(original),
+            "state_numbers": target, "block_type": base.block_type,
+            "options": {**base.kwargs, **shape_options(base.block_type, chosen)},
+            "outputs": {"table": str(out / "hardware.md"), "json": str(out / "hardware.json"),
+                        "figure": str(figure)}}

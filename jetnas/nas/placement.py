@@ -1,14 +1,17 @@
-"""PostNAS step 1 end to end on a trained super-network: per-layer importance, beam search, baselines, report."""
+"""PostNAS step 1 end to end on a trained super-network: per-layer importance, beam search, baselines, report; and
+reading its result back (`read_placement`: the placement the later steps fill with linear blocks)."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from jetnas.layers import ATTENTION_TYPES
+from jetnas.models.layer_types import resolve_layer_types
 from jetnas.nas.objectives import CandidateEvaluator, NormalizedObjective
-from jetnas.nas.report import comparison_table, heatmap
 from jetnas.nas.sampling import Budget
 from jetnas.nas.search import (
     CachedScorer,
@@ -18,6 +21,7 @@ from jetnas.nas.search import (
     one_layer_placement,
     uniform_placement,
 )
+from jetnas.nas.tables import comparison_table, heatmap
 
 
 def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_width: int, out_dir: str | Path,
@@ -124,3 +128,78 @@ def _layer_type(choice: str, linear_type: str) -> str:
 def _metrics(evaluator: CandidateEvaluator, cand) -> dict:
     res = evaluator.results(cand)
     return {t.name: round(res[t.name][t.metric], 4) for t in evaluator.tasks}
+
+
+@dataclass
+class Placement:
+    """Which layers stay softmax attention: per layer "attn", "swa" or "linear", and where it came from."""
+
+    choices: list[str]
+    source: str
+    swa_window: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def attn(self) -> list[int]:
+        return [i for i, c in enumerate(self.choices) if c == "attn"]
+
+    @property
+    def swa(self) -> list[int]:
+        return [i for i, c in enumerate(self.choices) if c == "swa"]
+
+    def layer_types(self, block_type: str) -> list[str]:
+        """The placement with `block_type` in every linear layer."""
+        return [block_type if c == "linear" else c for c in self.choices]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "attn": self.attn, "swa": self.swa, "swa_window": self.swa_window,
+                **self.info}
+
+
+def _supernet_window(path: Path) -> int | None:
+    """The sliding window of the super-network a placements.json was searched on, when it sits where `jetnas search
+    placement` (`<supernet>/search-*/`) or `jetnas run` (`<run>/supernet/`, `<run>/placement/`) put it."""
+    for candidate in (path.parent.parent / "supernet.json", path.parent.parent / "supernet" / "supernet.json"):
+        if candidate.exists():
+            return json.loads(candidate.read_text()).get("spec", {}).get("swa_window")
+    return None
+
+
+def read_placement(placement: str, num_layers: int, swa_window: int | None = None) -> Placement:
+    """The placement to fill: a `placements.json` written by `jetnas search placement` (its best-ranked entry), or
+    a layer-types string (`attn`/`swa` entries kept, every other entry becomes linear).
+
+    `swa_window` (when the placement has `swa` layers): given, else the placements file's own, else that of the
+    super-network the file was searched on (found next to it), else an error.
+    """
+    path = Path(placement).expanduser()
+    if placement.endswith(".json") or path.is_file():
+        if not path.exists():
+            raise FileNotFoundError(f"placement file {placement!r} does not exist")
+        data = json.loads(path.read_text())
+        ranked = data.get("ranked") or []
+        if ranked:
+            best = ranked[0]
+            spec = best.get("layer_types")
+            info = {"budget": data.get("budget"), "rank": best.get("rank", 1)}
+        elif "layer_types" in data:
+            spec, info = data["layer_types"], {}
+        else:
+            raise ValueError(f"placement file {placement!r} has neither 'ranked' placements nor 'layer_types'")
+        if isinstance(spec, list):
+            spec = ",".join(spec)
+        types = [t.strip() for t in spec.split(",")] if spec else []
+        choices = [t if t in ATTENTION_TYPES else "linear" for t in types]
+        window = swa_window or data.get("swa_window") or _supernet_window(path)
+        source = str(path)
+    else:
+        types, _ = resolve_layer_types(placement, num_layers)
+        choices = [t if t in ATTENTION_TYPES else "linear" for t in types]
+        window, info, source = swa_window, {}, "layer types"
+    if len(choices) != num_layers:
+        raise ValueError(f"placement {placement!r} has {len(choices)} layers but the teacher has {num_layers}")
+    if "swa" in choices and not window:
+        layers = [i for i, c in enumerate(choices) if c == "swa"]
+        raise ValueError(f"placement {placement!r} has sliding-window layers {layers} but no window size: pass "
+                         f"--swa-window")
+    return Placement(choices, source, int(window) if window and "swa" in choices else None, info)

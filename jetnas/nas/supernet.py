@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from jetnas.files import atomic_path, write_json_atomic
 from jetnas.layers import LINEAR_LAYERS, build_layer
 
 CHOICES = ("attn", "swa", "linear")
@@ -44,7 +45,7 @@ class SuperNet(nn.Module):
     """A teacher with a linear path beside every attention layer.
 
     Args:
-        base: the teacher as a jetnas model with every layer `attn` (see `jetnas.models.convert.convert_model`);
+        base: the teacher as a jetnas model with every layer `attn` (see `jetnas.models.convert.as_jetnas`);
             it is frozen here.
         spec: the linear block and window (see `SuperNetSpec`).
     """
@@ -164,23 +165,19 @@ class SuperNet(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu()
                  for k, v in (self.trainable_state_dict() if state is None else state).items()}
-        tmp = out / "linear.safetensors.partial"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / "linear.safetensors")
-        meta = {"spec": asdict(self.spec), **(extra or {})}
-        (out / "supernet.json.partial").write_text(json.dumps(meta, indent=2))
-        (out / "supernet.json.partial").replace(out / "supernet.json")
+        with atomic_path(out / "linear.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json_atomic(out / "supernet.json", {"spec": asdict(self.spec), **(extra or {})})
 
 
 def build_supernet(spec: SuperNetSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The teacher from the registry, converted to an all-attention jetnas model, with linear paths: returns
-    `(supernet, tokenizer, teacher)`."""
-    from jetnas.models.convert import convert_model
+    """The teacher from the registry as an all-attention jetnas model (`jetnas.models.convert.as_jetnas`), with
+    linear paths: returns `(supernet, tokenizer, teacher)`."""
+    from jetnas.models.convert import as_jetnas
     from jetnas.models.teachers import load_teacher
 
     model, tokenizer, teacher = load_teacher(spec.teacher, dtype=dtype, device=device)
-    base, _ = convert_model(model, ["attn"] * model.config.num_hidden_layers)
-    return SuperNet(base, spec), tokenizer, teacher
+    return SuperNet(as_jetnas(model), spec), tokenizer, teacher
 
 
 def load_supernet(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

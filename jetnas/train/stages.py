@@ -4,7 +4,7 @@ recipes on the shared `Trainer` (resume, gradient accumulation, bf16 autocast on
 **Stage 1** (paper: 50B tokens). The hybrid (converted from the teacher with the searched layer types, or an
 existing hybrid directory) with embeddings, norms, MLPs and LM head frozen: only the token mixers (every layer's
 `self_attn`, the kept attention layers included) train, on distillation from the teacher:
-`hidden_weight` x mean over layers of the relative hidden-state MSE (`jetnas.nas.distill.distill_terms`) +
+`hidden_weight` x mean over layers of the relative hidden-state MSE (`jetnas.train.losses.distill_terms`) +
 `kl_weight` x KL(teacher || student) of the next-token distributions (+ `lm_weight` x cross-entropy, 0 by default).
 
 **Stage 2** (paper: 350B tokens, more math and code). Every parameter trains on `lm_weight` x cross-entropy
@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from jetnas.nas.blocks import merge_block_configs, resolve_layer_types
-from jetnas.nas.distill import distill_terms
+from jetnas.files import atomic_dir, write_json_atomic
+from jetnas.models.layer_types import merge_block_configs, resolve_layer_types
 from jetnas.train import distributed as dist_utils
+from jetnas.train.losses import distill_terms, lm_loss
 from jetnas.train.mixture import Mixture, resolve_mixture
 from jetnas.train.trainer import TrainConfig, Trainer
 
@@ -57,7 +56,7 @@ class StageConfig:
         model: an existing hybrid directory to start from (e.g. stage 1's `model/` for stage 2); or None, to
             convert the teacher with `layer_types`.
         layer_types: per layer `attn`, `swa` or a linear block / block candidate (`jet`, `gdn`, `jet-dyn-qk`,
-            `jet:qk_conv=static`, `jet*12`; see `jetnas.nas.blocks`), or a preset name.
+            `jet:qk_conv=static`, `jet*12`; see `jetnas.models.layer_types`), or a preset name.
         block_config: `efficient_attention_config` overrides per block type, e.g. `{"jet": {"num_heads": 12,
             "head_dim": 96, "expand_v": 2.6667}, "swa": {"window_size": 1152}}`.
         swa_window: the window of `swa` layers (merged into block_config).
@@ -165,16 +164,15 @@ class StageTeacher:
 
 
 def load_stage_teacher(name: str, device: str | torch.device = "cpu") -> StageTeacher:
-    """Load a teacher for the stages and searches. A Llama/Qwen teacher is converted to an all-attention jetnas
-    model (same logits; hidden states layer-aligned with a hybrid's); a jetnas hybrid teacher is used as it is.
-    Kept in float32: it is also the source the students' frozen weights are copied from."""
-    from jetnas.models.convert import convert_model
+    """Load a teacher for the stages and searches: as a jetnas model (`jetnas.models.convert.as_jetnas`: a
+    Llama/Qwen teacher converted to all attention, same logits, hidden states layer-aligned with a hybrid's; a jetnas
+    hybrid as it is), frozen, in eval mode. Kept in float32: it is also the source the students' frozen weights are
+    copied from."""
+    from jetnas.models.convert import as_jetnas
     from jetnas.models.teachers import load_teacher
 
     model, tokenizer, spec = load_teacher(name, dtype=torch.float32, device=device)
-    if model.config.model_type != "jet_nemotron":
-        model, _ = convert_model(model, ["attn"] * model.config.num_hidden_layers, freeze=True)
-    model.requires_grad_(False).eval()
+    model = as_jetnas(model).requires_grad_(False).eval()
     eos = spec.eos_token_id if spec.eos_token_id is not None else tokenizer.eos_token_id
     return StageTeacher(model, tokenizer, spec, eos)
 
@@ -220,10 +218,6 @@ def build_student(config: StageConfig, teacher: StageTeacher | None) -> tuple[to
     return model.train(), types, block_config
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
 def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The stage's loss on `input_ids [B, T + 1]` (inputs and next-token labels) and its terms as floats: `hidden`
     (relative hidden MSE), `kl`, `lm` (cross-entropy), each present when computed."""
@@ -249,7 +243,7 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
             loss = loss + config.kl_weight * terms["kl"]
         metrics.update({k: v.detach().item() for k, v in terms.items()})
     if want_logits:
-        lm = _lm_loss(s_out.logits, labels)
+        lm = lm_loss(s_out.logits, labels)
         if config.lm_weight > 0:
             loss = loss + config.lm_weight * lm
         metrics["lm"] = lm.detach().item()
@@ -293,12 +287,6 @@ def make_stage_eval(config: StageConfig, teacher_model, mixture: Mixture, device
     return evaluate
 
 
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    tmp.replace(path)
-
-
 def save_model_dir(trainer_model: torch.nn.Module, model: torch.nn.Module, tokenizer, target: str | Path,
                    meta: dict) -> Path:
     """Write `target` as a `save_pretrained` directory (safetensors) with the tokenizer and `jetnas_stage.json`,
@@ -309,14 +297,11 @@ def save_model_dir(trainer_model: torch.nn.Module, model: torch.nn.Module, token
     target = Path(target)
     state = get_model_state_dict(trainer_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist_utils.is_main_process():
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
-        _write_json(partial / "jetnas_stage.json", meta)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.replace(target)
+        with atomic_dir(target) as partial:
+            model.save_pretrained(partial, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
+            write_json_atomic(partial / "jetnas_stage.json", meta)
     dist_utils.barrier()
     return target
 
@@ -410,7 +395,7 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
                 "data_sources": mixture.describe(), "teacher_name": teacher_name, "eos_token_id": eos, **counts}
     if dist_utils.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "stage_config.json", resolved)
+        write_json_atomic(out / "stage_config.json", resolved)
     trainer = Trainer(config.train_config(), model, make_stage_loss(config, teacher_model), mixture.sources[0].stream,
                       evaluate=make_stage_eval(config, teacher_model, mixture, device))
     # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from jetnas.models.convert import convert_model, parse_layer_types
+from jetnas.models.convert import convert_model
+from jetnas.models.layer_types import parse_layer_types
 
 TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -66,11 +67,12 @@ def test_linear_blocks_inherit_where_shapes_allow():
 def test_layer_type_syntax():
     assert parse_layer_types("jet*2,attn,swa", 4) == ["jet", "jet", "attn", "swa"]
     assert parse_layer_types("jet-nemotron-2b", 28)[14] == "attn"
-    with pytest.raises(ValueError, match="gives 3 layers but the teacher has 4"):
+    # one grammar for convert and the searches since issue 18 (`jetnas.models.layer_types`): its messages
+    with pytest.raises(ValueError, match="give 3 layers but the model has 4"):
         parse_layer_types("jet*2,attn", 4)
     with pytest.raises(ValueError, match="unknown layer type 'lstm'"):
         parse_layer_types("lstm*4", 4)
-    with pytest.raises(ValueError, match="preset 'jet-nemotron-2b' has 28 layers but the teacher has 30"):
+    with pytest.raises(ValueError, match="preset 'jet-nemotron-2b' has 28 layers but the model has 30"):
         parse_layer_types("jet-nemotron-2b", 30)
 
 

@@ -9,24 +9,21 @@ import types
 import pytest
 import torch
 
-from jetnas.nas.blocks import (
-    BlockCandidate,
-    TaskMetric,
-    candidate_scores,
-    parse_candidate,
-    parse_candidates,
-    rank,
-    read_placement,
-    resolve_layer_types,
-    run_block_search,
-    run_candidates,
+from jetnas.models.layer_types import BlockSpec as BlockCandidate
+from jetnas.models.layer_types import parse_block as parse_candidate
+from jetnas.models.layer_types import resolve_layer_types
+from jetnas.nas.blocks import run_block_search
+from jetnas.nas.candidates import parse_candidates, run_candidates
+from jetnas.nas.hardware import (
+    BlockShape,
     run_hardware_search,
     shape_candidates,
     shape_from_kwargs,
     shape_name,
     shape_options,
 )
-from jetnas.nas.hardware import BlockShape
+from jetnas.nas.placement import read_placement
+from jetnas.nas.ranking import TaskMetric, candidate_scores, rank
 
 # ---------------------------------------------------------------------------------------------------------------
 # candidates
@@ -305,7 +302,7 @@ def fake_decode_throughput(model, batch_size, context_length, new_tokens=32, chu
 
 
 def test_matched_shapes_give_jet_and_mamba2_the_attention_shape_unless_the_candidate_sets_one():
-    from jetnas.nas.blocks import matched_shape, parse_candidates
+    from jetnas.nas.candidates import matched_shape, parse_candidates
 
     jet, mamba2, gdn, own = [matched_shape(c) for c in parse_candidates("jet-static-qk,mamba2,gdn,jet:expand_v=2")]
     assert jet.kwargs == {"qk_conv": "static", "expand_v": 1.0} and jet.name == "jet-static-qk"
@@ -314,7 +311,7 @@ def test_matched_shapes_give_jet_and_mamba2_the_attention_shape_unless_the_candi
 
 
 def test_decode_throughput_is_the_median_of_repeated_measurements():
-    from jetnas.commands.stages import median_run
+    from jetnas.runner.candidates import median_run
 
     runs = [{"decode_tokens_per_s": v, "i": i} for i, v in enumerate([300.0, 100.0, 200.0, 250.0])]
     assert median_run(runs) == {"decode_tokens_per_s": 200.0, "i": 2,
@@ -322,19 +319,41 @@ def test_decode_throughput_is_the_median_of_repeated_measurements():
     assert median_run(runs[:1])["i"] == 0
 
 
-def test_the_default_measure_is_the_bench_engine(monkeypatch):
-    from jetnas.commands.stages import _resolve_measure
+def fake_plugin() -> dict:
+    """The `jetnas.measures` entry points of an installed plugin whose `fake` is `fake_decode_throughput`."""
+    from importlib.metadata import EntryPoint
+
+    return {"fake": EntryPoint("fake", "tests.nas.test_blocks:fake_decode_throughput", "jetnas.measures")}
+
+
+def test_measures_are_named_never_imported_from_a_path(monkeypatch):
+    from jetnas.runner import measures
 
     fake = types.ModuleType("jetnas.bench.measure")
     fake.replicated_decode_throughput = fake_decode_throughput
     monkeypatch.setitem(sys.modules, "jetnas.bench.measure", fake)
-    assert _resolve_measure(None, required=True) is fake_decode_throughput
-    assert _resolve_measure("tests.nas.test_blocks:fake_decode_throughput", True) is fake_decode_throughput
-    assert _resolve_measure("none", required=False) is None
+    assert measures.resolve_measure("replicated", required=True) is fake_decode_throughput
+    assert measures.resolve_measure("none", required=False) is None
     with pytest.raises(ValueError, match="--measure none is not allowed"):
-        _resolve_measure("none", required=True)
-    with pytest.raises(ValueError, match="MODULE:FUNCTION or none"):
-        _resolve_measure("decode", required=False)
+        measures.resolve_measure("none", required=True)
+    # an import path is not a name: a recipe cannot make jetnas import and call a module of its choosing
+    with pytest.raises(ValueError, match="'tests.nas.test_blocks:fake_decode_throughput' is not a known decode "
+                                         "measurement; known: replicated, none"):
+        measures.resolve_measure("tests.nas.test_blocks:fake_decode_throughput", required=False)
+    # a plugin's measurement, through the jetnas.measures entry-point group; one registered in-process
+    monkeypatch.setattr(measures, "_entry_points", fake_plugin)
+    assert measures.measure_names() == ["replicated", "none", "fake"]
+    assert measures.resolve_measure("fake", required=True) is fake_decode_throughput
+    monkeypatch.setattr(measures, "_REGISTERED", {})
+    measures.register_measure("mine", len)
+    assert measures.resolve_measure("mine", required=True) is len and measures.measure_name(len) == "builtins:len"
+    with pytest.raises(ValueError, match="'none' is built in"):
+        measures.register_measure("none", len)
+    # the recipes check the name before anything loads
+    from jetnas.commands.stages import search_blocks
+
+    with pytest.raises(ValueError, match="'os:system' is not a known decode measurement"):
+        search_blocks("teacher", "attn,jet", measure="os:system")
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +373,10 @@ def workspace(tmp_path_factory):
     (root / "train.txt").write_text(_CORPUS * 12)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JETNAS_CACHE", str(root / "cache"))
+        # the searches measure with a plugin's function (deterministic, no timing): `--measure fake`
+        from jetnas.runner import measures
+
+        mp.setattr(measures, "_entry_points", fake_plugin)
         yield root
 
 
@@ -368,7 +391,7 @@ def common_args(workspace):
     return ["--teacher", str(workspace / "teacher"), "--data", str(workspace / "train.txt"), "--steps", "3",
             "--batch-size", "2", "--seq-len", "32", "--heldout-tokens", "300", "--rows", "2", "--lm-tokens", "128",
             "--retrieval-length", "96", "--eval-batch-size", "2", "--decode-context", "64",
-            "--measure", "tests.nas.test_blocks:fake_decode_throughput", "--device", "cpu"]
+            "--measure", "fake", "--device", "cpu"]
 
 
 @pytest.mark.slow

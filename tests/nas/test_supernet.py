@@ -6,9 +6,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jetnas.models.convert import convert_model
-from jetnas.nas.distill import DistillConfig, distill_terms, make_distill_loss
+from jetnas.nas.distill import DistillConfig, make_distill_loss
 from jetnas.nas.sampling import Budget, SubnetSampler
 from jetnas.nas.supernet import SuperNet, SuperNetSpec
+from jetnas.train.losses import distill_terms
 
 L = 4
 

@@ -1,0 +1,39 @@
+"""The two training stages after the search as runs (`run_training`, on `jetnas.train.stages`), and the training
+text a teacher generates once for a whole pipeline (`generate_data`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from jetnas.runner.models import resolve_device
+from jetnas.runner.recipes import TrainRecipe
+from jetnas.runner.results import DataResult, TrainResult
+
+
+def run_training(recipe: TrainRecipe) -> TrainResult:
+    """Stage 1 or 2 (see `jetnas.train.stages`): writes stage_config.json, log.jsonl, checkpoints and model/ under
+    the recipe's out_dir (default `runs/stage<N>-<time>`), resuming from its checkpoints."""
+    from jetnas.train.stages import StageConfig, train_stage
+
+    out = recipe.out_dir or f"runs/stage{recipe.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train_stage(StageConfig(**{**dataclasses.asdict(recipe), "out_dir": out}))
+    s = result.summary
+    return TrainResult(stage=recipe.stage, out_dir=out, model_dir=str(result.model_dir),
+                       layer_types=",".join(result.layer_types), block_config=result.block_config, steps=s["steps"],
+                       tokens=s["tokens"], final_loss=s["final_loss"], tokens_per_s=s["step_tokens_per_s"],
+                       seconds=s["seconds"], eval=s["eval"], **result.counts, data=result.mixture.describe(),
+                       outputs={"model": str(result.model_dir), "config": str(Path(out) / "stage_config.json"),
+                                "log": str(Path(out) / "log.jsonl")})
+
+
+def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None) -> DataResult:
+    """`tokens` tokens of text sampled from `teacher` (seeded), saved as a token file at `target`."""
+    from jetnas.models.teachers import load_teacher
+    from jetnas.train.data import teacher_generated
+
+    model, tokenizer, spec = load_teacher(teacher, device=resolve_device(device))
+    stream = teacher_generated(model, tokenizer, spec.eos_token_id, tokens, seed=seed, name=spec.name)
+    path = stream.save(target)
+    return DataResult(path=str(path), tokens=len(stream))
