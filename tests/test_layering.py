@@ -10,16 +10,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "jetnas"
 
 #: low to high. A module may import its own package and anything on a lower floor, nothing on its own floor (other
-#: packages) or above. `files` is a leaf every floor may use. In the library floor, `bench` measures with the
-#: engine and `nas` searches with the trainer's losses and the evaluation tasks, so they sit one step above
-#: `engine`, `evaluation` and `train`, which do not import each other; `train` never imports `nas`.
+#: packages) or above. `files` and `manifest` (checksums) are leaves every floor may use; `validation` (one error
+#: type and the input checks) knows the layer registry and serves models, data and tasks. In the library floors,
+#: `engine` and `evaluation` do not import each other; `train` may use the evaluation's tasks (the recall data it
+#: builds must stay disjoint from them) and never imports `nas`; `bench` measures with the engine and `nas` searches
+#: with the trainer's losses and the evaluation tasks.
 FLOORS: list[tuple[str, ...]] = [
-    ("files",),
+    ("files", "manifest"),
     ("ops",),
     ("modules",),
     ("layers",),
+    ("validation",),
     ("models",),
-    ("engine", "evaluation", "train"),
+    ("engine", "evaluation"),
+    ("train",),
     ("bench", "nas"),
     ("runner",),
     ("report",),
