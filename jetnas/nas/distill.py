@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from jetnas.nas.sampling import SubnetSampler
-from jetnas.train.losses import distill_terms
+from jetnas.train.losses import distill_terms, head_terms
 
 
 @dataclass(frozen=True)
@@ -35,25 +35,40 @@ class DistillConfig:
 
 def make_distill_loss(sampler: SubnetSampler, config: DistillConfig):
     """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer: one teacher pass (no grad), then each
-    sampled sub-network's pass, losses averaged over the `subnets_per_step` sub-networks."""
+    sampled sub-network's pass, losses averaged over the `subnets_per_step` sub-networks.
+
+    No pass makes the `[B, T, V]` logits: the hidden terms need none, and the KL (`kl_weight > 0`) comes from the
+    final normed states through `jetnas.train.losses.head_terms`. The metrics stay tensors (detached): reading them
+    here would make the step wait for the GPU before its backward; the trainer reads them after."""
 
     def loss_fn(model, batch, step):
         supernet = getattr(model, "module", model)  # unwrapped for the teacher pass (no gradient sync needed)
         ids = batch["input_ids"][:, :-1]
         with torch.no_grad():
-            t_logits, t_hidden = supernet(ids, supernet.teacher_choice(), output_hidden_states=True)
-        want_logits = config.kl_weight > 0
-        total, metrics = 0.0, {"hidden": 0.0, "kl": 0.0, "linear_layers": 0.0}
-        for index in range(config.subnets_per_step):
+            _, t_hidden = supernet(ids, supernet.teacher_choice(), output_hidden_states=True, logits=False)
+        kl = config.kl_weight > 0
+        base = supernet.base
+        if kl:
+            with torch.no_grad():
+                t_normed = base.model.norm(t_hidden[-1])
+        n = config.subnets_per_step
+        total = 0.0
+        metrics = {"hidden": 0.0, "kl": 0.0, "linear_layers": 0.0}
+        for index in range(n):
             choice = sampler.sample(step, index)
-            s_logits, s_hidden = model(ids, choice, output_hidden_states=True)
-            terms = distill_terms(s_hidden, t_hidden, s_logits if want_logits else None,
-                                  t_logits if want_logits else None, config.temperature)
-            loss = config.hidden_weight * terms["hidden"] + config.kl_weight * terms.get("kl", 0.0)
-            total = total + loss / config.subnets_per_step
-            metrics["hidden"] += terms["hidden"].detach().item() / config.subnets_per_step
-            metrics["kl"] += float(terms["kl"].detach()) / config.subnets_per_step if "kl" in terms else 0.0
-            metrics["linear_layers"] += choice.count("linear") / config.subnets_per_step
+            _, s_hidden = model(ids, choice, output_hidden_states=True, logits=False)
+            hidden = distill_terms(s_hidden, t_hidden)["hidden"]
+            loss = config.hidden_weight * hidden
+            if kl:
+                kl_loss, terms = head_terms(base.model.norm(s_hidden[-1]), base.lm_head.weight,
+                                            teacher_hidden=t_normed, teacher_weight=base.lm_head.weight,
+                                            kl_weight=config.kl_weight, temperature=config.temperature,
+                                            backend=base.model.backend)
+                loss = loss + kl_loss
+                metrics["kl"] = metrics["kl"] + terms["kl"] / n
+            total = total + loss / n
+            metrics["hidden"] = metrics["hidden"] + hidden.detach() / n
+            metrics["linear_layers"] += choice.count("linear") / n
         return total, metrics
 
     return loss_fn

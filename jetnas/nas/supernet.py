@@ -94,7 +94,8 @@ class SuperNet(nn.Module):
         choice: Sequence[str],
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        logits: bool = True,
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
         """Run one sub-network.
 
         Args:
@@ -102,19 +103,22 @@ class SuperNet(nn.Module):
             choice: per layer "attn", "swa" or "linear".
             attention_mask: `[B, T]` padding mask (1 = real token).
             output_hidden_states: also return the hidden state after each layer (`[B, T, D]` each, L of them).
+            logits: compute the LM head's logits (False when only the hidden states are distilled: the `[B, T, V]`
+                product and its buffer are the largest of the step's).
 
         Returns:
-            `(logits [B, T, V], hidden states or None)`.
+            `(logits [B, T, V] or None, hidden states or None)`.
         """
-        logits, states = self.run_layers(input_ids, choice, attention_mask)
-        return logits, tuple(states[1:]) if output_hidden_states else None
+        out, states = self.run_layers(input_ids, choice, attention_mask, logits=logits)
+        return out, tuple(states[1:]) if output_hidden_states else None
 
     def run_layers(self, input_ids: torch.Tensor, choice: Sequence[str], attention_mask: torch.Tensor | None = None,
-                   start: int = 0, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   start: int = 0, hidden: torch.Tensor | None = None,
+                   logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """`forward` from layer `start` on, given `hidden`, the input of that layer (from an earlier run whose
         choices agree on layers `0 .. start - 1`: the placement search's sub-networks differ in one layer from the
-        one before them). Returns `(logits, states)`: states[j] is the input of layer start + j, the last one the
-        output of the last layer."""
+        one before them). Returns `(logits or None, states)`: states[j] is the input of layer start + j, the last
+        one the output of the last layer."""
         choice = self.check_choice(choice)
         model = self.base.model
         B, T = input_ids.shape
@@ -139,8 +143,7 @@ class SuperNet(nn.Module):
             h = h + mixed
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             states.append(h)
-        logits = self.base.lm_head(model.norm(h))
-        return logits, states
+        return (self.base.lm_head(model.norm(h)) if logits else None), states
 
     def fsdp_units(self) -> list[nn.Module]:
         """What FSDP2 shards block by block: the linear paths (called through their own forward). The teacher's

@@ -13,6 +13,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from jetnas.ops.backend import Backend, as_backend
+from jetnas.ops.losses import chunked_linear_kl_ce
+
 
 def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                   student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
@@ -35,13 +38,48 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
         terms.append((err / ht.pow(2).mean(dims).clamp_min(1e-12)).mean())
     out = {"hidden": torch.stack(terms).mean()}
     if student_logits is not None and teacher_logits is not None:
-        t = temperature
-        log_p = F.log_softmax(teacher_logits.float() / t, -1)
-        log_q = F.log_softmax(student_logits.float() / t, -1)
-        out["kl"] = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+        out["kl"] = logits_kl(student_logits, teacher_logits, temperature)
     return out
+
+
+def logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions at `temperature`, per token (mean), times T^2; from
+    `[..., V]` logits in float32 (the reference of `head_terms`' KL)."""
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.float() / t, -1)
+    log_q = F.log_softmax(student_logits.float() / t, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `logits [B, T, V]` (computed in float32) against `labels [B, T]`."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def head_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
+               teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None, *,
+               kl_weight: float = 0.0, lm_weight: float = 0.0, temperature: float = 1.0,
+               backend: Backend | str = "torch") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The LM-head terms of a distillation or language-model loss from the final normed hidden states, without the
+    `[B, T, V]` logits: `kl_weight * KL(teacher || student) + lm_weight * cross-entropy` (the KL as in
+    `distill_terms`, the cross-entropy as in `lm_loss`), through `jetnas.ops.losses.chunked_linear_kl_ce`.
+
+    Args:
+        hidden: `[B, T, D]` the student's LM-head input; weight: `[V, D]` its head (tied embeddings get their
+            gradient when they require one).
+        labels: `[B, T]` next-token ids; the cross-entropy is computed (and reported) whenever they are given,
+            also at `lm_weight` 0, as a metric.
+        teacher_hidden, teacher_weight: the teacher's LM-head input and head, for the KL (both, or neither).
+        kl_weight, lm_weight, temperature: as in the stages' configs.
+        backend: the student's kernels: a fused "triton" backend runs each chunk's softmax work as one Triton
+            kernel (`step="triton"`), anything else the eager reference of it (same numbers up to float32 order).
+
+    Returns:
+        `(loss, metrics)`: the weighted sum (differentiable) and the detached terms `kl` / `lm` that were computed.
+    """
+    backend = as_backend(backend)
+    step = "triton" if backend.name == "triton" and backend.fused and hidden.is_cuda else "torch"
+    out = chunked_linear_kl_ce(hidden, weight, labels, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                               kl_weight=kl_weight, ce_weight=lm_weight, temperature=temperature, step=step)
+    metrics = {name: value for name, value in (("kl", out.kl), ("lm", out.ce)) if value is not None}
+    return out.loss, metrics

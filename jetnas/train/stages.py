@@ -34,7 +34,7 @@ import torch
 from jetnas.files import atomic_dir, write_json_atomic
 from jetnas.models.layer_types import merge_block_configs, resolve_layer_types
 from jetnas.train import distributed as dist_utils
-from jetnas.train.losses import distill_terms, lm_loss
+from jetnas.train.losses import distill_terms, head_terms, lm_loss, logits_kl
 from jetnas.train.mixture import Mixture, resolve_mixture
 from jetnas.train.trainer import TrainConfig, Trainer
 
@@ -218,35 +218,63 @@ def build_student(config: StageConfig, teacher: StageTeacher | None) -> tuple[to
     return model.train(), types, block_config
 
 
+def _head_weight(model) -> torch.Tensor:
+    return getattr(model, "module", model).get_output_embeddings().weight
+
+
+def _backend(model):
+    """The kernels a jetnas model resolved (`JetNemotronModel.backend`); the references for anything else."""
+    return getattr(getattr(getattr(model, "module", model), "model", None), "backend", "torch")
+
+
 def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The stage's loss on `input_ids [B, T + 1]` (inputs and next-token labels) and its terms as floats: `hidden`
-    (relative hidden MSE), `kl`, `lm` (cross-entropy), each present when computed."""
+    """The stage's loss on `input_ids [B, T + 1]` (inputs and next-token labels) and its terms as detached
+    tensors (so nothing waits for the GPU before the backward): `hidden` (relative hidden MSE, whenever the teacher
+    runs), `kl` and `lm` (cross-entropy), each present when computed.
+
+    The LM-head terms come from the final normed hidden states through `jetnas.train.losses.head_terms`, which
+    never holds the `[B, T, V]` float32 logits (a 32 x 1024-token batch of SmolLM2 would need 6.4 GB per copy); the
+    models run with `logits_to_keep=1`. A head sharded by FSDP2 is only whole inside the model's forward, so there
+    the logits are made by the forward, as before."""
     inputs, labels = input_ids[:, :-1], input_ids[:, 1:]
-    want_logits = config.kl_weight > 0 or config.lm_weight > 0
+    head = config.kl_weight > 0 or config.lm_weight > 0
+    weight = _head_weight(model)
+    fused_head = not hasattr(weight, "full_tensor")  # a DTensor shard: the forward gathers it, we cannot
+    keep = 1 if fused_head or not head else 0
     t_out = None
     if config.needs_teacher_forward:
         with torch.no_grad():
             t_out = teacher_model(input_ids=inputs, use_cache=False, output_hidden_states=True,
-                                  logits_to_keep=0 if config.kl_weight > 0 else 1)
-    s_out = model(input_ids=inputs, use_cache=False, output_hidden_states=t_out is not None,
-                  logits_to_keep=0 if want_logits else 1)
+                                  logits_to_keep=1 if fused_head or config.kl_weight == 0 else 0)
+    s_out = model(input_ids=inputs, use_cache=False, output_hidden_states=t_out is not None or fused_head,
+                  logits_to_keep=keep)
     loss = torch.zeros((), device=inputs.device)
     metrics = {}
     if t_out is not None:
         # hidden states after every layer (the embeddings, identical or nearly, would only dilute the mean)
-        terms = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:],
-                              s_out.logits if config.kl_weight > 0 else None,
-                              t_out.logits if config.kl_weight > 0 else None, config.temperature)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.hidden_weight > 0):
+            hidden = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:])["hidden"]
         if config.hidden_weight > 0:
-            loss = loss + config.hidden_weight * terms["hidden"]
-        if config.kl_weight > 0:
-            loss = loss + config.kl_weight * terms["kl"]
-        metrics.update({k: v.detach().item() for k, v in terms.items()})
-    if want_logits:
+            loss = loss + config.hidden_weight * hidden
+        metrics["hidden"] = hidden.detach()
+    if head and fused_head:
+        teacher = t_out is not None and config.kl_weight > 0
+        terms_loss, terms = head_terms(
+            s_out.hidden_states[-1], weight, labels, t_out.hidden_states[-1] if teacher else None,
+            _head_weight(teacher_model) if teacher else None, kl_weight=config.kl_weight if teacher else 0.0,
+            lm_weight=config.lm_weight, temperature=config.temperature,
+            backend=_backend(model))
+        loss = loss + terms_loss
+        metrics.update(terms)
+    elif head:
+        if t_out is not None and config.kl_weight > 0:
+            kl = logits_kl(s_out.logits, t_out.logits, config.temperature)
+            loss = loss + config.kl_weight * kl
+            metrics["kl"] = kl.detach()
         lm = lm_loss(s_out.logits, labels)
         if config.lm_weight > 0:
             loss = loss + config.lm_weight * lm
-        metrics["lm"] = lm.detach().item()
+        metrics["lm"] = lm.detach()
     return loss, metrics
 
 
@@ -277,7 +305,8 @@ def make_stage_eval(config: StageConfig, teacher_model, mixture: Mixture, device
 
     @torch.no_grad()
     def evaluate(model):
-        per_source = {name: stage_losses(config, model, teacher_model, ids)[1] for name, ids in batches.items()}
+        per_source = {name: {k: float(v) for k, v in stage_losses(config, model, teacher_model, ids)[1].items()}
+                      for name, ids in batches.items()}
         terms = sorted({k for m in per_source.values() for k in m})
         out = {f"heldout/{k}": sum(m[k] for m in per_source.values()) / len(per_source) for k in terms}
         if len(per_source) > 1:

@@ -166,11 +166,11 @@ def test_inheritance_skips_what_does_not_fit():
 
 
 def test_takes_part_in_block_selection():
-    from jetnas.nas.blocks import block_options, parse_candidate
+    from jetnas.models.layer_types import block_options, parse_block
 
     assert LINEAR_LAYERS["rwkv7"] is RWKV7
     assert {"num_heads", "head_k_dim", "head_v_dim", "decay_low_rank_dim"} <= set(block_options("rwkv7"))
-    candidate = parse_candidate("rwkv7:num_heads=4+head_k_dim=8")
+    candidate = parse_block("rwkv7:num_heads=4+head_k_dim=8")
     assert candidate.block_type == "rwkv7" and candidate.block_config() == {"rwkv7": {"num_heads": 4,
                                                                                       "head_k_dim": 8}}
 

@@ -282,3 +282,50 @@ def test_torchrun_two_processes_match_one(workspace, tmp_path):
         saved = AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model")
         for (name, x), (_, y) in zip(reference.named_parameters(), saved.named_parameters()):
             assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), (mode, name)
+
+
+@pytest.mark.parametrize("stage,extra", [(1, {}), (2, {"kl_weight": 0.5, "temperature": 2.0, "hidden_weight": 0.3})],
+                         ids=["stage1", "stage2-kl-T2"])
+def test_stage_losses_without_logits_equal_the_logits_formulation(stage, extra):
+    """The stage loss takes its KL and cross-entropy from the final normed states through the chunked LM-head
+    terms (no [B, T, V] logits): the same loss, terms and gradients as the full-logits formulation (float32:
+    the chunks sum in another order, ~1e-6 relative; the KL, a small difference of large sums, within 1e-4)."""
+    import copy
+
+    from jetnas.models import JetNemotronForCausalLM
+    from jetnas.train.losses import distill_terms, lm_loss
+    from jetnas.train.stages import stage_losses
+    from tests.utils import rel_err, tiny_config
+
+    torch.manual_seed(0)
+    teacher = JetNemotronForCausalLM(tiny_config(["attn"] * 4)).eval().requires_grad_(False)
+    student = JetNemotronForCausalLM(tiny_config(["attn", "gdn", "swa", "jet"]))
+    config = StageConfig(stage=stage, layer_types="attn*4", **extra)
+    ids = torch.randint(0, 97, (3, 17))
+
+    def full_logits(model):
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        t_out = teacher(input_ids=inputs, use_cache=False, output_hidden_states=True)
+        s_out = model(input_ids=inputs, use_cache=False, output_hidden_states=True)
+        terms = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:], s_out.logits, t_out.logits,
+                              config.temperature)
+        lm = lm_loss(s_out.logits, labels)
+        loss = config.hidden_weight * terms["hidden"] + config.kl_weight * terms["kl"] + config.lm_weight * lm
+        return loss, {"hidden": terms["hidden"], "kl": terms["kl"], "lm": lm}
+
+    results = []
+    for fn in (full_logits, lambda m: stage_losses(config, m, teacher, ids)):
+        model = copy.deepcopy(student)
+        loss, metrics = fn(model)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad for p in model.parameters()]))
+    (want, want_terms, want_grads), (got, got_terms, got_grads) = results
+    assert rel_err(got, want) < 1e-5
+    assert set(got_terms) == {"hidden", "kl", "lm"} and all(not v.requires_grad for v in got_terms.values())
+    for name in ("hidden", "lm"):
+        assert rel_err(got_terms[name], want_terms[name]) < 1e-5, name
+    assert rel_err(got_terms["kl"], want_terms["kl"]) < 1e-4
+    for g, g_want in zip(got_grads, want_grads):
+        assert (g is None) == (g_want is None)
+        if g is not None:
+            assert rel_err(g, g_want) < 1e-4
