@@ -57,6 +57,7 @@ from jetnas.runner.results import (
 from jetnas.runner.searches import run_blocks, run_hardware
 from jetnas.runner.supernet import run_placement, run_supernet
 from jetnas.runner.training import generate_data, run_training
+from jetnas.validation import read_json
 
 STAGES = ("supernet", "placement", "blocks", "hardware", "stage1", "stage2", "eval", "bench")
 TOP_LEVEL = {"name", "description", "teacher", "out_dir", "device", "seed", "data", "stages"}
@@ -277,7 +278,7 @@ class Pipeline:
         self.recipe, self.redo = recipe, set(redo)
         self.out = recipe.out_dir
         self.state_path = self.out / "pipeline.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
+        self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
         self.done = Done()
         #: every run's record in the order run (eval and bench as hybrid / teacher pairs): report.json's results
         self.records: dict[str, dict] = {}
@@ -319,7 +320,14 @@ class Pipeline:
         self.changed = self.changed or (upstream and not (gone and name in REPRODUCIBLE))
         self._log(f"{name}: running")
         start = time.perf_counter()
-        outcome = run(kwargs)
+        spec = SPECS.get(name)
+        resumable = spec is not None and "resume" in {f.name for f in dataclasses.fields(spec.recipe)}
+        if record and not current and resumable:
+            # it ran before under other arguments (or --redo, or a changed stage before it): its folder holds that
+            # run, which must not be continued (the trainer would refuse it anyway); it is moved aside, not deleted
+            outcome = run({**kwargs, "resume": False})
+        else:
+            outcome = run(kwargs)
         self.state["stages"][name] = {"fingerprint": fingerprint, "arguments": kwargs, "result": outcome.to_record(),
                                       "seconds": round(time.perf_counter() - start, 1),
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -111,6 +111,31 @@ def test_finished_stages_are_reused_and_a_changed_stage_reruns_with_everything_a
     assert CALLS[:3] == ["hardware", "stage1", "stage2"]
 
 
+def test_a_stage_rerun_under_other_arguments_starts_afresh_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
+    # a changed stage's folder holds the earlier run: continuing it would train the old run on (the trainer refuses
+    # that as a changed identity), so the pipeline asks for a fresh run (the trainer moves the old one aside)
+    resumes = []
+
+    def recording_train(r):
+        resumes.append((f"stage{r.stage}", r.resume))
+        return fake_train(r)
+
+    specs = {**pipeline.SPECS, "stage1": dataclasses.replace(pipeline.SPECS["stage1"], run=recording_train),
+             "stage2": dataclasses.replace(pipeline.SPECS["stage2"], run=recording_train)}
+    monkeypatch.setattr(pipeline, "SPECS", specs)
+    Pipeline(recipe(tmp_path)).run()
+    assert resumes == [("stage1", True), ("stage2", True)]
+    resumes.clear()
+    Pipeline(recipe(tmp_path, stage2={"steps": 3})).run()
+    assert resumes == [("stage2", False)]
+    resumes.clear()
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    del state["stages"]["stage2"]  # as if killed during stage 2: no record, its checkpoints in place
+    (tmp_path / "run" / "pipeline.json").write_text(json.dumps(state))
+    Pipeline(recipe(tmp_path, stage2={"steps": 3})).run()
+    assert resumes == [("stage2", True)]
+
+
 def test_a_finished_stage_whose_model_weights_are_gone_runs_again(tmp_path):
     # a run continued on another machine from a copy of its small outputs: the records, not the weights
     Pipeline(recipe(tmp_path)).run()

@@ -300,6 +300,9 @@ class TrainRecipe(Recipe):
         kl_weight: weight of KL(teacher || student) on next-token distributions (default: stage 1 1, stage 2 0).
         lm_weight: weight of the cross-entropy (default: stage 1 0, stage 2 1).
         temperature: temperature of the KL term.
+        align_steps: stage 1: first align each linear block to its teacher layer's attention output, from the
+            teacher's own inputs, for this many steps (layer-wise, cheap; 0: no alignment phase).
+        align_lr: peak learning rate of the alignment phase.
         heldout_tokens: tokens held out of each data source for the held-out loss.
         generated_tokens: tokens of teacher text to generate when no data is given.
         eval_every: steps between held-out evaluations (default: at the end only).
@@ -307,6 +310,8 @@ class TrainRecipe(Recipe):
         seed: seed of new blocks, data order and mixture sampling.
         precision: auto (bf16 autocast on GPU), fp32 or bf16.
         distributed: auto, ddp or fsdp when launched with torchrun.
+        on_nonfinite: a step whose loss or gradient norm is NaN or infinite: error (stop before its update) or
+            skip (drop that update and go on).
         resume: continue from the newest checkpoint in out-dir.
         device: cpu, cuda, ...; default cuda when available (torchrun: each rank's own GPU).
     """
@@ -332,6 +337,8 @@ class TrainRecipe(Recipe):
     kl_weight: float | None = arg(None, min=0)
     lm_weight: float | None = arg(None, min=0)
     temperature: float = arg(1.0, above=0)
+    align_steps: int = arg(0, min=0)
+    align_lr: float = arg(1e-2, above=0)
     heldout_tokens: int = arg(16384, min=0)
     generated_tokens: int = arg(200_000, min=1)
     eval_every: int | None = arg(None, min=1)
@@ -339,21 +346,15 @@ class TrainRecipe(Recipe):
     seed: int = 0
     precision: str = arg("auto", choices=PRECISIONS)
     distributed: str = arg("auto", choices=DISTRIBUTED)
+    on_nonfinite: str = arg("error", choices=("error", "skip"))
     resume: bool = True
     device: str | None = None
 
     def check(self) -> None:
-        import json
+        from jetnas.validation import parse_block_config
 
-        if isinstance(self.block_config, str):
-            try:
-                parsed = json.loads(self.block_config)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--block-config is not valid JSON ({err}): {self.block_config!r}") from err
-            if not isinstance(parsed, dict):
-                raise ValueError(f"--block-config must be a JSON object of block type -> options, got "
-                                 f"{self.block_config!r}")
-            self.block_config = parsed
+        # JSON, block types and their options checked here, so a bad one fails before any model loads
+        self.block_config = parse_block_config(self.block_config)
 
 
 @dataclass

@@ -22,6 +22,7 @@ the trainer's `train_config.json`, `log.jsonl` and `checkpoints/` (exact resume)
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import statistics
@@ -36,7 +37,9 @@ from jetnas.models.layer_types import merge_block_configs, resolve_layer_types
 from jetnas.train import distributed as dist_utils
 from jetnas.train.losses import distill_terms, head_terms, lm_loss, logits_kl
 from jetnas.train.mixture import Mixture, resolve_mixture
+from jetnas.train.checkpoint import check_finite
 from jetnas.train.trainer import TrainConfig, Trainer
+from jetnas.validation import read_json
 
 #: per stage, the defaults of the fields left None
 STAGE_DEFAULTS = {
@@ -97,6 +100,8 @@ class StageConfig:
     kl_weight: float | None = None
     lm_weight: float | None = None
     temperature: float = 1.0
+    align_steps: int = 0
+    align_lr: float = 1e-2
     heldout_tokens: int = 16384
     eval_windows: int = 4
     generated_tokens: int = 200_000
@@ -107,6 +112,7 @@ class StageConfig:
     seed: int = 0
     precision: str = "auto"
     distributed: str = "auto"
+    on_nonfinite: str = "error"
     resume: bool = True
     out_dir: str = "runs/stage"
     device: str | None = None
@@ -134,6 +140,12 @@ class StageConfig:
             raise ValueError(f"heldout_tokens={self.heldout_tokens} and eval_windows={self.eval_windows} must be >= 0")
         if self.swa_window is not None and self.swa_window < 1:
             raise ValueError(f"StageConfig.swa_window={self.swa_window!r} must be >= 1")
+        if self.align_steps < 0 or self.align_lr <= 0:
+            raise ValueError(f"StageConfig.align_steps={self.align_steps!r} must be >= 0 and align_lr="
+                             f"{self.align_lr!r} > 0")
+        if self.align_steps and self.stage != 1:
+            raise ValueError(f"the alignment phase belongs to stage 1 (align_steps={self.align_steps}, stage "
+                             f"{self.stage})")
         self.train_config()  # validate the trainer's fields now, not after loading models
 
     @property
@@ -149,7 +161,21 @@ class StageConfig:
             weight_decay=self.weight_decay, grad_clip=self.grad_clip, precision=self.precision, seed=self.seed,
             log_every=self.log_every, eval_every=self.eval_every,
             save_every=self.save_every or max(1, self.steps // 4), keep_checkpoints=self.keep_checkpoints,
-            out_dir=self.out_dir, resume=self.resume, distributed=self.distributed)
+            out_dir=self.out_dir, resume=self.resume, distributed=self.distributed, on_nonfinite=self.on_nonfinite)
+
+    def align_config(self) -> TrainConfig:
+        """The alignment phase's trainer (`out_dir/align`): the stage's batches, its own steps and learning rate."""
+        return dataclasses.replace(
+            self.train_config(), steps=self.align_steps, lr=self.align_lr,
+            warmup_steps=max(1, self.align_steps // 20), eval_every=None,
+            save_every=self.save_every or max(1, self.align_steps // 4), out_dir=str(Path(self.out_dir) / "align"))
+
+    def identity(self, types: list[str], block_config: dict, teacher_name: str) -> dict:
+        """What decides the run besides the trainer's own fields (the trainer refuses to resume under others)."""
+        return {"stage": self.stage, "teacher": teacher_name, "model": self.model, "layer_types": types,
+                "block_config": block_config, "data": self.data, "hidden_weight": self.hidden_weight,
+                "kl_weight": self.kl_weight, "lm_weight": self.lm_weight, "temperature": self.temperature,
+                "heldout_tokens": self.heldout_tokens, "align_steps": self.align_steps, "align_lr": self.align_lr}
 
 
 @dataclass
@@ -195,12 +221,13 @@ def build_student(config: StageConfig, teacher: StageTeacher | None) -> tuple[to
     linear blocks inherit Q/K/V/O where shapes match). Returns `(model, layer types, block options used)`."""
     swa = {"swa": {"window_size": config.swa_window}} if config.swa_window else {}
     if config.model is not None:
-        from transformers import AutoModelForCausalLM
+        from jetnas.models.hf_compat import load_pretrained
 
         path = Path(config.model).expanduser()
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model directory {config.model!r} has no config.json")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # strictly: a config.json that does not match the weights is an error, not layers initialised at random
+        model = load_pretrained(path, dtype=torch.float32)
         types = list(getattr(model.config, "block_types", None) or ["attn"] * model.config.num_hidden_layers)
         block_config = dict(getattr(model.config, "efficient_attention_config", None) or {})
     else:
@@ -326,6 +353,7 @@ def save_model_dir(trainer_model: torch.nn.Module, model: torch.nn.Module, token
     target = Path(target)
     state = get_model_state_dict(trainer_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist_utils.is_main_process():
+        check_finite(state, f"model directory {target}")  # a model with NaN weights is never written
         with atomic_dir(target) as partial:
             model.save_pretrained(partial, state_dict=state)
             if tokenizer is not None:
@@ -387,7 +415,7 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
         tokenizer = _model_tokenizer(config.model)
         meta_path = Path(config.model).expanduser() / "jetnas_stage.json"
         if meta_path.exists():
-            eos = json.loads(meta_path.read_text()).get("eos_token_id")
+            eos = read_json(meta_path).get("eos_token_id")
     needs_teacher = (config.model is None or config.needs_teacher_forward or config.data is None
                      or tokenizer is None)
     loaded_here = teacher is None and needs_teacher
@@ -422,18 +450,24 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
     out = Path(config.out_dir)
     resolved = {**asdict(config), "layer_types": types, "block_config": block_config,
                 "data_sources": mixture.describe(), "teacher_name": teacher_name, "eos_token_id": eos, **counts}
+    trainer = Trainer(config.train_config(), model, make_stage_loss(config, teacher_model), mixture.sources[0].stream,
+                      evaluate=make_stage_eval(config, teacher_model, mixture, device),
+                      identity=config.identity(types, block_config, teacher_name))
+    # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own
+    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed)
+    # take the run folder (lock, identity, resume point) before writing into it: a refused run leaves it as it was
+    trainer.prepare()
     if dist_utils.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "stage_config.json", resolved)
-    trainer = Trainer(config.train_config(), model, make_stage_loss(config, teacher_model), mixture.sources[0].stream,
-                      evaluate=make_stage_eval(config, teacher_model, mixture, device))
-    # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own
-    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed)
     weights = ", ".join(f"{s['source']} x{s['weight']:.3g}" for s in mixture.describe())
     if dist_utils.is_main_process():
         print(f"jetnas: stage {config.stage}: {counts['trainable_parameters']:,} of {counts['parameters']:,} "
               f"parameters train; layers {_layout(types)}; data {weights}", file=sys.stderr)
+    align = _align(config, model, teacher, mixture, trainer) if config.align_steps else None
     summary = trainer.fit()
+    if align is not None:
+        summary["align"] = align
     summary["step_tokens_per_s"] = step_throughput(out)
     model_dir = None
     if config.save_model:
@@ -443,6 +477,29 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
         model_dir = save_model_dir(trainer.model, model, tokenizer, out / "model", meta)
     model.eval()
     return StageResult(model, tokenizer, summary, model_dir, types, block_config, mixture, counts)
+
+
+def _align(config: StageConfig, model, teacher: StageTeacher | None, mixture: Mixture, trainer: Trainer) -> dict:
+    """Stage 1's alignment phase (`jetnas.train.align`): each linear block learns its teacher layer's attention
+    output from the teacher's inputs, `align_steps` steps at `align_lr` on the stage's batches, in `out_dir/align`
+    (resumable like any run). Skipped when the stage resumes from a checkpoint of its own (that already holds the
+    aligned blocks, trained further). Leaves the stage-1 parameters trainable again."""
+    from jetnas.train.align import train_alignment
+
+    if teacher is None:
+        raise ValueError("the alignment phase needs the teacher (align_steps > 0)")
+    if trainer.resume_point is not None:
+        return {"skipped": f"stage 1 resumes from {trainer.resume_point}"}
+    align = config.align_config()
+    if dist_utils.is_main_process():
+        print(f"jetnas: stage 1: aligning the linear blocks to the teacher's layers first ({config.align_steps} steps "
+              f"at lr {config.align_lr:g}, {align.out_dir})", file=sys.stderr)
+    heldout = next((s.heldout for s in mixture.sources if s.heldout is not None), None)
+    summary = train_alignment(model, teacher.model, mixture.sources[0].stream, align, heldout=heldout,
+                              eval_windows=config.eval_windows,
+                              batcher=mixture.batcher(config.seq_len, config.batch_size, config.seed + 1))
+    set_trainable(model, config.stage)
+    return summary
 
 
 def _layout(types: list[str]) -> str:

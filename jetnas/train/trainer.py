@@ -472,6 +472,12 @@ class Trainer:
         totals["lr"] = cfg.lr_at(step)
         return totals
 
+    @property
+    def resume_point(self) -> Path | None:
+        """The checkpoint `fit` will resume from (None: a fresh start); takes the run folder (`prepare`) first."""
+        self.prepare()
+        return self._chosen[0]
+
     def prepare(self) -> None:
         """Take the run folder now: lock it, move an old run aside or check the run's identity, choose the checkpoint
         to resume from. `fit` does this itself; a caller that writes its own records into `out_dir` calls it first,

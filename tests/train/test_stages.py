@@ -329,3 +329,21 @@ def test_stage_losses_without_logits_equal_the_logits_formulation(stage, extra):
         assert (g is None) == (g_want is None)
         if g is not None:
             assert rel_err(g, g_want) < 1e-4
+
+
+def test_stage1_alignment_phase_runs_first_and_starts_stage1_lower(workspace, tmp_path):
+    """`align_steps`: stage 1 first aligns each linear block to its teacher layer (jetnas.train.align) in
+    out_dir/align, then distils end to end from there; the aligned hybrid's first stage-1 loss is below an
+    unaligned one's (same seed and data), and a resumed stage skips the finished alignment."""
+    common = dict(stage=1, teacher=str(workspace / "teacher"), layer_types="attn,gdn,gdn,swa", swa_window=8,
+                  data=str(workspace / "train.txt"), steps=3, batch_size=2, seq_len=32, heldout_tokens=256,
+                  device="cpu")
+    aligned = train_stage(StageConfig(**common, align_steps=6, out_dir=str(tmp_path / "aligned")))
+    plain = train_stage(StageConfig(**common, out_dir=str(tmp_path / "plain")))
+    assert aligned.summary["align"]["steps"] == 6 and (tmp_path / "aligned" / "align" / "log.jsonl").exists()
+    first = {name: losses(tmp_path / name)[0] for name in ("aligned", "plain")}
+    assert first["aligned"] < first["plain"], first
+    again = train_stage(StageConfig(**common, align_steps=6, out_dir=str(tmp_path / "aligned")))
+    assert "skipped" in again.summary["align"]
+    with pytest.raises(ValueError, match="alignment phase belongs to stage 1"):
+        StageConfig(stage=2, model=str(tmp_path / "plain" / "model"), align_steps=3)
