@@ -56,7 +56,7 @@ from jetnas.runner.results import (
 )
 from jetnas.runner.searches import run_blocks, run_hardware
 from jetnas.runner.supernet import run_placement, run_supernet
-from jetnas.runner.training import generate_data, run_training
+from jetnas.runner.training import build_recall_data, generate_data, run_training
 from jetnas.validation import read_json
 
 STAGES = ("supernet", "placement", "blocks", "hardware", "stage1", "stage2", "eval", "bench")
@@ -155,8 +155,8 @@ class Recipe:
             validate_arguments(stage, args, source)
             stages[stage] = dict(args)
         data = raw.get("data")
-        if isinstance(data, dict) and set(data) - {"generate", "heldout"}:
-            raise RecipeError(f"{source}: data must be a path / hf: spec or {{generate: TOKENS}}, got {data!r}")
+        if isinstance(data, dict):
+            check_data_section(data, source)
         return cls(name=str(raw["name"]), teacher=str(raw["teacher"]),
                    out_dir=Path(raw.get("out_dir") or f"runs/{raw['name']}"), data=data,
                    stages=stages, device=raw.get("device"), seed=seed, source=source)
@@ -234,8 +234,35 @@ def _missing_output(result: dict) -> str | None:
 
 
 # Stages whose output is a function of their arguments (the teacher's text, sampled with the recipe's seed; the
-# same tokens on the same kind of device): a lost one is remade without rerunning the stages that used it.
-REPRODUCIBLE = {"data"}
+# same tokens on the same kind of device; the recall documents): a lost one is remade without rerunning the stages
+# that used it.
+REPRODUCIBLE = {"data", "recall"}
+#: `data: {recall: {...}}`: the keys of `jetnas.train.recall_data.RecallConfig` a recipe may set, besides `corpus`
+#: (the articles) and `weight` (its share of the training mixture)
+RECALL_KEYS = {"documents", "doc_tokens", "min_distance", "max_distance", "kinds", "queries", "entries",
+               "answer_tokens", "max_articles"}
+
+
+def check_data_section(data: dict, source: str) -> None:
+    """`data` as a mapping: `{generate: TOKENS}` or `{path: SPEC}` (the text), optionally with `recall: {corpus:
+    ARTICLES.jsonl(.gz), weight: W, documents: N, doc_tokens: T, ...}` (retrieval-bearing documents built from
+    those articles, mixed in at weight W)."""
+    unknown = set(data) - {"generate", "path", "recall", "heldout"}
+    if unknown or ("generate" in data) == ("path" in data):
+        raise RecipeError(f"{source}: data must be a path / hf: spec, or a mapping with exactly one of generate: "
+                          f"TOKENS and path: SPEC (plus recall: {{...}}), got {data!r}")
+    recall = data.get("recall")
+    if recall is None:
+        return
+    if not isinstance(recall, dict) or not {"corpus", "documents"} <= set(recall):
+        raise RecipeError(f"{source}: data.recall needs corpus (articles .jsonl(.gz)) and documents, got {recall!r}")
+    bad = set(recall) - RECALL_KEYS - {"corpus", "weight"}
+    if bad:
+        raise RecipeError(f"{source}: data.recall: unknown key(s) {sorted(bad)}; allowed: "
+                          f"{sorted(RECALL_KEYS | {'corpus', 'weight'})}")
+    weight = recall.get("weight", 0.2)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
+        raise RecipeError(f"{source}: data.recall.weight={weight!r} must be a fraction in (0, 1)")
 
 
 def _fingerprint(kwargs: dict) -> str:
@@ -258,6 +285,7 @@ class Done:
     """The typed results of the stages finished (or reused) so far in this run: what later stages read."""
 
     data: DataResult | None = None
+    recall: DataResult | None = None
     supernet: SupernetResult | None = None
     placement: PlacementResult | None = None
     blocks: BlockSearchResult | None = None
@@ -339,16 +367,29 @@ class Pipeline:
     # -- data ---------------------------------------------------------------------------------------------------
 
     def prepare_data(self) -> str | None:
-        """The training data every stage uses: the recipe's spec as is, or teacher text generated once into
-        `out_dir/data/train.bin`."""
+        """The training data every stage uses: the recipe's spec as is; or teacher text generated once into
+        `out_dir/data/train.bin`; with `recall`, that text mixed with retrieval-bearing documents built once into
+        `out_dir/data/recall.bin` (`jetnas.train.recall_data`)."""
         data = self.recipe.data
         if not isinstance(data, dict):
             return data
-        target = str(self.out / "data" / "train.bin")
-        kwargs = {"teacher": self.recipe.teacher, "tokens": int(data["generate"]), "seed": self.recipe.seed}
-        self.done.data = self._run("data", kwargs, lambda kw: generate_data(target=target, device=self.recipe.device,
-                                                                            **kw), DataResult)
-        return self.done.data.path
+        if "generate" in data:
+            target = str(self.out / "data" / "train.bin")
+            kwargs = {"teacher": self.recipe.teacher, "tokens": int(data["generate"]), "seed": self.recipe.seed}
+            self.done.data = self._run("data", kwargs, lambda kw: generate_data(
+                target=target, device=self.recipe.device, **kw), DataResult)
+            text = self.done.data.path
+        else:
+            text = str(data["path"])
+        recall = data.get("recall")
+        if recall is None:
+            return text
+        options = {k: v for k, v in recall.items() if k != "weight"}
+        kwargs = {"teacher": self.recipe.teacher, "seed": self.recipe.seed, **options}
+        target = str(self.out / "data" / "recall.bin")
+        self.done.recall = self._run("recall", kwargs, lambda kw: build_recall_data(target=target, **kw), DataResult)
+        weight = float(recall.get("weight", 0.2))
+        return f"{text}:{1 - weight:g},{self.done.recall.path}:{weight:g}"
 
     # -- what each stage is given -------------------------------------------------------------------------------
 

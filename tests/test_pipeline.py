@@ -165,6 +165,34 @@ def test_lost_generated_data_is_remade_without_rerunning_the_stages_that_used_it
     assert len(made) == 2 and data.exists() and CALLS == []
 
 
+def test_recall_documents_are_built_once_and_mixed_into_every_stages_data(tmp_path, monkeypatch):
+    built = []
+
+    def fake_build(target, teacher, corpus, documents, seed, **options):
+        built.append((corpus, documents, options))
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"\0\0" * 64)
+        return results.DataResult(target, 64)
+
+    seen = []
+    monkeypatch.setattr(pipeline, "build_recall_data", fake_build)
+    monkeypatch.setattr(pipeline, "SPECS", {**pipeline.SPECS, "supernet": dataclasses.replace(
+        pipeline.SPECS["supernet"], run=lambda r: seen.append(r.data) or fake_supernet(r))})
+    raw = {"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"),
+           "data": {"path": "web.bin", "recall": {"corpus": "wiki.jsonl.gz", "documents": 8, "doc_tokens": 256,
+                                                  "weight": 0.25}},
+           "stages": {"supernet": {"steps": 3}}}
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    assert built == [("wiki.jsonl.gz", 8, {"doc_tokens": 256})]
+    assert seen == [f"web.bin:0.75,{tmp_path}/run/data/recall.bin:0.25"]
+    for bad in ({"path": "web.bin", "generate": 8}, {"path": "web.bin", "recall": {"corpus": "w.jsonl"}},
+                {"path": "web.bin", "recall": {"corpus": "w", "documents": 8, "weight": 1.5}},
+                {"path": "web.bin", "recall": {"corpus": "w", "documents": 8, "colour": 1}}):
+        with pytest.raises(RecipeError, match="data"):
+            Recipe.from_dict({**raw, "data": bad}, source="test.yaml")
+
+
 def test_without_block_and_shape_searches_stage1_gets_the_jetblock_and_the_supernets_window(tmp_path):
     Pipeline(recipe(tmp_path, blocks="skip", hardware="skip", stage2="skip")).run()
     assert CALLS[:3] == ["supernet", "placement", "stage1"]

@@ -37,3 +37,18 @@ def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str
     stream = teacher_generated(model, tokenizer, spec.eos_token_id, tokens, seed=seed, name=spec.name)
     path = stream.save(target)
     return DataResult(path=str(path), tokens=len(stream))
+
+
+def build_recall_data(teacher: str, corpus: str, documents: int, seed: int, target: str,
+                      max_articles: int | None = None, **options) -> DataResult:
+    """Retrieval-bearing documents (`jetnas.train.recall_data`) built from the articles of `corpus` with `teacher`'s
+    tokenizer and end-of-document id, saved as a token file at `target`; `options` are further `RecallConfig`
+    fields (doc_tokens, min_distance, ...)."""
+    from jetnas.models.teachers import load_teacher
+    from jetnas.train.data import TokenStream
+    from jetnas.train.recall_data import RecallConfig, build_recall_bin
+
+    _, tokenizer, spec = load_teacher(teacher)
+    config = RecallConfig(documents=documents, seed=seed, **options)
+    path = build_recall_bin(corpus, tokenizer, target, config, eos_id=spec.eos_token_id, max_articles=max_articles)
+    return DataResult(path=str(path), tokens=len(TokenStream.from_file(path)))
