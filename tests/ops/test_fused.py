@@ -284,7 +284,8 @@ def test_dispatch_follows_the_backend(monkeypatch):
 
     calls = []
     monkeypatch.setattr(tf, "triton_silu_mul", lambda g, u: calls.append("silu") or naive_silu_mul(g, u))
-    monkeypatch.setattr(tf, "triton_rms_norm", lambda x, w, eps: calls.append("rms") or naive_rms_norm(x, w, eps))
+    monkeypatch.setattr(tf, "triton_rms_norm",
+                        lambda x, w, eps, out_dtype=None: calls.append("rms") or naive_rms_norm(x, w, eps, out_dtype))
     g, u = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
     w = torch.ones(8)
     for backend in ("torch", Backend("torch"), Backend("triton"), Backend("triton", fused=False, interpret=True)):
