@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +61,7 @@ from jetnas.runner.training import build_recall_data, generate_data, run_trainin
 from jetnas.validation import read_json
 
 STAGES = ("supernet", "placement", "blocks", "hardware", "stage1", "stage2", "eval", "bench")
-TOP_LEVEL = {"name", "description", "teacher", "out_dir", "device", "seed", "data", "stages"}
+TOP_LEVEL = {"name", "description", "teacher", "out_dir", "device", "seed", "data", "stages", "compare_placements"}
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class Recipe:
     device: str | None = None
     seed: int = 0
     source: str = "<recipe>"
+    #: also train the placement search's baselines (uniform, one-layer ranking) into final hybrids by the same
+    #: stage 1 / stage 2 / evaluation, so the search is judged on final models (`Pipeline.compare_placements`)
+    compare_placements: bool = False
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -157,7 +161,13 @@ class Recipe:
         data = raw.get("data")
         if isinstance(data, dict):
             check_data_section(data, source)
-        return cls(name=str(raw["name"]), teacher=str(raw["teacher"]),
+        compare = raw.get("compare_placements", False)
+        if not isinstance(compare, bool):
+            raise RecipeError(f"{source}: compare_placements must be true or false, got {compare!r}")
+        if compare and any(stages[s] is None for s in ("placement", "stage1", "eval")):
+            raise RecipeError(f"{source}: compare_placements trains the placement search's baselines by stage1 and "
+                              f"evaluates them: placement, stage1 and eval must run")
+        return cls(compare_placements=compare, name=str(raw["name"]), teacher=str(raw["teacher"]),
                    out_dir=Path(raw.get("out_dir") or f"runs/{raw['name']}"), data=data,
                    stages=stages, device=raw.get("device"), seed=seed, source=source)
 
@@ -325,7 +335,7 @@ class Pipeline:
         print(f"[jetnas run {self.recipe.name}] {msg}", file=sys.stderr, flush=True)
 
     def _run(self, name: str, kwargs: dict, run: Callable[[dict], StageResult], result: type[StageResult],
-             upstream: bool = True) -> StageResult:
+             upstream: bool = True, kind: str | None = None) -> StageResult:
         """Run (or reuse) one stage; its record in pipeline.json is written when it finishes. `upstream=False`:
         the stage depends on nothing earlier (the teacher's own evaluation), only its arguments decide."""
         fingerprint = _fingerprint(kwargs)
@@ -348,7 +358,7 @@ class Pipeline:
         self.changed = self.changed or (upstream and not (gone and name in REPRODUCIBLE))
         self._log(f"{name}: running")
         start = time.perf_counter()
-        spec = SPECS.get(name)
+        spec = SPECS.get(kind or name)
         resumable = spec is not None and "resume" in {f.name for f in dataclasses.fields(spec.recipe)}
         if record and not current and resumable:
             # it ran before under other arguments (or --redo, or a changed stage before it): its folder holds that
@@ -492,12 +502,58 @@ class Pipeline:
                 result = Comparison(result, teacher)
                 self.records[stage] = result.to_record()
             setattr(self.done, stage, result)
+        if self.recipe.compare_placements:
+            self.compare_placements(data)
         from jetnas.report import write_pipeline_report
 
         paths = write_pipeline_report(self.recipe, self.records, self.state, self.out)
         trained = self.done.stage2 or self.done.stage1
         return {"recipe": self.recipe.name, "out_dir": str(self.out),
                 "model": trained.model_dir if trained is not None else None, **paths}
+
+    def compare_placements(self, data: str | None) -> dict:
+        """The paper's claim on final models: every baseline of the placement search's comparison (uniform
+        placement, one-layer ranking: `comparison.json`) trained into a hybrid by the searched placement's own
+        stage 1 (and stage 2) and evaluated by its evaluation, under `out_dir/compare/<name>/`; each reused like any
+        stage. Writes `compare/placements.json` and `.md` (per placement: its layers and every task's metrics, the
+        searched hybrid's and the teacher's beside them); returns the table's rows."""
+        comparison = read_json(Path(self.done.placement.outputs["comparison"]))
+        block = self.done.blocks.best if self.done.blocks is not None else "jet"
+        searched = self.done.eval.hybrid if isinstance(self.done.eval, Comparison) else self.done.eval
+        teacher = self.done.eval.teacher if isinstance(self.done.eval, Comparison) else None
+        rows = {"searched": {**_layers(self.done.placement.placement), "results": searched.results}}
+        for name, entry in comparison.items():
+            if name.startswith("searched"):
+                continue
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            where = self.out / "compare" / slug
+            types = ",".join(t if t in ("attn", "swa") else block for t in entry["layer_types"])
+            model = self._train_and_evaluate(slug, where, types, data)
+            rows[name] = {"attn": entry["attn"], "swa": entry.get("swa", []), "results": model.results}
+        if teacher is not None:
+            rows["teacher"] = {"attn": None, "swa": None, "results": teacher.results}
+        table = placement_table(rows)
+        write_json_atomic(self.out / "compare" / "placements.json", rows)
+        (self.out / "compare" / "placements.md").write_text(
+            "# Placements trained into final hybrids\n\nThe searched placement and the search's baselines, each "
+            "trained by the same stage 1 / stage 2 recipe and evaluated the same way.\n\n" + table + "\n")
+        self._log(f"placements compared on final models: {self.out / 'compare' / 'placements.md'}")
+        return rows
+
+    def _train_and_evaluate(self, slug: str, where: Path, layer_types: str, data: str | None) -> StageResult:
+        """One placement through stage 1, stage 2 (unless skipped) and the evaluation, with the recipe's arguments."""
+        s1 = {**self.stage_kwargs("stage1", data), "layer_types": layer_types, "out_dir": str(where / "stage1")}
+        spec = SPECS["stage1"]
+        trained = self._run(f"compare:{slug}:stage1", s1, lambda kw: spec.run(spec.recipe(**kw)), spec.result,
+                            kind="stage1")
+        if self.recipe.stages["stage2"] is not None:
+            spec = SPECS["stage2"]
+            s2 = {**self.stage_kwargs("stage2", data), "model": trained.model_dir, "out_dir": str(where / "stage2")}
+            trained = self._run(f"compare:{slug}:stage2", s2, lambda kw: spec.run(spec.recipe(**kw)), spec.result,
+                                kind="stage2")
+        spec = SPECS["eval"]
+        ev = {**self.stage_kwargs("eval", data), "model": trained.model_dir, "out_dir": str(where / "eval")}
+        return self._run(f"compare:{slug}:eval", ev, lambda kw: spec.run(spec.recipe(**kw)), spec.result, kind="eval")
 
     def write_report(self) -> dict:
         """report.md / report.json from the finished stages recorded in pipeline.json, running nothing."""
@@ -514,6 +570,30 @@ class Pipeline:
         from jetnas.report import write_pipeline_report
 
         return write_pipeline_report(self.recipe, self.records, self.state, self.out)
+
+
+def _layers(placement: dict) -> dict:
+    return {"attn": placement.get("attn", []), "swa": placement.get("swa", [])}
+
+
+def placement_table(rows: dict[str, dict]) -> str:
+    """Markdown: one row per placement (its attn / swa layers), one column per task metric of the evaluation."""
+    columns = []
+    for row in rows.values():
+        for task, metrics in row["results"].items():
+            for metric in metrics:
+                if (task, metric) not in columns and isinstance(metrics[metric], (int, float)):
+                    columns.append((task, metric))
+    header = ["placement", "attn", "swa"] + [f"{task.rsplit('/', 1)[-1]} {metric}" for task, metric in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in rows.items():
+        cells = [name, "" if row["attn"] is None else ", ".join(map(str, row["attn"])),
+                 "" if row["swa"] is None else ", ".join(map(str, row["swa"]))]
+        for task, metric in columns:
+            value = row["results"].get(task, {}).get(metric)
+            cells.append("" if value is None else f"{value:.4g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -249,3 +249,46 @@ def test_report_only_refuses_options_it_would_ignore(tmp_path, extra):
     with pytest.raises(ValueError, match="--report-only runs nothing"):
         run("quickstart", out_dir=str(tmp_path), report_only=True, **extra)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_placements_trains_the_search_baselines_into_final_hybrids(tmp_path, monkeypatch):
+    # issue 19: the searched placement must win on final models, not only on super-network scores: each baseline
+    # of the search's comparison (uniform, one-layer ranking) goes through the same stage 1, stage 2 and evaluation
+    def placement_with_comparison(r):
+        out = Path(r.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        comparison = {"searched (beam)": {"attn": [2], "swa": [], "layer_types": ["linear", "linear", "attn", "linear"]},
+                      "uniform": {"attn": [1], "swa": [], "layer_types": ["linear", "attn", "linear", "linear"]},
+                      "one-layer ranking": {"attn": [0], "swa": [], "layer_types": ["attn", "linear", "linear",
+                                                                                    "linear"]}}
+        (out / "comparison.json").write_text(json.dumps(comparison))
+        result = fake_placement(r)
+        return dataclasses.replace(result, outputs={**result.outputs, "comparison": str(out / "comparison.json")})
+
+    trained = []
+
+    def recording_train(r):
+        trained.append((r.out_dir.split("/run/")[1], r.layer_types))
+        # fake_train checks the searched placement's wiring; the baselines have other layer types
+        return fake_train(dataclasses.replace(r, layer_types="gdn,gdn,attn,gdn"))
+
+    monkeypatch.setattr(pipeline, "SPECS", {
+        **pipeline.SPECS, "placement": dataclasses.replace(pipeline.SPECS["placement"], run=placement_with_comparison),
+        "stage1": dataclasses.replace(pipeline.SPECS["stage1"], run=recording_train)})
+    raw = {"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"), "data": "data.bin",
+           "compare_placements": True,
+           "stages": {"supernet": {"steps": 3}, "placement": {"budget": "attn=1"}, "blocks": {}, "hardware": {},
+                      "stage1": {"steps": 2}, "stage2": {"steps": 2}, "eval": {"tasks": "ppl"}}}
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    # the chosen block fills the linear layers of every placement
+    assert trained == [("stage1", "gdn,gdn,attn,gdn"), ("compare/uniform/stage1", "gdn,attn,gdn,gdn"),
+                       ("compare/one-layer-ranking/stage1", "attn,gdn,gdn,gdn")]
+    assert f"eval:{tmp_path}/run/compare/uniform/stage2/model" in CALLS
+    rows = json.loads((tmp_path / "run" / "compare" / "placements.json").read_text())
+    assert list(rows) == ["searched", "uniform", "one-layer ranking", "teacher"]
+    assert "| uniform | 1 |  | 12 |" in (tmp_path / "run" / "compare" / "placements.md").read_text()
+    CALLS.clear()
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    assert CALLS == []  # every comparison reused
+    with pytest.raises(RecipeError, match="compare_placements"):
+        Recipe.from_dict({**raw, "stages": {**raw["stages"], "eval": "skip"}}, source="test.yaml")

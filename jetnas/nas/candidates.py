@@ -21,7 +21,7 @@ from pathlib import Path
 from jetnas.files import write_json_atomic
 from jetnas.models.layer_types import BlockSpec, parse_block, split_entries
 
-DEFAULT_BLOCKS = "gdn,gla,mamba2,retnet,deltanet,jet"
+DEFAULT_BLOCKS = "gdn,gla,mamba2,retnet,deltanet,rwkv7,jet"
 
 #: per block type, the options that give it the teacher's attention shape (heads x head_dim for keys and values:
 #: the defaults of gdn, deltanet, gla and retnet) where its own default differs: the JetBlock's value dim is

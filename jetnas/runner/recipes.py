@@ -228,7 +228,9 @@ class BlockSearchRecipe(CandidateRecipe):
         out_dir: where blocks.md, blocks.json, blocks.png and candidates/ go (default runs/blocks-<time>).
     """
 
-    blocks: str = "gdn,gla,mamba2,retnet,deltanet,jet"
+    # the paper's Table 1 candidates and the JetBlock (`jetnas.nas.candidates.DEFAULT_BLOCKS`, written out here so
+    # that reading a recipe does not import torch)
+    blocks: str = "gdn,gla,mamba2,retnet,deltanet,rwkv7,jet"
     teacher_reference: bool = True
     matched_shapes: bool = True
 

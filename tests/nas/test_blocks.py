@@ -468,3 +468,12 @@ def test_block_candidates_are_hashable_and_renamable():
     assert len({cand, parse_candidate("jet-dyn-qk"), shaped}) == 2
     with pytest.raises(ValueError, match="'attn' is not a linear block"):
         BlockCandidate("x", "attn")
+
+
+def test_the_block_search_recipe_defaults_to_every_default_candidate():
+    # the recipe spells the default out (reading a recipe imports no torch): it must stay the library's
+    from jetnas.nas.candidates import DEFAULT_BLOCKS
+    from jetnas.runner.recipes import BlockSearchRecipe
+
+    assert BlockSearchRecipe.__dataclass_fields__["blocks"].default == DEFAULT_BLOCKS
+    assert "rwkv7" in DEFAULT_BLOCKS.split(",")  # the paper's Table 1 has it
