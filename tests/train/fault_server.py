@@ -97,14 +97,14 @@ def install_hook(hook: str, nth: int, rng: random.Random) -> None:
 
         jetnas.train.trainer.Trainer._log = log
     elif hook == "model":
-        original_json = jetnas.train.stages._write_json
+        original_json = jetnas.train.stages.write_json_atomic
 
         def write_json(path, value):
-            if path.name == "jetnas_stage.json" and due():  # the model's weights written, its directory not renamed
+            if Path(path).name == "jetnas_stage.json" and due():  # the weights written, the directory not renamed
                 die()
             original_json(path, value)
 
-        jetnas.train.stages._write_json = write_json
+        jetnas.train.stages.write_json_atomic = write_json
     else:
         raise ValueError(hook)
 
