@@ -172,3 +172,69 @@ def prefill_chunk_bytes(model, chunk_size: int, batch_size: int = 1, context_len
         per_layer.append(max(mixer_bytes, mlp_bytes))
     residual = 4 * config.hidden_size * chunk_size * size
     return batch_size * (residual + max(per_layer, default=0) + 4 * config.vocab_size)
+
+
+def _linear_heads(mixer) -> tuple[int, int, int]:
+    """(H, K, V) of a linear block's recurrent state per row: `[H, K, V]`."""
+    H = mixer.num_heads
+    if hasattr(mixer, "state_size"):  # Mamba2: keys are B (state_size), values x (head_dim)
+        return H, mixer.state_size, mixer.head_dim
+    return H, mixer.head_k_dim, mixer.head_v_dim
+
+
+def prefill_flops(model, context_length: int, batch_size: int = 1) -> int:
+    """Forward FLOPs of prefilling `batch_size` prompts of `context_length` tokens, the useful work only:
+
+    - 2 per weight of every matrix product per token (embeddings are a lookup), the LM head once per row (the last
+      position's logits);
+    - causal attention: 4 x H x head_dim per visible key per query (q.k and p.v): `T (T + 1) / 2` keys in all for
+      `attn`, `min(t, window)` for the query at t for `swa`;
+    - linear blocks, per token and head, the delta rule's chunked (WY) form with 64-token chunks: 6 K V (the state's
+      update and read-out) + 64 (6 K + 4 V) (the chunk's k.k^T system, q.k^T, and their products with k and v);
+      an upper count for GLA, RetNet and Mamba2, whose chunked forms have no WY system.
+    """
+    from jetnas.layers.attention import Attention
+
+    if context_length < 1 or batch_size < 1:
+        raise ValueError(f"context_length and batch_size must be >= 1, got {context_length} and {batch_size}")
+    T = context_length
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and p.data_ptr() not in (embed.data_ptr(), head.data_ptr()))
+    flops = 2 * body * T + 2 * head.numel()
+    for layer in model.model.layers:
+        mixer = layer.self_attn
+        if isinstance(mixer, Attention):
+            if mixer.window_size is None:
+                keys = T * (T + 1) // 2
+            else:  # queries t < W see t + 1 keys, the rest W
+                W = mixer.window_size
+                n = min(T, W)
+                keys = n * (n + 1) // 2 + (T - n) * W
+            flops += 4 * mixer.num_heads * mixer.head_dim * keys
+        else:
+            H, K, V = _linear_heads(mixer)
+            flops += T * H * (6 * K * V + 64 * (6 * K + 4 * V))
+    return int(batch_size * flops)
+
+
+def matmul_rate(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                repeats: int = 10) -> float:
+    """Measured dense matrix-product rate in FLOP/s: `n x n` by `n x n` products in `dtype` (the GPU's bf16 GEMM
+    rate with the defaults; on CPU pass a smaller n and float32). What MFU is held against."""
+    import time
+
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return repeats * 2 * n**3 / (time.perf_counter() - start)

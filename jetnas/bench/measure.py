@@ -37,9 +37,9 @@ def prefill_mode(device, prefill: str | None = None) -> str:
     return "static" if torch.device(device).type == "cuda" else "forward"
 
 
-def _engine(model, context_length: int, batch_size: int, chunk_size, prefill, reserved_rows: int):
-    """The engine of a measurement, with an "auto" chunk resolved (`auto_chunk_size`) next to the cache of
-    `reserved_rows` rows, which is not allocated yet."""
+def make_engine(model, context_length: int, batch_size: int, chunk_size, prefill, reserved_rows: int):
+    """The engine of a measurement: `Engine(model, chunk_size, prefill=prefill_mode(device, prefill))`, with an
+    "auto" chunk resolved by `auto_chunk_size` next to the cache of `reserved_rows` rows (not allocated yet)."""
     from jetnas.engine import Engine, as_jetnas
 
     model = as_jetnas(model)
@@ -67,7 +67,7 @@ def decode_throughput(model, batch_size: int, context_length: int, new_tokens: i
     `cache_bytes_per_sequence` (allocated cache / batch at the end), `peak_memory_bytes`, the timings and shapes,
     the chunk size used and the prefill mode.
     """
-    engine = _engine(model, context_length, batch_size, chunk_size, prefill, reserved_rows=batch_size)
+    engine = make_engine(model, context_length, batch_size, chunk_size, prefill, reserved_rows=batch_size)
     dev = engine.device if device is None else torch.device(device)
     ids = _random_prompts(engine.model, batch_size, context_length, dev, seed)
     if warmup:
@@ -86,6 +86,53 @@ def decode_throughput(model, batch_size: int, context_length: int, new_tokens: i
         "cache_bytes_per_sequence": out.cache_bytes // batch_size,
         "peak_memory_bytes": _peak_memory(dev),
     }
+
+
+@torch.inference_mode()
+def prefill_throughput(model, context_length: int, batch_size: int = 1, chunk_size: int | str | None = "auto",
+                       prefill: str | None = None, repeats: int = 3, seed: int = 0,
+                       return_logits: bool = False) -> dict:
+    """Prefill of `batch_size` random prompts of `context_length` tokens through the engine, what the benchmarks
+    time as prefill: one untimed run first (kernels compile and autotune; a static prefill warms up and captures
+    its passes), then `repeats` timed runs into the engine's cache (reset each time); the median counts.
+
+    `chunk_size`: tokens per pass, None (one pass) or "auto" (default, `auto_chunk_size` next to the cache);
+    `prefill`: see the module docstring.
+
+    Returns `prefill_tokens_per_s` (batch * context / median seconds), `prefill_seconds` and every run's,
+    the chunk size and rule, the prefill mode, `peak_memory_bytes` over the timed runs, and with `return_logits`
+    the last run's last-position logits (`last_logits`, a tensor).
+    """
+    from jetnas.engine.engine import _sync
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    engine = make_engine(model, context_length, batch_size, chunk_size, prefill, reserved_rows=batch_size)
+    dev = engine.device
+    ids = _random_prompts(engine.model, batch_size, context_length, dev, seed)
+    if engine.prefill_mode == "static":
+        engine.prefiller_for(engine.cache_for(batch_size, context_length), ids)  # untimed: warm-up pass, capture
+    else:
+        engine.prefill(ids)  # untimed: kernels compile and autotune
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    runs = []
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        logits = engine.prefill(ids)
+        _sync(dev)
+        runs.append(time.perf_counter() - start)
+    seconds = statistics.median(runs)
+    out = {"batch_size": batch_size, "context_length": context_length, "chunk_size": engine.chunk_size,
+           "chunk_rule": "auto" if chunk_size == "auto" else "given", "prefill_mode": engine.prefill_mode,
+           "prefill_seconds": seconds, "prefill_seconds_runs": runs,
+           "prefill_tokens_per_s": batch_size * context_length / seconds,
+           "cache_bytes": engine.cache.nbytes(), "peak_memory_bytes": _peak_memory(dev)}
+    if return_logits:
+        out["last_logits"] = logits
+    return out
 
 
 def free_memory(device) -> int | None:
@@ -260,7 +307,7 @@ def replicated_decode_throughput(model, batch_size: int, context_length: int, ne
         raise ValueError(f"prefill_repeats must be >= 0, got {prefill_repeats}")
     if device is not None:  # the signature of `decode_throughput`; the engine runs where the model is
         model = model.to(device)
-    engine = _engine(model, context_length, 1, chunk_size, prefill, reserved_rows=1)
+    engine = make_engine(model, context_length, 1, chunk_size, prefill, reserved_rows=1)
     dev = engine.device
     prompt = _random_prompts(engine.model, 1, context_length, dev, seed)
     if warmup and engine.prefill_mode == "forward":
