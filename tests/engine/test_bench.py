@@ -204,8 +204,8 @@ def test_measurements_resolve_auto_chunks_and_record_the_prefill_mode(monkeypatc
     from jetnas.bench.costs import prefill_chunk_bytes
 
     one_row_cache = model.cache_bytes(40, dtype=torch.float32)  # reserved: allocated after the chunk is chosen
-    monkeypatch.setattr(measure, "free_memory",
-                        lambda device: int(prefill_chunk_bytes(model, 16, 1, 40, flash=False) / 0.8) + 1 + one_row_cache)
+    free = int(prefill_chunk_bytes(model, 16, 1, 40, flash=False) / 0.8) + 1 + one_row_cache
+    monkeypatch.setattr(measure, "free_memory", lambda device: free)
     monkeypatch.setattr(measure, "auto_chunk_size",
                         lambda *a, _f=measure.auto_chunk_size, **k: _f(*a, **{**k, "minimum": 8}))
     row = measure.replicated_decode_throughput(model, 2, 40, new_tokens=3, chunk_size="auto", prefill_repeats=1)
