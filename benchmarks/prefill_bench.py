@@ -4,6 +4,10 @@ defaults, the 2B against Qwen3-1.7B at 256K, each row with its MFU; random weigh
     python benchmarks/prefill_bench.py --out $OUT/prefill_bench.json [--autotune-configs 4]
     python benchmarks/prefill_bench.py --device cpu --tiny --out /tmp/prefill_bench.json      # the CPU smoke test
 
+On a fresh machine fla autotunes its kernels for every block type and shape first (minutes), and Qwen3-1.7B's 256K
+prefill takes ~20 s a pass: within a 10-minute call, split it, e.g. `--sections check --autotune-configs 4` (the
+check's timings do not matter), then `--sections smollm2,jet2b` and `--sections long` (each writes its own --out).
+
 Sections, in this order (each row is written to --out as soon as it is measured, so a cut-off run keeps them):
 - check: the captured prefill (`Engine(prefill="static")`, `jetnas.engine.prefill`) against the forward prefill on
   one model of every block type (benchmarks/gpu_generate_check.py's `hybrid`), chunked with a partial last chunk:
