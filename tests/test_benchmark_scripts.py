@@ -119,3 +119,26 @@ def test_train_bench_times_every_mode_and_compares_two_runs(tmp_path):
     # same code, same seed: the same losses step by step
     assert table["stage1"]["b"]["max_abs_loss_diff_vs_a"] == 0.0
     assert table["supernet"]["b"]["speedup_vs_a"] > 0
+
+
+@pytest.mark.slow
+def test_prefill_bench_runs_on_cpu(tmp_path):
+    """benchmarks/prefill_bench.py --device cpu --tiny: every section's rows measured (tokens/s, MFU, the chunk rule),
+    the captured-path checks passed (on CPU the static passes run eagerly: exactly the forward's numbers), and the
+    issue's headline keys in the last line."""
+    out = tmp_path / "prefill.json"
+    summary = run_script(["benchmarks/prefill_bench.py", "--device", "cpu", "--tiny", "--repeats", "1",
+                          "--out", str(out)], tmp_path)
+    for key in ("hybrid_prefill_vs_teacher_8k", "hybrid_prefill_vs_teacher_32k", "jet2b_prefill_64k_tok_s",
+                "jet2b_vs_qwen3_prefill_256k"):
+        assert summary[key] > 0 and summary["targets"][key]["target"] > 0
+    assert summary["checks_passed"] and summary["default_prefill_mode"] == "forward"
+    report = json.loads(out.read_text())
+    rows = {(r["row"], r["context_length"]): r for r in report["rows"]}
+    assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
+    assert len(rows) == 13 and all(r["mfu"] > 0 and r["flops"] > 0 for r in rows.values())
+    # the old bench default chunk is scaled with the contexts (8192 / 512 = 16); "auto" takes the whole prompt
+    assert rows[("jet-nemotron-2b:chunk-8192:forward", 128)]["chunk_size"] == 16
+    assert rows[("jet-nemotron-2b:bench-defaults", 128)]["chunk_size"] == 128
+    assert {"bfloat16", "float32", "smollm2-hybrid@16", "smollm2-teacher@64"} <= set(report["checks"])
+    assert report["checks"]["bfloat16"]["static_vs_forward"] == 0.0

@@ -1,6 +1,11 @@
 """Timed prefill and decode of random prompts through the engine (and through `generate()` as a baseline), and the
-batch rules of the throughput benchmarks: the largest batch predicted to fit (`largest_batch`), and halving a batch
-that runs out of memory anyway (`halving_on_oom`)."""
+rules of the throughput benchmarks: the largest batch predicted to fit (`largest_batch`), halving a batch that runs
+out of memory anyway (`halving_on_oom`), and the largest prefill chunk predicted to fit (`auto_chunk_size`, what
+`chunk_size="auto"` means).
+
+Prefill mode (`prefill`): None picks the engine's "static" prefill (chunk passes captured in CUDA graphs,
+`jetnas.engine.prefill`) on CUDA and its "forward" prefill elsewhere, where there is no graph to gain.
+"""
 
 from __future__ import annotations
 
@@ -24,18 +29,45 @@ def _random_prompts(model, batch_size: int, context_length: int, device, seed: i
     return torch.randint(1, model.config.vocab_size, (batch_size, context_length), generator=g).to(device)
 
 
+def prefill_mode(device, prefill: str | None = None) -> str:
+    """The engine's prefill mode for a measurement on `device`: `prefill` when given, else "static" on CUDA (the
+    captured chunk passes) and "forward" elsewhere."""
+    if prefill is not None:
+        return prefill
+    return "static" if torch.device(device).type == "cuda" else "forward"
+
+
+def make_engine(model, context_length: int, batch_size: int, chunk_size, prefill, reserved_rows: int):
+    """The engine of a measurement: `Engine(model, chunk_size, prefill=prefill_mode(device, prefill))`, with an
+    "auto" chunk resolved by `auto_chunk_size` next to the cache of `reserved_rows` rows (not allocated yet)."""
+    from jetnas.engine import Engine, as_jetnas
+
+    model = as_jetnas(model)
+    device = next(model.parameters()).device
+    if chunk_size == "auto":
+        dtype = next(model.parameters()).dtype
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # blocks cached by the allocator are not free to mem_get_info
+        chunk_size = auto_chunk_size(model, context_length, batch_size, device,
+                                     reserved_bytes=reserved_rows * model.cache_bytes(context_length, dtype=dtype))
+    elif chunk_size is not None and (isinstance(chunk_size, str) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, None or 'auto', got {chunk_size!r}")
+    return Engine(model, chunk_size=chunk_size, prefill=prefill_mode(device, prefill))
+
+
 def decode_throughput(model, batch_size: int, context_length: int, new_tokens: int = 32,
-                      chunk_size: int | None = None, device=None, warmup: bool = True, seed: int = 0) -> dict:
+                      chunk_size: int | str | None = None, device=None, warmup: bool = True, seed: int = 0,
+                      prefill: str | None = None) -> dict:
     """Prefill `batch_size` random prompts of `context_length` tokens, then decode `new_tokens` greedily (no early
     stop) with the engine. A short warm-up run (same shapes, 2 tokens) comes first so kernel compilation and
-    autotuning are not timed.
+    autotuning (and a static prefill's capture) are not timed. `chunk_size`: tokens per prefill pass, None (one
+    pass) or "auto" (`auto_chunk_size`, next to the batch's cache); `prefill`: see the module docstring.
 
     Returns `decode_tokens_per_s` (batch * decoded tokens after the first / decode time), `prefill_tokens_per_s`,
-    `cache_bytes_per_sequence` (allocated cache / batch at the end), `peak_memory_bytes`, the timings and shapes.
+    `cache_bytes_per_sequence` (allocated cache / batch at the end), `peak_memory_bytes`, the timings and shapes,
+    the chunk size used and the prefill mode.
     """
-    from jetnas.engine import Engine
-
-    engine = Engine(model, chunk_size=chunk_size)
+    engine = make_engine(model, context_length, batch_size, chunk_size, prefill, reserved_rows=batch_size)
     dev = engine.device if device is None else torch.device(device)
     ids = _random_prompts(engine.model, batch_size, context_length, dev, seed)
     if warmup:
@@ -46,13 +78,61 @@ def decode_throughput(model, batch_size: int, context_length: int, new_tokens: i
     decoded = batch_size * (out.new_tokens - 1)
     return {
         "batch_size": batch_size, "context_length": context_length, "new_tokens": out.new_tokens,
-        "chunk_size": chunk_size,
+        "chunk_size": engine.chunk_size, "chunk_rule": "auto" if chunk_size == "auto" else "given",
+        "prefill_mode": engine.prefill_mode,
         "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds,
         "prefill_tokens_per_s": batch_size * context_length / out.prefill_seconds,
         "decode_tokens_per_s": decoded / out.decode_seconds if decoded else float("nan"),
         "cache_bytes_per_sequence": out.cache_bytes // batch_size,
         "peak_memory_bytes": _peak_memory(dev),
     }
+
+
+@torch.inference_mode()
+def prefill_throughput(model, context_length: int, batch_size: int = 1, chunk_size: int | str | None = "auto",
+                       prefill: str | None = None, repeats: int = 3, seed: int = 0,
+                       return_logits: bool = False) -> dict:
+    """Prefill of `batch_size` random prompts of `context_length` tokens through the engine, what the benchmarks
+    time as prefill: one untimed run first (kernels compile and autotune; a static prefill warms up and captures
+    its passes), then `repeats` timed runs into the engine's cache (reset each time); the median counts.
+
+    `chunk_size`: tokens per pass, None (one pass) or "auto" (default, `auto_chunk_size` next to the cache);
+    `prefill`: see the module docstring.
+
+    Returns `prefill_tokens_per_s` (batch * context / median seconds), `prefill_seconds` and every run's,
+    the chunk size and rule, the prefill mode, `peak_memory_bytes` over the timed runs, and with `return_logits`
+    the last run's last-position logits (`last_logits`, a tensor).
+    """
+    from jetnas.engine.engine import _sync
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    engine = make_engine(model, context_length, batch_size, chunk_size, prefill, reserved_rows=batch_size)
+    dev = engine.device
+    ids = _random_prompts(engine.model, batch_size, context_length, dev, seed)
+    if engine.prefill_mode == "static":
+        engine.prefiller_for(engine.cache_for(batch_size, context_length), ids)  # untimed: warm-up pass, capture
+    else:
+        engine.prefill(ids)  # untimed: kernels compile and autotune
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    runs = []
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        logits = engine.prefill(ids)
+        _sync(dev)
+        runs.append(time.perf_counter() - start)
+    seconds = statistics.median(runs)
+    out = {"batch_size": batch_size, "context_length": context_length, "chunk_size": engine.chunk_size,
+           "chunk_rule": "auto" if chunk_size == "auto" else "given", "prefill_mode": engine.prefill_mode,
+           "prefill_seconds": seconds, "prefill_seconds_runs": runs,
+           "prefill_tokens_per_s": batch_size * context_length / seconds,
+           "cache_bytes": engine.cache.nbytes(), "peak_memory_bytes": _peak_memory(dev)}
+    if return_logits:
+        out["last_logits"] = logits
+    return out
 
 
 def free_memory(device) -> int | None:
@@ -122,6 +202,58 @@ def largest_batch(model, context_length: int, new_tokens: int, device=None, cap:
     return min(cap, b - b % 8 if b >= 8 else b)
 
 
+def auto_chunk_size(model, context_length: int, batch_size: int = 1, device=None, free_bytes: int | None = None,
+                    reserved_bytes: int = 0, fraction: float = 0.8, minimum: int = 512) -> int:
+    """The largest prefill chunk predicted to fit: the whole prompt when it does, else the largest power of two
+    below it (and at least `minimum`) whose pass's activations (`jetnas.bench.costs.prefill_chunk_bytes`, with the
+    flash kernels of CUDA) take at most `fraction` of the memory left next to the weights (already allocated) and
+    the cache (`reserved_bytes`, when not allocated yet). Fewer, larger passes: fewer launches, larger GEMMs, and
+    full attention runs causal over its own keys instead of a chunk after cached ones.
+
+    Args:
+        model: a jetnas model.
+        context_length: prompt tokens per row.
+        batch_size: rows prefilled together.
+        device: where free memory is read (`free_memory`); default the model's. Ignored with `free_bytes`.
+        free_bytes: free memory to predict from instead of measuring it (tests, what-if questions).
+        reserved_bytes: memory that the run will still allocate besides the pass (the prefill's cache).
+        fraction: share of the remaining memory a pass may take (default 0.8: the allocator's slack and the GEMM
+            and attention workspaces, which the rule does not count).
+        minimum: the smallest chunk considered (default 512).
+
+    Raises `ValueError` when the free memory is unknown, or when not even a `minimum` chunk fits, with the
+    numbers."""
+    from jetnas.bench.costs import prefill_chunk_bytes
+
+    if context_length < 1 or batch_size < 1 or minimum < 1:
+        raise ValueError(f"context_length, batch_size and minimum must be >= 1, got {context_length}, {batch_size}, "
+                         f"{minimum}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if device is None:
+        device = next(model.parameters()).device
+    if free_bytes is None:
+        free_bytes = free_memory(device)
+        if free_bytes is None:
+            raise ValueError(f"the free memory of device {device} is unknown: give the chunk size explicitly")
+    budget = fraction * (free_bytes - reserved_bytes)
+    flash = torch.device(device).type == "cuda"
+    candidates = [context_length]
+    c = 1 << (context_length - 1).bit_length() - 1 if context_length > 1 else 1
+    while c >= minimum:
+        if c < context_length:
+            candidates.append(c)
+        c //= 2
+    for chunk in candidates:
+        if prefill_chunk_bytes(model, chunk, batch_size, context_length, flash=flash) <= budget:
+            return chunk
+    smallest = candidates[-1]
+    need = prefill_chunk_bytes(model, smallest, batch_size, context_length, flash=flash)
+    raise ValueError(f"not even a prefill chunk of {smallest} tokens fits: its activations need {need} bytes, "
+                     f"{fraction} of the free {free_bytes} bytes less {reserved_bytes} reserved for the cache is "
+                     f"{int(budget)}")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether `err` is the allocator running out of memory: CUDA raises torch.OutOfMemoryError; the CPU allocator
     a RuntimeError "... can't allocate memory ..."."""
@@ -150,13 +282,16 @@ def halving_on_oom(run: Callable[[int], dict], batch: int, device, halve: bool =
 
 @torch.inference_mode()
 def replicated_decode_throughput(model, batch_size: int, context_length: int, new_tokens: int = 32,
-                                 chunk_size: int | None = None, device=None, warmup: bool = True,
-                                 seed: int = 0, prefill_repeats: int = 0) -> dict:
+                                 chunk_size: int | str | None = None, device=None, warmup: bool = True,
+                                 seed: int = 0, prefill_repeats: int = 0, prefill: str | None = None) -> dict:
     """The protocol of `benchmarks/engine_h100.py`: one random prompt of `context_length` tokens is prefilled once
     and its cache copied into all `batch_size` rows (`Engine.generate_replicated`), then `new_tokens` are decoded
     greedily (no early stop). A decode step reads every row's cache whatever it holds, so decoding costs what
     `batch_size` different prompts cost, without prefilling them all. A warm-up run (one row, the first two chunks
-    of the prompt, 2 tokens) comes first so kernel compilation and autotuning are not timed.
+    of the prompt, 2 tokens) comes first so kernel compilation and autotuning are not timed; a static prefill
+    (`prefill`, see the module docstring) warms up and captures its passes untimed before each timed prefill
+    instead. `chunk_size`: tokens per prefill pass, None (one pass) or "auto" (`auto_chunk_size` next to the one
+    row's cache: the batch's is allocated after the prefill).
 
     Returns `decode_tokens_per_s` (batch * decoded tokens after the first / decode time), `prefill_tokens_per_s`
     of the one prompt (context_length / prefill time), `cache_bytes_per_sequence` (allocated batch cache / batch),
@@ -166,27 +301,29 @@ def replicated_decode_throughput(model, batch_size: int, context_length: int, ne
     `prefill_seconds` is the median of all its timings (listed in `prefill_seconds_runs`), so that one slow pass
     does not set it.
     """
-    from jetnas.engine import Engine
     from jetnas.engine.engine import _sync
 
     if prefill_repeats < 0:
         raise ValueError(f"prefill_repeats must be >= 0, got {prefill_repeats}")
     if device is not None:  # the signature of `decode_throughput`; the engine runs where the model is
         model = model.to(device)
-    engine = Engine(model, chunk_size=chunk_size)
+    engine = make_engine(model, context_length, 1, chunk_size, prefill, reserved_rows=1)
     dev = engine.device
     prompt = _random_prompts(engine.model, 1, context_length, dev, seed)
-    if warmup:
-        # two chunks: the first chunk's kernels and those of a chunk after a filled cache
+    if warmup and engine.prefill_mode == "forward":
+        # two chunks: the first chunk's kernels and those of a chunk after a filled cache (a static prefill warms
+        # up every pass of the prompt's shape when it is prepared)
         engine.generate_replicated(prompt[:, :2 * (engine.chunk_size or context_length)], 1, max_new_tokens=2)
     runs = []
+    if prefill_repeats:
+        engine.prefiller_for(engine.cache_for(1, context_length), prompt)  # static: prepared here, untimed
     for _ in range(prefill_repeats):
         _sync(dev)
         start = time.perf_counter()
         engine.prefill(prompt)
         _sync(dev)
         runs.append(time.perf_counter() - start)
-    engine.cache = None  # the batch-1 cache, before the batch's is allocated
+    engine.release()  # the batch-1 cache and its passes, before the batch's cache is allocated
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -197,7 +334,8 @@ def replicated_decode_throughput(model, batch_size: int, context_length: int, ne
     return {
         "protocol": "replicated-prompt",
         "batch_size": batch_size, "context_length": context_length, "new_tokens": out.new_tokens,
-        "chunk_size": chunk_size, "prefill_batch_size": 1,
+        "chunk_size": engine.chunk_size, "chunk_rule": "auto" if chunk_size == "auto" else "given",
+        "prefill_mode": engine.prefill_mode, "prefill_batch_size": 1,
         "prefill_seconds": prefill, "prefill_seconds_runs": runs, "decode_seconds": out.decode_seconds,
         "prefill_tokens_per_s": context_length / prefill,
         "decode_tokens_per_s": decoded / out.decode_seconds if decoded else float("nan"),

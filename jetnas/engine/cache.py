@@ -11,12 +11,24 @@ A `StaticCache` holds one layer object per model layer and plugs into `JetNemotr
   interface; each buffer is allocated by the first write (its shape is the block's own) and copied into afterwards.
 
 In-place updates keep tensor addresses fixed from one decode step to the next, which is what a captured CUDA graph
-needs; they also make the memory a run takes known up front (`nbytes`).
+needs; they also make the memory a run takes known up front (`nbytes`). Besides its buffers a cache keeps Python
+counters (tokens seen per layer, which linear states exist): `counters()` / `restore()` save and set them, since a
+replayed graph advances the buffers but not the Python state (`jetnas.engine.prefill`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class CacheCounters(NamedTuple):
+    """The Python state of a `StaticCache` (no tensors): tokens seen, and per layer its token count (attention) or
+    the initialised flags of its conv and recurrent slots (linear)."""
+
+    seen_tokens: int
+    layers: tuple
 
 
 class _KVBuffers:
@@ -177,6 +189,42 @@ class StaticCache:
         for layer in self.layers:
             layer.reset()
         self.jetnas_seen_tokens = 0
+
+    def counters(self) -> CacheCounters:
+        """The cache's Python state now (what a forward pass advances besides the buffers)."""
+        layers = []
+        for layer in self.layers:
+            if isinstance(layer, _KVBuffers):
+                layers.append(layer.seq_length)
+            else:
+                layers.append((dict(layer.is_conv_states_initialized), dict(layer.is_recurrent_states_initialized)))
+        return CacheCounters(self.jetnas_seen_tokens, tuple(layers))
+
+    def restore(self, counters: CacheCounters) -> None:
+        """Set the Python state saved by `counters()` (the buffers are left as they are)."""
+        if len(counters.layers) != len(self.layers):
+            raise ValueError(f"counters of {len(counters.layers)} layers given to a cache of {len(self.layers)}")
+        for layer, saved in zip(self.layers, counters.layers):
+            if isinstance(layer, _KVBuffers):
+                layer.seq_length = saved
+            else:
+                layer.is_conv_states_initialized.update(saved[0])
+                layer.is_recurrent_states_initialized.update(saved[1])
+        self.jetnas_seen_tokens = counters.seen_tokens
+
+    def buffer_addresses(self) -> dict[str, int]:
+        """Every buffer of the cache by a name that says where it lives, with its address: what a captured graph
+        reads and writes, so a moved buffer (a state reallocated at another shape or dtype) can be named."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, _KVBuffers):
+                out.update({f"layer {i} keys": layer.keys.data_ptr(), f"layer {i} values": layer.values.data_ptr()})
+            else:
+                for kind in ("conv_states", "recurrent_states"):
+                    for slot, t in getattr(layer, kind).items():
+                        if t is not None:
+                            out[f"layer {i} {kind}[{slot}]"] = t.data_ptr()
+        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.jetnas_seen_tokens

@@ -7,7 +7,12 @@
 It runs the model's own forward over a `StaticCache` (allocated once per batch size and length, updated in place),
 so every block type and the kernel backends the layers chose are used as they are. Prompts are left-padded;
 greedy decoding gives exactly the tokens of `model.generate()` (tested for every block type). Timings synchronise
-the device before reading the clock.
+the device before reading the clock; preparing a captured step or prefill (warm-up, capture) is not timed.
+
+Prefill modes: "forward" runs the model's forward per chunk; "static" runs the same passes at fixed shapes,
+captured once per batch size and prompt length in CUDA graphs (`jetnas.engine.prefill`), which pays when Python's
+kernel launches, not the GPU, bound a prefill (small models, short prompts). Prompts with left padding always take
+the forward path.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from jetnas.engine.cache import StaticCache
+from jetnas.engine.prefill import StaticPrefill, chunk_bounds
 from jetnas.models.convert import as_jetnas
 
 
@@ -56,6 +62,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 DECODE_MODES = ("static", "forward")
+PREFILL_MODES = ("forward", "static")
 
 
 class Engine:
@@ -67,24 +74,31 @@ class Engine:
             activation memory of long prompts, which leaves room for a larger batch.
         decode: "static" (default): the fixed-address step of `jetnas.engine.graph`, captured in a CUDA graph on
             GPU; "forward": the model's own forward per token (the readable reference the tests compare with).
+        prefill: "forward" (default): the model's forward per chunk; "static": the same chunk passes at fixed
+            shapes (`jetnas.engine.prefill.StaticPrefill`), captured in CUDA graphs on GPU once per batch size and
+            prompt length (a new length costs a warm-up prefill and a capture, untimed) and kept while the engine's
+            cache is; prompts with left padding take the forward path.
     """
 
-    def __init__(self, model, chunk_size: int | None = None, decode: str = "static"):
+    def __init__(self, model, chunk_size: int | None = None, decode: str = "static", prefill: str = "forward"):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         self.model = as_jetnas(model).eval()
-        self.chunk_size, self.decode = chunk_size, decode
+        self.chunk_size, self.decode, self.prefill_mode = chunk_size, decode, prefill
         self.device = next(self.model.parameters()).device
         self.cache = None
         self.decoder = None
+        self.prefiller: StaticPrefill | None = None
 
     def cache_for(self, batch_size: int, max_length: int):
         """The engine's cache for this batch size and length: reused (reset) when it fits, else allocated."""
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_length < max_length:
-            self.cache = None  # free the old buffers before allocating new ones
+            self.release()  # free the old buffers (and what was captured over them) before allocating new ones
             self.cache = StaticCache(self.model, batch_size, max_length, device=self.device)
         else:
             c.reset()
@@ -99,6 +113,25 @@ class Engine:
             self.decoder = StaticDecoder(self.model, cache)
             self.decoder.prepare()
         return self.decoder
+
+    def release(self) -> None:
+        """Drop the engine's cache and the decode step and prefill passes captured over it (their memory is freed
+        once nothing else holds them)."""
+        self.prefiller = self.decoder = self.cache = None
+
+    def prefiller_for(self, cache: StaticCache, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> StaticPrefill | None:
+        """The static prefill of these prompts' shape into `cache`, prepared (on CUDA captured) once and kept until
+        the next shape or cache; None when the engine's prefill mode is "forward" or a prompt has padding."""
+        if self.prefill_mode != "static" or (attention_mask is not None and not bool(attention_mask.all())):
+            return None
+        B, T = input_ids.shape
+        p = self.prefiller
+        if p is None or p.cache is not cache or (p.batch_size, p.length, p.chunk_size) != (B, T, self.chunk_size):
+            self.prefiller = None  # free the old passes' memory pool before capturing new ones
+            self.prefiller = StaticPrefill(self.model, cache, B, T, self.chunk_size)
+            self.prefiller.prepare()
+        return self.prefiller
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -119,6 +152,7 @@ class Engine:
             raise ValueError(f"attention_mask {list(mask.shape)} must match input_ids {list(input_ids.shape)}")
         cache = self.cache_for(B, T + max_new_tokens)
         decoder = self.decoder_for(cache) if self.decode == "static" else None
+        self.prefiller_for(cache, input_ids, mask)  # prepared (captured) here, before the clock starts
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -139,17 +173,21 @@ class Engine:
                 cache: StaticCache | None = None) -> torch.Tensor:
         """Fill `cache` with left-padded prompts `input_ids [B, T]`, `chunk_size` tokens per pass, and return the
         last position's logits `[B, V]`. `cache` (empty, holding at least `T` positions for `B` rows) defaults to
-        the engine's own for this batch and length, reset. What `generate` times as its prefill, without sampling."""
+        the engine's own for this batch and length, reset. What `generate` times as its prefill, without sampling.
+        In "static" mode, prompts without padding run the captured passes (prepared on the first call of a shape)."""
         input_ids = input_ids.to(self.device)
-        mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).long()
         if cache is None:
             cache = self.cache_for(*input_ids.shape)
-        T = input_ids.shape[1]
-        chunk = self.chunk_size or T
-        for begin in range(0, T, chunk):
-            end = min(begin + chunk, T)
-            logits = self.model(input_ids[:, begin:end], attention_mask=mask[:, :end], past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
+        # one host read per prefill: without padding no layer needs the mask (the forward then counts positions
+        # from the cache, as the mask would), so no layer reads it on the host for every chunk
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        static = self.prefiller_for(cache, input_ids, attention_mask if padded else None)
+        if static is not None:
+            return static.run(input_ids)
+        mask = attention_mask.to(self.device).long() if padded else None
+        for begin, end in chunk_bounds(input_ids.shape[1], self.chunk_size):
+            logits = self.model(input_ids[:, begin:end], attention_mask=None if mask is None else mask[:, :end],
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         return logits
 
     def _decode(self, input_ids, mask, token, cache, decoder, max_new_tokens, prefill_seconds, temperature=0.0,
@@ -194,12 +232,15 @@ class Engine:
         prompt = prompt.to(self.device)
         mask = torch.ones_like(prompt)
         single = StaticCache(self.model, 1, T, device=self.device)
+        self.prefiller_for(single, prompt)  # prepared (captured) before the clock starts
         _sync(self.device)
         start = time.perf_counter()
         logits = self.prefill(prompt, mask, single)
         token = sample_next(logits)
         _sync(self.device)
         prefill_seconds = time.perf_counter() - start
+        if self.prefiller is not None and self.prefiller.cache is single:
+            self.prefiller = None  # its passes' memory, before the batch's cache is allocated
         cache = self.cache_for(batch_size, T + max_new_tokens)
         decoder = self.decoder_for(cache) if self.decode == "static" else None
         cache.fill_from(single)

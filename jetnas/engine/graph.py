@@ -49,19 +49,6 @@ class StaticDecoder:
         self.graph = None
         self._addresses: dict[str, int] = {}
 
-    def _buffer_addresses(self) -> dict[str, int]:
-        """Every cache buffer the captured step reads or writes, by a name that says where it lives."""
-        out = {}
-        for i, state in enumerate(self.cache.layers):
-            if isinstance(state, (StaticKV, WindowKV)):
-                out.update({f"layer {i} keys": state.keys.data_ptr(), f"layer {i} values": state.values.data_ptr()})
-            else:
-                for kind in ("conv_states", "recurrent_states"):
-                    for slot, t in getattr(state, kind).items():
-                        if t is not None:
-                            out[f"layer {i} {kind}[{slot}]"] = t.data_ptr()
-        return out
-
     # -- the step ---------------------------------------------------------------------------------------------
 
     def _attend(self, i: int, attn: Attention, x: torch.Tensor, cos, sin, where: dict) -> torch.Tensor:
@@ -120,12 +107,12 @@ class StaticDecoder:
                 self.logits = self._step()
         else:
             self._step()
-        self._addresses = self._buffer_addresses()
+        self._addresses = self.cache.buffer_addresses()
         self.cache.reset()
 
     def begin(self, attention_mask: torch.Tensor) -> None:
         """After the prefill of left-padded prompts with this `[B, T]` mask: the next step decodes column T."""
-        moved = [name for name, ptr in self._buffer_addresses().items() if self._addresses.get(name) != ptr]
+        moved = [name for name, ptr in self.cache.buffer_addresses().items() if self._addresses.get(name) != ptr]
         if moved:  # a captured step would read the stale buffer: wrong tokens with no error
             raise RuntimeError(f"the prefill reallocated cache buffers the decode step was prepared with: "
                                f"{', '.join(moved)} (a layer's state changed shape or dtype between prepare() and "

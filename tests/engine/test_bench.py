@@ -147,3 +147,74 @@ def test_bench_cli_auto_batch_uses_the_replicated_protocol_and_halves_on_oom(tmp
     with pytest.raises(torch.OutOfMemoryError):
         main(["bench", "--model", str(tmp_path / "m"), "--context", "24", "--batch", "4", "--new-tokens", "3",
               "--out-dir", str(out), "--device", "cpu"])
+
+
+def test_prefill_chunk_bytes_by_hand():
+    from jetnas.bench.costs import prefill_chunk_bytes
+
+    # tiny_config, fp32 (4 bytes): D 32, I 64, vocab 97; attention: 4 heads x 8, 2 KV heads: q 32, k 16, v 16, o 32
+    model = make_model(["attn", "swa"])
+    C, B = 10, 3
+    residual, mlp, head = 4 * 32 * C * 4, 3 * 64 * C * 4, 4 * 97
+    attn = 2 * (32 + 16 + 16 + 32) * C * 4  # 192 elements per token, as many as the MLP's 3 x 64
+    assert prefill_chunk_bytes(model, C, B) == B * (residual + max(mlp, attn) + head)
+    # a chunk after cached keys: K and V repeated over the 4 query heads at the full key length (attn only)
+    repeated = 2 * 4 * 8 * 40 * 4
+    assert prefill_chunk_bytes(model, C, B, 40) == B * (residual + attn + repeated + head)
+    # without flash kernels the scores and mask of one layer: 4 heads x C x 40 keys (attn; swa sees 3 x 5)
+    scores = 4 * C * 40 * 4 + C * 40
+    assert prefill_chunk_bytes(model, C, B, 40, flash=False) == B * (residual + attn + repeated + scores + head)
+    # a linear block adds its chunk states (one recurrent state per 64 tokens) to its projections
+    jet = make_model(["jet"])
+    mixer = jet.model.layers[0].self_attn
+    outs = sum(m.out_features for m in mixer.modules() if isinstance(m, torch.nn.Linear))
+    want = 2 * outs * 128 * 4 + mixer.cache_bytes(1, dtype=torch.float32, state_dtype=torch.float32) * 2
+    assert prefill_chunk_bytes(jet, 128) == residual // C * 128 + max(want, mlp // C * 128) + head
+    with pytest.raises(ValueError, match=r"context_length \(5\) must be >= chunk_size \(10\)"):
+        prefill_chunk_bytes(model, 10, 1, 5)
+
+
+def test_auto_chunk_size_from_fake_free_memory():
+    from jetnas.bench.costs import prefill_chunk_bytes
+
+    model = make_model(["attn", "gdn", "swa"])
+    T = 5000
+    need = {c: prefill_chunk_bytes(model, c, 1, T, flash=False) for c in (T, 4096, 2048, 1024, 512)}
+    # the whole prompt when it fits in 0.8 of the free memory
+    assert measure.auto_chunk_size(model, T, free_bytes=int(need[T] / 0.8) + 1) == T
+    # else the largest power of two below the prompt that fits
+    assert measure.auto_chunk_size(model, T, free_bytes=int(need[4096] / 0.8) + 1) == 4096
+    assert measure.auto_chunk_size(model, T, free_bytes=int(need[1024] / 0.8) + 1) == 1024
+    # the cache still to be allocated is taken off first; a smaller fraction asks for more memory
+    assert measure.auto_chunk_size(model, T, free_bytes=int(need[T] / 0.8) + 1, reserved_bytes=need[T] // 2) < T
+    assert measure.auto_chunk_size(model, T, free_bytes=int(need[T] / 0.5) + 1, fraction=0.5) == T
+    # more rows, smaller chunks; a prompt shorter than the minimum is one pass
+    assert measure.auto_chunk_size(model, T, 4, free_bytes=int(need[4096] / 0.8) + 1) < 4096
+    assert measure.auto_chunk_size(model, 300, free_bytes=1 << 30) == 300
+    with pytest.raises(ValueError, match=r"not even a prefill chunk of 512 tokens fits: its activations need "
+                                         rf"{need[512]} bytes"):
+        measure.auto_chunk_size(model, T, free_bytes=need[512])
+    with pytest.raises(ValueError, match="fraction must be in"):
+        measure.auto_chunk_size(model, T, free_bytes=1 << 30, fraction=0)
+
+
+def test_measurements_resolve_auto_chunks_and_record_the_prefill_mode(monkeypatch):
+    model = make_model(["attn", "jet", "swa", "gdn"])
+    # CPU: the forward prefill unless asked; "auto" reads the free memory (faked: room for 16-token chunks only)
+    from jetnas.bench.costs import prefill_chunk_bytes
+
+    one_row_cache = model.cache_bytes(40, dtype=torch.float32)  # reserved: allocated after the chunk is chosen
+    free = int(prefill_chunk_bytes(model, 16, 1, 40, flash=False) / 0.8) + 1 + one_row_cache
+    monkeypatch.setattr(measure, "free_memory", lambda device: free)
+    monkeypatch.setattr(measure, "auto_chunk_size",
+                        lambda *a, _f=measure.auto_chunk_size, **k: _f(*a, **{**k, "minimum": 8}))
+    row = measure.replicated_decode_throughput(model, 2, 40, new_tokens=3, chunk_size="auto", prefill_repeats=1)
+    assert (row["chunk_size"], row["chunk_rule"], row["prefill_mode"]) == (16, "auto", "forward")
+    static = measure.replicated_decode_throughput(model, 2, 40, new_tokens=3, chunk_size=16, prefill="static",
+                                                  prefill_repeats=1)
+    assert static["prefill_mode"] == "static" and len(static["prefill_seconds_runs"]) == 2
+    assert measure.prefill_mode("cuda") == "static" and measure.prefill_mode("cpu") == "forward"
+    row = measure.decode_throughput(model, 2, 24, new_tokens=3, chunk_size=8, prefill="static")
+    assert row["prefill_mode"] == "static" and row["chunk_size"] == 8
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, None or 'auto', got 'big'"):
+        measure.replicated_decode_throughput(model, 2, 40, chunk_size="big")
