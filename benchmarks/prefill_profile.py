@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import jetnas  # noqa: F401
+from jetnas.bench.costs import matmul_rate
 from jetnas.engine import Engine
 from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
 from jetnas.models.presets import preset_config
@@ -98,18 +99,6 @@ def last_logits(engine: Engine, prompt: torch.Tensor) -> torch.Tensor:
     return engine.prefill(prompt, torch.ones_like(prompt), cache).float()
 
 
-def gemm_tflops() -> float:
-    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -139,7 +128,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
               "block_types": args.block_types or "as the model's",
               "context": args.context, "non_embedding_params": non_embedding, "chunks": {}}
-    tflops = gemm_tflops()
+    tflops = matmul_rate(DEV) / 1e12
     report["gemm_TFLOPs"] = tflops
     report["gemm_bound_tok_s"] = tflops * 1e12 / (2 * non_embedding)
     log(f"GEMM {tflops:.0f} TFLOP/s -> weights-only bound {report['gemm_bound_tok_s']:.0f} tok/s")

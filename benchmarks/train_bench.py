@@ -114,6 +114,8 @@ def random_teacher_dir(target: Path, tokenizer_from: str | None, seed: int = 0) 
 
 
 def gemm_tflops(device: torch.device) -> float:
+    """The bf16 rate of an 8192^3 product in TFLOP/s (as `jetnas.bench.costs.matmul_rate`, written out here so that
+    this script runs against checkouts older than that function)."""
     if device.type != "cuda":
         return float("nan")
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)

@@ -324,3 +324,25 @@ def parse_block_config(value: str | Mapping | None, flag: str = "--block-config"
         return None
     parsed = parse_json(value, flag) if isinstance(value, str) else value
     return check_block_config(parsed, flag)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The documents of a text file: each row's "text" string of a `.jsonl(.gz)`, or the whole of any other file.
+    Raises `InputError` naming the file (and line) for a row without a "text" string or a file with no text."""
+    path = Path(path)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        texts = []
+        for lineno, row in iter_jsonl(path):
+            if not isinstance(row.get("text"), str):
+                what = f"text={show(row['text'])} is not a string" if "text" in row else \
+                    f"no \"text\" field (its fields: {', '.join(sorted(row)) or 'none'})"
+                raise InputError(f"{path} line {lineno}: {what}")
+            texts.append(row["text"])
+    else:
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a token file must end in .bin") from None
+    if not any(t.strip() for t in texts):
+        raise InputError(f"{path}: holds no text")
+    return texts

@@ -10,8 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from jetnas.cli import main
 from jetnas.models.hf_compat import load_pretrained
@@ -25,7 +23,7 @@ from jetnas.validation import (
     read_json,
     read_model_config,
 )
-from tests.utils import _CORPUS, tiny_tokenizer
+from tests.utils import _CORPUS, save_tiny_llama, tiny_tokenizer
 
 L = 4
 
@@ -34,13 +32,7 @@ L = 4
 def workspace(tmp_path_factory):
     """A tiny Llama teacher on disk (as tests/train/test_stages.py builds it), a text file, a private data cache."""
     root = tmp_path_factory.mktemp("validation")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_tiny_llama(root / "teacher", num_layers=L)
     (root / "train.txt").write_text(_CORPUS * 20)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JETNAS_CACHE", str(root / "cache"))

@@ -78,3 +78,18 @@ def tiny_lm(block_types=("attn", "jet"), seed: int = 0, **lm_kwargs):
     torch.manual_seed(seed)
     model = JetNemotronForCausalLM(tiny_config(list(block_types), vocab_size=len(tok))).eval()
     return LanguageModel.from_hf(model, tok, **{"max_length": 512, "batch_size": 4, **lm_kwargs}), model
+
+
+def save_tiny_llama(target, num_layers: int = 4, seed: int = 0):
+    """A tiny Llama teacher with the tiny tokenizer, saved as a model directory at `target` (what `jetnas train
+    --teacher DIR` and the stages load); returns `target`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(target)
+    tok.save_pretrained(target)
+    return target

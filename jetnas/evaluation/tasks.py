@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from jetnas.evaluation.scoring import LanguageModel, Score, score_continuations, token_nll
-from jetnas.validation import InputError, check_token_ids, iter_jsonl, open_token_file, show
+from jetnas.validation import InputError, check_token_ids, iter_jsonl, open_token_file, read_texts, show
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -227,18 +227,7 @@ def read_tokens(path: str | Path, lm: LanguageModel, max_tokens: int | None) -> 
         if lm.vocab_size is not None:
             check_token_ids(data[:n], lm.vocab_size, str(path))
         return torch.from_numpy(np.asarray(data[:n], dtype=np.int64)), None
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        texts = []
-        for lineno, row in _numbered_rows(path):
-            if not isinstance(row.get("text"), str):
-                what = f"text={show(row['text'])}" if "text" in row else "no 'text' field"
-                raise InputError(f"{path} line {lineno}: {what}: perplexity rows need a \"text\" string")
-            texts.append(row["text"])
-    else:
-        try:
-            texts = [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError as err:
-            raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a token file must end in .bin") from None
+    texts = read_texts(path)
     ids, used = [], 0
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     for text in texts:

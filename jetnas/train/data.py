@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jetnas.files import build_lock, temp_sibling, write_text_atomic
-from jetnas.validation import InputError, iter_jsonl, open_token_file, show
+from jetnas.validation import InputError, open_token_file, read_texts
 
 SEED_PROMPTS = ["", "The", "In", "A", "Once upon a time,", "The history of", "Scientists have", "In the year",
                 "How to", "One of the most", "The city of", "Many people believe that"]
@@ -130,27 +130,6 @@ def _cache_dir() -> Path:
 
 def _tokenizer_key(tokenizer) -> str:
     return f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
-
-
-def read_texts(path: Path) -> list[str]:
-    """The documents of a text file: each row's "text" string of a `.jsonl(.gz)`, or the whole of any other file.
-    Raises `InputError` naming the file (and line) for a row without a "text" string or a file with no text."""
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        texts = []
-        for lineno, row in iter_jsonl(path):
-            if not isinstance(row.get("text"), str):
-                what = f"text={show(row['text'])} is not a string" if "text" in row else \
-                    f"no \"text\" field (its fields: {', '.join(sorted(row)) or 'none'})"
-                raise InputError(f"{path} line {lineno}: {what}")
-            texts.append(row["text"])
-    else:
-        try:
-            texts = [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError as err:
-            raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a token file must end in .bin") from None
-    if not any(t.strip() for t in texts):
-        raise InputError(f"{path}: holds no text")
-    return texts
 
 
 def tokenize_files(paths: list[Path], tokenizer, eos_id: int) -> TokenStream:

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from jetnas.cli import main
-from tests.utils import _CORPUS, tiny_tokenizer
+from tests.utils import _CORPUS, save_tiny_llama
 
 L = 4
 
@@ -15,13 +14,7 @@ L = 4
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tiny_llama(out, num_layers=L)
     return out
 
 

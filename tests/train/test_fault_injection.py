@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.utils import _CORPUS, tiny_tokenizer
+from tests.utils import _CORPUS, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = 24
@@ -24,13 +23,7 @@ SEED = 17
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_tiny_llama(root / "teacher", num_layers=4)
     (root / "train.txt").write_text(_CORPUS * 20)
     return root
 

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jetnas.cli import main
 from jetnas.train.data import TokenStream, WindowBatcher
 from jetnas.train.mixture import Mixture, MixtureBatcher, Source, parse_mixture, resolve_mixture
 from jetnas.train.stages import StageConfig, load_stage_teacher, set_trainable, train_stage
 from jetnas.train.trainer import TrainConfig, Trainer
-from tests.utils import _CORPUS, rel_err, tiny_tokenizer
+from tests.utils import _CORPUS, rel_err, save_tiny_llama, tiny_tokenizer
 
 L = 4
 
@@ -24,13 +24,7 @@ L = 4
 def workspace(tmp_path_factory):
     """A tiny Llama teacher (with tokenizer) on disk, a text file and a token file, and a private data cache."""
     root = tmp_path_factory.mktemp("stages")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_tiny_llama(root / "teacher", num_layers=L)
     (root / "train.txt").write_text(_CORPUS * 20)
     # a second source with a pattern a model learns in a few steps
     (np.arange(6000) % 7 + 10).astype("<u2").tofile(root / "pattern.bin")
@@ -339,7 +333,7 @@ def test_stage1_alignment_phase_runs_first_and_starts_stage1_lower(workspace, tm
                   data=str(workspace / "train.txt"), steps=3, batch_size=2, seq_len=32, heldout_tokens=256,
                   device="cpu")
     aligned = train_stage(StageConfig(**common, align_steps=6, out_dir=str(tmp_path / "aligned")))
-    plain = train_stage(StageConfig(**common, out_dir=str(tmp_path / "plain")))
+    train_stage(StageConfig(**common, out_dir=str(tmp_path / "plain")))
     assert aligned.summary["align"]["steps"] == 6 and (tmp_path / "aligned" / "align" / "log.jsonl").exists()
     first = {name: losses(tmp_path / name)[0] for name in ("aligned", "plain")}
     assert first["aligned"] < first["plain"], first
