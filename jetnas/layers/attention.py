@@ -11,8 +11,8 @@ from torch import nn
 
 from jetnas.layers.base import KVState, TokenMixer, dtype_bytes
 from jetnas.modules.norm import RMSNorm
-from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.attention import apply_rotary, causal_attention, rotary_cos_sin
+from jetnas.ops.backend import Backend, resolve_backend
 
 
 class Attention(TokenMixer):

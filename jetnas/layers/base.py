@@ -111,6 +111,20 @@ def padding_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | 
     return None if bool(mask.all()) else mask
 
 
+def begin_linear(x: torch.Tensor, state: RecurrentState | None, attention_mask: torch.Tensor | None,
+                 use_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None, RecurrentState | None, bool]:
+    """What every linear block does first with its input `x [B, T, D]`: padded tokens (`attention_mask` 0) become
+    zeros, so they feed nothing into a short convolution or a token shift (what else a block does with the mask,
+    no write and no decay, is its own); a fresh `RecurrentState` when caching without one; and whether this call
+    is a one-token decode step. Returns `(x, mask [B, T] or None, state, step)`."""
+    mask = padding_mask(attention_mask, x.shape[1])
+    if mask is not None:
+        x = x * mask[..., None].to(x.dtype)
+    if state is None and use_cache:
+        state = RecurrentState()
+    return x, mask, state, state is not None and x.shape[1] == 1
+
+
 class TokenMixer(nn.Module, ABC):
     """Base class of every block that can fill a layer's attention slot (see the module docstring)."""
 

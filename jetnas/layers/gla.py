@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetnas.layers.base import (
-    RecurrentState,
     TokenMixer,
+    begin_linear,
     dtype_bytes,
     gla_recurrence,
     inherit_qkvo,
-    padding_mask,
     upcast,
 )
 from jetnas.modules.norm import GatedRMSNorm
@@ -63,12 +62,7 @@ class GatedLinearAttention(TokenMixer):
         x = hidden_states
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        mask = padding_mask(attention_mask, T)
-        if mask is not None:
-            x = x * mask[..., None].to(x.dtype)
-        if state is None and use_cache:
-            state = RecurrentState()
-        step = state is not None and T == 1
+        x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, V)

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jetnas.layers.base import RecurrentState, TokenMixer, dtype_bytes, inherit_qkvo, padding_mask, upcast, updatable
+from jetnas.layers.base import (
+    RecurrentState,
+    TokenMixer,
+    begin_linear,
+    dtype_bytes,
+    inherit_qkvo,
+    upcast,
+    updatable,
+)
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import Backend, resolve_backend
@@ -172,13 +180,8 @@ class JetBlock(TokenMixer):
         x = hidden_states
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        mask = padding_mask(attention_mask, T)
-        if mask is not None:
-            # padded tokens become zeros: no conv input, and below no write (beta = 0) and no decay (g = 0)
-            x = x * mask[..., None].to(x.dtype)
-        if state is None and use_cache:
-            state = RecurrentState()
-        step = state is not None and T == 1
+        # padded tokens become zeros: no conv input, and below no write (beta = 0) and no decay (g = 0)
+        x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
 
         q = self._mix("q", self.q_proj(x), x, state, step).view(B, T, H, K)
         k = self._mix("k", self.k_proj(x), x, state, step).view(B, T, H, K)

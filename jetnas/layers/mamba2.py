@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetnas.layers.base import (
-    RecurrentState,
     TokenMixer,
     attention_head_weights,
+    begin_linear,
     dtype_bytes,
     gla_recurrence,
-    padding_mask,
     upcast,
 )
 from jetnas.layers.jet import initial_dt_bias
@@ -79,12 +78,7 @@ class Mamba2(TokenMixer):
         x = hidden_states
         Bsz, T, _ = x.shape
         H, P, N, G = self.num_heads, self.head_dim, self.state_size, self.n_groups
-        mask = padding_mask(attention_mask, T)
-        if mask is not None:
-            x = x * mask[..., None].to(x.dtype)
-        if state is None and use_cache:
-            state = RecurrentState()
-        step = state is not None and T == 1
+        x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
         z, xBC, dt = self.in_proj(x).split([self.inner, self.inner + 2 * G * N, H], -1)
         conv_state = None if state is None else state.conv.get("xBC")
         if step:

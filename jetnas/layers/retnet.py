@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 from jetnas.layers.base import (
-    RecurrentState,
     TokenMixer,
+    begin_linear,
     dtype_bytes,
     gla_recurrence,
     inherit_qkvo,
-    padding_mask,
     upcast,
 )
 from jetnas.modules.norm import GatedRMSNorm
@@ -68,12 +67,7 @@ class MultiScaleRetention(TokenMixer):
         x = hidden_states
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        mask = padding_mask(attention_mask, T)
-        if mask is not None:
-            x = x * mask[..., None].to(x.dtype)
-        if state is None and use_cache:
-            state = RecurrentState()
-        step = state is not None and T == 1
+        x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
         if position_ids is None:
             start = 0 if state is None else state.seq_length
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)

@@ -47,9 +47,9 @@ from jetnas.layers.base import (
     RecurrentState,
     TokenMixer,
     attention_head_weights,
+    begin_linear,
     copy_heads,
     dtype_bytes,
-    padding_mask,
     upcast,
     updatable,
 )
@@ -168,13 +168,8 @@ class RWKV7(TokenMixer):
         x = hidden_states
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        mask = padding_mask(attention_mask, T)
-        if mask is not None:
-            # padded tokens become zeros: they shift nothing into the next token and write nothing (k = v = kk = 0)
-            x = x * mask[..., None].to(x.dtype)
-        if state is None and use_cache:
-            state = RecurrentState()
-        step = state is not None and T == 1
+        # padded tokens become zeros: they shift nothing into the next token and write nothing (k = v = kk = 0)
+        x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
 
         shifted = token_shift(x, None if state is None else state.conv.get("shift"))
         delta = shifted - x
