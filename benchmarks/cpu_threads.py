@@ -1,7 +1,8 @@
 """How many CPU threads should torch use? Times small forwards at each thread count, on the box as it is and with
-busy processes competing for its cores (`--busy N`: N pure-Python spin loops, started here and stopped by pid).
+busy processes competing for its cores (`--busy N`: N competitors started here and stopped by pid: pure-Python spin
+loops, or `--competitor torch`: torch matmul loops on torch's default threads, as another training job runs).
 
-    OMP_NUM_THREADS= python benchmarks/cpu_threads.py --busy 0,1 --out benchmarks/results/DATE_cpu_threads.json
+    env -u OMP_NUM_THREADS python benchmarks/cpu_threads.py --busy 0,1 --competitor torch --out RESULT.json
 
 Workloads: a Gated DeltaNet layer's forward (the PyTorch reference: many small ops, what CPU training and the
 searches run), an MLP forward at SmolLM2-135M's width (large matmuls), and a decode-sized step (batch 1, one token:
@@ -19,6 +20,8 @@ import sys
 import time
 
 SPIN = "while True: pass"
+# another engineer's job: torch with its default threads (one per core), matmuls back to back
+TORCH_SPIN = "import torch\nx = torch.randn(512, 512)\nwhile True: x = torch.tanh(x @ x)"
 
 
 def workloads():
@@ -58,6 +61,9 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--busy", default="0,1", help="comma-separated numbers of competing spin processes")
+    parser.add_argument("--competitor", choices=("python", "torch"), default="python",
+                        help="what a busy process runs: a pure-Python loop (one core), or torch matmuls with torch's "
+                             "default threads (every core, like another training or test job)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -67,16 +73,18 @@ def main() -> None:
     work = workloads()
     rows = []
     for busy in [int(b) for b in args.busy.split(",")]:
-        spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(busy)]
+        code = SPIN if args.competitor == "python" else TORCH_SPIN
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        spinners = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(busy)]
         try:
-            time.sleep(1.0 if busy else 0.0)
+            time.sleep(3.0 if busy else 0.0)  # the competitors start (torch's import takes seconds)
             for name, fn in work.items():
                 for threads in range(1, cores + 1):
                     torch.set_num_threads(threads)
                     seconds = timed(fn, args.repeats)
                     load = os.getloadavg()[0]
-                    rows.append({"busy": busy, "workload": name, "threads": threads, "seconds": seconds,
-                                 "loadavg_1min": load})
+                    rows.append({"busy": busy, "competitor": args.competitor, "workload": name, "threads": threads,
+                                 "seconds": seconds, "loadavg_1min": load})
                     print(f"busy {busy} {name:12s} threads {threads}: {1e3 * seconds:8.1f} ms (load {load:.2f})",
                           file=sys.stderr)
         finally:

@@ -1,10 +1,10 @@
 """How many CPU threads torch uses, chosen once per `jetnas` command, deliberately (`jetnas info` shows the choice).
 
-Measured on the 2-core development box (`benchmarks/cpu_threads.py`, results in
-`benchmarks/results/2026-12-06_cpu_threads/`): with one other process busy, two threads made a Gated DeltaNet
-layer's forward 10-55x slower than one thread and a decode-sized step 30x slower (threads that wait for each other
-at every op while the other core is taken); on the idle box two threads were at best {IDLE_GAIN} faster. Losing up to
-50x to win under 2x is a bad bet, so threads are only used where cores are free:
+Measured on the 2-core development box (`benchmarks/cpu_threads.py`; `benchmarks/results/2026-12-06_cpu_threads/`):
+on the idle box two threads ran a Gated DeltaNet layer's forward, an MLP and a decode-sized step 1.8-2.0x faster
+than one; with another torch job on the box (torch's default threads) they ran them 1.35x, 1.6x and 41x slower, and
+under the other engineers' test runs 55x, 2x and 17x slower (threads waiting for each other at every op while the
+other core is taken). Winning at most 2x against losing up to 55x, threads are used only where cores are free:
 
     threads = max(1, min(cores, floor(cores - load + 0.5)))
 
@@ -20,7 +20,6 @@ import math
 import os
 import sys
 
-IDLE_GAIN = "1.6x"
 #: the choice `apply_threads` made in this process, `(threads, why)` (what `jetnas info` reports)
 applied: tuple[int, str] | None = None
 
