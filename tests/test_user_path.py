@@ -88,6 +88,12 @@ def test_a_given_tokenizer_is_checked_against_the_vocabulary_and_used(tmp_path, 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_tokens"] == 3
 
 
+def test_a_misspelled_model_name_is_refused_with_the_known_names(capsys, no_teacher_loads):
+    assert main(["bench", "--model", "jet-nemotron-2", "--context", "16"]) == 2
+    assert "--model 'jet-nemotron-2' is no model directory, preset or teacher name; did you mean 'jet-nemotron-2b'?" \
+        in error_line(capsys)
+
+
 def test_a_preset_has_no_tokenizer_to_generate_with(capsys, no_teacher_loads):
     assert main(["generate", "--model", "jet-nemotron-2b", "--prompt", "hi"]) == 2
     assert "preset 'jet-nemotron-2b' has random weights and no tokenizer (its vocabulary: 151,936 ids)" in \

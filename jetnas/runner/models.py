@@ -82,7 +82,7 @@ def _load(model: str, device: str, dtype, seed: int):
     from transformers import AutoModelForCausalLM
 
     from jetnas.models.presets import PRESETS, preset_config
-    from jetnas.models.teachers import load_teacher
+    from jetnas.models.teachers import TEACHER_NAMES, load_teacher
 
     check_model_path(model)
     path = Path(model).expanduser()
@@ -95,6 +95,14 @@ def _load(model: str, device: str, dtype, seed: int):
         torch.manual_seed(seed)
         with torch.device(device):
             return JetNemotronForCausalLM(preset_config(model)).to(dtype).eval(), None
+    if "/" not in model and model not in TEACHER_NAMES:
+        import difflib
+
+        known = [*PRESETS, TEACHER_NAMES[0]]
+        close = difflib.get_close_matches(model, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"--model {model!r} is no model directory, preset or teacher name; {hint}known names: "
+                         f"{', '.join(known)} (or a directory, a .gguf file, a hub id ORG/NAME)")
     network_notice(model)
     net, tok, _ = load_teacher(model, dtype=dtype, device=device)
     return net, tok
