@@ -25,6 +25,8 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
             theirs, to resume).
     """
     from jetnas.pipeline import Pipeline, load_recipe
+    from jetnas.runner.models import network_notice
+    from jetnas.runner.retention import drop_finished_checkpoints
 
     if report_only and (redo or check):
         given = "--redo " + ",".join(redo) if redo else "--check"
@@ -43,11 +45,10 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
                 "stages": [s for s, a in parsed.stages.items() if a is not None]}
     if report_only:
         return Pipeline(parsed).write_report()
+    network_notice(parsed.teacher, "teacher")
     pipeline = Pipeline(parsed, redo=tuple(redo or ()))
     result = pipeline.run()
     if not keep_checkpoints:
-        from jetnas.runner.retention import drop_finished_checkpoints
-
         freed = drop_finished_checkpoints(pipeline.state)
         if freed:
             print(f"jetnas: deleted the optimizer checkpoints of the finished stages {', '.join(freed)} "
