@@ -55,7 +55,8 @@ COUNTS = ("n", "seconds")
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{float(f'{v:.3g}'):,.0f}"
+        rounded = float(f"{v:.3g}")
+        return f"{v:.3g}" if abs(rounded) < 1000 else f"{rounded:,.0f}"
     if isinstance(v, (dict, list)):
         return f"`{json.dumps(v)}`"
     return str(v)

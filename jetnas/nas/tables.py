@@ -20,9 +20,12 @@ def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        if abs(value) >= 10 ** digits:
-            return f"{float(f'{value:.{digits}g}'):,.0f}"
-        return f"{value:.{digits}g}"
+        rounded = float(f"{value:.{digits}g}")
+        if abs(rounded) >= 10 ** digits:
+            return f"{rounded:,.0f}"
+        # trailing zeros kept (11.0 next to 11.1, not 11): a column shows one precision
+        text = f"{value:#.{digits}g}"
+        return text.rstrip(".") if "e" not in text else f"{value:.{digits}g}"
     return str(value)
 
 

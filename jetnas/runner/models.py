@@ -108,7 +108,11 @@ def _load(model: str, device: str, dtype, seed: int):
     return net, tok
 
 
-def tokenizer_source(model: str, tokenizer: str | None, how: str = "pass --tokenizer") -> str | None:
+#: how to give `jetnas generate` a tokenizer
+PASS_A_TOKENIZER = "pass --tokenizer (a directory holding one, a hub id, or a teacher name) with that vocabulary"
+
+
+def tokenizer_source(model: str, tokenizer: str | None, how: str = PASS_A_TOKENIZER) -> str | None:
     """Where the tokenizer of `model` comes from, decided before any weights load: `tokenizer` when given, the model
     directory when it holds one, None for a teacher (its own comes with it). A directory without one, or a preset
     (random weights, no vocabulary of its own), is refused with `how` to give one: jetnas never hands a model
@@ -167,7 +171,7 @@ def check_vocabulary(net, tok, model: str, tokenizer: str | None) -> None:
 
 
 def load_model_and_tokenizer(model: str, tokenizer: str | None, device: str, dtype, seed: int = 0,
-                             how: str = "pass --tokenizer"):
+                             how: str = PASS_A_TOKENIZER):
     """A model for inference (see `load_model`) and its tokenizer: `tokenizer` when given, the directory's own, or a
     teacher's own; anything else is refused before the weights load (`tokenizer_source`, with `how` to give one)."""
     source = tokenizer_source(model, tokenizer, how)
