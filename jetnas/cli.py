@@ -21,6 +21,7 @@ import typing
 from collections.abc import Callable
 
 from jetnas.runner.fields import docstring_args
+from jetnas.runner.threads import apply_threads
 
 # name -> "module:function"; modules are imported only when their command runs, so `jetnas --help` is instant
 COMMANDS: dict[str, str] = {
@@ -42,13 +43,15 @@ GROUP_HELP = {"search": "PostNAS searches run on a trained super-network"}
 
 
 def info() -> dict:
-    """Show versions, the kernel backends usable here, and the registered layer types (last line: JSON)."""
+    """Show versions, the kernel backends usable here, the CPU threads torch uses and why (the rule of
+    `jetnas.runner.threads`), and the registered layer types (last line: JSON)."""
     import torch
     import transformers
 
     import jetnas
     from jetnas.layers import LAYER_TYPES
     from jetnas.ops.backend import fla_usable, triton_usable
+    from jetnas.runner import threads
 
     report = {
         "jetnas": jetnas.__version__,
@@ -58,6 +61,8 @@ def info() -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "triton_usable": triton_usable(),
         "fla_usable": fla_usable(),
+        "threads": torch.get_num_threads(),
+        "threads_rule": (threads.applied or threads.choose_threads())[1],
         "layer_types": list(LAYER_TYPES),
     }
     for key, value in report.items():
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     positional = [args.pop(name) for name, param in inspect.signature(fn).parameters.items()
                   if param.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
+        # before the command imports torch, which reads its thread count once
+        apply_threads()
         result = fn(*positional, **args)
     except (ValueError, FileNotFoundError) as err:
         # user errors: one clear line, no traceback

@@ -4,6 +4,12 @@ It reads the stages' records (`jetnas.runner.results`, as `jetnas run` keeps the
 written again from a run directory alone (`jetnas run --report-only`). Stages hand over what they wrote through
 their record's `outputs` mapping (name -> path): markdown files are inlined, PNG figures embedded, everything else
 linked. Evaluation and throughput are shown hybrid-vs-teacher.
+
+What a reader needs before the numbers comes first: whether the run is a smoke test (`SMOKE_TOKENS`: stages 1 and 2
+trained on fewer tokens than that, so the numbers show the pipeline, not the method), and which PostNAS steps ran,
+which were skipped and why (step 3, the JetBlock design ablation, runs inside the block search only when its
+candidates include JetBlock variants). Numbers are rounded to three significant digits (the short runs' noise is in
+the second or third), accuracies come with the rows they were measured on.
 """
 
 from __future__ import annotations
@@ -27,14 +33,58 @@ TITLES = {
 }
 SCALARS = ("steps", "tokens", "final_loss", "tokens_per_s", "seconds", "placement", "layer_types", "best", "chosen",
            "model_dir", "objective", "uniform_objective", "one_layer_objective")
+#: a run whose stages 1 and 2 together trained on fewer tokens is a smoke test (the paper: 400B; the GPU recipe's
+#: shortened run, whose findings the README reports, 18M)
+SMOKE_TOKENS = 1_000_000
+#: what each stage is, in the paper's numbering
+STEPS = {
+    "data": "training text",
+    "supernet": "step 1a: super-network training",
+    "placement": "step 1b: full-attention placement search",
+    "blocks": "step 2: linear block selection",
+    "step3": "step 3: JetBlock design ablation",
+    "hardware": "step 4: hardware-aware shape search",
+    "stage1": "stage 1: distillation, MLPs frozen",
+    "stage2": "stage 2: full-model training",
+    "eval": "evaluation, hybrid and teacher",
+    "bench": "throughput, hybrid and teacher",
+}
+#: metrics that count rows, shown in a row's label rather than compared
+COUNTS = ("n", "seconds")
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        rounded = float(f"{v:.3g}")
+        return f"{v:.3g}" if abs(rounded) < 1000 else f"{rounded:,.0f}"
     if isinstance(v, (dict, list)):
         return f"`{json.dumps(v)}`"
     return str(v)
+
+
+def compact_layer_types(types: str) -> str:
+    """`gla,gla,gla,attn,gla` -> `gla*3,attn,gla` (the layer-types grammar's own repetition)."""
+    out: list[list] = []
+    for t in types.split(","):
+        if out and out[-1][0] == t:
+            out[-1][1] += 1
+        else:
+            out.append([t, 1])
+    return ",".join(t if n == 1 else f"{t}*{n}" for t, n in out)
+
+
+def _scalar(key: str, value) -> str:
+    """One result field as a reader wants it: layer types compacted, a placement as its layers, a shape in words."""
+    from jetnas.nas.tables import layer_ranges
+
+    if key == "layer_types" and isinstance(value, str):
+        return f"`{compact_layer_types(value)}`"
+    if key == "placement" and isinstance(value, dict) and "attn" in value:
+        window = f" (window {value['swa_window']})" if value.get("swa") and value.get("swa_window") else ""
+        return f"attn {layer_ranges(value['attn'])}; swa {layer_ranges(value.get('swa') or [])}{window}"
+    if key == "chosen" and isinstance(value, dict) and "num_heads" in value:
+        return f"{value['num_heads']} heads x d_k {value['head_k_dim']} x d_v {value['head_v_dim']}"
+    return _fmt(value)
 
 
 def _local(path: str | None, out: Path) -> Path | None:
@@ -53,7 +103,8 @@ def _local(path: str | None, out: Path) -> Path | None:
     return None
 
 
-def _outputs_section(result: dict, out: Path) -> list[str]:
+def _outputs_section(result: dict, out: Path, figures: bool = True) -> list[str]:
+    """A stage's outputs: markdown inlined, figures embedded (linked when not `figures`), other files linked."""
     lines = []
     for name, path in (result.get("outputs") or {}).items():
         p = _local(path, out)
@@ -62,33 +113,47 @@ def _outputs_section(result: dict, out: Path) -> list[str]:
         rel = os.path.relpath(p, out)
         if p.suffix == ".md":
             lines += [p.read_text().strip().replace("\n# ", "\n#### ").lstrip("# ").strip(), ""]
-        elif p.suffix == ".png":
+        elif p.suffix == ".png" and figures:
             lines += [f"![{name}]({rel})", ""]
         else:
             lines += [f"- {name}: [{rel}]({rel})"]
     return lines + [""]
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _side_by_side(hybrid: dict, teacher: dict, metric_source: str) -> list[str]:
-    """A table of the hybrid's and the teacher's numbers for every metric both report."""
+    """A table of the hybrid's and the teacher's numbers for every metric both report. Row counts (`n`) are not
+    compared (a ratio of 1 says nothing): they go into the task's label, and accuracies measured on few rows get
+    their sampling error in a note below."""
     h = hybrid.get(metric_source, hybrid)
     t = teacher.get(metric_source, teacher)
-    rows = []
+    rows, few = [], []
     for key in h:
         if isinstance(h[key], dict):
+            n = h[key].get("n")
+            label = f"{key} ({n} rows)" if _number(n) else key
             for metric, value in h[key].items():
                 other = t.get(key, {}).get(metric) if isinstance(t.get(key), dict) else None
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    rows.append((f"{key} {metric}", value, other))
-        elif isinstance(h[key], (int, float)) and not isinstance(h[key], bool):
+                if _number(value) and metric not in COUNTS:
+                    rows.append((f"{label} {metric}", value, other))
+                    if metric in ("acc", "acc_norm") and _number(n) and 0 < n < 400:
+                        few.append((key, int(n)))
+        elif _number(h[key]) and key not in COUNTS:
             rows.append((key, h[key], t.get(key)))
     if not rows:
         return []
     lines = ["| | hybrid | teacher | hybrid / teacher |", "|---|---|---|---|"]
     for name, a, b in rows:
-        ratio = f"{a / b:.3g}" if isinstance(b, (int, float)) and b not in (0, None) else ""
+        ratio = f"{a / b:.3g}" if _number(b) and b != 0 else ""
         lines.append(f"| {name} | {_fmt(a)} | {'' if b is None else _fmt(b)} | {ratio} |")
-    return lines + [""]
+    lines.append("")
+    for key, n in dict.fromkeys(few):
+        # the worst case of a binomial proportion's 95% interval, p = 1/2
+        lines.append(f"{key}: an accuracy from {n} rows is known to about ±{100 * 0.98 / n ** 0.5:.0f} points (95%).")
+    return lines + ([""] if few else [])
 
 
 def _num(v) -> str:
@@ -136,6 +201,10 @@ def _bench_comparison(hybrid: dict, teacher: dict, out: Path) -> list[str]:
                 cells.append(f"{a / b:.2f}x" if a and b else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if len(contexts) == 1:
+        # a line through one point shows nothing the table does not
+        return lines + [f"No figure: one context length was measured ({contexts[0]:,} tokens); a figure of "
+                        f"throughput against context needs two or more (`stages.bench.context`).", ""]
     try:
         import matplotlib
 
@@ -160,18 +229,72 @@ def _bench_comparison(hybrid: dict, teacher: dict, out: Path) -> list[str]:
     return lines + ["![hybrid vs teacher](bench_vs_teacher.png)", ""]
 
 
-def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict:
-    """`out/report.md` and `out/report.json`; returns their paths."""
-    lines = [f"# jetnas run: {recipe.name}", "", f"Teacher `{recipe.teacher}`, recipe `{recipe.source}`, "
-             f"seed {recipe.seed}, device {recipe.device or 'auto'}.", ""]
-    stage_lines = ["| stage | status | seconds |", "|---|---|---|"]
+def training_tokens(results: dict) -> tuple[int | None, str]:
+    """Tokens stages 1 and 2 trained on together (else the super-network's), and which stages they are."""
+    counted = [(stage, results[stage].get("tokens")) for stage in ("stage1", "stage2")
+               if isinstance(results.get(stage), dict) and _number(results[stage].get("tokens"))]
+    if not counted and isinstance(results.get("supernet"), dict) and _number(results["supernet"].get("tokens")):
+        counted = [("supernet", results["supernet"]["tokens"])]
+    if not counted:
+        return None, ""
+    names = {("stage1",): "stage 1", ("stage2",): "stage 2", ("stage1", "stage2"): "stages 1 and 2",
+             ("supernet",): "the super-network"}
+    return int(sum(t for _, t in counted)), names[tuple(s for s, _ in counted)]
+
+
+def smoke_banner(results: dict) -> list[str]:
+    """The report's first paragraph when the run is a smoke test (`SMOKE_TOKENS`), else nothing."""
+    tokens, stages = training_tokens(results)
+    if tokens is None or tokens >= SMOKE_TOKENS:
+        return []
+    return [f"> **A smoke test, not a result.** {stages[0].upper() + stages[1:]} trained on {tokens:,} tokens, "
+            f"fewer than the {SMOKE_TOKENS:,} below which jetnas calls a run a smoke test (the paper: 400B). The "
+            f"numbers below show that every stage runs and what the report holds; differences between candidates are "
+            f"noise, and the hybrid cannot produce sensible text yet.", ""]
+
+
+def _step3_status(recipe) -> str:
+    """Whether the JetBlock design ablation (PostNAS step 3) ran: inside the block search, when its candidates hold
+    JetBlock variants (`jet-static-qk`, `jet:qk_conv=...`; `jetnas.models.layer_types.JET_VARIANTS`)."""
+    from jetnas.runner.fields import default_of
+    from jetnas.runner.recipes import BlockSearchRecipe
+
+    blocks = recipe.stages.get("blocks")
+    if blocks is None:
+        return "skipped: it runs inside step 2, which the recipe skips"
+    candidates = [c.strip() for c in str(blocks.get("blocks", default_of(BlockSearchRecipe, "blocks"))).split(",")]
+    variants = [c for c in candidates if c.startswith(("jet-", "jet:"))]
+    if variants:
+        return f"ran inside step 2: JetBlock variants {', '.join(variants)} against `jet`"
+    return (f"not run: the block search's candidates ({', '.join(candidates)}) hold no JetBlock design variant; "
+            f"add some, e.g. `--set stages.blocks.blocks={','.join(candidates)},jet-static-qk,jet-dyn-qk`")
+
+
+def steps_table(recipe, state: dict) -> list[str]:
+    """Every step: done (when, how long), skipped by the recipe, or not run, with what each step is."""
+    lines = ["| stage | what | status | seconds |", "|---|---|---|---|"]
     for stage in ["data", *recipe.stages]:
         record = state["stages"].get(stage)
+        if stage == "hardware":
+            lines.append(f"| | {STEPS['step3']} | {_step3_status(recipe)} | |")
+        what = STEPS.get(stage, "")
         if stage != "data" and recipe.stages.get(stage) is None:
-            stage_lines.append(f"| {stage} | skipped | |")
+            lines.append(f"| {stage} | {what} | skipped by the recipe | |")
         elif record:
-            stage_lines.append(f"| {stage} | done {record['finished']} | {record['seconds']} |")
-    lines += stage_lines + [""]
+            teacher = state["stages"].get(f"{stage}_teacher")
+            seconds = record["seconds"] + (teacher["seconds"] if teacher else 0)
+            lines.append(f"| {stage} | {what} | done {record['finished']} | {_fmt(float(seconds))} |")
+        elif stage != "data":
+            lines.append(f"| {stage} | {what} | not run (no record in pipeline.json) | |")
+    return lines + [""]
+
+
+def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict:
+    """`out/report.md` and `out/report.json`; returns their paths."""
+    lines = [f"# jetnas run: {recipe.name}", ""] + smoke_banner(results)
+    lines += [f"Teacher `{recipe.teacher}`, recipe `{recipe.source}`, seed {recipe.seed}, device "
+              f"{recipe.device or 'auto'}.", ""]
+    lines += steps_table(recipe, state)
     for stage, title in TITLES.items():
         result = results.get(stage)
         if not result:
@@ -182,17 +305,21 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
             lines += _outputs_section(result["hybrid"], out)
             continue
         if stage == "bench":
-            lines += _bench_comparison(result["hybrid"], result["teacher"], out) or _side_by_side(
-                result["hybrid"], result["teacher"], "summary")
-            lines += _outputs_section(result["hybrid"], out)
+            compared = _bench_comparison(result["hybrid"], result["teacher"], out)
+            lines += compared or _side_by_side(result["hybrid"], result["teacher"], "summary")
+            # the hybrid's own figure repeats the comparison's hybrid half: link its files, embed nothing
+            lines += _outputs_section(result["hybrid"], out, figures=not compared)
             continue
         shown = [(k, result[k]) for k in SCALARS if result.get(k) is not None]
         if shown:
-            lines += [f"- {k}: {_fmt(v)}" for k, v in shown] + [""]
+            lines += [f"- {k}: {_scalar(k, v)}" for k, v in shown] + [""]
         lines += _outputs_section(result, out)
     md, js = out / "report.md", out / "report.json"
     write_text_atomic(md, "\n".join(lines).rstrip() + "\n")
-    write_text_atomic(js, json.dumps({"recipe": recipe.name, "teacher": recipe.teacher, "results": results,
+    tokens, _ = training_tokens(results)
+    write_text_atomic(js, json.dumps({"recipe": recipe.name, "teacher": recipe.teacher,
+                                      "smoke_test": tokens is not None and tokens < SMOKE_TOKENS,
+                                      "results": results,
                                       "stages": {k: {"seconds": v.get("seconds"), "finished": v.get("finished")}
                                                  for k, v in state["stages"].items()}}, indent=2, default=str))
     return {"report": str(md), "report_json": str(js)}

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# runs the CLI in-process and reports its status and which heavy modules it imported
-PROBE = ("import json, sys\nfrom jetnas.cli import main\nrc = main(sys.argv[1:])\n"
+# runs the CLI in-process and reports its status and which heavy modules it imported; with JETNAS_TEST_NO_LM_EVAL
+# set, lm-evaluation-harness is not importable (the README's install has none)
+PROBE = ("import json, os, sys\n"
+         "if os.environ.get('JETNAS_TEST_NO_LM_EVAL'):\n    sys.modules['lm_eval'] = None\n"
+         "from jetnas.cli import main\nrc = main(sys.argv[1:])\n"
          "print(json.dumps({'rc': rc, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))")
 
 
-def run(*args: str, probe: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run(*args: str, probe: bool = True, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
     command = [sys.executable, "-c", PROBE, *args] if probe else [sys.executable, *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
@@ -34,12 +37,37 @@ def run(*args: str, probe: bool = True) -> subprocess.CompletedProcess:
     (["search", "hardware", "--teacher", "t", "--placement", "attn,jet", "--measure", "mod:fn"], 2,
      "--measure 'mod:fn' is not a known decode measurement"),
     (["--help"], 0, ""),
-], ids=["misspelled-recipe", "bad-recipe-value", "check", "bad-list-flag", "bad-choice", "bad-measure", "help"])
+    (["eval", "--model", "runs/quickstart/stage9/model", "--tasks", "ppl:x.txt"], 2,
+     "jetnas: error: --model 'runs/quickstart/stage9/model' does not exist"),
+    (["generate", "--model", "./no-such-model", "--prompt", "hi"], 2,
+     "jetnas: error: --model './no-such-model' does not exist"),
+    (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--tokenizer", "~/no/such/tokenizer"], 2,
+     "jetnas: error: --tokenizer '~/no/such/tokenizer' does not exist"),
+    (["bench", "--model", "runs/x/stage2/model", "--context", "256"], 2,
+     "jetnas: error: --model 'runs/x/stage2/model' does not exist"),
+    (["convert", "--teacher", "/no/teacher", "--layer-types", "jet*30", "--out", "x"], 2,
+     "jetnas: error: --teacher '/no/teacher' does not exist"),
+    (["train", "--stage", "2", "--model", "runs/q/stage1/model"], 2,
+     "jetnas: error: --model 'runs/q/stage1/model' does not exist"),
+    (["search", "placement", "--supernet", "runs/none/supernet"], 2, "--supernet 'runs/none/supernet' does not exist"),
+], ids=["misspelled-recipe", "bad-recipe-value", "check", "bad-list-flag", "bad-choice", "bad-measure", "help",
+        "eval-missing-model", "generate-missing-model", "missing-tokenizer", "bench-missing-model",
+        "convert-missing-teacher", "train-missing-model", "missing-supernet"])
 def test_answered_without_torch(args, rc, err):
     proc = run(*args)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"rc": rc, "heavy": []}, proc.stderr
     assert err in proc.stderr
+
+
+def test_harness_tasks_without_lm_eval_end_in_one_line_saying_how_to_install_it():
+    proc = run("eval", "--model", "smollm2-135m", "--tasks", "hellaswag,retrieval:needle@256",
+               JETNAS_TEST_NO_LM_EVAL="1")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 2, "heavy": []}, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "jetnas: error: hellaswag: lm-evaluation-harness task(s) (built-in tasks start with ppl:, mc:, cloze:, "
+        "retrieval:), which need lm_eval: pip install 'jetnas[eval]'"]
 
 
 def test_the_installed_entry_point_exits_with_the_status_and_imports_no_torch():

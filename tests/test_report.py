@@ -4,6 +4,7 @@ directory was moved after the records were written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from jetnas.report import _bench_comparison, _local
 
@@ -39,3 +40,80 @@ def test_bench_comparison_table_and_figure(tmp_path):
     assert (tmp_path / "run" / "bench_vs_teacher.png").stat().st_size > 0
     # a benchmark without its file: no comparison (the caller falls back to the summaries)
     assert _bench_comparison({"outputs": {}}, teacher, tmp_path / "run") == []
+
+
+def quickstart_like(tmp_path):
+    """A recipe, records and state shaped like the CPU quickstart's: tiny budgets, two block candidates, one
+    context length."""
+    from jetnas.pipeline import Recipe
+
+    recipe = Recipe.from_dict({"name": "q", "teacher": "t", "out_dir": str(tmp_path / "run"), "stages": {
+        "supernet": {"steps": 8}, "placement": {"budget": "attn=1"}, "blocks": {"blocks": "gdn,jet"},
+        "hardware": "skip", "stage1": {"steps": 4}, "stage2": {"steps": 2}, "eval": {"tasks": "ppl"},
+        "bench": {}}}, source="q.yaml")
+    hybrid = _bench(tmp_path, "bench", 42.0, 10)
+    teacher = _bench(tmp_path, "bench_teacher", 53.0, 100)
+    for name in ("bench", "bench_teacher"):  # one context length, as the quickstart measures
+        path = tmp_path / "run" / name / "bench.json"
+        saved = json.loads(path.read_text())
+        saved["rows"] = [r for r in saved["rows"] if r["context_length"] == 256]
+        path.write_text(json.dumps(saved))
+    layer_types = ",".join(["gdn"] * 24 + ["attn"] + ["gdn"] * 5)
+    results = {
+        "placement": {"placement": {"attn": [24], "swa": []}, "layer_types": layer_types.replace("gdn", "gla")},
+        "stage1": {"steps": 4, "tokens": 2048, "final_loss": 10.5712, "layer_types": layer_types},
+        "stage2": {"steps": 2, "tokens": 1024, "final_loss": 9.34217},
+        "eval": {"hybrid": {"results": {"retrieval:needle@256?n=4": {"acc": 0.0, "target_nll": 7.91123, "n": 4}}},
+                 "teacher": {"results": {"retrieval:needle@256?n=4": {"acc": 1.0, "target_nll": 0.0713, "n": 4}}}},
+        "bench": {"hybrid": hybrid, "teacher": teacher},
+    }
+    done = {"seconds": 1.0, "finished": "2026-12-06 04:41:03"}
+    state = {"stages": {s: done for s in ("data", "supernet", "placement", "blocks", "stage1", "stage2", "eval",
+                                          "eval_teacher", "bench", "bench_teacher")}}
+    return recipe, results, state
+
+
+def test_a_smoke_test_says_so_first_and_every_step_says_whether_it_ran(tmp_path):
+    from jetnas.report import write_pipeline_report
+
+    recipe, results, state = quickstart_like(tmp_path)
+    out = tmp_path / "run"
+    paths = write_pipeline_report(recipe, results, state, out)
+    report = Path(paths["report"]).read_text()
+    lines = report.splitlines()
+    assert lines[2].startswith("> **A smoke test, not a result.** Stages 1 and 2 trained on 3,072 tokens")
+    assert json.loads(Path(paths["report_json"]).read_text())["smoke_test"] is True
+    # step 3 is named and why it did not run; a skipped stage says so
+    assert ("| | step 3: JetBlock design ablation | not run: the block search's candidates (gdn, jet) hold no JetBlock "
+            "design variant") in report
+    assert "| hardware | step 4: hardware-aware shape search | skipped by the recipe | |" in report
+    # rounded, compact, readable
+    assert "- final_loss: 10.6" in report and "- layer_types: `gdn*24,attn,gdn*5`" in report
+    assert "- placement: attn 24; swa none" in report
+    # the evaluation: row counts in the label, not a row of their own; the sampling error of 4 rows
+    assert "| retrieval:needle@256?n=4 (4 rows) acc | 0 | 1 | 0 |" in report
+    assert "| n |" not in report and " n | 4 | 4 | 1 |" not in report
+    assert "an accuracy from 4 rows is known to about ±49 points (95%)" in report
+    # one context length: a table, no one-point line chart, and a sentence saying why
+    assert "No figure: one context length was measured (256 tokens)" in report
+    assert "bench_vs_teacher.png" not in report and "![figure](bench/bench.png)" not in report
+
+
+def test_a_run_with_enough_training_is_not_called_a_smoke_test(tmp_path):
+    from jetnas.report import write_pipeline_report
+
+    recipe, results, state = quickstart_like(tmp_path)
+    results["stage2"]["tokens"] = 18_000_000
+    report = Path(write_pipeline_report(recipe, results, state, tmp_path / "run")["report"]).read_text()
+    assert "smoke test" not in report
+
+
+def test_step3_runs_inside_the_block_search_with_jetblock_variants(tmp_path):
+    from jetnas.pipeline import Recipe
+    from jetnas.report import _step3_status
+
+    recipe = Recipe.from_dict({"name": "x", "teacher": "t", "stages": {
+        "blocks": {"blocks": "gdn,jet,jet-static-qk,jet:qk_conv=dynamic"}}})
+    assert _step3_status(recipe) == ("ran inside step 2: JetBlock variants jet-static-qk, jet:qk_conv=dynamic "
+                                     "against `jet`")
+    assert _step3_status(Recipe.from_dict({"name": "x", "teacher": "t", "stages": {}})).startswith("skipped")

@@ -13,8 +13,11 @@ def bench(recipe: BenchRecipe) -> dict:
     The protocol of benchmarks/engine_h100.py ("replicated-prompt"): one prompt is prefilled once and its cache
     copied into every row of the batch (`Engine.generate_replicated`), then the batch decodes; prefill tokens/s is
     that one prompt's (after a warm-up run; the median of three timed passes). A decode step reads every row's
-    cache whatever it holds, so this costs what a batch of different prompts costs.
+    cache whatever it holds, so this costs what a batch of different prompts costs. Token ids are random: no
+    tokenizer is loaded, and a preset (random weights) needs no network.
     """
     from jetnas.runner.bench import run_bench
+    from jetnas.runner.models import check_model_path
 
+    check_model_path(recipe.model)
     return run_bench(recipe).to_record()

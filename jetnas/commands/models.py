@@ -5,20 +5,23 @@ from __future__ import annotations
 
 def convert(teacher: str, layer_types: str, out: str, block_config: str | None = None, freeze: bool = True,
             inherit: bool = True) -> dict:
-    """Convert a pretrained model into a hybrid and save it (safetensors) with its tokenizer.
+    """Convert a pretrained model into a hybrid and save it (safetensors) with its tokenizer (its linear layers are
+    untrained until `jetnas train --stage 1 --model OUT`).
 
     Args:
         teacher: smollm2-135m, a model directory, a .gguf file, or a hub id.
         layer_types: one block per layer, comma-separated (attn, swa, jet, gdn, deltanet, gla, retnet, mamba2;
             `jet*14` repeats; JetBlock variants and TYPE:KEY=VALUE options as in `jetnas train`), or a preset name
-            (jet-nemotron-2b, jet-nemotron-4b).
+            (jet-nemotron-2b, jet-nemotron-4b). `swa` layers without a window in --block-config get the
+            teacher's own sliding window, else 512 tokens (at most half its positions).
         out: output directory (written atomically: a partial directory is renamed when complete).
         block_config: JSON of per-block-type arguments, e.g. '{"swa": {"window_size": 1024}, "jet": {"expand_v": 1}}'.
         freeze: mark embeddings, norms, MLPs and the LM head requires_grad=False (PostNAS keeps them fixed).
         inherit: let linear blocks inherit Q/K/V/O from the attention they replace where shapes allow.
     """
-    from jetnas.runner.models import convert_to_dir
+    from jetnas.runner.models import check_model_path, convert_to_dir
 
+    check_model_path(teacher, "--teacher")
     return convert_to_dir(teacher, layer_types, out, block_config, freeze, inherit)
 
 
@@ -36,11 +39,15 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, temperature: flo
         top_k: top-k sampling (with --temperature > 0).
         seed: random seed (sampling, random preset weights).
         chat: wrap the prompt in the tokenizer's chat template as a user turn.
-        tokenizer: tokenizer directory or teacher name, when the model has none.
+        tokenizer: a tokenizer directory, hub id or teacher name: for a model directory without a tokenizer or a
+            preset (jetnas never gives a model another model's vocabulary unasked).
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
     """
-    from jetnas.runner.models import generate_text
+    from jetnas.runner.models import check_model_path, generate_text
 
+    check_model_path(model)
+    if tokenizer:
+        check_model_path(tokenizer, "--tokenizer")
     return generate_text(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, chat, tokenizer, device,
                          dtype)

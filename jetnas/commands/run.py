@@ -6,7 +6,8 @@ import sys
 
 
 def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | None = None,
-        out_dir: str | None = None, device: str | None = None, check: bool = False, report_only: bool = False) -> dict:
+        out_dir: str | None = None, device: str | None = None, check: bool = False, report_only: bool = False,
+        keep_checkpoints: bool = False) -> dict:
     """Run a recipe: super-network, placement, blocks, hardware, stage 1, stage 2, evaluation, throughput, report.
 
     Args:
@@ -19,8 +20,13 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
         check: validate the recipe and print the stages it would run, without running them.
         report_only: write report.md / report.json again from the run directory's pipeline.json and run nothing
             (a run directory copied from another machine: its recorded paths are found under out_dir).
+        keep_checkpoints: keep the optimizer checkpoints of finished training stages (by default they are deleted
+            when the run ends: a finished stage's model is what later stages read; unfinished stages always keep
+            theirs, to resume).
     """
     from jetnas.pipeline import Pipeline, load_recipe
+    from jetnas.runner.models import network_notice
+    from jetnas.runner.retention import drop_finished_checkpoints
 
     if report_only and (redo or check):
         given = "--redo " + ",".join(redo) if redo else "--check"
@@ -39,4 +45,13 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
                 "stages": [s for s, a in parsed.stages.items() if a is not None]}
     if report_only:
         return Pipeline(parsed).write_report()
-    return Pipeline(parsed, redo=tuple(redo or ())).run()
+    network_notice(parsed.teacher, "teacher")
+    pipeline = Pipeline(parsed, redo=tuple(redo or ()))
+    result = pipeline.run()
+    if not keep_checkpoints:
+        freed = drop_finished_checkpoints(pipeline.state)
+        if freed:
+            print(f"jetnas: deleted the optimizer checkpoints of the finished stages {', '.join(freed)} "
+                  f"({sum(freed.values()) / 1e9:.1f} GB; --keep-checkpoints keeps them)", file=sys.stderr)
+        result["checkpoints_deleted_bytes"] = freed
+    return result

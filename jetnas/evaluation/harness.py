@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from jetnas.evaluation.tasks import read_jsonl
+from jetnas.validation import InputError
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,10 @@ def run_harness(model, tokenizer, tasks: list[str], limit: int | None = None, nu
         raise ImportError("the lm-evaluation-harness route needs lm_eval: pip install 'jetnas[eval]'") from err
 
     names, reported = resolve_tasks(tasks)
+    remote = [n for n in names if not n.startswith("jetnas_")]
+    if remote:
+        print(f"jetnas: lm-evaluation-harness reads the datasets of {', '.join(remote)} from the Hugging Face hub "
+              f"(needs the network unless they are in its cache)", file=sys.stderr)
     group_fewshot = {PAPER_TASK_GROUPS[t]["num_fewshot"] for t in tasks
                      if t in PAPER_TASK_GROUPS and "num_fewshot" in PAPER_TASK_GROUPS[t]}
     if num_fewshot is None and len(group_fewshot) == 1:
@@ -198,9 +204,14 @@ def run_harness(model, tokenizer, tasks: list[str], limit: int | None = None, nu
         device = str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
                   max_length=max_length or getattr(model.config, "max_position_embeddings", 2048))
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=TaskManager(include_path=include), log_samples=False,
-                                      bootstrap_iters=0)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=TaskManager(include_path=include), log_samples=False,
+                                          bootstrap_iters=0)
+        except ConnectionError as err:
+            # datasets' "Couldn't reach ... on the Hub", deep in a traceback: one line saying what to do instead
+            raise InputError(f"{', '.join(remote)}: {err} (offline?): the built-in tasks (mc:, cloze:, ppl:) and "
+                             f"jetnas_* harness tasks with --data-dir read local files") from None
     results = {}
     for task, metrics in out["results"].items():
         clean = {}

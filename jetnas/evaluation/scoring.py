@@ -101,16 +101,26 @@ def encode_pair(lm: LanguageModel, context: str, continuation: str) -> tuple[lis
     return ctx, whole[len(ctx):]
 
 
-def score_continuations(lm: LanguageModel, requests: Sequence[tuple[str, str]], progress: str | None = None
-                        ) -> list[Score]:
-    """Score `(context, continuation)` pairs; batched (longest first), right-padded, float32 log-softmax."""
+def score_continuations(lm: LanguageModel, requests: Sequence[tuple[str, str]], progress: str | None = None,
+                        rows: Sequence[int] | None = None) -> list[Score]:
+    """Score `(context, continuation)` pairs; batched (longest first), right-padded, float32 log-softmax.
+
+    Args:
+        progress: the progress bar's label (None: no bar).
+        rows: the task row each request belongs to (a multiple-choice row has one request per answer); the bar
+            counts rows, a row once all its requests are scored. None: one row per request.
+    """
     encoded = [encode_pair(lm, c, x) for c, x in requests]
     for i, (ctx, cont) in enumerate(encoded):
         if not cont:
             raise ValueError(f"request {i}: the continuation {requests[i][1]!r} encodes to no tokens")
+    if rows is not None and len(rows) != len(requests):
+        raise ValueError(f"rows gives {len(rows)} row numbers for {len(requests)} requests")
+    row_of = list(rows) if rows is not None else list(range(len(requests)))
+    pending = {r: row_of.count(r) for r in dict.fromkeys(row_of)} if rows is not None else dict.fromkeys(row_of, 1)
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     results: list[Score | None] = [None] * len(encoded)
-    bar = tqdm(total=len(order), desc=progress, disable=progress is None, leave=False)
+    bar = tqdm(total=len(pending), desc=progress, disable=progress is None, leave=False, unit="row")
     for batch in _batches(order, lambda i: min(len(encoded[i][0]) + len(encoded[i][1]), lm.max_length + 1), lm):
         # the scored input is (context + continuation) minus its last token, cut to the window from the left
         seqs = [(encoded[i][0] + encoded[i][1])[-(lm.max_length + 1):] for i in batch]
@@ -133,7 +143,11 @@ def score_continuations(lm: LanguageModel, requests: Sequence[tuple[str, str]], 
                 is_greedy=bool((logp.argmax(-1) == target).all()),
                 num_bytes=len(requests[i][1].encode("utf-8")),
             )
-        bar.update(len(batch))
+        done = 0
+        for i in batch:
+            pending[row_of[i]] -= 1
+            done += pending[row_of[i]] == 0
+        bar.update(done)
     bar.close()
     return results
 

@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
+from jetnas.evaluation.names import is_builtin  # noqa: F401 - where callers have found it
 from jetnas.evaluation.scoring import LanguageModel, Score, score_continuations, token_nll
 from jetnas.validation import InputError, check_token_ids, iter_jsonl, open_token_file, read_texts, show
 
@@ -154,13 +155,14 @@ class MultipleChoiceTask(Task):
 
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
         rows = self.rows()
-        requests, spans = [], []
-        for row in rows:
+        requests, spans, owners = [], [], []
+        for number, row in enumerate(rows):
             ctx = self.context(row)
             conts = mc_prompt(row)[1]
             spans.append((len(requests), len(conts)))
             requests += [(ctx, c) for c in conts]
-        scores = score_continuations(lm, requests, progress=self.name if progress else None)
+            owners += [number] * len(conts)
+        scores = score_continuations(lm, requests, progress=self.name if progress else None, rows=owners)
         return summarize_mc(rows, requests, scores, spans)
 
 
@@ -417,14 +419,15 @@ class RetrievalTask(Task):
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
         rows = self.make_rows(lm)
         # each answer is a continuation of everything before it (earlier answers given, teacher-forced)
-        requests = []
-        for segments in rows:
+        requests, owners = [], []
+        for number, segments in enumerate(rows):
             context = ""
             for text, is_answer in segments:
                 if is_answer:
                     requests.append((context, text))
+                    owners.append(number)
                 context += text
-        scores = score_continuations(lm, requests, progress=self.name if progress else None)
+        scores = score_continuations(lm, requests, progress=self.name if progress else None, rows=owners)
         n = max(len(scores), 1)
         return {"acc": sum(s.is_greedy for s in scores) / n,
                 "target_nll": sum(-s.logprob / s.num_tokens for s in scores) / n, "n": len(scores)}
@@ -482,7 +485,3 @@ def parse_task(spec: str) -> Task:
     if options:
         raise ValueError(f"task {spec!r}: unknown option(s) {sorted(options)}")
     return task
-
-
-def is_builtin(spec: str) -> bool:
-    return spec.split(":", 1)[0] in ("ppl", "mc", "cloze", "retrieval") and ":" in spec

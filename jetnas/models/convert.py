@@ -15,6 +15,7 @@ from torch import nn
 
 from jetnas.layers import ATTENTION_TYPES, Attention
 from jetnas.models.configuration import JetNemotronConfig
+from jetnas.models.layer_types import DEFAULT_SWA_WINDOW
 from jetnas.models.modeling import JetNemotronForCausalLM
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "jet_nemotron")
@@ -49,10 +50,27 @@ def hybrid_config(source, block_types: list[str], efficient_attention_config: di
         )
         extra = {}
     extra.update(efficient_attention_config or {})
-    if "swa" in block_types and "swa" not in extra:
-        raise ValueError("a 'swa' layer needs a window: pass efficient_attention_config={'swa': {'window_size': W}}"
-                         " (--block-config '{\"swa\": {\"window_size\": W}}')")
+    if "swa" in block_types and "window_size" not in extra.get("swa", {}):
+        extra["swa"] = {**extra.get("swa", {}), "window_size": default_swa_window(source)[0]}
     return JetNemotronConfig(**fields, block_types=block_types, efficient_attention_config=extra)
+
+
+def default_swa_window(source) -> tuple[int, str]:
+    """The window of `swa` layers when none is given, and why (`jetnas.models.layer_types.DEFAULT_SWA_WINDOW`'s
+    rule): the teacher's own sliding window when its config uses one (a jetnas model's `swa` window; Mistral's
+    `sliding_window`; Qwen2/Qwen3's only with `use_sliding_window`); else `DEFAULT_SWA_WINDOW` (512, the
+    super-network's default window, so a layout searched with default settings is built as searched), capped at
+    half the teacher's `max_position_embeddings` so that a `swa` layer always sees less than a full-attention one."""
+    own = (getattr(source, "efficient_attention_config", None) or {}).get("swa", {}).get("window_size")
+    if own is None and getattr(source, "use_sliding_window", True):
+        own = getattr(source, "sliding_window", None)
+    if isinstance(own, int) and not isinstance(own, bool) and own >= 1:
+        return own, "the teacher's own sliding window"
+    positions = getattr(source, "max_position_embeddings", None)
+    if isinstance(positions, int) and 2 <= positions < 2 * DEFAULT_SWA_WINDOW:
+        return positions // 2, (f"half the teacher's {positions} positions: the default {DEFAULT_SWA_WINDOW} would "
+                                f"be no window at all")
+    return DEFAULT_SWA_WINDOW, "the default: the teacher has no sliding window of its own"
 
 
 @dataclass
@@ -89,7 +107,8 @@ def convert_model(
     Args:
         source: the pretrained model (`...ForCausalLM`).
         block_types: one entry per layer (see `jetnas.models.layer_types`).
-        efficient_attention_config: per block type kwargs, e.g. `{"swa": {"window_size": 1024}}`.
+        efficient_attention_config: per block type kwargs, e.g. `{"swa": {"window_size": 1024}}` (`swa` layers
+            without a window get `default_swa_window`'s).
         freeze: set `requires_grad=False` on everything inherited that PostNAS keeps fixed: embeddings, norms,
             MLPs, LM head.
         inherit_linear: let linear blocks inherit Q/K/V/O from the attention they replace.

@@ -10,6 +10,11 @@ search's block candidates are written in.
 | `ENTRY*N` | N layers of ENTRY, e.g. `jet*14` |
 | `jet-nemotron-2b` | a preset's whole layout (`jetnas.models.presets`) |
 
+An `swa` layer's window is the `swa` entry of the block config (`--block-config '{"swa": {"window_size": W}}'`,
+`--swa-window`); without one it is the teacher's own sliding window when its config has one in use, else
+`DEFAULT_SWA_WINDOW` = 512 tokens (the super-network's default, so a layout searched with default settings is built
+as it was searched), capped at half the teacher's positions (`jetnas.models.convert.default_swa_window`).
+
 In a comma-separated list, options may also be separated by commas: a piece that is `KEY=VALUE` (no `:`) continues
 the entry before it, so `gdn,jet:qk_conv=dynamic,v_conv=static` is two entries. Options of `jet` are the released
 config keys plus the design options (`qk_conv`, `v_conv`: none|static|dynamic; `use_decay`, `use_output_gate`:
@@ -28,6 +33,8 @@ from jetnas.layers import ATTENTION_TYPES, LINEAR_LAYERS
 from jetnas.layers.jet import CONV_KINDS
 from jetnas.models.presets import PRESETS
 
+#: the window of `swa` layers when neither the recipe nor the teacher gives one (see the module docstring)
+DEFAULT_SWA_WINDOW = 512
 #: named JetBlock design variants (PostNAS step 3): where the dynamic convolution sits, and the static Q/K convs
 JET_VARIANTS: dict[str, dict] = {
     # the design: dynamic conv on V, no conv on Q/K

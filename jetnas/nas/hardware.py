@@ -147,6 +147,37 @@ def shape_candidates(original: BlockShape, state_numbers: int | None = None, hea
     return sorted([original, *others], key=lambda s: (s.num_heads, s.head_k_dim))
 
 
+def measurement_spread(records: Sequence[Mapping]) -> float | None:
+    """The largest relative spread, (max - min) / median, of the repeated decode measurements of the shapes; None
+    unless every shape was measured more than once."""
+    runs = [(r.get("decode") or {}).get("decode_tokens_per_s_runs") or [] for r in records]
+    if not runs or not all(len(r) > 1 for r in runs):
+        return None
+    return max((max(r) - min(r)) / rec["decode_tokens_per_s"] for r, rec in zip(runs, records))
+
+
+def measurement_note(records: Sequence[Mapping], spread: float | None) -> str:
+    if spread is None:
+        return " (one measurement per shape: its noise is unknown)"
+    counts = [len((r.get("decode") or {}).get("decode_tokens_per_s_runs")) for r in records]
+    return f" (median of {min(counts)} measurements; largest spread {100 * spread:.1f}%)"
+
+
+def floor_rule(tolerance: float, spread: float | None, floor: float, reference: float) -> str:
+    """The choice rule in words, with the floor it applied: what hardware.md says, so the text and the rule agree."""
+    margin = max(tolerance, spread or 0.0)
+    why = f"the tolerance, {100 * tolerance:g}%"
+    if margin > tolerance:
+        why = (f"the tolerance of {100 * tolerance:g}% widened to the measurements' largest spread, "
+               f"{100 * margin:.1f}%: a smaller difference is noise")
+    def rate(v: float) -> str:
+        return f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
+
+    return (f"Chosen: the best score among the shapes whose decode throughput is at least {rate(floor)} tok/s, "
+            f"{100 * margin:.1f}% below the original's {rate(reference)} ({why}); the original, the reference, "
+            f"always qualifies.")
+
+
 def run_hardware_search(base: BlockSpec, shapes: Sequence[BlockShape], original: BlockShape,
                         run: Callable[[BlockSpec, Path], dict], metrics: Sequence[TaskMetric],
                         out_dir: str | Path, recipe: Mapping, tolerance: float = 0.01,
@@ -157,7 +188,9 @@ def run_hardware_search(base: BlockSpec, shapes: Sequence[BlockShape], original:
     (`jetnas.nas.hardware.choose_shape`): the best-scoring shape whose decode throughput is within `tolerance` of
     the original's. `state_numbers` is the state size searched (default: the original's); a shape of another size
     (the original, when a budget other than its own is given) is only the throughput reference and is chosen only
-    when no shape at the budget is fast enough.
+    when no shape at the budget is fast enough. When every shape was measured several times and the largest spread
+    of those measurements exceeds `tolerance`, the spread is the margin instead (`floor_rule`): a shape is not
+    ruled out by a difference its own measurements cannot resolve.
 
     Writes `hardware.md` (Table-2-like), `hardware.json` and `hardware.png` under `out_dir`; returns the chosen
     shape, the options that build it (`block_config`), the table rows and the outputs.
@@ -182,22 +215,22 @@ def run_hardware_search(base: BlockSpec, shapes: Sequence[BlockShape], original:
     results = {s: {"accuracy": scores[s] if s in at_budget else -math.inf,
                    "decode_tokens_per_s": records[s]["decode_tokens_per_s"], "params": records[s].get("params", 0)}
                for s in shapes}
-    chosen = choose_shape(results, original, tolerance)
-    floor = (1 - tolerance) * records[original]["decode_tokens_per_s"]
+    spread = measurement_spread([records[s] for s in shapes])
+    # a difference smaller than the measurements' own spread is noise: the floor is never finer than that
+    margin = max(tolerance, spread or 0.0)
+    chosen = choose_shape(results, original, margin)
+    reference = records[original]["decode_tokens_per_s"]
+    floor = (1 - margin) * reference
     table = hardware_table(records, metrics, scores, original, chosen, floor, context_length)
-    measured = "measured on this device"
-    runs = [(records[s].get("decode") or {}).get("decode_tokens_per_s_runs") or [] for s in shapes]
-    if all(len(r) > 1 for r in runs):
-        spread = max((max(r) - min(r)) / records[s]["decode_tokens_per_s"] for s, r in zip(shapes, runs))
-        measured += f" (median of {min(map(len, runs))} measurements; largest spread {100 * spread:.1f}%)"
     (out / "hardware.md").write_text(
         f"# Hardware-aware search of the {base.name} shape (PostNAS step 4)\n\nRecurrent state fixed at {target} "
-        f"numbers per layer and sequence; decode throughput {measured}. Chosen: the best score among "
-        f"shapes within {100 * tolerance:g}% of the original's decode throughput (floor {floor:,.1f} tok/s).\n\n"
-        f"{table}\n")
+        f"numbers per layer and sequence; decode throughput measured on this device"
+        f"{measurement_note([records[s] for s in shapes], spread)}. {floor_rule(tolerance, spread, floor, reference)}"
+        f"\n\n{table}\n")
     rows = [{"shape": vars(s), "name": shape_name(s), "state_numbers": s.state_numbers, "score": scores[s],
              "chosen": s == chosen, "original": s == original, **records[s]} for s in shapes]
     write_json_atomic(out / "hardware.json", {"block": base.describe(), "state_numbers": target, "tolerance": tolerance,
+                                        "measurement_spread": spread, "margin": margin,
                                         "floor_tokens_per_s": floor, "metrics": [vars(m) for m in metrics],
                                         "chosen": vars(chosen), "original": vars(original), "rows": rows,
                                         "recipe": recipe})

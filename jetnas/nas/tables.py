@@ -14,12 +14,31 @@ if TYPE_CHECKING:  # the shape search (jetnas.nas.hardware) imports this module
     from jetnas.nas.hardware import BlockShape
 
 
-def _fmt(value, digits: int = 4) -> str:
+def _fmt(value, digits: int = 3) -> str:
+    """A table cell: floats to `digits` significant digits (3: the searches' short runs differ by noise in the
+    fourth; a loss of 11.06 against 11.07 is one number), large ones with thousands separators."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        rounded = float(f"{value:.{digits}g}")
+        if abs(rounded) >= 10 ** digits:
+            return f"{rounded:,.0f}"
+        # trailing zeros kept (11.0 next to 11.1, not 11): a column shows one precision
+        text = f"{value:#.{digits}g}"
+        return text.rstrip(".") if "e" not in text else f"{value:.{digits}g}"
     return str(value)
+
+
+def _plain_ticks(ax, axes: str = "xy") -> None:
+    """Tick labels of `axes` as plain numbers: a panel zoomed onto a narrow range otherwise gets matplotlib's offset
+    notation (`+1.106e1` above ticks reading 0.001), which nobody can read."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in [a for name, a in (("x", ax.xaxis), ("y", ax.yaxis)) if name in axes]:
+        if axis.get_scale() == "linear":
+            formatter = ScalarFormatter(useOffset=False)
+            formatter.set_scientific(False)
+            axis.set_major_formatter(formatter)
 
 
 def _mb(n) -> str:
@@ -30,18 +49,19 @@ def block_table(records: Mapping[str, dict], metrics: Sequence[TaskMetric], scor
                 reference: dict | None = None, context_length: int | None = None) -> str:
     """The Table-1-like markdown: one row per candidate, best first, then the teacher reference."""
     at = f" @ {context_length}" if context_length else ""
-    header = (["rank", "block"] + [f"{m.task} {m.metric} {'↑' if m.higher_is_better else '↓'}" for m in metrics]
+    header = (["rank", "block"] + [f"{short_task_name(m.task)} {m.metric} {'↑' if m.higher_is_better else '↓'}"
+                                   for m in metrics]
               + ["score ↑", "train tok/s", f"decode tok/s{at}", "params (M)", "trained (M)", f"cache/seq (MB){at}"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(label, r, position, score):
         cells = [position, label] + [_fmt(r["tasks"][m.task][m.metric]) for m in metrics]
-        cells += [score, _fmt(r.get("train_tokens_per_s"), 5), _fmt(r.get("decode_tokens_per_s"), 5),
+        cells += [score, _fmt(r.get("train_tokens_per_s")), _fmt(r.get("decode_tokens_per_s")),
                   _mb(r.get("params")), _mb(r.get("trainable_params")), _mb(r.get("cache_bytes_per_sequence"))]
         lines.append("| " + " | ".join(cells) + " |")
 
     for position, name in enumerate(rank(records, scores), 1):
-        row(f"`{name}`", records[name], str(position), f"{scores[name]:.3f}")
+        row(f"`{name}`", records[name], str(position), f"{scores[name]:.2f}")
     if reference is not None:
         row("teacher (full attention)", reference, "", "")
     return "\n".join(lines)
@@ -78,22 +98,27 @@ def search_figure(path: Path, title: str, points: list[tuple[str, float, float |
     ax.set_xlabel(x_label)
     ax.set_ylabel("score (mean normalised task metric)")
     ax.set_title(title, fontsize=10)
+    _plain_ticks(ax)
     for ax, m in zip(axes[0][1:], metrics):
         values = [records[n]["tasks"][m.task][m.metric] for n in names]
         ax.bar(range(len(names)), values, color=[colors[n] for n in names])
-        if reference is not None:
-            ax.axhline(reference["tasks"][m.task][m.metric], color="black", linestyle="--", linewidth=1,
-                       label="teacher")
+        teacher = reference["tasks"][m.task][m.metric] if reference is not None else None
+        if teacher is not None:
+            ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
             ax.legend(fontsize=7)
-        low, high = min(values), max(values)
-        if reference is not None:
-            low, high = min(low, reference["tasks"][m.task][m.metric]), max(high, reference["tasks"][m.task][m.metric])
+        low, high = min(values + ([teacher] if teacher is not None else [])), max(
+            values + ([teacher] if teacher is not None else []))
         pad = 0.15 * (high - low) or 0.1 * max(abs(high), 1.0)
         # metrics like NLL differ in the third digit: zoom onto the range the candidates span
         ax.set_ylim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
+        if len(set(values)) == 1:
+            # bars of one height (often all 0: no candidate found a needle) look like an empty panel: say why
+            ax.text(0.5, 0.5, f"every candidate: {_fmt(float(values[0]))}\n(no difference to show)",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8, color="dimgray")
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{m.task}: {m.metric} {'↑' if m.higher_is_better else '↓'}", fontsize=9)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        _plain_ticks(ax, "y")
+        ax.set_title(f"{short_task_name(m.task)}: {m.metric} {'↑' if m.higher_is_better else '↓'}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -106,7 +131,8 @@ def hardware_table(records: Mapping[BlockShape, dict], metrics: Sequence[TaskMet
     """The Table-2-like markdown: one row per shape."""
     at = f" @ {context_length}" if context_length else ""
     header = (["d_k", "d_v", "heads", "params (M)", "state/layer", f"cache/seq (MB){at}", f"decode tok/s{at}",
-               "vs original"] + [f"{m.task} {m.metric} {'↑' if m.higher_is_better else '↓'}" for m in metrics]
+               "vs original"] + [f"{short_task_name(m.task)} {m.metric} {'↑' if m.higher_is_better else '↓'}"
+                                 for m in metrics]
               + ["score ↑", ""])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = records[original]["decode_tokens_per_s"]
@@ -115,9 +141,9 @@ def hardware_table(records: Mapping[BlockShape, dict], metrics: Sequence[TaskMet
         notes = [n for n, ok in (("**chosen**", shape == chosen), ("original", shape == original),
                                  ("below floor", tps < floor)) if ok]
         cells = [str(shape.head_k_dim), str(shape.head_v_dim), str(shape.num_heads), _mb(r.get("params")),
-                 str(shape.state_numbers), _mb(r.get("cache_bytes_per_sequence")), _fmt(tps, 5),
+                 str(shape.state_numbers), _mb(r.get("cache_bytes_per_sequence")), _fmt(tps),
                  f"{100 * (tps / base - 1):+.1f}%" if base else ""]
-        cells += [_fmt(r["tasks"][m.task][m.metric]) for m in metrics] + [f"{scores[shape]:.3f}", ", ".join(notes)]
+        cells += [_fmt(r["tasks"][m.task][m.metric]) for m in metrics] + [f"{scores[shape]:.2f}", ", ".join(notes)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,6 +177,11 @@ def heatmap(rows: dict[str, list[float]], out_path: str | Path, title: str) -> P
     ax.set_xlabel("layer kept as full attention (all others linear)")
     ax.set_title(title, fontsize=9)
     for r, row in enumerate(data):
+        if max(row) == min(row):
+            # one colour across the row: no single layer moved this task, which the colour alone does not say
+            ax.text((L - 1) / 2, r, "no one-layer network differs on this task", ha="center", va="center",
+                    color="white", fontsize=8)
+            continue
         best = max(range(L), key=row.__getitem__)
         ax.text(best, r, "*", ha="center", va="center", color="white", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.02, label="fraction of gap to teacher closed")
@@ -167,6 +198,20 @@ def comparison_table(entries: dict[str, dict], task_names: list[str]) -> str:
     head = "| placement | attn | swa | " + " | ".join(map(short_task_name, task_names)) + " | combined |"
     lines = [head, "|---|---|---|" + "---|" * (len(task_names) + 1)]
     for name, e in entries.items():
-        cells = [f"{e['metrics'][t]:.4g} ({e['fractions'][t]:+.2f})" for t in task_names]
-        lines.append(f"| {name} | {e['attn']} | {e['swa']} | " + " | ".join(cells) + f" | {e['combined']:.3f} |")
+        cells = [f"{_fmt(float(e['metrics'][t]))} ({e['fractions'][t]:+.2f})" for t in task_names]
+        lines.append(f"| {name} | {layer_ranges(e['attn'])} | {layer_ranges(e['swa'])} | " + " | ".join(cells)
+                     + f" | {e['combined']:.2f} |")
     return "\n".join(lines)
+
+
+def layer_ranges(layers: Sequence[int]) -> str:
+    """Layer indices as runs: `[0, 1, ..., 29]` -> `0-29`, `[3, 8, 9, 10]` -> `3, 8-10`, `[]` -> `none`."""
+    if not layers:
+        return "none"
+    ordered = sorted(layers)
+    runs, start = [], ordered[0]
+    for prev, cur in zip(ordered, ordered[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(runs)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from jetnas.runner.models import load_model_and_tokenizer, resolve_device, resolve_dtype
+from jetnas.runner.models import load_model, resolve_device, resolve_dtype
 from jetnas.runner.recipes import BenchRecipe
 from jetnas.runner.results import BenchResult
 
@@ -21,33 +21,43 @@ HF_BATCH_CAP = 64  # transformers prefills every row at once: its activations, n
 
 
 def _figure(rows: list[dict], path: Path, title: str) -> None:
+    """Decode and prefill tokens/s against context, one line per system, the decode rooflines as marks; with one
+    context length a line would be a lone point, so bars (one per system) stand in and the title says why."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    systems = sorted({r["system"] for r in rows})
+    contexts = sorted({r["context_length"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=130)
-    for system in sorted({r["system"] for r in rows}):
-        mine = [r for r in rows if r["system"] == system]
-        ctx = [r["context_length"] for r in mine]
-        axes[0].plot(ctx, [r["decode_tokens_per_s"] for r in mine], marker="o", label=system)
-        axes[1].plot(ctx, [r["prefill_tokens_per_s"] for r in mine], marker="o", label=system)
-        for r in mine:
-            if r.get("roofline_tokens_per_s"):
-                axes[0].scatter([r["context_length"]], [r["roofline_tokens_per_s"]], marker="_", s=200, color="gray")
-            if r.get("roofline_rw_tokens_per_s"):
-                axes[0].scatter([r["context_length"]], [r["roofline_rw_tokens_per_s"]], marker="_", s=200,
-                                color="black")
-    for ax, name in zip(axes, ("decode", "prefill")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(f"{name} tokens/s")
+    for ax, (name, key) in zip(axes, (("decode", "decode_tokens_per_s"), ("prefill", "prefill_tokens_per_s"))):
+        if len(contexts) == 1:
+            values = [next(r[key] for r in rows if r["system"] == s) for s in systems]
+            ax.bar(range(len(systems)), values, color=[f"C{i}" for i in range(len(systems))])
+            ax.set_xticks(range(len(systems)), systems, fontsize=9)
+            ax.set_ylabel(f"{name} tokens/s at {contexts[0]:,} tokens")
+        else:
+            for i, system in enumerate(systems):
+                mine = [r for r in rows if r["system"] == system]
+                ax.plot([r["context_length"] for r in mine], [r[key] for r in mine], marker="o", label=system,
+                        color=f"C{i}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel(f"{name} tokens/s")
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title("decode (rooflines of the engine's batch: gray reads, black reads + writes)", fontsize=9)
+    engine = [r for r in rows if r["system"] == "jetnas engine"]
+    x_of = (lambda r: systems.index("jetnas engine")) if len(contexts) == 1 else (lambda r: r["context_length"])
+    for r in engine:
+        for key, color in (("roofline_tokens_per_s", "gray"), ("roofline_rw_tokens_per_s", "black")):
+            if r.get(key):
+                axes[0].scatter([x_of(r)], [r[key]], marker="_", s=300, color=color)
+    one = "; one context length measured: bars, not lines" if len(contexts) == 1 else ""
+    axes[0].set_title("decode (roofline marks: gray reads, black reads + writes)", fontsize=9)
     axes[1].set_title("prefill", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}{one}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -65,7 +75,8 @@ def run_bench(recipe: BenchRecipe) -> BenchResult:
     r = recipe
     dev_name = resolve_device(r.device)
     dev = torch.device(dev_name)
-    source, _ = load_model_and_tokenizer(r.model, None, dev_name, resolve_dtype(r.dtype, dev_name))
+    # token ids are random: no tokenizer is loaded, so a preset needs neither one nor the network
+    source = load_model(r.model, dev_name, resolve_dtype(r.dtype, dev_name))
     net = as_jetnas(source)
     out = Path(r.out_dir or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

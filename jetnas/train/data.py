@@ -185,14 +185,37 @@ def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0,
     return TokenStream.from_file(target)
 
 
+class _StepProgress:
+    """A logits processor for `generate()` that changes nothing and advances a progress bar as tokens are sampled:
+    each decoding step adds one token to every row that has not ended (no end-of-document token since `start`),
+    so the bar moves from the first step and its rate, and so its estimate, is the real sampling rate (a bar
+    advanced once per batch sat at 0 for the whole first batch, minutes on a busy CPU)."""
+
+    def __init__(self, bar, start: int, eos_id: int):
+        self.bar, self.start, self.eos_id = bar, start, eos_id
+        self.counted = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        live = int((~(input_ids[:, self.start:] == self.eos_id).any(dim=1)).sum())
+        room = self.bar.total - self.bar.n
+        if room > 0:
+            self.bar.update(min(live, room))
+        self.counted += live
+        return scores
+
+
 @torch.no_grad()
 def _sample_text(model, tokenizer, eos_id: int, tokens: int, seed: int, batch_size: int, length: int,
                  name: str) -> list[int]:
     """At least `tokens` ids of the teacher's samples (see `teacher_generated`)."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids: list[int] = []
-    bar = tqdm(total=tokens, desc=f"generating training text with {name}", unit="tok", file=sys.stderr)
+    bar = tqdm(total=tokens, desc=f"generating training text with {name}", unit="tok", file=sys.stderr,
+               dynamic_ncols=True)
+    bar.refresh()  # shown at once, before the first step (which includes the prompts' prefill) ends
     was_training = model.training
     model.eval()
     while len(ids) < tokens:
@@ -205,14 +228,17 @@ def _sample_text(model, tokenizer, eos_id: int, tokens: int, seed: int, batch_si
             input_ids[row, width - len(seq):] = torch.tensor(seq)
             mask[row, width - len(seq):] = 1
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+        progress = _StepProgress(bar, width, eos_id)
         out = model.generate(input_ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=eos_id, eos_token_id=eos_id)
+                             top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=eos_id, eos_token_id=eos_id,
+                             logits_processor=LogitsProcessorList([progress]))
         for row, seq in enumerate(encoded):
             sample = out[row, width - len(seq) + 1:].tolist()  # the prompt (without its leading EOS) + text
             if eos_id in sample[len(seq) - 1:]:
                 sample = sample[: sample.index(eos_id, len(seq) - 1)]
             ids += sample + [eos_id]
-            bar.update(len(sample) + 1)
+        # the steps counted sampled tokens; the batch also kept its prompts' tokens
+        bar.update(max(0, min(len(ids), tokens) - bar.n))
     bar.close()
     model.train(was_training)
     return ids

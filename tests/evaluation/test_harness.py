@@ -99,3 +99,22 @@ def test_local_configs_and_paper_groups(tmp_path, bench_dir):
                                       "longbench"}
     with pytest.raises(ValueError, match="--data-dir"):
         run_harness(None, None, ["jetnas_mmlu"], data_dir=None)
+
+
+def test_an_unreachable_hub_ends_in_one_line(monkeypatch, capsys):
+    """Offline with lm-evaluation-harness installed: its datasets' ConnectionError, deep in a traceback, becomes one
+    line saying what reads local files instead; the network notice came first."""
+    import lm_eval
+
+    from jetnas.validation import InputError
+    from tests.utils import tiny_lm
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    lm, model = tiny_lm()
+    with pytest.raises(InputError, match=r"^hellaswag: Couldn't reach 'Rowan/hellaswag' on the Hub .* \(offline\?\): "
+                                         r"the built-in tasks \(mc:, cloze:, ppl:\)"):
+        run_harness(model, lm.tokenizer, ["hellaswag"])
+    assert "needs the network" in capsys.readouterr().err

@@ -198,3 +198,36 @@ def test_cloze_and_perplexity_files_are_validated(tmp_path):
         parse_task(f"ppl:{tmp_path / 'one.txt'}").evaluate(lm)
     with pytest.raises(ValueError, match=r"option limit=-3: must be an integer >= 1"):
         parse_task(f"mc:{write_jsonl(tmp_path / 'mc.jsonl', MC_ROWS)}?limit=-3")
+
+
+class RecordingBar:
+    """Stands in for tqdm: records the total and every update."""
+
+    made: list = []
+
+    def __init__(self, total=None, **kwargs):
+        self.total, self.n, self.updates, self.kwargs = total, 0, [], kwargs
+        RecordingBar.made.append(self)
+
+    def update(self, k=1):
+        self.n += k
+        self.updates.append(k)
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_counts_rows_not_answer_choices(tmp_path, monkeypatch):
+    from jetnas.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "tqdm", RecordingBar)
+    RecordingBar.made = []
+    lm, _ = tiny_lm(batch_size=3)  # batches of 3 requests cut the rows' 4 answers apart
+    MultipleChoiceTask(write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)).evaluate(lm, progress=True)
+    bar = RecordingBar.made[-1]
+    assert bar.total == len(MC_ROWS) and bar.n == len(MC_ROWS) and bar.kwargs["unit"] == "row"
+    with pytest.raises(ValueError, match="rows gives 1 row numbers for 2 requests"):
+        score_continuations(lm, [("a", " b"), ("c", " d")], rows=[0])

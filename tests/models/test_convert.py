@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from jetnas.models.convert import convert_model
-from jetnas.models.layer_types import parse_layer_types
+from jetnas.models.convert import convert_model, default_swa_window, hybrid_config
+from jetnas.models.layer_types import DEFAULT_SWA_WINDOW, parse_layer_types
 
 TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -76,6 +76,22 @@ def test_layer_type_syntax():
         parse_layer_types("jet-nemotron-2b", 30)
 
 
-def test_swa_needs_a_window():
-    with pytest.raises(ValueError, match="needs a window"):
-        convert_model(source_model("llama"), ["attn", "swa", "attn", "attn"])
+def window_of(source, **extra):
+    return hybrid_config(source, ["attn", "swa", "attn", "attn"], extra or None).efficient_attention_config["swa"][
+        "window_size"]
+
+
+def test_swa_without_a_window_gets_the_documented_default():
+    # the README's one-liners give no window: the teacher's own when it uses one, else 512 capped at half its
+    # positions; a given window always wins
+    assert window_of(LlamaConfig(**{**TINY, "max_position_embeddings": 8192})) == DEFAULT_SWA_WINDOW == 512
+    assert window_of(LlamaConfig(**TINY)) == 128  # 256 positions: 512 would be no window at all
+    assert window_of(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=64)) == 64
+    assert window_of(Qwen2Config(**{**TINY, "max_position_embeddings": 8192}, use_sliding_window=False,
+                                 sliding_window=4096)) == 512  # a window the teacher does not use is not its own
+    assert window_of(LlamaConfig(**TINY), swa={"window_size": 32}) == 32
+    hybrid, _ = convert_model(source_model("llama"), ["attn", "swa", "attn", "attn"])
+    assert hybrid.config.sliding_window == 128
+    # a jetnas model converted again keeps its own window
+    assert window_of(hybrid.config) == 128
+    assert default_swa_window(hybrid.config)[1] == "the teacher's own sliding window"

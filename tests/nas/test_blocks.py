@@ -276,6 +276,39 @@ def test_the_tolerance_rule_picks_the_most_accurate_fast_enough_shape(tmp_path):
     assert loose["chosen"] == vars(slow)
 
 
+def test_the_floor_the_text_states_is_the_floor_the_rule_applied(tmp_path):
+    """The quickstart's case: three decode measurements per shape spread 6% while the tolerance is 1%. A shape 2.7%
+    slower is within the noise, so the floor widens to the spread; the chosen shape is never below the floor that
+    hardware.md states, and every shape the table marks below it is slower than it."""
+    import re
+
+    original, other = BlockShape(9, 64, 64), BlockShape(6, 96, 64)
+    runs = {"H9-K64-V64": [40.2, 42.6, 42.8], "H6-K96-V64": [39.9, 41.5, 42.4]}
+
+    def run(cand, cdir):
+        middle = sorted(runs[cand.name])[1]
+        record = fake_record(10.7 if cand.name == "H6-K96-V64" else 11.7, 0.0, decode=middle)
+        return {**record, "decode": {"decode_tokens_per_s_runs": runs[cand.name]}}
+
+    summary = run_hardware_search(parse_candidate("gdn"), [original, other], original, run, METRICS, tmp_path,
+                                  {"steps": 1}, tolerance=0.01)
+    text = (tmp_path / "hardware.md").read_text()
+    floor = float(re.search(r"at least ([\d,.]+) tok/s", text).group(1).replace(",", ""))
+    saved = json.loads((tmp_path / "hardware.json").read_text())
+    assert saved["margin"] == pytest.approx((42.8 - 40.2) / 42.6)
+    assert floor == pytest.approx(saved["floor_tokens_per_s"], rel=1e-3)
+    assert "widened to the measurements' largest spread, 6.1%: a smaller difference is noise" in text
+    chosen = next(r for r in saved["rows"] if r["chosen"])
+    assert summary["chosen_name"] == "H6-K96-V64" and chosen["decode_tokens_per_s"] >= floor
+    assert "below floor" not in text
+    # measured once, the tolerance alone decides, and the text says the noise is unknown
+    single = run_hardware_search(parse_candidate("gdn"), [original, other], original,
+                                 lambda c, d: fake_record(1.0, 0.0, decode=sorted(runs[c.name])[1]), METRICS,
+                                 tmp_path / "single", {"steps": 1}, tolerance=0.01)
+    text = (tmp_path / "single" / "hardware.md").read_text()
+    assert single["chosen_name"] == "H9-K64-V64" and "one measurement per shape" in text and "below floor" in text
+
+
 def test_a_budget_other_than_the_originals(tmp_path):
     original, a, b = BlockShape(4, 8, 16), BlockShape(2, 8, 64), BlockShape(4, 8, 32)
     speeds = {"H4-K8-V16": 1000.0, "H2-K8-V64": 999.0, "H4-K8-V32": 1000.0}
