@@ -57,6 +57,7 @@ from jetnas.runner.results import (
 )
 from jetnas.runner.searches import run_blocks, run_hardware
 from jetnas.runner.supernet import run_placement, run_supernet
+from jetnas.runner.retention import TRAINING_OUTPUTS, drop_checkpoints
 from jetnas.runner.training import build_recall_data, generate_data, run_training
 from jetnas.validation import read_json
 
@@ -309,11 +310,16 @@ class Done:
 class Pipeline:
     """Runs a recipe's stages in order, reusing finished ones (see the module docstring)."""
 
-    def __init__(self, recipe: Recipe, redo: tuple[str, ...] = ()):
+    def __init__(self, recipe: Recipe, redo: tuple[str, ...] = (), keep_checkpoints: bool = True):
+        """`keep_checkpoints=False`: a training stage's optimizer checkpoints are deleted as soon as it has finished
+        and written its model (`jetnas.runner.retention`): later stages read the model, and a run's peak disk use
+        stays one stage's checkpoints."""
         for stage in redo:
             if stage not in STAGES and stage != "data":
                 raise RecipeError(f"--redo {stage!r}: not a stage; the stages are {['data', *STAGES]}")
-        self.recipe, self.redo = recipe, set(redo)
+        self.recipe, self.redo, self.keep_checkpoints = recipe, set(redo), keep_checkpoints
+        #: bytes of optimizer checkpoints deleted per finished training stage (keep_checkpoints off)
+        self.checkpoints_deleted: dict[str, int] = {}
         self.out = recipe.out_dir
         self.state_path = self.out / "pipeline.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
@@ -372,6 +378,12 @@ class Pipeline:
         self._save_state()
         self.records[name] = outcome.to_record()
         self._log(f"{name}: done in {time.perf_counter() - start:.1f}s")
+        if not self.keep_checkpoints and (kind or name) in TRAINING_OUTPUTS:
+            freed = drop_checkpoints(kwargs["out_dir"], TRAINING_OUTPUTS[kind or name])
+            if freed:
+                self.checkpoints_deleted[name] = freed
+                self._log(f"{name}: deleted its optimizer checkpoints ({freed / 1e9:.2f} GB; --keep-checkpoints keeps "
+                          f"them)")
         return outcome
 
     # -- data ---------------------------------------------------------------------------------------------------

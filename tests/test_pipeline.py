@@ -292,3 +292,28 @@ def test_compare_placements_trains_the_search_baselines_into_final_hybrids(tmp_p
     assert CALLS == []  # every comparison reused
     with pytest.raises(RecipeError, match="compare_placements"):
         Recipe.from_dict({**raw, "stages": {**raw["stages"], "eval": "skip"}}, source="test.yaml")
+
+
+def test_without_keep_checkpoints_a_training_stage_loses_its_checkpoints_when_it_finishes(tmp_path, monkeypatch):
+    # the peak disk use of a run stays one stage's checkpoints: stage 1's are gone before stage 2 trains
+    seen = {}
+
+    def train_with_checkpoints(r):
+        step = Path(r.out_dir) / "checkpoints" / "step-00000002"
+        step.mkdir(parents=True)
+        (step / "optimizer.safetensors").write_bytes(b"\0" * 1000)
+        result = fake_train(r)
+        (Path(result.model_dir) / "config.json").write_text("{}")
+        (Path(result.model_dir) / "jetnas_stage.json").write_text("{}")
+        seen[r.stage] = sorted(p.name for p in (tmp_path / "run" / "stage1" / "checkpoints").iterdir())
+        return result
+
+    monkeypatch.setattr(pipeline, "SPECS", {
+        **pipeline.SPECS, "stage1": dataclasses.replace(pipeline.SPECS["stage1"], run=train_with_checkpoints),
+        "stage2": dataclasses.replace(pipeline.SPECS["stage2"], run=train_with_checkpoints)})
+    run = Pipeline(recipe(tmp_path), keep_checkpoints=False)
+    run.run()
+    assert seen == {1: ["step-00000002"], 2: []}
+    assert set(run.checkpoints_deleted) == {"stage1", "stage2"}
+    assert not list((tmp_path / "run" / "stage2" / "checkpoints").iterdir())
+    assert (tmp_path / "run" / "stage1" / "model" / "model.safetensors").exists()  # the model stays

@@ -108,3 +108,11 @@ def test_quickstart_runs_end_to_end_and_reuses_its_stages(teacher, tmp_path, cap
     # a second run reuses everything
     assert main(["run", "quickstart", "--out-dir", str(out)]) == 0
     assert "running" not in capsys.readouterr().err
+
+
+def test_the_supernet_recipe_window_is_the_library_default():
+    # the recipe spells it out (reading a recipe imports no torch); `jetnas convert` without a window uses the same
+    from jetnas.models.layer_types import DEFAULT_SWA_WINDOW
+    from jetnas.runner.recipes import SupernetRecipe
+
+    assert SupernetRecipe.__dataclass_fields__["swa_window"].default == DEFAULT_SWA_WINDOW

@@ -20,9 +20,9 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
         check: validate the recipe and print the stages it would run, without running them.
         report_only: write report.md / report.json again from the run directory's pipeline.json and run nothing
             (a run directory copied from another machine: its recorded paths are found under out_dir).
-        keep_checkpoints: keep the optimizer checkpoints of finished training stages (by default they are deleted
-            when the run ends: a finished stage's model is what later stages read; unfinished stages always keep
-            theirs, to resume).
+        keep_checkpoints: keep the optimizer checkpoints of finished training stages (by default each is deleted
+            as soon as its stage has finished and written its model, which is what later stages read; an unfinished
+            stage always keeps its own, to resume).
     """
     from jetnas.pipeline import Pipeline, load_recipe
     from jetnas.runner.models import network_notice
@@ -46,12 +46,10 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
     if report_only:
         return Pipeline(parsed).write_report()
     network_notice(parsed.teacher, "teacher")
-    pipeline = Pipeline(parsed, redo=tuple(redo or ()))
+    pipeline = Pipeline(parsed, redo=tuple(redo or ()), keep_checkpoints=keep_checkpoints)
     result = pipeline.run()
     if not keep_checkpoints:
-        freed = drop_finished_checkpoints(pipeline.state)
-        if freed:
-            print(f"jetnas: deleted the optimizer checkpoints of the finished stages {', '.join(freed)} "
-                  f"({sum(freed.values()) / 1e9:.1f} GB; --keep-checkpoints keeps them)", file=sys.stderr)
+        # and those of stages finished by an earlier run that kept them
+        freed = {**pipeline.checkpoints_deleted, **drop_finished_checkpoints(pipeline.state)}
         result["checkpoints_deleted_bytes"] = freed
     return result

@@ -14,11 +14,6 @@ from jetnas.runner.recipes import EvalRecipe
 from jetnas.runner.results import EvalResult
 
 
-#: how to give `jetnas eval` a tokenizer for a model directory without one (it has no --tokenizer flag)
-SAVE_A_TOKENIZER = ("save its tokenizer into it: python -c \"from transformers import AutoTokenizer; "
-                    "AutoTokenizer.from_pretrained('SOURCE').save_pretrained('DIR')\"")
-
-
 def _apply_limit(task, limit: int | None):
     """`--limit` for a built-in task: rows for mc/cloze/retrieval, 1024-token windows for perplexity."""
     from jetnas.evaluation.tasks import ClozeTask, MultipleChoiceTask, PerplexityTask, RetrievalTask
@@ -88,7 +83,7 @@ def run_eval(recipe: EvalRecipe) -> EvalResult:
     builtin = [parse_task(s) for s in specs if is_builtin(s)]  # parse first: bad names fail before loading
     harness = [s for s in specs if not is_builtin(s)]
     dev = resolve_device(r.device)
-    net, tok = load_model_and_tokenizer(r.model, None, dev, resolve_dtype(r.dtype, dev), how=SAVE_A_TOKENIZER)
+    net, tok = load_model_and_tokenizer(r.model, r.tokenizer, dev, resolve_dtype(r.dtype, dev))
     lm = LanguageModel.from_hf(net, tok, max_length=r.max_length, batch_size=r.batch_size, name=r.model)
     out = Path(r.out_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

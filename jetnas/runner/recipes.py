@@ -374,6 +374,8 @@ class EvalRecipe(Recipe):
         max_length: longest sequence scored (default: the model's max positions).
         num_fewshot: few-shot examples for harness tasks.
         data_dir: the folder of local benchmark files for jetnas_* harness tasks.
+        tokenizer: the tokenizer of a model directory that holds none (a directory holding one, a hub id, or a
+            teacher name); never guessed.
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
         resume: keep the results of tasks already in out_dir/eval.json (same weights and limit) and skip them;
@@ -388,6 +390,7 @@ class EvalRecipe(Recipe):
     max_length: int | None = arg(None, min=1)
     num_fewshot: int | None = arg(None, min=0)
     data_dir: str | None = None
+    tokenizer: str | None = None
     device: str | None = None
     dtype: str = arg("auto", choices=DTYPES)
     resume: bool = True
