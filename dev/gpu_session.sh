@@ -102,7 +102,7 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   fi
   # 4 autotuning configs per kernel: every block type of the block selection would otherwise cost minutes of
   # compilation before its first step; the throughput columns are then "lightly tuned" (say so in the results)
-  timeout "$1" python3 dev/lightly_tuned.py 4 -m jetnas run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
+  timeout "$1" python3 -m jetnas --autotune-configs 4 run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
   # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
      ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)
@@ -110,8 +110,8 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
 
 dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
   for mode in plain ddp fsdp; do
-    launch="python3 dev/lightly_tuned.py 4 -m jetnas"
-    [ $mode != plain ] && launch="python3 -m torch.distributed.run --standalone --nproc-per-node 1 dev/lightly_tuned.py 4 -m jetnas"
+    launch="python3 -m jetnas --autotune-configs 4"
+    [ $mode != plain ] && launch="python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m jetnas --autotune-configs 4"
     timeout "$1" $launch supernet --teacher smollm2-135m --data ../shared/data/corpus/train.bin \
       --steps 30 --batch-size 16 --seq-len 512 --out-dir /root/dist_$mode \
       $([ $mode != plain ] && echo --distributed $mode) 2>&1 | grep -v Warn | tail -2

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jetnas",
         description="PostNAS for your pretrained model: search, train, evaluate and serve Jet-Nemotron-style hybrids.",
     )
+    parser.add_argument("--autotune-configs", dest="_autotune_configs", type=int, default=None, metavar="N",
+                        help="benchmark at most N of each Triton kernel's autotuning configs (a fast start on a fresh "
+                             "GPU machine, somewhat slower kernels: for short runs, not for throughput measurements)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, target in COMMANDS.items():
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a bad flag argparse has already explained
         return done.code if isinstance(done.code, int) else 2
     target = args.pop("_target", None)
+    autotune_configs = args.pop("_autotune_configs", None)
     args.pop("command", None)
     args.pop("subcommand", None)
     if target is None:
@@ -195,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # before the command imports torch, which reads its thread count once
         apply_threads()
+        if autotune_configs is not None:
+            if autotune_configs < 1:
+                raise ValueError(f"--autotune-configs={autotune_configs} must be >= 1")
+            from jetnas.ops.autotune import limit_autotuning
+
+            limit_autotuning(autotune_configs)
         result = fn(*positional, **args)
     except (ValueError, FileNotFoundError) as err:
         # user errors: one clear line, no traceback

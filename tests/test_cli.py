@@ -83,3 +83,15 @@ def test_importing_transformers_after_jetnas_registers_the_model_type():
             "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('jet_nemotron')).__name__)")
     proc = run("-c", code, probe=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "JetNemotronConfig", proc.stderr
+
+
+def test_autotune_configs_is_a_global_option_that_limits_autotuning_before_the_command(monkeypatch, capsys):
+    import jetnas.ops.autotune as autotune
+    from jetnas.cli import main
+
+    calls = []
+    monkeypatch.setattr(autotune, "limit_autotuning", calls.append)
+    assert main(["--autotune-configs", "3", "info"]) == 0
+    assert calls == [3]
+    assert main(["--autotune-configs", "0", "info"]) == 2
+    assert "--autotune-configs=0 must be >= 1" in capsys.readouterr().err
