@@ -3,8 +3,10 @@ rules of the throughput benchmarks: the largest batch predicted to fit (`largest
 out of memory anyway (`halving_on_oom`), and the largest prefill chunk predicted to fit (`auto_chunk_size`, what
 `chunk_size="auto"` means).
 
-Prefill mode (`prefill`): None picks the engine's "static" prefill (chunk passes captured in CUDA graphs,
-`jetnas.engine.prefill`) on CUDA and its "forward" prefill elsewhere, where there is no graph to gain.
+Prefill mode (`prefill`): None picks the engine's "forward" prefill (the model's own forward per chunk). The
+"static" prefill (chunk passes captured in CUDA graphs, `jetnas.engine.prefill`) is chosen explicitly
+(`benchmarks/prefill_bench.py` times both): it has not run on a GPU yet, and measurements the searches rely on do
+not switch to it before it has.
 """
 
 from __future__ import annotations
@@ -30,11 +32,9 @@ def _random_prompts(model, batch_size: int, context_length: int, device, seed: i
 
 
 def prefill_mode(device, prefill: str | None = None) -> str:
-    """The engine's prefill mode for a measurement on `device`: `prefill` when given, else "static" on CUDA (the
-    captured chunk passes) and "forward" elsewhere."""
-    if prefill is not None:
-        return prefill
-    return "static" if torch.device(device).type == "cuda" else "forward"
+    """The engine's prefill mode for a measurement on `device`: `prefill` when given, else "forward" (see the module
+    docstring)."""
+    return "forward" if prefill is None else prefill
 
 
 def make_engine(model, context_length: int, batch_size: int, chunk_size, prefill, reserved_rows: int):

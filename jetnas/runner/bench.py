@@ -84,8 +84,10 @@ def run_bench(recipe: BenchRecipe) -> BenchResult:
     print(f"jetnas bench: {r.model} on {dev_name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
     rows = []
     for ctx in r.context:
-        chunk_size = None if r.chunk == "none" else (
-            min(ctx, 8192 if dev.type == "cuda" else 1024) if r.chunk == "auto" else int(r.chunk))
+        # auto: on a GPU the largest chunk predicted to fit next to the cache (`bench.measure.auto_chunk_size`, up
+        # to the whole prompt: fewer, fuller passes); on CPU 1,024 tokens (its free memory is not known)
+        chunk_size = None if r.chunk == "none" else int(r.chunk) if r.chunk != "auto" else (
+            "auto" if dev.type == "cuda" else min(ctx, 1024))
         predicted = None
         if r.batch == "auto":
             if dev.type == "cuda":

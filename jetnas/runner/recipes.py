@@ -413,7 +413,8 @@ class BenchRecipe(Recipe):
             of memory).
         batch_cap: the largest batch auto picks; default 1024 on GPU, 8 on CPU (where memory is plentiful and
             compute is not: a larger batch would only make the run long).
-        chunk: prompt tokens per prefill pass: a number, none (the whole prompt), or auto (8192 on GPU, 1024 on CPU).
+        chunk: prompt tokens per prefill pass: a number, none (the whole prompt), or auto (on a GPU the largest
+            chunk predicted to fit next to the cache, up to the whole prompt; 1024 on CPU).
         new_tokens: tokens decoded per measurement (the first comes from the prefill and is not counted).
         baseline: hf: also run transformers generate() (dynamic cache), prefilling every row, at the engine's
             batch capped at 64 and halved while it runs out of memory (each system at the batch it can run).
