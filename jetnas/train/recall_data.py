@@ -61,6 +61,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from jetnas.evaluation import tasks as eval_tasks
+from jetnas.files import atomic_path, write_json_atomic
 from jetnas.train.data import TokenStream
 
 KINDS = ("quote", "glossary")
@@ -515,9 +516,8 @@ def build_recall_bin(corpus_path: str | Path, tokenizer, out_path: str | Path, c
     dtype = np.dtype("<u2") if len(tokenizer) <= 65535 else np.dtype("<u4")
     out.parent.mkdir(parents=True, exist_ok=True)
     TokenStream(docs.tokens.astype(dtype), name=out.name).save(out)
-    spans_tmp = out.with_name(out.name + ".spans.partial.npy")
-    np.save(spans_tmp, docs.spans)
-    spans_tmp.replace(out.with_name(out.name + ".spans.npy"))
+    with atomic_path(out.with_name(out.name + ".spans.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, docs.spans)
     distances = docs.distances()
     meta = {"config": asdict(config), "corpus": str(corpus_path), "max_articles": max_articles,
             "articles": corpus.articles, "articles_excluded_for_eval_phrases": corpus.excluded,
@@ -527,9 +527,7 @@ def build_recall_bin(corpus_path: str | Path, tokenizer, out_path: str | Path, c
             "distance": {"min": int(distances.min()), "median": float(np.median(distances)),
                          "max": int(distances.max())},
             "eos_id": int(eos), "tokenizer": getattr(tokenizer, "name_or_path", "")}
-    meta_tmp = out.with_name(out.name + ".recall.json.partial")
-    meta_tmp.write_text(json.dumps(meta, indent=2))
-    meta_tmp.replace(out.with_name(out.name + ".recall.json"))
+    write_json_atomic(out.with_name(out.name + ".recall.json"), meta)
     return out
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from jetnas.files import write_text_atomic
 from jetnas.manifest import write_json_durably
 from jetnas.train import distributed as dist_utils
 from jetnas.train.checkpoint import (
@@ -398,9 +399,7 @@ class Trainer:
                 f.write("".join(line + "\n" for line, _ in rows))
             print(f"jetnas: {path}: dropped an earlier run's rows of steps after {self.step} (the old log is kept "
                   f"as {self.out / 'log.replaced.jsonl'})", file=sys.stderr)
-        tmp = self.out / "log.jsonl.partial"
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     # -- training -------------------------------------------------------------------------------------------------
 
