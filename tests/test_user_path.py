@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from jetnas.cli import main
 from jetnas.models import JetNemotronForCausalLM
 from jetnas.runner.models import untrained_hint
 from jetnas.runner.threads import choose_threads
-from tests.utils import tiny_config, tiny_tokenizer
+from tests.utils import save_tiny_llama, tiny_config, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,15 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A tiny Llama teacher with the tiny tokenizer (4 layers, 2048 positions)."""
-    root = tmp_path_factory.mktemp("user_path")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    return root / "teacher"
+    return save_tiny_llama(tmp_path_factory.mktemp("user_path") / "teacher")
 
 
 @pytest.fixture

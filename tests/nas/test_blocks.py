@@ -7,7 +7,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from jetnas.models.layer_types import BlockSpec as BlockCandidate
 from jetnas.models.layer_types import parse_block as parse_candidate
@@ -391,18 +390,10 @@ def test_measures_are_named_never_imported_from_a_path(monkeypatch):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.utils import _CORPUS, tiny_tokenizer
+    from tests.utils import _CORPUS, save_tiny_llama
 
     root = tmp_path_factory.mktemp("blocks")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_tiny_llama(root / "teacher")
     (root / "train.txt").write_text(_CORPUS * 12)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JETNAS_CACHE", str(root / "cache"))
