@@ -8,7 +8,7 @@ On a fresh machine fla autotunes its kernels for every block type and shape firs
 prefill takes ~20 s a pass: within a 10-minute call, split it, e.g. `--sections check --autotune-configs 4` (the
 check's timings do not matter), then `--sections smollm2,jet2b` and `--sections long` (each writes its own --out).
 
-Sections, in this order (each row is written to --out as soon as it is measured, so a cut-off run keeps them):
+Sections, run in the order --sections gives (each row is written to --out as soon as it is measured, so a cut-off run keeps them):
 - check: the captured prefill (`Engine(prefill="static")`, `jetnas.engine.prefill`) against the forward prefill on
   one model of every block type (benchmarks/gpu_generate_check.py's `hybrid`), chunked with a partial last chunk:
   last logits in bf16 (every type) and float32 (every type but gla, whose float32 fla kernel crashed this GPU with a
@@ -407,22 +407,24 @@ def main() -> None:
     args.max_context = max([*args.smollm2_contexts, args.jet_context, args.long_context])
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = torch.bfloat16 if cuda else torch.float32
-    sections = set(args.sections.split(","))
+    sections = [s for s in args.sections.split(",") if s]
+    known = {"check": check_section, "smollm2": smollm2_section, "jet2b": jet2b_section, "long": long_section}
+    if set(sections) - set(known):
+        raise SystemExit(f"--sections {args.sections!r}: unknown {sorted(set(sections) - set(known))}; "
+                         f"known: {','.join(known)}")
     REPORT.update(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), dtype=str(args.dtype), tiny=args.tiny, args=vars(args) | {
                       "dtype": str(args.dtype)})
     REPORT["matmul_flops_per_s"] = (matmul_rate(args.device) if cuda
                                     else matmul_rate(args.device, torch.float32, n=512, repeats=5))
     log(f"matmul rate {REPORT['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
-    for name, fn in (("check", check_section), ("smollm2", smollm2_section), ("jet2b", jet2b_section),
-                     ("long", long_section)):
-        if name in sections:
-            try:
-                fn(args)
-            except Exception as err:  # noqa: BLE001  (one failed section must not cost the others)
-                REPORT.setdefault("section_errors", {})[name] = traceback.format_exc()[-3000:]
-                log(f"section {name} failed: {err!r}")
-            save(args.out)
+    for name in sections:  # in the order given: a call short of time puts the headline sections first
+        try:
+            known[name](args)
+        except Exception as err:  # noqa: BLE001  (one failed section must not cost the others)
+            REPORT.setdefault("section_errors", {})[name] = traceback.format_exc()[-3000:]
+            log(f"section {name} failed: {err!r}")
+        save(args.out)
     REPORT["summary"] = summary(args)
     save(args.out)
     table()

@@ -17,6 +17,7 @@
 #   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, convprefill:S, teacher_eval:S, dist:S
 #    (S seconds for each of its three runs); S = seconds)
 #   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c4)
+#   RECIPE=smollm2-135m-gpu-final bash dev/gpu_session.sh setup recipe:560   # the final hybrid on the committed search
 # Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
 set -uo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 JETNAS_CACHE=/root/jc
@@ -102,7 +103,11 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   fi
   # 4 autotuning configs per kernel: every block type of the block selection would otherwise cost minutes of
   # compilation before its first step; the throughput columns are then "lightly tuned" (say so in the results)
-  timeout "$1" python3 -m jetnas --autotune-configs 4 run smollm2-135m-gpu --out-dir /root/run "${RECIPE_SETS[@]}" 2>&1 | grep -v Warn | tail -25
+  # RECIPE=smollm2-135m-gpu-final: stage 1 -> bench on the committed search's placement (issue 19, item 4)
+  local name=${RECIPE:-smollm2-135m-gpu} sets=()
+  [ "$name" = smollm2-135m-gpu ] && sets=("${RECIPE_SETS[@]}")
+  timeout "$1" python3 -m jetnas --autotune-configs 4 run "$name" --out-dir /root/run "${sets[@]}" 2>&1 \
+    | tr '\r' '\n' | grep -v -E "Warn|it/s\]$|s/it\]$" | tail -40
   # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
      ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)
@@ -143,6 +148,10 @@ for step in "$@"; do
     kernels:*) timeout "${step#*:}" python3 benchmarks/gpu_kernel_check.py --autotune-configs 4 --sections ops,blocks \
                  --out $OUT/kernel_check.json 2>&1 | grep -v Warn | tail -20 ;;
     warmup:*) timeout "${step#*:}" python3 benchmarks/autotune_warmup.py 2>&1 | grep -v Warn | tail -8 ;;
+    # issue 16's prefill targets (benchmarks/prefill_bench.py): PB_SECTIONS=smollm2,jet2b,check (default, in that order) or long
+    prefillbench:*) timeout "${step#*:}" python3 benchmarks/prefill_bench.py --autotune-configs 4 \
+                      --sections "${PB_SECTIONS:=smollm2,jet2b,check}" --out "$OUT/prefill_bench_${PB_SECTIONS//,/_}.json" \
+                      2>&1 | grep -v Warn | tail -30 ;;
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the git-ignored .stage/ folders that GPU calls carry (see dev/gpu_session.sh): run once per fresh checkout.
 #   .stage/fla        fla wheels only (engine, kernel and generate checks): one call, ~1.5 MB
-#   .stage/c1 .. c4   everything the PostNAS recipe needs, in four calls of < 60 MB (the device takes 64 MiB a call):
+#   .stage/c1 .. c5   everything the PostNAS recipe needs, in five calls of < 60 MB (the device takes 64 MiB a call):
 #                     tilelang + its dependencies (fla's backward of the gated delta rule on Hopper with Triton 3.6),
-#                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus
+#                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus (the articles of the recall data in c5)
 # The device runs Python 3.12 on x86_64 (KINDS.md); wheels are fetched for it, not for this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +31,8 @@ cp "$WHL"/transformers-*.whl .stage/c3/
 mkdir -p .stage/c4/bench .stage/c4/corpus
 cp ../shared/data/bench/* .stage/c4/bench/
 cp ../shared/data/corpus/train.bin ../shared/data/corpus/val.bin .stage/c4/corpus/
+# the articles the recipes' retrieval-bearing documents are built from (data.recall.corpus): a fifth call
+mkdir -p .stage/c5/corpus
+cp ../shared/data/corpus/train.jsonl.gz .stage/c5/corpus/
 sha256sum "$GGUF"
-du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4
+du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5

@@ -499,6 +499,7 @@ class Pipeline:
              "device": self.recipe.device, "seed": self.recipe.seed, "data": self.recipe.data,
              "stages": {s: ("skip" if a is None else a) for s, a in self.recipe.stages.items()}}, sort_keys=False))
         data = self.prepare_data()
+        with_teacher: list[tuple[str, dict]] = []
         for stage in STAGES:
             if self.recipe.stages[stage] is None:
                 self._log(f"{stage}: skipped by the recipe")
@@ -506,13 +507,20 @@ class Pipeline:
             spec = SPECS[stage]
             kwargs = self.stage_kwargs(stage, data)
             result = self._run(stage, kwargs, lambda kw, spec=spec: spec.run(spec.recipe(**kw)), spec.result)
+            setattr(self.done, stage, result)
             if spec.with_teacher:
-                # the teacher through the same stage, for the report's side-by-side; it depends on nothing earlier
-                teacher = self._run(f"{stage}_teacher", {**kwargs, "model": self.recipe.teacher,
-                                                         "out_dir": str(self.out / f"{stage}_teacher")},
-                                    lambda kw, spec=spec: spec.run(spec.recipe(**kw)), spec.result, upstream=False)
-                result = Comparison(result, teacher)
-                self.records[stage] = result.to_record()
+                with_teacher.append((stage, kwargs))
+        # The teacher through the same stages (evaluation, throughput), for the report's side-by-side. They run
+        # last: they depend on nothing earlier, so on a machine whose time may end (a GPU session; the trained
+        # weights cannot leave it) everything that needs the hybrid's weights is done first, and the teacher's
+        # side can finish on any later machine.
+        for stage, kwargs in with_teacher:
+            spec = SPECS[stage]
+            teacher = self._run(f"{stage}_teacher", {**kwargs, "model": self.recipe.teacher,
+                                                     "out_dir": str(self.out / f"{stage}_teacher")},
+                                lambda kw, spec=spec: spec.run(spec.recipe(**kw)), spec.result, upstream=False)
+            result = Comparison(getattr(self.done, stage), teacher)
+            self.records[stage] = result.to_record()
             setattr(self.done, stage, result)
         if self.recipe.compare_placements:
             self.compare_placements(data)

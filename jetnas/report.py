@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from jetnas.files import write_text_atomic
+from jetnas.files import write_json_atomic, write_text_atomic
 
 TITLES = {
     "data": "Training data",
@@ -289,6 +289,93 @@ def steps_table(recipe, state: dict) -> list[str]:
     return lines + [""]
 
 
+#: chance accuracy of the shipped benchmark files' tasks (multiple choice: one over the options; cloze and
+#: retrieval: 0), by the short name `task_name` gives; a task may report its own `chance` instead
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "mmlu": 0.25, "piqa": 0.5, "lambada": 0.0}
+#: short names of the shipped files whose stem says more than the task (LAMBADA's OpenAI text is "lambada")
+ALIASES = {"lambada_openai": "lambada"}
+
+
+def task_name(spec: str) -> str:
+    """`mc:../bench/arc_easy_test.jsonl` -> `arc_easy`, `retrieval:needle@4096` -> `needle@4096`: a task's short name
+    (file stem without its split suffix and extensions)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "retrieval":
+        return rest
+    stem = Path(rest).name.split(".")[0] if rest else spec
+    for split in ("_test", "_val", "_validation", "_dev", "_train"):
+        if stem.endswith(split):
+            stem = stem[: -len(split)]
+            break
+    return ALIASES.get(stem, stem)
+
+
+def _context_row(bench: dict, context: int) -> dict | None:
+    rows = [r for r in (bench.get("rows") or []) if r.get("context_length") == context]
+    return rows[0] if rows else None
+
+
+def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None = None,
+              teacher_bench: dict | None = None, cache_context: int = 8192) -> dict:
+    """How much of the teacher a hybrid keeps, in the form issue 19 asks for (`retention.json`):
+    `{"tasks": {name: {"teacher", "hybrid", "chance", "kept"}}, "cache_ratio_8k", "heldout_nll_gap"}`.
+
+    Accuracies are fractions (`acc`); `kept` is the share of the teacher's margin over chance the hybrid keeps,
+    (hybrid - chance) / (teacher - chance) (None when the teacher is at chance). The held-out gap is the hybrid's
+    perplexity task's mean nll less the teacher's (nats per token); the cache ratio is the teacher's cache bytes per
+    sequence over the hybrid's at `cache_context` tokens, from the two throughput benchmarks (None when either
+    lacks that context). `hybrid_eval` / `teacher_eval` map task specs to metrics (eval.json's `tasks`)."""
+    tasks, gaps = {}, {}
+    for spec, metrics in hybrid_eval.items():
+        other = teacher_eval.get(spec)
+        if not isinstance(metrics, dict) or not isinstance(other, dict):
+            continue
+        name = task_name(spec)
+        if spec.startswith("ppl:"):
+            if _number(metrics.get("nll")) and _number(other.get("nll")):
+                gaps[name] = metrics["nll"] - other["nll"]
+            continue
+        if not (_number(metrics.get("acc")) and _number(other.get("acc"))):
+            continue
+        chance = metrics.get("chance", CHANCE.get(name, 0.0))
+        margin = other["acc"] - chance
+        tasks[name] = {"teacher": other["acc"], "hybrid": metrics["acc"], "chance": chance,
+                       "kept": (metrics["acc"] - chance) / margin if margin > 0 else None, "n": metrics.get("n")}
+    cache_ratio = None
+    h = _context_row(hybrid_bench or {}, cache_context)
+    t = _context_row(teacher_bench or {}, cache_context)
+    if h and t and h.get("cache_bytes_per_sequence") and t.get("cache_bytes_per_sequence"):
+        cache_ratio = t["cache_bytes_per_sequence"] / h["cache_bytes_per_sequence"]
+    gap = next(iter(gaps.values()), None)
+    return {"tasks": tasks, "cache_ratio_8k" if cache_context == 8192 else f"cache_ratio_{cache_context}": cache_ratio,
+            "heldout_nll_gap": gap, "heldout_nll_gaps": gaps}
+
+
+def _bench_files(bench: dict | None, out: Path) -> tuple[dict | None, dict | None]:
+    """The hybrid's and the teacher's bench.json of a run's throughput stage (None where absent)."""
+    found = []
+    for who in ("hybrid", "teacher"):
+        path = _local(((bench or {}).get(who, {}).get("outputs") or {}).get("json"), out)
+        found.append(json.loads(path.read_text()) if path is not None else None)
+    return found[0], found[1]
+
+
+def retention_table(summary: dict) -> list[str]:
+    """Markdown: per task the teacher, the hybrid, chance and the share of the teacher's margin kept."""
+    if not summary["tasks"]:
+        return []
+    lines = ["Share of the teacher's margin over chance the hybrid keeps ((hybrid - chance) / (teacher - chance)):",
+             "", "| task | hybrid | teacher | chance | kept |", "|---|---|---|---|---|"]
+    for name, row in summary["tasks"].items():
+        kept = "" if row["kept"] is None else f"{100 * row['kept']:.0f}%"
+        lines.append(f"| {name} | {row['hybrid']:.3f} | {row['teacher']:.3f} | {row['chance']:g} | {kept} |")
+    extra = [f"held-out nll gap (hybrid - teacher): {summary['heldout_nll_gap']:+.3f} nats"
+             if summary["heldout_nll_gap"] is not None else None]
+    ratio = summary.get("cache_ratio_8k")
+    extra.append(f"cache per sequence at 8K: {ratio:.1f}x smaller than the teacher's" if ratio else None)
+    return lines + [""] + [f"- {e}" for e in extra if e] + [""]
+
+
 def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict:
     """`out/report.md` and `out/report.json`; returns their paths."""
     lines = [f"# jetnas run: {recipe.name}", ""] + smoke_banner(results)
@@ -301,6 +388,10 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
             continue
         lines += [f"## {title}", ""]
         if stage == "eval":
+            kept = retention(result["hybrid"].get("results", {}), result["teacher"].get("results", {}),
+                             *_bench_files(results.get("bench"), out))
+            write_json_atomic(out / "retention.json", kept)
+            lines += retention_table(kept)
             lines += _side_by_side(result["hybrid"], result["teacher"], "results")
             lines += _outputs_section(result["hybrid"], out)
             continue

@@ -90,8 +90,9 @@ def recipe(tmp_path, **stages):
 
 def test_full_pipeline_wires_stages_and_writes_a_report(tmp_path):
     result = Pipeline(recipe(tmp_path)).run()
+    # everything that needs the trained weights first, the teacher's side (which needs nothing earlier) last
     assert CALLS == ["supernet", "placement", "blocks", "hardware", "stage1", "stage2", f"eval:{tmp_path}/run/stage2/model",
-                     "eval:tiny-teacher", f"bench:{tmp_path}/run/stage2/model", "bench:tiny-teacher"]
+                     f"bench:{tmp_path}/run/stage2/model", "eval:tiny-teacher", "bench:tiny-teacher"]
     assert result["model"] == f"{tmp_path}/run/stage2/model"
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| ppl ppl | 12 | 10 | 1.2 |" in report and "| decode_tokens_per_s | 300 | 100 | 3 |" in report

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from jetnas.report import _bench_comparison, _local
 
 
@@ -117,3 +119,33 @@ def test_step3_runs_inside_the_block_search_with_jetblock_variants(tmp_path):
     assert _step3_status(recipe) == ("ran inside step 2: JetBlock variants jet-static-qk, jet:qk_conv=dynamic "
                                      "against `jet`")
     assert _step3_status(Recipe.from_dict({"name": "x", "teacher": "t", "stages": {}})).startswith("skipped")
+
+
+def test_retention_summary_shares_of_the_teachers_margin():
+    """retention.json's numbers: (hybrid - chance) / (teacher - chance) per task, the held-out nll gap, the cache
+    ratio at 8K; tasks the teacher does not have, or at chance, are handled."""
+    from jetnas.report import retention, retention_table, task_name
+
+    assert task_name("mc:../shared/data/bench/arc_easy_test.jsonl") == "arc_easy"
+    assert task_name("cloze:../shared/data/bench/lambada_openai_test.jsonl.gz") == "lambada"
+    assert task_name("mc:x/hellaswag_val.jsonl.gz") == "hellaswag"
+    assert task_name("retrieval:needle@4096") == "needle@4096"
+    hybrid = {"mc:b/arc_easy_test.jsonl": {"acc": 0.45, "n": 100}, "mc:b/piqa_val.jsonl": {"acc": 0.6, "n": 10},
+              "mc:b/mmlu_test.jsonl.gz": {"acc": 0.24}, "retrieval:needle@4096": {"acc": 0.5},
+              "ppl:c/val.bin": {"nll": 3.1}, "mc:b/only_hybrid.jsonl": {"acc": 0.9}}
+    teacher = {"mc:b/arc_easy_test.jsonl": {"acc": 0.5}, "mc:b/piqa_val.jsonl": {"acc": 0.7},
+               "mc:b/mmlu_test.jsonl.gz": {"acc": 0.23}, "retrieval:needle@4096": {"acc": 1.0},
+               "ppl:c/val.bin": {"nll": 3.0}}
+    rows = lambda cache: {"rows": [{"context_length": 8192, "cache_bytes_per_sequence": cache},  # noqa: E731
+                                   {"context_length": 4096, "cache_bytes_per_sequence": 1}]}
+    r = retention(hybrid, teacher, rows(10), rows(150))
+    assert set(r["tasks"]) == {"arc_easy", "piqa", "mmlu", "needle@4096"}
+    assert r["tasks"]["arc_easy"]["kept"] == pytest.approx(0.8)       # (0.45 - 0.25) / (0.5 - 0.25)
+    assert r["tasks"]["piqa"]["kept"] == pytest.approx(0.5)           # (0.6 - 0.5) / (0.7 - 0.5)
+    assert r["tasks"]["mmlu"]["kept"] is None                         # the teacher is below chance: no margin
+    assert r["tasks"]["needle@4096"] == {"teacher": 1.0, "hybrid": 0.5, "chance": 0.0, "kept": 0.5, "n": None}
+    assert r["heldout_nll_gap"] == pytest.approx(0.1)
+    assert r["cache_ratio_8k"] == pytest.approx(15.0)
+    assert retention(hybrid, teacher)["cache_ratio_8k"] is None       # no throughput run: no ratio
+    table = "\n".join(retention_table(r))
+    assert "| arc_easy | 0.450 | 0.500 | 0.25 | 80% |" in table and "15.0x smaller" in table
