@@ -137,6 +137,7 @@ class MultipleChoiceTask(Task):
             self._shots_pool = [row for _, row in pool]
         else:
             self._shots_pool = self._rows
+        self._by_subject: dict | None = None
 
     def rows(self) -> list[dict]:
         return self._rows[: self.limit] if self.limit else self._rows
@@ -145,9 +146,19 @@ class MultipleChoiceTask(Task):
         """The full context of a row: task description (MMLU), few-shot examples, the question."""
         shots = []
         if self.shots:
-            same = [r for r in self._shots_pool if r is not row and r.get("id") != row.get("id")
-                    and r.get("subject") == row.get("subject")]
-            for ex in same[: self.shots]:
+            # the first `shots` rows of the pool on the row's subject, the row itself excluded; the pool is indexed
+            # by subject once (scanning it whole for every row was quadratic: MMLU's test set as its own pool)
+            if self._by_subject is None:
+                self._by_subject = {}
+                for r in self._shots_pool:
+                    self._by_subject.setdefault(r.get("subject"), []).append(r)
+            same = []
+            for r in self._by_subject.get(row.get("subject"), []):
+                if len(same) == self.shots:
+                    break
+                if r is not row and r.get("id") != row.get("id"):
+                    same.append(r)
+            for ex in same:
                 ctx, conts = mc_prompt(ex)
                 shots.append(ctx + conts[ex["label"]])
         ctx, _ = mc_prompt(row)
