@@ -251,19 +251,30 @@ def logits_check(model, context: int, eager: torch.Tensor, captured: torch.Tenso
 
 @torch.inference_mode()
 def conv_kernel_check(model, args) -> bool:
-    """The static short convolutions' Triton kernel (`Backend.static_conv`, on by default, first run on a GPU here)
-    against `F.conv1d` on the hybrid's last logits of a 2048-token prompt; on an error the hybrid's rows run on
-    `F.conv1d` (recorded), so one failed kernel does not void the section."""
+    """The static short convolutions' Triton kernel (`Backend.static_conv`, on by default) against `F.conv1d` on
+    the hybrid's last logits of a 2048-token prompt, both judged against a float32 copy of the model on the PyTorch
+    references: the kernel passes when its error is at most that of `F.conv1d` (x1.5 + 1e-3: two bf16 paths that
+    round at different places). Why not against each other with a chunking yardstick (the first version, 2026-12-06:
+    0.23 apart with 0.009 "noise"): the kernel accumulates in float32 and rounds once where `F.conv1d` rounds its
+    bf16 output, at every conv of 26 layers of a random model, which no chunk boundary exercises. On an error the
+    hybrid's rows run on `F.conv1d` (recorded), so one failed kernel does not void the section."""
+    import copy
+
     ids = measure._random_prompts(model, 1, 2048, args.device, 1)
     try:
+        reference = copy.deepcopy(model).float()
+        set_backend(reference, Backend("torch"))
+        ref = reference(ids).logits[:, -1].float()
+        del reference
         set_backend(model, Backend("triton", static_conv=False))
         want = Engine(model).prefill(ids).float()
         set_backend(model, "auto")
         got = Engine(model).prefill(ids).float()
         halves = Engine(model, chunk_size=1024).prefill(ids).float()  # rounding-order noise of this model
+        kernel, conv1d = rel(got, ref), rel(want, ref)
         REPORT["checks"]["static_conv_kernel"] = {
-            "kernel_vs_conv1d": rel(got, want), "noise_two_chunks_vs_one_pass": rel(halves, got),
-            "passed": rel(got, want) <= 2 * rel(halves, got) + 1e-6}
+            "kernel_vs_float32": kernel, "conv1d_vs_float32": conv1d, "kernel_vs_conv1d": rel(got, want),
+            "noise_two_chunks_vs_one_pass": rel(halves, got), "passed": kernel <= 1.5 * conv1d + 1e-3}
         return True
     except Exception as err:  # noqa: BLE001
         REPORT["checks"]["static_conv_kernel"] = {"error": repr(err)[:1000], "trace": traceback.format_exc()[-2000:],
@@ -316,6 +327,9 @@ def long_section(args) -> None:
     for name in ("jet-nemotron-2b", "qwen3-1.7b"):
         model = build(name, args)
         row(model, name, args.long_context, args, label=f"{name}:bench-defaults:long", repeats=args.long_repeats)
+        if name == "jet-nemotron-2b" and measure.prefill_mode(args.device) != "forward":
+            row(model, name, args.long_context, args, prefill="forward", label=f"{name}:forward:long",
+                repeats=args.long_repeats)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -368,6 +382,10 @@ def table() -> None:
                   f"{r['prefill_tokens_per_s']:>12,.0f} {100 * r['mfu']:>5.1f}%")
     for name, c in REPORT["checks"].items():
         verdict = "error" if "error" in c else "passed" if c.get("passed") else "FAILED"
+        if "kernel_vs_float32" in c:
+            print(f"check {name:<34} {verdict}: to float32, kernel {c['kernel_vs_float32']:.2e}, F.conv1d "
+                  f"{c['conv1d_vs_float32']:.2e}")
+            continue
         print(f"check {name:<34} {verdict}: captured vs eager {c.get('static_vs_forward', float('nan')):.2e}, noise "
               f"{c.get('noise_chunked_vs_one_pass', c.get('noise_two_chunks_vs_one_pass', float('nan'))):.2e}")
 

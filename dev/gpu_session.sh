@@ -107,7 +107,7 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   local name=${RECIPE:-smollm2-135m-gpu} sets=()
   [ "$name" = smollm2-135m-gpu ] && sets=("${RECIPE_SETS[@]}")
   timeout "$1" python3 -m jetnas --autotune-configs 4 run "$name" --out-dir /root/run "${sets[@]}" 2>&1 \
-    | tr '\r' '\n' | grep -v -E "Warn|it/s\]$|s/it\]$" | tail -40
+    | tr "\r" "\n" | grep -v -E "Warn|it/s\]|s/it\]|it/s,|s/it,|row/s" | tail -40
   # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
      ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)

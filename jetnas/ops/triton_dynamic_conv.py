@@ -154,9 +154,9 @@ def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start
                              W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                              HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
                              STATIC: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Grid (B, cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)); writes `y [B, T, D]`. STATIC: `k_ptr` is one `[D, W]`
+    """Grid (cdiv(T, BLOCK_T), B, cdiv(D, BLOCK_D)); writes `y [B, T, D]`. STATIC: `k_ptr` is one `[D, W]`
     kernel; HAS_BIAS: `bias [D]` added before the activation."""
-    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2),
                                                tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
                                                IS_VARLEN)
     xw = _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W, HAS_STATE)
@@ -178,7 +178,7 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_
     with `dacc = dy * act'(pre)`, and with SILU also dacc itself (float32 `[B, T, D]`; without, dacc is dy).
     STATIC: the tile's sum over its tokens instead, float32 `[B, cdiv(T, BLOCK_T), D, W]` partials (their sum
     over the first two dims is the static kernel's gradient)."""
-    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2),
                                                tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
                                                IS_VARLEN)
     off = r[:, None] * D + d[None, :]
@@ -193,7 +193,7 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_
         tl.store(dacc_ptr + row0 * D + off, dacc, mask=mask)
     if STATIC:
         part = tl.sum(dacc[:, :, None] * xw, axis=0)  # [BLOCK_D, W_POW2]; tokens past T contribute 0
-        tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tile = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
         out = dk_ptr + (tile * D + d[:, None]) * W + w[None, :]
         tl.store(out, part, mask=(d < D)[:, None] & (w < W)[None, :])
     else:  # (no early return: Triton's code generator does not promise one inside a compile-time branch)
@@ -209,8 +209,8 @@ def _dynamic_conv_bwd_dx_kernel(k_ptr, dacc_ptr, dx_ptr, tok_end_ptr, T, D, W: t
                                 STATIC: tl.constexpr):
     """Grid as forward. `dx[b, s, d] = sum_i dacc[b, s + W - 1 - i, d] * kernels[b, s + W - 1 - i, d, i]` over
     the tokens `s + W - 1 - i` of s's own sequence."""
-    t0 = tl.program_id(1) * BLOCK_T
-    row0 = tl.program_id(0).to(tl.int64) * T + t0
+    t0 = tl.program_id(0) * BLOCK_T
+    row0 = tl.program_id(1).to(tl.int64) * T + t0
     r = tl.arange(0, BLOCK_T)
     s = t0 + r
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -280,12 +280,16 @@ def _launch_config(T: int, D: int, W: int, on_gpu: bool) -> tuple[tuple[int, int
 
 
 def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, **constexprs) -> None:
-    """Launch `kernel(*args, T, D, ...)` over (B, T blocks, D blocks) for `x [B, T, D]` and width W."""
+    """Launch `kernel(*args, T, D, ...)` over (T blocks, B, D blocks) for `x [B, T, D]` and width W."""
     B, T, D = x.shape
     if x.numel() == 0:  # nothing to compute, and an empty grid cannot be launched
         return
     (block_t, block_d), opts = _launch_config(T, D, W, x.is_cuda)
-    grid = (B, triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+    # token blocks on the grid's first axis, the only one allowed more than 65,535 programs: with 4-token tiles a
+    # second axis of cdiv(T, 4) failed at T = 262,144 ("invalid argument", 2026-12-06, H200: the 2B's 256K prefill)
+    if B > 65535:
+        raise ValueError(f"the short convolutions take at most 65,535 sequences per call, got B={B}")
+    grid = (triton.cdiv(T, block_t), B, triton.cdiv(D, block_d))
     kernel[grid](*args, T, D, W=W, W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t, BLOCK_D=block_d,
                  IS_VARLEN=seg.tok_start is not None, **constexprs, **opts)
 

@@ -213,8 +213,9 @@ def test_measurements_resolve_auto_chunks_and_record_the_prefill_mode(monkeypatc
     static = measure.replicated_decode_throughput(model, 2, 40, new_tokens=3, chunk_size=16, prefill="static",
                                                   prefill_repeats=1)
     assert static["prefill_mode"] == "static" and len(static["prefill_seconds_runs"]) == 2
-    # the captured prefill is chosen explicitly until it has run on a GPU
-    assert measure.prefill_mode("cuda") == "forward" and measure.prefill_mode("cuda", "static") == "static"
+    # on a GPU the captured prefill by default (bit-identical to the forward one on an H200), on CPU the forward one
+    assert measure.prefill_mode("cuda") == "static" and measure.prefill_mode("cuda", "forward") == "forward"
+    assert measure.prefill_mode("cpu") == "forward" and measure.prefill_mode(torch.device("cpu")) == "forward"
     row = measure.decode_throughput(model, 2, 24, new_tokens=3, chunk_size=8, prefill="static")
     assert row["prefill_mode"] == "static" and row["chunk_size"] == 8
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, None or 'auto', got 'big'"):
