@@ -3,12 +3,13 @@
 #   .stage/fla        fla wheels only (engine, kernel and generate checks): one call, ~1.5 MB
 #   .stage/c1 .. c5   everything the PostNAS recipe needs, in five calls of < 60 MB (the device takes 64 MiB a call):
 #                     tilelang + its dependencies (fla's backward of the gated delta rule on Hopper with Triton 3.6),
-#                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus (the articles of the recall data in c5)
+#                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus
+#                     (c5: the articles the recall data is built from)
 # The device runs Python 3.12 on x86_64 (KINDS.md); wheels are fetched for it, not for this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHL=.stage/wheels
-mkdir -p "$WHL" .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4
+mkdir -p "$WHL" .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5
 dl() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -25,13 +26,15 @@ cp "$WHL"/z3_solver-*.whl .stage/c2/
 GGUF=$(python3 -c "from jetnas.models.teachers import _smollm2_gguf; print(_smollm2_gguf())")
 split -n 4 -d -a 1 "$GGUF" .stage/gguf.part
 mv .stage/gguf.part0 .stage/c2/
-mv .stage/gguf.part1 .stage/gguf.part2 .stage/c3/
+mv .stage/gguf.part1 .stage/c3/
+mkdir -p .stage/c5
+mv .stage/gguf.part2 .stage/c5/  # c3 with it and the repository passed 64 MiB (2026-12-06)
 mv .stage/gguf.part3 .stage/c4/
 cp "$WHL"/transformers-*.whl .stage/c3/
 mkdir -p .stage/c4/bench .stage/c4/corpus
 cp ../shared/data/bench/* .stage/c4/bench/
 cp ../shared/data/corpus/train.bin ../shared/data/corpus/val.bin .stage/c4/corpus/
-# the articles the recipes' retrieval-bearing documents are built from (data.recall.corpus): a fifth call
+# the articles the recipes' retrieval-bearing documents are built from (data.recall.corpus): with gguf.part2
 mkdir -p .stage/c5/corpus
 cp ../shared/data/corpus/train.jsonl.gz .stage/c5/corpus/
 sha256sum "$GGUF"
