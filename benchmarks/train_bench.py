@@ -10,6 +10,10 @@ around each) and logs every step's loss, so two code versions can be compared st
     PYTHONPATH=/path/to/old/checkout python benchmarks/train_bench.py ... --label old --out $OUT/old.json
     python benchmarks/train_bench.py --compare $OUT/old.json,$OUT/new.json     # the side-by-side table
 
+`--fusions residual,hidden_loss` switches on training fusions that are off by default (`Backend.fused_residual`,
+`Backend.fused_hidden_loss`: written and checked on CPU, to be timed here) in the teacher's and every student's (or
+the super-network's) modules, so that one checkout can be run with and without them (`--label fused`).
+
 The script itself only uses what every jetnas version since 2026-12-02 has (`jetnas.train.stages`,
 `jetnas.nas.supernet`, `jetnas.train.trainer.Trainer`), through `Api` below, so it runs against an older checkout
 put first on PYTHONPATH.
@@ -130,6 +134,31 @@ def gemm_tflops(device: torch.device) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
+#: `--fusions` names -> the `jetnas.ops.backend.Backend` field each switches on
+FUSIONS = {"residual": "fused_residual", "hidden_loss": "fused_hidden_loss"}
+
+
+def apply_fusions(model: torch.nn.Module, names: list[str]) -> None:
+    """Switch on the named fusions in the backend every module of `model` holds. A model resolves its `Backend`
+    once, at construction, and each layer, norm and MLP keeps that value, so the bench replaces it in all of them
+    (ops read only their own module's). Exits when the jetnas on the path has no such field (an older checkout)."""
+    if not names:
+        return
+    import dataclasses
+
+    from jetnas.ops.backend import Backend
+
+    fields = {f.name for f in dataclasses.fields(Backend)}
+    missing = [FUSIONS[n] for n in names if FUSIONS[n] not in fields]
+    if missing:
+        raise SystemExit(f"--fusions: this jetnas's Backend has no field {missing} (a checkout without them)")
+    changes = {FUSIONS[n]: True for n in names}
+    for module in model.modules():
+        backend = getattr(module, "backend", None)
+        if isinstance(backend, Backend):
+            module.backend = dataclasses.replace(backend, **changes)
+
+
 def layer_types(linear: str, num_layers: int) -> str:
     return ",".join(H200_RUN_LAYOUT.get(i, linear) for i in range(num_layers))
 
@@ -144,6 +173,7 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
         spec = api.SuperNetSpec(args.teacher_name, args.supernet_linear, swa_window=args.swa_window)
         torch.manual_seed(args.seed)
         net = api.SuperNet(teacher.model, spec)
+        apply_fusions(net, args.fusion_names)
         sampler = api.SubnetSampler(net.num_layers, mode="uniform", p_attn=0.5, seed=args.seed)
         loss_fn = api.make_distill_loss(sampler, api.DistillConfig(kl_weight=args.supernet_kl))
         config = api.TrainConfig(lr=1e-3, warmup_steps=1, find_unused_parameters=True, **common)
@@ -154,6 +184,7 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
                           block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common)
     model, _, _ = api.build_student(cfg, teacher)
     model.to(device)
+    apply_fusions(model, args.fusion_names)
     loss_fn = api.make_stage_loss(cfg, teacher.model if cfg.needs_teacher_forward else None)
     return api.Trainer(cfg.train_config(), model, loss_fn, stream), f"stage {stage} ({args.linear} hybrid)"
 
@@ -320,6 +351,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--autotune-configs", type=int, default=None,
                     help="benchmark at most N of each Triton kernel's autotuning configs (old and new code alike)")
+    ap.add_argument("--fusions", default="",
+                    help=f"comma-separated training fusions to switch on (off by default): {', '.join(FUSIONS)}")
     ap.add_argument("--label", default="new")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compare", default=None, help="comma-separated result files: print the side-by-side table")
@@ -327,6 +360,10 @@ def main() -> None:
     if args.compare:
         print(json.dumps(compare(args.compare.split(","))))
         return
+    args.fusion_names = [n for n in args.fusions.split(",") if n]
+    unknown = sorted(set(args.fusion_names) - set(FUSIONS))
+    if unknown:
+        ap.error(f"--fusions: unknown {unknown}; known: {', '.join(FUSIONS)}")
     device = torch.device(args.device)
     if args.autotune_configs is not None:
         # jetnas before 2026-12-06 read this variable when it loaded fla; later versions take the explicit call
@@ -346,6 +383,7 @@ def main() -> None:
         teacher_arg = str(random_teacher_dir(work / "teacher_random", args.tokenizer_from, args.seed))
     args.teacher_name = teacher_arg
     teacher = api.load_stage_teacher(teacher_arg, device)
+    apply_fusions(teacher.model, args.fusion_names)  # its forward runs the same fused adds (the super-network's base)
     peak = gemm_tflops(device)
     report = {"label": args.label, "jetnas_path": api.path, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "torch": torch.__version__, "gemm_TFLOPs": peak,

@@ -67,17 +67,32 @@ class JetNemotronDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
     def forward(self, hidden_states, *, past_key_values=None, attention_mask=None, position_ids=None,
-                position_embeddings=None):
+                position_embeddings=None, pending=None, defer_mlp_add=False):
+        """`h + mlp(norm(h))` for `h = hidden_states + mixer(norm(hidden_states))`, `[B, T, D]` to `[B, T, D]`.
+
+        Each residual add runs inside the norm after it (`RMSNorm.add_forward`: one kernel each way when the
+        backend has `fused_residual` on, else the plain add then the norm). For the model's fused loop, which also
+        fuses the add between layers: `pending` is the previous layer's MLP output, not yet added (this layer's
+        input is `hidden_states + pending`, summed inside its input norm); `defer_mlp_add` returns
+        `(layer_input, h, mlp_out)` (the summed input, the residual after the mixer, the MLP output) instead of
+        `h + mlp_out`. By default neither: a layer maps hidden states to hidden states, as HF's do."""
         state = None
         if past_key_values is not None:
             state = hf_compat.layer_state(past_key_values, self.layer_idx, self.is_attention)
-        residual = hidden_states
+        if pending is None:
+            normed = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, normed = self.input_layernorm.add_forward(hidden_states, pending)
+        layer_input = hidden_states
         mixed, _ = self.self_attn(
-            self.input_layernorm(hidden_states), state, attention_mask=attention_mask, position_ids=position_ids,
+            normed, state, attention_mask=attention_mask, position_ids=position_ids,
             position_embeddings=position_embeddings if self.is_attention else None,
         )
-        hidden_states = residual + mixed
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states, normed = self.post_attention_layernorm.add_forward(hidden_states, mixed)
+        out = self.mlp(normed)
+        if defer_mlp_add:
+            return layer_input, hidden_states, out
+        return hidden_states + out
 
 
 class JetNemotronRotaryEmbedding(nn.Module):
@@ -191,16 +206,30 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = [] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training
+        # fused residual adds between layers too: each layer leaves its MLP output `pending`, and the next layer's
+        # input norm (or the final norm) adds it in its kernel; not under checkpointing, whose unit is one layer
+        defer = self.backend.fused_residual and not checkpointing
+        pending = None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
             call = dict(past_key_values=past_key_values, attention_mask=attention_mask, position_ids=position_ids,
                         position_embeddings=position_embeddings)
-            if self.gradient_checkpointing and self.training:
+            if defer:
+                layer_input, hidden_states, pending = layer(hidden_states, pending=pending, defer_mlp_add=True,
+                                                            **call)
+                if output_hidden_states:
+                    all_hidden.append(layer_input)
+                continue
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if checkpointing:
                 hidden_states = self._gradient_checkpointing_func(_call_layer, layer, hidden_states, call)
             else:
                 hidden_states = layer(hidden_states, **call)
-        hidden_states = self.norm(hidden_states)
+        if pending is None:
+            hidden_states = self.norm(hidden_states)
+        else:
+            hidden_states = self.norm.add_forward(hidden_states, pending)[1]
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if past_key_values is not None:

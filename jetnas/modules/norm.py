@@ -10,14 +10,18 @@ import torch
 from torch import nn
 
 from jetnas.ops.backend import Backend, resolve_backend
-from jetnas.ops.fused import gated_rms_norm, rms_norm
+from jetnas.ops.fused import add_rms_norm, gated_rms_norm, rms_norm
 
 
 def autocast_output_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a norm of float32 `x` should write under autocast: autocast's (every consumer of a model's norms is
     a matrix product, which would cast the float32 output to it anyway), else None (the op's own rule)."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    return _autocast_output_dtype(x.dtype, x.device)
+
+
+def _autocast_output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    if dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
     return None
 
 
@@ -44,6 +48,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.backend, out_dtype=autocast_output_dtype(x))
+
+    def add_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(s, self(s))` for the residual add `s = x + y` (x, y `[..., N]` of one shape): one kernel each way when
+        the backend has `fused_residual` on (`jetnas.ops.fused.add_rms_norm`), else exactly `x + y` then this norm.
+        The normed output's dtype follows `forward`'s rule for s."""
+        out_dtype = _autocast_output_dtype(torch.promote_types(x.dtype, y.dtype), x.device)
+        return add_rms_norm(x, y, self.weight, self.eps, self.backend, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

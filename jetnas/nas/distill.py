@@ -57,7 +57,7 @@ def make_distill_loss(sampler: SubnetSampler, config: DistillConfig):
         for index in range(n):
             choice = sampler.sample(step, index)
             _, s_hidden = model(ids, choice, output_hidden_states=True, logits=False)
-            hidden = distill_terms(s_hidden, t_hidden)["hidden"]
+            hidden = distill_terms(s_hidden, t_hidden, backend=supernet.base.model.backend)["hidden"]
             loss = config.hidden_weight * hidden
             if kl:
                 kl_loss, terms = head_terms(base.model.norm(s_hidden[-1]), base.lm_head.weight,

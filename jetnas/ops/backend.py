@@ -30,6 +30,12 @@ class Backend:
         static_conv: with "triton", static short convolutions run on our Triton kernel
             (`jetnas.ops.triton_dynamic_conv.triton_short_conv`) instead of `F.conv1d`. Its default here is the one
             place the project decides it.
+        fused_residual: with "triton" and `fused`, a residual add and the RMS norm after it run as one kernel each
+            way (`jetnas.ops.fused.add_rms_norm`): in each decoder layer after the mixer, and between layers (the
+            MLP's output added into the next layer's input norm, or the final norm).
+        fused_hidden_loss: with "triton", the per-layer relative hidden-state MSE of distillation
+            (`jetnas.train.losses.distill_terms`) sums each sequence's squared error and teacher squares in one
+            kernel, and its backward is one more (`jetnas.ops.triton_hidden_loss`).
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -40,6 +46,11 @@ class Backend:
     # but has not yet run on a GPU; it is on so that the next GPU timing (benchmarks/prefill_profile.py, which times
     # it against F.conv1d on the same weights) decides. Turn it off here if it loses.
     static_conv: bool = True
+    # Both written and checked (values and gradients, against their references) under Triton's interpreter on
+    # 2026-12-06, not yet timed on a GPU: off until benchmarks/train_bench.py --fusions residual,hidden_loss times
+    # them against the unfused step on one.
+    fused_residual: bool = False
+    fused_hidden_loss: bool = False
     interpret: bool = False
 
     def __post_init__(self) -> None:

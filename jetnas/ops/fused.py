@@ -1,11 +1,12 @@
-"""The elementwise tails of a layer: RMS norm, the gated RMS norm that closes the linear-attention blocks, and
-SwiGLU's `silu(gate) * up`, each as a readable PyTorch reference and a dispatcher to a fused Triton kernel.
+"""The elementwise tails of a layer: RMS norm, the residual add fused into the next RMS norm, the gated RMS norm
+that closes the linear-attention blocks, and SwiGLU's `silu(gate) * up`, each as a readable PyTorch reference and a
+dispatcher to a fused Triton kernel.
 
 The kernel (`jetnas.ops.triton_fused`, forward and backward) runs when the caller's backend says so: a
-`jetnas.ops.backend.Backend` named "triton" with `fused` on, and a tensor it takes (CUDA, or CPU under the
-interpreter), in float16 / bfloat16 / float32. Otherwise, and for float64, the reference runs. Results agree with
-the references to float32 rounding before each rounding to a low-precision dtype that the reference makes
-(tests/ops/test_fused.py).
+`jetnas.ops.backend.Backend` named "triton" with `fused` on (and `fused_residual` too, for `add_rms_norm`), and a
+tensor it takes (CUDA, or CPU under the interpreter), in float16 / bfloat16 / float32. Otherwise, and for float64,
+the reference runs. Results agree with the references to float32 rounding before each rounding to a low-precision
+dtype that the reference makes (tests/ops/test_fused.py, tests/ops/test_fused_residual.py).
 """
 
 from __future__ import annotations
@@ -70,6 +71,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: Backend
 
         return triton_rms_norm(x, weight, eps, out_dtype)
     return naive_rms_norm(x, weight, eps, out_dtype)
+
+
+def naive_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(s, naive_rms_norm(s))` for `s = x + y` (PyTorch's add: the promoted dtype of x and y)."""
+    s = x + y
+    return s, naive_rms_norm(s, weight, eps, out_dtype)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 backend: Backend | str = "torch",
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the RMS norm of its result: `s = x + y; (s, rms_norm(s, weight, eps, out_dtype))`.
+
+    The pre-norm layer's `h = h + mixer(...)` then `norm(h)`: under a "triton" backend with `fused` and
+    `fused_residual` on, one kernel reads x and y once and writes both outputs, and one backward kernel turns the
+    gradients of both into dx (= dy: the sum's gradient plus the norm's backward) and dweight. Otherwise
+    `x + y` then `rms_norm(..., backend)`: exactly the unfused code.
+
+    Args:
+        x, y: `[..., N]` of one shape (the residual stream and the block's output; their dtypes may differ: a
+            float32 stream plus a bf16 output under autocast).
+        weight: `[N]`.
+        eps: added to the mean square.
+        backend: a `Backend` or its name (default "torch": the reference).
+        out_dtype: the normed output's dtype, as `rms_norm`'s.
+
+    Returns:
+        `(s, normed)`: s `[..., N]` in the promoted dtype of x and y (the fused kernel writes it contiguous);
+        normed `[..., N]` in `out_dtype`, else the promoted dtype of s and weight.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one shape, got {list(x.shape)} and {list(y.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [N={x.shape[-1]}] for x {list(x.shape)}, got {list(weight.shape)}")
+    if out_dtype is not None and out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    sum_dtype = torch.promote_types(x.dtype, y.dtype)
+    product = torch.promote_types(sum_dtype, weight.dtype)
+    # the kernel rounds the normed product once, to out_dtype; the reference rounds it to the product's dtype, then
+    # to out_dtype: the same unless out_dtype is the wider (a bf16 product asked for in float32), left to it
+    widening = out_dtype is not None and out_dtype.itemsize > product.itemsize
+    if (as_backend(backend).fused_residual and _fused(backend, x, y, weight) and _row_fits(x.shape[-1])
+            and out_dtype in (None, *_KERNEL_DTYPES) and not widening):
+        from jetnas.ops.triton_fused import triton_add_rms_norm
+
+        return triton_add_rms_norm(x, y, weight, eps, out_dtype)
+    s = x + y
+    return s, rms_norm(s, weight, eps, backend, out_dtype)
 
 
 def naive_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,

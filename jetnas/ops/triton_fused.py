@@ -10,7 +10,9 @@ order and 1 / sqrt stands for rsqrt, so an output can land one rounding step of 
 (tests/ops/test_fused.py: the forward kernels in bf16 within one step, < 2% of elements differing, on an H200; the
 backward kernels are checked under the interpreter and compiled for sm_90, not yet run on a GPU).
 
-`triton_rms_norm`, `triton_gated_rms_norm` and `triton_silu_mul` have the references' contracts, gradients included:
+`triton_rms_norm`, `triton_add_rms_norm` (a residual add and the RMS norm after it: the sum and the normed value
+from one read of both addends; backward, the sum's total gradient, that of the sum itself plus the norm's, in one
+more), `triton_gated_rms_norm` and `triton_silu_mul` have the references' contracts, gradients included:
 when an input needs a gradient they run as an autograd Function whose backward is one more kernel. A weight's
 gradient is summed per program in float32 (each program walks a strided set of rows), then over programs; a
 weight that needs no gradient (frozen, as the MLPs and norms of PostNAS stage 1) skips that sum.
@@ -75,6 +77,65 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, N, eps, stride
                 dw += (dy * normed).to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
                 dw += dy * normed
+    if HAS_DW:
+        tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, s_ptr, n_ptr, N, eps, stride_x, stride_y,
+                         BLOCK_N: tl.constexpr):
+    """`s = x + y` (rounded to s's dtype, as PyTorch's add) and the RMS norm of that rounded s, as
+    `_rms_norm_kernel` computes it, from one read of x and y."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=inside, other=0.0).to(tl.float32)
+    s = (x + y).to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + row * N + cols, s, mask=inside)
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / N + eps)
+    normed = (s * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(n_ptr + row * N + cols, (w * normed).to(n_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(s_ptr, w_ptr, dn_ptr, ds_ptr, dx_ptr, dy_ptr, dw_ptr, M, N, eps,
+                             BLOCK_N: tl.constexpr, HAS_DS: tl.constexpr, TWO_OUT: tl.constexpr,
+                             HAS_DW: tl.constexpr, PROD_ROUND: tl.constexpr):
+    """The gradient of `(s, normed) = add_rms_norm(x, y)`: the sum's total gradient `ds + rms_norm_bwd(dn)`, written
+    as dx in x's dtype and, with TWO_OUT (y of another dtype), as dy in y's; and, with HAS_DW, the program's float32
+    partial dw (row p of `dw [P, N]`). Rows p, p + P, ... as `_rms_norm_bwd_kernel`, whose math (and PROD_ROUND)
+    this repeats on s; s, dn and ds are contiguous `[M, N]`."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(pid.to(tl.int64), M, tl.num_programs(0)):  # int64 start: int64 offsets
+        off = row * N + cols
+        s = tl.load(s_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        dn = tl.load(dn_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / N + eps)
+        shat = s * rstd
+        g = (dn * w).to(s_ptr.dtype.element_ty).to(tl.float32)
+        # the norm's input gradient, rounded to s's dtype as autograd's would be before it meets ds
+        d = (rstd * (g - shat * (tl.sum(g * shat, 0) / N))).to(s_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_DS:
+            d = (d + tl.load(ds_ptr + off, mask=inside, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+            d = d.to(tl.float32)
+        tl.store(dx_ptr + off, d.to(dx_ptr.dtype.element_ty), mask=inside)
+        if TWO_OUT:
+            tl.store(dy_ptr + off, d.to(dy_ptr.dtype.element_ty), mask=inside)
+        if HAS_DW:
+            normed = shat.to(s_ptr.dtype.element_ty).to(tl.float32)
+            if PROD_ROUND == 1:
+                dw += (dn * normed).to(dn_ptr.dtype.element_ty).to(tl.float32)
+            elif PROD_ROUND == 2:
+                dw += (dn * normed).to(s_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                dw += dn * normed
     if HAS_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
 
@@ -210,6 +271,26 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y.view(x.shape)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as `[rows, N]` with unit column stride (a view where possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _add_rms_norm_fwd(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                      out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    N = x.shape[-1]
+    x2, y2 = _rows(x), _rows(y)
+    sum_dtype = torch.promote_types(x.dtype, y.dtype)
+    s = torch.empty(x2.shape, dtype=sum_dtype, device=x.device)
+    normed = torch.empty(x2.shape, dtype=out_dtype or torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(N)
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, y2, weight, s, normed, N, eps, x2.stride(0), y2.stride(0),
+                                             BLOCK_N=block, num_warps=_warps(block))
+    return s.view(x.shape), normed.view(x.shape)
+
+
 def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size) -> torch.Tensor:
     hidden = x.shape[-1]
     L = group_size or hidden
@@ -266,6 +347,52 @@ class _RMSNorm(torch.autograd.Function):
         if has_dw:
             dweight = (dw.sum(0) if M else torch.zeros(N, device=x.device)).to(weight.dtype)
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None, dweight, None, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, weight, eps, out_dtype):
+        s, normed = _add_rms_norm_fwd(x, y, weight, eps, out_dtype)
+        # the sum is an output the caller keeps (the residual stream): saving it costs no memory
+        ctx.save_for_backward(s, weight)
+        ctx.eps, ctx.x_dtype, ctx.y_dtype = eps, x.dtype, y.dtype
+        # a sum nobody differentiates (the last layer's, under the final norm) arrives as None, not as zeros
+        ctx.set_materialize_grads(False)
+        return s, normed
+
+    @staticmethod
+    def backward(ctx, ds, dn):
+        s, weight = ctx.saved_tensors
+        N = s.shape[-1]
+        s2 = s.view(-1, N)
+        M = s2.shape[0]
+        if dn is None:  # the norm unused: the sum's gradient is all there is
+            d = torch.zeros_like(s) if ds is None else ds
+            dx = d.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+            dy = d.to(ctx.y_dtype) if ctx.needs_input_grad[1] else None
+            dw = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+            return dx, dy, dw, None, None
+        dn2 = dn.reshape(M, N).contiguous()
+        ds2 = None if ds is None else ds.reshape(M, N).contiguous()
+        dx = torch.empty(M, N, dtype=ctx.x_dtype, device=s.device)
+        two_out = ctx.y_dtype != ctx.x_dtype
+        dy = torch.empty(M, N, dtype=ctx.y_dtype, device=s.device) if two_out else dx
+        has_dw = ctx.needs_input_grad[2]
+        block = triton.next_power_of_2(N)
+        P = _programs(M, s.device, _warps(block))
+        dw = torch.empty(P, N, dtype=torch.float32, device=s.device) if has_dw else dx
+        product = torch.promote_types(s.dtype, weight.dtype)
+        prod_round = 0 if product == torch.float32 else 1 if product == dn.dtype else 2
+        if M:
+            _add_rms_norm_bwd_kernel[(P,)](s2, weight, dn2, dn2 if ds2 is None else ds2, dx, dy, dw, M, N, ctx.eps,
+                                           BLOCK_N=block, HAS_DS=ds2 is not None, TWO_OUT=two_out, HAS_DW=has_dw,
+                                           PROD_ROUND=prod_round, num_warps=_warps(block))
+        dweight = None
+        if has_dw:
+            dweight = (dw.sum(0) if M else torch.zeros(N, device=s.device)).to(weight.dtype)
+        # x and y of one dtype share one gradient tensor, as PyTorch's own add does
+        return (dx.view(s.shape) if ctx.needs_input_grad[0] else None,
+                dy.view(s.shape) if ctx.needs_input_grad[1] else None, dweight, None, None)
 
 
 class _GatedRMSNorm(torch.autograd.Function):
@@ -336,6 +463,17 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if _needs_grad(x, weight):
         return _RMSNorm.apply(x, weight, eps, out_dtype)
     return _rms_norm_fwd(x, weight, eps, out_dtype)
+
+
+def triton_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                        out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`naive_add_rms_norm` in one pass (and its backward in one more): x and y `[..., N]` of one shape (any row
+    stride), weight `[N]`; returns `(x + y, normed)`, the sum contiguous in the promoted dtype of x and y, normed in
+    `out_dtype` (else the promoted dtype of the sum and the weight). Shapes are checked by
+    `jetnas.ops.fused.add_rms_norm`."""
+    if _needs_grad(x, y, weight):
+        return _AddRMSNorm.apply(x, y, weight, eps, out_dtype)
+    return _add_rms_norm_fwd(x, y, weight, eps, out_dtype)
 
 
 def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -19,7 +19,7 @@ from jetnas.ops.losses import chunked_linear_kl_ce
 
 def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                   student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                  temperature: float = 1.0, backend: Backend | str = "torch") -> dict[str, torch.Tensor]:
     """`{"hidden": mean over layers of the relative MSE, "kl": KL(teacher || student) per token}` (kl only with
     logits). The relative MSE of a layer is each sequence's squared error over its teacher's mean square, averaged
     over the sequences: a mean of per-sequence terms, so a batch split over ranks or micro-batches gives the
@@ -29,9 +29,25 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
         student_hidden, teacher_hidden: one `[B, T, D]` tensor per layer each, paired in order.
         student_logits, teacher_logits: `[B, T, V]`, for the KL term.
         temperature: of both distributions; the KL is scaled by its square (gradients keep their size).
+        backend: the student's kernels (default "torch": the code below, the reference). A "triton" backend with
+            `fused_hidden_loss` on takes each layer's two per-sequence sums from one Triton kernel, and the
+            student's gradient from one more (`jetnas.ops.triton_hidden_loss`), where it takes the tensors (CUDA,
+            or CPU with `interpret`; float16 / bfloat16 / float32; a teacher that needs no gradient). The same
+            numbers up to the order of the float32 sums.
     """
+    backend = as_backend(backend)
     terms = []
-    for hs, ht in zip(student_hidden, teacher_hidden):
+    for i, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
+        if hs.shape != ht.shape or hs.dim() < 2:
+            raise ValueError(f"layer {i}: student and teacher hidden states must be [B, ...] of one shape, got "
+                             f"{list(hs.shape)} and {list(ht.shape)}")
+        if _fused_hidden(backend, hs, ht):
+            from jetnas.ops.triton_hidden_loss import triton_sequence_square_sums
+
+            sse, sst = triton_sequence_square_sums(hs, ht)
+            n = hs[0].numel()
+            terms.append(((sse / n) / (sst / n).clamp_min(1e-12)).mean())
+            continue
         ht = ht.float()
         dims = tuple(range(1, ht.dim()))
         err = (hs.float() - ht).pow(2).mean(dims)
@@ -40,6 +56,13 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
     if student_logits is not None and teacher_logits is not None:
         out["kl"] = logits_kl(student_logits, teacher_logits, temperature)
     return out
+
+
+def _fused_hidden(backend: Backend, hs: torch.Tensor, ht: torch.Tensor) -> bool:
+    """Whether the hidden-MSE kernel takes this layer's pair (see `distill_terms`)."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return (backend.fused_hidden_loss and backend.runs_triton(hs) and hs.dtype in dtypes and ht.dtype in dtypes
+            and ht.device == hs.device and not (ht.requires_grad and torch.is_grad_enabled()))
 
 
 def logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

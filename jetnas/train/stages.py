@@ -280,7 +280,7 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
     if t_out is not None:
         # hidden states after every layer (the embeddings, identical or nearly, would only dilute the mean)
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.hidden_weight > 0):
-            hidden = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:])["hidden"]
+            hidden = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:], backend=_backend(model))["hidden"]
         if config.hidden_weight > 0:
             loss = loss + config.hidden_weight * hidden
         metrics["hidden"] = hidden.detach()
