@@ -108,6 +108,20 @@ def more_cases():
                f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_kernel, {**io, "dw_ptr": "*fp32"},
                {"HAS_GATE": gate, "NORM_BEFORE_GATE": before, "HAS_DW": dw, "BLOCK_L": 256})
     yield "silu * up backward", fused._silu_mul_bwd_kernel, io, {"BLOCK": 2048}
+    # the training fusions (off by default until timed on a GPU): add + norm of a float32 stream and a bf16 mixer
+    # output, normed into bf16; its backward with both gradients, two outputs and the weight's partials
+    yield ("add + rms norm", fused._add_rms_norm_kernel,
+           {"x_ptr": "*fp32", "y_ptr": "*bf16", "w_ptr": "*fp32", "s_ptr": "*fp32", "n_ptr": "*bf16"}, {"BLOCK_N": 1024})
+    yield ("add + rms norm backward", fused._add_rms_norm_bwd_kernel,
+           {"s_ptr": "*fp32", "w_ptr": "*fp32", "dn_ptr": "*bf16", "ds_ptr": "*fp32", "dx_ptr": "*fp32",
+            "dy_ptr": "*bf16", "dw_ptr": "*fp32"},
+           {"BLOCK_N": 1024, "HAS_DS": True, "TWO_OUT": True, "HAS_DW": True, "PROD_ROUND": 0})
+    from jetnas.ops import triton_hidden_loss as hidden
+
+    yield ("hidden loss square sums", hidden._square_sums_kernel, {"hs_ptr": "*fp32", "ht_ptr": "*bf16"},
+           {"BLOCK": 4096})
+    yield ("hidden loss backward", hidden._square_sums_bwd_kernel,
+           {"hs_ptr": "*fp32", "ht_ptr": "*bf16", "g_ptr": "*fp32", "dhs_ptr": "*fp32"}, {"BLOCK": 4096})
     from jetnas.ops import triton_rwkv7
 
     yield ("rwkv7 step", triton_rwkv7._rwkv7_step_kernel,
