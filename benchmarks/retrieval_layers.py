@@ -628,7 +628,7 @@ def plot(result: dict, out: Path) -> None:
 
 def table(result: dict) -> str:
     lines = []
-    for kind, info in result["tasks"].items():
+    for info in result["tasks"].values():
         top = sorted(((v, l, h) for l, row in enumerate(info["scores"]["copy"]) for h, v in enumerate(row)),
                      reverse=True)[:6]
         lines.append(f"{info['task']}: teacher acc {info['teacher']['acc']:.3f} ({info['teacher']['n']} answers); "

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tests.utils import rel_err, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import retrieval_layers as rl  # noqa: E402
+import retrieval_layers as rl
 
 
 def test_score_attention_hand_built():
@@ -24,7 +24,7 @@ def test_score_attention_hand_built():
     scores = rl.score_attention(probs, torch.tensor([1, 2, 4]), [[1, 2], [1, 2], [4]])
     # [0, 0]: argmax hits the source for queries 0 and 1; query 2 ties 0.5/0.5 and the first maximum (key 0) wins
     # float32 sums of 3-5 terms: 1e-6 is a few ulps
-    close = lambda got, want: torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=1e-6)  # noqa: E731
+    close = lambda got, want: torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=1e-6)
     close(scores["copy"], [[2 / 3, 0.0], [0.0, 1 / 3]])
     close(scores["mass"], [[(0.6 + 0.6 + 0.5) / 3, 0.0], [0.2, (0 + 0.3 + 1.0) / 3]])
     close(scores["span_mass"], [[(0.9 + 0.8 + 0.5) / 3, 0.0], [(0.4 + 0.4 + 0.2) / 3, (0 + 1.0 + 1.0) / 3]])
