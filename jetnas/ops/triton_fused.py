@@ -48,6 +48,18 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK_N: t
 
 
 @triton.jit
+def _dw_term(dy, xhat, x_dtype: tl.constexpr, dy_dtype: tl.constexpr, PROD_ROUND: tl.constexpr):
+    """One row's float32 contribution to the norm weight's gradient, rounded as autograd of the reference rounds it:
+    `normed` in x's dtype, then each product dy * normed in float32 (PROD_ROUND 0), dy's dtype (1) or x's (2)."""
+    prod = dy * xhat.to(x_dtype).to(tl.float32)
+    if PROD_ROUND == 1:
+        prod = prod.to(dy_dtype).to(tl.float32)
+    elif PROD_ROUND == 2:
+        prod = prod.to(x_dtype).to(tl.float32)
+    return prod
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, N, eps, stride_x, stride_dy, stride_dx,
                          BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr, PROD_ROUND: tl.constexpr):
     """Program p takes rows p, p + P, ...; writes dx and, with HAS_DW, its float32 partial sum of dw (row p of
@@ -70,13 +82,7 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, M, N, eps, stride
         tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         if HAS_DW:
             # and computes each product dy * normed in the promoted dtype before summing them in float32
-            normed = xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
-            if PROD_ROUND == 1:
-                dw += (dy * normed).to(dy_ptr.dtype.element_ty).to(tl.float32)
-            elif PROD_ROUND == 2:
-                dw += (dy * normed).to(x_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                dw += dy * normed
+            dw += _dw_term(dy, xhat, x_ptr.dtype.element_ty, dy_ptr.dtype.element_ty, PROD_ROUND)
     if HAS_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
 
@@ -129,13 +135,7 @@ def _add_rms_norm_bwd_kernel(s_ptr, w_ptr, dn_ptr, ds_ptr, dx_ptr, dy_ptr, dw_pt
         if TWO_OUT:
             tl.store(dy_ptr + off, d.to(dy_ptr.dtype.element_ty), mask=inside)
         if HAS_DW:
-            normed = shat.to(s_ptr.dtype.element_ty).to(tl.float32)
-            if PROD_ROUND == 1:
-                dw += (dn * normed).to(dn_ptr.dtype.element_ty).to(tl.float32)
-            elif PROD_ROUND == 2:
-                dw += (dn * normed).to(s_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                dw += dn * normed
+            dw += _dw_term(dn, shat, s_ptr.dtype.element_ty, dn_ptr.dtype.element_ty, PROD_ROUND)
     if HAS_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
 
