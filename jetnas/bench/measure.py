@@ -163,6 +163,18 @@ def free_memory(device) -> int | None:
     return None
 
 
+def _device_and_free(model, device, free_bytes: int | None, what: str):
+    """The device a memory rule reads (default the model's) and its free bytes (`free_bytes` when given); a
+    `ValueError` naming `what` to give explicitly when the free memory is unknown."""
+    if device is None:
+        device = next(model.parameters()).device
+    if free_bytes is None:
+        free_bytes = free_memory(device)
+        if free_bytes is None:
+            raise ValueError(f"the free memory of device {device} is unknown: give the {what} explicitly")
+    return device, free_bytes
+
+
 def largest_batch(model, context_length: int, new_tokens: int, device=None, cap: int = 1024, fraction: float = 0.85,
                   free_bytes: int | None = None) -> int:
     """The largest batch whose decoding fits, predicted from the model's cost accounting (nothing is allocated).
@@ -188,12 +200,7 @@ def largest_batch(model, context_length: int, new_tokens: int, device=None, cap:
         raise ValueError(f"cap must be >= 1, got {cap}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if device is None:
-        device = next(model.parameters()).device
-    if free_bytes is None:
-        free_bytes = free_memory(device)
-        if free_bytes is None:
-            raise ValueError(f"the free memory of device {device} is unknown: give the batch size explicitly")
+    device, free_bytes = _device_and_free(model, device, free_bytes, "batch size")
     dtype = next(model.parameters()).dtype
     cache = model.cache_bytes(context_length + new_tokens, dtype=dtype)
     per_row = cache + 4 * model.config.vocab_size
@@ -233,12 +240,7 @@ def auto_chunk_size(model, context_length: int, batch_size: int = 1, device=None
                          f"{minimum}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if device is None:
-        device = next(model.parameters()).device
-    if free_bytes is None:
-        free_bytes = free_memory(device)
-        if free_bytes is None:
-            raise ValueError(f"the free memory of device {device} is unknown: give the chunk size explicitly")
+    device, free_bytes = _device_and_free(model, device, free_bytes, "chunk size")
     budget = fraction * (free_bytes - reserved_bytes)
     flash = torch.device(device).type == "cuda"
     candidates = [context_length]

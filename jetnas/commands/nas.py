@@ -9,11 +9,10 @@ from jetnas.runner.recipes import PlacementRecipe, SupernetRecipe
 @recipe_command(SupernetRecipe)
 def supernet(recipe: SupernetRecipe) -> dict:
     """Train a PostNAS super-network: the teacher plus a linear path per layer, distilled on sampled sub-networks."""
-    from jetnas.runner.models import check_model_path, network_notice
+    from jetnas.runner.models import check_teacher
     from jetnas.runner.supernet import run_supernet
 
-    check_model_path(recipe.teacher, "--teacher")
-    network_notice(recipe.teacher, "teacher")
+    check_teacher(recipe.teacher)
     return run_supernet(recipe).to_record()
 
 

@@ -27,20 +27,18 @@ def train(recipe: TrainRecipe) -> dict:
 @recipe_command(BlockSearchRecipe)
 def search_blocks(recipe: BlockSearchRecipe) -> dict:
     """PostNAS step 2 (and 3): train each linear block in the fixed placement with one recipe, compare them."""
-    from jetnas.runner.models import check_model_path, network_notice
+    from jetnas.runner.models import check_teacher
     from jetnas.runner.searches import run_blocks
 
-    check_model_path(recipe.teacher, "--teacher")
-    network_notice(recipe.teacher, "teacher")
+    check_teacher(recipe.teacher)
     return run_blocks(recipe).to_record()
 
 
 @recipe_command(ShapeSearchRecipe)
 def search_hardware(recipe: ShapeSearchRecipe) -> dict:
     """PostNAS step 4: at a fixed state size, pick the block's (d_k, d_v, heads) by measured decode speed and accuracy."""
-    from jetnas.runner.models import check_model_path, network_notice
+    from jetnas.runner.models import check_teacher
     from jetnas.runner.searches import run_hardware
 
-    check_model_path(recipe.teacher, "--teacher")
-    network_notice(recipe.teacher, "teacher")
+    check_teacher(recipe.teacher)
     return run_hardware(recipe).to_record()

@@ -69,6 +69,13 @@ def network_notice(spec: str, what: str = "model") -> None:
           f"unless it is in the Hugging Face cache)", file=sys.stderr)
 
 
+
+def check_teacher(teacher: str) -> None:
+    """What every command that loads a teacher checks first, before torch is imported: the path exists
+    (`check_model_path`), and a hub id is announced as needing the network (`network_notice`)."""
+    check_model_path(teacher, "--teacher")
+    network_notice(teacher, "teacher")
+
 def load_model(model: str, device: str, dtype, seed: int = 0):
     """A model for inference (eval mode) from a directory, a preset (random weights) or a teacher name (a name,
     .gguf file or hub id). No tokenizer is loaded beyond a teacher's own: what needs none (`jetnas bench`) neither
