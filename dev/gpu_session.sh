@@ -104,8 +104,13 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   # 4 autotuning configs per kernel: every block type of the block selection would otherwise cost minutes of
   # compilation before its first step; the throughput columns are then "lightly tuned" (say so in the results)
   # RECIPE=smollm2-135m-gpu-final: stage 1 -> bench on the committed search's placement (issue 19, item 4)
-  local name=${RECIPE:-smollm2-135m-gpu} sets=()
+  # EXTRA_SETS: more `--set key=value` words for any recipe, e.g. another placement for the final recipe:
+  #   EXTRA_SETS="--set stages.stage1.layer_types=gdn*7,attn,gdn*9,swa,attn,gdn,swa,gdn*2,attn,gdn*6"
+  # (read into an array without globbing: `gdn*7` must not match file names)
+  local name=${RECIPE:-smollm2-135m-gpu} sets=() extra=()
   [ "$name" = smollm2-135m-gpu ] && sets=("${RECIPE_SETS[@]}")
+  read -ra extra <<< "${EXTRA_SETS:-}"
+  sets+=("${extra[@]}")
   timeout "$1" python3 -m jetnas --autotune-configs 4 run "$name" --out-dir /root/run "${sets[@]}" 2>&1 \
     | tr "\r" "\n" | grep -v -E "Warn|it/s\]|s/it\]|it/s,|s/it,|row/s" | tail -40
   # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
