@@ -10,9 +10,10 @@ around each) and logs every step's loss, so two code versions can be compared st
     PYTHONPATH=/path/to/old/checkout python benchmarks/train_bench.py ... --label old --out $OUT/old.json
     python benchmarks/train_bench.py --compare $OUT/old.json,$OUT/new.json     # the side-by-side table
 
-`--fusions residual,hidden_loss` switches on training fusions that are off by default (`Backend.fused_residual`,
-`Backend.fused_hidden_loss`: written and checked on CPU, to be timed here) in the teacher's and every student's (or
-the super-network's) modules, so that one checkout can be run with and without them (`--label fused`).
+`--fusions residual,hidden_loss,projections` switches on training fusions that are off by default
+(`Backend.fused_residual`, `Backend.fused_hidden_loss`, `Backend.fused_projections`: written and checked on CPU,
+to be timed here) in the teacher's and every student's (or the super-network's) modules, so that one checkout can be
+run with and without them (`--label fused`).
 
 The script itself only uses what every jetnas version since 2026-12-02 has (`jetnas.train.stages`,
 `jetnas.nas.supernet`, `jetnas.train.trainer.Trainer`), through `Api` below, so it runs against an older checkout
@@ -135,7 +136,7 @@ def gemm_tflops(device: torch.device) -> float:
 
 
 #: `--fusions` names -> the `jetnas.ops.backend.Backend` field each switches on
-FUSIONS = {"residual": "fused_residual", "hidden_loss": "fused_hidden_loss"}
+FUSIONS = {"residual": "fused_residual", "hidden_loss": "fused_hidden_loss", "projections": "fused_projections"}
 
 
 def apply_fusions(model: torch.nn.Module, names: list[str]) -> None:

@@ -32,11 +32,13 @@ from jetnas.models.configuration import JetNemotronConfig
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm, RMSNorm
 from jetnas.ops.backend import Backend, resolve_backend
-from jetnas.ops.fused import silu_mul
+from jetnas.ops.fused import silu_mul, silu_mul_packed
 
 
 class JetNemotronMLP(nn.Module):
-    """SwiGLU MLP: `down(act(gate(x)) * up(x))`; with SiLU, `jetnas.ops.fused.silu_mul` under `backend`."""
+    """SwiGLU MLP: `down(act(gate(x)) * up(x))`; with SiLU, `jetnas.ops.fused.silu_mul` under `backend`. With the
+    backend's `fused_projections`, gate and up are one product (`cat` of their weights, made at each forward) and
+    SiLU's product `jetnas.ops.fused.silu_mul_packed`: the same parameters and results."""
 
     def __init__(self, config: JetNemotronConfig, backend: Backend | str = "auto"):
         super().__init__()
@@ -48,6 +50,14 @@ class JetNemotronMLP(nn.Module):
         self.swiglu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend.fused_projections:
+            # gate and up as one product: backward computes x's gradient once, not twice and then an add
+            bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), bias)
+            if self.swiglu:
+                return self.down_proj(silu_mul_packed(gate_up, self.backend))
+            gate, up = gate_up.chunk(2, -1)
+            return self.down_proj(self.act_fn(gate) * up)
         if self.swiglu:  # one fused pass each way under a fused "triton" backend on CUDA
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.backend))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

@@ -36,6 +36,12 @@ class Backend:
         fused_hidden_loss: with "triton", the per-layer relative hidden-state MSE of distillation
             (`jetnas.train.losses.distill_terms`) sums each sequence's squared error and teacher squares in one
             kernel, and its backward is one more (`jetnas.ops.triton_hidden_loss`).
+        fused_projections: the projections that read one input run as one matrix product with their weights
+            concatenated at forward time (parameter names and checkpoints unchanged), so backward computes one
+            input gradient instead of one per projection plus the adds that sum them: the MLP's gate and up (then
+            `jetnas.ops.fused.silu_mul_packed` on the packed `[..., 2I]`), and in the JetBlock family (JetBlock,
+            Gated DeltaNet, DeltaNet) outside decode steps q|k|v in one product (then, when all three convolutions
+            are static, one short conv over all their channels) and b|a|g in another. Any backend name.
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -51,6 +57,9 @@ class Backend:
     # them against the unfused step on one.
     fused_residual: bool = False
     fused_hidden_loss: bool = False
+    # Same results as the separate projections within float32 rounding (tests/layers/test_fused_projections.py,
+    # 2026-12-07, CPU); off until benchmarks/train_bench.py --fusions projections times it on a GPU.
+    fused_projections: bool = False
     interpret: bool = False
 
     def __post_init__(self) -> None:

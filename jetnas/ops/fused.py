@@ -181,3 +181,32 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: Backend | str = "tor
 
         return triton_silu_mul(gate, up)
     return naive_silu_mul(gate, up)
+
+
+def naive_silu_mul_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def silu_mul_packed(gate_up: torch.Tensor, backend: Backend | str = "torch") -> torch.Tensor:
+    """SwiGLU on gate and up packed side by side, as one matrix product with `cat([gate_proj.weight,
+    up_proj.weight])` makes them: `silu(gate_up[..., :I]) * gate_up[..., I:]` (`naive_silu_mul_packed`).
+
+    Under a fused "triton" backend one kernel each way, the backward writing the gradient of the packed input as
+    one contiguous `[..., 2I]` tensor (what the matrix product's backward reads; the reference's autograd would
+    assemble it from two halves with a copy). Same rounding as `silu_mul`.
+
+    Args:
+        gate_up: `[..., 2I]` (float16 / bfloat16 / float32 for the kernel; any floating dtype for the reference).
+        backend: a `Backend` or its name (default "torch": the reference).
+
+    Returns:
+        `[..., I]` in gate_up's dtype.
+    """
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must be [..., 2I] with an even last dim, got {list(gate_up.shape)}")
+    if _fused(backend, gate_up):
+        from jetnas.ops.triton_fused import triton_silu_mul_packed
+
+        return triton_silu_mul_packed(gate_up)
+    return naive_silu_mul_packed(gate_up)

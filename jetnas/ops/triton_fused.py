@@ -12,7 +12,8 @@ backward kernels are checked under the interpreter and compiled for sm_90, not y
 
 `triton_rms_norm`, `triton_add_rms_norm` (a residual add and the RMS norm after it: the sum and the normed value
 from one read of both addends; backward, the sum's total gradient, that of the sum itself plus the norm's, in one
-more), `triton_gated_rms_norm` and `triton_silu_mul` have the references' contracts, gradients included:
+more), `triton_gated_rms_norm`, `triton_silu_mul` and `triton_silu_mul_packed` (SwiGLU of gate and up packed side
+by side in one `[..., 2I]` tensor, as one matrix product makes them) have the references' contracts, gradients included:
 when an input needs a gradient they run as an autograd Function whose backward is one more kernel. A weight's
 gradient is summed per program in float32 (each program walks a strided set of rows), then over programs; a
 weight that needs no gradient (frozen, as the MLPs and norms of PostNAS stage 1) skips that sum.
@@ -210,30 +211,74 @@ def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_p
 
 
 @triton.jit
+def _swiglu(g, u, dtype: tl.constexpr):
+    """`silu(g) * u` from float32 g and u: silu(g) rounds to the dtype before the product, as two PyTorch ops
+    would; returns the float32 product (the caller rounds it once more, storing it)."""
+    return (g * tl.sigmoid(g)).to(dtype).to(tl.float32) * u
+
+
+@triton.jit
+def _swiglu_bwd(g, u, dy, dtype: tl.constexpr):
+    """`(dgate, dup)` in float32: `dup = dy * silu(g)` and `dgate = (dy * up) * silu'(g)`, each product rounded to
+    the dtype where PyTorch's autograd of `F.silu(gate) * up` rounds it (the caller rounds each once more)."""
+    sig = tl.sigmoid(g)
+    act = (g * sig).to(dtype).to(tl.float32)
+    dact = (dy * u).to(dtype).to(tl.float32)
+    return dact * sig * (1.0 + g * (1.0 - sig)), dy * act
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    # silu(g) rounds to the dtype before the product, as two PyTorch ops would
-    act = (g * tl.sigmoid(g)).to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(y_ptr + offs, _swiglu(g, u, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _silu_mul_bwd_kernel(g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
-    """`dup = dy * silu(g)` and `dgate = (dy * up) * silu'(g)`, each product rounded to the dtype where PyTorch's
-    autograd of `F.silu(gate) * up` rounds it."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    act = (g * sig).to(g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(du_ptr + offs, (dy * act).to(du_ptr.dtype.element_ty), mask=inside)
-    dact = (dy * u).to(g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(dg_ptr + offs, (dact * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=inside)
+    dg, du = _swiglu_bwd(g, u, dy, g_ptr.dtype.element_ty)
+    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=inside)
+    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _packed_offsets(offs, I):
+    """Element `offs` of the `[M, I]` output -> the offsets of its gate and up in the packed `[M, 2I]` input."""
+    row = offs // I
+    g_off = offs + row * I
+    return g_off, g_off + I
+
+
+@triton.jit
+def _silu_mul_packed_kernel(gu_ptr, y_ptr, n, I, BLOCK: tl.constexpr):
+    """`y [M, I]` from the packed `gu [M, 2I]` (both contiguous), over the flat `n = M * I` outputs."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    g_off, u_off = _packed_offsets(offs, I)
+    g = tl.load(gu_ptr + g_off, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + u_off, mask=inside, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, _swiglu(g, u, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _silu_mul_packed_bwd_kernel(gu_ptr, dy_ptr, dgu_ptr, n, I, BLOCK: tl.constexpr):
+    """`dgu [M, 2I]` (gate's gradient, then up's, per row) from `gu [M, 2I]` and `dy [M, I]`, all contiguous."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    g_off, u_off = _packed_offsets(offs, I)
+    g = tl.load(gu_ptr + g_off, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + u_off, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    dg, du = _swiglu_bwd(g, u, dy, gu_ptr.dtype.element_ty)
+    tl.store(dgu_ptr + g_off, dg.to(dgu_ptr.dtype.element_ty), mask=inside)
+    tl.store(dgu_ptr + u_off, du.to(dgu_ptr.dtype.element_ty), mask=inside)
 
 
 def _warps(block: int) -> int:
@@ -310,6 +355,16 @@ def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if n:
         block = 2048
         _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block, num_warps=8)
+    return y
+
+
+def _silu_mul_packed_fwd(gate_up: torch.Tensor) -> torch.Tensor:
+    I = gate_up.shape[-1] // 2
+    y = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
+    n = y.numel()
+    if n:
+        block = 2048
+        _silu_mul_packed_kernel[(triton.cdiv(n, block),)](gate_up, y, n, I, BLOCK=block, num_warps=8)
     return y
 
 
@@ -447,6 +502,25 @@ class _SiluMul(torch.autograd.Function):
         return dgate, dup
 
 
+class _SiluMulPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _silu_mul_packed_fwd(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dgate_up = torch.empty_like(gate_up)
+        n = dy.numel()
+        if n:
+            block = 2048
+            _silu_mul_packed_bwd_kernel[(triton.cdiv(n, block),)](gate_up, dy, dgate_up, n, gate_up.shape[-1] // 2,
+                                                                   BLOCK=block, num_warps=8)
+        return dgate_up
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -493,3 +567,13 @@ def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if _needs_grad(gate, up):
         return _SiluMul.apply(gate, up)
     return _silu_mul_fwd(gate, up)
+
+
+def triton_silu_mul_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate_up[..., :I]) * gate_up[..., I:]` in one pass (and its backward in one more, which writes the
+    gradient of the packed `[..., 2I]` input as one contiguous tensor); returns `[..., I]` in gate_up's dtype. The
+    last dim's evenness is checked by `jetnas.ops.fused.silu_mul_packed`."""
+    gate_up = gate_up.contiguous()
+    if _needs_grad(gate_up):
+        return _SiluMulPacked.apply(gate_up)
+    return _silu_mul_packed_fwd(gate_up)
