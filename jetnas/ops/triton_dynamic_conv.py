@@ -216,7 +216,7 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_
         acc = tl.zeros([BLOCK_D, W_POW2], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
         first = pid_s * slab_tiles
-        for i in range(0, tl.minimum(slab_tiles, tl.cdiv(T, BLOCK_T) - first)):
+        for i in range(tl.minimum(slab_tiles, tl.cdiv(T, BLOCK_T) - first)):
             xw, dacc, row0, off, d, w, mask = _bwd_tile(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr,
                                                         tok_start_ptr, tok_seq_ptr, pid_b, first + i, pid_d, T, D,
                                                         W, W_POW2, BLOCK_T, BLOCK_D, HAS_STATE, IS_VARLEN, SILU,
