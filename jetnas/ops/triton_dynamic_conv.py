@@ -21,7 +21,9 @@ plain torch indexing. Packed sequences pass
 per-token sequence start / end / index tensors made from `cu_seqlens`.
 
 `triton_short_conv` runs the static convolution (one `[D, W]` kernel for every token, optional bias) on the same
-kernels (`STATIC`): its weight gradient is summed per tile in the first backward kernel, then over tiles.
+kernels (`STATIC`): there the first backward kernel sums the weight's (and bias's) gradient over a slab of tokens
+per program (see `_slab_tiles`) and writes one float32 partial per slab, summed over slabs in PyTorch; its dacc
+buffer is in dy's dtype.
 
 This module imports Triton, so `jetnas.ops.conv` imports it lazily, only when a backend sends a tensor here; it
 imports nothing of `jetnas.ops.conv` (the shared checks live in `jetnas.ops.utils`). Under `TRITON_INTERPRET=1` the
@@ -170,17 +172,15 @@ def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start
 
 
 @triton.jit
-def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr, dk_ptr, tok_start_ptr,
-                                tok_seq_ptr, T, D, W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                                BLOCK_D: tl.constexpr, HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-                                SILU: tl.constexpr, STATIC: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Grid as forward. Writes `dkernels[b, t, d, i] = dacc[b, t, d] * x[b, t - W + 1 + i, d]` (`[B, T, D, W]`)
-    with `dacc = dy * act'(pre)`, and with SILU also dacc itself (float32 `[B, T, D]`; without, dacc is dy).
-    STATIC: the tile's sum over its tokens instead, float32 `[B, cdiv(T, BLOCK_T), D, W]` partials (their sum
-    over the first two dims is the static kernel's gradient)."""
-    row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2),
-                                               tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
-                                               IS_VARLEN)
+def _bwd_tile(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr, tok_start_ptr, tok_seq_ptr, pid_b, pid_t, pid_d,
+              T, D, W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr, STATIC: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """One tile of the backward's first step: the float32 windows `xw [BLOCK_T, BLOCK_D, W_POW2]` and
+    `dacc = dy * act'(pre)` `[BLOCK_T, BLOCK_D]` (zero outside the tile's mask), with SILU also stored to dacc_ptr
+    (in that buffer's dtype). Also returns the tile's row0, offsets and mask."""
+    row0, r, t, d, w, start, seq, mask = _tile(pid_b, pid_t, pid_d, tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T,
+                                               BLOCK_D, W_POW2, IS_VARLEN)
     off = r[:, None] * D + d[None, :]
     xw = _load_windows(x_ptr, state_ptr, row0, r, t, d, w, start, seq, mask, D, W, HAS_STATE)
     dacc = tl.load(dy_ptr + row0 * D + off, mask=mask, other=0.0).to(tl.float32)
@@ -190,13 +190,51 @@ def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_
             pre += tl.load(bias_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         sig = tl.sigmoid(pre)
         dacc = dacc * sig * (1.0 + pre * (1.0 - sig))
-        tl.store(dacc_ptr + row0 * D + off, dacc, mask=mask)
+        tl.store(dacc_ptr + row0 * D + off, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
+    return xw, dacc, row0, off, d, w, mask
+
+
+@triton.jit
+def _dynamic_conv_bwd_dk_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr, dk_ptr, db_ptr, tok_start_ptr,
+                                tok_seq_ptr, T, D, slab_tiles, W: tl.constexpr, W_POW2: tl.constexpr,
+                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_STATE: tl.constexpr,
+                                IS_VARLEN: tl.constexpr, SILU: tl.constexpr, STATIC: tl.constexpr,
+                                HAS_BIAS: tl.constexpr):
+    """Writes `dkernels[b, t, d, i] = dacc[b, t, d] * x[b, t - W + 1 + i, d]` (`[B, T, D, W]`) with
+    `dacc = dy * act'(pre)`, and with SILU also dacc itself (`[B, T, D]`, float32 or, static, dy's dtype; without
+    SILU dacc is dy). Grid as forward, one tile per program.
+
+    STATIC: grid (cdiv(cdiv(T, BLOCK_T), slab_tiles), B, cdiv(D, BLOCK_D)). Each program walks a slab of
+    `slab_tiles` consecutive BLOCK_T-token tiles (the last slab stops at T), keeping the weight gradient's
+    `[BLOCK_D, W_POW2]` sum (and with HAS_BIAS the bias gradient's `[BLOCK_D]`, the sum of dacc) in registers,
+    and writes them once: float32 partials `dk [B, n_slabs, D, W]` and `db [B, n_slabs, D]`, whose sums over the
+    first two dims are the weight's and the bias's gradients."""
+    pid_s = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_d = tl.program_id(2)
     if STATIC:
-        part = tl.sum(dacc[:, :, None] * xw, axis=0)  # [BLOCK_D, W_POW2]; tokens past T contribute 0
-        tile = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-        out = dk_ptr + (tile * D + d[:, None]) * W + w[None, :]
-        tl.store(out, part, mask=(d < D)[:, None] & (w < W)[None, :])
+        acc = tl.zeros([BLOCK_D, W_POW2], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+        first = pid_s * slab_tiles
+        for i in range(tl.minimum(slab_tiles, tl.cdiv(T, BLOCK_T) - first)):
+            xw, dacc, row0, off, d, w, mask = _bwd_tile(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr,
+                                                        tok_start_ptr, tok_seq_ptr, pid_b, first + i, pid_d, T, D,
+                                                        W, W_POW2, BLOCK_T, BLOCK_D, HAS_STATE, IS_VARLEN, SILU,
+                                                        STATIC, HAS_BIAS)
+            acc += tl.sum(dacc[:, :, None] * xw, axis=0)  # tokens past T have dacc = 0
+            if HAS_BIAS:
+                acc_b += tl.sum(dacc, axis=0)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        w = tl.arange(0, W_POW2)
+        slab = pid_b.to(tl.int64) * tl.num_programs(0) + pid_s
+        tl.store(dk_ptr + (slab * D + d[:, None]) * W + w[None, :], acc, mask=(d < D)[:, None] & (w < W)[None, :])
+        if HAS_BIAS:
+            tl.store(db_ptr + slab * D + d, acc_b, mask=d < D)
     else:  # (no early return: Triton's code generator does not promise one inside a compile-time branch)
+        xw, dacc, row0, off, d, w, mask = _bwd_tile(x_ptr, k_ptr, bias_ptr, state_ptr, dy_ptr, dacc_ptr,
+                                                    tok_start_ptr, tok_seq_ptr, pid_b, pid_s, pid_d, T, D, W,
+                                                    W_POW2, BLOCK_T, BLOCK_D, HAS_STATE, IS_VARLEN, SILU, STATIC,
+                                                    HAS_BIAS)
         dk_off = off[:, :, None] * W + w[None, None, :]
         dk_mask = mask[:, :, None] & (w < W)[None, None, :]
         tl.store(dk_ptr + row0 * D * W + dk_off, (dacc[:, :, None] * xw).to(dk_ptr.dtype.element_ty),
@@ -279,8 +317,51 @@ def _launch_config(T: int, D: int, W: int, on_gpu: bool) -> tuple[tuple[int, int
     return (block_t, min(128, max(16, triton.next_power_of_2(D)))), {"num_warps": 4}
 
 
-def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, **constexprs) -> None:
-    """Launch `kernel(*args, T, D, ...)` over (T blocks, B, D blocks) for `x [B, T, D]` and width W."""
+# The static weight gradient's slabs (see `_slab_tiles`): at least this many programs per launch, and at most this
+# many BLOCK_T-token tiles per slab.
+MIN_SLAB_PROGRAMS = 4096
+MAX_SLAB_TILES = 256
+
+
+def _slab_tiles(B: int, T: int, D: int, block_t: int, block_d: int, on_gpu: bool) -> int:
+    """How many BLOCK_T-token tiles one program of the static backward sums over (its slab).
+
+    The longer the slab, the fewer float32 `[BLOCK_D, W]` partials are written and summed afterwards (one per
+    slab, not one per 4-token tile: at B=32, T=1024 that was `[32, 256, D, W]`, W times the size of x in float32),
+    but the fewer programs are left to keep the GPU busy. The kernel only streams memory (x and dy in, dacc out)
+    and one program keeps about one tile's loads (~2 KB) outstanding at a time, so it needs every program slot
+    filled: compiled for sm_90 (ptxas, via tests/ops/sm90_compile.py's signature) it takes 72 registers a thread,
+    so an SM holds 7 of its 4-warp programs, 924 on the 132 SMs of an H200 (or H100). So the slab doubles, from
+    one tile, while the grid keeps at least MIN_SLAB_PROGRAMS = 4096 programs (4.4 waves of resident programs or
+    more, so that a part-empty last wave costs little), up to MAX_SLAB_TILES (1,024 tokens). The
+    partials are then at most 8,192 programs x BLOCK_D x W floats (4 MB x W), whatever the shape. With
+    128-channel blocks (grid arithmetic, not measured on a GPU):
+
+    | B x T | D | slab (tokens) | programs | partials vs 4-token tiles |
+    |---|---|---|---|---|
+    | 32 x 1,024 | 576 (5 channel blocks) | 32 | 5,120 | 8x fewer (9.4 MB at W = 4) |
+    | 32 x 1,024 | 1,728 (14 blocks) | 64 | 7,168 | 16x fewer (14 MB) |
+    | 1 x 65,536 | 576 | 64 | 5,120 | 16x fewer (9.4 MB) |
+    | 1 x 65,536 | 1,728 | 128 | 7,168 | 32x fewer (14 MB) |
+    | 1 x 262,144 | 2,048 (16 blocks) | 1,024 | 4,096 | 256x fewer (8.4 MB) |
+
+    A fixed rule (not the device's SM count) also keeps the summation order, and so the result, the same on every
+    GPU. The slab length is a runtime argument: new lengths cost no compilation beyond Triton's specialisations
+    (an int equal to 1, or a multiple of 16). Under the interpreter (CPU tensors) programs run one at a time, so
+    any slab works: two tiles, which makes the tests walk the slab loop."""
+    if not on_gpu:
+        return 2
+    tiles, n_tiles = 1, triton.cdiv(T, block_t)
+    others = B * triton.cdiv(D, block_d)
+    while tiles < MAX_SLAB_TILES and others * triton.cdiv(n_tiles, 2 * tiles) >= MIN_SLAB_PROGRAMS:
+        tiles *= 2
+    return tiles
+
+
+def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, slab_tiles: int | None = None,
+            **constexprs) -> None:
+    """Launch `kernel(*args, T, D, ...)` over (T blocks, B, D blocks) for `x [B, T, D]` and width W; with
+    `slab_tiles` (the backward's first kernel), over slabs of that many T blocks, passed after D."""
     B, T, D = x.shape
     if x.numel() == 0:  # nothing to compute, and an empty grid cannot be launched
         return
@@ -289,8 +370,12 @@ def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, **constexprs
     # second axis of cdiv(T, 4) failed at T = 262,144 ("invalid argument", 2026-12-06, H200: the 2B's 256K prefill)
     if B > 65535:
         raise ValueError(f"the short convolutions take at most 65,535 sequences per call, got B={B}")
-    grid = (triton.cdiv(T, block_t), B, triton.cdiv(D, block_d))
-    kernel[grid](*args, T, D, W=W, W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t, BLOCK_D=block_d,
+    n_t = triton.cdiv(T, block_t)
+    runtime = (T, D)
+    if slab_tiles is not None:
+        n_t, runtime = triton.cdiv(n_t, slab_tiles), (T, D, slab_tiles)
+    grid = (n_t, B, triton.cdiv(D, block_d))
+    kernel[grid](*args, *runtime, W=W, W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t, BLOCK_D=block_d,
                  IS_VARLEN=seg.tok_start is not None, **constexprs, **opts)
 
 
@@ -329,21 +414,33 @@ class _ConvFunction(torch.autograd.Function):
         tok_start, tok_seq, tok_end = _varlen_ptrs(x, seg)
         dy = dy.contiguous()
         silu = ctx.activation == "silu"
-        # Without an activation dacc is dy itself: no buffer to write and read back.
-        dacc = torch.empty(x.shape, device=x.device, dtype=torch.float32) if silu else dy
-        if static:  # per-tile partial sums of the kernel's gradient, summed below
-            (block_t, _), _ = _launch_config(T, D, W, x.is_cuda)
-            dk = torch.zeros(B, triton.cdiv(T, block_t), D, W, device=x.device, dtype=torch.float32)
+        # Without an activation dacc is dy itself: no buffer to write and read back. The static convolution keeps
+        # it in dy's dtype, which is where PyTorch's autograd rounds the activation's gradient too (F.silu's backward
+        # returns dy's dtype): in bf16 half the bytes of a float32 buffer, written here and read by the dx kernel.
+        # The weight and bias gradients are summed from the unrounded float32 values inside the kernel.
+        dacc = dy
+        if silu:
+            dacc = torch.empty(x.shape, device=x.device, dtype=dy.dtype if static else torch.float32)
+        slab_tiles = db = None
+        if static:  # per-slab partial sums of the weight's (and bias's) gradient, summed below
+            (block_t, block_d), _ = _launch_config(T, D, W, x.is_cuda)
+            slab_tiles = _slab_tiles(B, T, D, block_t, block_d, x.is_cuda)
+            n_slabs = triton.cdiv(triton.cdiv(T, block_t), slab_tiles)
+            # every (batch, slab, channel, tap) is written by exactly one program
+            dk = torch.empty(B, n_slabs, D, W, device=x.device, dtype=torch.float32)
+            if bias is not None:
+                db = torch.empty(B, n_slabs, D, device=x.device, dtype=torch.float32)
         else:
             dk = torch.empty_like(kernels)
         _launch(_dynamic_conv_bwd_dk_kernel, x, W, seg, x, kernels, x if bias is None else bias,
-                x if state is None else state, dy, dacc, dk, tok_start, tok_seq, HAS_STATE=state is not None,
-                SILU=silu, STATIC=static, HAS_BIAS=bias is not None)
+                x if state is None else state, dy, dacc, dk, x if db is None else db, tok_start, tok_seq,
+                slab_tiles=1 if slab_tiles is None else slab_tiles, HAS_STATE=state is not None, SILU=silu,
+                STATIC=static, HAS_BIAS=bias is not None)
         if static:
             dk = dk.sum((0, 1)).to(kernels.dtype)
         dbias = None
         if bias is not None and ctx.needs_input_grad[2]:
-            dbias = dacc.sum((0, 1), dtype=torch.float32).to(bias.dtype)
+            dbias = db.sum((0, 1)).to(bias.dtype)
         dx = dstate = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
@@ -423,7 +520,7 @@ def triton_short_conv(
     """The static causal depthwise convolution (`jetnas.ops.conv.short_conv`'s contract: `weight [D, W]`, optional
     `bias [D]`) on `[B, T, D]` as it lies, on the dynamic convolution's kernels with one kernel for every token:
     one read of x and one write of y forward, accumulated in float32 with the bias and SiLU fused; gradients to x,
-    weight, bias and the initial state (the weight's summed per tile of tokens, then over tiles).
+    weight, bias and the initial state (the weight's and bias's summed per slab of tokens, then over slabs).
 
     Why: `F.conv1d` wants `[B, D, T]`, so each conv costs two transposed copies, and PyTorch's generic depthwise
     kernel for bf16: on an H200, 15 of 97 GPU-ms of a SmolLM2-135M GDN hybrid's 32K prefill went to that kernel

@@ -1,0 +1,170 @@
+"""The static short convolution's training cost on the GPU: `triton_short_conv` forward + backward, and backward
+alone, at the stage-1 shapes (32 x 1,024 tokens) and at one long sequence, against `F.conv1d` (`short_conv`'s
+torch path) and, with `--old`, against an earlier copy of `jetnas/ops/triton_dynamic_conv.py` loaded beside the
+current one in the same process (same inputs, same GPU, one run).
+
+    git show <earlier commit>:jetnas/ops/triton_dynamic_conv.py > /tmp/old_conv.py
+    PYTHONPATH=. python benchmarks/short_conv_bench.py --old /tmp/old_conv.py --out $OUT/short_conv.json
+
+PYTHONPATH=. makes `jetnas` this checkout's (a script's own folder leads sys.path, so an installed jetnas, e.g. an
+editable install of another checkout, would otherwise be timed as "new"); the report records both files (`new`,
+`old`).
+
+Inputs are bf16 (as the convolutions see them in training: outputs of bf16 projections), W = 4, SiLU, no bias
+unless `--bias` (the GDN block's q, k, v convolutions have none). Times are the median of `--iters` runs with CUDA
+events after warm-up. The backward's kernels are also summed by name under the PyTorch profiler (`kernels_us`), so
+the weight-gradient kernel and the partials' reduction show apart. Old and new gradients are compared
+(`max_grad_rel_err_vs_old`): the weight's gradient sums the same float32 products in another order, but the new
+code rounds the SiLU gradient to bf16 before dx (as PyTorch's autograd does) where the old kept it in float32,
+so dx differs by about one bf16 rounding: a few 1e-3 (4.1e-3 measured under the CPU interpreter, which
+truncates). `--device cpu` (under TRITON_INTERPRET=1, tiny shapes) only smoke-tests the script.
+Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from jetnas.ops import triton_dynamic_conv as new_module
+from jetnas.ops.conv import short_conv
+
+# (B, T, D): stage 1 of the SmolLM2-135M GDN hybrid (32 x 1,024 tokens, conv widths 576..1,728) and one 64K sequence
+SHAPES = ((32, 1024, 576), (32, 1024, 1152), (32, 1024, 1728), (1, 65536, 576), (1, 65536, 1728))
+
+
+def load_module(path: str):
+    """An earlier `triton_dynamic_conv.py` as a module of its own (it imports only `jetnas.ops.utils`)."""
+    spec = importlib.util.spec_from_file_location("old_triton_dynamic_conv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed_ms(fn, dev: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` (CUDA events on a GPU, wall clock otherwise), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_times_us(fn, dev: torch.device) -> dict[str, float]:
+    """GPU microseconds of one `fn()` by kernel name, under the PyTorch profiler."""
+    if dev.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = defaultdict(float)
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us > 0:
+            out[evt.key[:80]] += us
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: torch.device, iters: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(D, W, device=dev) / W**0.5).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(D, device=dev, dtype=torch.bfloat16, requires_grad=True) if bias else None
+    dy = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16)
+    leaves = [t for t in (x, weight, b) if t is not None]
+    entry = {"shape": [B, T, D, W], "bias": bias}
+    grads = {}
+    for name, fn in impls.items():
+        def fwd(fn=fn):
+            return fn(x, weight, b, None, False, "silu", None)[0]
+
+        def fwd_bwd(fwd=fwd):
+            torch.autograd.grad(fwd(), leaves, dy)
+
+        y = fwd()
+
+        def bwd(y=y):
+            torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+        grads[name] = torch.autograd.grad(y, leaves, dy, retain_graph=True)
+        fb, bw = timed_ms(fwd_bwd, dev, iters), timed_ms(bwd, dev, iters)
+        # bytes the backward must move at least: x and dy read, dx written (bf16); the weight's gradient is tiny
+        moved = 3 * 2 * x.numel()
+        entry[name] = {"fwd_bwd_ms": round(fb, 4), "bwd_ms": round(bw, 4),
+                       "bwd_min_bytes_GBps": round(moved / bw / 1e6), "kernels_us": kernel_times_us(bwd, dev)}
+        del y, bwd  # the graph (and its saved tensors) before the next implementation's
+    if "old" in grads:
+        entry["max_grad_rel_err_vs_old"] = max(rel(a, r) for a, r in zip(grads["new"], grads["old"]))
+        entry["bwd_speedup_vs_old"] = round(entry["old"]["bwd_ms"] / entry["new"]["bwd_ms"], 3)
+        entry["fwd_bwd_speedup_vs_old"] = round(entry["old"]["fwd_bwd_ms"] / entry["new"]["fwd_bwd_ms"], 3)
+    entry["max_grad_rel_err_vs_conv1d"] = max(rel(a, r) for a, r in zip(grads["new"], grads["conv1d"]))
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--old", default=None, help="an earlier triton_dynamic_conv.py to time beside this one")
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                        help="comma-separated BxTxD")
+    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default="short_conv_bench.json")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (this benchmark times GPU kernels; --device cpu only smoke-tests it)")
+    impls = {"new": new_module.triton_short_conv,
+             "conv1d": lambda *a: short_conv(*a, backend="torch")}
+    if args.old:
+        impls["old"] = load_module(args.old).triton_short_conv
+    import triton
+
+    report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+              "triton": triton.__version__, "new": new_module.__file__, "old": args.old, "results": []}
+    for shape in args.shapes.split(","):
+        B, T, D = map(int, shape.split("x"))
+        entry = bench_shape(B, T, D, args.width, args.bias, impls, dev, args.iters)
+        report["results"].append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k not in impls}
+                         | {k: {"fwd_bwd_ms": entry[k]["fwd_bwd_ms"], "bwd_ms": entry[k]["bwd_ms"]} for k in impls}),
+              flush=True)
+        with open(args.out, "w") as f:  # after every shape, so a cut-off run keeps its numbers
+            json.dump(report, f, indent=2)
+    summary = {"device": report["device"], "shapes": len(report["results"])}
+    if args.old:
+        summary["bwd_speedup_vs_old"] = [e["bwd_speedup_vs_old"] for e in report["results"]]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
