@@ -165,12 +165,14 @@ def _supernet_window(path: Path) -> int | None:
     return None
 
 
-def read_placement(placement: str, num_layers: int, swa_window: int | None = None) -> Placement:
+def read_placement(placement: str, num_layers: int, swa_window: int | None = None,
+                   default_window: int | None = None) -> Placement:
     """The placement to fill: a `placements.json` written by `jetnas search placement` (its best-ranked entry), or
     a layer-types string (`attn`/`swa` entries kept, every other entry becomes linear).
 
     `swa_window` (when the placement has `swa` layers): given, else the placements file's own, else that of the
-    super-network the file was searched on (found next to it), else an error.
+    super-network the file was searched on (found next to it), else `default_window` (the caller's documented
+    default, `jetnas.models.convert.default_swa_window` of the teacher), else an error.
     """
     path = Path(placement).expanduser()
     if placement.endswith(".json") or path.is_file():
@@ -198,6 +200,8 @@ def read_placement(placement: str, num_layers: int, swa_window: int | None = Non
         window, info, source = swa_window, {}, "layer types"
     if len(choices) != num_layers:
         raise ValueError(f"placement {placement!r} has {len(choices)} layers but the teacher has {num_layers}")
+    if "swa" in choices and not window and default_window:
+        window, info = default_window, {**info, "swa_window_is_default": True}
     if "swa" in choices and not window:
         layers = [i for i, c in enumerate(choices) if c == "swa"]
         raise ValueError(f"placement {placement!r} has sliding-window layers {layers} but no window size: pass "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -53,6 +54,7 @@ class CandidateRunner:
 
         from jetnas.evaluation.tasks import MultipleChoiceTask
         from jetnas.nas.objectives import build_search_tasks
+        from jetnas.models.convert import default_swa_window
         from jetnas.nas.placement import read_placement
         from jetnas.nas.ranking import TaskMetric
         from jetnas.train.distributed import local_device
@@ -64,8 +66,13 @@ class CandidateRunner:
             raise ValueError("--tasks is empty")
         self.device = local_device(recipe.device)
         self.teacher = load_stage_teacher(recipe.teacher, self.device)
-        self.placement = read_placement(recipe.placement, self.teacher.model.config.num_hidden_layers,
-                                        recipe.swa_window)
+        config = self.teacher.model.config
+        default_window, why = default_swa_window(config)
+        self.placement = read_placement(recipe.placement, config.num_hidden_layers, recipe.swa_window,
+                                        default_window=default_window)
+        if self.placement.info.get("swa_window_is_default"):
+            print(f"jetnas: swa layers get a window of {default_window} tokens ({why}); another with --swa-window",
+                  file=sys.stderr)
         self.swa = {"swa": {"window_size": self.placement.swa_window}} if self.placement.swa_window else {}
         out.mkdir(parents=True, exist_ok=True)
         mixture = resolve_mixture(recipe.data, self.teacher.tokenizer, teacher=self.teacher.model,

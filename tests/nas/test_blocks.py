@@ -112,6 +112,13 @@ def test_read_placement_from_a_search_result_or_layer_types(tmp_path):
     assert plain.choices == ["attn", "linear", "linear", "attn"] and plain.swa_window is None
     with pytest.raises(ValueError, match="but no window size"):
         read_placement("attn,swa,jet,jet", 4)
+    # the caller's documented default (the teacher's) fills a window no one gave, and says it did; it never
+    # overrides one given or found in the file
+    filled = read_placement("attn,swa,jet,jet", 4, default_window=256)
+    assert filled.swa_window == 256 and filled.describe()["swa_window_is_default"] is True
+    assert read_placement("attn,swa,jet,jet", 4, swa_window=64, default_window=256).swa_window == 64
+    assert read_placement(str(path), 4, default_window=256).swa_window == 16
+    assert "swa_window_is_default" not in read_placement("attn,jet,jet,attn", 4, default_window=256).describe()
     with pytest.raises(ValueError, match="has 4 layers but the teacher has 6"):
         read_placement(str(path), 6)
     with pytest.raises(FileNotFoundError, match="does not exist"):
