@@ -22,8 +22,8 @@ from tests.utils import randomize_zero_init, rel_err, tiny_config
 TOL = 1e-5
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 BACKENDS = [
-    pytest.param(Backend("torch"), id="torch"),
-    pytest.param(Backend("triton", interpret=True), id="triton-interpret", marks=pytest.mark.skipif(
+    pytest.param(Backend("torch", fused_projections=False), id="torch"),
+    pytest.param(Backend("triton", interpret=True, fused_projections=False), id="triton-interpret", marks=pytest.mark.skipif(
         not INTERPRETED, reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")),
 ]
 BLOCK_TYPES = ["attn", "gdn", "jet", "deltanet", "swa"]

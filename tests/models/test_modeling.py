@@ -136,13 +136,15 @@ def test_the_model_runs_its_backend_everywhere_in_training(monkeypatch):
     model = JetNemotronForCausalLM(config, backend=Backend("triton", interpret=True))
     model.load_state_dict(reference.state_dict())
     calls = []
-    for name in ("triton_rms_norm", "triton_gated_rms_norm", "triton_silu_mul"):
+    # with the default fusions: the residual adds inside the norms, SwiGLU on the packed gate|up product
+    names = ("triton_rms_norm", "triton_add_rms_norm", "triton_gated_rms_norm", "triton_silu_mul_packed")
+    for name in names:
         monkeypatch.setattr(tf, name, lambda *a, _f=getattr(tf, name), _n=name: calls.append(_n) or _f(*a))
     ids = torch.randint(1, 97, (2, 11))
     outs = [m(ids, labels=ids) for m in (reference, model)]
     for out in outs:
         out.loss.backward()
-    assert set(calls) == {"triton_rms_norm", "triton_gated_rms_norm", "triton_silu_mul"}
+    assert set(calls) == set(names)
     assert (outs[1].logits - outs[0].logits).abs().max() < 1e-5 * outs[0].logits.abs().max()
     for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
         assert (p.grad - p_ref.grad).norm() <= 1e-4 * p_ref.grad.norm() + 1e-12, name

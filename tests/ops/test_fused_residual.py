@@ -29,7 +29,7 @@ from jetnas.train.losses import distill_terms
 from tests.ops.test_fused import DEVICE, TRUTH_RATIO, _Spy, close, needs_triton
 from tests.utils import rel_err, tiny_config
 
-TRITON = Backend("triton", interpret=DEVICE == "cpu")
+TRITON = Backend("triton", interpret=DEVICE == "cpu", fused_residual=False, fused_hidden_loss=False)
 FUSED = Backend("triton", interpret=DEVICE == "cpu", fused_residual=True, fused_hidden_loss=True)
 
 
