@@ -27,6 +27,8 @@ Sections, run in the order --sections gives (each row is written to --out as soo
   default).
 - long: the 2B and Qwen3-1.7B's architecture (28 attention layers, 16 heads / 8 KV heads of 128, QK-norm, as
   benchmarks/engine_h100.py builds it) at 256K, both at bench defaults.
+- profile: only the `--profile` rows of the 2B, in the order given, with no timing rows (a short call:
+  `--sections profile --profile jet-nemotron-2b@262144:static,jet-nemotron-2b@65536:static`).
 
 Every row: tokens/s (the median of --repeats timed prefills after an untimed one that compiles, autotunes and
 captures: `jetnas.bench.measure.prefill_throughput`), the chunk used, FLOPs (`jetnas.bench.costs.prefill_flops`:
@@ -335,6 +337,18 @@ def long_section(args) -> None:
             torch.cuda.empty_cache()
 
 
+def profile_section(args) -> None:
+    """Only the `--profile` rows of the Jet-Nemotron-2B architecture, in the order given (no timing rows): what a
+    call with little device time left needs to see where a long prefill goes."""
+    model = None
+    for target in args.profile:
+        name, _, rest = target.partition("@")
+        if name == "jet-nemotron-2b" and torch.device(args.device).type == "cuda":
+            model = model or build(name, args)
+            ctx, _, mode = rest.partition(":")
+            profile(model, name, int(ctx), args, mode or "forward")
+
+
 # -- summary --------------------------------------------------------------------------------------------------------
 
 def tok_s(label: str, context: int) -> float | None:
@@ -426,7 +440,8 @@ def main() -> None:
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = torch.bfloat16 if cuda else torch.float32
     sections = [s for s in args.sections.split(",") if s]
-    known = {"check": check_section, "smollm2": smollm2_section, "jet2b": jet2b_section, "long": long_section}
+    known = {"check": check_section, "smollm2": smollm2_section, "jet2b": jet2b_section, "long": long_section,
+             "profile": profile_section}
     if set(sections) - set(known):
         raise SystemExit(f"--sections {args.sections!r}: unknown {sorted(set(sections) - set(known))}; "
                          f"known: {','.join(known)}")
