@@ -108,8 +108,12 @@ def more_cases():
                f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_kernel, {**io, "dw_ptr": "*fp32"},
                {"HAS_GATE": gate, "NORM_BEFORE_GATE": before, "HAS_DW": dw, "BLOCK_L": 256})
     yield "silu * up backward", fused._silu_mul_bwd_kernel, io, {"BLOCK": 2048}
-    # the training fusions (off by default until timed on a GPU): add + norm of a float32 stream and a bf16 mixer
-    # output, normed into bf16; its backward with both gradients, two outputs and the weight's partials
+    # SwiGLU on the packed gate|up product (Backend.fused_projections), both ways
+    yield "packed silu * up", fused._silu_mul_packed_kernel, {"gu_ptr": "*bf16", "y_ptr": "*bf16"}, {"BLOCK": 2048}
+    yield ("packed silu * up backward", fused._silu_mul_packed_bwd_kernel,
+           {"gu_ptr": "*bf16", "dy_ptr": "*bf16", "dgu_ptr": "*bf16"}, {"BLOCK": 2048})
+    # the training fusions: add + norm of a float32 stream and a bf16 mixer output, normed into bf16; its backward
+    # with both gradients, two outputs and the weight's partials
     yield ("add + rms norm", fused._add_rms_norm_kernel,
            {"x_ptr": "*fp32", "y_ptr": "*bf16", "w_ptr": "*fp32", "s_ptr": "*fp32", "n_ptr": "*bf16"}, {"BLOCK_N": 1024})
     yield ("add + rms norm backward", fused._add_rms_norm_bwd_kernel,
