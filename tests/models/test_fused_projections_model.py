@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 from jetnas.models import JetNemotronForCausalLM
 from jetnas.models.modeling import JetNemotronMLP
 from jetnas.ops.backend import Backend
+from tests.models.test_modeling import assert_cached_generation_matches
 from tests.utils import randomize_zero_init, rel_err, tiny_config
 
 TOL = 1e-5
@@ -103,14 +104,4 @@ def test_frozen_mlp_weights_get_no_gradient():
 def test_cached_greedy_generation_equals_uncached(block_type):
     # the model-level cache contract (tests/models/test_modeling.py) with the flag on: batched, left padding
     _, model = models(Backend("torch"), ["attn", block_type, block_type])
-    model.eval()
-    ids = torch.randint(1, 97, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :7] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    cached = model.generate(ids, use_cache=True, **kwargs)
-    uncached = model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
-    alone = model.generate(ids[2:, 7:], max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(alone[0, 3:], cached[2, 10:])
+    assert_cached_generation_matches(model.eval())

@@ -66,7 +66,11 @@ def test_released_key_layout_loads_with_nothing_missing_or_unexpected(tmp_path):
 @pytest.mark.parametrize("block_type", ALL_TYPES)
 def test_cached_greedy_generation_equals_uncached(block_type):
     # every block type, next to full attention, batched with left padding
-    model = make_model(["attn", block_type, block_type])
+    assert_cached_generation_matches(make_model(["attn", block_type, block_type]))
+
+
+def assert_cached_generation_matches(model) -> None:
+    """Greedy generation of a batch with left padding: cached == uncached, and a padded row == the row alone."""
     ids = torch.randint(1, 97, (3, 10))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
