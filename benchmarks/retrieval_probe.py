@@ -22,29 +22,35 @@ from pathlib import Path
 
 
 def plot_row(result: dict, out: Path) -> Path:
+    """`row.png`: per layer, the share of the all-windowed -> teacher answer-NLL gap closed with only that layer
+    full; right of it the given sets, labelled with their accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    row = result["one_layer"]
-    layers = [r["layer"] for r in row]
-    fig, ax = plt.subplots(figsize=(11, 3.6), dpi=130)
-    ax.bar(layers, [r["target_nll"] for r in row], color="tab:blue", label="answer NLL, only that layer full")
-    ax.axhline(result["references"]["all windowed"]["target_nll"], color="tab:red", ls="--", lw=1,
-               label="all layers windowed")
-    ax.axhline(result["references"]["teacher"]["target_nll"], color="tab:green", ls="--", lw=1,
-               label="teacher (all full)")
-    for r in row:
-        if r["acc"] > 0:
-            ax.text(r["layer"], r["target_nll"], f"{r['acc']:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer kept as full attention (every other layer: teacher attention, window "
-                  f"{result['window']} + {result['sinks']} sinks)")
-    ax.set_ylabel("answer NLL (nats/token)")
-    ax.set_title(f"{result['task']}: windowed-teacher probe, {result['rows']} rows of seed {result['seed']} "
-                 f"(labels: accuracy where > 0)", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    row, sets = result["one_layer"], result["sets"]
+    L = len(row)
+    xs = list(range(L)) + [L + 1 + j for j in range(len(sets))]
+    values = [r["nll_gap_closed"] for r in row] + [s["nll_gap_closed"] for s in sets]
+    colors = ["tab:blue"] * L + ["tab:orange"] * len(sets)
+    fig, ax = plt.subplots(figsize=(12, 3.8), dpi=130)
+    ax.bar(xs, values, color=colors)
+    for x, r in zip(xs, row + sets):
+        ax.text(x, max(r["nll_gap_closed"], 0) + 0.01, f"{r['acc']:.2f}", ha="center", va="bottom", fontsize=6,
+                rotation=90)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(xs, [str(i) for i in range(L)] + ["{" + ",".join(map(str, s["full"])) + "}" for s in sets],
+                  fontsize=7, rotation=0)
+    for label in ax.get_xticklabels()[L:]:
+        label.set_rotation(45)
+    ax.set_ylim(min(min(values), 0) - 0.02, 1.12)
+    ax.set_xlabel(f"full attention at (blue: that layer alone; orange: sets); every other layer: teacher attention "
+                  f"windowed to {result['window']} + {result['sinks']} sinks", fontsize=8)
+    ax.set_ylabel("answer-NLL gap closed\n(0 all windowed, 1 teacher)", fontsize=8)
+    ax.set_title(f"{result['task']}: windowed-teacher probe, {result['rows']} rows of seed {result['seed']}; "
+                 f"labels: accuracy (teacher {result['references']['teacher']['acc']:.2f}, all windowed "
+                 f"{result['references']['all windowed']['acc']:.2f})", fontsize=9)
     fig.tight_layout()
     path = out / "row.png"
     fig.savefig(path)
@@ -63,7 +69,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prefix-gb", type=float, default=4.0, help="layer inputs kept for prefix reuse (GB)")
     parser.add_argument("--out", default="results/cpu_retrieval_probe")
+    parser.add_argument("--replot", action="store_true", help="only redraw row.png from the out dir's probe.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot_row(json.loads((Path(args.out) / "probe.json").read_text()), Path(args.out))
+        return 0
 
     import torch
 

@@ -88,18 +88,11 @@ class CandidateEvaluator:
     the next sub-network starts at the first layer where the two differ. The beam search scores candidates that
     differ from their neighbours in one layer, so about half the layers are skipped, with bit-identical results
     (the same kernels on the same inputs). `prefix_bytes` caps the memory those states may take (0: off).
-
-    `anchor`: a candidate whose layer inputs are also kept, per batch, once it has run (within `prefix_bytes`);
-    a later sub-network starts from them when it shares a longer prefix with the anchor than with the last one
-    run. The probe's all-windowed network is its anchor: the one-layer network {i} then runs layers i.. only,
-    where after {i - 1} it would run them all.
     """
 
     def __init__(self, supernet, tokenizer, tasks: list[SearchTask], batch_size: int = 8, max_length: int = 4096,
-                 prefix_bytes: int | None = None, anchor: Candidate | None = None):
+                 prefix_bytes: int | None = None):
         self.supernet, self.tokenizer, self.tasks = supernet.eval(), _MemoTokenizer(tokenizer), tasks
-        self.anchor = None if anchor is None else tuple(anchor)
-        self._anchored: dict[bytes, list[torch.Tensor]] = {}
         self.batch_size, self.max_length = batch_size, max_length
         self.device = next(supernet.parameters()).device
         self._cache: dict[Candidate, dict[str, dict]] = {}
@@ -114,20 +107,15 @@ class CandidateEvaluator:
         key = hashlib.sha1(ids.cpu().numpy().tobytes() + (b"" if mask is None else mask.cpu().numpy().tobytes())
                            + str(tuple(ids.shape)).encode()).digest()
         start, hidden, earlier = 0, None, []
-        kept = [self._prefix[key]] if key in self._prefix else []
-        if key in self._anchored:
-            kept.append((self.anchor, self._anchored[key]))
-        for previous, states in kept:
-            shared = next((i for i, (a, b) in enumerate(zip(previous, candidate)) if a != b), len(candidate))
-            if shared > start:
-                start, hidden, earlier = shared, states[shared], states[:shared]
+        if key in self._prefix:
+            previous, states = self._prefix[key]
+            start = next((i for i, (a, b) in enumerate(zip(previous, candidate)) if a != b), len(candidate))
+            hidden = states[start] if start else None
+            earlier = states[:start]
         logits, states = self.supernet.run_layers(ids, candidate, mask, start, hidden)
         self.layers_run += len(candidate) - start
         states = earlier + states
         size = sum(t.numel() * t.element_size() for t in states)
-        if candidate == self.anchor and key not in self._anchored and self._prefix_used + size <= self.prefix_bytes:
-            self._prefix_used += size
-            self._anchored[key] = states
         if key in self._prefix or self._prefix_used + size <= self.prefix_bytes:
             if key not in self._prefix:
                 self._prefix_used += size
@@ -171,7 +159,7 @@ class ProbedEvaluator:
         supernet: the trained super-network (its `base` is the probe's teacher; its `spec.swa_window` the window
             of "swa" layers).
         tokenizer, batch_size, max_length, prefix_bytes: as `CandidateEvaluator` (each of the two evaluators may
-            keep `prefix_bytes` of layer inputs; the probe's keeps its all-windowed network's among them).
+            keep `prefix_bytes` of layer inputs).
         tasks: all search tasks; `RetrievalTask`s go through the probe (at least one is required).
         window: W, tokens each windowed layer sees (itself and W - 1 before it).
         sinks: S, first tokens every windowed layer also sees (default 4: without them the windowed teacher
@@ -192,8 +180,7 @@ class ProbedEvaluator:
             t.name = t.task.name = f"{t.name} (probe w{window}+{sinks})"
         others = [t for t in tasks if t not in probed]
         self.network = CandidateEvaluator(supernet, tokenizer, others, batch_size, max_length, prefix_bytes)
-        self.probe = CandidateEvaluator(self.probe_net, tokenizer, probed, batch_size, max_length, prefix_bytes,
-                                        anchor=("linear",) * supernet.num_layers)
+        self.probe = CandidateEvaluator(self.probe_net, tokenizer, probed, batch_size, max_length, prefix_bytes)
         self.device = self.network.device
         self._seen: set[Candidate] = set()
 

@@ -134,22 +134,17 @@ def test_probed_evaluator_scores_retrieval_on_the_probe_and_the_rest_on_the_supe
         ProbedEvaluator(net, tok, [t for t in tiny_tasks(tmp_path) if t.name == "lm"], window=16)
 
 
-def test_the_all_windowed_anchor_saves_layers_with_identical_results(tmp_path):
+def test_the_probe_reuses_layer_prefixes_with_identical_results(tmp_path):
     net, tok = tiny_supernet()
-    probe = WindowedTeacher(net.base, 16, 2)
-    task = [t for t in tiny_tasks(tmp_path) if isinstance(t.task, RetrievalTask)]
-    task[0].task = probe_task(task[0].task, 16)
-    anchored = CandidateEvaluator(probe, tok, task, batch_size=4, max_length=512, anchor=("linear",) * 4)
-    last_only = CandidateEvaluator(probe, tok, task, batch_size=4, max_length=512)
-    fresh = CandidateEvaluator(probe, tok, task, batch_size=4, max_length=512, prefix_bytes=0)
+    reused = ProbedEvaluator(net, tok, tiny_tasks(tmp_path), window=16, sinks=2, batch_size=4, max_length=512)
+    fresh = ProbedEvaluator(net, tok, tiny_tasks(tmp_path), window=16, sinks=2, batch_size=4, max_length=512,
+                            prefix_bytes=0)
     one_layer = [("linear",) * 4] + [tuple("attn" if j == i else "linear" for j in range(4)) for i in range(4)]
     for cand in one_layer:
-        assert anchored.results(cand) == fresh.results(cand) == last_only.results(cand)
-    batches = fresh.layers_run // 20  # 5 candidates x 4 layers per input batch
-    # anchor once (4), then {i} from layer i: 4 + 3 + 2 + 1; the last one alone: {i} from layer i - 1, where it
-    # differs from {i - 1}
-    assert anchored.layers_run == batches * (4 + 4 + 3 + 2 + 1)
-    assert last_only.layers_run == batches * (4 + 4 + 4 + 3 + 2)
+        assert reused.results(cand) == fresh.results(cand)
+    batches = fresh.probe.layers_run // 20  # 5 candidates x 4 layers per input batch
+    # {i} after {i - 1} starts at layer i - 1, where they differ: 4 + 4 + 4 + 3 + 2 layers per batch
+    assert reused.probe.layers_run == batches * (4 + 4 + 4 + 3 + 2)
 
 
 def test_the_search_writes_the_probe_into_its_outputs_and_ranks_its_row(tmp_path):
