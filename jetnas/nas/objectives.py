@@ -143,6 +143,78 @@ class CandidateEvaluator:
         return len(self._cache)
 
 
+class ProbedEvaluator:
+    """`CandidateEvaluator`'s interface with the retrieval tasks scored by the windowed-teacher probe
+    (`jetnas.nas.probe`) and every other task by the super-network, as `CandidateEvaluator` does.
+
+    For a candidate, the probe runs the teacher with full attention in the candidate's "attn" layers and, in every
+    other layer, the teacher's attention limited to `window` tokens plus the first `sinks` (a "swa" layer: its
+    super-network window if larger). The retrieval tasks are replaced by the probe's own rows (`probe_task`: the
+    generator with `PROBE_SEED`, never the evaluation's seed-0 rows, and for needle / kv only rows whose fact lies
+    beyond the window) and renamed `<task> (probe w<W>+<S>)`, so tables and the heat-map say what scored them.
+    Retrieval keeps `acc` as its metric and the answer NLL (`target_nll`) as the secondary one, which the search
+    ranks by where no one-layer network moves the accuracy (`NormalizedObjective.fall_back_where_flat`).
+
+    Args:
+        supernet: the trained super-network (its `base` is the probe's teacher; its `spec.swa_window` the window
+            of "swa" layers).
+        tokenizer, batch_size, max_length, prefix_bytes: as `CandidateEvaluator` (each of the two evaluators may
+            keep `prefix_bytes` of layer inputs).
+        tasks: all search tasks; `RetrievalTask`s go through the probe (at least one is required).
+        window: W, tokens each windowed layer sees (itself and W - 1 before it).
+        sinks: S, first tokens every windowed layer also sees (default 4: without them the windowed teacher
+            degrades everywhere, not at retrieval only; results/cpu_teacher_retrieval_layers).
+    """
+
+    def __init__(self, supernet, tokenizer, tasks: list[SearchTask], window: int, sinks: int = 4,
+                 batch_size: int = 8, max_length: int = 4096, prefix_bytes: int | None = None):
+        from jetnas.nas.probe import WindowedTeacher, probe_task
+
+        probed = [t for t in tasks if isinstance(t.task, RetrievalTask)]
+        if not probed:
+            raise ValueError(f"the retrieval probe scores retrieval tasks; none among {[t.name for t in tasks]}")
+        self.supernet, self.tasks = supernet, tasks
+        self.probe_net = WindowedTeacher(supernet.base, window, sinks, supernet.spec.swa_window)
+        for t in probed:
+            t.task = probe_task(t.task, window)
+            t.name = t.task.name = f"{t.name} (probe w{window}+{sinks})"
+        others = [t for t in tasks if t not in probed]
+        self.network = CandidateEvaluator(supernet, tokenizer, others, batch_size, max_length, prefix_bytes)
+        self.probe = CandidateEvaluator(self.probe_net, tokenizer, probed, batch_size, max_length, prefix_bytes)
+        self.device = self.network.device
+        self._seen: set[Candidate] = set()
+
+    @property
+    def probed(self) -> list[SearchTask]:
+        """The tasks the probe scores."""
+        return self.probe.tasks
+
+    def describe(self) -> dict:
+        """What scored the retrieval tasks, for the search's outputs."""
+        from jetnas.nas.probe import PROBE_SEED
+
+        net = self.probe_net
+        return {"kind": "windowed", "window": net.window, "sinks": net.sinks, "swa_window": net.swa_window,
+                "seed": PROBE_SEED, "tasks": [t.name for t in self.probed],
+                "far_tokens": {t.name: t.task.far for t in self.probed if t.task.kind != "mqar"}}
+
+    def results(self, candidate: Candidate) -> dict[str, dict]:
+        """`{task name: metrics}` of one candidate, in the order of `tasks`."""
+        candidate = tuple(candidate)
+        self._seen.add(candidate)
+        res = {**(self.network.results(candidate) if self.network.tasks else {}), **self.probe.results(candidate)}
+        return {t.name: res[t.name] for t in self.tasks}
+
+    @property
+    def evaluations(self) -> int:
+        return len(self._seen)
+
+    @property
+    def layers_run(self) -> int:
+        """Layer passes computed by the super-network and the probe together."""
+        return self.network.layers_run + self.probe.layers_run
+
+
 def _short(candidate: Candidate) -> dict[str, list[int]]:
     return {k: [i for i, c in enumerate(candidate) if c == k] for k in ("attn", "swa")}
 

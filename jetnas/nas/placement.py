@@ -60,8 +60,11 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
     rows = {name: [s[name] for s in single["attn"]] for name in names}
     if len(names) > 1:
         rows["combined"] = [objective(make_candidate(L, attn=[i]))[0] for i in range(L)]
+    probe = evaluator.describe() if hasattr(evaluator, "describe") else None
+    probed = (f"\n{', '.join(probe['tasks'])}: teacher, other layers windowed to {probe['window']} + "
+              f"{probe['sinks']} sinks" if probe else "")
     heat = heatmap(rows, out / "heatmap.png", f"Per-layer importance ({len(names)} task(s), {L} layers): "
-                                              f"score with only that layer as full attention")
+                                              f"score with only that layer as full attention{probed}")
 
     def on_level(level, ranked):
         best, score = ranked[0]
@@ -87,7 +90,7 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
     (out / "comparison.md").write_text(
         f"# Placement search: budget {budget}, beam width {beam_width}\n\n"
         f"Metrics: {', '.join(f'{t.name} -> {t.metric}' for t in evaluator.tasks)}; in brackets the fraction of the "
-        f"all-linear -> teacher gap closed.{_fallback_note(evaluator, flat)}\n\n{table}\n")
+        f"all-linear -> teacher gap closed.{_fallback_note(evaluator, flat)}{_probe_note(probe)}\n\n{table}\n")
     (out / "comparison.json").write_text(json.dumps(entries, indent=2))
     placements = [{"rank": r + 1, **describe(c), "objective": list(score), "fractions": objective.per_task(c),
                    "layer_types": ",".join(_layer_type(x, linear_type) for x in c)}
@@ -96,7 +99,7 @@ def run_placement_search(evaluator: CandidateEvaluator, budget: Budget, beam_wid
         "budget": str(budget), "beam_width": beam_width, "tasks": [t.name for t in evaluator.tasks],
         "metrics": {t.name: t.metric for t in evaluator.tasks}, "evaluations": evaluator.evaluations,
         "one_layer": {kind: s for kind, s in single.items()}, "ranked": placements,
-        "fallback_to_secondary": flat,
+        "fallback_to_secondary": flat, **({"retrieval_probe": probe} if probe else {}),
     }, indent=2))
     log("done")
     print(table, file=sys.stderr)
@@ -119,6 +122,16 @@ def _fallback_note(evaluator: CandidateEvaluator, flat: list[str]) -> str:
         return ""
     return (" " + "; ".join(f"{t.name} ranks by {t.metric}: its {t.secondary} was the all-linear network's for every "
                             f"one-layer network" for t in evaluator.tasks if t.name in flat) + ".")
+
+
+def _probe_note(probe: dict | None) -> str:
+    if not probe:
+        return ""
+    return (f" {', '.join(probe['tasks'])}: scored by the windowed-teacher probe, not the super-network: the "
+            f"teacher with full attention in the candidate's attn layers and its own attention limited to "
+            f"{probe['window']} tokens plus the first {probe['sinks']} in every other layer (swa layers: "
+            f"{probe['swa_window']}), on rows of seed {probe['seed']} (not the evaluation's); so \"all linear\" is "
+            f"every layer windowed there.")
 
 
 def _layer_type(choice: str, linear_type: str) -> str:

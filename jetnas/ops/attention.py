@@ -43,6 +43,7 @@ def attention_mask(
     key_padding_mask: torch.Tensor | None = None,
     device: torch.device | None = None,
     force: bool = False,
+    sinks: int = 0,
 ) -> torch.Tensor | None:
     """Boolean visibility `[B or 1, 1, q_len, k_len]` (True = attend), or None when plain causal suffices.
 
@@ -51,15 +52,25 @@ def attention_mask(
     the `window - 1` keys before it). Padded keys (`key_padding_mask == 0`) are never seen; a query that would see
     nothing (a padded position) sees everything instead, so its (discarded) output stays finite. Unless `force`,
     None is returned when only the causal rule applies.
+
+    With a window and `sinks` S > 0, query i also sees the first S keys (StreamingLLM's attention sinks), still
+    causally: key j < S without padding, the first S unpadded keys of its row with `key_padding_mask`.
     """
     if window is None and key_padding_mask is None and not force:
         return None
     qi = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
     kj = torch.arange(k_len, device=device)[None, :]
     visible = kj <= qi
-    if window is not None:
+    if window is not None and not sinks:
         visible = visible & (kj > qi - window)
-    visible = visible[None, None]
+    elif window is not None:
+        # without padding the sinks are keys 0..sinks-1; with it, the first `sinks` real keys of each row
+        # (`cumsum` counts the real keys up to j), so the visibility gets a batch dimension
+        sink = kj < sinks if key_padding_mask is None else \
+            (key_padding_mask.long().cumsum(-1) <= sinks)[:, None, None, :]
+        visible = visible & ((kj > qi - window) | sink)
+    if visible.dim() == 2:
+        visible = visible[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :].bool()
         visible = visible | ~visible.any(-1, keepdim=True)
@@ -73,6 +84,7 @@ def causal_attention(
     scale: float | None = None,
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention with grouped-query heads.
 
@@ -82,6 +94,12 @@ def causal_attention(
         scale: defaults to `D ** -0.5`.
         window: each query sees itself and the `window - 1` previous keys; None for full attention.
         key_padding_mask: `[B, Tk]`, 1 for real tokens, 0 for padding.
+        sinks: with a window, each query also sees the first `sinks` keys (attention sinks, StreamingLLM): query t
+            of a sequence starting at key 0 sees keys `max(0, t - window + 1) .. t` and `0 .. min(sinks, t + 1) - 1`
+            (with padding, the first `sinks` real keys of its row). Default 0: a plain window. Ignored without a
+            window (full attention sees those keys anyway). Computed through a materialised `[Tq, Tk]` mask (the
+            windowed-teacher probe of the placement search, prompts of a few thousand tokens), not the blockwise
+            path of plain windows.
 
     Returns:
         `[B, Tq, H, Dv]` in q's dtype.
@@ -99,11 +117,19 @@ def causal_attention(
         raise ValueError(f"more queries ({Tq}) than keys ({Tk}): the keys must include the queries' own positions")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
         raise ValueError(f"key_padding_mask must be [B, Tk] = [{B}, {Tk}], got {list(key_padding_mask.shape)}")
     if key_padding_mask is not None and bool(key_padding_mask.all()):
         key_padding_mask = None
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if sinks and window is not None and window < Tk:
+        # the first keys are visible beyond the window: one mask over all keys (no fast path; sinks == 0 never
+        # comes here, so plain windows keep theirs)
+        mask = attention_mask(Tq, Tk, window, key_padding_mask, q.device, sinks=sinks)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        return o.transpose(1, 2)
     if window is not None and key_padding_mask is None and Tq > 2 * window:
         # a long prompt through a sliding window: query blocks against their own key band, not every key
         return _windowed_by_blocks(qt, kt, vt, window, scale).transpose(1, 2)

@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_TASKS = "lm,retrieval"
+RETRIEVAL_PROBES = ("none", "windowed")
 
 
 @dataclass
@@ -103,6 +104,13 @@ class PlacementRecipe(Recipe):
         batch_size: sequences per forward pass.
         device: cpu, cuda, ...; default cuda when available.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.
+        retrieval_probe: none (the super-network scores every task) or windowed: retrieval tasks are scored on the
+            teacher whose layers outside the candidate's full-attention set run its own attention limited to
+            --probe-window tokens plus --probe-sinks first tokens, on rows of their own seed (the other tasks
+            still on the super-network).
+        probe_window: tokens each windowed layer of the probe sees (default 512 with --retrieval-probe windowed).
+        probe_sinks: first tokens every windowed layer of the probe also sees (default 4 with --retrieval-probe
+            windowed).
     """
 
     supernet: str
@@ -117,6 +125,29 @@ class PlacementRecipe(Recipe):
     batch_size: int = arg(8, min=1)
     device: str | None = None
     dtype: str = arg("auto", choices=DTYPES)
+    retrieval_probe: str = arg("none", choices=RETRIEVAL_PROBES)
+    probe_window: int | None = arg(None, min=1)
+    probe_sinks: int | None = arg(None, min=0)
+
+    #: the probe's window and sinks when --retrieval-probe windowed leaves them unset (results/
+    #: cpu_teacher_retrieval_layers: a 512-token window with 4 sinks keeps the teacher's retrieval only where its
+    #: circuit's layers are full)
+    PROBE_DEFAULTS: ClassVar[dict] = {"probe_window": 512, "probe_sinks": 4}
+
+    def check(self) -> None:
+        if self.retrieval_probe == "none":
+            given = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in self.PROBE_DEFAULTS
+                     if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} given without --retrieval-probe windowed (it is 'none')")
+            return
+        specs = [t for t in self.tasks.split(",") if t]
+        if not any(t == "retrieval" or t.startswith("retrieval:") for t in specs):
+            raise ValueError(f"--retrieval-probe {self.retrieval_probe} scores retrieval tasks, and --tasks "
+                             f"{self.tasks!r} has none (add retrieval or retrieval:KIND@LENGTH)")
+        for name, default in self.PROBE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
 
 @dataclass

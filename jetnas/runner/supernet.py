@@ -94,7 +94,7 @@ def _probe_choices(num_layers: int, sampler) -> dict[str, tuple[str, ...]]:
 def run_placement(recipe: PlacementRecipe) -> PlacementResult:
     """The placement search on a trained super-network (paper, section 2.2): heat-map, beam search, baselines;
     writes `placements.json`, `heatmap.png`, `comparison.md` / `.json` under the recipe's out_dir."""
-    from jetnas.nas.objectives import CandidateEvaluator, build_search_tasks
+    from jetnas.nas.objectives import CandidateEvaluator, ProbedEvaluator, build_search_tasks
     from jetnas.nas.placement import run_placement_search
     from jetnas.nas.sampling import Budget
     from jetnas.nas.supernet import load_supernet
@@ -107,9 +107,15 @@ def run_placement(recipe: PlacementRecipe) -> PlacementResult:
     search_tasks = build_search_tasks(specs, rows=r.rows, lm_data=r.lm_data or meta.get("heldout"),
                                       lm_tokens=r.lm_tokens, retrieval_length=r.retrieval_length)
     max_length = max([r.retrieval_length + 64, 1024] + [getattr(t.task, "length", 0) + 64 for t in search_tasks])
-    evaluator = CandidateEvaluator(net, tokenizer, search_tasks, batch_size=r.batch_size, max_length=max_length)
+    if r.retrieval_probe == "windowed":
+        evaluator = ProbedEvaluator(net, tokenizer, search_tasks, r.probe_window, r.probe_sinks,
+                                    batch_size=r.batch_size, max_length=max_length)
+    else:
+        evaluator = CandidateEvaluator(net, tokenizer, search_tasks, batch_size=r.batch_size, max_length=max_length)
     out = Path(r.out_dir or Path(r.supernet) / f"search-{parsed.attn}attn-{parsed.swa}swa")
-    print(f"jetnas: placement search, budget {parsed}, beam {r.beam_width}, tasks {specs}, {net.num_layers} layers",
-          file=sys.stderr)
+    probe = (f"; retrieval through the windowed-teacher probe (window {r.probe_window}, {r.probe_sinks} sinks)"
+             if r.retrieval_probe == "windowed" else "")
+    print(f"jetnas: placement search, budget {parsed}, beam {r.beam_width}, tasks {specs}, {net.num_layers} layers"
+          f"{probe}", file=sys.stderr)
     summary = run_placement_search(evaluator, parsed, r.beam_width, out, linear_type=net.spec.linear_type)
     return PlacementResult(supernet=r.supernet, budget=str(parsed), **summary)
