@@ -4,8 +4,9 @@ super-network needed: retrieval goes through the probe, which never runs the lin
     OMP_NUM_THREADS=1 python benchmarks/retrieval_probe.py --task retrieval:needle@2048 --rows 6 \\
         --window 512 --sinks 4 --sets '23,28;7,18;7,18,23;18' --out results/cpu_retrieval_probe
 
-Runs `jetnas.nas.placement.run_placement_search` with a budget of one full-attention layer (beam width 1: the
-level is the one-layer row itself) through `ProbedEvaluator`, so `heatmap.png`, `placements.json` and
+Runs `jetnas.nas.placement.run_placement_search` with a budget of `--attn` full-attention layers (default 1 with
+beam width 1: the level is the one-layer row itself; `--attn 2` adds the beam's second level, every pair that holds
+the best layer) through `ProbedEvaluator`, so `heatmap.png`, `placements.json` and
 `comparison.md` are the search's own outputs; then scores the given full-attention sets through the same evaluator.
 The super-network around the teacher has untrained GLA paths: no task here reads them. Writes `probe.json` (per
 layer and per set: accuracy, answer NLL, fraction of the all-windowed -> teacher gap closed) and `row.png`; prints
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--sets", default="23,28;7,18;7,18,23;18", help="full-attention sets to score, ';'-separated")
+    parser.add_argument("--attn", type=int, default=1,
+                        help="the search's budget of full-attention layers (1: the level is the one-layer row)")
+    parser.add_argument("--beam-width", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prefix-gb", type=float, default=4.0, help="layer inputs kept for prefix reuse (GB)")
     parser.add_argument("--out", default="results/cpu_retrieval_probe")
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     name = tasks[0].name
     L = net.num_layers
     with torch.no_grad():
-        summary = run_placement_search(evaluator, Budget(attn=1, swa=0), 1, out, linear_type="gla")
+        summary = run_placement_search(evaluator, Budget(attn=args.attn, swa=0), args.beam_width, out,
+                                       linear_type="gla")
     search_seconds = time.time() - started
     placements = json.loads((out / "placements.json").read_text())
 
