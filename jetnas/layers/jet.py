@@ -29,7 +29,6 @@ from jetnas.layers.base import (
     begin_linear,
     dtype_bytes,
     inherit_qkvo,
-    upcast,
     updatable,
 )
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
@@ -38,6 +37,7 @@ from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.conv import short_conv
 from jetnas.ops.decode import gated_delta_rule_step_, gated_delta_rule_step_raw_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from jetnas.ops.gates import gdn_gates
 
 CONV_KINDS = ("none", "static", "dynamic")
 
@@ -213,18 +213,16 @@ class JetBlock(TokenMixer):
     def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool):
         """The gated delta rule of a prompt (chunked), or of a decode step whose state cannot be updated in place
         or whose batch has padding. Returns `(o, final_state)`."""
-        beta = upcast(b).sigmoid()
-        g = None if a is None else -upcast(self.A_log).exp() * F.softplus(upcast(a) + upcast(self.dt_bias))
-        if mask is not None:
-            # padded tokens: no write (beta = 0) and no decay (g = 0)
-            beta = beta * mask[..., None]
-            g = None if g is None else g * mask[..., None]
+        # g in float32, beta in q's dtype; padded tokens (mask 0): no write (beta = 0) and no decay (g = 0)
+        decay = a is not None
+        g, beta = gdn_gates(a, b, self.A_log if decay else None, self.dt_bias if decay else None, mask, q.dtype,
+                            backend=self.backend)
         if step and updatable(state.recurrent):
             o = gated_delta_rule_step_(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                                       beta[:, 0].to(q.dtype), state.recurrent, backend=self.backend)[:, None]
+                                       beta[:, 0], state.recurrent, backend=self.backend)[:, None]
             return o, state.recurrent
         rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
-        return rule(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state.recurrent,
+        return rule(q, k, v, g, beta, initial_state=None if state is None else state.recurrent,
                     output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
 
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,

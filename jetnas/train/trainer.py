@@ -180,6 +180,24 @@ def _vocab_size(model: torch.nn.Module) -> int | None:
     return None
 
 
+def _read_scalars(values: list[torch.Tensor | float]) -> list[float]:
+    """The numbers of `values` (one-element tensors, or Python numbers) as floats, with one device-to-host read for all
+    the tensors of each device instead of one per tensor (`torch.stack` promotes them to one dtype, float32 for the
+    losses: a bfloat16 or float32 value comes back exact)."""
+    out: list[float | None] = [None if isinstance(v, torch.Tensor) else float(v) for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"a loss metric must be one number, got a tensor of shape {list(v.shape)}")
+            by_device.setdefault(v.device, []).append(i)
+    for indices in by_device.values():
+        stacked = torch.stack([values[i].detach().reshape(()) for i in indices])
+        for i, x in zip(indices, stacked.tolist()):
+            out[i] = x
+    return out
+
+
 class Trainer:
     """Runs `config.steps` optimizer steps of `loss_fn` over `data` (see the module docstring).
 
@@ -434,23 +452,34 @@ class Trainer:
 
     def _train_step(self, step: int) -> dict:
         cfg = self.config
-        batch = self.batcher.batch(step, self.rank, self.world_size).to(self.device)
+        batch = self.batcher.batch(step, self.rank, self.world_size)
+        if self.device.type == "cuda":
+            # from pinned memory the copy is queued behind the GPU's work; a pageable one waits for all of it
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        totals: dict[str, float] = {}
+        # each micro-batch's loss and metrics, read on the host once, after the clip: every read of a device value
+        # waits for the GPU to finish all work queued so far, so one read per step instead of one per value
+        values: list[tuple[str, torch.Tensor | float]] = []
         for i in range(self.accumulation):
             micro = {"input_ids": batch[i * self.micro : (i + 1) * self.micro]}
             sync = i == self.accumulation - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self._autocast():
                 loss, metrics = self.loss_fn(self.model, micro, step)
             (loss / self.accumulation).backward()
-            for k, v in {"loss": loss.detach().item(), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / self.accumulation
+            values.extend({"loss": loss.detach(), **metrics}.items())
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        read = _read_scalars([v for _, v in values] + [norm])
+        totals: dict[str, float] = {}
+        for (k, _), v in zip(values, read):
+            totals[k] = totals.get(k, 0.0) + v / self.accumulation
         # every rank sees the same mean loss and global gradient norm, so all take the same branch below
         totals = dist_utils.mean_over_ranks(totals, self.device)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = read[-1]
         if math.isfinite(totals["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
