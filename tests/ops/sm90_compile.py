@@ -126,6 +126,17 @@ def more_cases():
            {"BLOCK": 4096})
     yield ("hidden loss backward", hidden._square_sums_bwd_kernel,
            {"hs_ptr": "*fp32", "ht_ptr": "*bf16", "g_ptr": "*fp32", "dhs_ptr": "*fp32"}, {"BLOCK": 4096})
+    from jetnas.ops import triton_gates as gates
+
+    # the GDN gates (beta, g) of a bf16 projection, with and without a padding mask; g float32, beta bf16
+    for mask in (False, True):
+        io = {"a_ptr": "*bf16", "b_ptr": "*bf16", "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "m_ptr": "*fp32",
+              "g_ptr": "*fp32", "beta_ptr": "*bf16", "dg_ptr": "*fp32", "dbeta_ptr": "*bf16", "da_ptr": "*bf16",
+              "db_ptr": "*bf16", "part_ptr": "*fp32"}
+        yield (f"gdn gates ({'mask' if mask else 'no mask'})", gates._gdn_gates_fwd_kernel, io,
+               {"HAS_MASK": mask, "BLOCK_M": gates.BLOCK_M, "BLOCK_H": 16})
+        yield (f"gdn gates backward ({'mask' if mask else 'no mask'})", gates._gdn_gates_bwd_kernel, io,
+               {"HAS_MASK": mask, "BLOCK_M": gates.BLOCK_M, "BLOCK_H": 16})
     from jetnas.ops import triton_rwkv7
 
     yield ("rwkv7 step", triton_rwkv7._rwkv7_step_kernel,
