@@ -156,7 +156,8 @@ def test_jetblock_gates_on_kernel(fused_projections):
     from jetnas.layers.jet import JetBlock
 
     torch.manual_seed(0)
-    kwargs = dict(hidden_size=32, num_heads=3, head_k_dim=8, head_v_dim=16, qk_conv="static", v_conv="static")
+    kwargs = {"hidden_size": 32, "num_heads": 3, "head_k_dim": 8, "head_v_dim": 16, "qk_conv": "static",
+              "v_conv": "static"}
     ref = JetBlock(**kwargs, backend=Backend("torch", fused_projections=fused_projections))
     fast = JetBlock(**kwargs, backend=Backend("triton", interpret=True, fused_projections=fused_projections))
     fast.load_state_dict(ref.state_dict())
