@@ -25,7 +25,7 @@ from torch import nn
 
 from jetnas.evaluation.scoring import LanguageModel
 from jetnas.evaluation.tasks import RetrievalTask
-from jetnas.nas.supernet import CHOICES
+from jetnas.nas.supernet import CHOICES, layer_inputs
 from jetnas.ops.attention import causal_attention
 
 #: Seed of the probe's retrieval rows. `RetrievalTask` draws row i from `random.Random(f"{seed}-{i}")`; the
@@ -83,14 +83,7 @@ class WindowedTeacher(nn.Module):
         windows = self.windows(choice)
         model = self.base.model
         B, T = input_ids.shape
-        if (start == 0) != (hidden is None):
-            raise ValueError(f"give the input hidden state exactly when starting after layer 0 (start={start})")
-        h = model.embed_tokens(input_ids) if hidden is None else hidden
-        if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = model.rotary_emb(h, positions)
+        h, (cos, sin) = layer_inputs(model, input_ids, attention_mask, start, hidden)
         states = [h]
         for i in range(start, self.num_layers):
             layer = model.layers[i]

@@ -23,6 +23,21 @@ from jetnas.layers import LINEAR_LAYERS, build_layer
 CHOICES = ("attn", "swa", "linear")
 
 
+def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start: int,
+                 hidden: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The input of layer `start` (the embeddings when start is 0, else `hidden`, which must then be given) and the
+    rotary `(cos, sin)` of `input_ids [B, T]`'s positions (right-padded rows count from their first token)."""
+    B, T = input_ids.shape
+    if (start == 0) != (hidden is None):
+        raise ValueError(f"give the input hidden state exactly when starting after layer 0 (start={start})")
+    h = model.embed_tokens(input_ids) if hidden is None else hidden
+    if attention_mask is not None:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+    return h, model.rotary_emb(h, positions)
+
+
 @dataclass
 class SuperNetSpec:
     """What a super-network is, enough to rebuild it: the teacher (registry name or path), the linear block type
@@ -121,15 +136,7 @@ class SuperNet(nn.Module):
         one the output of the last layer."""
         choice = self.check_choice(choice)
         model = self.base.model
-        B, T = input_ids.shape
-        if (start == 0) != (hidden is None):
-            raise ValueError(f"give the input hidden state exactly when starting after layer 0 (start={start})")
-        h = model.embed_tokens(input_ids) if hidden is None else hidden
-        if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        rope = model.rotary_emb(h, positions)
+        h, rope = layer_inputs(model, input_ids, attention_mask, start, hidden)
         states = [h]
         for i in range(start, self.num_layers):
             layer, block, c = model.layers[i], self.linear[i], choice[i]
