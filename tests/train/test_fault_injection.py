@@ -88,7 +88,9 @@ def test_killed_and_damaged_runs_finish_equal_to_an_uninterrupted_one(workspace,
 def test_two_writers_on_one_run_folder(workspace, tmp_path):
     """Two `jetnas train` started at once on one --out-dir: one trains, the other is refused (exit 2, one line
     naming the holder's pid); the run is whole, every step logged once."""
-    args = [sys.executable, "-m", "jetnas.cli", *train_args(workspace, steps=40), "--out-dir", str(tmp_path / "r")]
+    # enough steps that the first to take the lock still holds it when the other has started (40 steps took under a
+    # second once the step lost its per-value host reads: both then ran, one after the other)
+    args = [sys.executable, "-m", "jetnas.cli", *train_args(workspace, steps=400), "--out-dir", str(tmp_path / "r")]
     procs = [subprocess.Popen(args, env=env(workspace), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.pid, p.wait(timeout=600), p.stderr.read()) for p in procs]
@@ -99,4 +101,4 @@ def test_two_writers_on_one_run_folder(workspace, tmp_path):
     assert refused.strip().splitlines()[-1].startswith(
         f"jetnas: error: {tmp_path / 'r'} is being written by another jetnas process (pid {winner} on this host")
     steps = [row["step"] for row in log_rows(tmp_path / "r") if "loss" in row]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 401))
