@@ -371,6 +371,17 @@ def _silu_mul_packed_fwd(gate_up: torch.Tensor) -> torch.Tensor:
 # -- autograd ----------------------------------------------------------------------------------------------------
 
 
+def _norm_bwd_launch(M: int, N: int, x_dtype, w_dtype, dy_dtype, has_dw: bool, dx: torch.Tensor):
+    """What an RMS-norm backward kernel launches with, for `[M, N]` rows: the row block, the number of persistent
+    programs, the float32 `[P, N]` buffer of the weight gradient's partial sums (`dx` as a placeholder without one),
+    and PROD_ROUND, how the forward rounded `x * weight` (0: float32; 1: to dy's dtype; 2: to their promoted dtype)."""
+    block = triton.next_power_of_2(N)
+    P = _programs(M, dx.device, _warps(block))
+    dw = torch.empty(P, N, dtype=torch.float32, device=dx.device) if has_dw else dx
+    product = torch.promote_types(x_dtype, w_dtype)
+    prod_round = 0 if product == torch.float32 else 1 if product == dy_dtype else 2
+    return block, P, dw, prod_round
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
@@ -389,11 +400,7 @@ class _RMSNorm(torch.autograd.Function):
         M = x2.shape[0]
         dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         has_dw = ctx.needs_input_grad[1]
-        block = triton.next_power_of_2(N)
-        P = _programs(M, x.device, _warps(block))
-        dw = torch.empty(P, N, dtype=torch.float32, device=x.device) if has_dw else dx
-        product = torch.promote_types(x.dtype, weight.dtype)
-        prod_round = 0 if product == torch.float32 else 1 if product == dy.dtype else 2
+        block, P, dw, prod_round = _norm_bwd_launch(M, N, x.dtype, weight.dtype, dy.dtype, has_dw, dx)
         if M:
             _rms_norm_bwd_kernel[(P,)](x2, weight, dy2, dx, dw, M, N, ctx.eps, x2.stride(0), dy2.stride(0),
                                        dx.stride(0), BLOCK_N=block, HAS_DW=has_dw, PROD_ROUND=prod_round,
@@ -433,11 +440,7 @@ class _AddRMSNorm(torch.autograd.Function):
         two_out = ctx.y_dtype != ctx.x_dtype
         dy = torch.empty(M, N, dtype=ctx.y_dtype, device=s.device) if two_out else dx
         has_dw = ctx.needs_input_grad[2]
-        block = triton.next_power_of_2(N)
-        P = _programs(M, s.device, _warps(block))
-        dw = torch.empty(P, N, dtype=torch.float32, device=s.device) if has_dw else dx
-        product = torch.promote_types(s.dtype, weight.dtype)
-        prod_round = 0 if product == torch.float32 else 1 if product == dn.dtype else 2
+        block, P, dw, prod_round = _norm_bwd_launch(M, N, s.dtype, weight.dtype, dn.dtype, has_dw, dx)
         if M:
             _add_rms_norm_bwd_kernel[(P,)](s2, weight, dn2, dn2 if ds2 is None else ds2, dx, dy, dw, M, N, ctx.eps,
                                            BLOCK_N=block, HAS_DS=ds2 is not None, TWO_OUT=two_out, HAS_DW=has_dw,
