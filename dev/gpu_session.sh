@@ -113,9 +113,12 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   sets+=("${extra[@]}")
   timeout "$1" python3 -m jetnas --autotune-configs 4 run "$name" --out-dir /root/run "${sets[@]}" 2>&1 \
     | tr "\r" "\n" | grep -v -E "Warn|it/s\]|s/it\]|it/s,|s/it,|row/s" | tail -40
-  # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files)
+  # one tar: $OUT brings back at most 8 files, two folders deep (2026-12-02: a tree of them lost most files).
+  # RUN_TAR names it: placements trained one after another into the same /root/run (the recall data and the
+  # teacher's evaluation are then reused; each retrained stage moves its previous run to <stage>/old-runs/, left
+  # out of the tar), e.g. RUN_TAR=run_uniform EXTRA_SETS="--set stages.stage1.layer_types=..."
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
-     ! -name "tokenizer*.json" | grep -v checkpoint | tar -cf $OUT/run.tar -T -)
+     ! -name "tokenizer*.json" | grep -v -e checkpoint -e old-runs | tar -cf "$OUT/${RUN_TAR:-run}.tar" -T -)
 }
 
 dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
