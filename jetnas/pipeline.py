@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from jetnas.files import write_json_atomic
+from jetnas.models.layer_types import resolve_layer_types
 from jetnas.runner.fields import Recipe as StageRecipe
 from jetnas.runner.fields import check_value, default_of
 from jetnas.runner.bench import run_bench
@@ -114,9 +115,11 @@ class Recipe:
     device: str | None = None
     seed: int = 0
     source: str = "<recipe>"
-    #: also train the placement search's baselines (uniform, one-layer ranking) into final hybrids by the same
-    #: stage 1 / stage 2 / evaluation, so the search is judged on final models (`Pipeline.compare_placements`)
-    compare_placements: bool = False
+    #: also train other placements into final hybrids by the same stage 1 / stage 2 / evaluation, so the search is
+    #: judged on final models (`Pipeline.compare_placements`): True, the placement search's own baselines (uniform,
+    #: one-layer ranking); or `{name: layer types}`, placements named in the recipe (a search that ran elsewhere,
+    #: its result committed: the searched placement is then stage 1's `layer_types`)
+    compare_placements: bool | dict[str, str] = False
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -163,15 +166,51 @@ class Recipe:
         if isinstance(data, dict):
             check_data_section(data, source)
         compare = raw.get("compare_placements", False)
-        if not isinstance(compare, bool):
-            raise RecipeError(f"{source}: compare_placements must be true or false, got {compare!r}")
-        if compare and any(stages[s] is None for s in ("placement", "stage1", "eval")):
+        if isinstance(compare, dict):
+            check_placements(compare, stages, source)
+        elif not isinstance(compare, bool):
+            raise RecipeError(f"{source}: compare_placements must be true, false or a mapping of name -> layer "
+                              f"types, got {compare!r}")
+        elif compare and any(stages[s] is None for s in ("placement", "stage1", "eval")):
             raise RecipeError(f"{source}: compare_placements trains the placement search's baselines by stage1 and "
                               f"evaluates them: placement, stage1 and eval must run")
         return cls(compare_placements=compare, name=str(raw["name"]), teacher=str(raw["teacher"]),
                    out_dir=Path(raw.get("out_dir") or f"runs/{raw['name']}"), data=data,
                    stages=stages, device=raw.get("device"), seed=seed, source=source)
 
+
+
+def check_placements(compare: dict, stages: dict[str, dict | None], source: str) -> None:
+    """`compare_placements: {name: layer types}`: named placements beside stage 1's own, each a layer-types spec
+    (`jetnas.models.layer_types`) with the same layer count; stage 1 and the evaluation must run."""
+    if not compare:
+        raise RecipeError(f"{source}: compare_placements is an empty mapping: name at least one placement")
+    if stages["stage1"] is None or stages["eval"] is None:
+        raise RecipeError(f"{source}: compare_placements trains each placement by stage1 and evaluates it: stage1 "
+                          f"and eval must run")
+    searched = stages["stage1"].get("layer_types")
+    if stages["placement"] is None and not searched:
+        raise RecipeError(f"{source}: compare_placements as a mapping needs stages.stage1.layer_types (the searched "
+                          f"placement the others are compared with) or the placement stage")
+    counts = {}
+    for name, spec in {**({"stage1.layer_types": searched} if searched else {}), **compare}.items():
+        if not isinstance(spec, str) or not spec.strip():
+            raise RecipeError(f"{source}: compare_placements.{name} must be a layer-types string such as "
+                              f"'gdn*7,attn,gdn*22', got {spec!r}")
+        try:
+            counts[name] = len(resolve_layer_types(spec, None)[0])
+        except ValueError as err:
+            raise RecipeError(f"{source}: compare_placements.{name}: {err}") from None
+    if len(set(counts.values())) > 1:
+        raise RecipeError(f"{source}: compare_placements: the placements have different layer counts {counts}")
+    slugs = [_slug(str(name)) for name in compare]
+    if "" in slugs or len(set(slugs)) < len(slugs):
+        raise RecipeError(f"{source}: compare_placements: the names {sorted(map(str, compare))} must give distinct "
+                          f"folder names (letters and digits)")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def apply_override(raw: dict, item: str, source: str) -> None:
@@ -537,19 +576,25 @@ class Pipeline:
         stage 1 (and stage 2) and evaluated by its evaluation, under `out_dir/compare/<name>/`; each reused like any
         stage. Writes `compare/placements.json` and `.md` (per placement: its layers and every task's metrics, the
         searched hybrid's and the teacher's beside them); returns the table's rows."""
-        comparison = read_json(Path(self.done.placement.outputs["comparison"]))
-        block = self.done.blocks.best if self.done.blocks is not None else "jet"
         searched = self.done.eval.hybrid if isinstance(self.done.eval, Comparison) else self.done.eval
         teacher = self.done.eval.teacher if isinstance(self.done.eval, Comparison) else None
-        rows = {"searched": {**_layers(self.done.placement.placement), "results": searched.results}}
-        for name, entry in comparison.items():
-            if name.startswith("searched"):
-                continue
-            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            where = self.out / "compare" / slug
-            types = ",".join(t if t in ("attn", "swa") else block for t in entry["layer_types"])
-            model = self._train_and_evaluate(slug, where, types, data)
-            rows[name] = {"attn": entry["attn"], "swa": entry.get("swa", []), "results": model.results}
+        if isinstance(self.recipe.compare_placements, dict):
+            # named in the recipe: the searched placement is the one stage 1 trained
+            placements = {name: (types, _attention_layers(types))
+                          for name, types in self.recipe.compare_placements.items()}
+            trained = (self.recipe.stages["stage1"] or {}).get("layer_types") or self._layer_types()
+            rows = {"searched": {**_attention_layers(trained), "results": searched.results}}
+        else:
+            comparison = read_json(Path(self.done.placement.outputs["comparison"]))
+            block = self.done.blocks.best if self.done.blocks is not None else "jet"
+            placements = {name: (",".join(t if t in ("attn", "swa") else block for t in entry["layer_types"]),
+                                 {"attn": entry["attn"], "swa": entry.get("swa", [])})
+                          for name, entry in comparison.items() if not name.startswith("searched")}
+            rows = {"searched": {**_layers(self.done.placement.placement), "results": searched.results}}
+        for name, (types, layers) in placements.items():
+            slug = _slug(name)
+            model = self._train_and_evaluate(slug, self.out / "compare" / slug, types, data)
+            rows[name] = {**layers, "results": model.results}
         if teacher is not None:
             rows["teacher"] = {"attn": None, "swa": None, "results": teacher.results}
         table = placement_table(rows)
@@ -594,6 +639,12 @@ class Pipeline:
 
 def _layers(placement: dict) -> dict:
     return {"attn": placement.get("attn", []), "swa": placement.get("swa", [])}
+
+
+def _attention_layers(layer_types: str) -> dict:
+    """The full-attention and sliding-window layer indices of a layer-types spec."""
+    types = resolve_layer_types(layer_types, None)[0]
+    return {kind: [i for i, t in enumerate(types) if t == kind] for kind in ("attn", "swa")}
 
 
 def placement_table(rows: dict[str, dict]) -> str:

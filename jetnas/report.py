@@ -298,10 +298,13 @@ ALIASES = {"lambada_openai": "lambada"}
 
 def task_name(spec: str) -> str:
     """`mc:../bench/arc_easy_test.jsonl` -> `arc_easy`, `retrieval:needle@4096` -> `needle@4096`: a task's short name
-    (file stem without its split suffix and extensions)."""
+    (file stem without its split suffix and extensions). A retrieval task's row count and seed (`?n=100&seed=1`)
+    choose rows of the same task, so they are dropped; any other option stays in the name."""
     kind, _, rest = spec.partition(":")
     if kind == "retrieval":
-        return rest
+        task, _, options = rest.partition("?")
+        kept = [o for o in options.split("&") if o and o.partition("=")[0] not in ("n", "seed")]
+        return task + ("?" + "&".join(kept) if kept else "")
     stem = Path(rest).name.split(".")[0] if rest else spec
     for split in ("_test", "_val", "_validation", "_dev", "_train"):
         if stem.endswith(split):

@@ -295,6 +295,46 @@ def test_compare_placements_trains_the_search_baselines_into_final_hybrids(tmp_p
         Recipe.from_dict({**raw, "stages": {**raw["stages"], "eval": "skip"}}, source="test.yaml")
 
 
+def test_compare_placements_named_in_the_recipe_train_beside_stage1s_placement(tmp_path, monkeypatch):
+    # a search that ran elsewhere (its placement committed as stage 1's layer_types): the baselines are named in the
+    # recipe, each trained by the same stage 1 / stage 2 and evaluated the same way; no placement stage needed
+    trained = []
+
+    def recording_train(r):
+        trained.append((r.out_dir.split("/run/")[1], r.stage, r.layer_types if r.stage == 1 else None))
+        return fake_train(dataclasses.replace(r, layer_types="gdn,gdn,attn,gdn"))
+
+    monkeypatch.setattr(pipeline, "SPECS", {
+        **pipeline.SPECS, "stage1": dataclasses.replace(pipeline.SPECS["stage1"], run=recording_train),
+        "stage2": dataclasses.replace(pipeline.SPECS["stage2"], run=recording_train)})
+    raw = {"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"), "data": "data.bin",
+           "compare_placements": {"uniform": "gdn,attn,gdn,swa", "one-layer ranking": "attn,gdn*2,gdn"},
+           "stages": {"stage1": {"steps": 2, "layer_types": "gdn*2,attn,gdn", "block_config": {"gdn": {"num_heads": 4}}},
+                      "stage2": {"steps": 2}, "eval": {"tasks": "ppl"}}}
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    assert [t for t in trained if t[1] == 1] == [("stage1", 1, "gdn*2,attn,gdn"),
+                                                 ("compare/uniform/stage1", 1, "gdn,attn,gdn,swa"),
+                                                 ("compare/one-layer-ranking/stage1", 1, "attn,gdn*2,gdn")]
+    assert ("compare/uniform/stage2", 2, None) in trained
+    rows = json.loads((tmp_path / "run" / "compare" / "placements.json").read_text())
+    assert list(rows) == ["searched", "uniform", "one-layer ranking", "teacher"]
+    assert (rows["searched"]["attn"], rows["uniform"]["attn"], rows["uniform"]["swa"]) == ([2], [1], [3])
+    CALLS.clear()
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    assert CALLS == []  # every comparison reused
+    for bad, match in [({"uniform": "gdn,attn"}, "different layer counts"), ({}, "empty mapping"),
+                       ({"uniform": "gdn,attn,bogus,gdn"}, "compare_placements.uniform: unknown layer type"),
+                       ({"a b": "gdn*3,attn", "a-b": "attn,gdn*3"}, "distinct folder names"),
+                       ({"uniform": 3}, "layer-types string")]:
+        with pytest.raises(RecipeError, match=match):
+            Recipe.from_dict({**raw, "compare_placements": bad}, source="test.yaml")
+    with pytest.raises(RecipeError, match="stage1 and eval must run"):
+        Recipe.from_dict({**raw, "stages": {**raw["stages"], "eval": "skip"}}, source="test.yaml")
+    no_types = {**raw["stages"], "stage1": {"steps": 2}}
+    with pytest.raises(RecipeError, match="needs stages.stage1.layer_types"):
+        Recipe.from_dict({**raw, "stages": no_types}, source="test.yaml")
+
+
 def test_without_keep_checkpoints_a_training_stage_loses_its_checkpoints_when_it_finishes(tmp_path, monkeypatch):
     # the peak disk use of a run stays one stage's checkpoints: stage 1's are gone before stage 2 trains
     seen = {}

@@ -130,6 +130,8 @@ def test_retention_summary_shares_of_the_teachers_margin():
     assert task_name("cloze:../shared/data/bench/lambada_openai_test.jsonl.gz") == "lambada"
     assert task_name("mc:x/hellaswag_val.jsonl.gz") == "hellaswag"
     assert task_name("retrieval:needle@4096") == "needle@4096"
+    assert task_name("retrieval:needle@4096?n=100&seed=3") == "needle@4096"  # more rows of the same task
+    assert task_name("retrieval:kv@2048?n=50&keys=4") == "kv@2048?keys=4"
     hybrid = {"mc:b/arc_easy_test.jsonl": {"acc": 0.45, "n": 100}, "mc:b/piqa_val.jsonl": {"acc": 0.6, "n": 10},
               "mc:b/mmlu_test.jsonl.gz": {"acc": 0.24}, "retrieval:needle@4096": {"acc": 0.5},
               "ppl:c/val.bin": {"nll": 3.1}, "mc:b/only_hybrid.jsonl": {"acc": 0.9}}

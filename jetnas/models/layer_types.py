@@ -168,16 +168,17 @@ def merge_block_configs(*configs: Mapping | None) -> dict:
     return out
 
 
-def resolve_layer_types(spec: str | Sequence[str], num_layers: int) -> tuple[list[str], dict]:
+def resolve_layer_types(spec: str | Sequence[str], num_layers: int | None) -> tuple[list[str], dict]:
     """Per-layer types and the block options they imply, from `attn,swa,jet-dyn-qk*12,...` (see the module
     docstring); a preset name gives its layout.
 
     Returns `(layer types, efficient_attention_config overrides)`. All layers of one type share its options, so two
-    different variants of one type in one model are an error, as is a count other than `num_layers`.
+    different variants of one type in one model are an error, as is a count other than `num_layers` (None: any
+    count, for a spec checked before the model's depth is known).
     """
     if isinstance(spec, str) and spec in PRESETS:
         types = list(PRESETS[spec]["block_types"])
-        if len(types) != num_layers:
+        if num_layers is not None and len(types) != num_layers:
             raise ValueError(f"preset {spec!r} has {len(types)} layers but the model has {num_layers}")
         return types, {}
     entries = split_entries(spec) if isinstance(spec, str) else [str(s).strip() for s in spec]
@@ -204,7 +205,7 @@ def resolve_layer_types(spec: str | Sequence[str], num_layers: int) -> tuple[lis
         if block.options:
             config[block.block_type] = block.kwargs
         types += [block.block_type] * count
-    if len(types) != num_layers:
+    if num_layers is not None and len(types) != num_layers:
         raise ValueError(f"layer types {spec!r} give {len(types)} layers but the model has {num_layers}")
     return types, config
 
