@@ -94,10 +94,13 @@ class WindowKV(_KVBuffers):
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         s, T = self.seq_length, keys.shape[-2]
-        # what the new queries attend over: the kept tokens (oldest first) and the new ones
-        kept = self._slots(max(0, s - (self.window - 1)), s)
-        all_k = torch.cat([self.keys[:, :, kept], keys], -2)
-        all_v = torch.cat([self.values[:, :, kept], values], -2)
+        # what the new queries attend over: the kept tokens (oldest first) and the new ones; a prompt's first pass
+        # keeps none, and attends over its own keys as they are (no copy of them)
+        all_k, all_v = keys, values
+        if s:
+            kept = self._slots(max(0, s - (self.window - 1)), s)
+            all_k = torch.cat([self.keys[:, :, kept], keys], -2)
+            all_v = torch.cat([self.values[:, :, kept], values], -2)
         n = min(T, self.window)  # the newest `window` tokens overwrite their slots
         slots = self._slots(s + T - n, s + T)
         self.keys[:, :, slots] = keys[:, :, T - n:]

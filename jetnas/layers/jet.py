@@ -34,7 +34,7 @@ from jetnas.layers.base import (
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import Backend, resolve_backend
-from jetnas.ops.conv import short_conv
+from jetnas.ops.conv import short_conv_split
 from jetnas.ops.decode import gated_delta_rule_step_, gated_delta_rule_step_raw_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from jetnas.ops.gates import gdn_gates
@@ -51,6 +51,22 @@ def initial_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -
     """softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (Mamba2's time-step init)."""
     dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def _aligned(weights: list[torch.Tensor], multiple: int = 8) -> tuple[list[torch.Tensor], list[int]]:
+    """The weights of one fused product (`[N_i, D]` each) and their widths, with rows appended so that the product
+    has a multiple of `multiple` output columns (8 bf16 columns = 16 bytes: the alignment cuBLAS's vectorized
+    kernels need for the output's row stride). The appended rows are the first rows of the widest weight,
+    detached (a view: nothing allocated or filled): their output columns are never read, so their values do not
+    matter, and their gradient is zero, so x's gradient gets exactly zero from them (finite weights) and no weight
+    gets any. A weight with too few rows for that leaves zeros instead."""
+    widths = [w.shape[0] for w in weights]
+    pad = -sum(widths) % multiple
+    if not pad:
+        return weights, widths
+    donor = max(weights, key=lambda w: w.shape[0])
+    rows = donor[:pad].detach() if donor.shape[0] >= pad else donor.new_zeros(pad, donor.shape[1])
+    return [*weights, rows], [*widths, pad]
 
 
 class JetBlock(TokenMixer):
@@ -170,17 +186,19 @@ class JetBlock(TokenMixer):
 
     def _fused_projections(self, x: torch.Tensor, state: RecurrentState | None):
         """q, k, v (after their convolutions), b, a and the output gate of a prompt (not a decode step) from two
-        matrix products, `x [B, T, D]` times the concatenated weights of q|k|v and of b|a|g
-        (`Backend.fused_projections`): backward computes x's gradient twice instead of six times, and one add
-        instead of five. Returns
-        `(q [B, T, H*K], k, v [B, T, H*V], b [B, T, H], a or None, gate [B, T, H*V] or None)`.
+        matrix products, `x [B, T, D]` times the concatenated weights of q|k|v and of g|b|a (padded to a multiple
+        of 8 columns, see `_aligned`) (`Backend.fused_projections`): backward computes x's gradient twice instead
+        of six times, and one add instead of five. Returns
+        `(q [B, T, H*K], k, v [B, T, H*V], b [B, T, H], a or None, gate [B, T, H*V] or None)`; b, a and the gate
+        are column slices of their product (the gate norm and the gates kernel read them where they lie).
 
         Two products, not one: the short conv reads its input contiguous, and q|k|v is that only as a product of
         its own (a slice of a wider one would be copied forward, and its gradient assembled by a copy backward).
         b and a are H columns wide each, too narrow for a product of their own, so they share g's.
         When all three convolutions are static, one conv runs over the `[B, T, 2HK + HV]` product with the
-        concatenated conv weights (and initial states), and its final state is split back by channels, so the
-        cache holds what the separate convolutions would have left; otherwise each path's conv runs on its slice.
+        concatenated conv weights (and initial states), writing q, k and v as three contiguous tensors
+        (`short_conv_split`), and its final state is split back by channels, so the cache holds what the separate
+        convolutions would have left; otherwise each path's conv runs on its slice.
         """
         HK, HV = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
         sizes = [HK, HK, HV]
@@ -197,17 +215,21 @@ class JetBlock(TokenMixer):
                 present = next(s for s in initial if s is not None)
                 initial = torch.cat([present.new_zeros(present.shape[0], c, present.shape[2]) if s is None else s
                                      for s, c in zip(initial, sizes)], 1)
-            y, final = short_conv(qkv, weight, bias, initial, state is not None, convs[0].activation,
-                                  backend=self.backend)
-            q, k, v = y.split(sizes, -1)
+            # q, k and v each come back contiguous from the Triton kernel: fla's kernels would copy strided ones
+            (q, k, v), final = short_conv_split(qkv, weight, sizes, bias, initial, state is not None,
+                                                convs[0].activation, backend=self.backend)
             if state is not None:
                 for name, part in zip("qkv", final.split(sizes, 1)):
                     state.conv[name] = part
         else:
             q, k, v = (self._mix(name, u, x, state, False) for name, u in zip("qkv", qkv.split(sizes, -1)))
-        names = ["b_proj"] + ["a_proj"] * self.use_decay + ["g_proj"] * self.use_output_gate
-        bag = F.linear(x, torch.cat([getattr(self, n).weight for n in names]))
-        parts = dict(zip(names, bag.split([getattr(self, n).out_features for n in names], -1)))
+        # the gate first, at column 0, and the product's width padded to a multiple of 8 (`_aligned`): a row stride
+        # of H*V + 2H columns (594 for 9 heads of 64) left cuBLAS only its 2-element-aligned kernels for it, and the
+        # gated norm reads the gate where it lies (H*V columns of every row)
+        names = ["g_proj"] * self.use_output_gate + ["b_proj"] + ["a_proj"] * self.use_decay
+        weights, widths = _aligned([getattr(self, n).weight for n in names])
+        bag = F.linear(x, torch.cat(weights))
+        parts = dict(zip(names, bag.split(widths, -1)))
         return q, k, v, parts["b_proj"], parts.get("a_proj"), parts.get("g_proj")
 
     def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool):

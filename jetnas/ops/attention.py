@@ -162,6 +162,9 @@ def _windowed_by_blocks(qt, kt, vt, window: int, scale: float | None) -> torch.T
         a0, a1 = i0 + Tk - Tq, i1 + Tk - Tq  # absolute positions of the block's queries
         k0 = max(0, a0 - window + 1)
         mask = attention_mask(i1 - i0, a1 - k0, window, None, qt.device)
-        out.append(F.scaled_dot_product_attention(qt[:, :, i0:i1], kt[:, :, k0:a1], vt[:, :, k0:a1], attn_mask=mask,
-                                                  scale=scale, enable_gqa=gqa))
-    return torch.cat(out, 2)
+        o = F.scaled_dot_product_attention(qt[:, :, i0:i1], kt[:, :, k0:a1], vt[:, :, k0:a1], attn_mask=mask,
+                                           scale=scale, enable_gqa=gqa)
+        out.append(o.transpose(1, 2))
+    # joined as [B, Tq, H, D] (the layout SDPA's CUDA kernels write each block in), so that the caller's
+    # `o.transpose(1, 2).reshape(B, T, H * D)` is a view, not a second copy of the output
+    return torch.cat(out, 1).transpose(1, 2)

@@ -41,7 +41,7 @@ class Backend:
             input gradient instead of one per projection plus the adds that sum them: the MLP's gate and up (then
             `jetnas.ops.fused.silu_mul_packed` on the packed `[..., 2I]`), and in the JetBlock family (JetBlock,
             Gated DeltaNet, DeltaNet) outside decode steps q|k|v in one product (then, when all three convolutions
-            are static, one short conv over all their channels) and b|a|g in another. Any backend name.
+            are static, one short conv over all their channels) and g|b|a in another. Any backend name.
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """

@@ -151,6 +151,45 @@ def short_conv(
     return y, (torch.cat(finals, 0) if output_final_state else None)
 
 
+def short_conv_split(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sizes: tuple[int, ...],
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = "silu",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: Backend | str = "torch",
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """`short_conv` over channels that belong to 2 or 3 consumers (the JetBlock family's q|k|v), its output
+    returned split by channels: `y.split(sizes, -1)`, the reference (strided views of one `[B, T, D]` output).
+
+    Under the Triton kernel (`short_conv`'s dispatch rule) each part is written contiguous instead
+    (`jetnas.ops.triton_dynamic_conv.triton_short_conv_split`): what fla's chunked kernels read without first
+    copying each strided part (their `input_guard`). Same values and gradients as the reference.
+
+    Args:
+        x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, backend: as `short_conv`.
+        sizes: the parts' channel widths, 2 or 3 positive numbers summing to D.
+
+    Returns:
+        `((y_0 [B, T, sizes[0]], y_1, ...), final_state [N, D, W - 1] or None)`, in x's dtype.
+    """
+    sizes = tuple(int(s) for s in sizes)
+    if not 2 <= len(sizes) <= 3 or min(sizes) < 1 or x.dim() != 3 or sum(sizes) != x.shape[-1]:
+        raise ValueError(f"sizes must be 2 or 3 positive widths summing to the channels of x {list(x.shape)}, "
+                         f"got {list(sizes)}")
+    backend = as_backend(backend)
+    if backend.static_conv and backend.runs_triton(x):
+        from jetnas.ops.triton_dynamic_conv import triton_short_conv_split
+
+        return triton_short_conv_split(x, weight, sizes, bias, initial_state, output_final_state, activation,
+                                       cu_seqlens)
+    y, final = short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, backend)
+    return y.split(sizes, -1), final
+
+
 def short_conv_step(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -152,12 +152,14 @@ def _load_kernels(k_ptr, row0, r, d, w, mask, D, W: tl.constexpr, STATIC: tl.con
 
 
 @triton.jit
-def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, T, D,
-                             W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
-                             STATIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, D1, D2, ROWS,
+                             T, D, W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_D: tl.constexpr, HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+                             SILU: tl.constexpr, STATIC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """Grid (cdiv(T, BLOCK_T), B, cdiv(D, BLOCK_D)); writes `y [B, T, D]`. STATIC: `k_ptr` is one `[D, W]`
-    kernel; HAS_BIAS: `bias [D]` added before the activation."""
+    kernel; HAS_BIAS: `bias [D]` added before the activation. SPLIT: channels `[0, D1)`, `[D1, D2)` and `[D2, D)`
+    go to three `[B, T, width]` tensors laid out one after the other in y (`ROWS = B * T` rows each), so that each
+    part is contiguous (see `triton_short_conv_split`)."""
     row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2),
                                                tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
                                                IS_VARLEN)
@@ -167,8 +169,19 @@ def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start
         acc += tl.load(bias_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    off = r[:, None] * D + d[None, :]
-    tl.store(y_ptr + row0 * D + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT:
+        # channel d of part s (first channel c_s, width w_s) is element (row, d - c_s) of that part, which starts
+        # at element c_s * ROWS of y (the parts before it hold ROWS * c_s elements)
+        third = d >= D2
+        second = d >= D1
+        first_channel = tl.where(third, D2, tl.where(second, D1, 0))
+        width = tl.where(third, D - D2, tl.where(second, D2 - D1, D1))
+        off = (first_channel.to(tl.int64)[None, :] * ROWS + (row0 + r[:, None]) * width[None, :]
+               + (d - first_channel)[None, :])
+        tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        off = r[:, None] * D + d[None, :]
+        tl.store(y_ptr + row0 * D + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -392,27 +405,40 @@ class _ConvFunction(torch.autograd.Function):
     `bias [D]`), forward and backward on the same kernels."""
 
     @staticmethod
-    def forward(ctx, x, kernels, bias, state, activation, seg, static):
+    def forward(ctx, x, kernels, bias, state, activation, seg, static, split=None):
         W = kernels.shape[-1]
+        B, T, D = x.shape
         has_state = state is not None and W > 1  # with W == 1 the state is [N, D, 0] and never read
         tok_start, tok_seq, _ = _varlen_ptrs(x, seg)
-        y = torch.empty_like(x)
+        # split: the parts' channel widths (2 or 3), each part written contiguous into one buffer
+        y = torch.empty_like(x) if split is None else x.new_empty(B * T * D)
+        ends = [D, D] if split is None else [split[0], split[0] + split[1]]
         _launch(_dynamic_conv_fwd_kernel, x, W, seg, x, kernels, x if bias is None else bias,
-                state if has_state else x, y, tok_start, tok_seq, HAS_STATE=has_state, SILU=activation == "silu",
-                STATIC=static, HAS_BIAS=bias is not None)
+                state if has_state else x, y, tok_start, tok_seq, *ends, B * T, HAS_STATE=has_state,
+                SILU=activation == "silu", STATIC=static, HAS_BIAS=bias is not None, SPLIT=split is not None)
         ctx.save_for_backward(x, kernels, bias, state if has_state else None)
-        ctx.activation, ctx.seg, ctx.static = activation, seg, static
+        ctx.activation, ctx.seg, ctx.static, ctx.split = activation, seg, static, split
         ctx.state_shape = None if state is None else state.shape
-        return y
+        if split is None:
+            return y
+        parts, first = [], 0
+        for width in split:
+            parts.append(y[first * B * T : (first + width) * B * T].view(B, T, width))
+            first += width
+        return tuple(parts)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *dys):
         x, kernels, bias, state = ctx.saved_tensors
         seg, static = ctx.seg, ctx.static
         B, T, D = x.shape
         W = kernels.shape[-1]
         tok_start, tok_seq, tok_end = _varlen_ptrs(x, seg)
-        dy = dy.contiguous()
+        if ctx.split is None:
+            dy = dys[0].contiguous()
+        else:
+            # the parts' gradients side by side, as `y.split(...)`'s backward would assemble them
+            dy = torch.cat([x.new_zeros(B, T, width) if g is None else g for g, width in zip(dys, ctx.split)], -1)
         silu = ctx.activation == "silu"
         # Without an activation dacc is dy itself: no buffer to write and read back. The static convolution keeps
         # it in dy's dtype, which is where PyTorch's autograd rounds the activation's gradient too (F.silu's backward
@@ -457,7 +483,7 @@ class _ConvFunction(torch.autograd.Function):
                         kernels, dacc, dstate, x if seg.cu is None else seg.cu, T, D, W=W,
                         W_POW2=triton.next_power_of_2(W), BLOCK_D=block_d, IS_VARLEN=seg.cu is not None,
                         STATIC=static)
-        return dx, dk, dbias, dstate, None, None, None
+        return dx, dk, dbias, dstate, None, None, None, None
 
 
 def triton_dynamic_conv(
@@ -492,9 +518,9 @@ def triton_dynamic_conv(
     return _apply(x, kernels, None, initial_state, output_final_state, activation, cu_seqlens, static=False)
 
 
-def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_seqlens, static):
+def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_seqlens, static, split=None):
     """Both convolutions once their shapes are checked: devices, packed-sequence indices, the autograd Function,
-    the final state."""
+    the final state. With `split` (the static one only), y is a tuple of parts (see `triton_short_conv_split`)."""
     for name, t in (("weight" if static else "kernels", kernels), ("bias", bias), ("initial_state", initial_state)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -503,7 +529,7 @@ def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_s
     # carry the gradient back to the state's own dtype.
     state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
     y = _ConvFunction.apply(x.contiguous(), kernels.contiguous(), None if bias is None else bias.contiguous(), state,
-                            activation, seg, static)
+                            activation, seg, static, split)
     final = _final_state(x, state, seg, kernels.shape[-1]) if output_final_state else None
     return y, final
 
@@ -529,3 +555,31 @@ def triton_short_conv(
     if W > MAX_WIDTH:
         raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
     return _apply(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, static=True)
+
+
+def triton_short_conv_split(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sizes: tuple[int, ...],
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = "silu",
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """`triton_short_conv` whose output comes back split by channels into parts of `sizes` (2 or 3 widths summing
+    to D), each written contiguous `[B, T, size]` by the kernel (`jetnas.ops.conv.short_conv_split`'s contract).
+
+    Why: the JetBlock family runs one conv over its q|k|v product; `y.split(...)` of one `[B, T, D]` output gives
+    strided parts, which fla's kernels copy to contiguous ones first (its `input_guard`): three copies of the
+    prompt's q, k and v per layer, 1.5 GB of the SmolLM2-135M hybrid's 8K prefill (benchmarks/prefill_copies.py).
+    Gradients as `triton_short_conv`'s; backward puts the parts' gradients side by side (the copy `split`'s
+    backward makes too)."""
+    sizes = tuple(int(s) for s in sizes)
+    W = check_short_conv_inputs(x, weight, bias, initial_state, cu_seqlens, activation)[2]
+    if not 2 <= len(sizes) <= 3 or min(sizes) < 1 or sum(sizes) != x.shape[-1]:
+        raise ValueError(f"sizes must be 2 or 3 positive widths summing to D={x.shape[-1]}, got {list(sizes)}")
+    if W > MAX_WIDTH:
+        raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
+    return _apply(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, static=True,
+                  split=sizes)

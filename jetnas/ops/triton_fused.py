@@ -142,15 +142,18 @@ def _add_rms_norm_bwd_kernel(s_ptr, w_ptr, dn_ptr, ds_ptr, dx_ptr, dy_ptr, dw_pt
 
 
 @triton.jit
-def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, L, G, eps, HAS_GATE: tl.constexpr,
+def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, L, G, G_ROWS, g_stride, eps, HAS_GATE: tl.constexpr,
                            NORM_BEFORE_GATE: tl.constexpr, BLOCK_L: tl.constexpr):
-    # rows of L channels (a head, or a group); row r uses weight[(r % G) * L : (r % G + 1) * L]
+    # rows of L channels (a head, or a group); row r uses weight[(r % G) * L : (r % G + 1) * L]. x and y are
+    # contiguous; the gate's row r starts at (r // G_ROWS) * g_stride + (r % G_ROWS) * L: lines of G_ROWS rows
+    # each, g_stride apart (a column slice of a wider product; contiguous: G_ROWS = 1, g_stride = L)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_L)
     inside = cols < L
     x = tl.load(x_ptr + row * L + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_GATE:
-        g = tl.load(g_ptr + row * L + cols, mask=inside, other=0.0).to(tl.float32)
+        g_row = (row // G_ROWS) * g_stride + (row % G_ROWS) * L
+        g = tl.load(g_ptr + g_row + cols, mask=inside, other=0.0).to(tl.float32)
         silu = g * tl.sigmoid(g)
         if not NORM_BEFORE_GATE:
             x = x * silu
@@ -336,14 +339,35 @@ def _add_rms_norm_fwd(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, ep
     return s.view(x.shape), normed.view(x.shape)
 
 
+def _gate_lines(gate: torch.Tensor, L: int) -> tuple[torch.Tensor, int, int]:
+    """The gate `[..., D]` as lines of whole rows of L channels, without a copy when it has such a layout:
+    `(tensor, rows per line, line stride)`, row r starting at element `(r // rows per line) * stride + (r % rows
+    per line) * L` of the tensor. Its trailing dims laid out contiguously make a line, and the leading ones must
+    merge into one stride (a column slice of a wider product, viewed as heads: `[B, T, H, V]` with rows of V);
+    otherwise a contiguous copy (one line of everything)."""
+    if gate.numel() and gate.stride(-1) == 1:
+        width, k = gate.shape[-1], gate.dim() - 1
+        while k > 0 and gate.stride(k - 1) == width:
+            width, k = width * gate.shape[k - 1], k - 1
+        try:
+            lines = gate.view(-1, width)
+        except RuntimeError:  # the leading dims do not merge: copied below
+            lines = None
+        if lines is not None:
+            return lines, width // L, lines.stride(0)
+    return gate.contiguous(), 1, L
+
+
 def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size) -> torch.Tensor:
+    """x contiguous; the gate anywhere `_gate_lines` reads it."""
     hidden = x.shape[-1]
     L = group_size or hidden
     y = torch.empty_like(x)
     rows = x.numel() // L
     if rows:
         block = triton.next_power_of_2(L)
-        _gated_rms_norm_kernel[(rows,)](x, x if gate is None else gate, weight, y, L, hidden // L, eps,
+        g, g_rows, g_stride = (x, 1, L) if gate is None else _gate_lines(gate, L)
+        _gated_rms_norm_kernel[(rows,)](x, g, weight, y, L, hidden // L, g_rows, g_stride, eps,
                                         HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate,
                                         BLOCK_L=block, num_warps=_warps(block))
     return y
@@ -556,10 +580,11 @@ def triton_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
 def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
                           norm_before_gate: bool, group_size: int | None) -> torch.Tensor:
     """`naive_gated_rms_norm` in one pass (and its backward in one more): x and gate `[..., D]` of one shape,
-    weight `[D]`, statistics over groups of `group_size` channels (None: all D); returns x's dtype."""
+    weight `[D]`, statistics over groups of `group_size` channels (None: all D); returns x's dtype. Without
+    gradients a gate that is a column slice of a wider tensor is read where it lies (`_gate_lines`), not copied."""
     x = x.contiguous()
-    gate = None if gate is None else gate.contiguous()
     if _needs_grad(x, gate, weight):
+        gate = None if gate is None else gate.contiguous()
         return _GatedRMSNorm.apply(x, gate, weight, eps, norm_before_gate, group_size)
     return _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size)
 

@@ -54,7 +54,10 @@ def cases():
             tiles = {"W": 4, "W_POW2": 4, "BLOCK_T": 4, "BLOCK_D": 128, "IS_VARLEN": varlen}
             flags = {"HAS_STATE": True, "SILU": True, "STATIC": static, "HAS_BIAS": static}
             tag = f"{'static' if static else 'dynamic'}, {'packed' if varlen else 'dense'}"
-            yield f"conv fwd ({tag})", conv._dynamic_conv_fwd_kernel, io, {**tiles, **flags}
+            yield f"conv fwd ({tag})", conv._dynamic_conv_fwd_kernel, io, {**tiles, **flags, "SPLIT": False}
+            if static and not varlen:  # q|k|v written as three contiguous tensors (triton_short_conv_split)
+                yield "conv fwd (static, dense, split)", conv._dynamic_conv_fwd_kernel, io, {**tiles, **flags,
+                                                                                            "SPLIT": True}
             yield f"conv bwd dk ({tag})", conv._dynamic_conv_bwd_dk_kernel, io, {**tiles, **flags}
             yield f"conv bwd dx ({tag})", conv._dynamic_conv_bwd_dx_kernel, io, {**tiles, "STATIC": static}
             yield (f"conv bwd dstate ({tag})", conv._dynamic_conv_bwd_dstate_kernel, io,
