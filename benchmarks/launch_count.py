@@ -34,6 +34,10 @@ layer type (`layers[gdn].self_attn.b_proj`), so a table by module and op says wh
 
     python benchmarks/launch_count.py --modes stage1,supernet --out launch_count.json
 
+`--micro-batch-size` counts a step of gradient accumulation (the whole step: every micro-batch, one clip and one
+optimizer step), to hold against the whole batch's count; `--teacher-per-step` with it runs stage 1's teacher once
+per step (`StageConfig.teacher_per_step`).
+
 Host time is *estimated*, not measured: `--aten-us` (default 10) per aten op and `--triton-us` (default 40) per
 Triton launch are assumptions (the lead times the step on a GPU). The last stdout line is one JSON object.
 """
@@ -439,7 +443,8 @@ def build(mode: str, args, teacher, work: Path, backend):
 
     rng = np.random.default_rng(0)
     stream = TokenStream(rng.integers(1, args.vocab, 1 << 16).astype(np.uint16), "random")
-    common = {"steps": 10, "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": 0,
+    common = {"steps": 10, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+              "seq_len": args.seq_len, "seed": 0,
               "precision": args.precision, "out_dir": str(work / mode), "resume": False}
     if mode == "supernet":
         from jetnas.nas.distill import DistillConfig, make_distill_loss
@@ -459,7 +464,8 @@ def build(mode: str, args, teacher, work: Path, backend):
     layout = _load_train_bench_layout()
     types_ = ",".join(layout.get(i, args.linear) for i in range(args.layers))
     cfg = StageConfig(stage=1, teacher=args.teacher_dir, layer_types=types_,
-                      block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common)
+                      block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common,
+                      **({"teacher_per_step": True} if args.teacher_per_step else {}))  # (older jetnas: no such field)
     model, _, _ = build_student(cfg, teacher)
     use_backend(model, backend)
     loss_fn = make_stage_loss(cfg, teacher.model)
@@ -570,6 +576,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="sequences per forward (gradient accumulation; default: the whole batch): the step's counts "
+                         "with A micro-batches are about A times a whole-batch step's forward and backward")
+    ap.add_argument("--teacher-per-step", action="store_true",
+                    help="stage 1: the teacher's forward once per step, not per micro-batch (StageConfig)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--swa-window", type=int, default=16)
     ap.add_argument("--linear", default="gdn", help="stage 1's linear block (train_bench's default)")

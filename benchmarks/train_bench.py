@@ -29,6 +29,7 @@ architecture (throughput only: its losses mean nothing). The last stdout line is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import json
@@ -181,8 +182,13 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
         return api.Trainer(config, net, loss_fn, stream), f"super-network ({args.supernet_linear} paths)"
     stage = 1 if mode == "stage1" else 2
     types = layer_types(args.linear, teacher.model.config.num_hidden_layers)
+    extra = {}
+    if args.teacher_per_step:
+        if "teacher_per_step" not in {f.name for f in dataclasses.fields(api.StageConfig)}:
+            raise SystemExit("--teacher-per-step: this jetnas's StageConfig has no teacher_per_step (older checkout)")
+        extra["teacher_per_step"] = True
     cfg = api.StageConfig(stage=stage, teacher=args.teacher_name, layer_types=types,
-                          block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common)
+                          block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common, **extra)
     model, _, _ = api.build_student(cfg, teacher)
     model.to(device)
     apply_fusions(model, args.fusion_names)
@@ -257,7 +263,9 @@ def run_mode(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.de
     trainer, what = build(api, mode, args, teacher, out_dir, device)
     tokens = args.batch_size * args.seq_len
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    log(f"{mode}: {what}, {args.batch_size} x {args.seq_len} tokens per step; {args.warmup} warm-up steps")
+    micro = trainer.micro if trainer.accumulation > 1 else None
+    log(f"{mode}: {what}, {args.batch_size} x {args.seq_len} tokens per step"
+        + (f" in {trainer.accumulation} micro-batches of {micro}" if micro else "") + f"; {args.warmup} warm-up steps")
     step = 0
     for _ in range(args.warmup):
         trainer._train_step(step)
@@ -275,7 +283,8 @@ def run_mode(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.de
         losses.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         step += 1
     median = statistics.median(times)
-    result = {"what": what, "tokens_per_step": tokens, "step_seconds": times, "median_step_s": median,
+    result = {"what": what, "tokens_per_step": tokens, "micro_batches": trainer.accumulation,
+              "step_seconds": times, "median_step_s": median,
               "tokens_per_s": tokens / median, "losses": losses, "warmup_steps": args.warmup,
               "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
     try:
@@ -342,7 +351,12 @@ def main() -> None:
     ap.add_argument("--supernet-kl", type=float, default=0.0)
     ap.add_argument("--swa-window", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="sequences per forward (gradient accumulation); with --profile-steps, GPU ms well below the "
+                         "wall ms says the step is host-bound (each micro-batch launches a whole pass's kernels)")
+    ap.add_argument("--teacher-per-step", action="store_true",
+                    help="stage 1/2 with micro-batches: the teacher's forward once per step on the whole batch "
+                         "(StageConfig.teacher_per_step)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

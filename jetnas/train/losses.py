@@ -40,6 +40,7 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
     # are taken once for all layers (`[L, B]`), not per layer: the same mean of L * B equal-weight terms, in ~5
     # launches instead of ~3 per layer, forward and backward
     errs, dens = [], []
+    sizes = []  # per layer: n when errs / dens hold the kernel's sums over n values per sequence, None for means
     for i, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
         if hs.shape != ht.shape or hs.dim() < 2:
             raise ValueError(f"layer {i}: student and teacher hidden states must be [B, ...] of one shape, got "
@@ -50,17 +51,27 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
             from jetnas.ops.triton_hidden_loss import triton_sequence_square_sums
 
             sse, sst = triton_sequence_square_sums(hs, ht)
-            n = hs[0].numel()
-            errs.append(sse / n)
-            dens.append(sst / n)
+            errs.append(sse)
+            dens.append(sst)
+            sizes.append(hs[0].numel())
             continue
         ht = ht.float()
         dims = tuple(range(1, ht.dim()))
         errs.append((hs.float() - ht).pow(2).mean(dims))
         dens.append(ht.pow(2).mean(dims))
+        sizes.append(None)
     if not errs:
         raise ValueError("distill_terms needs at least one layer's hidden states")
-    out = {"hidden": (torch.stack(errs) / torch.stack(dens).clamp_min(1e-12)).mean()}
+    floor = 1e-12  # of the teacher's mean square
+    if sizes[0] is not None and sizes.count(sizes[0]) == len(sizes):
+        # sums over one n in every layer (the fused path): (sse / n) / (sst / n) is sse / sst, so the two divisions
+        # per layer (and one more backward), launched once per layer per micro-batch, are left out; the floor
+        # scales with n
+        floor *= sizes[0]
+    else:
+        errs = [e if n is None else e / n for e, n in zip(errs, sizes)]
+        dens = [d if n is None else d / n for d, n in zip(dens, sizes)]
+    out = {"hidden": (torch.stack(errs) / torch.stack(dens).clamp_min(floor)).mean()}
     if student_logits is not None and teacher_logits is not None:
         out["kl"] = logits_kl(student_logits, teacher_logits, temperature)
     return out

@@ -11,8 +11,9 @@ existing hybrid directory) with embeddings, norms, MLPs and LM head frozen: only
 (1 by default) + optional `kl_weight` x KL (and `hidden_weight` x hidden MSE), over a weighted data mixture
 (`jetnas.train.mixture`: `data="web.bin:0.7,math.jsonl:0.3"`).
 
-The teacher, when a loss term needs it, runs once per micro-batch without gradients; it is the teacher converted to
-an all-attention jetnas model (identical logits), so its hidden states line up with the student's layer by layer.
+The teacher, when a loss term needs it, runs without gradients once per micro-batch, or once per optimizer step on the
+rank's whole batch (`teacher_per_step`); it is the teacher converted to an all-attention jetnas model (identical
+logits), so its hidden states line up with the student's layer by layer.
 
 A stage writes under `out_dir`: `stage_config.json` (the resolved `StageConfig`, layer types and block options),
 the trainer's `train_config.json`, `log.jsonl` and `checkpoints/` (exact resume), and `model/`: a
@@ -73,6 +74,16 @@ class StageConfig:
         eval_windows: held-out windows of `seq_len` per source scored at each evaluation.
         generated_tokens: how much teacher text to generate when `data` is None.
         eval_every, save_every, keep_checkpoints, log_every: cadence (save_every None: a quarter of the steps).
+        teacher_per_step: with micro-batches (`micro_batch_size` below the rank's share of `batch_size`), run the
+            teacher once per optimizer step on the rank's whole batch and give each micro-batch its rows, instead of
+            once per micro-batch. The same numbers (up to the rounding of a larger matrix product); a step with A
+            micro-batches then launches A - 1 fewer teacher forwards, which a host-bound GPU step pays for in time
+            (a teacher forward is 28% of the launches of the SmolLM2-135M hybrid's whole-batch stage-1 step,
+            benchmarks/launch_count.py; issue 16). It holds the teacher's hidden states of the whole batch through
+            the step instead of a micro-batch's: (layers + 1) x hidden x 4 bytes per token (float32), 71 KB for
+            SmolLM2-135M, so 16 more sequences of 1,024 tokens are 1.2 GB beside the 15.6 GB peak measured for its
+            stage-1 step in micro-batches of 16 (H100, 2026-12-06). Off by default, since micro-batching is there
+            to bound memory. No effect without micro-batches or without a teacher term.
         seed: initialisation of new blocks, data order, mixture sampling.
         precision, distributed, resume: as `TrainConfig`.
         out_dir: the stage's directory.
@@ -105,6 +116,7 @@ class StageConfig:
     heldout_tokens: int = 16384
     eval_windows: int = 4
     generated_tokens: int = 200_000
+    teacher_per_step: bool = False
     eval_every: int | None = None
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -143,6 +155,8 @@ class StageConfig:
         if self.align_steps < 0 or self.align_lr <= 0:
             raise ValueError(f"StageConfig.align_steps={self.align_steps!r} must be >= 0 and align_lr="
                              f"{self.align_lr!r} > 0")
+        if not isinstance(self.teacher_per_step, bool):
+            raise ValueError(f"StageConfig.teacher_per_step={self.teacher_per_step!r} must be True or False")
         if self.align_steps and self.stage != 1:
             raise ValueError(f"the alignment phase belongs to stage 1 (align_steps={self.align_steps}, stage "
                              f"{self.stage})")
@@ -254,7 +268,38 @@ def _backend(model):
     return getattr(getattr(getattr(model, "module", model), "model", None), "backend", "torch")
 
 
-def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+@dataclass
+class TeacherOutputs:
+    """What the stage loss takes from the teacher: `hidden_states` (the embeddings, then one `[B, T, D]` per layer,
+    the last one normed) and `logits` (`[B, T, V]` when the loss needs the teacher's full logits, else its last
+    position's or None)."""
+
+    hidden_states: tuple[torch.Tensor, ...]
+    logits: torch.Tensor | None
+
+    def rows(self, first: int, end: int) -> TeacherOutputs:
+        """The outputs of sequences `first:end` (views, no copies)."""
+        return TeacherOutputs(tuple(h[first:end] for h in self.hidden_states),
+                              None if self.logits is None else self.logits[first:end])
+
+
+def _fused_head(model) -> bool:
+    """Whether the LM-head terms come from the final normed states (`head_terms`): not for a head sharded by FSDP2
+    (a DTensor), which is only whole inside the model's forward."""
+    return not hasattr(_head_weight(model), "full_tensor")
+
+
+def teacher_outputs(config: StageConfig, model, teacher_model, input_ids: torch.Tensor) -> TeacherOutputs:
+    """The teacher's forward (no gradients) on `input_ids [B, T + 1]` as `stage_losses` needs it for `model`'s
+    loss: every hidden state, and the full logits only where the student's head is sharded and the KL is on."""
+    with torch.no_grad():
+        out = teacher_model(input_ids=input_ids[:, :-1], use_cache=False, output_hidden_states=True,
+                            logits_to_keep=1 if _fused_head(model) or config.kl_weight == 0 else 0)
+    return TeacherOutputs(tuple(out.hidden_states), out.logits)
+
+
+def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Tensor,
+                 teacher_out: TeacherOutputs | None = None) -> tuple[torch.Tensor, dict]:
     """The stage's loss on `input_ids [B, T + 1]` (inputs and next-token labels) and its terms as detached
     tensors (so nothing waits for the GPU before the backward): `hidden` (relative hidden MSE, whenever the teacher
     runs), `kl` and `lm` (cross-entropy), each present when computed.
@@ -262,17 +307,21 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
     The LM-head terms come from the final normed hidden states through `jetnas.train.losses.head_terms`, which
     never holds the `[B, T, V]` float32 logits (a 32 x 1024-token batch of SmolLM2 would need 6.4 GB per copy); the
     models run with `logits_to_keep=1`. A head sharded by FSDP2 is only whole inside the model's forward, so there
-    the logits are made by the forward, as before."""
+    the logits are made by the forward, as before.
+
+    `teacher_out`: the teacher's outputs for these sequences (`teacher_outputs`, made once for a larger batch and
+    cut with `TeacherOutputs.rows`); None runs the teacher here when a term needs it."""
     inputs, labels = input_ids[:, :-1], input_ids[:, 1:]
     head = config.kl_weight > 0 or config.lm_weight > 0
     weight = _head_weight(model)
-    fused_head = not hasattr(weight, "full_tensor")  # a DTensor shard: the forward gathers it, we cannot
+    fused_head = _fused_head(model)
     keep = 1 if fused_head or not head else 0
     t_out = None
     if config.needs_teacher_forward:
-        with torch.no_grad():
-            t_out = teacher_model(input_ids=inputs, use_cache=False, output_hidden_states=True,
-                                  logits_to_keep=1 if fused_head or config.kl_weight == 0 else 0)
+        t_out = teacher_out if teacher_out is not None else teacher_outputs(config, model, teacher_model, input_ids)
+        if t_out.hidden_states[0].shape[:2] != inputs.shape:
+            raise ValueError(f"teacher_out holds {list(t_out.hidden_states[0].shape[:2])} sequences x tokens, the "
+                             f"inputs are {list(inputs.shape)}")
     s_out = model(input_ids=inputs, use_cache=False, output_hidden_states=t_out is not None or fused_head,
                   logits_to_keep=keep)
     loss = torch.zeros((), device=inputs.device)
@@ -306,10 +355,25 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
 
 
 def make_stage_loss(config: StageConfig, teacher_model):
-    """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer (see `stage_losses`)."""
+    """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer (see `stage_losses`). With
+    `config.teacher_per_step` and micro-batches, the first micro-batch of a step runs the teacher on the step's
+    whole batch (`batch["step_input_ids"]`, from the trainer) and every micro-batch takes its rows
+    (`batch["rows"]`); the outputs are dropped with the step's last micro-batch."""
+    held: dict = {}  # while a step's micro-batches run: "ids" (the step's batch) and "out" (its teacher outputs)
 
     def loss_fn(model, batch, step):
-        return stage_losses(config, model, teacher_model, batch["input_ids"])
+        ids, whole, rows = batch["input_ids"], batch.get("step_input_ids"), batch.get("rows")
+        if not (config.teacher_per_step and config.needs_teacher_forward and whole is not None and rows is not None
+                and whole.shape[0] > ids.shape[0]):
+            return stage_losses(config, model, teacher_model, ids)
+        first, end = rows
+        if held.get("ids") is not whole:  # a new step (or a micro-batch called on its own): the teacher runs
+            held.clear()
+            held.update(ids=whole, out=teacher_outputs(config, model, teacher_model, whole))
+        t_out = held["out"].rows(first, end)
+        if end >= whole.shape[0]:  # the step's last micro-batch: let its outputs go with its backward
+            held.clear()
+        return stage_losses(config, model, teacher_model, ids, teacher_out=t_out)
 
     return loss_fn
 

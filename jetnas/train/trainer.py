@@ -3,7 +3,11 @@ warm-up + cosine, gradient accumulation, bf16 autocast on GPU, progress bar and 
 atomic safetensors checkpoints, exact resume, and torchrun data parallelism (DDP or FSDP2) with the same code.
 
 What is trained and how is the caller's: `loss_fn(model, batch, step) -> (loss, metrics)` gets the (possibly
-wrapped) model and `batch = {"input_ids": [micro_batch, seq_len + 1]}` on the model's device.
+wrapped) model and `batch = {"input_ids": [micro_batch, seq_len + 1], "step_input_ids": [per_rank_batch, seq_len + 1],
+"rows": (first, end)}` on the model's device: the micro-batch, the rank's whole batch of this optimizer step, and
+the micro-batch's rows in it (`input_ids` is `step_input_ids[first:end]`; the micro-batches of a step come in order,
+one `loss_fn` call each, and the step's tensor is the same object in all of them), so a loss can do per-step work
+once (`jetnas.train.stages`: the teacher's forward on the whole batch).
 
 What keeps a run's folder trustworthy (`jetnas.train.checkpoint`): one writer at a time (`run.lock`); the run's
 identity in `run.json` (the arguments that change what it computes: `Trainer.identity`), so a resume with other
@@ -231,6 +235,10 @@ class Trainer:
         self.accumulation = per_rank // self.micro
         self.batcher = WindowBatcher(data, config.seq_len, config.batch_size, seed=config.seed)
         mode = config.distributed if config.distributed != "auto" else "ddp"
+        # micro-batches' gradients summed by one foreach add (`_backward_folded`) in a plain process; not under DDP
+        # or FSDP (`wrap` leaves the model as it is only without a process group), whose hooks read or reduce each
+        # parameter's .grad as autograd accumulates it
+        self.fold_gradients = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         self.model = dist_utils.wrap(model, mode, config.find_unused_parameters)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -463,14 +471,20 @@ class Trainer:
         # each micro-batch's loss and metrics, read on the host once, after the clip: every read of a device value
         # waits for the GPU to finish all work queued so far, so one read per step instead of one per value
         values: list[tuple[str, torch.Tensor | float]] = []
+        params = [p for p in self.model.parameters() if p.requires_grad]
         for i in range(self.accumulation):
-            micro = {"input_ids": batch[i * self.micro : (i + 1) * self.micro]}
+            rows = (i * self.micro, (i + 1) * self.micro)
+            micro = {"input_ids": batch[rows[0] : rows[1]], "step_input_ids": batch, "rows": rows}
             sync = i == self.accumulation - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self._autocast():
                 loss, metrics = self.loss_fn(self.model, micro, step)
-            (loss / self.accumulation).backward()
+            # (x / 1 is x: no division, and no launch, without accumulation)
+            scaled = loss / self.accumulation if self.accumulation > 1 else loss
+            if i > 0 and self.fold_gradients:
+                self._backward_folded(scaled, params)
+            else:
+                scaled.backward()
             values.extend({"loss": loss.detach(), **metrics}.items())
-        params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         read = _read_scalars([v for _, v in values] + [norm])
@@ -499,6 +513,35 @@ class Trainer:
         totals["grad_norm"] = grad_norm
         totals["lr"] = cfg.lr_at(step)
         return totals
+
+    @staticmethod
+    def _backward_folded(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """`loss.backward()` into the gradients the earlier micro-batches left in `params`, with one
+        `torch._foreach_add_` for all of them instead of autograd's add per parameter: on a host-bound GPU each of
+        those adds is a launch the host pays (354 per extra micro-batch in the stage-1 step of the SmolLM2-135M
+        hybrid, a tenth of a micro-batch's launches; issue 16). The same sums (earlier + this micro-batch's, in
+        float32 per element), bit for bit; the cost is holding this micro-batch's gradients beside the earlier
+        ones until the add, one more set of trainable-parameter gradients at the end of the backward (when the
+        activations are gone)."""
+        held = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            loss.backward()
+        except BaseException:
+            for p, g in zip(params, held):
+                p.grad = g
+            raise
+        earlier, new = [], []
+        for p, g in zip(params, held):
+            if g is None:  # no gradient before this micro-batch: its own (or none) stays
+                continue
+            if p.grad is not None:
+                earlier.append(g)
+                new.append(p.grad)
+            p.grad = g
+        if earlier:
+            torch._foreach_add_(earlier, new)
 
     @property
     def resume_point(self) -> Path | None:
