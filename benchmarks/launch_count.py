@@ -459,7 +459,7 @@ def build(mode: str, args, teacher, work: Path, backend):
         trainer = Trainer(TrainConfig(lr=1e-3, warmup_steps=1, find_unused_parameters=True, **common), net, loss_fn,
                           stream)
         return trainer, folded_names(net, "")
-    from jetnas.train.stages import StageConfig, build_student, make_stage_loss
+    from jetnas.train.stages import StageConfig, build_student, forward_teacher, make_stage_loss
 
     layout = _load_train_bench_layout()
     types_ = ",".join(layout.get(i, args.linear) for i in range(args.layers))
@@ -468,9 +468,11 @@ def build(mode: str, args, teacher, work: Path, backend):
                       **({"teacher_per_step": True} if args.teacher_per_step else {}))  # (older jetnas: no such field)
     model, _, _ = build_student(cfg, teacher)
     use_backend(model, backend)
-    loss_fn = make_stage_loss(cfg, teacher.model)
+    # as train_stage runs it: under --precision bf16 a copy with the Linear weights cast once
+    teacher_model = forward_teacher(cfg, teacher.model, "cpu")
+    loss_fn = make_stage_loss(cfg, teacher_model)
     trainer = Trainer(cfg.train_config(), model, loss_fn, stream)
-    return trainer, {**folded_names(teacher.model, "teacher:"), **folded_names(model, "")}
+    return trainer, {**folded_names(teacher_model, "teacher:"), **folded_names(model, "")}
 
 
 def count_step(trainer, names: dict[int, str], step: int, counter_ref: list) -> Counts:

@@ -89,6 +89,7 @@ class Api:
         self.StageConfig = stages.StageConfig
         self.load_stage_teacher = stages.load_stage_teacher
         self.build_student = stages.build_student
+        self.forward_teacher = getattr(stages, "forward_teacher", None)  # (older checkouts: none)
         self.make_stage_loss = stages.make_stage_loss
         self.Trainer = importlib.import_module("jetnas.train.trainer").Trainer
         self.TrainConfig = importlib.import_module("jetnas.train.trainer").TrainConfig
@@ -192,7 +193,13 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
     model, _, _ = api.build_student(cfg, teacher)
     model.to(device)
     apply_fusions(model, args.fusion_names)
-    loss_fn = api.make_stage_loss(cfg, teacher.model if cfg.needs_teacher_forward else None)
+    # the teacher module the stage's loss runs: where the checkout has it (forward_teacher), the cast copy
+    # train_stage uses under bf16; an older checkout runs the float32 teacher under autocast as its train_stage did
+    forward = getattr(api, "forward_teacher", None)
+    teacher_model = teacher.model if cfg.needs_teacher_forward else None
+    if forward is not None:
+        teacher_model = forward(cfg, teacher_model, device)
+    loss_fn = api.make_stage_loss(cfg, teacher_model)
     return api.Trainer(cfg.train_config(), model, loss_fn, stream), f"stage {stage} ({args.linear} hybrid)"
 
 

@@ -39,7 +39,8 @@ from jetnas.train import distributed as dist_utils
 from jetnas.train.losses import distill_terms, head_terms, lm_loss, logits_kl
 from jetnas.train.mixture import Mixture, resolve_mixture
 from jetnas.train.checkpoint import check_finite
-from jetnas.train.trainer import TrainConfig, Trainer
+from jetnas.train.frozen import autocast_copy
+from jetnas.train.trainer import TrainConfig, Trainer, uses_bf16
 from jetnas.validation import read_json
 
 #: per stage, the defaults of the fields left None
@@ -215,6 +216,20 @@ def load_stage_teacher(name: str, device: str | torch.device = "cpu") -> StageTe
     model = as_jetnas(model).requires_grad_(False).eval()
     eos = spec.eos_token_id if spec.eos_token_id is not None else tokenizer.eos_token_id
     return StageTeacher(model, tokenizer, spec, eos)
+
+
+def forward_teacher(config: StageConfig, teacher_model: torch.nn.Module | None,
+                    device: str | torch.device) -> torch.nn.Module | None:
+    """The teacher module a stage's loss and held-out evaluation run (None when the stage runs no teacher forward).
+    Under bf16 autocast, a copy with its Linear weights cast to bf16 once (`jetnas.train.frozen.autocast_copy`):
+    autocast does not cache the casts of frozen weights, so the original would be cast again in every forward (332
+    cast kernels per stage-1 step of SmolLM2-135M), to the same values. The float32 original stays the source of the
+    students' weights and the alignment phase's teacher."""
+    if teacher_model is None or not config.needs_teacher_forward:
+        return None
+    if uses_bf16(config.precision, torch.device(device)):
+        return autocast_copy(teacher_model, torch.bfloat16)
+    return teacher_model
 
 
 def set_trainable(model: torch.nn.Module, stage: int) -> dict[str, int]:
@@ -504,7 +519,7 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
                               generated_tokens=config.generated_tokens, seed=config.seed, teacher_name=teacher_name)
     if dist_utils.is_main_process():
         dist_utils.barrier()
-    teacher_model = teacher.model if config.needs_teacher_forward else None
+    teacher_model = forward_teacher(config, teacher.model if teacher is not None else None, device)
     if loaded_here and teacher_model is None:
         # loaded only for the tokenizer, the conversion or the data: free it before training
         teacher = None

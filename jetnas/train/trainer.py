@@ -202,6 +202,12 @@ def _read_scalars(values: list[torch.Tensor | float]) -> list[float]:
     return out
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a trainer with this `precision` ("auto" | "bf16" | "fp32") runs its steps under bf16 autocast on
+    `device`: "bf16" always, "auto" on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 class Trainer:
     """Runs `config.steps` optimizer steps of `loss_fn` over `data` (see the module docstring).
 
@@ -265,7 +271,7 @@ class Trainer:
         return self.rank == 0
 
     def _use_bf16(self) -> bool:
-        return self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
+        return uses_bf16(self.config.precision, self.device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self._use_bf16() else nullcontext()

@@ -341,3 +341,32 @@ def test_stage1_alignment_phase_runs_first_and_starts_stage1_lower(workspace, tm
     assert "skipped" in again.summary["align"]
     with pytest.raises(ValueError, match="alignment phase belongs to stage 1"):
         StageConfig(stage=2, model=str(tmp_path / "plain" / "model"), align_steps=3)
+
+
+def test_bf16_stage_runs_the_teacher_from_a_cast_copy_with_the_same_losses(workspace, monkeypatch):
+    # issue 16: under bf16 autocast the frozen teacher's Linear weights are cast once (jetnas.train.frozen), not by
+    # autocast in every forward; autocast's own cast rounds the same way, so the losses are equal, not merely close
+    from jetnas.train import stages
+
+    made = []
+
+    def spy(model, dtype):
+        made.append(dtype)
+        return stages_copy(model, dtype)
+
+    stages_copy = stages.autocast_copy
+
+    def run(name):
+        config = StageConfig(stage=1, teacher=str(workspace / "teacher"), layer_types="attn,gdn*2,swa", swa_window=8,
+                             data=str(workspace / "train.txt"), steps=3, batch_size=2, seq_len=32, lr=3e-3,
+                             heldout_tokens=256, eval_every=3, precision="bf16", out_dir=str(workspace / name),
+                             device="cpu")
+        return train_stage(config), losses(workspace / name)
+
+    monkeypatch.setattr(stages, "autocast_copy", spy)
+    fast, fast_losses = run("bf16_copy")
+    assert made == [torch.bfloat16]
+    monkeypatch.setattr(stages, "autocast_copy", lambda model, dtype: model)
+    slow, slow_losses = run("bf16_autocast")
+    assert fast_losses == slow_losses and len(fast_losses) == 3
+    assert fast.summary["eval"] == slow.summary["eval"]
