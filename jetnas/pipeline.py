@@ -31,7 +31,6 @@ from pathlib import Path
 import yaml
 
 from jetnas.files import write_json_atomic
-from jetnas.models.layer_types import resolve_layer_types
 from jetnas.runner.fields import Recipe as StageRecipe
 from jetnas.runner.fields import check_value, default_of
 from jetnas.runner.bench import run_bench
@@ -197,16 +196,31 @@ def check_placements(compare: dict, stages: dict[str, dict | None], source: str)
         if not isinstance(spec, str) or not spec.strip():
             raise RecipeError(f"{source}: compare_placements.{name} must be a layer-types string such as "
                               f"'gdn*7,attn,gdn*22', got {spec!r}")
-        try:
-            counts[name] = len(resolve_layer_types(spec, None)[0])
-        except ValueError as err:
-            raise RecipeError(f"{source}: compare_placements.{name}: {err}") from None
+        counts[name] = _layer_count(spec)
+    # (the types themselves are checked against the layer registry when the pipeline starts: that needs torch,
+    # which loading a recipe, e.g. for --check, does not import)
     if len(set(counts.values())) > 1:
         raise RecipeError(f"{source}: compare_placements: the placements have different layer counts {counts}")
     slugs = [_slug(str(name)) for name in compare]
     if "" in slugs or len(set(slugs)) < len(slugs):
         raise RecipeError(f"{source}: compare_placements: the names {sorted(map(str, compare))} must give distinct "
                           f"folder names (letters and digits)")
+
+
+def _layer_count(spec: str) -> int:
+    """The number of layers a layer-types spec gives, without the layer registry: entries are comma-separated, a
+    `KEY=VALUE` piece without `:` continues the entry before it (`jetnas.models.layer_types.split_entries`), and
+    `ENTRY*N` repeats an entry."""
+    count = 0
+    for piece in (p.strip() for p in spec.split(",")):
+        if "=" in piece and ":" not in piece and count:
+            # an option of the previous entry; a repeat written after it applies to that entry
+            m = re.match(r"^.+\*(\d+)$", piece)
+            count += int(m.group(1)) - 1 if m else 0
+            continue
+        m = re.match(r"^.+\*(\d+)$", piece)
+        count += int(m.group(1)) if m else 1
+    return count
 
 
 def _slug(name: str) -> str:
@@ -532,6 +546,7 @@ class Pipeline:
     # -- running ------------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        self._check_placement_types()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.resolved.yaml").write_text(yaml.safe_dump(
             {"name": self.recipe.name, "teacher": self.recipe.teacher, "out_dir": str(self.out),
@@ -569,6 +584,19 @@ class Pipeline:
         trained = self.done.stage2 or self.done.stage1
         return {"recipe": self.recipe.name, "out_dir": str(self.out),
                 "model": trained.model_dir if trained is not None else None, **paths}
+
+    def _check_placement_types(self) -> None:
+        """The placements of `compare_placements: {name: layer types}` against the layer registry, before anything
+        trains: a typo in one found after the searched placement's training would cost that training."""
+        if not isinstance(self.recipe.compare_placements, dict):
+            return
+        from jetnas.models.layer_types import resolve_layer_types
+
+        for name, spec in self.recipe.compare_placements.items():
+            try:
+                resolve_layer_types(spec, None)
+            except ValueError as err:
+                raise RecipeError(f"{self.recipe.source}: compare_placements.{name}: {err}") from None
 
     def compare_placements(self, data: str | None) -> dict:
         """The paper's claim on final models: every baseline of the placement search's comparison (uniform
@@ -643,6 +671,8 @@ def _layers(placement: dict) -> dict:
 
 def _attention_layers(layer_types: str) -> dict:
     """The full-attention and sliding-window layer indices of a layer-types spec."""
+    from jetnas.models.layer_types import resolve_layer_types
+
     types = resolve_layer_types(layer_types, None)[0]
     return {kind: [i for i, t in enumerate(types) if t == kind] for kind in ("attn", "swa")}
 

@@ -408,6 +408,12 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
         if shown:
             lines += [f"- {k}: {_scalar(k, v)}" for k, v in shown] + [""]
         lines += _outputs_section(result, out)
+    compared = out / "compare" / "placements.md"
+    if compared.exists():  # `compare_placements`: the other placements, trained and evaluated the same way
+        body = compared.read_text().splitlines()
+        lines += ["## Placements compared on final models", ""] + [line for line in body if not line.startswith("# ")]
+        lines += ["", "Files: [compare/placements.json](compare/placements.json); each placement's stages under "
+                  "`compare/<name>/`.", ""]
     md, js = out / "report.md", out / "report.json"
     write_text_atomic(md, "\n".join(lines).rstrip() + "\n")
     tokens, _ = training_tokens(results)

@@ -319,15 +319,26 @@ def test_compare_placements_named_in_the_recipe_train_beside_stage1s_placement(t
     rows = json.loads((tmp_path / "run" / "compare" / "placements.json").read_text())
     assert list(rows) == ["searched", "uniform", "one-layer ranking", "teacher"]
     assert (rows["searched"]["attn"], rows["uniform"]["attn"], rows["uniform"]["swa"]) == ([2], [1], [3])
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Placements compared on final models" in report and "| one-layer ranking | 0 |" in report
     CALLS.clear()
     Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
     assert CALLS == []  # every comparison reused
     for bad, match in [({"uniform": "gdn,attn"}, "different layer counts"), ({}, "empty mapping"),
-                       ({"uniform": "gdn,attn,bogus,gdn"}, "compare_placements.uniform: unknown layer type"),
+                       ({"uniform": "gla:num_heads=2,head_k_dim=8*3,attn"}, None),  # options, then a repeat: 4 layers
                        ({"a b": "gdn*3,attn", "a-b": "attn,gdn*3"}, "distinct folder names"),
                        ({"uniform": 3}, "layer-types string")]:
+        if match is None:
+            Recipe.from_dict({**raw, "compare_placements": bad}, source="test.yaml")
+            continue
         with pytest.raises(RecipeError, match=match):
             Recipe.from_dict({**raw, "compare_placements": bad}, source="test.yaml")
+    # a type the registry does not know: refused when the pipeline starts, before anything trains
+    CALLS.clear()
+    with pytest.raises(RecipeError, match="compare_placements.uniform: unknown layer type"):
+        Pipeline(Recipe.from_dict({**raw, "compare_placements": {"uniform": "gdn,attn,bogus,gdn"}},
+                                  source="test.yaml")).run()
+    assert CALLS == []
     with pytest.raises(RecipeError, match="stage1 and eval must run"):
         Recipe.from_dict({**raw, "stages": {**raw["stages"], "eval": "skip"}}, source="test.yaml")
     no_types = {**raw["stages"], "stage1": {"steps": 2}}

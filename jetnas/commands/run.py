@@ -41,8 +41,11 @@ def run(recipe: str, /, set: tuple[str, ...] | None = None, redo: list[str] | No
         stages = {s: ("skip" if a is None else a) for s, a in parsed.stages.items()}
         for stage, args in stages.items():
             print(f"{stage:10s} {args}", file=sys.stderr)
+        if parsed.compare_placements:
+            print(f"{'compare':10s} {parsed.compare_placements}", file=sys.stderr)
         return {"recipe": parsed.name, "source": parsed.source, "out_dir": str(parsed.out_dir), "valid": True,
-                "stages": [s for s, a in parsed.stages.items() if a is not None]}
+                "stages": [s for s, a in parsed.stages.items() if a is not None],
+                **({"compare_placements": parsed.compare_placements} if parsed.compare_placements else {})}
     if report_only:
         return Pipeline(parsed).write_report()
     network_notice(parsed.teacher, "teacher")
