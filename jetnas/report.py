@@ -410,8 +410,8 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
         lines += _outputs_section(result, out)
     compared = out / "compare" / "placements.md"
     if compared.exists():  # `compare_placements`: the other placements, trained and evaluated the same way
-        body = compared.read_text().splitlines()
-        lines += ["## Placements compared on final models", ""] + [line for line in body if not line.startswith("# ")]
+        body = "\n".join(line for line in compared.read_text().splitlines() if not line.startswith("# ")).strip()
+        lines += ["## Placements compared on final models", ""] + body.splitlines()
         lines += ["", "Files: [compare/placements.json](compare/placements.json); each placement's stages under "
                   "`compare/<name>/`.", ""]
     md, js = out / "report.md", out / "report.json"
