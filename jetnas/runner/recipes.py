@@ -323,6 +323,8 @@ class TrainRecipe(Recipe):
         out_dir: where stage_config.json, log.jsonl, checkpoints and model/ go (default runs/stage<N>-<time>).
         batch_size: sequences per optimizer step (all ranks together).
         micro_batch_size: sequences per forward pass on each rank (gradient accumulation covers the rest).
+        teacher_per_step: with micro-batches, the teacher's forward once per step on the rank's whole batch (fewer
+            launches; holds the whole batch's teacher hidden states) instead of once per micro-batch.
         seq_len: tokens per sequence.
         lr: peak learning rate (default: stage 1 1e-3, stage 2 3e-4).
         warmup_steps: default steps / 20 (at least 1).
@@ -360,6 +362,7 @@ class TrainRecipe(Recipe):
     out_dir: str | None = None
     batch_size: int = arg(8, min=1)
     micro_batch_size: int | None = arg(None, min=1)
+    teacher_per_step: bool = False
     seq_len: int = arg(512, min=1)
     lr: float | None = arg(None, above=0)
     warmup_steps: int | None = arg(None, min=0)
