@@ -379,6 +379,29 @@ def retention_table(summary: dict) -> list[str]:
     return lines + [""] + [f"- {e}" for e in extra if e] + [""]
 
 
+def placements_retention_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown: per placement (`compare/placements.json`: name -> attn, swa, results; a "teacher" row) its layers,
+    each task's accuracy with the share of the teacher's margin kept (`retention`), and the held-out nll gap."""
+    teacher = rows.get("teacher", {}).get("results", {})
+    kept = {name: retention(row["results"], teacher) for name, row in rows.items() if name != "teacher"}
+    tasks = list(dict.fromkeys(task for summary in kept.values() for task in summary["tasks"]))
+    header = ["placement", "attn", "swa"] + tasks + ["held-out nll gap"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, summary in kept.items():
+        cells = [name] + [", ".join(map(str, rows[name].get(k) or [])) for k in ("attn", "swa")]
+        for task in tasks:
+            row = summary["tasks"].get(task)
+            share = "" if row is None or row["kept"] is None else f" ({100 * row['kept']:.0f}%)"
+            cells.append("" if row is None else f"{100 * row['hybrid']:.1f}{share}")
+        gap = summary["heldout_nll_gap"]
+        lines.append("| " + " | ".join(cells + ["" if gap is None else f"{gap:+.3f}"]) + " |")
+    if "teacher" in rows:
+        accs = {task: row["teacher"] for summary in kept.values() for task, row in summary["tasks"].items()}
+        lines.append("| " + " | ".join(["teacher", "", ""] + [f"{100 * accs[t]:.1f}" if t in accs else ""
+                                                           for t in tasks] + [""]) + " |")
+    return lines
+
+
 def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict:
     """`out/report.md` and `out/report.json`; returns their paths."""
     lines = [f"# jetnas run: {recipe.name}", ""] + smoke_banner(results)
@@ -408,12 +431,14 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
         if shown:
             lines += [f"- {k}: {_scalar(k, v)}" for k, v in shown] + [""]
         lines += _outputs_section(result, out)
-    compared = out / "compare" / "placements.md"
+    compared = out / "compare" / "placements.json"
     if compared.exists():  # `compare_placements`: the other placements, trained and evaluated the same way
-        body = "\n".join(line for line in compared.read_text().splitlines() if not line.startswith("# ")).strip()
-        lines += ["## Placements compared on final models", ""] + body.splitlines()
-        lines += ["", "Files: [compare/placements.json](compare/placements.json); each placement's stages under "
-                  "`compare/<name>/`.", ""]
+        lines += ["## Placements compared on final models", "",
+                  "Each placement trained by the same stage 1 / stage 2 and evaluated the same way: accuracy (%) and, "
+                  "in brackets, the share of the teacher's margin over chance it keeps; the held-out nll gap to the "
+                  "teacher. Every metric: [compare/placements.md](compare/placements.md); each placement's stages "
+                  "under `compare/<name>/`.", ""]
+        lines += placements_retention_table(json.loads(compared.read_text())) + [""]
     md, js = out / "report.md", out / "report.json"
     write_text_atomic(md, "\n".join(lines).rstrip() + "\n")
     tokens, _ = training_tokens(results)

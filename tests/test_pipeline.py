@@ -320,7 +320,7 @@ def test_compare_placements_named_in_the_recipe_train_beside_stage1s_placement(t
     assert list(rows) == ["searched", "uniform", "one-layer ranking", "teacher"]
     assert (rows["searched"]["attn"], rows["uniform"]["attn"], rows["uniform"]["swa"]) == ([2], [1], [3])
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "## Placements compared on final models" in report and "| one-layer ranking | 0 |" in report
+    assert "## Placements compared on final models" in report and "| uniform | 1 | 3 |  |" in report
     CALLS.clear()
     Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
     assert CALLS == []  # every comparison reused

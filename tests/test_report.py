@@ -151,3 +151,19 @@ def test_retention_summary_shares_of_the_teachers_margin():
     assert retention(hybrid, teacher)["cache_ratio_8k"] is None       # no throughput run: no ratio
     table = "\n".join(retention_table(r))
     assert "| arc_easy | 0.450 | 0.500 | 0.25 | 80% |" in table and "15.0x smaller" in table
+
+
+def test_the_placements_table_gives_each_placements_accuracy_and_share_of_the_teachers_margin():
+    from jetnas.report import placements_retention_table
+
+    results = lambda acc, nll: {"mc:b/piqa_val.jsonl": {"acc": acc, "n": 10}, "retrieval:needle@4096?n=100":
+                                {"acc": acc - 0.1}, "ppl:val.bin": {"nll": nll}}  # noqa: E731
+    rows = {"searched": {"attn": [7, 18], "swa": [17, 23], "results": results(0.7, 3.1)},
+            "uniform": {"attn": [7, 22], "swa": [17, 23], "results": results(0.6, 3.3)},
+            "teacher": {"attn": None, "swa": None, "results": results(0.8, 3.0)}}
+    table = placements_retention_table(rows)
+    assert table[0] == "| placement | attn | swa | piqa | needle@4096 | held-out nll gap |"
+    # piqa: chance 0.5, so (0.7 - 0.5) / (0.8 - 0.5) = 67% kept; the needle's chance is 0: 0.6 / 0.7 = 86%
+    assert table[2] == "| searched | 7, 18 | 17, 23 | 70.0 (67%) | 60.0 (86%) | +0.100 |"
+    assert table[3] == "| uniform | 7, 22 | 17, 23 | 60.0 (33%) | 50.0 (71%) | +0.300 |"
+    assert table[4] == "| teacher |  |  | 80.0 | 70.0 |  |"
