@@ -600,9 +600,9 @@ class Pipeline:
 
     def compare_placements(self, data: str | None) -> dict:
         """The paper's claim on final models: every baseline of the placement search's comparison (uniform
-        placement, one-layer ranking: `comparison.json`) trained into a hybrid by the searched placement's own
-        stage 1 (and stage 2) and evaluated by its evaluation, under `out_dir/compare/<name>/`; each reused like any
-        stage. Writes `compare/placements.json` and `.md` (per placement: its layers and every task's metrics, the
+        placement, one-layer ranking: `comparison.json`), or the placements the recipe names, trained into a hybrid
+        by the searched placement's own stage 1 (and stage 2) and evaluated by its evaluation, under
+        `out_dir/compare/<name>/`; each reused like any stage. Writes `compare/placements.json` and `.md` (per placement: its layers and every task's metrics, the
         searched hybrid's and the teacher's beside them); returns the table's rows."""
         searched = self.done.eval.hybrid if isinstance(self.done.eval, Comparison) else self.done.eval
         teacher = self.done.eval.teacher if isinstance(self.done.eval, Comparison) else None
