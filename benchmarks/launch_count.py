@@ -290,6 +290,19 @@ def _patch_triton(counter_ref: list) -> None:
 # -- fla stand-ins ----------------------------------------------------------------------------------------------
 
 
+def _count_fla_call(counter_ref: list, name: str, side: int):
+    """Count one fla call's launches and own aten ops (`side` 0: forward, 1: backward) and suspend the counter while
+    its PyTorch reference runs; returns the counter (None when not counting), whose `suspended` the caller lowers."""
+    counter = counter_ref[0]
+    if counter is not None:
+        where, label = counter.where(), ("fwd", "bwd")[side]
+        counter.counts.add(*where, "fla", f"{name} ({label})", FLA_LAUNCHES[name][side])
+        if FLA_ATEN[name][side]:
+            counter.counts.add(*where, "aten", f"{name}: fla's own aten ops ({label})", FLA_ATEN[name][side])
+        counter.suspended += 1
+    return counter
+
+
 class _FlaCall(torch.autograd.Function):
     """One call of an fla kernel: the PyTorch reference runs uncounted (forward, and its autograd in backward) and
     fla's launches are counted (`FLA_LAUNCHES`, `FLA_ATEN`). `meta = (name, reference, kwargs, counter_ref)`."""
@@ -298,13 +311,7 @@ class _FlaCall(torch.autograd.Function):
     def forward(ctx, meta, *tensors):
         name, reference, kwargs, counter_ref = meta
         ctx.meta = meta
-        counter = counter_ref[0]
-        if counter is not None:
-            where = counter.where()
-            counter.counts.add(*where, "fla", f"{name} (fwd)", FLA_LAUNCHES[name][0])
-            if FLA_ATEN[name][0]:
-                counter.counts.add(*where, "aten", f"{name}: fla's own aten ops (fwd)", FLA_ATEN[name][0])
-            counter.suspended += 1
+        counter = _count_fla_call(counter_ref, name, 0)
         try:
             with torch.enable_grad():
                 inputs = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
@@ -318,13 +325,7 @@ class _FlaCall(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal):
         name, _, _, counter_ref = ctx.meta
-        counter = counter_ref[0]
-        if counter is not None:
-            where = counter.where()
-            counter.counts.add(*where, "fla", f"{name} (bwd)", FLA_LAUNCHES[name][1])
-            if FLA_ATEN[name][1]:
-                counter.counts.add(*where, "aten", f"{name}: fla's own aten ops (bwd)", FLA_ATEN[name][1])
-            counter.suspended += 1
+        counter = _count_fla_call(counter_ref, name, 1)
         try:
             inputs, o, final = ctx.graph
             outs, grads = [o], [do]
