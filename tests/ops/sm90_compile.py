@@ -93,7 +93,7 @@ def more_cases():
     yield "rms norm", fused._rms_norm_kernel, io, {"BLOCK_N": 1024}
     for before in (False, True):
         yield (f"gated rms norm (norm {'before' if before else 'after'} gate)", fused._gated_rms_norm_kernel, io,
-               {"HAS_GATE": True, "NORM_BEFORE_GATE": before, "BLOCK_L": 128})
+               {"HAS_GATE": True, "NORM_BEFORE_GATE": before, "BLOCK_R": 32, "BLOCK_L": 128})
     yield "silu * up", fused._silu_mul_kernel, io, {"BLOCK": 2048}
     # the backward kernels: an fp32 residual stream normed by an fp32 weight (training under bf16 autocast), and
     # bf16 everywhere (inference dtypes); the weight's gradient partials are fp32

@@ -111,6 +111,20 @@ def test_gated_rms_norm_kernel(dtype, norm_before_gate, group_size, gated):
 
 
 @needs_triton
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_rms_norm_kernel_many_row_tiles(norm_before_gate):
+    """300 rows of 64 channels (a GDN head's width) in tiles of 64 rows: four full tiles and a partial one, the
+    rows of three weight groups crossing tile boundaries."""
+    from jetnas.ops.triton_fused import triton_gated_rms_norm
+
+    torch.manual_seed(2)
+    x, gate = torch.randn(2, 100, 192, device=DEVICE).unbind(0)
+    w = 1 + 0.1 * torch.randn(192, device=DEVICE)
+    got = triton_gated_rms_norm(x, gate, w, 1e-5, norm_before_gate, 64)
+    close(got, naive_gated_rms_norm(x, gate, w, 1e-5, norm_before_gate, 64))
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_kernel(dtype):
     from jetnas.ops.triton_fused import triton_silu_mul
