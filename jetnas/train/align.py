@@ -251,13 +251,16 @@ def train_alignment(model: nn.Module, teacher: nn.Module, data: TokenStream, con
         model, teacher: the hybrid and its layer-aligned teacher, on one device.
         data: training tokens; `batcher`, if given, replaces the trainer's batcher (e.g. a weighted mixture's).
         config: the trainer's configuration (`out_dir` gets the log and the checkpoints of the blocks).
-        heldout: tokens for the held-out alignment loss (`eval_windows` windows of `config.seq_len`), or None.
+        heldout: tokens for the held-out alignment loss (up to `eval_windows` windows of `config.seq_len`, as many as
+            it holds), or None.
     """
     layers = alignment_layers(model, layers)
     set_align_trainable(model, layers)
     aligner = LayerAligner(model, layers)
-    fixed = heldout.window_batch(eval_windows, config.seq_len, device=next(model.parameters()).device) \
-        if heldout is not None and eval_windows > 0 else None
+    # as many windows (of seq_len + 1 tokens: inputs and labels) as the held-out tail holds, up to eval_windows, as
+    # the stages' held-out evaluation takes them (16,384 held-out tokens hold 3 windows of 4,096, not 4)
+    n = 0 if heldout is None else min(eval_windows, (len(heldout) - 1) // config.seq_len)
+    fixed = heldout.window_batch(n, config.seq_len, device=next(model.parameters()).device) if n >= 1 else None
     trainer = Trainer(config, aligner, make_align_loss(teacher), data, evaluate=make_align_eval(teacher, fixed))
     if batcher is not None:
         trainer.batcher = batcher

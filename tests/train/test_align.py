@@ -183,6 +183,18 @@ def test_a_few_steps_lower_the_alignment_loss_of_every_layer(setup, tmp_path):
         assert torch.equal(dict(student.named_parameters())[name], value), name
 
 
+def test_a_held_out_tail_of_whole_windows_is_scored_as_the_windows_it_holds(setup, tmp_path):
+    """A tail of 4 x seq_len tokens holds 3 windows of seq_len + 1 (inputs and labels): the alignment's held-out loss
+    scores those 3 (it asked for 4 and stopped the run, as stage 1 at 4,096-token sequences with 16,384 held-out
+    tokens did), as the stages' held-out evaluation does."""
+    teacher, _, train, _ = setup
+    _, tail = train.split(4 * 32)
+    summary = train_alignment(student_of(setup), teacher.model, train,
+                              TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, eval_every=2,
+                                          out_dir=str(tmp_path)), heldout=tail)
+    assert len(tail) == 128 and np.isfinite(summary["eval"]["align"])
+
+
 def test_alignment_resumes_exactly(setup, tmp_path):
     teacher, _, train, _ = setup
 
