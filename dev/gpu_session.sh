@@ -18,6 +18,7 @@
 #    (S seconds for each of its three runs); S = seconds)
 #   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c5)
 #   RECIPE=smollm2-135m-gpu-final bash dev/gpu_session.sh setup recipe:560   # the final hybrid on the committed search
+#   bash dev/gpu_session.sh setup trainbench:100 && RECIPE=... bash dev/gpu_session.sh recipe:400   # issue 16 first
 # Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
 set -uo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 JETNAS_CACHE=/root/jc
@@ -160,6 +161,19 @@ for step in "$@"; do
     prefillbench:*) timeout "${step#*:}" python3 benchmarks/prefill_bench.py --autotune-configs 4 \
                       --sections "${PB_SECTIONS:=smollm2,jet2b,check}" --out "$OUT/prefill_bench_${PB_SECTIONS//,/_}.json" \
                       2>&1 | grep -v Warn | tail -30 ;;
+    # issue 16's training step and small-model prefill in one step (2026-12-06: 150 s on a warm H100 with the recipe's
+    # kernels compiled): the stage-1 step whole and in two micro-batches with a profile, the SmolLM2 prefill at 8K and
+    # 32K with the 8K profile. After setup; the tokenizer comes in .stage/c5/prof/tok (dev/stage_wheels.sh)
+    trainbench:*) for mb in "" 16; do
+                    timeout "${step#*:}" python3 benchmarks/train_bench.py --teacher random \
+                      --tokenizer-from /root/stage/prof/tok --data ../shared/data/corpus/val.bin --linear gdn \
+                      --autotune-configs 4 --modes stage1 --steps 20 --warmup 5 --label "new${mb:+_mb$mb}" \
+                      --profile-steps 2 ${mb:+--micro-batch-size $mb} --out "$OUT/train_stage1${mb:+_mb$mb}.json" \
+                      2>&1 | grep -v Warn | tail -1
+                  done
+                  timeout "${step#*:}" python3 benchmarks/prefill_bench.py --out $OUT/prefill_smollm2.json \
+                    --sections smollm2 --smollm2-contexts 8192,32768 --autotune-configs 4 \
+                    --profile smollm2-hybrid@8192:static,smollm2-teacher@8192:static 2>&1 | grep -v Warn | tail -8 ;;
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;

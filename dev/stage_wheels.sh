@@ -4,7 +4,7 @@
 #   .stage/c1 .. c5   everything the PostNAS recipe needs, in five calls of < 60 MB (the device takes 64 MiB a call):
 #                     tilelang + its dependencies (fla's backward of the gated delta rule on Hopper with Triton 3.6),
 #                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus
-#                     (c5: the articles the recall data is built from)
+#                     (c5: the articles the recall data is built from, the tokenizer for the training benchmark)
 # The device runs Python 3.12 on x86_64 (KINDS.md); wheels are fetched for it, not for this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +37,7 @@ cp ../shared/data/corpus/train.bin ../shared/data/corpus/val.bin .stage/c4/corpu
 # the articles the recipes' retrieval-bearing documents are built from (data.recall.corpus): with gguf.part2
 mkdir -p .stage/c5/corpus
 cp ../shared/data/corpus/train.jsonl.gz .stage/c5/corpus/
+# the teacher's tokenizer for benchmarks/train_bench.py (gpu_session.sh trainbench, before any recipe loads the teacher)
+python3 -c "from jetnas.models.teachers import load_teacher; load_teacher('smollm2-135m')[1].save_pretrained('.stage/c5/prof/tok')"
 sha256sum "$GGUF"
 du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5
