@@ -174,6 +174,9 @@ for step in "$@"; do
                   timeout "${step#*:}" python3 benchmarks/prefill_bench.py --out $OUT/prefill_smollm2.json \
                     --sections smollm2 --smollm2-contexts 8192,32768 --autotune-configs 4 \
                     --profile smollm2-hybrid@8192:static,smollm2-teacher@8192:static 2>&1 | grep -v Warn | tail -8 ;;
+    # fla's GDN state pass under every launch config, BV 16 included (benchmarks/gdn_state_pass_bench.py)
+    statepass:*) timeout "${step#*:}" python3 benchmarks/gdn_state_pass_bench.py --out $OUT/gdn_state_pass.json \
+                   2>&1 | grep -v Warn | tail -6 ;;
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;
