@@ -18,8 +18,10 @@ backward's kernels are also summed by name under the PyTorch profiler (`kernels_
 kernel and the partials' reduction show apart. Old and new gradients are compared (`max_grad_rel_err_vs_old`): the
 weight's gradient sums the same float32 products in another order, and dx differs by about one bf16 rounding where
 one version rounds the SiLU gradient to bf16 before dx (as PyTorch's autograd does) and the other keeps it in
-float32 (the two-kernel backward rounded it; the one-kernel backward that replaced it keeps it in registers): a few 1e-3 (4.1e-3 measured under the CPU interpreter, which truncates). `--device cpu` (under
-TRITON_INTERPRET=1, tiny shapes) only smoke-tests the script.
+float32 (the two-kernel backward rounded it; the one-kernel backward that replaced it keeps it in registers): a
+few 1e-3 (4.1e-3 measured under the CPU interpreter, which truncates). `--bwd-configs 16x32x4,32x64x8` also times
+the one-kernel backward with other tiles (`_bwd_config`: rows, channels, warps; chosen by register count, never
+timed). `--device cpu` (under TRITON_INTERPRET=1, tiny shapes) only smoke-tests the script.
 Last stdout line: one JSON object.
 """
 
@@ -96,7 +98,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: torch.device, iters: int,
-                split: bool = False) -> dict:
+                split: bool = False, configs: dict | None = None) -> dict:
+    """Times and gradients of every implementation at one shape; `configs` maps an implementation's name to the
+    static backward's `(BLOCK_T, BLOCK_D, num_warps)` it runs with (`--bwd-configs`)."""
     torch.manual_seed(0)
     x = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(D, W, device=dev) / W**0.5).to(torch.bfloat16).requires_grad_()
@@ -107,7 +111,10 @@ def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: to
     leaves = [t for t in (x, weight, b) if t is not None]
     entry = {"shape": [B, T, D, W], "bias": bias, "split": split}
     grads = {}
+    default_config = new_module._bwd_config
     for name, fn in impls.items():
+        cfg = (configs or {}).get(name)
+        new_module._bwd_config = default_config if cfg is None else (lambda D, W, on_gpu, cfg=cfg: cfg)
         def fwd(fn=fn):
             return fn(x, weight, b, None, False, "silu", None)[0]
 
@@ -126,6 +133,7 @@ def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: to
         entry[name] = {"fwd_bwd_ms": round(fb, 4), "bwd_ms": round(bw, 4),
                        "bwd_min_bytes_GBps": round(moved / bw / 1e6), "kernels_us": kernel_times_us(bwd, dev)}
         del y, bwd  # the graph (and its saved tensors) before the next implementation's
+    new_module._bwd_config = default_config
     if "old" in grads:
         entry["max_grad_rel_err_vs_old"] = max(rel(a, r) for a, r in zip(grads["new"], grads["old"]))
         entry["bwd_speedup_vs_old"] = round(entry["old"]["bwd_ms"] / entry["new"]["bwd_ms"], 3)
@@ -141,6 +149,9 @@ def main() -> None:
                         help="comma-separated BxTxD")
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--bwd-configs", default="",
+                        help="comma-separated BLOCK_TxBLOCK_Dxnum_warps of the static backward to time beside the "
+                             "default (e.g. 16x32x4,32x64x8): rows 'new@16x32x4', ...")
     parser.add_argument("--split", action="store_true",
                         help="q|k|v: the output in three parts, each with its own gradient (D a multiple of 3)")
     parser.add_argument("--iters", type=int, default=20)
@@ -163,13 +174,17 @@ def main() -> None:
                  "conv1d": as_split(lambda *a: short_conv_split(*a, backend="torch"))}
         if args.old:
             impls["old"] = as_split(load_module(args.old).triton_short_conv_split)
+    configs = {}
+    for c in filter(None, args.bwd_configs.split(",")):
+        configs[f"new@{c}"] = tuple(int(v) for v in c.split("x"))
+        impls[f"new@{c}"] = impls["new"]
     import triton
 
     report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "triton": triton.__version__, "new": new_module.__file__, "old": args.old, "results": []}
     for shape in args.shapes.split(","):
         B, T, D = map(int, shape.split("x"))
-        entry = bench_shape(B, T, D, args.width, args.bias, impls, dev, args.iters, args.split)
+        entry = bench_shape(B, T, D, args.width, args.bias, impls, dev, args.iters, args.split, configs)
         report["results"].append(entry)
         print(json.dumps({k: v for k, v in entry.items() if k not in impls}
                          | {k: {"fwd_bwd_ms": entry[k]["fwd_bwd_ms"], "bwd_ms": entry[k]["bwd_ms"]} for k in impls}),
