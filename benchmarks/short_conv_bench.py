@@ -11,13 +11,17 @@ editable install of another checkout, would otherwise be timed as "new"); the re
 `old`).
 
 Inputs are bf16 (as the convolutions see them in training: outputs of bf16 projections), W = 4, SiLU, no bias
-unless `--bias` (the GDN block's q, k, v convolutions have none). Times are the median of `--iters` runs with CUDA
-events after warm-up. The backward's kernels are also summed by name under the PyTorch profiler (`kernels_us`), so
-the weight-gradient kernel and the partials' reduction show apart. Old and new gradients are compared
-(`max_grad_rel_err_vs_old`): the weight's gradient sums the same float32 products in another order, but the new
-code rounds the SiLU gradient to bf16 before dx (as PyTorch's autograd does) where the old kept it in float32,
-so dx differs by about one bf16 rounding: a few 1e-3 (4.1e-3 measured under the CPU interpreter, which
-truncates). `--device cpu` (under TRITON_INTERPRET=1, tiny shapes) only smoke-tests the script.
+unless `--bias` (the GDN block's q, k, v convolutions have none). `--split` times the conv as the GDN layers run it
+in training: `triton_short_conv_split` over q|k|v (three equal parts, each with its own gradient), against
+`short_conv_split`'s torch path. Times are the median of `--iters` runs with CUDA events after warm-up. The
+backward's kernels are also summed by name under the PyTorch profiler (`kernels_us`), so the weight-gradient
+kernel and the partials' reduction show apart. Old and new gradients are compared (`max_grad_rel_err_vs_old`): the
+weight's gradient sums the same float32 products in another order, and dx differs by about one bf16 rounding where
+one version rounds the SiLU gradient to bf16 before dx (as PyTorch's autograd does) and the other keeps it in
+float32 (the two-kernel backward rounded it; the one-kernel backward that replaced it keeps it in registers): a
+few 1e-3 (4.1e-3 measured under the CPU interpreter, which truncates). `--bwd-configs 16x32x4,32x64x8` also times
+the one-kernel backward with other tiles (`_bwd_config`: rows, channels, warps; chosen by register count, never
+timed). `--device cpu` (under TRITON_INTERPRET=1, tiny shapes) only smoke-tests the script.
 Last stdout line: one JSON object.
 """
 
@@ -33,7 +37,7 @@ from collections import defaultdict
 import torch
 
 from jetnas.ops import triton_dynamic_conv as new_module
-from jetnas.ops.conv import short_conv
+from jetnas.ops.conv import short_conv, short_conv_split
 
 # (B, T, D): stage 1 of the SmolLM2-135M GDN hybrid (32 x 1,024 tokens, conv widths 576..1,728) and one 64K sequence
 SHAPES = ((32, 1024, 576), (32, 1024, 1152), (32, 1024, 1728), (1, 65536, 576), (1, 65536, 1728))
@@ -93,16 +97,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: torch.device, iters: int) -> dict:
+def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: torch.device, iters: int,
+                split: bool = False, configs: dict | None = None) -> dict:
+    """Times and gradients of every implementation at one shape; `configs` maps an implementation's name to the
+    static backward's `(BLOCK_T, BLOCK_D, num_warps)` it runs with (`--bwd-configs`)."""
     torch.manual_seed(0)
     x = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(D, W, device=dev) / W**0.5).to(torch.bfloat16).requires_grad_()
     b = torch.randn(D, device=dev, dtype=torch.bfloat16, requires_grad=True) if bias else None
-    dy = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16)
+    # with split: one gradient per part, as the three consumers of q, k and v hand them back
+    dy = [torch.randn(B, T, D // 3, device=dev, dtype=torch.bfloat16) for _ in range(3)] if split else \
+        torch.randn(B, T, D, device=dev, dtype=torch.bfloat16)
     leaves = [t for t in (x, weight, b) if t is not None]
-    entry = {"shape": [B, T, D, W], "bias": bias}
+    entry = {"shape": [B, T, D, W], "bias": bias, "split": split}
     grads = {}
+    default_config = new_module._bwd_config
     for name, fn in impls.items():
+        cfg = (configs or {}).get(name)
+        new_module._bwd_config = default_config if cfg is None else (lambda D, W, on_gpu, cfg=cfg: cfg)
         def fwd(fn=fn):
             return fn(x, weight, b, None, False, "silu", None)[0]
 
@@ -121,6 +133,7 @@ def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: to
         entry[name] = {"fwd_bwd_ms": round(fb, 4), "bwd_ms": round(bw, 4),
                        "bwd_min_bytes_GBps": round(moved / bw / 1e6), "kernels_us": kernel_times_us(bwd, dev)}
         del y, bwd  # the graph (and its saved tensors) before the next implementation's
+    new_module._bwd_config = default_config
     if "old" in grads:
         entry["max_grad_rel_err_vs_old"] = max(rel(a, r) for a, r in zip(grads["new"], grads["old"]))
         entry["bwd_speedup_vs_old"] = round(entry["old"]["bwd_ms"] / entry["new"]["bwd_ms"], 3)
@@ -136,6 +149,11 @@ def main() -> None:
                         help="comma-separated BxTxD")
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--bwd-configs", default="",
+                        help="comma-separated BLOCK_TxBLOCK_Dxnum_warps of the static backward to time beside the "
+                             "default (e.g. 16x32x4,32x64x8): rows 'new@16x32x4', ...")
+    parser.add_argument("--split", action="store_true",
+                        help="q|k|v: the output in three parts, each with its own gradient (D a multiple of 3)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="short_conv_bench.json")
@@ -147,13 +165,26 @@ def main() -> None:
              "conv1d": lambda *a: short_conv(*a, backend="torch")}
     if args.old:
         impls["old"] = load_module(args.old).triton_short_conv
+    if args.split:
+        def as_split(fn):
+            # (x, weight, bias, state, output_final_state, activation, cu_seqlens) -> parts of three equal widths
+            return lambda x, *a: fn(x, a[0], (x.shape[-1] // 3,) * 3, *a[1:])
+
+        impls = {"new": as_split(new_module.triton_short_conv_split),
+                 "conv1d": as_split(lambda *a: short_conv_split(*a, backend="torch"))}
+        if args.old:
+            impls["old"] = as_split(load_module(args.old).triton_short_conv_split)
+    configs = {}
+    for c in filter(None, args.bwd_configs.split(",")):
+        configs[f"new@{c}"] = tuple(int(v) for v in c.split("x"))
+        impls[f"new@{c}"] = impls["new"]
     import triton
 
     report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "triton": triton.__version__, "new": new_module.__file__, "old": args.old, "results": []}
     for shape in args.shapes.split(","):
         B, T, D = map(int, shape.split("x"))
-        entry = bench_shape(B, T, D, args.width, args.bias, impls, dev, args.iters)
+        entry = bench_shape(B, T, D, args.width, args.bias, impls, dev, args.iters, args.split, configs)
         report["results"].append(entry)
         print(json.dumps({k: v for k, v in entry.items() if k not in impls}
                          | {k: {"fwd_bwd_ms": entry[k]["fwd_bwd_ms"], "bwd_ms": entry[k]["bwd_ms"]} for k in impls}),

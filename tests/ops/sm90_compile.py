@@ -58,10 +58,21 @@ def cases():
             if static and not varlen:  # q|k|v written as three contiguous tensors (triton_short_conv_split)
                 yield "conv fwd (static, dense, split)", conv._dynamic_conv_fwd_kernel, io, {**tiles, **flags,
                                                                                             "SPLIT": True}
-            yield f"conv bwd dk ({tag})", conv._dynamic_conv_bwd_dk_kernel, io, {**tiles, **flags}
-            yield f"conv bwd dx ({tag})", conv._dynamic_conv_bwd_dx_kernel, io, {**tiles, "STATIC": static}
+            if static:  # one backward kernel reading q|k|v's three gradients where they lie, and the state's
+                bwd = {**io, "dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "db_ptr": "*fp32"}
+                parts = {"IS_VARLEN": varlen, "SILU": True, "HAS_BIAS": True, "HAS_DY0": True, "HAS_DY1": True,
+                         "HAS_DY2": True}
+                yield (f"conv bwd ({tag})", conv._short_conv_bwd_kernel, bwd,
+                       {"W": 4, "W_POW2": 4, "BLOCK_T": 32, "BLOCK_D": 32, "HAS_STATE": True, "WRITE_DX": True,
+                        **parts})
+                yield (f"conv bwd dstate ({tag})", conv._short_conv_bwd_dstate_kernel, bwd,
+                       {"W": 4, "W_POW2": 4, "BLOCK_D": 128, **parts})
+                continue
+            yield (f"conv bwd dk ({tag})", conv._dynamic_conv_bwd_dk_kernel, io,
+                   {**tiles, "HAS_STATE": True, "SILU": True})
+            yield f"conv bwd dx ({tag})", conv._dynamic_conv_bwd_dx_kernel, io, tiles
             yield (f"conv bwd dstate ({tag})", conv._dynamic_conv_bwd_dstate_kernel, io,
-                   {"W": 4, "W_POW2": 4, "BLOCK_D": 128, "IS_VARLEN": varlen, "STATIC": static})
+                   {"W": 4, "W_POW2": 4, "BLOCK_D": 128, "IS_VARLEN": varlen})
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for ring in (False, True):
             pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "lo_ptr": "*i32",

@@ -198,42 +198,54 @@ def test_static_matches_reference(T, W, activation, bias, with_state):
 
 
 def test_static_packed_sequences_and_production_tiles(monkeypatch):
-    # 4-token tiles: the weight gradient is summed over 10 tiles, some spanning two packed sequences
-    import jetnas.ops.triton_dynamic_conv as module
-
-    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, 16), {"num_warps": 4}))
+    # the forward's 4-token tiles, and backward tiles of 8 rows owning 5 tokens: the weight gradient is summed over
+    # 8 tiles, some spanning two packed sequences, where a token's dx must not take dacc from past its sequence's end
+    _force_slabs(monkeypatch, 1)
     cu = torch.tensor([0, 2, 2, 3, 35, 40], device=DEVICE, dtype=torch.int32)
     _check_static(1, 40, 40, 4, "silu", True, True, cu)
 
 
-# -- the static weight and bias gradients, summed over slabs of tokens inside the first backward kernel ----------
-# Under the interpreter the kernels take 32-token tiles and 2-tile slabs; these tests force the GPU's 4-token tiles
-# (16-channel blocks, so D = 20 spans two, the second partial) and 3-tile (12-token) slabs, so a slab ends inside a
-# packed sequence, T is rarely a multiple of the slab, and the state is read by a slab's first tile only. A tile
-# summed twice or left out, or a partial written to the wrong slab, is an error of order 1/slabs, far above TOL.
+@pytest.mark.parametrize("W", [1, 2, 8], ids=lambda w: f"W{w}")
+def test_static_backward_tile_overlap(monkeypatch, W):
+    # backward tiles of 16 rows own 16 - (W - 1) tokens each (16, 15, 9): tile k's last W - 1 rows are tile k + 1's
+    # first, recomputed for dx; a row owned twice or by no tile shows in dx and the weight gradient at order 1
+    _force_slabs(monkeypatch, 2, bwd_rows=16)
+    _check_static(2, 45, 20, W, "silu", True, True)
+
+
+# -- the static backward's tiles and slabs (`_short_conv_bwd_kernel`) ------------------------------------------------
+# Under the interpreter the backward takes 32-row tiles and 2-tile slabs; these tests force 8-row tiles (5 tokens
+# owned at W = 4; 16-channel blocks, so D = 20 spans two, the second partial) and 3-tile (15-token) slabs, so a
+# slab ends inside a packed sequence, T is rarely a multiple of the slab, and the state is read by a slab's first
+# tile only. A tile summed twice or left out, or a partial written to the wrong slab, is an error of order 1/slabs,
+# far above TOL.
 # bf16 (BF16_TOL): both sides start from the same bf16 values and the reference runs in float32, so the error is our
-# roundings alone: y, the weight and the bias gradients are rounded to bf16 once (relative 2^-8 = 3.9e-3 at most:
-# the interpreter truncates instead of rounding to nearest), dx and dstate twice (dacc is kept in bf16 as PyTorch's
-# silu backward keeps it): at most ~8e-3, measured 1.5e-3 to 7.1e-3; 1e-2 still fails on any wrong term.
+# roundings alone: y and every gradient are rounded to bf16 once by the kernels (relative 2^-8 = 3.9e-3 per element at
+# most: the interpreter truncates instead of rounding to nearest), dx and dstate also carry dy's rounding to bf16
+# (autograd casts the gradient to y's dtype before our backward), and dacc stays float32 between the sums that use it
+# (PyTorch's silu backward would round it too; the two-kernel backward before did, and measured up to 7.1e-3):
+# measured 1.9e-3 to 3.9e-3 (the slab tests, 2026-12-06); 1e-2 still fails on any wrong term.
 BF16_TOL = 1e-2
 
 
-def _force_slabs(monkeypatch, tiles, block_t=4, block_d=16):
+def _force_slabs(monkeypatch, tiles, bwd_rows=8, block_d=16):
+    """Small tiles in every kernel: the forward's 4 tokens x `block_d` channels, the backward's `bwd_rows` rows x
+    `block_d` channels, and `tiles` backward tiles per slab."""
     import jetnas.ops.triton_dynamic_conv as module
 
-    if block_t is not None:
-        monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((block_t, block_d), {"num_warps": 4}))
+    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, block_d), {"num_warps": 4}))
+    monkeypatch.setattr(module, "_bwd_config", lambda D, W, on_gpu: (bwd_rows, block_d, 4))
     monkeypatch.setattr(module, "_slab_tiles", lambda *args: tiles)
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("activation", [None, "silu"], ids=["linear", "silu"])
-@pytest.mark.parametrize("T", [1, 7, 12, 29], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("T", [1, 7, 15, 29], ids=lambda t: f"T{t}")
 def test_static_slab_reduction(monkeypatch, T, activation, bias, with_state):
-    # 12-token slabs: T = 1 and 7 fill less than one slab (7 is two tiles, the second partial), T = 12 exactly one,
-    # T = 29 two and a third of two tiles (its last partial); B = 2 rows write separate partials; D = 20 is a full
-    # and a partial channel block
+    # 15-token slabs: T = 1 and 7 fill less than one slab (7 is two tiles, the second partial), T = 15 exactly one,
+    # T = 29 two, the second's last tile partial (4 of 5 tokens); B = 2 rows write separate partials; D = 20 is a
+    # full and a partial channel block
     _force_slabs(monkeypatch, 3)
     _check_static(2, T, 20, 4, activation, bias, with_state)
 
@@ -248,7 +260,7 @@ def test_static_slab_reduction_bf16(monkeypatch, T, bias_and_state):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias_and_state", [False, True], ids=["plain", "bias_and_state"])
 def test_static_slab_reduction_packed(monkeypatch, bias_and_state, dtype):
-    # slabs of 12 tokens over sequences [0, 2), [2, 2), [2, 3), [3, 13), [13, 30), [30, 50): slabs start inside
+    # slabs of 15 tokens over sequences [0, 2), [2, 2), [2, 3), [3, 13), [13, 30), [30, 50): slabs start inside
     # sequences and sequences start inside slabs; each sequence's first W - 1 = 3 tokens read its own state row
     _force_slabs(monkeypatch, 3)
     cu = torch.tensor([0, 2, 2, 3, 13, 30, 50], device=DEVICE, dtype=torch.int32)
@@ -258,9 +270,10 @@ def test_static_slab_reduction_packed(monkeypatch, bias_and_state, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_static_slab_rule_long_sequence(monkeypatch, dtype):
-    # B = 1 and a long T through the GPU's slab rule (with the interpreter's 32-token tiles and a lower program
-    # target, so that the rule picks several multi-tile slabs): 47 tiles of 32 tokens, 8-tile slabs, 6 slabs, the
-    # last one 220 tokens long. float32's TOL holds for a 1,500-token sum: float32 rounding grows as ~sqrt(T) * 6e-8.
+    # B = 1 and a long T through the GPU's slab rule (with the interpreter's 32-row tiles and a lower program
+    # target, so that the rule picks several multi-tile slabs): 52 tiles of 29 owned tokens, 16-tile slabs, 4 slabs,
+    # the last one 108 tokens long. float32's TOL holds for a 1,500-token sum: float32 rounding grows as
+    # ~sqrt(T) * 6e-8.
     import jetnas.ops.triton_dynamic_conv as module
 
     rule = module._slab_tiles
@@ -269,21 +282,26 @@ def test_static_slab_rule_long_sequence(monkeypatch, dtype):
     monkeypatch.setattr(module, "_slab_tiles", lambda B, T, D, bt, bd, on_gpu: picked.append(
         rule(B, T, D, bt, bd, True)) or picked[-1])
     _check_static(1, 1500, 24, 4, "silu", True, True, dtype=dtype, tol=TOL if dtype == torch.float32 else BF16_TOL)
-    assert picked == [8]
+    assert picked == [16]
 
 
 def test_static_slab_rule():
-    # the table in `_slab_tiles`'s docstring (4-token tiles, 128-channel blocks): at least MIN_SLAB_PROGRAMS
-    # programs, the longest such slab up to MAX_SLAB_TILES, one tile when even that leaves too few programs
+    # the table in `_slab_tiles`'s docstring (the GPU's backward tiles: 32 rows, 29 owned tokens at W = 4, 32-channel
+    # blocks): at least MIN_SLAB_PROGRAMS programs, the longest such slab up to MAX_SLAB_TILES, one tile when even
+    # that leaves too few programs
     import jetnas.ops.triton_dynamic_conv as module
 
-    cases = {(32, 1024, 576): 32, (32, 1024, 1728): 64, (1, 65536, 576): 64, (1, 65536, 1728): 128,
-             (1, 262144, 2048): 1024, (1, 1024, 576): 4, (1, 2**24, 2048): 4 * module.MAX_SLAB_TILES}
-    for (B, T, D), tokens in cases.items():
-        tiles = module._slab_tiles(B, T, D, 4, 128, True)
-        assert 4 * tiles == tokens, (B, T, D, 4 * tiles)
-        programs = B * -(-T // (4 * tiles)) * -(-D // 128)
-        assert tiles == 1 or programs >= module.MIN_SLAB_PROGRAMS
+    rows, block_d, _ = module._bwd_config(1728, 4, True)
+    own = rows - 3
+    assert (own, block_d) == (29, 32)
+    cases = {(32, 1024, 576): (116, 5184), (32, 1024, 1728): (464, 5184), (1, 65536, 576): (232, 5094),
+             (1, 65536, 1728): (464, 7668), (1, 262144, 2048): (3712, 4544), (1, 1024, 576): (29, 648),
+             (1, 2**24, 2048): (own * module.MAX_SLAB_TILES, 144640)}
+    for (B, T, D), (tokens, programs) in cases.items():
+        tiles = module._slab_tiles(B, T, D, own, block_d, True)
+        got = B * -(-T // (own * tiles)) * -(-D // block_d)
+        assert (own * tiles, got) == (tokens, programs), (B, T, D)
+        assert tiles == 1 or got >= module.MIN_SLAB_PROGRAMS
     assert module._slab_tiles(2, 50, 40, 32, 64, False) == 2
 
 
@@ -315,6 +333,6 @@ def test_static_dispatch_follows_the_backend(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 rounding is checked on the GPU's conversions")
 def test_static_bf16():
-    # bf16 in, float32 accumulation: within bf16's rounding (2^-8, dx and dstate twice: see BF16_TOL) of the float32
-    # result, gradients included, on the GPU's round-to-nearest conversions and its slab rule
+    # bf16 in, float32 accumulation: within bf16's rounding (see BF16_TOL) of the float32 result, gradients
+    # included, on the GPU's round-to-nearest conversions, its backward tiles and its slab rule
     _check_static(2, 300, 1728, 4, "silu", True, True, dtype=torch.bfloat16, tol=BF16_TOL)
