@@ -11,8 +11,9 @@ from torch import nn
 
 from jetnas.layers.base import KVState, TokenMixer, dtype_bytes
 from jetnas.modules.norm import RMSNorm
-from jetnas.ops.attention import apply_rotary, causal_attention, rotary_cos_sin
+from jetnas.ops.attention import causal_attention, rotary_cos_sin
 from jetnas.ops.backend import Backend, resolve_backend
+from jetnas.ops.fused import rotary
 
 
 class Attention(TokenMixer):
@@ -28,8 +29,9 @@ class Attention(TokenMixer):
         qk_norm: RMS-normalise q and k per head before RoPE (Qwen3).
         norm_eps: eps of the QK norms.
         rope_theta: RoPE base, used when the caller passes positions rather than precomputed (cos, sin).
-        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here: the QK norms run under it, and so
-            does the engine's decode attention over this layer's cache (`jetnas.engine.graph`).
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here: the QK norms and the rotary
+            embedding (`jetnas.ops.fused.rotary`) run under it, and so does the engine's decode attention over this
+            layer's cache (`jetnas.engine.graph`).
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class Attention(TokenMixer):
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return rotary(q, cos, sin, self.backend), rotary(k, cos, sin, self.backend), v
 
     def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):
         # a sliding-window layer keeps the window's last `window - 1` keys between steps (the new token is the W-th)

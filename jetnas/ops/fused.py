@@ -1,8 +1,9 @@
 """The elementwise tails of a layer: RMS norm, the residual add fused into the next RMS norm, the gated RMS norm
-that closes the linear-attention blocks, and SwiGLU's `silu(gate) * up`, each as a readable PyTorch reference and a
-dispatcher to a fused Triton kernel.
+that closes the linear-attention blocks, SwiGLU's `silu(gate) * up`, and the rotary embedding of attention's queries
+and keys, each as a readable PyTorch reference and a dispatcher to a fused Triton kernel.
 
-The kernel (`jetnas.ops.triton_fused`, forward and backward) runs when the caller's backend says so: a
+The kernel (`jetnas.ops.triton_fused`, `jetnas.ops.triton_rotary`; forward and backward) runs when the caller's
+backend says so: a
 `jetnas.ops.backend.Backend` named "triton" with `fused` on (and `fused_residual` too, for `add_rms_norm`), and a
 tensor it takes (CUDA, or CPU under the interpreter), in float16 / bfloat16 / float32. Otherwise, and for float64,
 the reference runs. Results agree with the references to float32 rounding before each rounding to a low-precision
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jetnas.ops.attention import apply_rotary
 from jetnas.ops.backend import Backend, as_backend
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -210,3 +212,38 @@ def silu_mul_packed(gate_up: torch.Tensor, backend: Backend | str = "torch") -> 
 
         return triton_silu_mul_packed(gate_up)
     return naive_silu_mul_packed(gate_up)
+
+
+def naive_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference: `jetnas.ops.attention.apply_rotary` (`x * cos + cat([-x2, x1]) * sin` in x's dtype)."""
+    return apply_rotary(x, cos, sin)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Backend | str = "torch") -> torch.Tensor:
+    """Rotary position embedding of queries or keys, rotate-half convention (`naive_rotary`; one fused kernel each
+    way under a fused "triton" backend, `jetnas.ops.triton_rotary`, for x in float16 / bfloat16 / float32 and
+    tables that need no gradient).
+
+    Args:
+        x: `[B, T, H, D]`, D even (any strides: q and k are views of their projections).
+        cos, sin: `[B, T, D]` or `[1, T, D]` (broadcast over the batch), any floating dtype: rounded to x's dtype
+            first, as the reference does (the model keeps them in float32).
+        backend: a `Backend` or its name (default "torch": the reference).
+
+    Returns:
+        `[B, T, H, D]` in x's dtype (contiguous from the kernel).
+    """
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [B, T, H, D] with an even D, got {list(x.shape)}")
+    B, T, _, D = x.shape
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 3 or table.shape[0] not in (1, B) or tuple(table.shape[1:]) != (T, D):
+            raise ValueError(f"{name} must be [B={B} or 1, T={T}, D={D}] for x {list(x.shape)}, got "
+                             f"{list(table.shape)}")
+    tables_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if _fused(backend, x, cos, sin) and not tables_grad:
+        from jetnas.ops.triton_rotary import triton_rotary
+
+        return triton_rotary(x, cos.expand(B, T, D), sin.expand(B, T, D))
+    return naive_rotary(x, cos, sin)
+
