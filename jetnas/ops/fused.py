@@ -247,3 +247,73 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Backe
         return triton_rotary(x, cos.expand(B, T, D), sin.expand(B, T, D))
     return naive_rotary(x, cos, sin)
 
+
+def naive_shared_input_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The reference: `F.linear(x, w)` for each weight (autograd adds the products' gradients for x)."""
+    return tuple(F.linear(x, w) for w in weights)
+
+
+class _SharedInputLinear(torch.autograd.Function):
+    """Products of one input, `x2 [M, D] @ w_i^T`; backward sums x's gradient inside the matrix products, the first
+    into a new tensor and each next one added to it by `addmm_` (beta = 1), instead of one product each and
+    autograd's adds of them."""
+
+    @staticmethod
+    def forward(ctx, x2, *weights):
+        ctx.save_for_backward(x2, *weights)
+        # an output nobody differentiates arrives as None (no product for it), not as zeros
+        ctx.set_materialize_grads(False)
+        return tuple(x2 @ w.t() for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, *weights = ctx.saved_tensors
+        dx = None
+        dws = []
+        for i, (dy, w) in enumerate(zip(grads, weights)):
+            dws.append(None if dy is None or not ctx.needs_input_grad[1 + i] else dy.t() @ x2)
+            if dy is None or not ctx.needs_input_grad[0]:
+                continue
+            if dx is None:
+                dx = dy @ w
+            else:
+                dx.addmm_(dy, w)
+        return (dx, *dws)
+
+
+def shared_input_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Several bias-free products of one input, `x @ w_i^T` (`naive_shared_input_linear`), whose backward sums x's
+    gradient inside the matrix products: `dx = dy_0 w_0`, then `dx += dy_i w_i` by `addmm_` (the matrix product
+    adds into its output as it writes it). Autograd would write each product's gradient as a tensor of its own and
+    add them: per extra product one `[..., D]` write and an add that reads two and writes one. The JetBlock family
+    runs two such products per layer (`Backend.fused_projections`: q|k|v and g|b|a).
+
+    Computes in the dtype `F.linear` would (autocast's, for float32 / bf16 / fp16 inputs under autocast: x and the
+    weights are cast to it first, and those casts take the gradients back to the weights' dtype as autocast's do).
+    Numerics: x's gradient is rounded once, where autograd rounds each product and their sum: in bf16, at most one
+    bf16 step from autograd's per element, and closer to the exact sum. Any backend, any device.
+
+    Args:
+        x: `[..., D]`.
+        weights: `[N_i, D]` each, of one dtype and device.
+
+    Returns:
+        one `[..., N_i]` per weight.
+    """
+    if not weights:
+        raise ValueError("shared_input_linear needs at least one weight")
+    D = x.shape[-1]
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != D:
+            raise ValueError(f"weights[{i}] must be [N, D={D}] for x {list(x.shape)}, got {list(w.shape)}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    if not needs_grad or len(weights) == 1:
+        return naive_shared_input_linear(x, weights)
+    device = x.device.type
+    dtype = torch.promote_types(x.dtype, weights[0].dtype)
+    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = torch.get_autocast_dtype(device)
+    x2 = x.reshape(-1, D).to(dtype)
+    with torch.autocast(device, enabled=False):
+        outs = _SharedInputLinear.apply(x2, *[w.to(dtype) for w in weights])
+    return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
