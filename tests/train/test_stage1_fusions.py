@@ -1,12 +1,13 @@
 """The stage-1 loss of a tiny hybrid with the elementwise fusions of 2026-12-06 (the rotary kernel,
 `jetnas.ops.fused.rotary`; the hidden loss's gradient summed into the residual stream's, `distill_terms`'
-`shared`) against the same step without them and against the PyTorch references: loss, terms and every gradient.
+`shared`; the JetBlock products' input gradients summed by `addmm_`, `jetnas.ops.fused.shared_input_linear`) against
+the same step without them and against the PyTorch references: loss, terms and every gradient.
 
 The student has the stage-1 benchmark's layer kinds (GDN, full and sliding-window attention) and the teacher is all
 attention, so both fusions run in the student (forward and backward) and the rotary one in the teacher. Our Triton
 kernels run under the interpreter on CPU (tests/conftest.py). Tolerances:
 - float32: each fusion does the reference's float32 math with the same or fewer roundings (the rotary kernel:
-  identical; the hidden gradient: one float32 rounding of a sum instead of two), so the step with them equals the
+  identical; the two gradient sums: one float32 rounding instead of two), so the step with them equals the
   step without them to float32 rounding: 1e-6 relative on the loss and every gradient (measured: ~1e-7). Against
   the all-PyTorch step (every other fused kernel replaced by its reference too): 1e-5, as the other model-level
   fusion tests (tests/ops/test_fused_residual.py).
@@ -52,14 +53,17 @@ def models(backend):
 
 
 def step(backend, ids, autocast=False, fusions=True, monkeypatch=None):
-    """The stage-1 loss, its terms and the trainable parameters' gradients. `fusions=False` takes this change's two
-    fusions out (the rotary reference in the attention layers, the plain hidden-loss kernel for every layer)."""
+    """The stage-1 loss, its terms and the trainable parameters' gradients. `fusions=False` takes the three fusions
+    out (the rotary reference in the attention layers, the plain hidden-loss kernel for every layer, autograd's
+    add of the JetBlock products' input gradients)."""
     import jetnas.layers.attention as attention
+    import jetnas.layers.jet as jet
     import jetnas.ops.triton_hidden_loss as hidden_loss
-    from jetnas.ops.fused import naive_rotary
+    from jetnas.ops.fused import naive_rotary, naive_shared_input_linear
 
     if not fusions:
         monkeypatch.setattr(attention, "rotary", lambda x, cos, sin, backend: naive_rotary(x, cos, sin))
+        monkeypatch.setattr(jet, "shared_input_linear", naive_shared_input_linear)
         monkeypatch.setattr(hidden_loss, "triton_sequence_square_sums_into_grad",
                             hidden_loss.triton_sequence_square_sums)
     teacher, student = models(backend)
