@@ -26,9 +26,12 @@ at `--bandwidth` (3 TB/s, about what its elementwise kernels reach) is bytes / b
 bandwidth-bound kernel's floor, not a measurement. Launch counts are the counted step's (the loss's chunk loop runs
 more chunks at 32K tokens: the fit keeps its bytes right, the count is the small run's).
 
-    OMP_NUM_THREADS=1 python benchmarks/elementwise_traffic.py --out traffic.json     # ~2 min on the CPU box
+    OMP_NUM_THREADS=1 python benchmarks/elementwise_traffic.py --out after.json
+    PYTHONPATH=/path/to/older/checkout python benchmarks/elementwise_traffic.py --out before.json
+    python benchmarks/elementwise_traffic.py --compare before.json,after.json --out summary.json
 
-The last stdout line is one JSON object (totals by category); `--out` writes every row.
+The last stdout line is one JSON object (totals by category); `--out` writes every row. `--compare` lists what
+changed per site (line numbers dropped, since they move) as a markdown table, and writes the summary JSON.
 """
 
 from __future__ import annotations
@@ -360,6 +363,57 @@ def group(rows: list[dict], by: tuple[str, ...], bandwidth: float) -> list[dict]
             for k, (n, b) in sorted(acc.items(), key=lambda x: -x[1][1])]
 
 
+def _site_key(row: dict) -> tuple:
+    """A row's identity across code versions: the site without its line number (lines move as files change)."""
+    site = re.sub(r":\d+ ", " ", row["site"])
+    return row["phase"], row["kind"], row["op"], row["dtypes"], site
+
+
+def compare(before_path: str, after_path: str, bandwidth: float, top: int) -> dict:
+    """What changed between two runs' rows: per site (line numbers dropped), launches and GB at the target tokens
+    before and after, largest change first; and the totals by kind."""
+    runs = [json.loads(Path(p).read_text()) for p in (before_path, after_path)]
+    sides: list[dict] = []
+    for run in runs:
+        acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+        for r in run["rows"]:
+            a = acc[_site_key(r)]
+            a[0] += r["launches"]
+            a[1] += r["bytes_at_target"]
+        sides.append(acc)
+    keys = set(sides[0]) | set(sides[1])
+    changes = []
+    for k in keys:
+        (n0, b0), (n1, b1) = (side.get(k, [0, 0.0]) for side in sides)
+        if n0 != n1 or abs(b1 - b0) > 1e6:
+            changes.append({"phase": k[0], "kind": k[1], "op": k[2], "dtypes": k[3], "site": k[4],
+                            "launches_before": n0, "launches_after": n1, "GB_before": round(b0 / 1e9, 3),
+                            "GB_after": round(b1 / 1e9, 3), "est_ms_saved": round((b0 - b1) / bandwidth * 1e3, 3)})
+    changes.sort(key=lambda c: -abs(c["GB_before"] - c["GB_after"]))
+    totals = {}
+    for label, run in zip(("before", "after"), runs):
+        for r in run["by_kind"]:
+            t = totals.setdefault(f"{r['phase']}:{r['kind']}", {})
+            t[f"launches_{label}"], t[f"GB_{label}"] = r["launches"], r["GB"]
+    all_rows = [[r for r in run["rows"] if r["kind"] != "gemm/attention/optimizer"] for run in runs]
+    summary = {
+        "before": before_path, "after": after_path, "target_tokens": runs[1]["args"]["target_tokens"],
+        "bandwidth": bandwidth,
+        "non_gemm": {label: {"launches": sum(r["launches"] for r in rows),
+                             "GB": round(sum(r["bytes_at_target"] for r in rows) / 1e9, 3)}
+                     for label, rows in zip(("before", "after"), all_rows)},
+        "totals_by_kind": totals, "changes": changes}
+    nb, na = summary["non_gemm"]["before"], summary["non_gemm"]["after"]
+    summary["non_gemm"]["saved"] = {"launches": nb["launches"] - na["launches"], "GB": round(nb["GB"] - na["GB"], 3),
+                                    "est_ms": round((nb["GB"] - na["GB"]) * 1e9 / bandwidth * 1e3, 2)}
+    print("| phase | op | dtypes | site | launches before -> after | GB before -> after | est. ms saved |")
+    print("|---|---|---|---|---|---|---|")
+    for c in changes[:top]:
+        print(f"| {c['phase']} | {c['op']} ({c['kind']}) | {c['dtypes']} | {c['site']} | {c['launches_before']} -> "
+              f"{c['launches_after']} | {c['GB_before']:.2f} -> {c['GB_after']:.2f} | {c['est_ms_saved']:.2f} |")
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=2)
@@ -370,7 +424,16 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3e12, help="bytes/s for the time estimates")
     ap.add_argument("--top", type=int, default=60)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compare", default=None,
+                    help="BEFORE.json,AFTER.json (two --out files): the changes per site as a markdown table on "
+                         "stdout, the summary JSON to --out")
     args = ap.parse_args()
+    if args.compare:
+        summary = compare(*args.compare.split(","), args.bandwidth, args.top)
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=1))
+        print(json.dumps({"non_gemm": summary["non_gemm"]}))
+        return
     torch.set_num_threads(1)
 
     import jetnas
