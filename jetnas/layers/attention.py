@@ -13,7 +13,7 @@ from jetnas.layers.base import KVState, TokenMixer, dtype_bytes
 from jetnas.modules.norm import RMSNorm
 from jetnas.ops.attention import causal_attention, rotary_cos_sin
 from jetnas.ops.backend import Backend, resolve_backend
-from jetnas.ops.fused import rotary
+from jetnas.ops.fused import rotary, shared_input_linear
 
 
 class Attention(TokenMixer):
@@ -100,9 +100,16 @@ class Attention(TokenMixer):
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries `[B, T, H, D]`, keys and values `[B, T, Hkv, D]` of `hidden_states`, QK-normed and rotated."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(p.bias is None for p in projections):
+            # three products of one input: in training their gradients for it are summed inside the backward
+            # products (`addmm_`), not by two adds of `[B, T, D]` tensors; the same products and weight gradients
+            q, k, v = shared_input_linear(hidden_states, [p.weight for p in projections])
+        else:
+            q, k, v = (p(hidden_states) for p in projections)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return rotary(q, cos, sin, self.backend), rotary(k, cos, sin, self.backend), v

@@ -1,7 +1,8 @@
 """The stage-1 loss of a tiny hybrid with the elementwise fusions of 2026-12-06 (the rotary kernel,
 `jetnas.ops.fused.rotary`; the hidden loss's gradient summed into the residual stream's, `distill_terms`'
-`shared`; the JetBlock products' input gradients summed by `addmm_`, `jetnas.ops.fused.shared_input_linear`) against
-the same step without them and against the PyTorch references: loss, terms and every gradient.
+`shared`; the input gradients of the JetBlock's and the attention layers' products summed by `addmm_`,
+`jetnas.ops.fused.shared_input_linear`) against the same step without them and against the PyTorch references:
+loss, terms and every gradient.
 
 The student has the stage-1 benchmark's layer kinds (GDN, full and sliding-window attention) and the teacher is all
 attention, so both fusions run in the student (forward and backward) and the rotary one in the teacher. Our Triton
@@ -55,7 +56,7 @@ def models(backend):
 def step(backend, ids, autocast=False, fusions=True, monkeypatch=None):
     """The stage-1 loss, its terms and the trainable parameters' gradients. `fusions=False` takes the three fusions
     out (the rotary reference in the attention layers, the plain hidden-loss kernel for every layer, autograd's
-    add of the JetBlock products' input gradients)."""
+    adds of the JetBlock's and the attention layers' products' input gradients)."""
     import jetnas.layers.attention as attention
     import jetnas.layers.jet as jet
     import jetnas.ops.triton_hidden_loss as hidden_loss
@@ -64,6 +65,7 @@ def step(backend, ids, autocast=False, fusions=True, monkeypatch=None):
     if not fusions:
         monkeypatch.setattr(attention, "rotary", lambda x, cos, sin, backend: naive_rotary(x, cos, sin))
         monkeypatch.setattr(jet, "shared_input_linear", naive_shared_input_linear)
+        monkeypatch.setattr(attention, "shared_input_linear", naive_shared_input_linear)
         monkeypatch.setattr(hidden_loss, "triton_sequence_square_sums_into_grad",
                             hidden_loss.triton_sequence_square_sums)
     teacher, student = models(backend)
