@@ -84,16 +84,14 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def _tensors(obj) -> list[torch.Tensor]:
-    out, todo = [], [obj]
-    while todo:
-        o = todo.pop()
-        if isinstance(o, torch.Tensor):
-            out.append(o)
-        elif isinstance(o, (list, tuple)):
-            todo.extend(o)
-        elif isinstance(o, dict):
-            todo.extend(o.values())
-    return out
+    """The tensors in `obj` (nested lists, tuples, dicts), in argument order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
 
 
 def op_bytes(name: str, args, kwargs, out) -> tuple[int, int]:
@@ -252,8 +250,10 @@ def _graph_nodes(roots) -> list:
     return out
 
 
-def record_step(trainer, names: dict[int, str], step: int, ref: list) -> Recorder:
-    """Run `trainer._train_step(step)` under the recorder (forward under anomaly mode for the nodes' tracebacks)."""
+def record(run, names: dict[int, str], ref: list) -> Recorder:
+    """Run `run()` under a new recorder (put in `ref[0]` for the Triton and fla wrappers), its forward under anomaly
+    mode (for the autograd nodes' tracebacks), every `Tensor.backward` with node hooks that tell autograd's own
+    gradient accumulation apart; returns the recorder."""
     rec = Recorder(names)
     ref[0] = rec
     pre = torch.nn.modules.module.register_module_forward_pre_hook(rec.pre_hook)
@@ -279,25 +279,14 @@ def record_step(trainer, names: dict[int, str], step: int, ref: list) -> Recorde
             rec.accumulating = False
 
     torch.Tensor.backward = backward
-    original_loss = trainer.loss_fn
-
-    def loss_fn(*a, **k):
-        rec.stack.append("(loss, outside modules)")
-        try:
-            return original_loss(*a, **k)
-        finally:
-            rec.stack.pop()
-
-    trainer.loss_fn = loss_fn
     rec.active = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anomaly mode's warning
             with torch.autograd.detect_anomaly(check_nan=False), _Dispatch(rec):
-                trainer._train_step(step)
+                run()
     finally:
         rec.active = False
-        trainer.loss_fn = original_loss
         torch.Tensor.backward = original_backward
         for h in handles:
             h.remove()
@@ -305,6 +294,25 @@ def record_step(trainer, names: dict[int, str], step: int, ref: list) -> Recorde
         post.remove()
         ref[0] = None
     return rec
+
+
+def record_step(trainer, names: dict[int, str], step: int, ref: list) -> Recorder:
+    """`record` of `trainer._train_step(step)`, the loss function's own ops attributed to "(loss, outside
+    modules)"."""
+    original_loss = trainer.loss_fn
+
+    def loss_fn(*a, **k):
+        ref[0].stack.append("(loss, outside modules)")
+        try:
+            return original_loss(*a, **k)
+        finally:
+            ref[0].stack.pop()
+
+    trainer.loss_fn = loss_fn
+    try:
+        return record(lambda: trainer._train_step(step), names, ref)
+    finally:
+        trainer.loss_fn = original_loss
 
 
 def teacher_dir(target: Path, vocab: int) -> Path:
