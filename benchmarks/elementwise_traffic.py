@@ -26,9 +26,12 @@ at `--bandwidth` (3 TB/s, about what its elementwise kernels reach) is bytes / b
 bandwidth-bound kernel's floor, not a measurement. Launch counts are the counted step's (the loss's chunk loop runs
 more chunks at 32K tokens: the fit keeps its bytes right, the count is the small run's).
 
-    OMP_NUM_THREADS=1 python benchmarks/elementwise_traffic.py --out after.json
-    PYTHONPATH=/path/to/older/checkout python benchmarks/elementwise_traffic.py --out before.json
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/elementwise_traffic.py --out after.json
+    PYTHONPATH=/path/to/older/checkout OMP_NUM_THREADS=1 python benchmarks/elementwise_traffic.py --out before.json
     python benchmarks/elementwise_traffic.py --compare before.json,after.json --out summary.json
+
+(PYTHONPATH decides which jetnas is measured: without it an installed one would be; the jetnas path is printed
+first and kept in the JSON.) About 25 min per run on the 2-core CPU box, most of it Triton's interpreter.
 
 The last stdout line is one JSON object (totals by category); `--out` writes every row. `--compare` lists what
 changed per site (line numbers dropped, since they move) as a markdown table, and writes the summary JSON.
@@ -450,6 +453,7 @@ def main() -> None:
     from jetnas.ops.backend import Backend
     from jetnas.train.stages import StageTeacher
 
+    print(f"jetnas from {Path(jetnas.__file__).parent}", file=sys.stderr)
     ref: list = [None]
     _patch_triton(ref)
     _install_fla_quiet(ref)
