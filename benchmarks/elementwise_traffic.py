@@ -66,7 +66,7 @@ import train_bench  # noqa: E402
 sys.path.pop(0)
 
 #: matrix products and attention: compute-bound work, reported apart from the elementwise traffic
-GEMM = {"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "linear", "convolution",
+GEMM = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addmv", "mv", "matmul", "linear", "convolution",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
@@ -114,6 +114,28 @@ def op_bytes(name: str, args, kwargs, out) -> tuple[int, int]:
     return read, sum(tensor_bytes(t) for t in outs)
 
 
+_DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
+                torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.uint8: "u8"}
+
+
+def signature(args, out) -> str:
+    """`bf16[2,72,9,64] f32[2,72,64] -> bf16[2,72,9,64]`: the tensors an op reads (arguments) and writes."""
+    def one(t: torch.Tensor) -> str:
+        return f"{_DTYPE_SHORT.get(t.dtype, str(t.dtype))}[{','.join(map(str, t.shape))}]"
+
+    ins = " ".join(one(t) for t in _tensors(args))
+    outs = " ".join(one(t) for t in _tensors(out))
+    return f"{ins} -> {outs}" if outs else ins
+
+
+def at_target_shapes(sig: str, batch: int, seq_len: int, target_batch: int, target_seq: int) -> str:
+    """A small run's signature with the batch and sequence dims written at the target's: `[B,T,...` leading
+    dims, and the flattened token dim B*T anywhere (where it is unambiguous: choose --seq-lens unlike any model
+    width)."""
+    sig = re.sub(rf"\[{batch},{seq_len}([,\]])", rf"[{target_batch},{target_seq}\1", sig)
+    return re.sub(rf"([\[,]){batch * seq_len}([,\]])", rf"\g<1>{target_batch * target_seq}\2", sig)
+
+
 def _short(filename: str) -> str:
     return re.sub(r".*/(jetnas|benchmarks)/", r"\1/", filename)
 
@@ -143,11 +165,15 @@ def node_site(node) -> str:
 
 class Recorder(lc.Counter_):
     """launch_count's counter (module stack, node tags, suspension inside Triton launches and fla stand-ins), plus
-    `traffic`: (phase, module, site, kind, op, dtypes) -> [launches, bytes read, bytes written]."""
+    `traffic`: (phase, module, site, kind, op, dtypes) -> [launches, bytes read, bytes written], and `shapes`: the
+    same key -> the distinct shape signatures of its calls (`signature`; at most `MAX_SHAPES` kept)."""
+
+    MAX_SHAPES = 4
 
     def __init__(self, names: dict[int, str]):
         super().__init__(names)
         self.traffic: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])
+        self.shapes: dict[tuple, list[str]] = defaultdict(list)
         # the autograd node whose post-hook ran last and whose successor's pre-hook has not: the engine's own work
         self.accumulating = False
 
@@ -176,10 +202,17 @@ class Recorder(lc.Counter_):
         kind = "gemm/attention/optimizer" if name in GEMM else "accumulate" if accumulation else "elementwise/copy"
         dtypes = ",".join(sorted({str(t.dtype).replace("torch.", "") for t in _tensors(args) + _tensors(out)}))
         read, written = op_bytes(name, args, kwargs, out)
-        row = self.traffic[(phase, module, site, kind, name, dtypes)]
+        key = (phase, module, site, kind, name, dtypes)
+        row = self.traffic[key]
         row[0] += 1
         row[1] += read
         row[2] += written
+        self._shape(key, signature(args, out))
+
+    def _shape(self, key: tuple, sig: str) -> None:
+        seen = self.shapes[key]
+        if sig not in seen and len(seen) < self.MAX_SHAPES:
+            seen.append(sig)
 
     def launch(self, kernel: str, args) -> None:
         if not self.active:
@@ -193,9 +226,11 @@ class Recorder(lc.Counter_):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 nbytes += tensor_bytes(t)
-        row = self.traffic[(phase, module, here, "triton", kernel, "")]
+        key = (phase, module, here, "triton", kernel, "")
+        row = self.traffic[key]
         row[0] += 1
         row[1] += nbytes
+        self._shape(key, signature(args, ()))
 
 
 class _Dispatch(TorchDispatchMode):
@@ -342,12 +377,17 @@ def run_once(args, batch: int, seq_len: int, teacher, work: Path, backend, ref: 
     with contextlib.redirect_stdout(sys.stderr):
         trainer._train_step(0)  # warm-up: first calls, the optimizer's state
     rec = record_step(trainer, names, 1, ref)
-    return {"tokens": batch * seq_len, "rows": dict(rec.traffic)}
+    return {"tokens": batch * seq_len, "batch": batch, "seq_len": seq_len, "rows": dict(rec.traffic),
+            "shapes": dict(rec.shapes)}
 
 
-def fit(runs: list[dict], target: int) -> list[dict]:
-    """Per row key: launches and bytes at each run, bytes fitted as a + b * tokens and taken to `target` tokens."""
+def fit(runs: list[dict], target: int, target_batch: int = 32) -> list[dict]:
+    """Per row key: launches and bytes at each run, bytes fitted as a + b * tokens and taken to `target` tokens;
+    the second run's shape signatures, as they are and (`shapes_at_target`) at `target_batch` x `target /
+    target_batch` tokens."""
     keys = set().union(*(r["rows"] for r in runs))
+    big = runs[1]
+    shapes = big.get("shapes", {})
     (n0, r0), (n1, r1) = [(r["tokens"], r["rows"]) for r in runs[:2]]
     out = []
     for key in keys:
@@ -359,19 +399,26 @@ def fit(runs: list[dict], target: int) -> list[dict]:
         phase, module, site, kind, op, dtypes = key
         out.append({"phase": phase, "module": module, "site": site, "kind": kind, "op": op, "dtypes": dtypes,
                     "launches": b[0], "launches_small": a[0], "bytes_small": [moved0, moved1],
-                    "bytes_at_target": at_target})
+                    "bytes_at_target": at_target, "shapes": shapes.get(key, []),
+                    "shapes_at_target": [at_target_shapes(sig, big.get("batch", 0), big.get("seq_len", 0),
+                                                          target_batch, target // target_batch)
+                                         for sig in shapes.get(key, [])]})
     out.sort(key=lambda r: -r["bytes_at_target"])
     return out
 
 
-def group(rows: list[dict], by: tuple[str, ...], bandwidth: float) -> list[dict]:
-    acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+def group(rows: list[dict], by: tuple[str, ...], bandwidth: float, shapes: bool = False) -> list[dict]:
+    """Rows summed by the fields `by`: launches, GB and the time at `bandwidth`; with `shapes`, the first few
+    distinct shape signatures at the target's size too."""
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, []])
     for r in rows:
         k = tuple(r[f] for f in by)
         acc[k][0] += r["launches"]
         acc[k][1] += r["bytes_at_target"]
-    return [{**dict(zip(by, k)), "launches": n, "GB": round(b / 1e9, 3), "est_ms": round(b / bandwidth * 1e3, 3)}
-            for k, (n, b) in sorted(acc.items(), key=lambda x: -x[1][1])]
+        acc[k][2].extend(sig for sig in r.get("shapes_at_target", []) if sig not in acc[k][2])
+    return [{**dict(zip(by, k)), "launches": n, "GB": round(b / 1e9, 3), "est_ms": round(b / bandwidth * 1e3, 3),
+             **({"shapes": sigs[:3]} if shapes else {})}
+            for k, (n, b, sigs) in sorted(acc.items(), key=lambda x: -x[1][1])]
 
 
 def _site_key(row: dict) -> tuple:
@@ -384,6 +431,11 @@ def compare(before_path: str, after_path: str, bandwidth: float, top: int) -> di
     """What changed between two runs' rows: per site (line numbers dropped), launches and GB at the target tokens
     before and after, largest change first; and the totals by kind."""
     runs = [json.loads(Path(p).read_text()) for p in (before_path, after_path)]
+    for run in runs:  # the kinds by today's GEMM list (a run recorded before `addmm_` joined it filed it elsewhere)
+        for r in run["rows"]:
+            if r["op"] in GEMM:
+                r["kind"] = "gemm/attention/optimizer"
+        run["by_kind"] = group(run["rows"], ("phase", "kind"), bandwidth)
     sides: list[dict] = []
     for run in runs:
         acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
@@ -428,8 +480,11 @@ def compare(before_path: str, after_path: str, bandwidth: float, top: int) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--seq-lens", default="32,64", help="two sequence lengths: the fit's two points")
+    ap.add_argument("--seq-lens", default="40,72",
+                    help="two sequence lengths: the fit's two points (unlike every model width, so that the shapes "
+                         "can be written at the target's)")
     ap.add_argument("--target-tokens", type=int, default=32 * 1024, help="the benchmark's tokens per step")
+    ap.add_argument("--target-batch", type=int, default=32, help="the benchmark's sequences per step (for shapes)")
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--swa-window", type=int, default=512)
     ap.add_argument("--bandwidth", type=float, default=3e12, help="bytes/s for the time estimates")
@@ -468,12 +523,12 @@ def main() -> None:
     if len(seq_lens) != 2 or seq_lens[0] == seq_lens[1]:
         ap.error(f"--seq-lens takes two different lengths, got {args.seq_lens!r}")
     runs = [run_once(args, args.batch_size, t, teacher, work, backend, ref) for t in seq_lens]
-    rows = fit(runs, args.target_tokens)
+    rows = fit(runs, args.target_tokens, args.target_batch)
     bw = args.bandwidth
     by_kind = group(rows, ("phase", "kind"), bw)
     by_op = group([r for r in rows if r["kind"] != "gemm/attention/optimizer"], ("kind", "op", "dtypes"), bw)
     by_site = group([r for r in rows if r["kind"] != "gemm/attention/optimizer"],
-                    ("phase", "kind", "op", "dtypes", "site"), bw)
+                    ("phase", "kind", "op", "dtypes", "site"), bw, shapes=True)
     report = {"jetnas": str(Path(jetnas.__file__).parent), "args": vars(args), "seconds": round(time.perf_counter()
               - t0, 1), "tokens": [r["tokens"] for r in runs], "by_kind": by_kind, "by_op": by_op,
               "by_site": by_site, "rows": rows}
@@ -488,7 +543,7 @@ def main() -> None:
     print(f"--- by site (not gemm), top {args.top}", file=err)
     for r in by_site[:args.top]:
         print(f"  {r['GB']:>8.2f} GB {r['est_ms']:>7.2f} ms {r['launches']:>5}  {r['phase'][:3]} {r['op']:<24} "
-              f"{r['dtypes']:<16} {r['site']}", file=err)
+              f"{r['dtypes']:<16} {r['site']}  {' | '.join(r['shapes'][:2])}", file=err)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     totals = {f"{r['phase']}:{r['kind']}": {"GB": r["GB"], "est_ms": r["est_ms"], "launches": r["launches"]}

@@ -73,3 +73,12 @@ def test_fit_extrapolates_linearly_and_compare_lists_the_changes(tmp_path):
     assert [c["op"] for c in summary["changes"]] == ["add"]
     assert summary["non_gemm"]["saved"]["launches"] == 1
     assert summary["non_gemm"]["saved"]["GB"] == pytest.approx(120 * 16 / 1e9, abs=1e-3)
+
+
+def test_shapes_are_written_at_the_targets_size():
+    x, cos = torch.randn(2, 72, 9, 64, dtype=torch.bfloat16), torch.randn(2, 72, 64)
+    sig = et.signature((x, cos), x)
+    assert sig == "bf16[2,72,9,64] f32[2,72,64] -> bf16[2,72,9,64]"
+    assert et.at_target_shapes(sig, 2, 72, 32, 1024) == "bf16[32,1024,9,64] f32[32,1024,64] -> bf16[32,1024,9,64]"
+    # the flattened token dim (B*T = 144) anywhere; other widths untouched
+    assert et.at_target_shapes("f32[144,576] -> f32[576,144]", 2, 72, 32, 1024) == "f32[32768,576] -> f32[576,32768]"
