@@ -11,8 +11,9 @@ from torch import nn
 
 from jetnas.layers.base import KVState, TokenMixer, dtype_bytes
 from jetnas.modules.norm import RMSNorm
-from jetnas.ops.attention import apply_rotary, causal_attention, rotary_cos_sin
+from jetnas.ops.attention import causal_attention, rotary_cos_sin
 from jetnas.ops.backend import Backend, resolve_backend
+from jetnas.ops.fused import rotary, shared_input_linear
 
 
 class Attention(TokenMixer):
@@ -28,8 +29,9 @@ class Attention(TokenMixer):
         qk_norm: RMS-normalise q and k per head before RoPE (Qwen3).
         norm_eps: eps of the QK norms.
         rope_theta: RoPE base, used when the caller passes positions rather than precomputed (cos, sin).
-        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here: the QK norms run under it, and so
-            does the engine's decode attention over this layer's cache (`jetnas.engine.graph`).
+        backend: a `Backend` or "auto" | "torch" | "triton", resolved once here: the QK norms and the rotary
+            embedding (`jetnas.ops.fused.rotary`) run under it, and so does the engine's decode attention over this
+            layer's cache (`jetnas.engine.graph`).
     """
 
     def __init__(
@@ -98,12 +100,19 @@ class Attention(TokenMixer):
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries `[B, T, H, D]`, keys and values `[B, T, Hkv, D]` of `hidden_states`, QK-normed and rotated."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(p.bias is None for p in projections):
+            # three products of one input: in training their gradients for it are summed inside the backward
+            # products (`addmm_`), not by two adds of `[B, T, D]` tensors; the same products and weight gradients
+            q, k, v = shared_input_linear(hidden_states, [p.weight for p in projections])
+        else:
+            q, k, v = (p(hidden_states) for p in projections)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return rotary(q, cos, sin, self.backend), rotary(k, cos, sin, self.backend), v
 
     def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):
         # a sliding-window layer keeps the window's last `window - 1` keys between steps (the new token is the W-th)

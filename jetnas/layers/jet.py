@@ -37,6 +37,7 @@ from jetnas.ops.backend import Backend, resolve_backend
 from jetnas.ops.conv import short_conv_split
 from jetnas.ops.decode import gated_delta_rule_step_, gated_delta_rule_step_raw_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from jetnas.ops.fused import shared_input_linear
 from jetnas.ops.gates import gdn_gates
 
 CONV_KINDS = ("none", "static", "dynamic")
@@ -187,8 +188,9 @@ class JetBlock(TokenMixer):
     def _fused_projections(self, x: torch.Tensor, state: RecurrentState | None):
         """q, k, v (after their convolutions), b, a and the output gate of a prompt (not a decode step) from two
         matrix products, `x [B, T, D]` times the concatenated weights of q|k|v and of g|b|a (padded to a multiple
-        of 8 columns, see `_aligned`) (`Backend.fused_projections`): backward computes x's gradient twice instead
-        of six times, and one add instead of five. Returns
+        of 8 columns, see `_aligned`) (`Backend.fused_projections`): backward computes x's gradient in two products
+        instead of six, the second adding into the first's output (`jetnas.ops.fused.shared_input_linear`) instead
+        of five adds. Returns
         `(q [B, T, H*K], k, v [B, T, H*V], b [B, T, H], a or None, gate [B, T, H*V] or None)`; b, a and the gate
         are column slices of their product (the gate norm and the gates kernel read them where they lie).
 
@@ -202,7 +204,14 @@ class JetBlock(TokenMixer):
         """
         HK, HV = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
         sizes = [HK, HK, HV]
-        qkv = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        # the gate first, at column 0, and the product's width padded to a multiple of 8 (`_aligned`): a row stride
+        # of H*V + 2H columns (594 for 9 heads of 64) left cuBLAS only its 2-element-aligned kernels for it, and the
+        # gated norm reads the gate where it lies (H*V columns of every row)
+        names = ["g_proj"] * self.use_output_gate + ["b_proj"] + ["a_proj"] * self.use_decay
+        weights, widths = _aligned([getattr(self, n).weight for n in names])
+        # both products read x: their gradients for x are summed inside the second backward product
+        qkv, bag = shared_input_linear(x, [torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                                           torch.cat(weights)])
         if self._one_conv():
             convs = [getattr(self, self._convs[n]) for n in "qkv"]
             weight = torch.cat([c.weight[:, 0] for c in convs])
@@ -223,12 +232,6 @@ class JetBlock(TokenMixer):
                     state.conv[name] = part
         else:
             q, k, v = (self._mix(name, u, x, state, False) for name, u in zip("qkv", qkv.split(sizes, -1)))
-        # the gate first, at column 0, and the product's width padded to a multiple of 8 (`_aligned`): a row stride
-        # of H*V + 2H columns (594 for 9 heads of 64) left cuBLAS only its 2-element-aligned kernels for it, and the
-        # gated norm reads the gate where it lies (H*V columns of every row)
-        names = ["g_proj"] * self.use_output_gate + ["b_proj"] + ["a_proj"] * self.use_decay
-        weights, widths = _aligned([getattr(self, n).weight for n in names])
-        bag = F.linear(x, torch.cat(weights))
         parts = dict(zip(names, bag.split(widths, -1)))
         return q, k, v, parts["b_proj"], parts.get("a_proj"), parts.get("g_proj")
 

@@ -25,8 +25,9 @@ class Backend:
     Attributes:
         name: "torch" (the PyTorch references everywhere) or "triton" (for CUDA tensors: fla's kernels for the
             linear-attention recurrences and our own Triton kernels); "auto" only before `resolve_backend`.
-        fused: with "triton", RMS norms, the gated RMS norms and SwiGLU's `silu(gate) * up` run as one fused Triton
-            kernel each, forward and backward (`jetnas.ops.fused`); False keeps their PyTorch references.
+        fused: with "triton", RMS norms, the gated RMS norms, SwiGLU's `silu(gate) * up` and attention's rotary
+            embedding run as one fused Triton kernel each, forward and backward (`jetnas.ops.fused`); False keeps
+            their PyTorch references.
         static_conv: with "triton", static short convolutions run on our Triton kernel
             (`jetnas.ops.triton_dynamic_conv.triton_short_conv`) instead of `F.conv1d`. Its default here is the one
             place the project decides it.

@@ -1,8 +1,9 @@
 """The elementwise tails of a layer: RMS norm, the residual add fused into the next RMS norm, the gated RMS norm
-that closes the linear-attention blocks, and SwiGLU's `silu(gate) * up`, each as a readable PyTorch reference and a
-dispatcher to a fused Triton kernel.
+that closes the linear-attention blocks, SwiGLU's `silu(gate) * up`, and the rotary embedding of attention's queries
+and keys, each as a readable PyTorch reference and a dispatcher to a fused Triton kernel.
 
-The kernel (`jetnas.ops.triton_fused`, forward and backward) runs when the caller's backend says so: a
+The kernel (`jetnas.ops.triton_fused`, `jetnas.ops.triton_rotary`; forward and backward) runs when the caller's
+backend says so: a
 `jetnas.ops.backend.Backend` named "triton" with `fused` on (and `fused_residual` too, for `add_rms_norm`), and a
 tensor it takes (CUDA, or CPU under the interpreter), in float16 / bfloat16 / float32. Otherwise, and for float64,
 the reference runs. Results agree with the references to float32 rounding before each rounding to a low-precision
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jetnas.ops.attention import apply_rotary
 from jetnas.ops.backend import Backend, as_backend
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -210,3 +212,108 @@ def silu_mul_packed(gate_up: torch.Tensor, backend: Backend | str = "torch") -> 
 
         return triton_silu_mul_packed(gate_up)
     return naive_silu_mul_packed(gate_up)
+
+
+def naive_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference: `jetnas.ops.attention.apply_rotary` (`x * cos + cat([-x2, x1]) * sin` in x's dtype)."""
+    return apply_rotary(x, cos, sin)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Backend | str = "torch") -> torch.Tensor:
+    """Rotary position embedding of queries or keys, rotate-half convention (`naive_rotary`; one fused kernel each
+    way under a fused "triton" backend, `jetnas.ops.triton_rotary`, for x in float16 / bfloat16 / float32 and
+    tables that need no gradient).
+
+    Args:
+        x: `[B, T, H, D]`, D even (any strides: q and k are views of their projections).
+        cos, sin: `[B, T, D]` or `[1, T, D]` (broadcast over the batch), any floating dtype: rounded to x's dtype
+            first, as the reference does (the model keeps them in float32).
+        backend: a `Backend` or its name (default "torch": the reference).
+
+    Returns:
+        `[B, T, H, D]` in x's dtype (contiguous from the kernel).
+    """
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [B, T, H, D] with an even D, got {list(x.shape)}")
+    B, T, _, D = x.shape
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 3 or table.shape[0] not in (1, B) or tuple(table.shape[1:]) != (T, D):
+            raise ValueError(f"{name} must be [B={B} or 1, T={T}, D={D}] for x {list(x.shape)}, got "
+                             f"{list(table.shape)}")
+    tables_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if _fused(backend, x, cos, sin) and not tables_grad:
+        from jetnas.ops.triton_rotary import triton_rotary
+
+        return triton_rotary(x, cos.expand(B, T, D), sin.expand(B, T, D))
+    return naive_rotary(x, cos, sin)
+
+
+def naive_shared_input_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The reference: `F.linear(x, w)` for each weight (autograd adds the products' gradients for x)."""
+    return tuple(F.linear(x, w) for w in weights)
+
+
+class _SharedInputLinear(torch.autograd.Function):
+    """Products of one input, `x2 [M, D] @ w_i^T`; backward sums x's gradient inside the matrix products, the first
+    into a new tensor and each next one added to it by `addmm_` (beta = 1), instead of one product each and
+    autograd's adds of them."""
+
+    @staticmethod
+    def forward(ctx, x2, *weights):
+        ctx.save_for_backward(x2, *weights)
+        # an output nobody differentiates arrives as None (no product for it), not as zeros
+        ctx.set_materialize_grads(False)
+        return tuple(x2 @ w.t() for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, *weights = ctx.saved_tensors
+        dx = None
+        dws = []
+        for i, (dy, w) in enumerate(zip(grads, weights)):
+            dws.append(None if dy is None or not ctx.needs_input_grad[1 + i] else dy.t() @ x2)
+            if dy is None or not ctx.needs_input_grad[0]:
+                continue
+            if dx is None:
+                dx = dy @ w
+            else:
+                dx.addmm_(dy, w)
+        return (dx, *dws)
+
+
+def shared_input_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Several bias-free products of one input, `x @ w_i^T` (`naive_shared_input_linear`), whose backward sums x's
+    gradient inside the matrix products: `dx = dy_0 w_0`, then `dx += dy_i w_i` by `addmm_` (the matrix product
+    adds into its output as it writes it). Autograd would write each product's gradient as a tensor of its own and
+    add them: per extra product one `[..., D]` write and an add that reads two and writes one. The JetBlock family
+    runs two such products per layer (`Backend.fused_projections`: q|k|v and g|b|a).
+
+    Computes in the dtype `F.linear` would (autocast's, for float32 / bf16 / fp16 inputs under autocast: x and the
+    weights are cast to it first, and those casts take the gradients back to the weights' dtype as autocast's do).
+    Numerics: x's gradient is rounded once, where autograd rounds each product and their sum: in bf16, at most one
+    bf16 step from autograd's per element, and closer to the exact sum. Any backend, any device.
+
+    Args:
+        x: `[..., D]`.
+        weights: `[N_i, D]` each, of one dtype and device.
+
+    Returns:
+        one `[..., N_i]` per weight.
+    """
+    if not weights:
+        raise ValueError("shared_input_linear needs at least one weight")
+    D = x.shape[-1]
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != D:
+            raise ValueError(f"weights[{i}] must be [N, D={D}] for x {list(x.shape)}, got {list(w.shape)}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    if not needs_grad or len(weights) == 1:
+        return naive_shared_input_linear(x, weights)
+    device = x.device.type
+    dtype = torch.promote_types(x.dtype, weights[0].dtype)
+    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = torch.get_autocast_dtype(device)
+    x2 = x.reshape(-1, D).to(dtype)
+    with torch.autocast(device, enabled=False):
+        outs = _SharedInputLinear.apply(x2, *[w.to(dtype) for w in weights])
+    return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)

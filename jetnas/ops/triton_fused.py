@@ -168,12 +168,13 @@ def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, R, L, G, G_ROWS, g_stride
 
 
 @triton.jit
-def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_ptr, R, L, G, eps,
+def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_ptr, R, L, G, G_ROWS, g_stride, eps,
                                HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_DW: tl.constexpr,
                                BLOCK_L: tl.constexpr):
     """Grid (P, G): program (p, k) takes the rows of weight group k (rows j * G + k) for j = p, p + P, ...; writes
     dx, dgate and, with HAS_DW, its float32 partial dw (row p * G + k of `dw [P * G, L]`). All math in float32, as
-    the reference's."""
+    the reference's. The gate is read where it lies, as the forward kernel reads it (lines of G_ROWS rows,
+    g_stride apart); x, dy, dx and dgate are contiguous."""
     pid = tl.program_id(0)
     grp = tl.program_id(1)
     cols = tl.arange(0, BLOCK_L)
@@ -187,7 +188,9 @@ def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_p
         u = x
         dyw = dy  # the gradient w.r.t. norm(u) * w
         if HAS_GATE:
-            gate = tl.load(g_ptr + off + cols, mask=inside, other=0.0).to(tl.float32)
+            r = j * G + grp
+            gate = tl.load(g_ptr + (r // G_ROWS) * g_stride + (r % G_ROWS) * L + cols, mask=inside,
+                           other=0.0).to(tl.float32)
             sig = tl.sigmoid(gate)
             silu = gate * sig
             dsilu = sig * (1.0 + gate * (1.0 - sig))
@@ -498,15 +501,17 @@ class _GatedRMSNorm(torch.autograd.Function):
         rows = x.numel() // L
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        dgate = None if gate is None else torch.empty_like(gate)
+        # the gate's gradient contiguous, whatever the gate's layout (autograd takes it for a strided input)
+        dgate = None if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        g, g_rows, g_stride = (x, 1, L) if gate is None else _gate_lines(gate, L)
         has_dw = ctx.needs_input_grad[2]
         block = triton.next_power_of_2(L)
         # G programs per slot already: spread the rows of each weight group over P
         P = max(1, _programs(rows, x.device, _warps(block)) // G)
         dw = torch.empty(P * G, L, dtype=torch.float32, device=x.device) if has_dw else dx
         if rows:
-            _gated_rms_norm_bwd_kernel[(P, G)](x, x if gate is None else gate, weight, dy, dx,
-                                               dx if dgate is None else dgate, dw, rows, L, G, ctx.eps,
+            _gated_rms_norm_bwd_kernel[(P, G)](x, g, weight, dy, dx, dx if dgate is None else dgate, dw, rows, L, G,
+                                               g_rows, g_stride, ctx.eps,
                                                HAS_GATE=gate is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
                                                HAS_DW=has_dw, BLOCK_L=block, num_warps=_warps(block))
         dweight = None
@@ -585,11 +590,11 @@ def triton_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
 def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
                           norm_before_gate: bool, group_size: int | None) -> torch.Tensor:
     """`naive_gated_rms_norm` in one pass (and its backward in one more): x and gate `[..., D]` of one shape,
-    weight `[D]`, statistics over groups of `group_size` channels (None: all D); returns x's dtype. Without
-    gradients a gate that is a column slice of a wider tensor is read where it lies (`_gate_lines`), not copied."""
+    weight `[D]`, statistics over groups of `group_size` channels (None: all D); returns x's dtype. A gate that is a
+    column slice of a wider tensor is read where it lies (`_gate_lines`), forward and backward, not copied (its
+    gradient is written contiguous)."""
     x = x.contiguous()
     if _needs_grad(x, gate, weight):
-        gate = None if gate is None else gate.contiguous()
         return _GatedRMSNorm.apply(x, gate, weight, eps, norm_before_gate, group_size)
     return _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size)
 

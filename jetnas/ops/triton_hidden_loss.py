@@ -47,16 +47,20 @@ def _square_sums_kernel(hs_ptr, ht_ptr, sse_ptr, sst_ptr, N, C, BLOCK: tl.conste
 
 
 @triton.jit
-def _square_sums_bwd_kernel(hs_ptr, ht_ptr, g_ptr, dhs_ptr, N, BLOCK: tl.constexpr):
+def _square_sums_bwd_kernel(hs_ptr, ht_ptr, g_ptr, acc_ptr, dhs_ptr, N, BLOCK: tl.constexpr, HAS_ACC: tl.constexpr):
     """`d hs = g[b] * (2 (hs - ht))` over block c of row b (grid `(B, cdiv(N, BLOCK))`), float32 math, written in
-    hs's dtype (the reference's order: autograd of `pow(2)` is `grad * (2 * base)`)."""
+    hs's dtype (the reference's order: autograd of `pow(2)` is `grad * (2 * base)`); with HAS_ACC, plus the
+    gradient `acc` that hs gets from the rest of the graph (contiguous `[B, N]`), rounded once."""
     b = tl.program_id(0).to(tl.int64)
     idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < N
     s = tl.load(hs_ptr + b * N + idx, mask=inside, other=0.0).to(tl.float32)
     t = tl.load(ht_ptr + b * N + idx, mask=inside, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + b).to(tl.float32)
-    tl.store(dhs_ptr + b * N + idx, (g * (2.0 * (s - t))).to(dhs_ptr.dtype.element_ty), mask=inside)
+    d = g * (2.0 * (s - t))
+    if HAS_ACC:
+        d += tl.load(acc_ptr + b * N + idx, mask=inside, other=0.0).to(tl.float32)
+    tl.store(dhs_ptr + b * N + idx, d.to(dhs_ptr.dtype.element_ty), mask=inside)
 
 
 @functools.cache
@@ -101,8 +105,8 @@ class _SquareSums(torch.autograd.Function):
         if dsse is None:
             return dhs.zero_(), None
         if B and N:
-            _square_sums_bwd_kernel[(B, triton.cdiv(N, BLOCK))](hs2, ht2, dsse.contiguous(), dhs, N, BLOCK=BLOCK,
-                                                               num_warps=8)
+            _square_sums_bwd_kernel[(B, triton.cdiv(N, BLOCK))](hs2, ht2, dsse.contiguous(), hs2, dhs, N,
+                                                               BLOCK=BLOCK, HAS_ACC=False, num_warps=8)
         return dhs, None
 
 
@@ -120,3 +124,73 @@ def triton_sequence_square_sums(hs: torch.Tensor, ht: torch.Tensor) -> tuple[tor
         sse, sst = _SquareSums.apply(hs2, ht2)
         return sse, sst
     return _square_sums_fwd(hs2, ht2)
+
+
+class _PendingGrad:
+    """What the tensor hook on hs needs: hs and ht as `[B, N]` (detached views: the hook holds no reference to hs
+    itself, so hs, its hook and this holder form no reference cycle and go with hs), and `dsse`, the per-sequence
+    gradient of the error sum that `_SquareSumsIntoGrad.backward` leaves here."""
+
+    def __init__(self, hs2: torch.Tensor, ht2: torch.Tensor):
+        self.hs2, self.ht2 = hs2, ht2
+        self.dsse: torch.Tensor | None = None
+
+    def add_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """The hook: `grad + 2 (hs - ht) dsse[b]` in grad's dtype, one kernel (grad as it came when the error sum
+        took no gradient)."""
+        if grad is None:  # autograd cannot take a gradient from a hook where there was none (see below)
+            raise RuntimeError("triton_sequence_square_sums_into_grad: hs got no gradient from the rest of the "
+                               "graph; give a hidden state that nothing else uses to triton_sequence_square_sums")
+        dsse, self.dsse = self.dsse, None
+        if dsse is None:
+            return grad
+        hs2, ht2 = self.hs2, self.ht2
+        B, N = hs2.shape
+        acc = grad.reshape(B, N).contiguous()
+        out = torch.empty(B, N, dtype=grad.dtype, device=grad.device)
+        if B and N:
+            _square_sums_bwd_kernel[(B, triton.cdiv(N, BLOCK))](hs2, ht2, dsse.contiguous(), acc, out, N,
+                                                               BLOCK=BLOCK, HAS_ACC=True, num_warps=8)
+        return out.view(grad.shape)
+
+
+class _SquareSumsIntoGrad(torch.autograd.Function):
+    """As `_SquareSums`, but the backward gives hs no gradient through this node: it leaves `dsse` in `pending` for
+    the hook that `triton_sequence_square_sums_into_grad` puts on hs (`_PendingGrad.add_grad`). hs is the input
+    itself, not a view of it, so that hs's producer waits for this backward (autograd runs a node after every
+    consumer of its outputs has given its gradient) and the hook finds dsse."""
+
+    @staticmethod
+    def forward(ctx, hs, pending):
+        ctx.pending = pending
+        sse, sst = _square_sums_fwd(pending.hs2, pending.ht2)
+        ctx.mark_non_differentiable(sst)
+        return sse, sst
+
+    @staticmethod
+    def backward(ctx, dsse, dsst):
+        ctx.pending.dsse = dsse
+        return None, None
+
+
+def triton_sequence_square_sums_into_grad(hs: torch.Tensor, ht: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`triton_sequence_square_sums` for an hs that the rest of the graph also differentiates (a residual-stream
+    state that the next layer reads): the same sums, and the error sum's gradient `2 (hs - ht) g[b]` added inside
+    the backward kernel to the gradient hs gets from there (read once more), instead of written as a tensor of its
+    own that autograd then adds to that gradient (one write, then an add that reads two tensors and writes one: per
+    layer of the stage-1 step, benchmarks/results/2026-12-06_cpu_elementwise). The sum is rounded once, to the
+    gradient's dtype (autograd rounds the two terms, then their sum).
+
+    How: a tensor hook on hs, which autograd calls with hs's gradient from everything else after this op's backward
+    has run (hs's producer waits for all of hs's consumers). A hook cannot make a gradient where there is none, so
+    an hs that nothing else differentiates raises in backward: give such a state to `triton_sequence_square_sums`.
+    Without grad mode, or for an hs that needs no gradient or is not contiguous (the hook must sit on the tensor
+    the graph uses), it is `triton_sequence_square_sums`.
+    """
+    if not (torch.is_grad_enabled() and hs.requires_grad and hs.is_contiguous()):
+        return triton_sequence_square_sums(hs, ht)
+    B = hs.shape[0]
+    pending = _PendingGrad(hs.detach().reshape(B, -1), ht.detach().reshape(B, -1).contiguous())
+    sse, sst = _SquareSumsIntoGrad.apply(hs, pending)
+    hs.register_hook(pending.add_grad)
+    return sse, sst

@@ -19,7 +19,8 @@ from jetnas.ops.losses import chunked_linear_kl_ce
 
 def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                   student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                  temperature: float = 1.0, backend: Backend | str = "torch") -> dict[str, torch.Tensor]:
+                  temperature: float = 1.0, backend: Backend | str = "torch",
+                  shared: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
     """`{"hidden": mean over layers of the relative MSE, "kl": KL(teacher || student) per token}` (kl only with
     logits). The relative MSE of a layer is each sequence's squared error over its teacher's mean square, averaged
     over the sequences: a mean of per-sequence terms, so a batch split over ranks or micro-batches gives the
@@ -34,6 +35,12 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
             student's gradient from one more (`jetnas.ops.triton_hidden_loss`), where it takes the tensors (CUDA,
             or CPU with `interpret`; float16 / bfloat16 / float32; a teacher that needs no gradient). The same
             numbers up to the order of the float32 sums.
+        shared: per layer, whether the student's hidden state also feeds the rest of the graph that is
+            differentiated (a layer input the model's next layer reads: `jetnas.train.stages` passes True for all
+            but the final normed state). On the fused path such a layer's gradient is added to the one from there
+            inside the backward kernel (`triton_sequence_square_sums_into_grad`), instead of autograd adding two
+            float32 tensors: the same sum, rounded once instead of twice. A state marked shared that nothing else
+            differentiates makes the backward raise. None: no layer is.
     """
     backend = as_backend(backend)
     # each layer's per-sequence mean squared error and teacher mean square, `[B]` each; the ratios and their mean
@@ -41,6 +48,8 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
     # launches instead of ~3 per layer, forward and backward
     errs, dens = [], []
     sizes = []  # per layer: n when errs / dens hold the kernel's sums over n values per sequence, None for means
+    if shared is not None and len(shared) != len(student_hidden):
+        raise ValueError(f"shared must have one entry per layer ({len(student_hidden)}), got {len(shared)}")
     for i, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
         if hs.shape != ht.shape or hs.dim() < 2:
             raise ValueError(f"layer {i}: student and teacher hidden states must be [B, ...] of one shape, got "
@@ -48,9 +57,11 @@ def distill_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequen
         if errs and hs.shape[0] != errs[0].shape[0]:
             raise ValueError(f"layer {i}: {hs.shape[0]} sequences, layer 0 has {errs[0].shape[0]}")
         if _fused_hidden(backend, hs, ht):
-            from jetnas.ops.triton_hidden_loss import triton_sequence_square_sums
+            from jetnas.ops import triton_hidden_loss
 
-            sse, sst = triton_sequence_square_sums(hs, ht)
+            square_sums = (triton_hidden_loss.triton_sequence_square_sums_into_grad if shared is not None and shared[i]
+                           else triton_hidden_loss.triton_sequence_square_sums)
+            sse, sst = square_sums(hs, ht)
             errs.append(sse)
             dens.append(sst)
             sizes.append(hs[0].numel())

@@ -342,9 +342,14 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
     loss = torch.zeros((), device=inputs.device)
     metrics = {}
     if t_out is not None:
-        # hidden states after every layer (the embeddings, identical or nearly, would only dilute the mean)
+        # hidden states after every layer (the embeddings, identical or nearly, would only dilute the mean); all but
+        # the last (the final norm's output) are layer inputs that the next layer also reads, so their two
+        # gradients can be summed inside the hidden loss's backward kernel (`distill_terms`' `shared`)
+        student_hidden = s_out.hidden_states[1:]
+        shared = [True] * (len(student_hidden) - 1) + [False]
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.hidden_weight > 0):
-            hidden = distill_terms(s_out.hidden_states[1:], t_out.hidden_states[1:], backend=_backend(model))["hidden"]
+            hidden = distill_terms(student_hidden, t_out.hidden_states[1:], backend=_backend(model),
+                                   shared=shared)["hidden"]
         if config.hidden_weight > 0:
             loss = loss + config.hidden_weight * hidden
         metrics["hidden"] = hidden.detach()

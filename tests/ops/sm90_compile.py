@@ -138,8 +138,17 @@ def more_cases():
 
     yield ("hidden loss square sums", hidden._square_sums_kernel, {"hs_ptr": "*fp32", "ht_ptr": "*bf16"},
            {"BLOCK": 4096})
-    yield ("hidden loss backward", hidden._square_sums_bwd_kernel,
-           {"hs_ptr": "*fp32", "ht_ptr": "*bf16", "g_ptr": "*fp32", "dhs_ptr": "*fp32"}, {"BLOCK": 4096})
+    for acc in (False, True):  # with acc: the gradient from the rest of the graph added in (shared states)
+        yield (f"hidden loss backward ({'into grad' if acc else 'own grad'})", hidden._square_sums_bwd_kernel,
+               {"hs_ptr": "*fp32", "ht_ptr": "*bf16", "g_ptr": "*fp32", "acc_ptr": "*fp32", "dhs_ptr": "*fp32"},
+               {"BLOCK": 4096, "HAS_ACC": acc})
+    from jetnas.ops import triton_rotary as rotary
+
+    # rotary embedding of bf16 q / k with the model's float32 tables (9 heads of 64, SmolLM2's), both ways
+    for transpose in (False, True):
+        yield (f"rotary ({'backward' if transpose else 'forward'})", rotary._rotary_kernel,
+               {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "y_ptr": "*bf16"},
+               {"BLOCK_H": 16, "BLOCK_D": 64, "TRANSPOSE": transpose})
     from jetnas.ops import triton_gates as gates
 
     # the GDN gates (beta, g) of a bf16 projection, with and without a padding mask; g float32, beta bf16

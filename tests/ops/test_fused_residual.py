@@ -221,6 +221,75 @@ def test_sequence_square_sums(hs_dtype, ht_dtype, shape):
         close(dhs, dhs_ref)
 
 
+@needs_triton
+@pytest.mark.parametrize("hs_dtype,ht_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)], ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("shape", [(1, 1, 7), (3, 5, 100), (2, 9, 576)], ids=["T1", "B3-D100", "B2-T9"])
+def test_sequence_square_sums_into_grad(hs_dtype, ht_dtype, shape):
+    """The error sum's gradient added to hs's gradient from another consumer inside the kernel (a tensor hook)
+    against autograd's sum of the reference's two gradients. hs is made from a leaf x (so the hook's tensor has a
+    producer, as a residual-stream state has) and also feeds `(hs * w).sum()`. float32: 1e-6 as above (the two terms
+    summed in float32, rounded once instead of twice: one float32 step). bf16: the reference rounds each term and
+    their sum, the kernel only the sum of the float32 terms, so each element is within one rounding of the exact
+    sum, 2^-7 of its size (a truncation, as the interpreter's, stays under one bf16 step, 2^-7 relative; round to
+    nearest under half that), where a rounded term would be off by a step of the term, far more than that when the
+    two terms cancel."""
+    from jetnas.ops.triton_hidden_loss import triton_sequence_square_sums_into_grad
+
+    torch.manual_seed(4)
+    ht = (2 * torch.randn(shape, device=DEVICE)).to(ht_dtype)
+    x0 = (ht.float() + torch.randn(shape, device=DEVICE)).to(hs_dtype)
+    w = torch.randn(shape, device=DEVICE).to(hs_dtype)
+    g = torch.randn(shape[0], device=DEVICE)
+    results = []
+    for sums in (triton_sequence_square_sums_into_grad, reference_sums):
+        x = x0.clone().requires_grad_(True)
+        hs = x * 1.0  # a non-leaf, as a layer's output is
+        sse, sst = sums(hs, ht)
+        other = (hs * w).float().sum()
+        (dx,) = torch.autograd.grad((sse * g).sum() + other, x)
+        results.append((sse.detach(), sst, dx))
+    (sse, sst, dx), (want_sse, want_sst, want_dx) = results
+    assert rel_err(sse, want_sse) < 1e-6 and rel_err(sst, want_sst) < 1e-6 and sst.grad_fn is None
+    assert dx.dtype == hs_dtype
+    if hs_dtype == torch.float32:
+        assert rel_err(dx, want_dx) < 1e-6
+    else:
+        exact = 2 * g.double().view(-1, *[1] * (len(shape) - 1)) * (x0.double() - ht.double()) + w.double()
+        assert bool(((dx.double() - exact).abs() <= 2.0 ** -7 * exact.abs() + 1e-30).all())
+        assert rel_err(dx, want_dx) < 2e-2
+
+
+@needs_triton
+def test_sequence_square_sums_into_grad_edges():
+    """Without grad mode, for a non-contiguous hs, and when the error sum takes no gradient: the plain results; an hs
+    that nothing else differentiates: backward says so (a hook cannot make a gradient from none)."""
+    from jetnas.ops.triton_hidden_loss import triton_sequence_square_sums, triton_sequence_square_sums_into_grad
+
+    torch.manual_seed(5)
+    ht = torch.randn(2, 3, 8, device=DEVICE)
+    x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        got = triton_sequence_square_sums_into_grad(x * 1.0, ht)
+    want = triton_sequence_square_sums(x.detach(), ht)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # a transposed hs: the hook would sit on a copy; the plain path runs (its gradient through autograd)
+    hs = (x * 1.0).transpose(0, 1)
+    sse, _ = triton_sequence_square_sums_into_grad(hs, ht.transpose(0, 1))
+    (dx,) = torch.autograd.grad(sse.sum(), x)
+    (dx_ref,) = torch.autograd.grad(reference_sums(x.transpose(0, 1), ht.transpose(0, 1))[0].sum(), x)
+    assert rel_err(dx, dx_ref) < 1e-6
+    # the error sum unused (only the teacher's sum, which has no gradient, and another consumer): hs's own gradient
+    hs = x * 1.0
+    _, sst = triton_sequence_square_sums_into_grad(hs, ht)
+    (dx,) = torch.autograd.grad(sst.sum() + (3 * hs).sum(), x)
+    assert torch.equal(dx, torch.full_like(x, 3.0))
+    hs = x * 1.0
+    sse, _ = triton_sequence_square_sums_into_grad(hs, ht)
+    with pytest.raises(RuntimeError, match="hs got no gradient from the rest of the graph"):
+        sse.sum().backward()
+
+
 def layers_of(shapes_dtypes, seed):
     torch.manual_seed(seed)
     student, teacher = [], []
@@ -248,6 +317,32 @@ def test_distill_terms_fused_matches_the_reference(shape):
         assert g.dtype == torch.float32 and rel_err(g, g_ref) < 1e-6
     assert grads[2].dtype == torch.bfloat16
     close(grads[2], grads_ref[2])
+
+
+@needs_triton
+def test_distill_terms_shared_matches_the_reference():
+    """`shared` layers (states the rest of the graph also differentiates, as a model's layer inputs are) take the
+    into-grad kernel: the same loss and gradients as the reference (float32: 1e-6); the unshared ones keep the plain
+    kernel; a wrong-length `shared` is refused."""
+    shapes = [((2, 16, 576), torch.float32, torch.float32)] * 2 + [((2, 16, 576), torch.bfloat16, torch.bfloat16)]
+    student, teacher = layers_of(shapes, seed=8)
+    results = []
+    for backend, shared in (("torch", None), (FUSED, [True, False, False])):
+        x = [s.clone().requires_grad_(True) for s in student]
+        # the first state feeds the second (a residual stream) and the loss; the others only the loss (the last in
+        # bf16, as the final norm's output)
+        states = [x[0] * 1.0]
+        states.append(x[1] + 0.5 * states[0])
+        states.append(x[2] * 1.0)
+        hidden = distill_terms(states, teacher, backend=backend, shared=shared)["hidden"]
+        results.append((hidden, torch.autograd.grad(hidden, x)))
+    (hidden, grads), (hidden_ref, grads_ref) = results[1], results[0]
+    assert rel_err(hidden, hidden_ref) < 1e-6
+    for g, g_ref in zip(grads[:2], grads_ref[:2]):
+        assert g.dtype == torch.float32 and rel_err(g, g_ref) < 1e-6
+    close(grads[2], grads_ref[2])
+    with pytest.raises(ValueError, match=r"shared must have one entry per layer \(3\), got 2"):
+        distill_terms(student, teacher, backend=FUSED, shared=[True, True])
 
 
 def test_distill_terms_dispatch(monkeypatch):

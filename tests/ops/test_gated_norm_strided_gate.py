@@ -1,6 +1,6 @@
-"""The gated RMS norm's kernel reads a gate that is a column slice of a wider product where it lies (the JetBlock
-family's output gate: the first H*V columns of its g|b|a product), without the copy it made before; other layouts
-still work (copied). Against `naive_gated_rms_norm`, float32, tolerance 1e-5 as in test_fused.py (the same float32
+"""The gated RMS norm's kernels read a gate that is a column slice of a wider product where it lies (the JetBlock
+family's output gate: the first H*V columns of its g|b|a product), forward and backward, without the copy they made
+before; other layouts still work (copied). Against `naive_gated_rms_norm`, float32, tolerance 1e-5 as in test_fused.py (the same float32
 math in another order agrees to ~1e-7; a row read from the wrong place shows at order 1).
 """
 
@@ -67,15 +67,29 @@ def test_layouts_without_lines_are_copied_and_still_right():
     assert rel_err(got, naive_gated_rms_norm(x, gate, w, 1e-5, True, None)) < TOL
 
 
-def test_gradients_with_a_column_slice_gate():
-    # training takes the contiguous copy (the backward kernel reads rows of L): values and gradients as before
-    gate = product_gate(2, 6, 3, 16, extra=8).detach().requires_grad_(True)
-    x = torch.randn(2, 6, 3, 16, device=DEVICE, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(16, device=DEVICE)).requires_grad_(True)
-    dy = torch.randn(2, 6, 3, 16, device=DEVICE)
+@pytest.mark.parametrize("norm_before_gate,group_size", [(True, None), (False, None), (False, 8)],
+                         ids=["norm-before-gate", "norm-after-gate", "groups"])
+def test_gradients_with_a_column_slice_gate(norm_before_gate, group_size):
+    """Training reads the gate where it lies too, forward and backward (the autograd node keeps the slice of the
+    product, not a copy), and the product gets the gate's gradient in its columns: values and every gradient as the
+    reference's. A layout without lines is copied and still right."""
+    H, V = 3, 16
+    bag = torch.randn(2, 6, H * V + 8, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, 6, H, V, device=DEVICE, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(V, device=DEVICE)).requires_grad_(True)
+    dy = torch.randn(2, 6, H, V, device=DEVICE)
     results = []
     for fn in (triton_gated_rms_norm, naive_gated_rms_norm):
-        y = fn(x, gate, w, 1e-5, True, None)
-        results.append((y, *torch.autograd.grad((y * dy).sum(), (x, gate, w))))
+        gate = bag[..., : H * V].view(2, 6, H, V)
+        y = fn(x, gate, w, 1e-5, norm_before_gate, group_size)
+        if fn is triton_gated_rms_norm:
+            assert y.grad_fn.saved_tensors[1].data_ptr() == bag.data_ptr()
+        results.append((y, *torch.autograd.grad((y * dy).sum(), (x, bag, w))))
     for got, want in zip(*results):
         assert rel_err(got, want) < TOL
+    transposed = torch.randn(6, 2, H * V + 8, device=DEVICE)[..., : H * V].transpose(0, 1).view(2, 6, H, V)
+    gate = transposed.detach().requires_grad_(True)
+    got = torch.autograd.grad((triton_gated_rms_norm(x, gate, w, 1e-5, True, None) * dy).sum(), (x, gate, w))
+    want = torch.autograd.grad((naive_gated_rms_norm(x, gate, w, 1e-5, True, None) * dy).sum(), (x, gate, w))
+    for g, g_ref in zip(got, want):
+        assert rel_err(g, g_ref) < TOL
