@@ -159,28 +159,14 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):
         trainer._train_step(0)  # warm-up: first calls, the optimizer's state
 
-    counter = lc.Counter_(names)
-    counter_ref[0] = counter
-    pre = torch.nn.modules.module.register_module_forward_pre_hook(counter.pre_hook)
-    post = torch.nn.modules.module.register_module_forward_hook(counter.post_hook, always_call=True)
-    original_backward = torch.Tensor.backward
-
-    def backward(self, *a, **k):
-        counter.tag_graph([self], "(loss, outside modules)")
-        return original_backward(self, *a, **k)
-
-    torch.Tensor.backward = backward
     sites: dict = {}
-    counter.active = True
-    try:
-        with _Cats(counter, sites):
-            trainer._train_step(1)
-    finally:
-        counter.active = False
-        torch.Tensor.backward = original_backward
-        pre.remove()
-        post.remove()
-        counter_ref[0] = None
+    with lc.module_tags(lc.Counter_(names), counter_ref) as counter:
+        counter.active = True
+        try:
+            with _Cats(counter, sites):
+                trainer._train_step(1)
+        finally:
+            counter.active = False
 
     B, T = args.batch_size, args.seq_len
     rows = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -47,20 +46,6 @@ def _inputs(B: int, T: int, H: int, K: int, V: int, device: str):
     return k.bfloat16(), w.bfloat16(), u.bfloat16(), gate.float()
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1x8192,1x32768,32x1024", help="BxT, comma-separated")
@@ -76,6 +61,7 @@ def main() -> None:
         raise SystemExit("gdn_state_pass_bench needs a CUDA GPU (fla's Triton kernels)")
     import triton
     from fla.ops.common import chunk_delta_h as m
+    from gpu_kernel_check import sync_time  # benchmarks/, this script's folder
 
     from jetnas.ops.autotune import limit_autotuning
 
@@ -95,7 +81,7 @@ def main() -> None:
             tuner.cache.clear()
             limit_autotuning(limit)
             try:
-                ms = _time(run, args.repeats)
+                ms = sync_time(run, args.repeats, warmup=1)
                 chosen = next(iter(tuner.cache.values())) if tuner.cache else configs[0]
                 return ms, f"BV{chosen.kwargs['BV']} w{chosen.num_warps} s{chosen.num_stages}"
             finally:
@@ -121,7 +107,7 @@ def main() -> None:
                               zip((h, v_new, ht), ref))
                     checks.append({"shape": shape, "BV": bv, "warps": nw, "stages": ns, "rel_err": err,
                                    "passed": err < 1e-3})
-                    ms = _time(run, args.repeats)
+                    ms = sync_time(run, args.repeats, warmup=1)
                     rows.append({"shape": shape, "BV": bv, "warps": nw, "stages": ns, "ms": ms})
         fla_ms, fla_cfg = with_configs(fla_configs)
         lim_ms, lim_cfg = with_configs(fla_configs, limit=4)

@@ -476,13 +476,14 @@ def build(mode: str, args, teacher, work: Path, backend):
     return trainer, {**folded_names(teacher_model, "teacher:"), **folded_names(model, "")}
 
 
-def count_step(trainer, names: dict[int, str], step: int, counter_ref: list) -> Counts:
-    """Run `trainer._train_step(step)` under the counters; returns the counts."""
-    counter = Counter_(names)
+@contextlib.contextmanager
+def module_tags(counter: "Counter_", counter_ref: list):
+    """`counter` as the one the patched kernels report to, with every module's forward and the loss's backward
+    tagged for it (the module hooks, and `Tensor.backward` tagging the loss's own ops outside every module); all
+    undone on exit."""
     counter_ref[0] = counter
     pre = torch.nn.modules.module.register_module_forward_pre_hook(counter.pre_hook)
     post = torch.nn.modules.module.register_module_forward_hook(counter.post_hook, always_call=True)
-    # the loss's own ops (outside every module) are tagged when backward starts
     original_backward = torch.Tensor.backward
 
     def backward(self, *a, **k):
@@ -490,7 +491,24 @@ def count_step(trainer, names: dict[int, str], step: int, counter_ref: list) -> 
         return original_backward(self, *a, **k)
 
     torch.Tensor.backward = backward
+    try:
+        yield counter
+    finally:
+        torch.Tensor.backward = original_backward
+        pre.remove()
+        post.remove()
+        counter_ref[0] = None
 
+
+def count_step(trainer, names: dict[int, str], step: int, counter_ref: list) -> Counts:
+    """Run `trainer._train_step(step)` under the counters; returns the counts."""
+    with module_tags(Counter_(names), counter_ref) as counter:
+        _count_step(trainer, counter, step)
+    return counter.counts
+
+
+def _count_step(trainer, counter: "Counter_", step: int) -> None:
+    """`trainer._train_step(step)` counted, the code outside modules labelled by what runs it."""
     def labelled(fn, label):
         def call(*a, **k):
             counter.stack.append(label)
@@ -519,11 +537,6 @@ def count_step(trainer, names: dict[int, str], step: int, counter_ref: list) -> 
                 delattr(obj, attr)
             else:
                 setattr(obj, attr, value)
-        torch.Tensor.backward = original_backward
-        pre.remove()
-        post.remove()
-        counter_ref[0] = None
-    return counter.counts
 
 
 def summarize(counts: Counts, aten_us: float, triton_us: float) -> dict:
