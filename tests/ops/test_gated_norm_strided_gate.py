@@ -1,7 +1,8 @@
 """The gated RMS norm's kernels read a gate that is a column slice of a wider product where it lies (the JetBlock
 family's output gate: the first H*V columns of its g|b|a product), forward and backward, without the copy they made
-before; other layouts still work (copied). Against `naive_gated_rms_norm`, float32, tolerance 1e-5 as in test_fused.py (the same float32
-math in another order agrees to ~1e-7; a row read from the wrong place shows at order 1).
+before; other layouts still work (copied). Against `naive_gated_rms_norm`, float32, tolerance 1e-5 as in
+test_fused.py (the same float32 math in another order agrees to ~1e-7; a row read from the wrong place shows at
+order 1).
 """
 
 import os
