@@ -339,6 +339,9 @@ class TrainRecipe(Recipe):
             teacher's own inputs, for this many steps (layer-wise, cheap; 0: no alignment phase).
         align_lr: peak learning rate of the alignment phase.
         heldout_tokens: tokens held out of each data source for the held-out loss.
+        eval_tasks: built-in tasks (ppl:, mc:, cloze:, retrieval: specs, comma-separated) scored on the student at
+            each evaluation beside the held-out loss, e.g. another seed's retrieval rows as a development set:
+            retrieval:mqar@1024?n=50&seed=1.
         generated_tokens: tokens of teacher text to generate when no data is given.
         eval_every: steps between held-out evaluations (default: at the end only).
         save_every: steps between checkpoints (default: steps / 4).
@@ -376,6 +379,7 @@ class TrainRecipe(Recipe):
     align_steps: int = arg(0, min=0)
     align_lr: float = arg(1e-2, above=0)
     heldout_tokens: int = arg(16384, min=0)
+    eval_tasks: str | None = None
     generated_tokens: int = arg(200_000, min=1)
     eval_every: int | None = arg(None, min=1)
     save_every: int | None = arg(None, min=1)
@@ -391,6 +395,9 @@ class TrainRecipe(Recipe):
 
         # JSON, block types and their options checked here, so a bad one fails before any model loads
         self.block_config = parse_block_config(self.block_config)
+        from jetnas.train.stages import parse_eval_tasks
+
+        parse_eval_tasks(self.eval_tasks)
 
 
 @dataclass

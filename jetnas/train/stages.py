@@ -73,6 +73,11 @@ class StageConfig:
         temperature: of the KL term.
         heldout_tokens: held out of every data source's tail for the held-out loss (0: none).
         eval_windows: held-out windows of `seq_len` per source scored at each evaluation.
+        eval_tasks: built-in evaluation tasks (`jetnas.evaluation.tasks.parse_task` specs, comma-separated, e.g.
+            `retrieval:needle@4096?n=50&seed=1,retrieval:mqar@1024?n=50&seed=1`) scored on the student at each
+            evaluation beside the held-out losses, as `task/<spec>/<metric>`: how an ability grows with tokens, and a
+            development set to steer a recipe by (another seed's retrieval rows than the ones reported). None: none.
+        eval_batch_size: sequences per forward pass of `eval_tasks`.
         generated_tokens: how much teacher text to generate when `data` is None.
         eval_every, save_every, keep_checkpoints, log_every: cadence (save_every None: a quarter of the steps).
         teacher_per_step: with micro-batches (`micro_batch_size` below the rank's share of `batch_size`), run the
@@ -116,6 +121,8 @@ class StageConfig:
     align_lr: float = 1e-2
     heldout_tokens: int = 16384
     eval_windows: int = 4
+    eval_tasks: str | None = None
+    eval_batch_size: int = 16
     generated_tokens: int = 200_000
     teacher_per_step: bool = False
     eval_every: int | None = None
@@ -151,6 +158,9 @@ class StageConfig:
             raise ValueError(f"StageConfig.temperature={self.temperature!r} must be > 0")
         if self.heldout_tokens < 0 or self.eval_windows < 0:
             raise ValueError(f"heldout_tokens={self.heldout_tokens} and eval_windows={self.eval_windows} must be >= 0")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"StageConfig.eval_batch_size={self.eval_batch_size!r} must be >= 1")
+        self.stage_tasks()  # a bad task spec fails now, not at the first evaluation
         if self.swa_window is not None and self.swa_window < 1:
             raise ValueError(f"StageConfig.swa_window={self.swa_window!r} must be >= 1")
         if self.align_steps < 0 or self.align_lr <= 0:
@@ -185,12 +195,30 @@ class StageConfig:
             warmup_steps=max(1, self.align_steps // 20), eval_every=None,
             save_every=self.save_every or max(1, self.align_steps // 4), out_dir=str(Path(self.out_dir) / "align"))
 
+    def stage_tasks(self) -> list:
+        """The `eval_tasks` as built-in tasks (`parse_eval_tasks`)."""
+        return parse_eval_tasks(self.eval_tasks)
+
     def identity(self, types: list[str], block_config: dict, teacher_name: str) -> dict:
         """What decides the run besides the trainer's own fields (the trainer refuses to resume under others)."""
         return {"stage": self.stage, "teacher": teacher_name, "model": self.model, "layer_types": types,
                 "block_config": block_config, "data": self.data, "hidden_weight": self.hidden_weight,
                 "kl_weight": self.kl_weight, "lm_weight": self.lm_weight, "temperature": self.temperature,
                 "heldout_tokens": self.heldout_tokens, "align_steps": self.align_steps, "align_lr": self.align_lr}
+
+
+def parse_eval_tasks(spec: str | None) -> list:
+    """Comma-separated built-in task specs (`jetnas.evaluation.tasks.parse_task`) as tasks; ValueError names a bad
+    spec, or one that is a harness task (those load their own data and belong to `jetnas eval`)."""
+    from jetnas.evaluation.names import is_builtin
+    from jetnas.evaluation.tasks import parse_task
+
+    specs = [t.strip() for t in (spec or "").split(",") if t.strip()]
+    harness = [t for t in specs if not is_builtin(t)]
+    if harness:
+        raise ValueError(f"eval_tasks: {harness} are not built-in tasks (ppl:, mc:, cloze:, retrieval:); harness "
+                         f"tasks belong to `jetnas eval`")
+    return [parse_task(t) for t in specs]
 
 
 @dataclass
@@ -398,9 +426,10 @@ def make_stage_loss(config: StageConfig, teacher_model):
     return loss_fn
 
 
-def make_stage_eval(config: StageConfig, teacher_model, mixture: Mixture, device: torch.device):
+def make_stage_eval(config: StageConfig, teacher_model, mixture: Mixture, device: torch.device, tokenizer=None):
     """`evaluate(model) -> metrics` on fixed held-out windows of every source: `heldout/<term>` (mean over sources)
-    and, with several sources, `heldout/<term>/<source>`. None when nothing is held out."""
+    and, with several sources, `heldout/<term>/<source>`; plus `task/<spec>/<metric>` for each of `config.eval_tasks`
+    (scored with `tokenizer`). None when nothing is held out and no task is asked for."""
     names = [Path(s.name).name for s in mixture.sources]
     if len(set(names)) < len(names):  # file names collide: keep the specs as given
         names = [s.name for s in mixture.sources]
@@ -411,17 +440,30 @@ def make_stage_eval(config: StageConfig, teacher_model, mixture: Mixture, device
         n = min(config.eval_windows, (len(source.heldout) - 1) // config.seq_len)
         if n >= 1:
             batches[name] = source.heldout.window_batch(n, config.seq_len, device=device)
-    if not batches:
+    tasks = config.stage_tasks()
+    if tasks and tokenizer is None:
+        raise ValueError(f"StageConfig.eval_tasks={config.eval_tasks!r} needs the student's tokenizer")
+    if not batches and not tasks:
         return None
 
     @torch.no_grad()
     def evaluate(model):
-        per_source = {name: {k: float(v) for k, v in stage_losses(config, model, teacher_model, ids)[1].items()}
-                      for name, ids in batches.items()}
-        terms = sorted({k for m in per_source.values() for k in m})
-        out = {f"heldout/{k}": sum(m[k] for m in per_source.values()) / len(per_source) for k in terms}
-        if len(per_source) > 1:
-            out.update({f"heldout/{k}/{name}": m[k] for name, m in per_source.items() for k in m})
+        out = {}
+        if batches:
+            per_source = {name: {k: float(v) for k, v in stage_losses(config, model, teacher_model, ids)[1].items()}
+                          for name, ids in batches.items()}
+            terms = sorted({k for m in per_source.values() for k in m})
+            out = {f"heldout/{k}": sum(m[k] for m in per_source.values()) / len(per_source) for k in terms}
+            if len(per_source) > 1:
+                out.update({f"heldout/{k}/{name}": m[k] for name, m in per_source.items() for k in m})
+        if tasks:
+            from jetnas.evaluation.scoring import LanguageModel
+
+            # the bare model (DDP / FSDP wrappers forward only `forward`); every rank scores the same rows
+            lm = LanguageModel.from_hf(getattr(model, "module", model), tokenizer, batch_size=config.eval_batch_size)
+            for task in tasks:
+                metrics = task.evaluate(lm)
+                out.update({f"task/{task.name}/{k}": float(v) for k, v in metrics.items() if k != "n"})
         return out
 
     return evaluate
@@ -535,7 +577,7 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
     resolved = {**asdict(config), "layer_types": types, "block_config": block_config,
                 "data_sources": mixture.describe(), "teacher_name": teacher_name, "eos_token_id": eos, **counts}
     trainer = Trainer(config.train_config(), model, make_stage_loss(config, teacher_model), mixture.sources[0].stream,
-                      evaluate=make_stage_eval(config, teacher_model, mixture, device),
+                      evaluate=make_stage_eval(config, teacher_model, mixture, device, tokenizer),
                       identity=config.identity(types, block_config, teacher_name))
     # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own
     trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed)

@@ -370,3 +370,29 @@ def test_bf16_stage_runs_the_teacher_from_a_cast_copy_with_the_same_losses(works
     slow, slow_losses = run("bf16_autocast")
     assert fast_losses == slow_losses and len(fast_losses) == 3
     assert fast.summary["eval"] == slow.summary["eval"]
+
+
+def test_stage_eval_tasks_score_the_student_at_each_evaluation(workspace, tmp_path):
+    """`eval_tasks`: built-in tasks scored on the student beside the held-out losses at every evaluation (logged as
+    eval/task/<spec>/<metric>); the final figures equal the same task run on the saved model afterwards."""
+    from jetnas.evaluation.scoring import LanguageModel
+    from jetnas.evaluation.tasks import parse_task
+
+    spec = "retrieval:kv@128?n=3&seed=1"
+    config = StageConfig(stage=1, teacher=str(workspace / "teacher"), layer_types="attn,gdn,gdn,swa", swa_window=8,
+                         data=str(workspace / "train.txt"), steps=4, batch_size=2, seq_len=32, heldout_tokens=256,
+                         eval_every=2, eval_tasks=spec, eval_batch_size=2, out_dir=str(tmp_path / "s1"), device="cpu")
+    result = train_stage(config)
+    rows = [json.loads(line) for line in (tmp_path / "s1" / "log.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if f"eval/task/{spec}/acc" in r]
+    assert [r["step"] for r in scored] == [2, 4]
+    assert {f"task/{spec}/acc", f"task/{spec}/target_nll", "heldout/kl"} <= set(result.summary["eval"])
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    again = parse_task(spec).evaluate(LanguageModel.from_hf(model, AutoTokenizer.from_pretrained(result.model_dir)))
+    # the same weights, rows and scorer (batch sizes differ: only padding and summation order could move the NLL)
+    assert result.summary["eval"][f"task/{spec}/acc"] == again["acc"]
+    assert abs(result.summary["eval"][f"task/{spec}/target_nll"] - again["target_nll"]) < 1e-4
+    with pytest.raises(ValueError, match="retrieval needs KIND@LENGTH"):
+        StageConfig(stage=1, layer_types="attn", eval_tasks="retrieval:kv")
+    with pytest.raises(ValueError, match="are not built-in tasks"):
+        StageConfig(stage=1, layer_types="attn", eval_tasks="arc_easy")
