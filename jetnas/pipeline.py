@@ -300,11 +300,25 @@ def _missing_output(result: dict) -> str | None:
 # Stages whose output is a function of their arguments (the teacher's text, sampled with the recipe's seed; the
 # same tokens on the same kind of device; the recall documents): a lost one is remade without rerunning the stages
 # that used it.
-REPRODUCIBLE = {"data", "recall"}
-#: `data: {recall: {...}}`: the keys of `jetnas.train.recall_data.RecallConfig` a recipe may set, besides `corpus`
-#: (the articles) and `weight` (its share of the training mixture)
+REPRODUCIBLE = {"data", "recall", "recall2", "recall3", "recall4"}
+#: `data: {recall: {...}}` (or a list of up to `MAX_RECALL` such mappings: several kinds of retrieval-bearing
+#: documents, e.g. long ones for needle-like recall and short dense ones for associative recall): the keys of
+#: `jetnas.train.recall_data.RecallConfig` a recipe may set, besides `corpus` (the articles) and `weight` (its share
+#: of the training mixture)
 RECALL_KEYS = {"documents", "doc_tokens", "min_distance", "max_distance", "kinds", "queries", "entries",
                "answer_tokens", "max_articles"}
+MAX_RECALL = 4
+
+
+def recall_sections(data: dict) -> list[dict]:
+    """`data.recall` as a list of mappings (none, one, or several)."""
+    recall = data.get("recall")
+    return [] if recall is None else list(recall) if isinstance(recall, list) else [recall]
+
+
+def recall_stage_name(index: int) -> str:
+    """The pipeline stage that builds the `index`-th recall source: recall, recall2, recall3, ..."""
+    return "recall" if index == 0 else f"recall{index + 1}"
 
 
 def check_data_section(data: dict, source: str) -> None:
@@ -315,18 +329,27 @@ def check_data_section(data: dict, source: str) -> None:
     if unknown or ("generate" in data) == ("path" in data):
         raise RecipeError(f"{source}: data must be a path / hf: spec, or a mapping with exactly one of generate: "
                           f"TOKENS and path: SPEC (plus recall: {{...}}), got {data!r}")
-    recall = data.get("recall")
-    if recall is None:
+    recalls = data.get("recall")
+    if recalls is None:
         return
-    if not isinstance(recall, dict) or not {"corpus", "documents"} <= set(recall):
-        raise RecipeError(f"{source}: data.recall needs corpus (articles .jsonl(.gz)) and documents, got {recall!r}")
-    bad = set(recall) - RECALL_KEYS - {"corpus", "weight"}
-    if bad:
-        raise RecipeError(f"{source}: data.recall: unknown key(s) {sorted(bad)}; allowed: "
-                          f"{sorted(RECALL_KEYS | {'corpus', 'weight'})}")
-    weight = recall.get("weight", 0.2)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
-        raise RecipeError(f"{source}: data.recall.weight={weight!r} must be a fraction in (0, 1)")
+    if isinstance(recalls, list) and not 1 <= len(recalls) <= MAX_RECALL:
+        raise RecipeError(f"{source}: data.recall as a list holds 1 to {MAX_RECALL} mappings, got {len(recalls)}")
+    total = 0.0
+    for i, recall in enumerate(recall_sections(data)):
+        where = "data.recall" if not isinstance(recalls, list) else f"data.recall[{i}]"
+        if not isinstance(recall, dict) or not {"corpus", "documents"} <= set(recall):
+            raise RecipeError(f"{source}: {where} needs corpus (articles .jsonl(.gz)) and documents, got {recall!r}")
+        bad = set(recall) - RECALL_KEYS - {"corpus", "weight"}
+        if bad:
+            raise RecipeError(f"{source}: {where}: unknown key(s) {sorted(bad)}; allowed: "
+                              f"{sorted(RECALL_KEYS | {'corpus', 'weight'})}")
+        weight = recall.get("weight", 0.2)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
+            raise RecipeError(f"{source}: {where}.weight={weight!r} must be a fraction in (0, 1)")
+        total += weight
+    if total >= 1:
+        raise RecipeError(f"{source}: the recall sources' weights add up to {total:g}: they must leave the text a "
+                          f"share (sum < 1)")
 
 
 def _fingerprint(kwargs: dict) -> str:
@@ -350,6 +373,8 @@ class Done:
 
     data: DataResult | None = None
     recall: DataResult | None = None
+    #: every recall source (the first is `recall`)
+    recalls: list[DataResult] = field(default_factory=list)
     supernet: SupernetResult | None = None
     placement: PlacementResult | None = None
     blocks: BlockSearchResult | None = None
@@ -456,15 +481,23 @@ class Pipeline:
             text = self.done.data.path
         else:
             text = str(data["path"])
-        recall = data.get("recall")
-        if recall is None:
+        recalls = recall_sections(data)
+        if not recalls:
             return text
-        options = {k: v for k, v in recall.items() if k != "weight"}
-        kwargs = {"teacher": self.recipe.teacher, "seed": self.recipe.seed, **options}
-        target = str(self.out / "data" / "recall.bin")
-        self.done.recall = self._run("recall", kwargs, lambda kw: build_recall_data(target=target, **kw), DataResult)
-        weight = float(recall.get("weight", 0.2))
-        return f"{text}:{1 - weight:g},{self.done.recall.path}:{weight:g}"
+        parts, total = [], 0.0
+        for i, recall in enumerate(recalls):
+            options = {k: v for k, v in recall.items() if k != "weight"}
+            kwargs = {"teacher": self.recipe.teacher, "seed": self.recipe.seed, **options}
+            name = recall_stage_name(i)
+            target = str(self.out / "data" / f"{name}.bin")
+            result = self._run(name, kwargs, lambda kw, target=target: build_recall_data(target=target, **kw),
+                               DataResult)
+            self.done.recalls.append(result)
+            weight = float(recall.get("weight", 0.2))
+            total += weight
+            parts.append(f"{result.path}:{weight:g}")
+        self.done.recall = self.done.recalls[0]
+        return ",".join([f"{text}:{1 - total:g}", *parts])
 
     # -- what each stage is given -------------------------------------------------------------------------------
 

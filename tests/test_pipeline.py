@@ -193,6 +193,23 @@ def test_recall_documents_are_built_once_and_mixed_into_every_stages_data(tmp_pa
         with pytest.raises(RecipeError, match="data"):
             Recipe.from_dict({**raw, "data": bad}, source="test.yaml")
 
+    # several recall sources (long documents for needle-like recall, short dense ones for associative recall): each
+    # built once into its own file, all mixed in with their weights; the text keeps the rest
+    built.clear()
+    seen.clear()
+    two = {**raw, "out_dir": str(tmp_path / "run2"), "data": {"path": "web.bin", "recall": [
+        {"corpus": "wiki.jsonl.gz", "documents": 8, "doc_tokens": 256, "weight": 0.1},
+        {"corpus": "wiki.jsonl.gz", "documents": 16, "doc_tokens": 64, "entries": 12, "weight": 0.15}]}}
+    Pipeline(Recipe.from_dict(two, source="test.yaml")).run()
+    Pipeline(Recipe.from_dict(two, source="test.yaml")).run()
+    assert built == [("wiki.jsonl.gz", 8, {"doc_tokens": 256}), ("wiki.jsonl.gz", 16, {"doc_tokens": 64,
+                                                                                         "entries": 12})]
+    assert seen == [f"web.bin:0.75,{tmp_path}/run2/data/recall.bin:0.1,{tmp_path}/run2/data/recall2.bin:0.15"]
+    for bad, match in (([], "1 to 4"), ([{"corpus": "w", "documents": 8, "weight": 0.6}] * 2, "add up to 1.2"),
+                       ([{"corpus": "w", "documents": 8}, {"corpus": "w"}], r"data.recall\[1\] needs corpus")):
+        with pytest.raises(RecipeError, match=match):
+            Recipe.from_dict({**raw, "data": {"path": "web.bin", "recall": bad}}, source="test.yaml")
+
 
 def test_without_block_and_shape_searches_stage1_gets_the_jetblock_and_the_supernets_window(tmp_path):
     Pipeline(recipe(tmp_path, blocks="skip", hardware="skip", stage2="skip")).run()
