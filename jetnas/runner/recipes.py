@@ -395,9 +395,10 @@ class TrainRecipe(Recipe):
 
         # JSON, block types and their options checked here, so a bad one fails before any model loads
         self.block_config = parse_block_config(self.block_config)
-        from jetnas.train.stages import parse_eval_tasks
+        if self.eval_tasks:  # (imports torch: only when asked, so that checking other recipes stays light)
+            from jetnas.train.stages import parse_eval_tasks
 
-        parse_eval_tasks(self.eval_tasks)
+            parse_eval_tasks(self.eval_tasks)
 
 
 @dataclass
