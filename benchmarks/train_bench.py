@@ -10,6 +10,12 @@ around each) and logs every step's loss, so two code versions can be compared st
     PYTHONPATH=/path/to/old/checkout python benchmarks/train_bench.py ... --label old --out $OUT/old.json
     python benchmarks/train_bench.py --compare $OUT/old.json,$OUT/new.json     # the side-by-side table
 
+`--cuda-graph` times each stage mode twice in the same process: eagerly (`stage1`), then with the step captured in a
+CUDA graph (`stage1-graph`, `TrainConfig.cuda_graph`), from the same initial weights, data and step indices, so their
+losses compare step by step (`max_abs_loss_diff_vs_eager`). Both get at least `graph_step.WARMUP_STEPS + 2` warm-up
+steps, so that the graphed run's timed steps are all plain replays (its warm-up, capture and checked first replay
+come before).
+
 `--fusions residual,hidden_loss,projections` switches on training fusions that are off by default
 (`Backend.fused_residual`, `Backend.fused_hidden_loss`, `Backend.fused_projections`: written and checked on CPU,
 to be timed here) in the teacher's and every student's (or the super-network's) modules, so that one checkout can be
@@ -167,12 +173,19 @@ def layer_types(linear: str, num_layers: int) -> str:
 
 
 def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.device):
-    """(trainer, description) for one mode, built as the commands build it."""
+    """(trainer, description) for one mode, built as the commands build it (`<mode>-graph`: the stage mode with
+    `cuda_graph`)."""
+    graphed = mode.endswith("-graph")
+    mode = mode.removesuffix("-graph")
     stream = api.TokenStream.from_file(args.data) if args.data else random_stream(api, teacher, args.seed)
     common = dict(steps=args.warmup + args.steps + args.profile_steps + 1, batch_size=args.batch_size,
                   micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, seed=args.seed,
-                  precision=args.precision, out_dir=str(out_dir / mode), resume=False)
+                  precision=args.precision, out_dir=str(out_dir / (mode + ("-graph" if graphed else ""))),
+                  resume=False)
     if mode == "supernet":
+        if graphed:
+            raise SystemExit("--cuda-graph: the super-network step samples a sub-network per step; only the stage "
+                             "modes are captured")
         spec = api.SuperNetSpec(args.teacher_name, args.supernet_linear, swa_window=args.swa_window)
         torch.manual_seed(args.seed)
         net = api.SuperNet(teacher.model, spec)
@@ -188,6 +201,10 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
         if "teacher_per_step" not in {f.name for f in dataclasses.fields(api.StageConfig)}:
             raise SystemExit("--teacher-per-step: this jetnas's StageConfig has no teacher_per_step (older checkout)")
         extra["teacher_per_step"] = True
+    if graphed:
+        if "cuda_graph" not in {f.name for f in dataclasses.fields(api.StageConfig)}:
+            raise SystemExit("--cuda-graph: this jetnas's StageConfig has no cuda_graph (older checkout)")
+        extra["cuda_graph"] = True
     cfg = api.StageConfig(stage=stage, teacher=args.teacher_name, layer_types=types,
                           block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common, **extra)
     model, _, _ = api.build_student(cfg, teacher)
@@ -200,7 +217,8 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
     if forward is not None:
         teacher_model = forward(cfg, teacher_model, device)
     loss_fn = api.make_stage_loss(cfg, teacher_model)
-    return api.Trainer(cfg.train_config(), model, loss_fn, stream), f"stage {stage} ({args.linear} hybrid)"
+    return api.Trainer(cfg.train_config(), model, loss_fn, stream), \
+        f"stage {stage} ({args.linear} hybrid{', CUDA graph' if graphed else ''})"
 
 
 def random_stream(api: Api, teacher, seed: int):
@@ -266,7 +284,10 @@ def count_flops(trainer, step: int) -> int:
     return int(counter.get_total_flops())
 
 
-def run_mode(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.device, peak_tflops: float) -> dict:
+def run_mode(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.device, peak_tflops: float,
+             flops: int | None = None) -> dict:
+    """Time one mode. `flops`: the step's FLOPs when known (a graphed mode takes its eager twin's: the counter sees
+    nothing of a replay)."""
     trainer, what = build(api, mode, args, teacher, out_dir, device)
     tokens = args.batch_size * args.seq_len
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -294,9 +315,16 @@ def run_mode(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.de
               "step_seconds": times, "median_step_s": median,
               "tokens_per_s": tokens / median, "losses": losses, "warmup_steps": args.warmup,
               "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+    if hasattr(trainer, "graph_failure"):
+        static = getattr(trainer, "_static", None)
+        result["cuda_graph"] = {"requested": bool(getattr(trainer.config, "cuda_graph", False)),
+                                "captured": bool(static is not None and static.captured),
+                                "first_replay_checked": bool(static is not None and static.checked),
+                                "fallback": trainer.graph_failure}
     try:
-        flops = count_flops(trainer, step)
-        step += 1
+        if flops is None:
+            flops = count_flops(trainer, step)
+            step += 1
         result["flops_per_step"] = flops
         result["flops_per_token"] = flops / tokens
         result["mfu"] = flops / median / (peak_tflops * 1e12) if peak_tflops == peak_tflops else None
@@ -364,6 +392,9 @@ def main() -> None:
     ap.add_argument("--teacher-per-step", action="store_true",
                     help="stage 1/2 with micro-batches: the teacher's forward once per step on the whole batch "
                          "(StageConfig.teacher_per_step)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time each stage mode with its step captured in a CUDA graph (<mode>-graph), after "
+                         "its eager run in this process (TrainConfig.cuda_graph)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -387,6 +418,18 @@ def main() -> None:
     if unknown:
         ap.error(f"--fusions: unknown {unknown}; known: {', '.join(FUSIONS)}")
     device = torch.device(args.device)
+    modes = args.modes.split(",")
+    if args.cuda_graph:
+        try:
+            from jetnas.train.graph_step import WARMUP_STEPS
+        except ImportError:
+            raise SystemExit("--cuda-graph: this jetnas has no jetnas.train.graph_step (older checkout)") from None
+        modes = [m for mode in modes for m in ([mode, mode + "-graph"] if mode in ("stage1", "stage2") else [mode])]
+        # eager and graphed runs alike, so that both time the same step indices (same learning rates, same batches):
+        # the graphed run's eager warm-up, its capture step and its checked first replay all come before the timing
+        if args.warmup < WARMUP_STEPS + 2:
+            log(f"--cuda-graph: {WARMUP_STEPS + 2} warm-up steps instead of {args.warmup}")
+            args.warmup = WARMUP_STEPS + 2
     if args.autotune_configs is not None:
         # jetnas before 2026-12-06 read this variable when it loaded fla; later versions take the explicit call
         os.environ["JETNAS_AUTOTUNE_CONFIGS"] = str(args.autotune_configs)
@@ -410,15 +453,25 @@ def main() -> None:
     report = {"label": args.label, "jetnas_path": api.path, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "torch": torch.__version__, "gemm_TFLOPs": peak,
               "args": {k: v for k, v in vars(args).items() if k != "compare"}, "modes": {}}
-    for mode in args.modes.split(","):
+    for mode in modes:
+        eager = report["modes"].get(mode.removesuffix("-graph")) if mode.endswith("-graph") else None
         try:
-            report["modes"][mode] = run_mode(api, mode, args, teacher, work, device, peak)
+            report["modes"][mode] = run_mode(api, mode, args, teacher, work, device, peak,
+                                             flops=(eager or {}).get("flops_per_step"))
         except Exception as err:  # noqa: BLE001  (one failing mode, e.g. a kernel refused, keeps the others)
             log(f"{mode}: FAILED {err!r}")
             report["modes"][mode] = {"error": repr(err)[:2000]}
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        r = report["modes"][mode]
+        if eager and "losses" in eager and "losses" in r:
+            diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(r["losses"], eager["losses"])]
+            r["max_abs_loss_diff_vs_eager"] = max(diffs) if diffs else None
+            r["speedup_vs_eager"] = r["tokens_per_s"] / eager["tokens_per_s"]
+            log(f"{mode}: {r['speedup_vs_eager']:.3f}x the eager step; losses differ by at most "
+                f"{r['max_abs_loss_diff_vs_eager']:.3g}" + (f"; FELL BACK: {r['cuda_graph']['fallback']}"
+                                                             if r.get("cuda_graph", {}).get("fallback") else ""))
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
     for mode, r in report["modes"].items():
@@ -432,7 +485,9 @@ def main() -> None:
             for row in r["profile"]["top_ops"][:12]:
                 print(f"  {row['ms_per_step']:>8.2f} ms {100 * row['share']:>5.1f}%  op {row['op'][:90]}")
     summary = {m: {"tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["mfu"], 4) if r.get("mfu") else None,
-                   "loss_first": r["losses"][0].get("loss"), "loss_last": r["losses"][-1].get("loss")}
+                   "loss_first": r["losses"][0].get("loss"), "loss_last": r["losses"][-1].get("loss"),
+                   **({k: r[k] for k in ("speedup_vs_eager", "max_abs_loss_diff_vs_eager") if k in r}),
+                   **({"cuda_graph": r["cuda_graph"]} if r.get("cuda_graph", {}).get("requested") else {})}
                if "tokens_per_s" in r else {"error": r.get("error", "")[:200]} for m, r in report["modes"].items()}
     print(json.dumps({"label": args.label, "gemm_TFLOPs": round(peak, 1) if peak == peak else None,
                       "modes": summary}))

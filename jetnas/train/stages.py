@@ -91,7 +91,8 @@ class StageConfig:
             stage-1 step in micro-batches of 16 (H100, 2026-12-06). Off by default, since micro-batching is there
             to bound memory. No effect without micro-batches or without a teacher term.
         seed: initialisation of new blocks, data order, mixture sampling.
-        precision, distributed, resume: as `TrainConfig`.
+        precision, distributed, resume, cuda_graph: as `TrainConfig` (cuda_graph: the step captured in a CUDA
+            graph and replayed, `jetnas.train.graph_step`; CUDA and one process only; not the alignment phase).
         out_dir: the stage's directory.
         device: cpu, cuda, ...; None: cuda when available (torchrun: each rank's GPU).
         save_model: write `out_dir/model` at the end.
@@ -125,6 +126,7 @@ class StageConfig:
     eval_batch_size: int = 16
     generated_tokens: int = 200_000
     teacher_per_step: bool = False
+    cuda_graph: bool = False
     eval_every: int | None = None
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -168,6 +170,9 @@ class StageConfig:
                              f"{self.align_lr!r} > 0")
         if not isinstance(self.teacher_per_step, bool):
             raise ValueError(f"StageConfig.teacher_per_step={self.teacher_per_step!r} must be True or False")
+        if self.cuda_graph and dist_utils.local_device(self.device).type != "cuda":
+            raise ValueError(f"StageConfig.cuda_graph=True needs a CUDA device, got device={self.device!r} (resolved "
+                             f"to {dist_utils.local_device(self.device)})")
         if self.align_steps and self.stage != 1:
             raise ValueError(f"the alignment phase belongs to stage 1 (align_steps={self.align_steps}, stage "
                              f"{self.stage})")
@@ -186,12 +191,14 @@ class StageConfig:
             weight_decay=self.weight_decay, grad_clip=self.grad_clip, precision=self.precision, seed=self.seed,
             log_every=self.log_every, eval_every=self.eval_every,
             save_every=self.save_every or max(1, self.steps // 4), keep_checkpoints=self.keep_checkpoints,
-            out_dir=self.out_dir, resume=self.resume, distributed=self.distributed, on_nonfinite=self.on_nonfinite)
+            out_dir=self.out_dir, resume=self.resume, distributed=self.distributed, on_nonfinite=self.on_nonfinite,
+            cuda_graph=self.cuda_graph)
 
     def align_config(self) -> TrainConfig:
-        """The alignment phase's trainer (`out_dir/align`): the stage's batches, its own steps and learning rate."""
+        """The alignment phase's trainer (`out_dir/align`): the stage's batches, its own steps and learning rate
+        (eager steps: its layer-wise loss is not captured)."""
         return dataclasses.replace(
-            self.train_config(), steps=self.align_steps, lr=self.align_lr,
+            self.train_config(), steps=self.align_steps, lr=self.align_lr, cuda_graph=False,
             warmup_steps=max(1, self.align_steps // 20), eval_every=None,
             save_every=self.save_every or max(1, self.align_steps // 4), out_dir=str(Path(self.out_dir) / "align"))
 
@@ -423,6 +430,9 @@ def make_stage_loss(config: StageConfig, teacher_model):
             held.clear()
         return stage_losses(config, model, teacher_model, ids, teacher_out=t_out)
 
+    # capturable (`jetnas.train.graph_step`): no host reads, `step` unused, the same shapes every step. `held` is
+    # Python state: a replay does not touch it, and the graph itself hands the teacher's outputs between micro-batches
+    loss_fn.graph_safe = True
     return loss_fn
 
 

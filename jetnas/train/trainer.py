@@ -15,6 +15,10 @@ ones is refused, naming each; `resume=False` moves an old run aside instead of m
 by their sha256 manifest, a damaged one skipped for the newest good one; a non-finite loss or gradient stops the run
 (or skips the step: `on_nonfinite`) before the optimizer step, so nothing non-finite is ever saved; token ids beyond
 the model's vocabulary are refused before the first step.
+
+With `cuda_graph`, the step's forward, backward and gradient clipping are captured once in a CUDA graph and replayed
+(`jetnas.train.graph_step`: static batch buffer and gradients, eager warm-up steps, a checked first replay, an eager
+fallback when the capture fails); the host read, the non-finite handling and the optimizer step stay as they are.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from jetnas.train.checkpoint import (
     write_run_identity,
 )
 from jetnas.train.data import TokenStream, WindowBatcher
+from jetnas.train.graph_step import StaticStep, check_graph_step
 from jetnas.validation import InputError, check_token_ids
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -85,6 +90,11 @@ class TrainConfig:
         on_nonfinite: a step whose loss or gradient norm is NaN or infinite: "error" stops the run before its
             optimizer step (the weights and the checkpoints on disk are the last good step's); "skip" drops that
             step's update (logged with `"skipped": true`) and goes on.
+        cuda_graph: capture each step's forward, backward and gradient clipping in a CUDA graph and replay it
+            (`jetnas.train.graph_step`), so the host no longer launches every kernel of the step. For a loss the
+            same every step that says so (`loss_fn.graph_safe`: stages 1 and 2, not the super-network); one
+            process on CUDA (else the Trainer raises ValueError). The same numbers as the eager step (how, not
+            what, is computed: not part of the run's identity). Default off until a GPU measurement says it pays.
     """
 
     steps: int
@@ -108,6 +118,7 @@ class TrainConfig:
     distributed: str = "auto"
     find_unused_parameters: bool = False
     on_nonfinite: str = "error"
+    cuda_graph: bool = False
 
     def __post_init__(self):
         ints = {"steps": 1, "batch_size": 1, "seq_len": 1, "warmup_steps": 0, "seed": 0, "log_every": 1,
@@ -140,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.distributed={self.distributed!r} must be one of {DISTRIBUTED}")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r} must be one of {ON_NONFINITE}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"TrainConfig.cuda_graph={self.cuda_graph!r} must be True or False")
         self.betas = tuple(self.betas)
 
     def lr_at(self, step: int) -> float:
@@ -239,6 +252,15 @@ class Trainer:
         if per_rank % self.micro:
             raise ValueError(f"each rank's {per_rank} sequences are not a multiple of micro_batch_size={self.micro}")
         self.accumulation = per_rank // self.micro
+        if config.cuda_graph:
+            check_graph_step(self.device, loss_fn, self.world_size,
+                             torch.distributed.is_available() and torch.distributed.is_initialized())
+        # the static-buffer step (`_static_step`): captured in a CUDA graph on CUDA; tests set it on CPU, where the
+        # same object runs the same region eagerly
+        self._graph_on = config.cuda_graph
+        self._static: StaticStep | None = None
+        self._static_names: list[str] = []  # the names of the captured region's outputs (loss and metrics)
+        self.graph_failure: str | None = None  # why the graph path fell back to eager steps, if it did
         self.batcher = WindowBatcher(data, config.seq_len, config.batch_size, seed=config.seed)
         mode = config.distributed if config.distributed != "auto" else "ddp"
         # micro-batches' gradients summed by one foreach add (`_backward_folded`) in a plain process; not under DDP
@@ -464,18 +486,13 @@ class Trainer:
         self.model.train(was_training)
         return dist_utils.mean_over_ranks(metrics, self.device)
 
-    def _train_step(self, step: int) -> dict:
+    def _forward_backward(self, batch: torch.Tensor, step: int
+                          ) -> tuple[list[tuple[str, torch.Tensor | float]], torch.Tensor]:
+        """The differentiable part of step `step` on the rank's `batch [per_rank, seq_len + 1]` (on the device):
+        `loss_fn` and the backward of each micro-batch (gradients summed into the trainable parameters' `.grad`),
+        then the gradient clipping. Returns `(values, norm)`: each micro-batch's `("loss", loss)` and metrics, and
+        the gradient norm before clipping, all unread (what a CUDA graph captures)."""
         cfg = self.config
-        batch = self.batcher.batch(step, self.rank, self.world_size)
-        if self.device.type == "cuda":
-            # from pinned memory the copy is queued behind the GPU's work; a pageable one waits for all of it
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        else:
-            batch = batch.to(self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        # each micro-batch's loss and metrics, read on the host once, after the clip: every read of a device value
-        # waits for the GPU to finish all work queued so far, so one read per step instead of one per value
         values: list[tuple[str, torch.Tensor | float]] = []
         params = [p for p in self.model.parameters() if p.requires_grad]
         for i in range(self.accumulation):
@@ -484,15 +501,67 @@ class Trainer:
             sync = i == self.accumulation - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self._autocast():
                 loss, metrics = self.loss_fn(self.model, micro, step)
+            values.extend({"loss": loss.detach(), **metrics}.items())
             # (x / 1 is x: no division, and no launch, without accumulation)
             scaled = loss / self.accumulation if self.accumulation > 1 else loss
             if i > 0 and self.fold_gradients:
                 self._backward_folded(scaled, params)
             else:
                 scaled.backward()
-            values.extend({"loss": loss.detach(), **metrics}.items())
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return values, norm
+
+    def _static_region(self, batch: torch.Tensor, step: int) -> list[torch.Tensor]:
+        """`_forward_backward` as the captured region: its values and the gradient norm as one list of tensors."""
+        values, norm = self._forward_backward(batch, step)
+        numbers = [k for k, v in values if not isinstance(v, torch.Tensor)]
+        if numbers:
+            raise ValueError(f"TrainConfig.cuda_graph=True: the loss function returns {sorted(set(numbers))} as "
+                             f"Python numbers; a captured step would report their values at the capture forever. "
+                             f"Return tensors (the trainer reads them once per step)")
+        self._static_names = [k for k, _ in values]
+        return [v for _, v in values] + [norm]
+
+    def _static_step(self, batch: torch.Tensor, step: int):
+        """Step `step`'s `(values, norm)` through the static-buffer step (`jetnas.train.graph_step`), or None when
+        the graph path falls back to eager steps (from now on; one message)."""
+        if self._static is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self._static = StaticStep(self._static_region, tuple(batch.shape), params, self.device,
+                                      use_graph=self.device.type == "cuda")
+        out = self._static.run(batch, step)
+        if out is None:
+            self.graph_failure = self._static.failure
+            if self.is_main:
+                print(f"jetnas: {self.graph_failure}; running every step eagerly from here on", file=sys.stderr)
+            self._drop_static()
+            self._graph_on = False
+            return None
+        return list(zip(self._static_names, out[:-1])), out[-1]
+
+    def _drop_static(self) -> None:
+        """Forget the static step (its graph and gradient tensors): every `.grad` None, as after an eager step."""
+        if self._static is not None:
+            self._static.release()
+            self._static = None
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _train_step(self, step: int) -> dict:
+        cfg = self.config
+        batch = self.batcher.batch(step, self.rank, self.world_size)
+        if self.device.type == "cuda":
+            # from pinned memory the copy is queued behind the GPU's work; a pageable one waits for all of it
+            batch = batch.pin_memory()
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        # each micro-batch's loss and metrics, read on the host once, after the clip: every read of a device value
+        # waits for the GPU to finish all work queued so far, so one read per step instead of one per value
+        static = self._static_step(batch, step) if self._graph_on else None
+        if static is not None:
+            values, norm = static
+        else:
+            values, norm = self._forward_backward(batch.to(self.device, non_blocking=True), step)
         read = _read_scalars([v for _, v in values] + [norm])
         totals: dict[str, float] = {}
         for (k, _), v in zip(values, read):
@@ -500,11 +569,13 @@ class Trainer:
         # every rank sees the same mean loss and global gradient norm, so all take the same branch below
         totals = dist_utils.mean_over_ranks(totals, self.device)
         grad_norm = read[-1]
-        if math.isfinite(totals["loss"]) and math.isfinite(grad_norm):
+        # the static step's gradients stay attached: its captured region zeroes them in place before the next one
+        finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+        if finite:
             self.optimizer.step()
+        if static is None:
             self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
             if cfg.on_nonfinite == "error":
                 raise NonFiniteError(
                     f"step {step + 1}: the loss is {totals['loss']} and the gradient norm {grad_norm}: stopped "
@@ -575,6 +646,9 @@ class Trainer:
 
     def _fit(self, ckpt: Path | None) -> dict:
         cfg = self.config
+        # a captured step is rebuilt from here: its warm-up runs again on the loaded weights (loading copies into the
+        # same parameters, but the optimizer's state is replaced, and the loader wants .grad None on a fresh one)
+        self._drop_static()
         if ckpt is not None:
             meta = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)  # verified by _claim
             self.step = meta["step"]
