@@ -164,12 +164,15 @@ for step in "$@"; do
     # issue 16's training step and small-model prefill in one step (2026-12-06: 150 s on a warm H100 with the recipe's
     # kernels compiled): the stage-1 step whole and in two micro-batches with a profile, the SmolLM2 prefill at 8K and
     # 32K with the 8K profile. After setup; the tokenizer comes in .stage/c5/prof/tok (dev/stage_wheels.sh)
-    trainbench:*) for mb in "" 16; do
+    # GRAPH=1: each stage-1 run times the eager step and then the step captured in a CUDA graph, in one process
+    # (train_bench.py --cuda-graph; read stage1-graph.speedup_vs_eager and cuda_graph.{captured, fallback})
+    trainbench:*) lines=1; [ -n "${GRAPH:-}" ] && lines=4
+                  for mb in "" 16; do
                     timeout "${step#*:}" python3 benchmarks/train_bench.py --teacher random \
                       --tokenizer-from /root/stage/prof/tok --data ../shared/data/corpus/val.bin --linear gdn \
                       --autotune-configs 4 --modes stage1 --steps 20 --warmup 5 --label "new${mb:+_mb$mb}" \
-                      --profile-steps 2 ${mb:+--micro-batch-size $mb} --out "$OUT/train_stage1${mb:+_mb$mb}.json" \
-                      2>&1 | grep -v Warn | tail -1
+                      ${GRAPH:+--cuda-graph} --profile-steps 2 ${mb:+--micro-batch-size $mb} \
+                      --out "$OUT/train_stage1${mb:+_mb$mb}.json" 2>&1 | grep -v Warn | tail -n $lines
                   done
                   timeout "${step#*:}" python3 benchmarks/prefill_bench.py --out $OUT/prefill_smollm2.json \
                     --sections smollm2 --smollm2-contexts 8192,32768 --autotune-configs 4 \
