@@ -186,27 +186,35 @@ def test_a_non_finite_replay_is_skipped_as_an_eager_step_is(models, tmp_path, cp
     assert_same_run(eager_model, static_model, eager, static, ge, gs)
 
 
-def test_a_failed_capture_falls_back_to_eager_steps_with_one_message(models, tmp_path, cpu_graph, monkeypatch,
-                                                                     capsys):
-    def refuse(self, step):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n(the kernel's launch)")
-
-    monkeypatch.setattr(StaticStep, "_capture", refuse)
+def run_fallback_pair(models, tmp_path, capsys):
+    """An eager run and a graph run whose graph path fails (the caller patches how): the same losses, gradients and
+    weights, step for step; returns the graph run's trainer and model, and what it printed."""
     eager, eager_model = make(models, tmp_path / "eager", graph=False)
     static, static_model = make(models, tmp_path / "static", graph=True)
     ge, gs = record_gradients(eager, eager_model), record_gradients(static, static_model)
     eager.fit()
     capsys.readouterr()
     static.fit()
+    err = capsys.readouterr().err
+    assert_same_run(eager_model, static_model, eager, static, ge, gs)
+    return static, static_model, err
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_with_one_message(models, tmp_path, cpu_graph, monkeypatch,
+                                                                     capsys):
+    def refuse(self, step):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n(the kernel's launch)")
+
+    monkeypatch.setattr(StaticStep, "_capture", refuse)
+    static, static_model, err = run_fallback_pair(models, tmp_path, capsys)
     # (the progress bar shares stderr: its updates end in carriage returns)
-    err = capsys.readouterr().err.replace("\r", "\n")
+    err = err.replace("\r", "\n")
     lines = [x[x.index("jetnas: "):] for x in err.splitlines() if "CUDA graph" in x]
     want = (f"jetnas: CUDA graph capture of the training step failed at step {CAPTURE + 1} (RuntimeError: CUDA "
             f"error: operation not permitted when stream is capturing (the kernel's launch)); running every step "
             f"eagerly from here on")
     assert lines == [want]
     assert static._static is None and not static._graph_on and static.graph_failure
-    assert_same_run(eager_model, static_model, eager, static, ge, gs)
     assert all(p.grad is None for p in static_model.parameters())  # as after any eager step
 
 
@@ -220,16 +228,9 @@ def test_a_replay_that_disagrees_with_the_eager_step_falls_back(models, tmp_path
         return [out[0] * 1.01, *out[1:]]
 
     monkeypatch.setattr(StaticStep, "_replay", off)
-    eager, eager_model = make(models, tmp_path / "eager", graph=False)
-    static, static_model = make(models, tmp_path / "static", graph=True)
-    ge, gs = record_gradients(eager, eager_model), record_gradients(static, static_model)
-    eager.fit()
-    capsys.readouterr()
-    static.fit()
-    err = capsys.readouterr().err
+    static, _, err = run_fallback_pair(models, tmp_path, capsys)
     assert f"first replay (step {CAPTURE + 1}) disagrees with the eager run of the same step: output 0: replay" in err
     assert static._static is None and static.graph_failure
-    assert_same_run(eager_model, static_model, eager, static, ge, gs)
 
 
 def test_replays_freeze_the_step_index_as_a_graph_does(models, tmp_path, cpu_graph):
