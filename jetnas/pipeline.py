@@ -444,9 +444,11 @@ class Pipeline:
         start = time.perf_counter()
         spec = SPECS.get(kind or name)
         resumable = spec is not None and "resume" in {f.name for f in dataclasses.fields(spec.recipe)}
-        if record and not current and resumable:
+        if resumable and ((record and not current) or name in self.redo):
             # it ran before under other arguments (or --redo, or a changed stage before it): its folder holds that
-            # run, which must not be continued (the trainer would refuse it anyway); it is moved aside, not deleted
+            # run, which must not be continued (the trainer would refuse it anyway); it is moved aside, not deleted.
+            # --redo also starts over a stage that never finished (no record): its folder may hold a run cut short
+            # under other arguments, e.g. stage 1's alignment phase, which would otherwise refuse to resume
             outcome = run({**kwargs, "resume": False})
         else:
             outcome = run(kwargs)

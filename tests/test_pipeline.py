@@ -135,6 +135,14 @@ def test_a_stage_rerun_under_other_arguments_starts_afresh_and_an_interrupted_on
     (tmp_path / "run" / "pipeline.json").write_text(json.dumps(state))
     Pipeline(recipe(tmp_path, stage2={"steps": 3})).run()
     assert resumes == [("stage2", True)]
+    # killed again, then --redo: the user asks for a fresh start even without a record (the folder may hold a run
+    # cut short under other arguments, e.g. stage 1's alignment phase, which would refuse to resume)
+    resumes.clear()
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    del state["stages"]["stage2"]
+    (tmp_path / "run" / "pipeline.json").write_text(json.dumps(state))
+    Pipeline(recipe(tmp_path, stage2={"steps": 4}), redo=("stage2",)).run()
+    assert resumes == [("stage2", False)]
 
 
 def test_a_finished_stage_whose_model_weights_are_gone_runs_again(tmp_path):
