@@ -1,6 +1,16 @@
 """Helpers shared by the tests."""
 
+import os
+
+import pytest
 import torch
+
+#: where the kernel tests run: the GPU when there is one, else CPU tensors under Triton's interpreter (which
+#: tests/conftest.py switches on before anything imports triton)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: a test of our Triton kernels: runs on CUDA, or on CPU under the interpreter
+needs_triton = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

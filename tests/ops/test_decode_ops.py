@@ -6,17 +6,12 @@ different order (the kernel's online softmax over tiles and splits), so they agr
 margin while a wrong column, head or scale would show up at order 1.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from jetnas.layers.base import RecurrentState
-from jetnas.ops.backend import Backend
 from jetnas.ops.attention import causal_attention
+from jetnas.ops.backend import Backend
 from jetnas.ops.conv import dynamic_conv_step, short_conv_step
 from jetnas.ops.decode import (
     conv_step_,
@@ -28,12 +23,9 @@ from jetnas.ops.decode import (
 )
 from jetnas.ops.delta_rule import gated_delta_rule_step
 from jetnas.ops.gla import gla_step
-from tests.utils import rel_err
+from tests.utils import DEVICE, needs_triton, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 # what a layer built with backend="triton" passes to its decode steps; `interpret` lets CPU tensors reach the kernels
 TRITON = Backend("triton", interpret=DEVICE == "cpu")
 

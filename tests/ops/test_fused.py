@@ -14,22 +14,14 @@ Triton runs on CUDA, else on CPU under the interpreter. Tolerances:
   shows on the GPU; the float32 checks catch wrong math everywhere.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from jetnas.ops import fused
 from jetnas.ops.backend import Backend
 from jetnas.ops.fused import naive_gated_rms_norm, naive_rms_norm, naive_silu_mul
-from tests.utils import rel_err
+from tests.utils import DEVICE, needs_triton, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 TRUTH_RATIO = 2.0 if DEVICE == "cuda" else 4.0
 # what a layer built with backend="triton" passes to its norms; `interpret` lets CPU tensors reach the kernels
 TRITON = Backend("triton", interpret=DEVICE == "cpu")

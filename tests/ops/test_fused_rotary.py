@@ -13,23 +13,15 @@ Triton runs on CUDA, else on CPU under the interpreter. Tolerances:
   bound) within 2e-2 of the reference. A missing, extra or misplaced rounding breaks the equality.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from jetnas.ops import fused
 from jetnas.ops.attention import rotary_cos_sin
 from jetnas.ops.backend import Backend
 from jetnas.ops.fused import naive_rotary
-from tests.utils import rel_err
+from tests.utils import DEVICE, needs_triton, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 TRITON = Backend("triton", interpret=DEVICE == "cpu")
 
 # (B, T, H, D): one token; odd lengths; 9 heads (not a power of two, SmolLM2's); a head dim of 16 and of 64

@@ -13,20 +13,13 @@ Triton runs on CUDA, else on CPU under the interpreter. Tolerances:
   reference's. g stays float32 (1e-5).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from jetnas.ops.backend import Backend
 from jetnas.ops.gates import gdn_gates, naive_gdn_gates
+from tests.utils import DEVICE, needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 TRITON = Backend("triton", interpret=DEVICE == "cpu")
 
 

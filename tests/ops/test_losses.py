@@ -16,7 +16,6 @@ TRITON_INTERPRET=1); its tolerances are given where it is tested. Memory is meas
 storage bytes (`LiveTensorBytes` below), so the check works on CPU.
 """
 
-import os
 import weakref
 
 import pytest
@@ -36,11 +35,7 @@ from jetnas.ops.losses import (
     naive_linear_kl,
     naive_linear_kl_ce,
 )
-from tests.utils import rel_err
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
+from tests.utils import DEVICE, needs_triton, rel_err
 
 D, V = 24, 301  # V odd: no chunk or block size divides it
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}

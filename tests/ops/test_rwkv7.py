@@ -6,13 +6,8 @@ Float64 comparisons of two exact algebraic forms agree to rounding: 1e-10 relati
 Triton step runs in float32 (on CPU under the interpreter) and sums in another order than the reference: 1e-5.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from jetnas.ops.backend import Backend
 from jetnas.ops.decode import rwkv7_step_
@@ -23,12 +18,9 @@ from jetnas.ops.rwkv7 import (
     naive_recurrent_rwkv7,
     rwkv7_step,
 )
-from tests.utils import rel_err
+from tests.utils import DEVICE, needs_triton, rel_err
 
 TOL = 1e-10
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 
 
 def make_inputs(B, T, H, K, V, decay_scale=1.0, dtype=torch.float64, requires_grad=False, seed=0):

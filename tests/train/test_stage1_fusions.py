@@ -17,21 +17,13 @@ kernels run under the interpreter on CPU (tests/conftest.py). Tolerances:
   from the float32 step than 4x the unfused one (`TRUTH_RATIO` of tests/ops/test_fused.py on CPU).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from jetnas.ops.backend import Backend
 from jetnas.train.stages import StageConfig, stage_losses
-from tests.utils import randomize_zero_init, rel_err, tiny_config
+from tests.utils import DEVICE, needs_triton, randomize_zero_init, rel_err, tiny_config
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="no CUDA and TRITON_INTERPRET is not 1")
 FUSED = Backend("triton", interpret=DEVICE == "cpu")
 TRUTH_RATIO = 2.0 if DEVICE == "cuda" else 4.0
 
