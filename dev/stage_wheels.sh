@@ -43,3 +43,18 @@ cp ../shared/data/corpus/train.jsonl.gz .stage/c5/corpus/
 python3 -c "from jetnas.models.teachers import load_teacher; load_teacher('smollm2-135m')[1].save_pretrained('.stage/c5/prof/tok')"
 sha256sum "$GGUF"
 du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5
+
+# Optional (DENSE=1): the recall documents of smollm2-135m-gpu-final-4k-dense built here, at the path the device's run
+# uses (/root/run), so the device reuses them instead of building them (~1-2 min of device time): carried in c6 and
+# c7 (33 MB each), put back by `RUN_FROM=/root/stage/run_dense` (gpu_session.sh recipe). The builder is a pure
+# function of corpus, tokenizer, configuration and seed: the 4K documents built here matched the device's build of
+# 2026-12-06 in every count.
+if [ -n "${DENSE:-}" ]; then
+  rm -rf /root/run && python3 -m jetnas run smollm2-135m-gpu-final-4k-dense --out-dir /root/run \
+    --set stages.stage1=skip --set stages.stage2=skip --set stages.eval=skip --set stages.bench=skip
+  mkdir -p .stage/c6/run_dense/data .stage/c7/run_dense/data
+  cp /root/run/pipeline.json .stage/c6/run_dense/
+  cp /root/run/data/recall.bin* .stage/c6/run_dense/data/
+  cp /root/run/data/recall2.bin* .stage/c7/run_dense/data/
+  du -sh .stage/c6 .stage/c7
+fi
