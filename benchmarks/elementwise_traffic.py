@@ -246,34 +246,8 @@ class _Dispatch(TorchDispatchMode):
 
 def _patch_triton(ref: list) -> None:
     """Every outermost Triton launch reports its kernel and tensor arguments; nothing inside it is counted."""
-    from triton.runtime import autotuner, interpreter, jit
-
-    def wrap(cls):
-        original = cls.run
-        if getattr(original, "_traffic", False):
-            return
-
-        def run(self, *args, **kwargs):
-            rec = ref[0]
-            if rec is None:
-                return original(self, *args, **kwargs)
-            if rec.suspended == 0:
-                fn = self
-                while hasattr(fn, "fn") and not hasattr(fn, "__name__"):
-                    fn = fn.fn
-                name = getattr(fn, "__name__", None) or type(fn).__name__
-                rec.launch(name, (args, kwargs))
-            rec.suspended += 1
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                rec.suspended -= 1
-
-        run._traffic = True
-        cls.run = run
-
-    for cls in (jit.JITFunction, interpreter.InterpretedFunction, autotuner.Autotuner, autotuner.Heuristics):
-        wrap(cls)
+    lc._patch_triton(ref, report=lambda rec, name, args, kwargs: rec.launch(name, (args, kwargs)),
+                     marker="_traffic")
 
 
 def _graph_nodes(roots) -> list:

@@ -253,34 +253,39 @@ class _Function(TorchFunctionMode):
 # -- Triton launches --------------------------------------------------------------------------------------------
 
 
-def _patch_triton(counter_ref: list) -> None:
-    """Wrap every Triton launcher's `run`: the outermost call of a launch is counted once, and nothing the
-    interpreter does inside it is counted as aten work."""
+def _patch_triton(counter_ref: list, report=None, marker: str = "_launch_count") -> None:
+    """Wrap every Triton launcher's `run`: the outermost call of a launch is reported once (`report(counter, name,
+    args, kwargs)`; default `counter.triton(name)`), and nothing the interpreter does inside it is counted as aten
+    work (`counter.suspended` is raised through it). `counter_ref[0]` is the counter (None: not counting); `marker`
+    names this wrapping, so a second call with the same marker wraps nothing again (benchmarks/elementwise_traffic.py
+    reports through its own)."""
     from triton.runtime import autotuner, interpreter, jit
 
     def wrap(cls):
         original = cls.run
-        if getattr(original, "_launch_count", False):
+        if getattr(original, marker, False):
             return
 
         def run(self, *args, **kwargs):
             counter = counter_ref[0]
             if counter is None:
                 return original(self, *args, **kwargs)
-            outer = counter.suspended == 0
-            if outer:
+            if counter.suspended == 0:
                 fn = self
                 while hasattr(fn, "fn") and not hasattr(fn, "__name__"):
                     fn = fn.fn
-                name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", type(fn).__name__)
-                counter.triton(name)
+                name = getattr(fn, "__name__", None) or type(fn).__name__
+                if report is None:
+                    counter.triton(name)
+                else:
+                    report(counter, name, args, kwargs)
             counter.suspended += 1
             try:
                 return original(self, *args, **kwargs)
             finally:
                 counter.suspended -= 1
 
-        run._launch_count = True
+        setattr(run, marker, True)
         cls.run = run
 
     for cls in (jit.JITFunction, interpreter.InterpretedFunction, autotuner.Autotuner, autotuner.Heuristics):
