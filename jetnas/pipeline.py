@@ -297,10 +297,6 @@ def _missing_output(result: dict) -> str | None:
     return None
 
 
-# Stages whose output is a function of their arguments (the teacher's text, sampled with the recipe's seed; the
-# same tokens on the same kind of device; the recall documents): a lost one is remade without rerunning the stages
-# that used it.
-REPRODUCIBLE = {"data", "recall", "recall2", "recall3", "recall4"}
 #: `data: {recall: {...}}` (or a list of up to `MAX_RECALL` such mappings: several kinds of retrieval-bearing
 #: documents, e.g. long ones for needle-like recall and short dense ones for associative recall): the keys of
 #: `jetnas.train.recall_data.RecallConfig` a recipe may set, besides `corpus` (the articles) and `weight` (its share
@@ -319,6 +315,12 @@ def recall_sections(data: dict) -> list[dict]:
 def recall_stage_name(index: int) -> str:
     """The pipeline stage that builds the `index`-th recall source: recall, recall2, recall3, ..."""
     return "recall" if index == 0 else f"recall{index + 1}"
+
+
+# Stages whose output is a function of their arguments (the teacher's text, sampled with the recipe's seed; the
+# same tokens on the same kind of device; the recall documents): a lost one is remade without rerunning the stages
+# that used it.
+REPRODUCIBLE = {"data", *(recall_stage_name(i) for i in range(MAX_RECALL))}
 
 
 def check_data_section(data: dict, source: str) -> None:
@@ -372,8 +374,7 @@ class Done:
     """The typed results of the stages finished (or reused) so far in this run: what later stages read."""
 
     data: DataResult | None = None
-    recall: DataResult | None = None
-    #: every recall source (the first is `recall`)
+    #: the recall sources' documents, in the recipe's order
     recalls: list[DataResult] = field(default_factory=list)
     supernet: SupernetResult | None = None
     placement: PlacementResult | None = None
@@ -498,7 +499,6 @@ class Pipeline:
             weight = float(recall.get("weight", 0.2))
             total += weight
             parts.append(f"{result.path}:{weight:g}")
-        self.done.recall = self.done.recalls[0]
         return ",".join([f"{text}:{1 - total:g}", *parts])
 
     # -- what each stage is given -------------------------------------------------------------------------------
