@@ -59,6 +59,8 @@ def _as(kind, value):
     if kind is type(None):
         return (None, None) if value is None else (value, "must be unset")
     if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # a `bool | str` field on the command line
+            return value.lower() == "true", None
         return (value, None) if isinstance(value, bool) else (value, "must be true or false")
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -84,9 +86,14 @@ def _as(kind, value):
     return value, None
 
 
+def _spelled(choice) -> str:
+    """A choice as a recipe or the command line writes it (`true`, not `True`)."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
 def _out_of_range(meta: dict, value) -> str | None:
     if "choices" in meta and value not in meta["choices"]:
-        return f"must be one of {', '.join(map(str, meta['choices']))}"
+        return f"must be one of {', '.join(_spelled(c) for c in meta['choices'])}"
     for key, test, words in (("min", lambda v, x: v >= x, ">="), ("above", lambda v, x: v > x, ">"),
                              ("max", lambda v, x: v <= x, "<="), ("below", lambda v, x: v < x, "<")):
         if key in meta and not test(value, meta[key]):

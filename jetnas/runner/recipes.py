@@ -325,8 +325,9 @@ class TrainRecipe(Recipe):
         micro_batch_size: sequences per forward pass on each rank (gradient accumulation covers the rest).
         teacher_per_step: with micro-batches, the teacher's forward once per step on the rank's whole batch (fewer
             launches; holds the whole batch's teacher hidden states) instead of once per micro-batch.
-        cuda_graph: capture the step's forward, backward and clipping in a CUDA graph and replay it (one GPU
-            process; falls back to eager steps, with a message, if the capture fails).
+        cuda_graph: capture the step's forward, backward and clipping in a CUDA graph and replay it: true, false or
+            "auto" (default: on for one GPU process, off on CPU and under torchrun; falls back to eager steps, with
+            a message, if the capture fails).
         seq_len: tokens per sequence.
         lr: peak learning rate (default: stage 1 1e-3, stage 2 3e-4).
         warmup_steps: default steps / 20 (at least 1).
@@ -368,7 +369,7 @@ class TrainRecipe(Recipe):
     batch_size: int = arg(8, min=1)
     micro_batch_size: int | None = arg(None, min=1)
     teacher_per_step: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | str = arg("auto", choices=(True, False, "auto"))
     seq_len: int = arg(512, min=1)
     lr: float | None = arg(None, above=0)
     warmup_steps: int | None = arg(None, min=0)

@@ -133,6 +133,8 @@ class TrainResult(StageResult):
     trainable_parameters: int
     data: list
     outputs: dict
+    #: with `cuda_graph`: how many steps replayed the captured step, and why it fell back if it did
+    cuda_graph: dict | None = None
 
 
 @dataclass

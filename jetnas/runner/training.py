@@ -25,7 +25,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                        tokens=s["tokens"], final_loss=s["final_loss"], tokens_per_s=s["step_tokens_per_s"],
                        seconds=s["seconds"], eval=s["eval"], **result.counts, data=result.mixture.describe(),
                        outputs={"model": str(result.model_dir), "config": str(Path(out) / "stage_config.json"),
-                                "log": str(Path(out) / "log.jsonl")})
+                                "log": str(Path(out) / "log.jsonl")}, cuda_graph=s.get("cuda_graph"))
 
 
 def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None) -> DataResult:

@@ -121,6 +121,7 @@ class StaticStep:
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.use_graph, self.warmup = use_graph, warmup
         self.calls = 0
+        self.replays = 0  # steps whose region came from the recorded one (the first replay included)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: list[torch.Tensor] | None = None  # the graph's static outputs
         self.captured_step: int | None = None  # the step index the captured region was recorded with
@@ -217,7 +218,9 @@ class StaticStep:
                            f"same step: {problem}")
                 return None
             self.checked = True
+            self.replays += 1
             return got
+        self.replays += 1
         return self._replay()
 
 

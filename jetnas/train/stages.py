@@ -91,8 +91,12 @@ class StageConfig:
             stage-1 step in micro-batches of 16 (H100, 2026-12-06). Off by default, since micro-batching is there
             to bound memory. No effect without micro-batches or without a teacher term.
         seed: initialisation of new blocks, data order, mixture sampling.
-        precision, distributed, resume, cuda_graph: as `TrainConfig` (cuda_graph: the step captured in a CUDA
-            graph and replayed, `jetnas.train.graph_step`; CUDA and one process only; not the alignment phase).
+        precision, distributed, resume: as `TrainConfig`.
+        cuda_graph: the step captured in a CUDA graph and replayed (`jetnas.train.graph_step`; not the alignment
+            phase): True, False, or "auto" (the default): on for one process on a CUDA device, where it measured
+            1.24x the eager stage-1 step (one H100, 2026-12-06, `benchmarks/results/2026-12-06_h100_graph_step`),
+            off on CPU and under torchrun. A capture that fails or disagrees with the eager step falls back to
+            eager steps with one message.
         out_dir: the stage's directory.
         device: cpu, cuda, ...; None: cuda when available (torchrun: each rank's GPU).
         save_model: write `out_dir/model` at the end.
@@ -126,7 +130,7 @@ class StageConfig:
     eval_batch_size: int = 16
     generated_tokens: int = 200_000
     teacher_per_step: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | str = "auto"
     eval_every: int | None = None
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -170,7 +174,9 @@ class StageConfig:
                              f"{self.align_lr!r} > 0")
         if not isinstance(self.teacher_per_step, bool):
             raise ValueError(f"StageConfig.teacher_per_step={self.teacher_per_step!r} must be True or False")
-        if self.cuda_graph and dist_utils.local_device(self.device).type != "cuda":
+        if self.cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"StageConfig.cuda_graph={self.cuda_graph!r} must be true, false or 'auto'")
+        if self.cuda_graph is True and dist_utils.local_device(self.device).type != "cuda":
             raise ValueError(f"StageConfig.cuda_graph=True needs a CUDA device, got device={self.device!r} (resolved "
                              f"to {dist_utils.local_device(self.device)})")
         if self.align_steps and self.stage != 1:
@@ -192,7 +198,13 @@ class StageConfig:
             log_every=self.log_every, eval_every=self.eval_every,
             save_every=self.save_every or max(1, self.steps // 4), keep_checkpoints=self.keep_checkpoints,
             out_dir=self.out_dir, resume=self.resume, distributed=self.distributed, on_nonfinite=self.on_nonfinite,
-            cuda_graph=self.cuda_graph)
+            cuda_graph=self.graph_step())
+
+    def graph_step(self) -> bool:
+        """Whether the stage's steps are captured (`cuda_graph` with "auto" resolved here)."""
+        if self.cuda_graph == "auto":
+            return dist_utils.local_device(self.device).type == "cuda" and dist_utils.world()[1] == 1
+        return self.cuda_graph
 
     def align_config(self) -> TrainConfig:
         """The alignment phase's trainer (`out_dir/align`): the stage's batches, its own steps and learning rate

@@ -261,6 +261,7 @@ class Trainer:
         self._static: StaticStep | None = None
         self._static_names: list[str] = []  # the names of the captured region's outputs (loss and metrics)
         self.graph_failure: str | None = None  # why the graph path fell back to eager steps, if it did
+        self.graph_replays = 0  # steps of this process's fits that replayed the captured region
         self.batcher = WindowBatcher(data, config.seq_len, config.batch_size, seed=config.seed)
         mode = config.distributed if config.distributed != "auto" else "ddp"
         # micro-batches' gradients summed by one foreach add (`_backward_folded`) in a plain process; not under DDP
@@ -543,6 +544,7 @@ class Trainer:
     def _drop_static(self) -> None:
         """Forget the static step (its graph and gradient tensors): every `.grad` None, as after an eager step."""
         if self._static is not None:
+            self.graph_replays += self._static.replays
             self._static.release()
             self._static = None
             self.optimizer.zero_grad(set_to_none=True)
@@ -697,7 +699,14 @@ class Trainer:
         return {"steps": self.step, "final_loss": last.get("loss"), "tokens": self.step * tokens_per_step,
                 "seconds": round(elapsed, 2),
                 "tokens_per_s": round(done * tokens_per_step / elapsed, 1) if done else None,
-                "eval": final_eval, "world_size": self.world_size, "skipped_steps": self.skipped_steps}
+                "eval": final_eval, "world_size": self.world_size, "skipped_steps": self.skipped_steps,
+                **({"cuda_graph": self.graph_summary()} if cfg.cuda_graph else {})}
+
+    def graph_summary(self) -> dict:
+        """What the captured step did in this process: how many steps replayed it, and why it fell back if it did
+        (a run that says `cuda_graph: true` but replayed nothing ran eagerly)."""
+        live = self._static.replays if self._static is not None else 0
+        return {"replayed_steps": self.graph_replays + live, "fallback": self.graph_failure}
 
 
 def show_line(line: str, limit: int = 60) -> str:

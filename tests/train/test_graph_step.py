@@ -20,6 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import jetnas.train.trainer as trainer_module
 from jetnas.models import JetNemotronForCausalLM
 from jetnas.train.data import TokenStream
+from jetnas.runner.fields import check_value
+from jetnas.runner.recipes import TrainRecipe
 from jetnas.train.graph_step import WARMUP_STEPS, StaticStep, check_graph_step
 from jetnas.train.stages import StageConfig, make_stage_loss, set_trainable
 from jetnas.train.trainer import IDENTITY_FIELDS, TrainConfig, Trainer
@@ -27,6 +29,7 @@ from tests.utils import tiny_config
 
 BATCH, SEQ = 4, 16
 SENTINEL = 0  # a token id the test stream never holds (it draws 1..96)
+STEPS = 6  # a run of `make` unless told
 CAPTURE = WARMUP_STEPS  # the 0-based step at which the region is recorded and its replay checked
 
 
@@ -48,7 +51,7 @@ def stream() -> TokenStream:
     return TokenStream(np.random.default_rng(0).integers(1, 97, 4096).astype(np.uint16), "random")
 
 
-def make(models, out_dir, *, graph, stage=1, micro=None, steps=6, save_every=None, on_nonfinite="error",
+def make(models, out_dir, *, graph, stage=1, micro=None, steps=STEPS, save_every=None, on_nonfinite="error",
          loss=None):
     """A stage trainer on a copy of the tiny student; `graph` sets `TrainConfig.cuda_graph` (needs `cpu_graph`)."""
     teacher, student = models
@@ -102,8 +105,9 @@ def test_static_steps_equal_eager_steps_bit_for_bit(models, tmp_path, cpu_graph,
     eager, eager_model = make(models, tmp_path / "eager", graph=False, stage=stage, micro=micro)
     static, static_model = make(models, tmp_path / "static", graph=True, stage=stage, micro=micro)
     ge, gs = record_gradients(eager, eager_model), record_gradients(static, static_model)
-    eager.fit()
-    static.fit()
+    assert "cuda_graph" not in eager.fit()
+    # the run's summary says the graph ran: every step from the capture on came from the recorded region
+    assert static.fit()["cuda_graph"] == {"replayed_steps": STEPS - CAPTURE, "fallback": None}
     assert static._static is not None and static._static.captured and static._static.checked
     assert static._static.captured_step == CAPTURE and static.graph_failure is None
     assert eager._static is None
@@ -231,6 +235,7 @@ def test_a_replay_that_disagrees_with_the_eager_step_falls_back(models, tmp_path
     static, _, err = run_fallback_pair(models, tmp_path, capsys)
     assert f"first replay (step {CAPTURE + 1}) disagrees with the eager run of the same step: output 0: replay" in err
     assert static._static is None and static.graph_failure
+    assert static.graph_summary() == {"replayed_steps": 0, "fallback": static.graph_failure}
 
 
 def test_replays_freeze_the_step_index_as_a_graph_does(models, tmp_path, cpu_graph):
@@ -382,6 +387,28 @@ def test_cuda_graph_is_refused_where_it_cannot_run(models, tmp_path):
     # the alignment phase (its own layer-wise loss) stays eager whatever the stage says
     config.cuda_graph = True
     assert config.train_config().cuda_graph and not config.align_config().cuda_graph
+
+
+def test_auto_captures_on_one_cuda_process_only(monkeypatch):
+    """`cuda_graph: auto` (the stages' and recipes' default): on for one process on CUDA, off on CPU and under
+    torchrun; an explicit true or false wins. (Deciding needs no GPU: the config is only built, not run.)"""
+    def stage(**kw):
+        return StageConfig(stage=1, layer_types="attn*4", **kw)
+
+    assert stage().cuda_graph == "auto"
+    assert not stage(device="cpu").graph_step() and not stage(device="cpu").train_config().cuda_graph
+    assert stage(device="cuda").graph_step() and stage(device="cuda").train_config().cuda_graph
+    assert not stage(device="cuda", cuda_graph=False).graph_step()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not stage(device="cuda").graph_step()
+    assert stage(device="cuda", cuda_graph=True).graph_step()  # then the trainer refuses it, naming torchrun
+    with pytest.raises(ValueError, match=r"StageConfig.cuda_graph='yes' must be true, false or 'auto'"):
+        stage(cuda_graph="yes")
+    # a recipe or the command line writes it as a word
+    assert check_value(TrainRecipe, "cuda_graph", "true") == (True, None)
+    assert check_value(TrainRecipe, "cuda_graph", "auto") == ("auto", None)
+    assert check_value(TrainRecipe, "cuda_graph", False) == (False, None)
+    assert check_value(TrainRecipe, "cuda_graph", "maybe") == ("maybe", "must be one of true, false, auto")
 
 
 def test_static_step_checks_the_batch_shape(models):
