@@ -32,7 +32,7 @@ TITLES = {
     "bench": "Throughput: the hybrid against its teacher",
 }
 SCALARS = ("steps", "tokens", "final_loss", "tokens_per_s", "seconds", "placement", "layer_types", "best", "chosen",
-           "model_dir", "objective", "uniform_objective", "one_layer_objective")
+           "model_dir", "objective", "uniform_objective", "one_layer_objective", "cuda_graph")
 #: a run whose stages 1 and 2 together trained on fewer tokens is a smoke test (the paper: 400B; the GPU recipe's
 #: shortened run, whose findings the README reports, 18M)
 SMOKE_TOKENS = 1_000_000
@@ -120,6 +120,11 @@ def _outputs_section(result: dict, out: Path, figures: bool = True) -> list[str]
     return lines + [""]
 
 
+def _is_count(metric: str) -> bool:
+    """A count of rows (`n`, a retrieval distance bucket's `n@lo-hi`) or a duration: not compared."""
+    return metric in COUNTS or metric.startswith("n@")
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -137,11 +142,11 @@ def _side_by_side(hybrid: dict, teacher: dict, metric_source: str) -> list[str]:
             label = f"{key} ({n} rows)" if _number(n) else key
             for metric, value in h[key].items():
                 other = t.get(key, {}).get(metric) if isinstance(t.get(key), dict) else None
-                if _number(value) and metric not in COUNTS:
+                if _number(value) and not _is_count(metric):
                     rows.append((f"{label} {metric}", value, other))
                     if metric in ("acc", "acc_norm") and _number(n) and 0 < n < 400:
                         few.append((key, int(n)))
-        elif _number(h[key]) and key not in COUNTS:
+        elif _number(h[key]) and not _is_count(key):
             rows.append((key, h[key], t.get(key)))
     if not rows:
         return []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,7 +336,9 @@ class RetrievalTask(Task):
     - `mqar`: multi-query associative recall: "<word> is <number>" pairs, then several of them queried in turn.
 
     Each row fills `length` tokens of the model's tokenizer. `acc` is the fraction of answers that greedy
-    decoding reproduces exactly; `target_nll` the mean per-token NLL of the answers.
+    decoding reproduces exactly; `target_nll` the mean per-token NLL of the answers. `acc@<lo>-<hi>` (with
+    `n@<lo>-<hi>` answers) is the accuracy of the answers whose source statement starts `lo` to `hi` tokens before
+    the answer (buckets doubling from 128): where a model's retrieval gives out, e.g. beyond a sliding window.
     """
 
     kind: str
@@ -440,8 +443,37 @@ class RetrievalTask(Task):
                 context += text
         scores = score_continuations(lm, requests, progress=self.name if progress else None, rows=owners)
         n = max(len(scores), 1)
-        return {"acc": sum(s.is_greedy for s in scores) / n,
-                "target_nll": sum(-s.logprob / s.num_tokens for s in scores) / n, "n": len(scores)}
+        out = {"acc": sum(s.is_greedy for s in scores) / n,
+               "target_nll": sum(-s.logprob / s.num_tokens for s in scores) / n, "n": len(scores)}
+        buckets: dict[tuple[int, int], list[bool]] = {}
+        for (context, answer), score in zip(requests, scores):
+            distance = source_distance(lm, context, answer)
+            if distance is not None:
+                buckets.setdefault(distance_bucket(distance), []).append(score.is_greedy)
+        for lo, hi in sorted(buckets):
+            hits = buckets[lo, hi]
+            out[f"acc@{lo}-{hi}"] = sum(hits) / len(hits)
+            out[f"n@{lo}-{hi}"] = len(hits)
+        return out
+
+
+def source_distance(lm: LanguageModel, context: str, answer: str) -> int | None:
+    """How many tokens before the end of `context` the statement that holds `answer` starts: the statement is the
+    question's last clause (after its last newline or "? ") followed by the answer, found as a whole phrase in the
+    context (mqar's "red apple is 42.", the needle's "The special magic number for X is 1234567."); None if absent."""
+    phrase = re.split(r"\n|\? ", context)[-1] + answer
+    found = re.search(r"(?<![\w])" + re.escape(phrase) + r"(?![\w])", context)
+    return None if found is None else len(lm.encode(context[found.start():]))
+
+
+def distance_bucket(distance: int, first: int = 128) -> tuple[int, int]:
+    """`(lo, hi)` of the doubling bucket holding `distance` tokens: [0, 127], [128, 255], [256, 511], ..."""
+    if distance < first:
+        return 0, first - 1
+    lo = first
+    while distance >= 2 * lo:
+        lo *= 2
+    return lo, 2 * lo - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

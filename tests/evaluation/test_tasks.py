@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 
 from jetnas.cli import main
 from jetnas.evaluation.scoring import encode_pair, score_continuations, token_nll
-from jetnas.evaluation.tasks import MultipleChoiceTask, RetrievalTask, parse_task
+from jetnas.evaluation.tasks import (MultipleChoiceTask, RetrievalTask, distance_bucket, parse_task,
+                                    source_distance)
 from tests.utils import tiny_lm, tiny_tokenizer
 
 MC_ROWS = [
@@ -100,6 +102,37 @@ def test_retrieval_rows_are_deterministic_and_fill_the_length(kind):
         assert answers and all(a.startswith(" ") for a in answers)
         if kind != "mqar":
             assert text.count(answers[0].strip()) >= 2  # stated in the context, then given as the answer
+
+
+def test_distance_buckets():
+    assert [distance_bucket(d) for d in (0, 127, 128, 255, 256, 1023, 1024, 5000)] == [
+        (0, 127), (0, 127), (128, 255), (128, 255), (256, 511), (512, 1023), (1024, 2047), (4096, 8191)]
+
+
+@pytest.mark.parametrize("kind", ["kv", "needle", "mqar"])
+def test_retrieval_accuracy_by_distance_adds_up(kind):
+    """Every answer's source statement is found, at a distance the tokenizer confirms, and the buckets' accuracies
+    weighted by their counts give the overall accuracy."""
+    lm, _ = tiny_lm(max_length=1024)
+    task = RetrievalTask(kind, 600, n=3, seed=2)
+    for segments in task.make_rows(lm):
+        first = segments[0][0]
+        body = first[: first.rfind("\n")]  # the statements / filler with the facts, before the first question
+        context = ""
+        for text, is_answer in segments:
+            if is_answer:
+                statement = re.split(r"\n|\? ", context)[-1] + text  # e.g. "red apple is 42"
+                assert statement in body
+                distance = source_distance(lm, context, text)
+                # the source lies in the body: further back than the questions, within the context
+                assert len(lm.encode(context[len(body):])) <= distance <= len(lm.encode(context))
+            context += text
+    result = task.evaluate(lm)
+    counts = {k[2:]: v for k, v in result.items() if k.startswith("n@")}
+    assert sum(counts.values()) == result["n"] and counts
+    assert sum(result[f"acc@{b}"] * n for b, n in counts.items()) == pytest.approx(result["acc"] * result["n"])
+    if kind == "mqar":  # statements spread over the whole context: several buckets
+        assert len(counts) >= 2
 
 
 def test_task_names_and_errors(tmp_path):
