@@ -167,7 +167,8 @@ for step in "$@"; do
     # GRAPH=1: each stage-1 run times the eager step and then the step captured in a CUDA graph, in one process
     # (train_bench.py --cuda-graph; read stage1-graph.speedup_vs_eager and cuda_graph.{captured, fallback})
     trainbench:*) lines=1; [ -n "${GRAPH:-}" ] && lines=4
-                  for mb in "" 16; do
+                  # TB_MB= (empty) skips the two-micro-batch half when device time is short
+                  for mb in "" ${TB_MB-16}; do
                     timeout "${step#*:}" python3 benchmarks/train_bench.py --teacher random \
                       --tokenizer-from /root/stage/prof/tok --data ../shared/data/corpus/val.bin --linear gdn \
                       --autotune-configs 4 --modes stage1 --steps 20 --warmup 5 --label "new${mb:+_mb$mb}" \
