@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the git-ignored .stage/ folders that GPU calls carry (see dev/gpu_session.sh): run once per fresh checkout.
 #   .stage/fla        fla wheels only (engine, kernel and generate checks): one call, ~1.5 MB
-#   .stage/c1 .. c5   everything the PostNAS recipe needs, in five calls of < 60 MB (the device takes 64 MiB a call):
+#   .stage/c1 .. c5, c8  everything the PostNAS recipe needs, in six calls of < 50 MB (the device takes 64 MiB a call,
+#                     the repository's tracked files included: 14.5 MB on 2026-12-06):
 #                     tilelang + its dependencies (fla's backward of the gated delta rule on Hopper with Triton 3.6),
 #                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus
 #                     (c5: the articles the recall data is built from, the tokenizer for the training benchmark)
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHL=.stage/wheels
-mkdir -p "$WHL" .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5
+mkdir -p "$WHL" .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5 .stage/c8
 dl() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -21,7 +22,8 @@ cp "$WHL"/fla_core-*.whl "$WHL"/flash_linear_attention-*.whl .stage/fla/
 cp "$WHL"/tilelang-*.whl .stage/c1/
 # the small wheels ride with c3: c1 (tilelang, 49.6 MB) plus the repository (13 MB tracked) passed 64 MiB (2026-12-06)
 cp "$WHL"/apache_tvm_ffi-*.whl "$WHL"/torch_c_dlpack_ext-*.whl "$WHL"/gguf-*.whl .stage/fla/*.whl .stage/c3/
-cp "$WHL"/z3_solver-*.whl .stage/c2/
+# z3 alone: beside gguf.part0 in c2 it passed 64 MiB with the repository (2026-12-06, seventh session)
+cp "$WHL"/z3_solver-*.whl .stage/c8/
 
 # the teacher's GGUF (fetched and cached by jetnas itself), in four parts; setup() reassembles and checks it
 GGUF=$(python3 -c "from jetnas.models.teachers import _smollm2_gguf; print(_smollm2_gguf())")
@@ -42,7 +44,7 @@ cp ../shared/data/corpus/train.jsonl.gz .stage/c5/corpus/
 # the teacher's tokenizer for benchmarks/train_bench.py (gpu_session.sh trainbench, before any recipe loads the teacher)
 python3 -c "from jetnas.models.teachers import load_teacher; load_teacher('smollm2-135m')[1].save_pretrained('.stage/c5/prof/tok')"
 sha256sum "$GGUF"
-du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5
+du -sh .stage/fla .stage/c1 .stage/c2 .stage/c3 .stage/c4 .stage/c5 .stage/c8
 
 # Optional (DENSE=1): the recall documents of smollm2-135m-gpu-final-4k-dense built here, at the path the device's run
 # uses (/root/run), so the device reuses them instead of building them (~1-2 min of device time): carried in c6 and
