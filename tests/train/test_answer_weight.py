@@ -162,6 +162,35 @@ def test_the_weight_of_a_position_is_its_labels_flag():
     assert all(torch.equal(got_m[k], base_m[k]) for k in ("hidden", "kl", "lm"))
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_full_logits_path_weights_as_the_fused_head_does(monkeypatch, stage):
+    """A head sharded by FSDP2 takes the full-logits losses (`logits_kl` / `lm_loss` with their token_weight): the
+    same loss, metrics and gradients as the fused head's chunked loss (float32: 1e-5, as tests/ops/test_losses.py
+    states for the two paths)."""
+    import jetnas.train.stages as stages
+
+    torch.manual_seed(0)
+    teacher = JetNemotronForCausalLM(tiny_config(["attn"] * 2)).eval().requires_grad_(False)
+    student = JetNemotronForCausalLM(tiny_config(["attn", "gdn"]))
+    ids = torch.randint(1, VOCAB, (3, SEQ + 1))
+    batch = torch.stack([ids, (torch.rand(ids.shape) < 0.2).long()], dim=1)
+    config = copy.copy(StageConfig(stage=stage, layer_types="attn*2", precision="fp32", seq_len=SEQ, kl_weight=1.0))
+    config.answer_weight = 4.0  # (set after the spans check, which reads a data spec this test has none of)
+    params = [p for p in student.parameters() if p.requires_grad]
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(stages, "_fused_head", lambda model, fused=fused: fused)
+        loss, metrics = stage_losses(config, student, teacher, batch)
+        results.append((loss, metrics, torch.autograd.grad(loss, params)))
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert metrics.keys() == ref_metrics.keys() and all(rel_err(metrics[k], ref_metrics[k]) < 1e-5 for k in metrics)
+    assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    weights = {"hidden": config.hidden_weight, "kl": config.kl_weight, "lm": config.lm_weight}
+    plain = sum(weights[k] * ref_metrics[k] for k in weights)
+    assert rel_err(ref_loss, plain) > 1e-3  # the weights are in it
+
+
 # -- answer_weight 1: today's training ---------------------------------------------------------------------------
 
 
