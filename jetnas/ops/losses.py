@@ -15,7 +15,12 @@ Rows i = 1..N, vocabulary v = 1..V, temperature T, student logits `z = h W^T`, t
 
     KL = T^2 / n_kl * sum_i m_i sum_v p_iv (log p_iv - log q_iv)          (jetnas.nas.distill.distill_terms)
     CE = 1 / n_ce * sum_i valid_i (logsumexp_v z_iv - z_iy_i)             (F.cross_entropy, mean)
-    L  = a KL + b CE                                                        (a = kl_weight, b = ce_weight)
+    L  = a KL_w + b CE_w                                                    (a = kl_weight, b = ce_weight)
+
+where KL_w and CE_w are the same sums with each row's term times a per-token weight w_i (`token_weight`, default 1:
+then KL_w = KL and CE_w = CE), still divided by the unweighted counts n_kl, n_ce: a row of weight 1 keeps exactly
+its gradient, a row of weight w gets w times its own (answer-weighted distillation, `jetnas.train.stages`). The
+terms returned beside L are the unweighted KL and CE, comparable with any run without weights.
 
 An empty mean (n = 0) is 0, not NaN (so a batch of padding trains nothing rather than poisoning the step).
 
@@ -26,9 +31,10 @@ With s = z / T, `log q_v = s_v - logsumexp(s)`, so `d log q_v / d s_u = [u == v]
 
     d/ds_u ( -sum_v p_v log q_v ) = -sum_v p_v ([u == v] - q_u) = q_u - p_u
     dKL/dz_iv = T^2 / n_kl * m_i * (1 / T) (q_iv - p_iv) = T m_i (q_iv - p_iv) / n_kl
+    dKL_w/dz_iv = T w_i m_i (q_iv - p_iv) / n_kl
 
 (the T^2 factor of Hinton et al. keeps the gradient's scale independent of T to first order). Likewise
-`dCE/dz_iv = valid_i (softmax(z_i)_v - [v == y_i]) / n_ce`. So G = dL/dz is known row by row in the forward pass,
+`dCE_w/dz_iv = w_i valid_i (softmax(z_i)_v - [v == y_i]) / n_ce`. So G = dL/dz is known row by row in the forward pass,
 and the chain rule through `z = h W^T` gives
 
     dL/dh = G W        [N, D]
@@ -118,6 +124,10 @@ class _Inputs:
     labels: torch.Tensor | None  # [N] int64, ignored positions replaced by 0
     kl_scale: torch.Tensor | None  # [N] m_i / n_kl in the accumulation dtype
     ce_scale: torch.Tensor | None  # [N] valid_i / n_ce
+    # with token weights: [N] w_i m_i / n_kl and w_i valid_i / n_ce, each row's share of L and of G (None: no
+    # weights, the unweighted scales serve both)
+    kl_wscale: torch.Tensor | None
+    ce_wscale: torch.Tensor | None
     temperature: float
     kl_weight: float
     ce_weight: float
@@ -190,6 +200,12 @@ def _check_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     return _rows(mask, n, "mask", per_token=True)
 
 
+def _check_token_weight(token_weight: torch.Tensor, n: int) -> torch.Tensor:
+    if not token_weight.dtype.is_floating_point:
+        raise ValueError(f"token_weight must be floating point (a weight per token), got {token_weight.dtype}")
+    return _rows(token_weight.detach(), n, "token_weight", per_token=True)
+
+
 def _check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -197,7 +213,7 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _prepare(hidden, weight, labels, teacher_logits, teacher_hidden, teacher_weight, kl_weight, ce_weight,
-             temperature, mask, ignore_index, chunk_size, step) -> _Inputs:
+             temperature, mask, ignore_index, chunk_size, step, token_weight=None) -> _Inputs:
     _check_head(hidden, weight, "")
     n, vocab = hidden.shape[0], weight.shape[0]
     if n < 1:
@@ -213,7 +229,7 @@ def _prepare(hidden, weight, labels, teacher_logits, teacher_hidden, teacher_wei
         raise ValueError("step='triton' computes in float32: float64 inputs take step='torch'")
     acc = _acc_dtype(compute)
     inputs = _Inputs(n=n, vocab=vocab, compute_dtype=compute, teacher_logits=None, teacher_hidden=None,
-                     teacher_weight=None, labels=None, kl_scale=None, ce_scale=None,
+                     teacher_weight=None, labels=None, kl_scale=None, ce_scale=None, kl_wscale=None, ce_wscale=None,
                      temperature=_check_temperature(temperature), kl_weight=float(kl_weight),
                      ce_weight=float(ce_weight), step=step,
                      chunk_size=chunk_size or default_chunk_size(n, vocab, step=step))
@@ -232,25 +248,48 @@ def _prepare(hidden, weight, labels, teacher_logits, teacher_hidden, teacher_wei
         valid = labels != ignore_index
         inputs.labels = labels.masked_fill(~valid, 0).long()
         inputs.ce_scale = valid.to(acc) / valid.sum().clamp_min(1)
+    if token_weight is not None:
+        w = _check_token_weight(token_weight, n).to(acc)
+        inputs.kl_wscale = None if inputs.kl_scale is None else inputs.kl_scale * w
+        inputs.ce_wscale = None if inputs.ce_scale is None else inputs.ce_scale * w
     return inputs
+
+
+class ChunkTerms(NamedTuple):
+    """What a chunk step returns: `kl`, `ce` (this chunk's shares of the unweighted means, 0-dim in the
+    accumulation dtype; None where not asked for), `grad` (G = dL/dz in z's dtype, None without want_grad), and
+    `kl_weighted`, `ce_weighted` (the shares of the token-weighted sums that L takes; None without weighted
+    scales, when L takes kl and ce themselves)."""
+
+    kl: torch.Tensor | None
+    ce: torch.Tensor | None
+    grad: torch.Tensor | None
+    kl_weighted: torch.Tensor | None = None
+    ce_weighted: torch.Tensor | None = None
 
 
 def _chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor | None,
                  kl_scale: torch.Tensor | None, ce_scale: torch.Tensor | None, temperature: float,
-                 kl_weight: float, ce_weight: float, want_grad: bool):
-    """One chunk: `(kl, ce, G)` for student logits `z [C, V]`, teacher logits `zt [C, V]` or None, labels `[C]` or
-    None, per-row scales `m_i / n_kl`, `valid_i / n_ce`. kl and ce are this chunk's share of the means (0-dim, in
-    the accumulation dtype; None where not asked for); G = dL/dz in z's dtype, or None without want_grad.
+                 kl_weight: float, ce_weight: float, want_grad: bool, kl_wscale: torch.Tensor | None = None,
+                 ce_wscale: torch.Tensor | None = None) -> ChunkTerms:
+    """One chunk (`ChunkTerms`) for student logits `z [C, V]`, teacher logits `zt [C, V]` or None, labels `[C]` or
+    None, per-row scales `m_i / n_kl`, `valid_i / n_ce`, and optionally the token-weighted ones `w_i m_i / n_kl`,
+    `w_i valid_i / n_ce` (`kl_wscale`, `ce_wscale`: both or neither; they then scale G and the weighted terms).
     In-place operations only touch tensors made here (z and zt may be views of the caller's)."""
     out_dtype = z.dtype
     z = z.to(_acc_dtype(out_dtype))
-    kl = ce = grad = None
+    weighted = kl_wscale is not None or ce_wscale is not None
+    kl = ce = grad = kl_w = ce_w = None
     if labels is not None:
         lse = torch.logsumexp(z, -1)
-        ce = ((lse - z.gather(1, labels[:, None]).squeeze(1)) * ce_scale).sum()
+        if weighted:
+            per_row = lse - z.gather(1, labels[:, None]).squeeze(1)
+            ce, ce_w = (per_row * ce_scale).sum(), (per_row * ce_wscale).sum()
+        else:
+            ce = ((lse - z.gather(1, labels[:, None]).squeeze(1)) * ce_scale).sum()
         if want_grad:
-            row = (ce_weight * ce_scale)[:, None]
-            # b valid_i / n_ce * (softmax(z) - onehot(y))
+            row = (ce_weight * (ce_wscale if weighted else ce_scale))[:, None]
+            # b w_i valid_i / n_ce * (softmax(z) - onehot(y))
             grad = (z - lse[:, None]).exp_().mul_(row)
             grad.scatter_add_(1, labels[:, None], -row)
     if zt is not None:
@@ -263,13 +302,17 @@ def _chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor 
         del st
         p = log_p.exp()
         # sum_v p (log p - log q), made in log_p's storage
-        kl = (log_p.sub_(log_q).mul_(p).sum(-1) * kl_scale).sum() * (temperature * temperature)
-        del log_p
+        per_row = log_p.sub_(log_q).mul_(p).sum(-1)
+        kl = (per_row * kl_scale).sum() * (temperature * temperature)
+        if weighted:
+            kl_w = (per_row * kl_wscale).sum() * (temperature * temperature)
+        del log_p, per_row
         if want_grad:
-            # a T m_i / n_kl * (q - p), made in log_q's storage
-            g_kl = log_q.exp_().sub_(p).mul_((kl_weight * temperature * kl_scale)[:, None])
+            # a T w_i m_i / n_kl * (q - p), made in log_q's storage
+            row = kl_weight * temperature * (kl_wscale if weighted else kl_scale)
+            g_kl = log_q.exp_().sub_(p).mul_(row[:, None])
             grad = g_kl if grad is None else grad.add_(g_kl)
-    return kl, ce, None if grad is None else grad.to(out_dtype)
+    return ChunkTerms(kl, ce, None if grad is None else grad.to(out_dtype), kl_w, ce_w)
 
 
 @functools.cache
@@ -292,6 +335,10 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, inp: _Inputs, need_h: bool,
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     kl_total = torch.zeros((), dtype=acc, device=hidden.device)
     ce_total = torch.zeros((), dtype=acc, device=hidden.device)
+    weighted = inp.kl_wscale is not None or inp.ce_wscale is not None
+    # the token-weighted sums L is made of (with token weights; else L takes kl_total and ce_total)
+    kl_w_total = torch.zeros((), dtype=acc, device=hidden.device)
+    ce_w_total = torch.zeros((), dtype=acc, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, inp.n, inp.chunk_size):
             rows = slice(start, min(inp.n, start + inp.chunk_size))
@@ -303,15 +350,22 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, inp: _Inputs, need_h: bool,
                 zt = inp.teacher_hidden[rows] @ inp.teacher_weight.t()
             else:
                 zt = None
-            kl, ce, grad = chunk_step(z, zt, None if inp.labels is None else inp.labels[rows],
-                                      None if inp.kl_scale is None else inp.kl_scale[rows],
-                                      None if inp.ce_scale is None else inp.ce_scale[rows],
-                                      inp.temperature, inp.kl_weight, inp.ce_weight, want_grad)
+            kl, ce, grad, kl_w, ce_w = chunk_step(
+                z, zt, None if inp.labels is None else inp.labels[rows],
+                None if inp.kl_scale is None else inp.kl_scale[rows],
+                None if inp.ce_scale is None else inp.ce_scale[rows],
+                inp.temperature, inp.kl_weight, inp.ce_weight, want_grad,
+                **({} if not weighted else {"kl_wscale": None if inp.kl_wscale is None else inp.kl_wscale[rows],
+                                            "ce_wscale": None if inp.ce_wscale is None else inp.ce_wscale[rows]}))
             del z, zt
             if kl is not None:
                 kl_total += kl
             if ce is not None:
                 ce_total += ce
+            if kl_w is not None:
+                kl_w_total += kl_w
+            if ce_w is not None:
+                ce_w_total += ce_w
             if need_h:
                 grad_h[rows] = grad @ w
             if need_w:
@@ -320,7 +374,10 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, inp: _Inputs, need_h: bool,
                 else:  # a compute-dtype product added into the float32 accumulator
                     grad_w += grad.t() @ h_c
             del grad
-    loss = inp.kl_weight * kl_total + inp.ce_weight * ce_total
+    if weighted:
+        loss = inp.kl_weight * kl_w_total + inp.ce_weight * ce_w_total
+    else:
+        loss = inp.kl_weight * kl_total + inp.ce_weight * ce_total
     return loss, kl_total, ce_total, grad_h, grad_w
 
 
@@ -349,8 +406,8 @@ def chunked_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          teacher_logits: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
                          teacher_weight: torch.Tensor | None = None, *, kl_weight: float = 1.0,
                          ce_weight: float = 1.0, temperature: float = 1.0, mask: torch.Tensor | None = None,
-                         ignore_index: int = -100, chunk_size: int | None = None,
-                         step: str = "torch") -> LinearLosses:
+                         ignore_index: int = -100, chunk_size: int | None = None, step: str = "torch",
+                         token_weight: torch.Tensor | None = None) -> LinearLosses:
     """KL(teacher || student) and / or the cross-entropy of the student's LM head in one pass over chunks of rows,
     never holding the `[N, V]` logits (see the module docstring for the definitions and the gradients).
 
@@ -371,15 +428,21 @@ def chunked_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             PyTorch, the default until the GPU benchmark says otherwise), "compile" (`torch.compile` of the same
             function), or "triton" (`jetnas.ops.triton_losses`, two passes per row; CUDA, or CPU tensors under
             Triton's interpreter; not float64).
+        token_weight: `[...]` (like labels) float, a weight w_i per token that scales its KL and cross-entropy
+            terms in the loss and so in both gradients (`sum_i w_i term_i / n`, n the unweighted count: see the
+            module docstring); a constant (no gradient), taken as given (zeros allowed; not checked for sign on
+            the host, so that the op stays capturable). None: every weight 1 (the same computation as before the
+            argument existed, bit for bit).
 
     Returns:
-        `LinearLosses(loss, kl, ce)`: loss differentiable (w.r.t. hidden and weight), the terms detached; float32
-        (float64 for float64 inputs). The teacher's tensors are constants and get no gradient.
+        `LinearLosses(loss, kl, ce)`: loss differentiable (w.r.t. hidden and weight), the terms detached and
+        unweighted (token_weight only changes the loss); float32 (float64 for float64 inputs). The teacher's
+        tensors are constants and get no gradient.
     """
     _check_head(hidden, weight, "")
     h = hidden.reshape(-1, hidden.shape[-1])
     inp = _prepare(h, weight, labels, teacher_logits, teacher_hidden, teacher_weight, kl_weight, ce_weight,
-                   temperature, mask, ignore_index, chunk_size, step)
+                   temperature, mask, ignore_index, chunk_size, step, token_weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, kl, ce = _ChunkedLinearLoss.apply(h, weight, inp)
     else:  # evaluation: values only
@@ -409,10 +472,12 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
 
 def naive_linear_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                     *, teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                    temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                    temperature: float = 1.0, mask: torch.Tensor | None = None,
+                    token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The reference KL, as `distill_terms` computes it: full logits `student_hidden @ weight.T` (under the
     ambient autocast), float32 log-softmaxes of both (float64 for float64 inputs), `T^2 * mean over (masked)
-    tokens of sum_v p (log p - log q)`. Shapes as `chunked_linear_kl_ce`; the teacher is detached."""
+    tokens of sum_v p (log p - log q)`; with `token_weight`, each token's term times its weight, over the same
+    unweighted count. Shapes as `chunked_linear_kl_ce`; the teacher is detached."""
     _check_head(student_hidden, weight, "")
     n = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
     t_logits, t_hidden, t_weight = _teacher_rows(weight, teacher_logits, teacher_hidden, teacher_weight, n)
@@ -423,22 +488,28 @@ def naive_linear_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_
     log_p = F.log_softmax(zt.to(acc) / t, -1)
     log_q = F.log_softmax(z.to(acc) / t, -1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    w = None if token_weight is None else _check_token_weight(token_weight, n).to(acc)
     if mask is None:
-        return per_token.mean() * t * t
+        return (per_token if w is None else per_token * w).mean() * t * t
     keep = _check_mask(mask, n).to(acc)
-    return (per_token * keep).sum() / keep.sum().clamp_min(1) * t * t
+    return (per_token * (keep if w is None else keep * w)).sum() / keep.sum().clamp_min(1) * t * t
 
 
 def naive_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               ignore_index: int = -100) -> torch.Tensor:
+                               ignore_index: int = -100, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The reference cross-entropy: full logits `hidden @ weight.T` (ambient autocast), upcast to float32
-    (float64 stays), `F.cross_entropy` summed over labels != ignore_index, divided by their count (the mean;
-    0 rather than NaN when every label is ignored)."""
+    (float64 stays), `F.cross_entropy` summed over labels != ignore_index (each token's term times its
+    `token_weight` when given), divided by their count (the mean; 0 rather than NaN when every label is ignored)."""
     _check_head(hidden, weight, "")
     h = hidden.reshape(-1, hidden.shape[-1])
     labels = _check_labels(labels, h.shape[0])
     z = F.linear(h, weight)
-    total = F.cross_entropy(z.to(_acc_dtype(z.dtype)), labels.long(), ignore_index=ignore_index, reduction="sum")
+    acc = _acc_dtype(z.dtype)
+    if token_weight is None:
+        total = F.cross_entropy(z.to(acc), labels.long(), ignore_index=ignore_index, reduction="sum")
+    else:
+        per_token = F.cross_entropy(z.to(acc), labels.long(), ignore_index=ignore_index, reduction="none")
+        total = (per_token * _check_token_weight(token_weight, h.shape[0]).to(acc)).sum()
     return total / (labels != ignore_index).sum().clamp_min(1)
 
 
@@ -446,18 +517,23 @@ def naive_linear_kl_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        teacher_logits: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
                        teacher_weight: torch.Tensor | None = None, *, kl_weight: float = 1.0, ce_weight: float = 1.0,
                        temperature: float = 1.0, mask: torch.Tensor | None = None,
-                       ignore_index: int = -100) -> LinearLosses:
-    """The reference for `chunked_linear_kl_ce`: `naive_linear_kl` and `naive_linear_cross_entropy`, weighted."""
+                       ignore_index: int = -100, token_weight: torch.Tensor | None = None) -> LinearLosses:
+    """The reference for `chunked_linear_kl_ce`: `naive_linear_kl` and `naive_linear_cross_entropy`, weighted by
+    kl_weight and ce_weight (and, in the loss only, by `token_weight`: the terms returned are unweighted)."""
     has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_weight is not None
     if labels is None and not has_teacher:
         raise ValueError("nothing to compute: give labels (cross-entropy), the teacher (KL), or both")
     kl = ce = None
     loss = 0.0
+    teacher = {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "temperature": temperature,
+               "mask": mask}
     if has_teacher:
-        kl = naive_linear_kl(hidden, weight, teacher_logits, teacher_hidden=teacher_hidden,
-                             teacher_weight=teacher_weight, temperature=temperature, mask=mask)
-        loss = loss + kl_weight * kl
+        kl = naive_linear_kl(hidden, weight, teacher_logits, **teacher)
+        loss = loss + kl_weight * (kl if token_weight is None else
+                                   naive_linear_kl(hidden, weight, teacher_logits, **teacher,
+                                                   token_weight=token_weight))
     if labels is not None:
         ce = naive_linear_cross_entropy(hidden, weight, labels, ignore_index)
-        loss = loss + ce_weight * ce
+        loss = loss + ce_weight * (ce if token_weight is None else
+                                   naive_linear_cross_entropy(hidden, weight, labels, ignore_index, token_weight))
     return LinearLosses(loss, None if kl is None else kl.detach(), None if ce is None else ce.detach())

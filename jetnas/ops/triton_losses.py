@@ -9,6 +9,8 @@ Pass 1, online over the row's vocabulary blocks (running maxima, rescaled sums):
 s_t = z_t / T, the raw logsumexp of z when T != 1 (the cross-entropy's), and A = sum_v e^(s_t - m_t) (s_t - s),
 so that sum_v p (log p - log q) = A / d_t + lse(s) - lse(s_t) (with sum_v p = d_t / d_t = 1). Pass 2 writes
 G = a T m_i / n_kl (q - p) + b valid_i / n_ce (softmax(z) - onehot(y)), in z's dtype. Float32 math throughout.
+With token weights (`kl_wscale`, `ce_wscale`: w_i m_i / n_kl and w_i valid_i / n_ce), G takes those scales and each
+row also stores its weighted terms beside the unweighted ones (one more float32 per row and term).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
+from jetnas.ops.losses import ChunkTerms
+
 
 @triton.jit
 def _linear_loss_chunk_kernel(z_ptr, zt_ptr, labels_ptr, kl_scale_ptr, ce_scale_ptr, kl_row_ptr, ce_row_ptr,
+                              kl_wscale_ptr, ce_wscale_ptr, kl_wrow_ptr, ce_wrow_ptr,
                               V, stride_z, stride_zt, inv_t, t2, kl_coef, ce_coef,
                               HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, WANT_GRAD: tl.constexpr,
-                              SEPARATE_CE_LSE: tl.constexpr, BLOCK_V: tl.constexpr):
+                              SEPARATE_CE_LSE: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     zt_row = zt_ptr + row * stride_zt
@@ -68,13 +73,23 @@ def _linear_loss_chunk_kernel(z_ptr, zt_ptr, labels_ptr, kl_scale_ptr, ce_scale_
         lse_t = m_t + tl.log(d_t)
         kl_scale = tl.load(kl_scale_ptr + row)
         tl.store(kl_row_ptr + row, (acc / d_t + lse_s - lse_t) * t2 * kl_scale)
-        g_kl = kl_coef * kl_scale
+        if WEIGHTED:
+            kl_wscale = tl.load(kl_wscale_ptr + row)
+            tl.store(kl_wrow_ptr + row, (acc / d_t + lse_s - lse_t) * t2 * kl_wscale)
+            g_kl = kl_coef * kl_wscale
+        else:
+            g_kl = kl_coef * kl_scale
     if HAS_CE:
         label = tl.load(labels_ptr + row)
         ce_scale = tl.load(ce_scale_ptr + row)
         z_label = tl.load(z_row + label).to(tl.float32)
         tl.store(ce_row_ptr + row, (lse_z - z_label) * ce_scale)
-        g_ce = ce_coef * ce_scale
+        if WEIGHTED:
+            ce_wscale = tl.load(ce_wscale_ptr + row)
+            tl.store(ce_wrow_ptr + row, (lse_z - z_label) * ce_wscale)
+            g_ce = ce_coef * ce_wscale
+        else:
+            g_ce = ce_coef * ce_scale
     if WANT_GRAD:
         # G overwrites z block by block: each block is read before it is written, and z[label] was read above
         for start in range(0, V, BLOCK_V):
@@ -92,10 +107,12 @@ def _linear_loss_chunk_kernel(z_ptr, zt_ptr, labels_ptr, kl_scale_ptr, ce_scale_
 
 def triton_chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor | None,
                        kl_scale: torch.Tensor | None, ce_scale: torch.Tensor | None, temperature: float,
-                       kl_weight: float, ce_weight: float, want_grad: bool, block_v: int | None = None):
-    """`jetnas.ops.losses._chunk_terms` as one kernel launch: `(kl, ce, G)` for the chunk, G written over `z`
+                       kl_weight: float, ce_weight: float, want_grad: bool, kl_wscale: torch.Tensor | None = None,
+                       ce_wscale: torch.Tensor | None = None, block_v: int | None = None) -> ChunkTerms:
+    """`jetnas.ops.losses._chunk_terms` as one kernel launch: its `ChunkTerms` for the chunk, G written over `z`
     (which must be the caller's own scratch tensor: `[C, V]`, unit stride along V, float32 / bf16 / fp16).
-    kl and ce are float32 0-dim tensors (None where not asked for); G is z, or None without want_grad.
+    kl and ce (and kl_weighted, ce_weighted with the token-weighted scales `kl_wscale`, `ce_wscale`) are float32
+    0-dim tensors (None where not asked for); G is z, or None without want_grad.
     `block_v`: vocabulary entries per step of the row loops (a power of two; default min(4096, next pow2 of V)),
     set small by the tests to exercise the online rescaling across blocks."""
     if z.dtype == torch.float64:
@@ -106,16 +123,32 @@ def triton_chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, labels: torch.T
         zt = zt.contiguous()
     C, V = z.shape
     has_kl, has_ce = zt is not None, labels is not None
-    kl_rows = torch.empty(C, dtype=torch.float32, device=z.device) if has_kl else None
-    ce_rows = torch.empty(C, dtype=torch.float32, device=z.device) if has_ce else None
+    weighted = kl_wscale is not None or ce_wscale is not None
+    if weighted and ((kl_wscale is None) == has_kl or (ce_wscale is None) == has_ce):
+        raise ValueError(f"token-weighted scales go with the terms computed: KL {has_kl}, CE {has_ce}, got "
+                         f"kl_wscale={kl_wscale is not None}, ce_wscale={ce_wscale is not None}")
+
+    def rows(on: bool):
+        return torch.empty(C, dtype=torch.float32, device=z.device) if on else None
+
+    kl_rows, ce_rows = rows(has_kl), rows(has_ce)
+    kl_wrows, ce_wrows = rows(has_kl and weighted), rows(has_ce and weighted)
     dummy = z  # an unused pointer argument still needs a tensor
+
+    def arg(t):
+        return dummy if t is None else t
+
     _linear_loss_chunk_kernel[(C,)](
         z, zt if has_kl else dummy, labels if has_ce else dummy,
-        kl_scale.float() if has_kl else dummy, ce_scale.float() if has_ce else dummy,
-        kl_rows if has_kl else dummy, ce_rows if has_ce else dummy,
+        kl_scale.float() if has_kl else dummy, ce_scale.float() if has_ce else dummy, arg(kl_rows), arg(ce_rows),
+        arg(None if kl_wscale is None else kl_wscale.float()), arg(None if ce_wscale is None else ce_wscale.float()),
+        arg(kl_wrows), arg(ce_wrows),
         V, z.stride(0), zt.stride(0) if has_kl else 0, 1.0 / temperature, temperature * temperature,
         kl_weight * temperature, ce_weight,
         HAS_KL=has_kl, HAS_CE=has_ce, WANT_GRAD=want_grad, SEPARATE_CE_LSE=has_ce and temperature != 1.0,
-        BLOCK_V=block_v or min(4096, triton.next_power_of_2(V)), num_warps=8)
-    return (None if kl_rows is None else kl_rows.sum(), None if ce_rows is None else ce_rows.sum(),
-            z if want_grad else None)
+        WEIGHTED=weighted, BLOCK_V=block_v or min(4096, triton.next_power_of_2(V)), num_warps=8)
+
+    def total(t):
+        return None if t is None else t.sum()
+
+    return ChunkTerms(total(kl_rows), total(ce_rows), z if want_grad else None, total(kl_wrows), total(ce_wrows))

@@ -338,6 +338,10 @@ class TrainRecipe(Recipe):
         kl_weight: weight of KL(teacher || student) on next-token distributions (default: stage 1 1, stage 2 0).
         lm_weight: weight of the cross-entropy (default: stage 1 0, stage 2 1).
         temperature: temperature of the KL term.
+        answer_weight: answer-weighted distillation: the KL and cross-entropy of positions whose next token lies
+            in an answer span of a recall document count this many times in the loss (the logged kl / lm and the
+            held-out loss stay unweighted); > 0, 1 = off. Other values need a recall .bin with its .spans.npy among
+            the data sources.
         align_steps: stage 1: first align each linear block to its teacher layer's attention output, from the
             teacher's own inputs, for this many steps (layer-wise, cheap; 0: no alignment phase).
         align_lr: peak learning rate of the alignment phase.
@@ -380,6 +384,7 @@ class TrainRecipe(Recipe):
     kl_weight: float | None = arg(None, min=0)
     lm_weight: float | None = arg(None, min=0)
     temperature: float = arg(1.0, above=0)
+    answer_weight: float = arg(1.0, above=0)
     align_steps: int = arg(0, min=0)
     align_lr: float = arg(1e-2, above=0)
     heldout_tokens: int = arg(16384, min=0)

@@ -39,6 +39,7 @@ from torch import nn
 
 from jetnas.layers import ATTENTION_TYPES, Attention
 from jetnas.train.data import TokenStream
+from jetnas.train.mixture import split_answer_flags
 from jetnas.train.trainer import TrainConfig, Trainer
 
 
@@ -206,13 +207,17 @@ def _metrics(layers: Sequence[int], terms: torch.Tensor) -> dict[str, float]:
 
 
 def _split(batch_ids: torch.Tensor, mask: torch.Tensor | None):
-    # windows are `seq_len + 1` tokens (inputs and next-token labels): the inputs are what the stages train on
+    # windows are `seq_len + 1` tokens (inputs and next-token labels): the inputs are what the stages train on; a
+    # batch with answer flags (`[B, 2, T + 1]`, `jetnas.train.mixture`) gives its ids (the layer-wise loss has no
+    # per-token term to weight)
+    batch_ids, _ = split_answer_flags(batch_ids)
     return batch_ids[:, :-1], None if mask is None else mask[:, :-1]
 
 
 def make_align_loss(teacher: nn.Module):
     """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer, `model` a (possibly wrapped)
-    `LayerAligner`; `batch = {"input_ids": [B, T + 1]}` (and optionally `"attention_mask": [B, T + 1]`).
+    `LayerAligner`; `batch = {"input_ids": [B, T + 1]}` (or `[B, 2, T + 1]` with answer flags, of which only the
+    ids are read; and optionally `"attention_mask": [B, T + 1]`).
     `loss` is the mean over the aligned layers of the relative MSE; metrics: `align` (the same value) and
     `align/<layer>` per layer (which layers align badly)."""
 

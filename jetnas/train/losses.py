@@ -95,24 +95,44 @@ def _fused_hidden(backend: Backend, hs: torch.Tensor, ht: torch.Tensor) -> bool:
             and ht.device == hs.device and not (ht.requires_grad and torch.is_grad_enabled()))
 
 
-def logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def _check_token_weight(token_weight: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    if token_weight.shape != shape or not token_weight.dtype.is_floating_point:
+        raise ValueError(f"{name}: token_weight must be a float tensor of the tokens' shape {list(shape)}, got "
+                         f"{token_weight.dtype} {list(token_weight.shape)}")
+    return token_weight.detach().float()
+
+
+def logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+              token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) of next-token distributions at `temperature`, per token (mean), times T^2; from
-    `[..., V]` logits in float32 (the reference of `head_terms`' KL)."""
+    `[..., V]` logits in float32 (the reference of `head_terms`' KL). `token_weight` (`[...]`, float): each token's
+    KL times its weight, still divided by the number of tokens (`sum_t w_t KL_t / N`; None: every weight 1)."""
     t = temperature
     log_p = F.log_softmax(teacher_logits.float() / t, -1)
     log_q = F.log_softmax(student_logits.float() / t, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if token_weight is not None:
+        per_token = per_token * _check_token_weight(token_weight, per_token.shape, "logits_kl")
+    return per_token.mean() * t * t
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of `logits [B, T, V]` (computed in float32) against `labels [B, T]`."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of `logits [B, T, V]` (computed in float32) against `labels [B, T]`.
+    `token_weight` (`[B, T]`, float): each token's cross-entropy times its weight, still divided by the number of
+    labels (`sum_t w_t CE_t / N`, labels -100 left out of both; None: every weight 1, `F.cross_entropy`'s mean)."""
+    flat_logits, flat_labels = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if token_weight is None:
+        return F.cross_entropy(flat_logits, flat_labels)
+    w = _check_token_weight(token_weight, labels.shape, "lm_loss").reshape(-1)
+    per_token = F.cross_entropy(flat_logits, flat_labels, reduction="none")
+    return (per_token * w).sum() / (flat_labels != -100).sum().clamp_min(1)
 
 
 def head_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
                teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None, *,
                kl_weight: float = 0.0, lm_weight: float = 0.0, temperature: float = 1.0,
-               backend: Backend | str = "torch") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               backend: Backend | str = "torch", token_weight: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The LM-head terms of a distillation or language-model loss from the final normed hidden states, without the
     `[B, T, V]` logits: `kl_weight * KL(teacher || student) + lm_weight * cross-entropy` (the KL as in
     `distill_terms`, the cross-entropy as in `lm_loss`), through `jetnas.ops.losses.chunked_linear_kl_ce`.
@@ -126,13 +146,17 @@ def head_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor 
         kl_weight, lm_weight, temperature: as in the stages' configs.
         backend: the student's kernels: a fused "triton" backend runs each chunk's softmax work as one Triton
             kernel (`step="triton"`), anything else the eager reference of it (same numbers up to float32 order).
+        token_weight: `[B, T]` float, a weight per position on both terms in the loss (`sum_t w_t term_t / N`, as
+            `logits_kl` / `lm_loss` with their token_weight); None: every weight 1.
 
     Returns:
-        `(loss, metrics)`: the weighted sum (differentiable) and the detached terms `kl` / `lm` that were computed.
+        `(loss, metrics)`: the weighted sum (differentiable) and the detached terms `kl` / `lm` that were computed,
+        unweighted by token_weight (comparable with runs without it).
     """
     backend = as_backend(backend)
     step = "triton" if backend.name == "triton" and backend.fused and hidden.is_cuda else "torch"
     out = chunked_linear_kl_ce(hidden, weight, labels, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                               kl_weight=kl_weight, ce_weight=lm_weight, temperature=temperature, step=step)
+                               kl_weight=kl_weight, ce_weight=lm_weight, temperature=temperature, step=step,
+                               token_weight=token_weight)
     metrics = {name: value for name, value in (("kl", out.kl), ("lm", out.ce)) if value is not None}
     return out.loss, metrics

@@ -516,7 +516,7 @@ def build_recall_bin(corpus_path: str | Path, tokenizer, out_path: str | Path, c
     dtype = np.dtype("<u2") if len(tokenizer) <= 65535 else np.dtype("<u4")
     out.parent.mkdir(parents=True, exist_ok=True)
     TokenStream(docs.tokens.astype(dtype), name=out.name).save(out)
-    with atomic_path(out.with_name(out.name + ".spans.npy")) as tmp, open(tmp, "wb") as f:
+    with atomic_path(spans_path(out)) as tmp, open(tmp, "wb") as f:
         np.save(f, docs.spans)
     distances = docs.distances()
     meta = {"config": asdict(config), "corpus": str(corpus_path), "max_articles": max_articles,
@@ -531,6 +531,11 @@ def build_recall_bin(corpus_path: str | Path, tokenizer, out_path: str | Path, c
     return out
 
 
+def spans_path(bin_path: str | Path) -> Path:
+    """Where the answer spans of a recall `.bin` are written: `<bin>.spans.npy` beside it."""
+    return Path(bin_path).with_name(Path(bin_path).name + ".spans.npy")
+
+
 def load_spans(bin_path: str | Path) -> np.ndarray:
     """The `[M, 4]` answer spans written beside a recall `.bin` (see the module docstring)."""
-    return np.load(Path(bin_path).with_name(Path(bin_path).name + ".spans.npy"))
+    return np.load(spans_path(bin_path))

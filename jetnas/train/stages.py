@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from jetnas.files import atomic_dir, write_json_atomic
 from jetnas.models.layer_types import merge_block_configs, resolve_layer_types
 from jetnas.train import distributed as dist_utils
 from jetnas.train.losses import distill_terms, head_terms, lm_loss, logits_kl
-from jetnas.train.mixture import Mixture, resolve_mixture
+from jetnas.train.mixture import Mixture, carries_answer_spans, data_sources, resolve_mixture, split_answer_flags
 from jetnas.train.checkpoint import check_finite
 from jetnas.train.frozen import autocast_copy
 from jetnas.train.trainer import TrainConfig, Trainer, uses_bf16
@@ -71,6 +72,14 @@ class StageConfig:
         hidden_weight, kl_weight, lm_weight: loss weights; None: the stage's defaults (stage 1: 1, 1, 0;
             stage 2: 0, 0, 1). Stage 1 needs a distillation term, stage 2 a positive lm_weight.
         temperature: of the KL term.
+        answer_weight: answer-weighted distillation: the KL and cross-entropy terms of every position whose label
+            (the next token) lies inside an answer span of a recall document (`jetnas.train.recall_data`'s
+            `<bin>.spans.npy`) count `answer_weight` times in the loss (`sum_t w_t term_t / N`, N every position as
+            in the plain means: ordinary tokens keep exactly their gradient, answer tokens get answer_weight times
+            theirs), so the gradient leans on the tokens that need looking back. The hidden-state term, the
+            logged `kl` / `lm` (unweighted means, comparable with any run) and the held-out evaluation are
+            unchanged. > 0; 1 (the default) is the plain loss, bit for bit the same batches and losses. Any other
+            value needs a source of `data` that carries answer spans (a recall .bin with its .spans.npy).
         heldout_tokens: held out of every data source's tail for the held-out loss (0: none).
         eval_windows: held-out windows of `seq_len` per source scored at each evaluation.
         eval_tasks: built-in evaluation tasks (`jetnas.evaluation.tasks.parse_task` specs, comma-separated, e.g.
@@ -122,6 +131,7 @@ class StageConfig:
     kl_weight: float | None = None
     lm_weight: float | None = None
     temperature: float = 1.0
+    answer_weight: float = 1.0
     align_steps: int = 0
     align_lr: float = 1e-2
     heldout_tokens: int = 16384
@@ -162,6 +172,7 @@ class StageConfig:
             raise ValueError(f"stage 2 trains on the language-model loss: lm_weight={self.lm_weight!r} must be > 0")
         if self.temperature <= 0:
             raise ValueError(f"StageConfig.temperature={self.temperature!r} must be > 0")
+        self.check_answer_weight()
         if self.heldout_tokens < 0 or self.eval_windows < 0:
             raise ValueError(f"heldout_tokens={self.heldout_tokens} and eval_windows={self.eval_windows} must be >= 0")
         if self.eval_batch_size < 1:
@@ -183,6 +194,25 @@ class StageConfig:
             raise ValueError(f"the alignment phase belongs to stage 1 (align_steps={self.align_steps}, stage "
                              f"{self.stage})")
         self.train_config()  # validate the trainer's fields now, not after loading models
+
+    def check_answer_weight(self) -> None:
+        """`answer_weight` > 0 and finite; when not 1, some source of `data` must carry answer spans (else the
+        option would silently train the plain loss). ValueError naming the value or the sources."""
+        w = self.answer_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+            raise ValueError(f"StageConfig.answer_weight={w!r} must be a finite number > 0")
+        if w == 1:
+            return
+        sources = data_sources(self.data)
+        if not any(carries_answer_spans(source) for source in sources):
+            raise ValueError(f"StageConfig.answer_weight={w!r} weights the answer tokens of recall documents, but no "
+                             f"source of the data carries answer spans (a recall .bin with its .spans.npy beside "
+                             f"it): {sources or ['text the teacher generates (data=None)']}")
+
+    @property
+    def answer_flags(self) -> bool:
+        """Whether the stage's batches carry answer flags (`answer_weight` != 1)."""
+        return self.answer_weight != 1
 
     @property
     def needs_teacher_forward(self) -> bool:
@@ -223,7 +253,9 @@ class StageConfig:
         return {"stage": self.stage, "teacher": teacher_name, "model": self.model, "layer_types": types,
                 "block_config": block_config, "data": self.data, "hidden_weight": self.hidden_weight,
                 "kl_weight": self.kl_weight, "lm_weight": self.lm_weight, "temperature": self.temperature,
-                "heldout_tokens": self.heldout_tokens, "align_steps": self.align_steps, "align_lr": self.align_lr}
+                "heldout_tokens": self.heldout_tokens, "align_steps": self.align_steps, "align_lr": self.align_lr,
+                # only when set: the runs from before the option keep their identity (and resume)
+                **({"answer_weight": self.answer_weight} if self.answer_flags else {})}
 
 
 def parse_eval_tasks(spec: str | None) -> list:
@@ -352,8 +384,10 @@ def _fused_head(model) -> bool:
 
 
 def teacher_outputs(config: StageConfig, model, teacher_model, input_ids: torch.Tensor) -> TeacherOutputs:
-    """The teacher's forward (no gradients) on `input_ids [B, T + 1]` as `stage_losses` needs it for `model`'s
-    loss: every hidden state, and the full logits only where the student's head is sharded and the KL is on."""
+    """The teacher's forward (no gradients) on `input_ids [B, T + 1]` (or a batch with answer flags,
+    `[B, 2, T + 1]`: its ids) as `stage_losses` needs it for `model`'s loss: every hidden state, and the full
+    logits only where the student's head is sharded and the KL is on."""
+    input_ids, _ = split_answer_flags(input_ids)
     with torch.no_grad():
         out = teacher_model(input_ids=input_ids[:, :-1], use_cache=False, output_hidden_states=True,
                             logits_to_keep=1 if _fused_head(model) or config.kl_weight == 0 else 0)
@@ -366,6 +400,10 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
     tensors (so nothing waits for the GPU before the backward): `hidden` (relative hidden MSE, whenever the teacher
     runs), `kl` and `lm` (cross-entropy), each present when computed.
 
+    A batch with answer flags, `[B, 2, T + 1]` (`jetnas.train.mixture`), weights the KL and cross-entropy of each
+    position t whose label `ids[:, t + 1]` is flagged by `config.answer_weight` (`StageConfig.answer_weight`); the
+    metrics stay the unweighted means.
+
     The LM-head terms come from the final normed hidden states through `jetnas.train.losses.head_terms`, which
     never holds the `[B, T, V]` float32 logits (a 32 x 1024-token batch of SmolLM2 would need 6.4 GB per copy); the
     models run with `logits_to_keep=1`. A head sharded by FSDP2 is only whole inside the model's forward, so there
@@ -373,7 +411,12 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
 
     `teacher_out`: the teacher's outputs for these sequences (`teacher_outputs`, made once for a larger batch and
     cut with `TeacherOutputs.rows`); None runs the teacher here when a term needs it."""
+    input_ids, flags = split_answer_flags(input_ids)
     inputs, labels = input_ids[:, :-1], input_ids[:, 1:]
+    # the weight of position t is its label's flag: made on the device, no host read (a captured step replays it)
+    token_weight = None
+    if flags is not None and config.answer_weight != 1:
+        token_weight = torch.where(flags[:, 1:] != 0, float(config.answer_weight), 1.0).float()
     head = config.kl_weight > 0 or config.lm_weight > 0
     weight = _head_weight(model)
     fused_head = _fused_head(model)
@@ -406,17 +449,24 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
             s_out.hidden_states[-1], weight, labels, t_out.hidden_states[-1] if teacher else None,
             _head_weight(teacher_model) if teacher else None, kl_weight=config.kl_weight if teacher else 0.0,
             lm_weight=config.lm_weight, temperature=config.temperature,
-            backend=_backend(model))
+            backend=_backend(model), token_weight=token_weight)
         loss = loss + terms_loss
         metrics.update(terms)
     elif head:
+        # the full-logits path (a head sharded by FSDP2); with token weights, each term is computed twice: weighted
+        # for the loss, plain (without gradients) for the metric
         if t_out is not None and config.kl_weight > 0:
-            kl = logits_kl(s_out.logits, t_out.logits, config.temperature)
-            loss = loss + config.kl_weight * kl
+            with torch.set_grad_enabled(torch.is_grad_enabled() and token_weight is None):
+                kl = logits_kl(s_out.logits, t_out.logits, config.temperature)
+            weighted = kl if token_weight is None else logits_kl(s_out.logits, t_out.logits, config.temperature,
+                                                                 token_weight=token_weight)
+            loss = loss + config.kl_weight * weighted
             metrics["kl"] = kl.detach()
-        lm = lm_loss(s_out.logits, labels)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and token_weight is None):
+            lm = lm_loss(s_out.logits, labels)
         if config.lm_weight > 0:
-            loss = loss + config.lm_weight * lm
+            weighted = lm if token_weight is None else lm_loss(s_out.logits, labels, token_weight=token_weight)
+            loss = loss + config.lm_weight * weighted
         metrics["lm"] = lm.detach()
     return loss, metrics
 
@@ -425,7 +475,8 @@ def make_stage_loss(config: StageConfig, teacher_model):
     """`loss_fn(model, batch, step) -> (loss, metrics)` for the trainer (see `stage_losses`). With
     `config.teacher_per_step` and micro-batches, the first micro-batch of a step runs the teacher on the step's
     whole batch (`batch["step_input_ids"]`, from the trainer) and every micro-batch takes its rows
-    (`batch["rows"]`); the outputs are dropped with the step's last micro-batch."""
+    (`batch["rows"]`); the outputs are dropped with the step's last micro-batch. The batches may carry answer flags
+    (`[B, 2, T + 1]`: rows are still the first dimension; `stage_losses` and `teacher_outputs` read them)."""
     held: dict = {}  # while a step's micro-batches run: "ids" (the step's batch) and "out" (its teacher outputs)
 
     def loss_fn(model, batch, step):
@@ -585,7 +636,8 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
         dist_utils.barrier()
     mixture = resolve_mixture(config.data, tokenizer, teacher=teacher.model if teacher is not None else None,
                               teacher_eos=eos, heldout_tokens=config.heldout_tokens,
-                              generated_tokens=config.generated_tokens, seed=config.seed, teacher_name=teacher_name)
+                              generated_tokens=config.generated_tokens, seed=config.seed, teacher_name=teacher_name,
+                              answer_spans=config.answer_flags)
     if dist_utils.is_main_process():
         dist_utils.barrier()
     teacher_model = forward_teacher(config, teacher.model if teacher is not None else None, device)
@@ -601,8 +653,9 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
     trainer = Trainer(config.train_config(), model, make_stage_loss(config, teacher_model), mixture.sources[0].stream,
                       evaluate=make_stage_eval(config, teacher_model, mixture, device, tokenizer),
                       identity=config.identity(types, block_config, teacher_name))
-    # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own
-    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed)
+    # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own, and
+    # with answer_weight != 1 its batches carry the answer flags (`[B, 2, T + 1]`, read by `stage_losses`)
+    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed, answers=config.answer_flags)
     # take the run folder (lock, identity, resume point) before writing into it: a refused run leaves it as it was
     trainer.prepare()
     if dist_utils.is_main_process():
@@ -643,6 +696,7 @@ def _align(config: StageConfig, model, teacher: StageTeacher | None, mixture: Mi
         print(f"jetnas: stage 1: aligning the linear blocks to the teacher's layers first ({config.align_steps} steps "
               f"at lr {config.align_lr:g}, {align.out_dir})", file=sys.stderr)
     heldout = next((s.heldout for s in mixture.sources if s.heldout is not None), None)
+    # plain ids (no answer flags): the alignment's layer-wise loss has no per-token terms to weight
     summary = train_alignment(model, teacher.model, mixture.sources[0].stream, align, heldout=heldout,
                               eval_windows=config.eval_windows,
                               batcher=mixture.batcher(config.seq_len, config.batch_size, config.seed + 1))

@@ -7,7 +7,9 @@ wrapped) model and `batch = {"input_ids": [micro_batch, seq_len + 1], "step_inpu
 "rows": (first, end)}` on the model's device: the micro-batch, the rank's whole batch of this optimizer step, and
 the micro-batch's rows in it (`input_ids` is `step_input_ids[first:end]`; the micro-batches of a step come in order,
 one `loss_fn` call each, and the step's tensor is the same object in all of them), so a loss can do per-step work
-once (`jetnas.train.stages`: the teacher's forward on the whole batch).
+once (`jetnas.train.stages`: the teacher's forward on the whole batch). The batch is what the batcher returns, rows
+first: a batcher may add channels after them (answer flags, `[B, 2, seq_len + 1]`: `jetnas.train.mixture`), which
+the trainer passes on untouched and the loss reads.
 
 What keeps a run's folder trustworthy (`jetnas.train.checkpoint`): one writer at a time (`run.lock`); the run's
 identity in `run.json` (the arguments that change what it computes: `Trainer.identity`), so a resume with other
