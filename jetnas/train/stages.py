@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -233,8 +234,10 @@ class StageConfig:
     def graph_step(self) -> bool:
         """Whether the stage's steps are captured (`cuda_graph` with "auto" resolved here)."""
         if self.cuda_graph == "auto":
-            return dist_utils.local_device(self.device).type == "cuda" and dist_utils.world()[1] == 1
-        return self.cuda_graph
+            # not under torchrun, even with one process: the captured step refuses a process group
+            launched = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
+            return dist_utils.local_device(self.device).type == "cuda" and not launched
+        return bool(self.cuda_graph)
 
     def align_config(self) -> TrainConfig:
         """The alignment phase's trainer (`out_dir/align`): the stage's batches, its own steps and learning rate

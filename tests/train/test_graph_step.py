@@ -399,7 +399,9 @@ def test_auto_captures_on_one_cuda_process_only(monkeypatch):
     assert not stage(device="cpu").graph_step() and not stage(device="cpu").train_config().cuda_graph
     assert stage(device="cuda").graph_step() and stage(device="cuda").train_config().cuda_graph
     assert not stage(device="cuda", cuda_graph=False).graph_step()
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    # under torchrun (its RANK), even with one process: the captured step refuses a process group
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     assert not stage(device="cuda").graph_step()
     assert stage(device="cuda", cuda_graph=True).graph_step()  # then the trainer refuses it, naming torchrun
     with pytest.raises(ValueError, match=r"StageConfig.cuda_graph='yes' must be true, false or 'auto'"):
