@@ -77,7 +77,7 @@ def _segment_index(B: int, T: int, P: int, chunk: int, device: torch.device):
     jb, jc = j // NT, j % NT
     chunk_indices = torch.stack([jb * P + jc // per, jc % per], 1)
     out = (cu_seqlens, chunk_indices, chunk_offsets, P)
-    if not torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
         _SEGMENT_INDEX[key] = out
     return out
 
