@@ -148,7 +148,7 @@ def _chunk_local(q, k, v, g, beta, chunk_size):
     `q_decayed` (queries reading the chunk's initial state), `k_to_end` (writes carried to the chunk's end) and
     `chunk_decay` `[B, H, NC]` (the state's decay over the whole chunk).
     """
-    B, T, H, K = q.shape
+    B, T, H, _ = q.shape
     C = chunk_size
     NC = -(-T // C)
     pad = NC * C - T

@@ -118,7 +118,7 @@ def segment_parallel_state_pass(
     Returns:
         `(h, v_new, S)` as `state_pass` returns them for the whole sequence.
     """
-    B, H, NC, C, V = U.shape
+    B, H, NC, _, V = U.shape
     K = W.shape[-1]
     per, P = segment_layout(NC, segments)
     if P == 1:

@@ -59,7 +59,7 @@ def test_float32_within_rounding_of_float64(segments):
 
 def test_l2norm_scale_and_one_segment():
     q, k, v, g, beta, S0 = _inputs(1, 70, 2, 8, 8, torch.float64, seed=2)
-    kw = dict(scale=0.3, initial_state=S0, output_final_state=True, use_qk_l2norm=True)
+    kw = {"scale": 0.3, "initial_state": S0, "output_final_state": True, "use_qk_l2norm": True}
     ref = naive_chunk_gated_delta_rule(q, 3 * k, v, g, beta, chunk_size=8, **kw)
     for segments in (1, 3, 100):  # 100 > the 9 chunks: one chunk a segment
         got = segment_parallel_chunk_gated_delta_rule(q, 3 * k, v, g, beta, chunk_size=8, segments=segments, **kw)

@@ -33,7 +33,7 @@ def chunk_local_cumsum(g, chunk_size, scale=None, **_):
 
 
 def chunk_gated_delta_rule_fwd_intra(k, v, g, beta, chunk_size, **_):
-    B, T, H, K = k.shape
+    B, T, H, _ = k.shape
     (kp, NC), (vp, _), (gp, _), (bp, _) = (_padded(x, T) for x in (k, v, g, beta))
     kc, vc = kp.view(B, NC, C, H, -1).transpose(2, 3), vp.view(B, NC, C, H, -1).transpose(2, 3)
     gc, bc = gp.view(B, NC, C, H).transpose(2, 3), bp.view(B, NC, C, H).transpose(2, 3)  # [B, NC, H, C]
@@ -42,14 +42,17 @@ def chunk_gated_delta_rule_fwd_intra(k, v, g, beta, chunk_size, **_):
     tri = torch.eye(C, dtype=k.dtype) + A
     u = torch.linalg.solve_triangular(tri, bc[..., None] * vc, upper=False, unitriangular=True)
     w = torch.linalg.solve_triangular(tri, (bc * torch.exp2(gc))[..., None] * kc, upper=False, unitriangular=True)
-    back = lambda x: x.transpose(2, 3).reshape(B, NC * C, H, -1)[:, :T].contiguous()  # noqa: E731
+
+    def back(x):  # [B, NC, H, C, .] -> [B, T, H, .], contiguous as fla allocates
+        return x.transpose(2, 3).reshape(B, NC * C, H, -1)[:, :T].contiguous()
+
     return back(w), back(u), A
 
 
 def chunk_gated_delta_rule_fwd_h(k, w, u, g, initial_state=None, output_final_state=False, chunk_size=64,
                                  save_new_value=True, cu_seqlens=None, chunk_indices=None, chunk_offsets=None, **_):
     assert k.shape[0] == 1 and cu_seqlens is not None and chunk_offsets is not None  # the adapter's varlen calls
-    _, T, H, K = k.shape
+    _, _, H, K = k.shape
     V = u.shape[-1]
     bounds, offsets = cu_seqlens.tolist(), chunk_offsets.tolist()
     N = len(bounds) - 1
