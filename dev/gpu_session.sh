@@ -181,6 +181,8 @@ for step in "$@"; do
     # fla's GDN state pass under every launch config, BV 16 included (benchmarks/gdn_state_pass_bench.py)
     statepass:*) timeout "${step#*:}" python3 benchmarks/gdn_state_pass_bench.py --out $OUT/gdn_state_pass.json \
                    2>&1 | grep -v Warn | tail -6 ;;
+    segpass:*) timeout "${step#*:}" python3 benchmarks/gdn_segment_pass_bench.py --out $OUT/gdn_segment_pass.json \
+                 --autotune-configs 4 2>&1 | grep -v Warn | tail -40 ;;
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;

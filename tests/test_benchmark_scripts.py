@@ -142,3 +142,17 @@ def test_prefill_bench_runs_on_cpu(tmp_path):
     assert rows[("jet-nemotron-2b:bench-defaults", 128)]["chunk_size"] == 128
     assert {"bfloat16", "float32", "smollm2-hybrid@16", "smollm2-teacher@64"} <= set(report["checks"])
     assert report["checks"]["bfloat16"]["static_vs_forward"] == 0.0
+
+
+def test_segment_pass_bench_checks_on_cpu(tmp_path):
+    """benchmarks/gdn_segment_pass_bench.py --device cpu: the segment-parallel reference's checks at small shapes
+    (T not a multiple of the segments' tokens, batch 2, K != V); the GPU run compares fla's kernels the same way."""
+    out = tmp_path / "seg.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gdn_segment_pass_bench.py", "--device", "cpu", "--shapes",
+                           "1x2x16x16,2x1x8x24", "--lengths", "200", "--segments", "2,3,8", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["checks_passed"] and len(report["checks"]) == 6
+    assert "checks passed" in proc.stdout.splitlines()[-1]

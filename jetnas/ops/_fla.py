@@ -7,19 +7,155 @@ CPU path work without fla or Triton. Our conventions match fla's: `[B, T, H, K]`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
+                           segments: int = 0):
+    """fla's chunked gated delta rule; with `segments` > 1 (`Backend.segment_state_pass`), no gradient needed, no
+    `cu_seqlens` and a latency-bound state pass (`segment_pass.segment_count`), its state pass segment-parallel."""
     if beta is None:
         beta = q.new_ones(q.shape[:3])
     if g is None:
         # the plain delta rule is the gated one with log-decay 0; fla's own ungated kernel refuses float32 inputs
         g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    if segments > 1 and cu_seqlens is None and not _needs_grad(q, k, v, g, beta, initial_state):
+        from jetnas.ops.segment_pass import segment_count
+
+        B, T, H, _ = q.shape
+        P = segment_count(B, H, T, v.shape[-1], segments, _num_sms(q.device))
+        if P > 1:
+            return segment_parallel_chunk_gated_delta_rule(q, k, v, g.float(), beta, scale, initial_state,
+                                                           output_final_state, use_qk_l2norm, P)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
     return fla_chunk(q, k, v, g.float(), beta, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# (B, T, segments, chunk, device) -> the segments' boundaries; filled only outside CUDA-graph capture, so a captured
+# prefill reads tensors that outlive the graph (the warm-up before a capture fills it)
+_SEGMENT_INDEX: dict = {}
+
+
+def _segment_index(B: int, T: int, P: int, chunk: int, device: torch.device):
+    """The segments of B sequences of T tokens, as packed sequences of the flattened `[1, B * T]` batch.
+
+    Returns `(cu_seqlens [B * P' + 1], chunk_indices [B * NT, 2], chunk_offsets [B * P' + 1], P')`, fla's varlen
+    metadata (int64), built on the device with arange arithmetic (no host-to-device copy, so CUDA graphs can capture
+    it). Segments are whole chunks (`segment_layout`), so the segments' chunks are numbered exactly as the B
+    sequences' chunks are in the equal-length layout: `h [1, B * NT, ...]` is `h [B, NT, ...]`, as fla's output
+    kernel reads it.
+    """
+    from jetnas.ops.segment_pass import segment_layout
+
+    key = (B, T, P, chunk, str(device))
+    if key in _SEGMENT_INDEX:
+        return _SEGMENT_INDEX[key]
+    NT = -(-T // chunk)
+    per, P = segment_layout(NT, P)
+    i = torch.arange(B * P + 1, device=device)
+    b, p = i // P, i % P  # the last entry is (B, 0): the end of the batch
+    cu_seqlens = b * T + torch.clamp(p * per * chunk, max=T)
+    chunk_offsets = b * NT + p * per
+    j = torch.arange(B * NT, device=device)
+    jb, jc = j // NT, j % NT
+    chunk_indices = torch.stack([jb * P + jc // per, jc % per], 1)
+    out = (cu_seqlens, chunk_indices, chunk_offsets, P)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _SEGMENT_INDEX[key] = out
+    return out
+
+
+def segment_parallel_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                                            segments: int, summary: str = "prescan"):
+    """fla 0.6's chunked gated delta rule forward with its state pass split into segments (no autograd).
+
+    The steps of `fla.ops.gated_delta_rule.chunk.chunk_gated_delta_rule_fwd`, with its one state-pass call replaced
+    by `jetnas.ops.segment_pass`'s three steps (that module's docstring has the algebra and the PyTorch reference):
+
+    1. the segments' affine maps `hm [B * P, H, K, V + K] = [N | M]` (float32), with `summary` either "prescan" (fla's
+       own pre-scan kernel for this, `fla.ops.cp.chunk_fwd.chunk_cp_fwd_h`, which its intra-card context parallelism
+       uses: no per-chunk states written, M's chain in float32) or "state_pass" (fla's ordinary state pass on
+       `[u | 0]` from `[0 | I]`, V + K wide, its final states);
+    2. the combine in PyTorch (`segment_pass.combine_segment_maps`: P - 1 batched [K, K] x [K, V] products);
+    3. fla's state pass `chunk_gated_delta_rule_fwd_h` on the segments as packed sequences, each from its initial
+       state, giving the per-chunk states `h` and new values `v_new` of the whole batch.
+
+    q, k: `[B, T, H, K]`; v: `[B, T, H, V]` (H heads for all: no grouped values); g `[B, T, H]` float32 log decay;
+    beta `[B, T, H]`; initial_state `[B, H, K, V]` or None. Returns `(o [B, T, H, V] in q's dtype, final_state
+    [B, H, K, V] float32 or None)`, fla's `chunk_gated_delta_rule` up to float rounding.
+    """
+    if summary not in ("prescan", "state_pass"):
+        raise ValueError(f"summary must be 'prescan' or 'state_pass', got {summary!r}")
+    with torch.cuda.device(q.device):  # Triton launches on the current device (fla's input_guard does the same)
+        return _segment_parallel(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, segments,
+                                 summary)
+
+
+def _segment_parallel(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, segments, summary):
+    from fla.modules.norm.l2norm import l2norm_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    from jetnas.ops.segment_pass import combine_segment_maps
+
+    chunk = 64
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, _ = l2norm_fwd(q)
+        k, _ = l2norm_fwd(k)
+    # the chunk-local parts, over the whole batch as fla computes them (log2-space decays, cumulated per chunk)
+    g = chunk_local_cumsum(g.contiguous(), chunk_size=chunk, scale=RCP_LN2)
+    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk)
+    cu_seqlens, chunk_indices, chunk_offsets, P = _segment_index(B, T, segments, chunk, q.device)
+    # the state pass sees the segments as packed sequences of the flattened batch (views: all contiguous)
+    k1, w1, u1, g1 = k.view(1, B * T, H, K), w.view(1, B * T, H, K), u.view(1, B * T, H, V), g.view(1, B * T, H)
+    if summary == "prescan":
+        from fla.ops.cp.chunk_fwd import chunk_cp_fwd_h
+
+        hm = k.new_empty(B * P, H, K, V + K, dtype=torch.float32)
+        chunk_cp_fwd_h(k=k1, w=w1, u=u1, hm=hm, g=g1, cu_seqlens=cu_seqlens, chunk_size=chunk, multi_seqs=True)
+    else:
+        u_ext = torch.cat([u1, u1.new_zeros(1, B * T, H, K)], -1)
+        h0 = torch.zeros(B * P, H, K, V + K, dtype=torch.float32, device=k.device)
+        h0[..., V:] = torch.eye(K, dtype=torch.float32, device=k.device)
+        # chunk_offsets given: fla's own intra-card backend (which reads cu_seqlens on the host) stays out of it
+        _, _, hm = chunk_gated_delta_rule_fwd_h(k=k1, w=w1, u=u_ext, g=g1, initial_state=h0, output_final_state=True,
+                                                chunk_size=chunk, save_new_value=False, cu_seqlens=cu_seqlens,
+                                                chunk_indices=chunk_indices, chunk_offsets=chunk_offsets)
+    hm = hm.view(B, P, H, K, V + K).transpose(0, 1)  # [P, B, H, K, V + K]
+    starts = combine_segment_maps(hm[..., V:], hm[..., :V], None if initial_state is None else initial_state.float())
+    starts = starts.transpose(0, 1).reshape(B * P, H, K, V).contiguous()
+    h, v_new, finals = chunk_gated_delta_rule_fwd_h(k=k1, w=w1, u=u1, g=g1, initial_state=starts,
+                                                    output_final_state=output_final_state, chunk_size=chunk,
+                                                    cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+                                                    chunk_offsets=chunk_offsets)
+    o = chunk_fwd_o(q=q, k=k, v=v_new.view(B, T, H, V), h=h.view(B, -1, H, K, V), g=g, scale=scale,
+                    chunk_size=chunk)
+    final_state = finals.view(B, P, H, K, V)[:, -1] if output_final_state else None
+    return o.to(q.dtype), final_state
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,

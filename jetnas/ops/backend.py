@@ -43,6 +43,10 @@ class Backend:
             `jetnas.ops.fused.silu_mul_packed` on the packed `[..., 2I]`), and in the JetBlock family (JetBlock,
             Gated DeltaNet, DeltaNet) outside decode steps q|k|v in one product (then, when all three convolutions
             are static, one short conv over all their channels) and g|b|a in another. Any backend name.
+        segment_state_pass: with "triton", the most segments the chunked gated delta rule's state pass splits each
+            sequence into when no gradient is needed (prefill), no `cu_seqlens` are given and the pass is
+            latency-bound (`jetnas.ops.segment_pass.segment_count`): a segment-parallel pass on fla's own kernels
+            (`jetnas.ops._fla`). 0 or 1: off, fla's sequential pass.
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -60,11 +64,16 @@ class Backend:
     fused_residual: bool = True
     fused_hidden_loss: bool = True
     fused_projections: bool = True
+    # Off until a GPU measures it against fla's sequential pass (benchmarks/gdn_segment_pass_bench.py); checked on CPU
+    # against the sequential reference (tests/ops/test_segment_pass.py).
+    segment_state_pass: int = 0
     interpret: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
+        if not isinstance(self.segment_state_pass, int) or self.segment_state_pass < 0:
+            raise ValueError(f"segment_state_pass must be an int >= 0, got {self.segment_state_pass!r}")
 
     def runs_triton(self, x: torch.Tensor) -> bool:
         """Whether our Triton kernels take `x`: backend "triton" and x on CUDA (or on CPU with `interpret`)."""

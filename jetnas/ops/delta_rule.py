@@ -137,18 +137,22 @@ def naive_recurrent_gated_delta_rule(
     return o, (torch.cat(finals, 0) if output_final_state else None)
 
 
-def _chunk_fixed_length(q, k, v, g, beta, scale, S0, chunk_size):
-    """Chunked form on equal-length sequences; all inputs already in the compute dtype.
+def _chunk_local(q, k, v, g, beta, chunk_size):
+    """The chunk-local parts of the chunked form (no state involved); inputs already in the compute dtype.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta: [B, T, H]; S0: [B, H, K, V]. Returns (o [B, T, H, V], S [B, H, K, V]).
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta: [B, T, H]. T is padded to whole chunks: padded steps write nothing
+    (k = v = beta = 0) and do not decay (g = 0), so they carry the state unchanged; their outputs are dropped.
+
+    Returns a dict of `[B, H, NC, C, ...]` tensors: `U` and `W` (the WY form: a chunk's new values are
+    `U - W @ S` for the state `S` at the chunk's start), `attn` (the causal intra-chunk scores with decay),
+    `q_decayed` (queries reading the chunk's initial state), `k_to_end` (writes carried to the chunk's end) and
+    `chunk_decay` `[B, H, NC]` (the state's decay over the whole chunk).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, _ = q.shape
     C = chunk_size
     NC = -(-T // C)
     pad = NC * C - T
     if pad:
-        # padded steps write nothing (k = v = beta = 0) and do not decay (g = 0); their outputs are dropped
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
         g, beta = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (g, beta))
 
@@ -170,21 +174,61 @@ def _chunk_fixed_length(q, k, v, g, beta, scale, S0, chunk_size):
     tri = eye + A
     U = torch.linalg.solve_triangular(tri, beta[..., None] * v, upper=False, unitriangular=True)
     W = torch.linalg.solve_triangular(tri, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True)
+    return {
+        "U": U,
+        "W": W,
+        "attn": (q @ k.transpose(-1, -2)) * decay,  # causal, diagonal included
+        "q_decayed": q * G.exp()[..., None],
+        "k_to_end": k * (G[..., -1:] - G).exp()[..., None],
+        "chunk_decay": G[..., -1].exp(),
+    }
 
-    attn = (q @ k.transpose(-1, -2)) * decay  # causal, diagonal included
-    q_decayed = q * G.exp()[..., None]  # reads the chunk's initial state
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # writes carried to the chunk's end
-    chunk_decay = G[..., -1].exp()  # [B, H, NC]
 
+def chunk_state_pass(
+    U: torch.Tensor, W: torch.Tensor, k_to_end: torch.Tensor, chunk_decay: torch.Tensor, S0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequential inter-chunk state pass of the chunked form (the only sequential part), in PyTorch.
+
+    Per chunk c: `v_new_c = U_c - W_c @ S_c` and `S_{c+1} = chunk_decay_c * S_c + k_to_end_c^T @ v_new_c`, affine in
+    `S`. The segment-parallel pass (`jetnas.ops.segment_pass`) calls it on segments of the chunks.
+
+    Args:
+        U: `[N, H, NC, C, V]`; W, k_to_end: `[N, H, NC, C, K]`; chunk_decay: `[N, H, NC]`; S0: `[N, H, K, V]`, all in
+            one float dtype (the names as in `_chunk_local`).
+
+    Returns:
+        `(h [N, H, NC, K, V]` the state at each chunk's start, `v_new [N, H, NC, C, V]`, `S [N, H, K, V]` the state
+        after the last chunk`)`.
+    """
     S = S0
-    out = []
-    for c in range(NC):
-        u = U[:, :, c] - W[:, :, c] @ S  # [B, H, C, V]
-        out.append(scale * (q_decayed[:, :, c] @ S + attn[:, :, c] @ u))
+    hs, us = [], []
+    for c in range(U.shape[2]):
+        u = U[:, :, c] - W[:, :, c] @ S  # [N, H, C, V]
+        hs.append(S)
+        us.append(u)
         S = chunk_decay[:, :, c, None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ u
+    if not hs:
+        return U.new_empty(*U.shape[:3], *S0.shape[-2:]), U, S
+    return torch.stack(hs, 2), torch.stack(us, 2), S
+
+
+def _chunk_output(local, h, v_new, scale, T):
+    """Each chunk's output from its initial state h and new values v_new: `[B, H, NC, ...]` -> o `[B, T, H, V]`."""
+    out = [scale * (local["q_decayed"][:, :, c] @ h[:, :, c] + local["attn"][:, :, c] @ v_new[:, :, c])
+           for c in range(h.shape[2])]
     o = torch.stack(out, 2)  # [B, H, NC, C, V]
-    o = o.movedim(1, 3).reshape(B, NC * C, H, V)[:, :T]
-    return o, S
+    B, H, NC, C, V = o.shape
+    return o.movedim(1, 3).reshape(B, NC * C, H, V)[:, :T]
+
+
+def _chunk_fixed_length(q, k, v, g, beta, scale, S0, chunk_size):
+    """Chunked form on equal-length sequences; all inputs already in the compute dtype.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta: [B, T, H]; S0: [B, H, K, V]. Returns (o [B, T, H, V], S [B, H, K, V]).
+    """
+    local = _chunk_local(q, k, v, g, beta, chunk_size)
+    h, v_new, S = chunk_state_pass(local["U"], local["W"], local["k_to_end"], local["chunk_decay"], S0)
+    return _chunk_output(local, h, v_new, scale, q.shape[1]), S
 
 
 def naive_chunk_gated_delta_rule(
@@ -251,12 +295,14 @@ def chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule: fla's Triton kernels on CUDA with `backend="triton"`, the PyTorch reference otherwise.
 
-    Arguments and returns as in `naive_recurrent_gated_delta_rule`. The final state is float32.
+    Arguments and returns as in `naive_recurrent_gated_delta_rule`. The final state is float32. With the backend's
+    `segment_state_pass` > 1, a prefill's state pass may run segment-parallel (`jetnas.ops.segment_pass`).
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
-    if as_backend(backend).runs_fla(q):
+    backend = as_backend(backend)
+    if backend.runs_fla(q):
         return _fla.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                           use_qk_l2norm)
+                                           use_qk_l2norm, segments=backend.segment_state_pass)
     return naive_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                         use_qk_l2norm)
 
