@@ -45,6 +45,7 @@ defaults), the same ratios with the forward prefill, and each target with its sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import traceback
@@ -60,7 +61,7 @@ from jetnas.engine import Engine
 from jetnas.models import JetNemotronConfig, JetNemotronForCausalLM
 from jetnas.models.presets import preset_config
 from jetnas.modules.backend import set_backend
-from jetnas.ops.backend import Backend
+from jetnas.ops.backend import Backend, resolve_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 HYBRID_CONFIG = ROOT / "results/h200_postnas_smollm2_135m/stage2/model/config.json"
@@ -287,6 +288,24 @@ def conv_kernel_check(model, args) -> bool:
         save(args.out)
 
 
+def segment_rows(model, ctx: int, eager: torch.Tensor, args) -> None:
+    """The hybrid's captured prefill with the GDN state pass split into P segments (`Backend.segment_state_pass`,
+    off by default), one row per P of `--segment-state-pass`, each checked against the default forward prefill's last
+    logits like the captured rows (`logits_check`)."""
+    for segments in args.segment_state_pass:
+        label = f"smollm2-hybrid:static:segments{segments}"
+        # the backend this device resolves to ("triton" on CUDA, the PyTorch path on CPU) with the field set
+        set_backend(model, dataclasses.replace(resolve_backend("auto"), segment_state_pass=segments))
+        try:
+            logits: dict = {}
+            row(model, "smollm2-hybrid", ctx, args, prefill="static", label=label, logits=logits)
+            if label in logits:
+                REPORT["checks"][f"smollm2-hybrid@{ctx}:segments{segments}"] = logits_check(
+                    model, ctx, eager, logits.pop(label), args)
+        finally:
+            set_backend(model, "auto")
+
+
 def smollm2_section(args) -> None:
     logits: dict = {}
     hybrid_model, teacher = build("smollm2-hybrid", args), build("smollm2-teacher", args)
@@ -299,6 +318,8 @@ def smollm2_section(args) -> None:
             eager, captured = logits.pop(f"{name}:forward", None), logits.pop(f"{name}:static", None)
             if eager is not None and captured is not None:
                 REPORT["checks"][f"{name}@{ctx}"] = logits_check(model, ctx, eager, captured, args)
+            if name == "smollm2-hybrid" and eager is not None:
+                segment_rows(model, ctx, eager, args)
         if conv_kernel:
             # the static short convolutions on F.conv1d (and its transposes) instead of the Triton kernel
             set_backend(hybrid_model, Backend("triton", static_conv=False))
@@ -413,6 +434,9 @@ def main() -> None:
     ap.add_argument("--smollm2-contexts", default="8192,32768")
     ap.add_argument("--jet-context", type=int, default=65536)
     ap.add_argument("--long-context", type=int, default=262144)
+    ap.add_argument("--segment-state-pass", default="",
+                    help="comma-separated segment counts P: also time the SmolLM2 hybrid's captured prefill with the "
+                         "GDN state pass split into P segments (Backend.segment_state_pass), each checked")
     ap.add_argument("--old-chunk", type=int, default=8192, help="jetnas bench's chunk before 'auto' (a baseline row)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long-repeats", type=int, default=2, help="timed prefills per 256K row (Qwen3: ~20 s each)")
@@ -433,6 +457,7 @@ def main() -> None:
     args.long_context //= scale
     args.old_chunk //= scale
     args.profile = [p for p in args.profile.split(",") if p]
+    args.segment_state_pass = [int(p) for p in args.segment_state_pass.split(",") if p]
     if args.tiny:
         args.profile = [f"{p.partition('@')[0]}@{int(p.partition('@')[2].partition(':')[0]) // scale}:"
                         f"{p.partition(':')[2]}" for p in args.profile]

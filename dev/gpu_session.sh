@@ -167,7 +167,8 @@ for step in "$@"; do
     # GRAPH=1: each stage-1 run times the eager step and then the step captured in a CUDA graph, in one process
     # (train_bench.py --cuda-graph; read stage1-graph.speedup_vs_eager and cuda_graph.{captured, fallback})
     trainbench:*) lines=1; [ -n "${GRAPH:-}" ] && lines=4
-                  # TB_MB= (empty) skips the two-micro-batch half when device time is short
+                  # TB_MB= (empty) skips the two-micro-batch half when device time is short; SEGMENTS=4,8 adds the
+                  # hybrid's prefill rows with the GDN state pass in segments (Backend.segment_state_pass), checked
                   for mb in "" ${TB_MB-16}; do
                     timeout "${step#*:}" python3 benchmarks/train_bench.py --teacher random \
                       --tokenizer-from /root/stage/prof/tok --data ../shared/data/corpus/val.bin --linear gdn \
@@ -177,6 +178,7 @@ for step in "$@"; do
                   done
                   timeout "${step#*:}" python3 benchmarks/prefill_bench.py --out $OUT/prefill_smollm2.json \
                     --sections smollm2 --smollm2-contexts 8192,32768 --autotune-configs 4 \
+                    ${SEGMENTS:+--segment-state-pass $SEGMENTS} \
                     --profile smollm2-hybrid@8192:static,smollm2-teacher@8192:static 2>&1 | grep -v Warn | tail -8 ;;
     # fla's GDN state pass under every launch config, BV 16 included (benchmarks/gdn_state_pass_bench.py)
     statepass:*) timeout "${step#*:}" python3 benchmarks/gdn_state_pass_bench.py --out $OUT/gdn_state_pass.json \

@@ -128,7 +128,7 @@ def test_prefill_bench_runs_on_cpu(tmp_path):
     issue's headline keys in the last line."""
     out = tmp_path / "prefill.json"
     summary = run_script(["benchmarks/prefill_bench.py", "--device", "cpu", "--tiny", "--repeats", "1",
-                          "--out", str(out)], tmp_path)
+                          "--segment-state-pass", "4", "--out", str(out)], tmp_path)
     for key in ("hybrid_prefill_vs_teacher_8k", "hybrid_prefill_vs_teacher_32k", "jet2b_prefill_64k_tok_s",
                 "jet2b_vs_qwen3_prefill_256k"):
         assert summary[key] > 0 and summary["targets"][key]["target"] > 0
@@ -136,11 +136,15 @@ def test_prefill_bench_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     rows = {(r["row"], r["context_length"]): r for r in report["rows"]}
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
-    assert len(rows) == 13 and all(r["mfu"] > 0 and r["flops"] > 0 for r in rows.values())
+    # 13 rows, plus the hybrid's segment-pass row at each of the two SmolLM2 contexts (on CPU the PyTorch path)
+    assert len(rows) == 15 and all(r["mfu"] > 0 and r["flops"] > 0 for r in rows.values())
+    assert {("smollm2-hybrid:static:segments4", 16), ("smollm2-hybrid:static:segments4", 64)} <= set(rows)
     # the old bench default chunk is scaled with the contexts (8192 / 512 = 16); "auto" takes the whole prompt
     assert rows[("jet-nemotron-2b:chunk-8192:forward", 128)]["chunk_size"] == 16
     assert rows[("jet-nemotron-2b:bench-defaults", 128)]["chunk_size"] == 128
-    assert {"bfloat16", "float32", "smollm2-hybrid@16", "smollm2-teacher@64"} <= set(report["checks"])
+    assert {"bfloat16", "float32", "smollm2-hybrid@16", "smollm2-teacher@64", "smollm2-hybrid@16:segments4"} <= set(
+        report["checks"])
+    assert report["checks"]["smollm2-hybrid@64:segments4"]["passed"]
     assert report["checks"]["bfloat16"]["static_vs_forward"] == 0.0
 
 
