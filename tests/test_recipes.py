@@ -34,6 +34,22 @@ def test_shipped_recipe_is_valid(path):
         assert recipe.stages["stage1"].get("layer_types")
 
 
+def test_every_stage_option_is_a_recipe_option():
+    """A StageConfig field missing from TrainRecipe cannot be set from a recipe or `jetnas train` (eval_batch_size
+    was, until 2026-12-06); the one exception is save_model: a recipe's stage always saves the model the next reads."""
+    import dataclasses
+
+    from jetnas.runner.fields import check_value
+    from jetnas.runner.recipes import TrainRecipe
+    from jetnas.train.stages import StageConfig
+
+    stage = {f.name for f in dataclasses.fields(StageConfig)}
+    recipe = {f.name for f in dataclasses.fields(TrainRecipe)}
+    assert stage - recipe == {"save_model"} and recipe <= stage
+    assert check_value(TrainRecipe, "eval_batch_size", 0)[1] == "must be >= 1"
+    assert check_value(TrainRecipe, "keep_checkpoints", 3) == (3, None)
+
+
 def test_check_flag_validates_without_running(capsys):
     assert main(["run", "quickstart", "--check", "--set", "stages.supernet.steps=2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -349,9 +349,13 @@ class TrainRecipe(Recipe):
         eval_tasks: built-in tasks (ppl:, mc:, cloze:, retrieval: specs, comma-separated) scored on the student at
             each evaluation beside the held-out loss, e.g. another seed's retrieval rows as a development set:
             retrieval:mqar@1024?n=50&seed=1.
+        eval_batch_size: sequences per forward pass when scoring `eval_tasks`.
         generated_tokens: tokens of teacher text to generate when no data is given.
         eval_every: steps between held-out evaluations (default: at the end only).
         save_every: steps between checkpoints (default: steps / 4).
+        keep_checkpoints: how many of the newest checkpoints to keep (older ones are deleted as new ones verify).
+        log_every: steps between log lines (evaluations are always logged).
+        eval_windows: held-out windows of `seq_len` per data source scored at each evaluation.
         seed: seed of new blocks, data order and mixture sampling.
         precision: auto (bf16 autocast on GPU), fp32 or bf16.
         distributed: auto, ddp or fsdp when launched with torchrun.
@@ -389,9 +393,13 @@ class TrainRecipe(Recipe):
     align_lr: float = arg(1e-2, above=0)
     heldout_tokens: int = arg(16384, min=0)
     eval_tasks: str | None = None
+    eval_batch_size: int = arg(16, min=1)
     generated_tokens: int = arg(200_000, min=1)
     eval_every: int | None = arg(None, min=1)
     save_every: int | None = arg(None, min=1)
+    keep_checkpoints: int = arg(2, min=1)
+    log_every: int = arg(1, min=1)
+    eval_windows: int = arg(4, min=0)
     seed: int = 0
     precision: str = arg("auto", choices=PRECISIONS)
     distributed: str = arg("auto", choices=DISTRIBUTED)
