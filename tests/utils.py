@@ -103,3 +103,16 @@ def save_tiny_llama(target, num_layers: int = 4, seed: int = 0):
     LlamaForCausalLM(cfg).save_pretrained(target)
     tok.save_pretrained(target)
     return target
+
+
+def record_gradients(trainer, model) -> list[dict]:
+    """The gradients each optimizer step of `trainer` applies (the optimizer still steps)."""
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording():
+        seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return step()
+
+    trainer.optimizer.step = recording
+    return seen

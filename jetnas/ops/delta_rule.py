@@ -231,6 +231,20 @@ def _chunk_fixed_length(q, k, v, g, beta, scale, S0, chunk_size):
     return _chunk_output(local, h, v_new, scale, q.shape[1]), S
 
 
+def _chunk_inputs(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
+    """The chunked forms' inputs in their compute dtype: `(dtype, scale, q, k, v, g, beta)`, q and k L2-normed
+    when asked, g 0 and beta 1 when None, scale K^-1/2 when None."""
+    B, T, H, K = k.shape
+    dtype = compute_dtype(q, k, v, initial_state)
+    scale = K**-0.5 if scale is None else scale
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    if use_qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    gf = torch.zeros(B, T, H, dtype=dtype, device=q.device) if g is None else g.to(dtype)
+    bf = torch.ones(B, T, H, dtype=dtype, device=q.device) if beta is None else beta.to(dtype)
+    return dtype, scale, qf, kf, vf, gf, bf
+
+
 def naive_chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -250,16 +264,10 @@ def naive_chunk_gated_delta_rule(
     the chunk-to-chunk state update is sequential. Differentiable end to end (autograd through
     `solve_triangular`), so it also serves as the CPU training path.
     """
-    B, T, H, K, V, N = _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, _, H, K, V, N = _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    dtype = compute_dtype(q, k, v, initial_state)
-    scale = K**-0.5 if scale is None else scale
-    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-    if use_qk_l2norm:
-        qf, kf = l2norm(qf), l2norm(kf)
-    gf = torch.zeros(B, T, H, dtype=dtype, device=q.device) if g is None else g.to(dtype)
-    bf = torch.ones(B, T, H, dtype=dtype, device=q.device) if beta is None else beta.to(dtype)
+    dtype, scale, qf, kf, vf, gf, bf = _chunk_inputs(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
     if cu_seqlens is None:
         S0 = torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if initial_state is None else initial_state.to(dtype)
         o, S = _chunk_fixed_length(qf, kf, vf, gf, bf, scale, S0, chunk_size)

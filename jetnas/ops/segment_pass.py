@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from jetnas.ops.delta_rule import _check_inputs, _chunk_local, _chunk_output, chunk_state_pass
-from jetnas.ops.utils import compute_dtype, l2norm
+from jetnas.ops.delta_rule import _check_inputs, _chunk_inputs, _chunk_local, _chunk_output, chunk_state_pass
 
 StatePass = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -181,13 +180,7 @@ def segment_parallel_chunk_gated_delta_rule(
         raise ValueError(f"chunk_size and segments must be >= 1, got chunk_size={chunk_size}, segments={segments}")
     if T == 0:
         raise ValueError("segment_parallel_chunk_gated_delta_rule needs T >= 1, got T = 0")
-    dtype = compute_dtype(q, k, v, initial_state)
-    scale = K**-0.5 if scale is None else scale
-    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-    if use_qk_l2norm:
-        qf, kf = l2norm(qf), l2norm(kf)
-    gf = torch.zeros(B, T, H, dtype=dtype, device=q.device) if g is None else g.to(dtype)
-    bf = torch.ones(B, T, H, dtype=dtype, device=q.device) if beta is None else beta.to(dtype)
+    dtype, scale, qf, kf, vf, gf, bf = _chunk_inputs(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
     S0 = torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if initial_state is None else initial_state.to(dtype)
     local = _chunk_local(qf, kf, vf, gf, bf, chunk_size)
     h, v_new, S = segment_parallel_state_pass(local["U"], local["W"], local["k_to_end"], local["chunk_decay"], S0,

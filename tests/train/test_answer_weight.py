@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-import jetnas.train.trainer as trainer_module
 from jetnas.cli import main
 from jetnas.models import JetNemotronForCausalLM
 from jetnas.runner.recipes import TrainRecipe
@@ -31,7 +30,7 @@ from jetnas.train.mixture import (
 from jetnas.train.recall_data import load_spans, spans_path
 from jetnas.train.stages import StageConfig, make_stage_loss, set_trainable, stage_losses, train_stage
 from jetnas.train.trainer import Trainer
-from tests.utils import rel_err, save_tiny_llama, tiny_config
+from tests.utils import record_gradients, rel_err, save_tiny_llama, tiny_config
 
 DOC = 32  # tokens per synthetic recall document; the windows below are one document (plus a label token)
 SEQ, BATCH = 32, 4
@@ -167,7 +166,7 @@ def test_the_full_logits_path_weights_as_the_fused_head_does(monkeypatch, stage)
     """A head sharded by FSDP2 takes the full-logits losses (`logits_kl` / `lm_loss` with their token_weight): the
     same loss, metrics and gradients as the fused head's chunked loss (float32: 1e-5, as tests/ops/test_losses.py
     states for the two paths)."""
-    import jetnas.train.stages as stages
+    from jetnas.train import stages
 
     torch.manual_seed(0)
     teacher = JetNemotronForCausalLM(tiny_config(["attn"] * 2)).eval().requires_grad_(False)
@@ -303,19 +302,6 @@ def test_the_alignment_loss_reads_the_ids_of_a_flagged_batch():
 # -- the trainer's paths: micro-batches, teacher_per_step, the static step ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    teacher = JetNemotronForCausalLM(tiny_config(["attn"] * 4)).eval().requires_grad_(False)
-    student = JetNemotronForCausalLM(tiny_config(["attn", "gdn", "swa", "gdn"]))
-    return teacher, student
-
-
-@pytest.fixture
-def cpu_graph(monkeypatch):
-    """Let `TrainConfig.cuda_graph=True` build a trainer on CPU (the static path then runs without a graph), as
-    tests/train/test_graph_step.py does."""
-    monkeypatch.setattr(trainer_module, "check_graph_step", lambda *args: None)
 
 
 def make(models, recall, out_dir, *, graph=False, stage=1, micro=None, per_step=False, weight=4.0, steps=5):
@@ -334,18 +320,6 @@ def make(models, recall, out_dir, *, graph=False, stage=1, micro=None, per_step=
     trainer.batcher = resolve_mixture(str(recall), None, teacher_eos=0, answer_spans=True).batcher(
         SEQ, BATCH, 0, answers=True)
     return trainer, model
-
-
-def record_gradients(trainer, model) -> list[dict]:
-    seen = []
-    step = trainer.optimizer.step
-
-    def recording():
-        seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return step()
-
-    trainer.optimizer.step = recording
-    return seen
 
 
 @pytest.mark.parametrize(("stage", "micro", "per_step"), [(1, None, False), (1, 2, True), (2, 2, False)],

@@ -17,15 +17,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import jetnas.train.trainer as trainer_module
-from jetnas.models import JetNemotronForCausalLM
-from jetnas.train.data import TokenStream
 from jetnas.runner.fields import check_value
 from jetnas.runner.recipes import TrainRecipe
+from jetnas.train.data import TokenStream
 from jetnas.train.graph_step import WARMUP_STEPS, StaticStep, check_graph_step
 from jetnas.train.stages import StageConfig, make_stage_loss, set_trainable
 from jetnas.train.trainer import IDENTITY_FIELDS, TrainConfig, Trainer
-from tests.utils import tiny_config
+from tests.utils import record_gradients
 
 BATCH, SEQ = 4, 16
 SENTINEL = 0  # a token id the test stream never holds (it draws 1..96)
@@ -33,18 +31,6 @@ STEPS = 6  # a run of `make` unless told
 CAPTURE = WARMUP_STEPS  # the 0-based step at which the region is recorded and its replay checked
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    teacher = JetNemotronForCausalLM(tiny_config(["attn"] * 4)).eval().requires_grad_(False)
-    student = JetNemotronForCausalLM(tiny_config(["attn", "gdn", "swa", "gdn"]))
-    return teacher, student
-
-
-@pytest.fixture
-def cpu_graph(monkeypatch):
-    """Let `TrainConfig.cuda_graph=True` build a trainer on CPU (the static path then runs without a graph)."""
-    monkeypatch.setattr(trainer_module, "check_graph_step", lambda *args: None)
 
 
 def stream() -> TokenStream:
@@ -64,19 +50,6 @@ def make(models, out_dir, *, graph, stage=1, micro=None, steps=STEPS, save_every
     train.cuda_graph = graph
     trainer = Trainer(train, model, loss or make_stage_loss(config, teacher if stage == 1 else None), stream())
     return trainer, model
-
-
-def record_gradients(trainer, model) -> list[dict]:
-    """The gradients each optimizer step of `trainer` applies (the optimizer still steps)."""
-    seen = []
-    step = trainer.optimizer.step
-
-    def recording():
-        seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return step()
-
-    trainer.optimizer.step = recording
-    return seen
 
 
 def log_rows(out_dir) -> list[dict]:
