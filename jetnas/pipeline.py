@@ -164,6 +164,7 @@ class Recipe:
         data = raw.get("data")
         if isinstance(data, dict):
             check_data_section(data, source)
+            check_answer_weights(data, stages, source)
         compare = raw.get("compare_placements", False)
         if isinstance(compare, dict):
             check_placements(compare, stages, source)
@@ -321,6 +322,20 @@ def recall_stage_name(index: int) -> str:
 # same tokens on the same kind of device; the recall documents): a lost one is remade without rerunning the stages
 # that used it.
 REPRODUCIBLE = {"data", *(recall_stage_name(i) for i in range(MAX_RECALL))}
+
+
+def check_answer_weights(data: dict, stages: dict[str, dict | None], source: str) -> None:
+    """A training stage with `answer_weight` != 1 weights the recall documents' answer tokens: refuse it now (at
+    `--check`, before any stage runs) when the recipe's data has no `recall` and the stage reads the recipe's data
+    (a stage with its own `data` is checked when it starts, against its files)."""
+    if recall_sections(data):
+        return
+    for stage in ("stage1", "stage2"):
+        args = stages.get(stage) or {}
+        weight = args.get("answer_weight", 1)
+        if weight != 1 and "data" not in args:
+            raise RecipeError(f"{source}: stages.{stage}.answer_weight={weight!r} weights the answer tokens of recall "
+                              f"documents, but data has no recall section to build them from")
 
 
 def check_data_section(data: dict, source: str) -> None:

@@ -69,7 +69,11 @@ def test_check_flag_validates_without_running(capsys):
     # a recipe names its decode measurement; it cannot make jetnas import a module
     ("stages.blocks.measure=os:system", "stages.blocks: --measure 'os:system' is not a known decode measurement"),
     ("stages.hardware.measure=none", "stages.hardware: the hardware search chooses by measured decode throughput"),
-], ids=["word", "fraction", "range", "open-range", "choice", "cross-field", "import-path", "none-required"])
+    # answer weights need recall documents: refused at --check, not at stage 1's start after the searches
+    ("stages.stage1.answer_weight=4", "stages.stage1.answer_weight=4 weights the answer tokens of recall documents, "
+                                      "but data has no recall section"),
+], ids=["word", "fraction", "range", "open-range", "choice", "cross-field", "import-path", "none-required",
+        "answer-weight-without-recall"])
 def test_check_refuses_a_bad_value_in_one_line_naming_file_stage_key_and_value(setting, message, capsys):
     assert main(["run", "quickstart", "--check", "--set", setting]) == 2
     err = capsys.readouterr().err.strip().splitlines()
