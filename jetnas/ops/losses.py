@@ -282,11 +282,11 @@ def _chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor 
     kl = ce = grad = kl_w = ce_w = None
     if labels is not None:
         lse = torch.logsumexp(z, -1)
+        per_row = lse - z.gather(1, labels[:, None]).squeeze(1)
+        ce = (per_row * ce_scale).sum()
         if weighted:
-            per_row = lse - z.gather(1, labels[:, None]).squeeze(1)
-            ce, ce_w = (per_row * ce_scale).sum(), (per_row * ce_wscale).sum()
-        else:
-            ce = ((lse - z.gather(1, labels[:, None]).squeeze(1)) * ce_scale).sum()
+            ce_w = (per_row * ce_wscale).sum()
+        del per_row
         if want_grad:
             row = (ce_weight * (ce_wscale if weighted else ce_scale))[:, None]
             # b w_i valid_i / n_ce * (softmax(z) - onehot(y))
@@ -351,12 +351,9 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, inp: _Inputs, need_h: bool,
             else:
                 zt = None
             kl, ce, grad, kl_w, ce_w = chunk_step(
-                z, zt, None if inp.labels is None else inp.labels[rows],
-                None if inp.kl_scale is None else inp.kl_scale[rows],
-                None if inp.ce_scale is None else inp.ce_scale[rows],
+                z, zt, *(None if t is None else t[rows] for t in (inp.labels, inp.kl_scale, inp.ce_scale)),
                 inp.temperature, inp.kl_weight, inp.ce_weight, want_grad,
-                **({} if not weighted else {"kl_wscale": None if inp.kl_wscale is None else inp.kl_wscale[rows],
-                                            "ce_wscale": None if inp.ce_wscale is None else inp.ce_wscale[rows]}))
+                *(None if t is None else t[rows] for t in (inp.kl_wscale, inp.ce_wscale)))
             del z, zt
             if kl is not None:
                 kl_total += kl
