@@ -188,6 +188,12 @@ for step in "$@"; do
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;
+    gatednorm:*) timeout "${step#*:}" python3 benchmarks/gated_norm_tiles_bench.py --out $OUT/gated_norm_tiles.json \
+                   2>&1 | grep -v Warn | tail -24 ;;
+    # pytest on the GPU (pytest wheels ride in c8): tests that take CUDA when it is there, e.g. the weighted Triton
+    # LM-head loss (tests/utils.DEVICE). GPUTESTS: the test files (default: the chunked loss, weighted and not)
+    gputests:*) timeout "${step#*:}" python3 -m pytest -q -x -p no:cacheprovider \
+                  ${GPUTESTS:-tests/ops/test_losses_token_weight.py tests/ops/test_losses.py} 2>&1 | tail -15 ;;
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;

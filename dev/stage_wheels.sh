@@ -24,6 +24,8 @@ cp "$WHL"/tilelang-*.whl .stage/c1/
 cp "$WHL"/apache_tvm_ffi-*.whl "$WHL"/torch_c_dlpack_ext-*.whl "$WHL"/gguf-*.whl .stage/fla/*.whl .stage/c3/
 # z3 alone: beside gguf.part0 in c2 it passed 64 MiB with the repository (2026-12-06, seventh session)
 cp "$WHL"/z3_solver-*.whl .stage/c8/
+# pytest for `gpu_session.sh gputests` (the device image may lack it)
+dl pytest pluggy iniconfig && cp "$WHL"/pytest-*.whl "$WHL"/pluggy-*.whl "$WHL"/iniconfig-*.whl .stage/c8/
 
 # the teacher's GGUF (fetched and cached by jetnas itself), in four parts; setup() reassembles and checks it
 GGUF=$(python3 -c "from jetnas.models.teachers import _smollm2_gguf; print(_smollm2_gguf())")

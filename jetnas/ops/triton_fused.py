@@ -220,6 +220,61 @@ def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_p
 
 
 @triton.jit
+def _gated_rms_norm_bwd_tile_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_ptr, R, L, G, G_ROWS, g_stride,
+                                    eps, HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+                                    HAS_DW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """`_gated_rms_norm_bwd_kernel` on `[BLOCK_R, BLOCK_L]` tiles: program p takes row tiles p, p + P, ... (BLOCK_R
+    rows from a multiple of BLOCK_R). The one-row kernel walks 64-channel rows with one warp, a reduction and a
+    dependent load per row; a tile keeps BLOCK_R rows in flight. BLOCK_R is a multiple of G, so row i of every
+    tile uses weight group i % G, and the program's float32 partial dw is `[BLOCK_R, L]` (row p * BLOCK_R + i of
+    `dw [P * BLOCK_R, L]`), summed per group by the caller."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_L)
+    slot = tl.arange(0, BLOCK_R)
+    cin = cols < L
+    w = tl.load(w_ptr + (slot % G)[:, None] * L + cols[None, :], mask=cin[None, :], other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK_L], dtype=tl.float32)
+    for start in range(pid.to(tl.int64) * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):  # int64 offsets
+        rows = start + slot
+        inside = (rows < R)[:, None] & cin[None, :]
+        off = rows[:, None] * L + cols[None, :]
+        x = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + off, mask=inside, other=0.0).to(tl.float32)
+        u = x
+        dyw = dy
+        if HAS_GATE:
+            g_row = (rows // G_ROWS) * g_stride + (rows % G_ROWS) * L
+            gate = tl.load(g_ptr + g_row[:, None] + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            dsilu = sig * (1.0 + gate * (1.0 - sig))
+            if NORM_BEFORE_GATE:
+                dyw = dy * silu
+            else:
+                u = x * silu
+        rstd = 1.0 / tl.sqrt(tl.sum(u * u, 1) / L + eps)
+        uhat = u * rstd[:, None]
+        duhat = dyw * w
+        du = rstd[:, None] * (duhat - uhat * (tl.sum(duhat * uhat, 1) / L)[:, None])
+        if HAS_GATE:
+            if NORM_BEFORE_GATE:
+                dx = du
+                dgate = dy * uhat * w * dsilu
+            else:
+                dx = du * silu
+                dgate = du * x * dsilu
+            tl.store(dg_ptr + off, dgate.to(dg_ptr.dtype.element_ty), mask=inside)
+        else:
+            dx = du
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        if HAS_DW:
+            dw += dyw * uhat
+    if HAS_DW:
+        tl.store(dw_ptr + (pid.to(tl.int64) * BLOCK_R + slot)[:, None] * L + cols[None, :], dw,
+                 mask=cin[None, :])
+
+
+@triton.jit
 def _swiglu(g, u, dtype: tl.constexpr):
     """`silu(g) * u` from float32 g and u: silu(g) rounds to the dtype before the product, as two PyTorch ops
     would; returns the float32 product (the caller rounds it once more, storing it)."""
@@ -364,21 +419,86 @@ def _gate_lines(gate: torch.Tensor, L: int) -> tuple[torch.Tensor, int, int]:
     return gate.contiguous(), 1, L
 
 
-def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size) -> torch.Tensor:
-    """x contiguous; the gate anywhere `_gate_lines` reads it."""
+def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size, tile=None) -> torch.Tensor:
+    """x contiguous; the gate anywhere `_gate_lines` reads it. `tile` = (rows per program, warps) overrides the
+    default launch (benchmarks/gated_norm_tiles_bench.py sweeps it)."""
     hidden = x.shape[-1]
     L = group_size or hidden
     y = torch.empty_like(x)
     rows = x.numel() // L
     if rows:
         block = triton.next_power_of_2(L)
-        # tiles of ~4K elements (one row when rows are that long already)
-        block_r = min(max(1, 4096 // block), triton.next_power_of_2(rows))
+        if tile is None:
+            # tiles of ~4K elements (one row when rows are that long already)
+            block_r = min(max(1, 4096 // block), triton.next_power_of_2(rows))
+            warps = _warps(block_r * block)
+        else:
+            block_r, warps = tile
         g, g_rows, g_stride = (x, 1, L) if gate is None else _gate_lines(gate, L)
         _gated_rms_norm_kernel[(triton.cdiv(rows, block_r),)](
             x, g, weight, y, rows, L, hidden // L, g_rows, g_stride, eps, HAS_GATE=gate is not None,
-            NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=block_r, BLOCK_L=block, num_warps=_warps(block_r * block))
+            NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=block_r, BLOCK_L=block, num_warps=warps)
     return y
+
+
+# the gated norm's backward in training: "rows" (the one-row kernel) until the tile kernel ("auto") is timed on a GPU
+# (benchmarks/gated_norm_tiles_bench.py)
+GATED_BWD_LAUNCH = "rows"
+
+
+def _gated_bwd_tile(rows: int, L: int, G: int, device: torch.device) -> tuple[int, int, int] | None:
+    """The tile backward's launch for `rows` rows of L channels in G weight groups: (rows per tile, warps, programs),
+    or None for the one-row kernel (G not a power of two: a tile's rows must start at a multiple of G)."""
+    if G & (G - 1):
+        return None
+    block = triton.next_power_of_2(L)
+    block_r = max(G, min(max(1, 2048 // block), triton.next_power_of_2(rows)))
+    warps = _warps(block_r * block)
+    tiles = triton.cdiv(rows, block_r)
+    per_device = _sm_count(device) * max(1, 32 // warps) if device.type == "cuda" else 4
+    return block_r, warps, max(1, min(tiles, per_device))
+
+
+def _gated_rms_norm_bwd(x, gate, weight, dy, eps, norm_before_gate, group_size, has_dw, tile="auto"):
+    """`(dx, dgate, dweight)` of the gated RMS norm (dgate None without a gate, dweight None without has_dw). x and
+    dy contiguous. `tile`: "auto" (`_gated_bwd_tile`), "rows" (the one-row kernel) or (rows per tile, warps,
+    programs) for the tile kernel (benchmarks/gated_norm_tiles_bench.py)."""
+    hidden = x.shape[-1]
+    L = group_size or hidden
+    G = hidden // L
+    rows = x.numel() // L
+    dx = torch.empty_like(x)
+    # the gate's gradient contiguous, whatever the gate's layout (autograd takes it for a strided input)
+    dgate = None if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    g, g_rows, g_stride = (x, 1, L) if gate is None else _gate_lines(gate, L)
+    block = triton.next_power_of_2(L)
+    if tile == "auto":
+        tile = _gated_bwd_tile(rows, L, G, x.device) or "rows"
+    if tile == "rows":
+        # G programs per slot already: spread the rows of each weight group over P
+        P = max(1, _programs(rows, x.device, _warps(block)) // G)
+        dw = torch.empty(P * G, L, dtype=torch.float32, device=x.device) if has_dw else dx
+        if rows:
+            _gated_rms_norm_bwd_kernel[(P, G)](x, g, weight, dy, dx, dx if dgate is None else dgate, dw, rows, L, G,
+                                               g_rows, g_stride, eps,
+                                               HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate,
+                                               HAS_DW=has_dw, BLOCK_L=block, num_warps=_warps(block))
+        partials = dw.view(P, G * L) if has_dw else None
+    else:
+        block_r, warps, P = tile
+        if block_r % G:
+            raise ValueError(f"the tile backward needs rows per tile a multiple of G={G}, got {block_r}")
+        dw = torch.empty(P * block_r, L, dtype=torch.float32, device=x.device) if has_dw else dx
+        if rows:
+            _gated_rms_norm_bwd_tile_kernel[(P,)](x, g, weight, dy, dx, dx if dgate is None else dgate, dw, rows, L,
+                                                  G, g_rows, g_stride, eps, HAS_GATE=gate is not None,
+                                                  NORM_BEFORE_GATE=norm_before_gate, HAS_DW=has_dw,
+                                                  BLOCK_R=block_r, BLOCK_L=block, num_warps=warps)
+        partials = dw.view(P * block_r // G, G * L) if has_dw else None
+    dweight = None
+    if has_dw:
+        dweight = (partials.sum(0) if rows else torch.zeros(hidden, device=x.device)).to(weight.dtype)
+    return dx, dgate, dweight
 
 
 def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -495,28 +615,8 @@ class _GatedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, gate, weight = ctx.saved_tensors
-        hidden = x.shape[-1]
-        L = ctx.group_size or hidden
-        G = hidden // L
-        rows = x.numel() // L
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        # the gate's gradient contiguous, whatever the gate's layout (autograd takes it for a strided input)
-        dgate = None if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        g, g_rows, g_stride = (x, 1, L) if gate is None else _gate_lines(gate, L)
-        has_dw = ctx.needs_input_grad[2]
-        block = triton.next_power_of_2(L)
-        # G programs per slot already: spread the rows of each weight group over P
-        P = max(1, _programs(rows, x.device, _warps(block)) // G)
-        dw = torch.empty(P * G, L, dtype=torch.float32, device=x.device) if has_dw else dx
-        if rows:
-            _gated_rms_norm_bwd_kernel[(P, G)](x, g, weight, dy, dx, dx if dgate is None else dgate, dw, rows, L, G,
-                                               g_rows, g_stride, ctx.eps,
-                                               HAS_GATE=gate is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
-                                               HAS_DW=has_dw, BLOCK_L=block, num_warps=_warps(block))
-        dweight = None
-        if has_dw:
-            dweight = (dw.view(P, G * L).sum(0) if rows else torch.zeros(hidden, device=x.device)).to(weight.dtype)
+        dx, dgate, dweight = _gated_rms_norm_bwd(x, gate, weight, dy.contiguous(), ctx.eps, ctx.norm_before_gate,
+                                                 ctx.group_size, ctx.needs_input_grad[2], tile=GATED_BWD_LAUNCH)
         return (dx if ctx.needs_input_grad[0] else None, dgate if ctx.needs_input_grad[1] else None, dweight,
                 None, None, None)
 

@@ -314,3 +314,33 @@ def test_bad_shapes_are_named():
         fused.gated_rms_norm(x, torch.randn(2, 4), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="group_size must divide D=8"):
         fused.gated_rms_norm(x, None, torch.ones(8), 1e-6, group_size=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", ["rows", "auto", (4, 1, 3), (8, 2, 1), (2, 1, 64)], ids=str)
+@pytest.mark.parametrize("group_size,width,norm_before_gate", [(None, 64, True), (32, 64, False), (None, 48, True),
+                                                              (16, 48, False)],
+                         ids=["G1", "G2-gate-first", "G1-L48", "G3-gate-first"])
+def test_gated_rms_norm_backward_launches_agree(tile, group_size, width, norm_before_gate):
+    """Every launch of the backward (the one-row kernel, the tile kernel with any rows per tile, warps and
+    program count, the default) gives the reference's gradients; the gate read from a column slice of a wider
+    product, as the blocks pass it; G = 3 is no power of two: explicit tiles refuse it, "auto" takes the rows."""
+    from jetnas.ops.triton_fused import _gated_rms_norm_bwd
+
+    torch.manual_seed(7)
+    rows, heads = 37, 3
+    x = torch.randn(rows, heads, width, device=DEVICE)
+    wide = 2 * torch.randn(rows, heads * width * 3, device=DEVICE)
+    gate = wide[:, heads * width: 2 * heads * width].view(rows, heads, width)
+    w = 1 + 0.1 * torch.randn(width, device=DEVICE)
+    dy = torch.randn_like(x)
+    L = group_size or width
+    if isinstance(tile, tuple) and tile[0] % (width // L):
+        with pytest.raises(ValueError, match="multiple of G=3"):
+            _gated_rms_norm_bwd(x, gate, w, dy, 1e-5, norm_before_gate, group_size, True, tile=tile)
+        return
+    dx, dgate, dw = _gated_rms_norm_bwd(x, gate, w, dy, 1e-5, norm_before_gate, group_size, True, tile=tile)
+    xr, gr, wr = (t.detach().clone().requires_grad_() for t in (x, gate, w))
+    naive_gated_rms_norm(xr, gr, wr, 1e-5, norm_before_gate, group_size).backward(dy)
+    for got, ref in ((dx, xr.grad), (dgate, gr.grad), (dw, wr.grad)):
+        assert rel_err(got, ref) < 1e-5
