@@ -148,7 +148,9 @@ def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, R, L, G, G_ROWS, g_stride
     # contiguous; the gate's row r starts at (r // G_ROWS) * g_stride + (r % G_ROWS) * L: lines of G_ROWS rows
     # each, g_stride apart (a column slice of a wider product; contiguous: G_ROWS = 1, g_stride = L).
     # BLOCK_R rows per program: rows are short (a 64-channel head); with one program per row the kernel took
-    # 4.7 ms per training step for about 1 ms of bytes (H100, 2026-12-06); the tiles are not yet timed
+    # 4.7 ms per training step for about 1 ms of bytes (H100, 2026-12-06). The default tile (4K elements) ran at
+    # 88-93% of a copy's bandwidth on an H100, within 5% of the best of 28 tiles swept
+    # (benchmarks/gated_norm_tiles_bench.py)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_L)
     inside = (rows < R)[:, None] & (cols < L)[None, :]
@@ -441,9 +443,10 @@ def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size, tile
     return y
 
 
-# the gated norm's backward in training: "rows" (the one-row kernel) until the tile kernel ("auto") is timed on a GPU
-# (benchmarks/gated_norm_tiles_bench.py)
-GATED_BWD_LAUNCH = "rows"
+# the gated norm's backward in training: the tile kernel ("auto"). One H100, bf16, 64-channel heads, strided gate
+# (benchmarks/results/2026-12-06_h100_gated_norm_segpass): 85.6 us against the one-row kernel's 103.1 at the stage-1
+# step's 294,912 rows (83% vs 69% of a copy's bandwidth), 35.6 vs 37.5 us at the 8K prefill's 73,728
+GATED_BWD_LAUNCH = "auto"
 
 
 def _gated_bwd_tile(rows: int, L: int, G: int, device: torch.device) -> tuple[int, int, int] | None:
