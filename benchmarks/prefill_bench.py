@@ -299,11 +299,13 @@ def segment_rows(model, ctx: int, eager: torch.Tensor, args) -> None:
         try:
             logits: dict = {}
             row(model, "smollm2-hybrid", ctx, args, prefill="static", label=label, logits=logits)
-            if label in logits:
-                REPORT["checks"][f"smollm2-hybrid@{ctx}:segments{segments}"] = logits_check(
-                    model, ctx, eager, logits.pop(label), args)
         finally:
             set_backend(model, "auto")
+        if label in logits:
+            # the yardstick on the default path: measured with the segment path on, it carried the path's own error
+            # (2026-12-06: "noise" 0.160 beside an error of 0.156, passed; the default path's noise is 0.008)
+            REPORT["checks"][f"smollm2-hybrid@{ctx}:segments{segments}"] = logits_check(
+                model, ctx, eager, logits.pop(label), args)
 
 
 def smollm2_section(args) -> None:

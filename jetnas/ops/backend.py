@@ -64,8 +64,11 @@ class Backend:
     fused_residual: bool = True
     fused_hidden_loss: bool = True
     fused_projections: bool = True
-    # Off until a GPU measures it against fla's sequential pass (benchmarks/gdn_segment_pass_bench.py); checked on CPU
-    # against the sequential reference (tests/ops/test_segment_pass.py).
+    # Off, and not to be turned on: on one H100 (2026-12-06, benchmarks/results/2026-12-06_h100_gated_norm_segpass)
+    # it moved the SmolLM2 hybrid's 8K prefill logits 0.156 (relative, max) from the sequential pass's, against
+    # 0.008 of chunking noise, while its kernel check passed on inputs whose states did not reach across segments
+    # (since made able to fail). The PyTorch algebra is checked on CPU (tests/ops/test_segment_pass.py); the fla
+    # adapter is what is suspect. Its gain, where it ran: the GDN op at 8K 0.224 -> 0.210 ms graphed (1.07x).
     segment_state_pass: int = 0
     interpret: bool = False
 
@@ -74,6 +77,9 @@ class Backend:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
         if not isinstance(self.segment_state_pass, int) or self.segment_state_pass < 0:
             raise ValueError(f"segment_state_pass must be an int >= 0, got {self.segment_state_pass!r}")
+        if self.segment_state_pass > 1 and self.name == "triton":
+            warnings.warn("Backend.segment_state_pass is experimental: on a GPU (2026-12-06) the fla path moved a "
+                          "model's logits far beyond rounding noise; results may be wrong", stacklevel=3)
 
     def runs_triton(self, x: torch.Tensor) -> bool:
         """Whether our Triton kernels take `x`: backend "triton" and x on CUDA (or on CPU with `interpret`)."""
