@@ -201,10 +201,15 @@ def build(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.devic
         if "teacher_per_step" not in {f.name for f in dataclasses.fields(api.StageConfig)}:
             raise SystemExit("--teacher-per-step: this jetnas's StageConfig has no teacher_per_step (older checkout)")
         extra["teacher_per_step"] = True
+    has_graph = "cuda_graph" in {f.name for f in dataclasses.fields(api.StageConfig)}
     if graphed:
-        if "cuda_graph" not in {f.name for f in dataclasses.fields(api.StageConfig)}:
+        if not has_graph:
             raise SystemExit("--cuda-graph: this jetnas's StageConfig has no cuda_graph (older checkout)")
         extra["cuda_graph"] = True
+    elif has_graph:
+        # the eager row is eager: StageConfig's default became "auto" (captured on one GPU), which made this row a
+        # second graphed run (2026-12-06, eighth session: "speedup_vs_eager" 1.001, graph against graph)
+        extra["cuda_graph"] = False
     cfg = api.StageConfig(stage=stage, teacher=args.teacher_name, layer_types=types,
                           block_config={"swa": {"window_size": args.swa_window}}, warmup_steps=1, **common, **extra)
     model, _, _ = api.build_student(cfg, teacher)
