@@ -138,19 +138,30 @@ class SuperNet(nn.Module):
         model = self.base.model
         h, rope = layer_inputs(model, input_ids, attention_mask, start, hidden)
         states = [h]
+        # each residual add runs inside the norm after it (`RMSNorm.add_forward`: one kernel each way with the
+        # backend's `fused_residual`, else the plain add then the norm, as before): the MLP's add inside the next
+        # layer's input norm, the last one inside the final norm, as the model's own loop does. Before, the step ran
+        # 2 adds and 2 norms per layer each way: float32 adds took ~16 of the super-network step's 158 GPU-ms (the
+        # residual stream's sums and, backward, its gradient's among them; H100, 2026-12-06_h100_train_prefill_after)
+        x = model.layers[start].input_layernorm(h) if start < self.num_layers else model.norm(h)
         for i in range(start, self.num_layers):
             layer, block, c = model.layers[i], self.linear[i], choice[i]
-            x = layer.input_layernorm(h)
             if c == "linear":
                 mixed, _ = block(x, attention_mask=attention_mask)
             else:
                 window = self.spec.swa_window if c == "swa" else None
                 mixed, _ = layer.self_attn.attend(x, None, window, attention_mask=attention_mask,
                                                   position_embeddings=rope)
-            h = h + mixed
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h, normed = layer.post_attention_layernorm.add_forward(h, mixed)
+            out = layer.mlp(normed)
+            if i + 1 < self.num_layers:
+                h, x = model.layers[i + 1].input_layernorm.add_forward(h, out)
+            elif logits:
+                h, x = model.norm.add_forward(h, out)
+            else:
+                h = h + out
             states.append(h)
-        return (self.base.lm_head(model.norm(h)) if logits else None), states
+        return (self.base.lm_head(x) if logits else None), states
 
     def fsdp_units(self) -> list[nn.Module]:
         """What FSDP2 shards block by block: the linear paths (called through their own forward). The teacher's

@@ -108,3 +108,42 @@ def test_save_writes_only_the_linear_paths(tmp_path):
     ids = torch.randint(0, 128, (1, 7))
     with torch.no_grad():
         assert torch.equal(fresh(ids, ("linear",) * L)[0], supernet(ids, ("linear",) * L)[0])
+
+
+@pytest.mark.parametrize("linear_type", ["gdn", "gla"])
+def test_fused_residual_adds_give_the_plain_adds_result(linear_type, monkeypatch):
+    """`run_layers` adds each residual inside the norm after it (`RMSNorm.add_forward`): with the backend's
+    `fused_residual` (Triton; its interpreter on CPU) the logits, every layer's state and the linear paths'
+    gradients match the plain adds' (the same backend without the fusion), from layer 0 and from a later start,
+    with and without logits. Float32: the kernel sums in another order and takes 1 / sqrt for rsqrt, ~1e-7 per
+    norm (tests/ops/test_fused_residual.py); 1e-5 over 4 layers leaves a margin while a dropped or doubled residual
+    term shows at 1e-1."""
+    from jetnas.modules.backend import set_backend
+    from jetnas.ops.backend import Backend
+    from tests.utils import rel_err
+
+    import jetnas.ops.triton_fused as tf
+
+    calls = []
+    kernel = tf.triton_add_rms_norm
+    monkeypatch.setattr(tf, "triton_add_rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    plain, fused = (Backend("triton", interpret=True, fused_residual=f) for f in (False, True))
+    ids = torch.randint(0, 128, (2, 11))
+    choice = ("linear", "attn", "swa", "linear")
+    results = []
+    for backend in (plain, fused):
+        supernet, _ = make_supernet(linear_type)
+        set_backend(supernet, backend)
+        logits, states = supernet.run_layers(ids, choice)
+        later, later_states = supernet.run_layers(ids, choice, start=2, hidden=states[2].detach())
+        _, no_logits = supernet.run_layers(ids, choice, logits=False)
+        (logits.square().mean() + later.square().mean()).backward()
+        grads = [p.grad.clone() for p in supernet.linear.parameters() if p.grad is not None]
+        results.append((logits, states, later, later_states, no_logits, grads))
+        # the fused run's adds went through the kernel (2 per layer: 8 + 4 from layer 2 + 7 without logits)
+        assert len(calls) == (19 if backend is fused else 0)
+    for got, ref in zip(*results):
+        got, ref = (got, ref) if isinstance(got, list) else ([got], [ref])
+        assert len(got) == len(ref) and len(got) > 0
+        for g, r in zip(got, ref):
+            assert rel_err(g, r) < 1e-5
