@@ -20,6 +20,7 @@ from jetnas.layers.base import (
 )
 from jetnas.modules.norm import GatedRMSNorm
 from jetnas.ops.backend import Backend, resolve_backend
+from jetnas.ops.fused import shared_input_linear
 
 
 class GatedLinearAttention(TokenMixer):
@@ -63,10 +64,18 @@ class GatedLinearAttention(TokenMixer):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
-        q = self.q_proj(x).view(B, T, H, K)
-        k = self.k_proj(x).view(B, T, H, K)
-        v = self.v_proj(x).view(B, T, H, V)
-        gk = F.logsigmoid(upcast(self.gk_proj(x))).view(B, T, H, K) / self.gate_logit_normalizer
+        if self.backend.fused_projections and not step:
+            # the five products that read x (q, k, v, the gate and the decay's low-rank half) as one
+            # `shared_input_linear`: each output contiguous (fla would copy column slices), x's gradient summed
+            # inside the backward products instead of four [B, T, D] adds (the super-network's linear paths)
+            q, k, v, g, gk_low = shared_input_linear(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                                                         self.g_proj.weight, self.gk_proj[0].weight])
+            gk = self.gk_proj[1](gk_low)
+        else:
+            q, k, v, g = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
+            gk = self.gk_proj(x)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+        gk = F.logsigmoid(upcast(gk)).view(B, T, H, K) / self.gate_logit_normalizer
         if mask is not None:
             # padded tokens neither write (k = 0) nor decay the memory (g = 0)
             gk = gk * mask[..., None, None]
@@ -74,7 +83,7 @@ class GatedLinearAttention(TokenMixer):
         if state is not None:
             state.recurrent = final
             state.seq_length += T
-        o = self.g_norm_swish_gate(o, self.g_proj(x).view(B, T, H, V))
+        o = self.g_norm_swish_gate(o, g.view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V)), state
 
     def cache_bytes(self, context_length, dtype=torch.bfloat16, state_dtype=torch.float32):

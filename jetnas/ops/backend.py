@@ -42,7 +42,9 @@ class Backend:
             input gradient instead of one per projection plus the adds that sum them: the MLP's gate and up (then
             `jetnas.ops.fused.silu_mul_packed` on the packed `[..., 2I]`), and in the JetBlock family (JetBlock,
             Gated DeltaNet, DeltaNet) outside decode steps q|k|v in one product (then, when all three convolutions
-            are static, one short conv over all their channels) and g|b|a in another. Any backend name.
+            are static, one short conv over all their channels) and g|b|a in another; in GLA outside decode steps
+            its five products of x (q, k, v, gate, the decay's low-rank half) as one `shared_input_linear`. Any
+            backend name.
         segment_state_pass: with "triton", the most segments the chunked gated delta rule's state pass splits each
             sequence into when no gradient is needed (prefill), no `cu_seqlens` are given and the pass is
             latency-bound (`jetnas.ops.segment_pass.segment_count`): a segment-parallel pass on fla's own kernels
@@ -67,8 +69,10 @@ class Backend:
     # Off, and not to be turned on: on one H100 (2026-12-06, benchmarks/results/2026-12-06_h100_gated_norm_segpass)
     # it moved the SmolLM2 hybrid's 8K prefill logits 0.156 (relative, max) from the sequential pass's, against
     # 0.008 of chunking noise, while its kernel check passed on inputs whose states did not reach across segments
-    # (since made able to fail). The PyTorch algebra is checked on CPU (tests/ops/test_segment_pass.py); the fla
-    # adapter is what is suspect. Its gain, where it ran: the GDN op at 8K 0.224 -> 0.210 ms graphed (1.07x).
+    # (since made able to fail). The PyTorch algebra is checked on CPU (tests/ops/test_segment_pass.py), and the fla
+    # adapter matched fla's own op to 4e-7 in float32 on fla 0.6's kernels under Triton's interpreter (ragged
+    # segments, initial states; dev/LOG.md, eighth session): what goes wrong on the GPU (bf16, or the model's use of
+    # it) is not found. Its gain, where it ran: the GDN op at 8K 0.224 -> 0.210 ms graphed (1.07x).
     segment_state_pass: int = 0
     interpret: bool = False
 

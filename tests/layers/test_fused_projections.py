@@ -1,5 +1,6 @@
 """`Backend.fused_projections` in the JetBlock family: q|k|v and b|a|g as two matrix products (and, with static
-convolutions on all three, one conv over q|k|v) give what the separate projections give, with the same weights.
+convolutions on all three, one conv over q|k|v), and in GLA its five input products as one `shared_input_linear`,
+give what the separate projections give, with the same weights.
 
 Compared in float32 with tolerance 1e-5 (norm-relative): the fused path does the same float32 maths with different
 summation orders only (a product over the concatenated weight may block its sums differently, and x's gradient is
@@ -45,6 +46,8 @@ BLOCKS = {
                                                         backend=backend),
     "jet-dynamic-qk-no-gate": lambda backend: JetBlock(D, **HEADS, qk_conv="dynamic", v_conv="static",
                                                        use_output_gate=False, backend=backend),
+    # GLA (the super-network's linear path): q, k, v, the gate and the decay's low-rank half as one shared product
+    "gla": lambda backend: build_layer("gla", D, backend=backend, num_heads=2),
 }
 
 
