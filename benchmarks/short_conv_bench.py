@@ -142,6 +142,45 @@ def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: to
     return entry
 
 
+def fwd_sweep(shape: str, W: int, dev: torch.device, iters: int) -> dict:
+    """The static forward's tiles (`_launch_config`: BLOCK_T x BLOCK_D, warps) at a prefill shape, no gradients, as
+    the GDN layers run it: `triton_short_conv_split` over q|k|v (three equal parts), SiLU, no bias. Each config's
+    parts must equal the default launch's bit for bit (every output element is the same W-term sum whatever the
+    tile); times are CUDA-event medians, GB/s of the bytes the forward must move (x read, the parts written; bf16),
+    against a device copy of as many bytes (the bandwidth bound). Why: the 8K prefill profile of the SmolLM2 hybrid
+    gave this kernel 40 us per layer at [1, 8192, 1728], ~1.4 TB/s (2026-12-06_h100_train_prefill_after)."""
+    B, T, D = map(int, shape.split("x"))
+    torch.manual_seed(0)
+    x = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16)
+    weight = (torch.randn(D, W, device=dev) / W**0.5).to(torch.bfloat16)
+    sizes = (D // 3,) * 3
+
+    def run():
+        with torch.inference_mode():
+            return new_module.triton_short_conv_split(x, weight, sizes, None, None, False, "silu", None)[0]
+
+    moved = 2 * 2 * x.numel()
+    src = torch.zeros(moved // 2, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = timed_ms(lambda: dst.copy_(src), dev, iters)
+    default = new_module._launch_config
+    reference = run()
+    rows = []
+    grid = [None] + [(bt, bd, nw) for bt in (2, 4, 8, 16) for bd in (128, 256, 512) for nw in (2, 4, 8)]
+    try:
+        for cfg in grid:
+            if cfg is not None:
+                new_module._launch_config = (lambda T_, D_, W_, on_gpu, c=cfg: ((c[0], c[1]), {"num_warps": c[2]}))
+            parts = run()
+            same = all(torch.equal(a, b) for a, b in zip(parts, reference))
+            ms = timed_ms(run, dev, iters)
+            rows.append({"tile": "default" if cfg is None else list(cfg), "ms": ms, "gb_s": moved / ms / 1e6,
+                         "of_copy": copy_ms / ms, "equal_to_default": same})
+    finally:
+        new_module._launch_config = default
+    return {"shape": [B, T, D, W], "copy_ms": copy_ms, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--old", default=None, help="an earlier triton_dynamic_conv.py to time beside this one")
@@ -155,12 +194,26 @@ def main() -> None:
     parser.add_argument("--split", action="store_true",
                         help="q|k|v: the output in three parts, each with its own gradient (D a multiple of 3)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--fwd-sweep", default="",
+                        help="BxTxD: only sweep the static forward's tiles at this prefill shape (e.g. 1x8192x1728)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="short_conv_bench.json")
     args = parser.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (this benchmark times GPU kernels; --device cpu only smoke-tests it)")
+    if args.fwd_sweep:
+        result = fwd_sweep(args.fwd_sweep, args.width, dev, args.iters)
+        report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+                  "fwd_sweep": result}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        rows = result["rows"]
+        bad = [r["tile"] for r in rows if not r["equal_to_default"]]
+        for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:5]:
+            print(f"{str(r['tile']):<16} {r['ms'] * 1e3:8.1f} us {r['gb_s']:7.0f} GB/s {r['of_copy']:5.0%} of copy")
+        print(json.dumps({"device": report["device"], "configs": len(rows), "differ_from_default": bad}))
+        return
     impls = {"new": new_module.triton_short_conv,
              "conv1d": lambda *a: short_conv(*a, backend="torch")}
     if args.old:

@@ -188,6 +188,8 @@ for step in "$@"; do
     prefill:*) timeout "${step#*:}" python3 benchmarks/prefill_profile.py --out $OUT/prefill.json \
                  --chunks 32768,65536 2>&1 | grep -v Warn | tail -20 ;;
     checks) checks ;;
+    convfwd:*) timeout "${step#*:}" python3 benchmarks/short_conv_bench.py --fwd-sweep 1x8192x1728 \
+                 --out $OUT/short_conv_fwd_sweep.json 2>&1 | grep -v Warn | tail -8 ;;
     gatednorm:*) timeout "${step#*:}" python3 benchmarks/gated_norm_tiles_bench.py --out $OUT/gated_norm_tiles.json \
                    2>&1 | grep -v Warn | tail -24 ;;
     # pytest on the GPU (pytest wheels ride in c8): tests that take CUDA when it is there, e.g. the weighted Triton

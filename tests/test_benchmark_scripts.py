@@ -1,5 +1,6 @@
 """The GPU check scripts run on CPU too (reference paths): a smoke test before spending device time on them."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -160,3 +161,35 @@ def test_segment_pass_bench_checks_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["checks_passed"] and len(report["checks"]) == 6
     assert "checks passed" in proc.stdout.splitlines()[-1]
+
+
+def _run_interpreted(args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
+def test_gated_norm_tiles_bench_checks_every_launch_on_cpu(tmp_path):
+    """benchmarks/gated_norm_tiles_bench.py --tiny under Triton's interpreter: every forward tile and backward
+    launch it would time on a GPU is run and checked against the float32 reference."""
+    out = tmp_path / "gn.json"
+    _run_interpreted(["benchmarks/gated_norm_tiles_bench.py", "--tiny", "--shapes", "prefill-8k", "--out", str(out)])
+    entry = json.loads(out.read_text())["shapes"]["prefill-8k"]
+    assert len(entry["forward"]) > 20 and len(entry["backward"]) > 30
+    assert all(r["passed"] for r in entry["forward"] + entry["backward"])
+    assert {"rows", "auto"} <= {r["tile"] for r in entry["backward"] if isinstance(r["tile"], str)}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
+def test_short_conv_forward_sweep_runs_on_cpu(tmp_path):
+    """benchmarks/short_conv_bench.py --fwd-sweep under Triton's interpreter: every tile gives the default launch's
+    output bit for bit."""
+    out = tmp_path / "sc.json"
+    proc = _run_interpreted(["benchmarks/short_conv_bench.py", "--device", "cpu", "--fwd-sweep", "1x16x48",
+                             "--iters", "1", "--out", str(out)])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["configs"] == 37 and summary["differ_from_default"] == []
+    assert json.loads(out.read_text())["fwd_sweep"]["shape"] == [1, 16, 48, 4]
