@@ -78,10 +78,37 @@ class SuperNet(nn.Module):
             self.linear = nn.ModuleList(build_layer(spec.linear_type, config.hidden_size, **kwargs)
                                         for _ in range(config.num_hidden_layers))
         self.linear.to(param.dtype)
+        # under low-precision autocast the forward runs a copy of the frozen base whose Linear weights are cast once
+        # (`forward_base`); off: every forward casts them again, as autocast does for frozen weights
+        self.cast_frozen = True
         self.inherited = []
         if spec.inherit:
             for layer, block in zip(base.model.layers, self.linear):
                 self.inherited.append(block.init_from_attention(layer.self_attn))
+
+    def forward_base(self) -> nn.Module:
+        """The frozen base as a forward runs it. Under bf16 / fp16 autocast on its device, a copy whose `nn.Linear`
+        weights are stored in the autocast dtype (`jetnas.train.frozen.autocast_copy`, made once and kept while the
+        base's device and dtype stay; everything else shared): autocast caches no cast of a frozen weight, so each
+        forward would cast the base's float32 Linear weights again (the teacher pass and the sub-network's, every
+        step), to the same values; the copy's results are the original's bit for bit. The base itself otherwise,
+        with `cast_frozen` off, or when its parameters are sharded (FSDP's DTensors: the copy would hold whole
+        weights beside the shards)."""
+        head = self.base.lm_head.weight
+        device = head.device.type
+        if not (self.cast_frozen and torch.is_autocast_enabled(device)):
+            return self.base
+        dtype = torch.get_autocast_dtype(device)
+        if dtype not in (torch.bfloat16, torch.float16) or head.dtype == dtype or type(head.data) is not torch.Tensor:
+            return self.base
+        key = (dtype, head.device, head.dtype)
+        cached = self.__dict__.get("_cast_base")
+        if cached is None or cached[0] != key:
+            from jetnas.train.frozen import autocast_copy
+
+            # kept out of the module tree (no parameters, state dict or device moves of its own)
+            self.__dict__["_cast_base"] = cached = (key, autocast_copy(self.base, dtype))
+        return cached[1]
 
     @staticmethod
     def _default_linear_kwargs(config, linear_type: str) -> dict:
@@ -135,7 +162,8 @@ class SuperNet(nn.Module):
         one before them). Returns `(logits or None, states)`: states[j] is the input of layer start + j, the last
         one the output of the last layer."""
         choice = self.check_choice(choice)
-        model = self.base.model
+        base = self.forward_base()
+        model = base.model
         h, rope = layer_inputs(model, input_ids, attention_mask, start, hidden)
         states = [h]
         # each residual add runs inside the norm after it (`RMSNorm.add_forward`: one kernel each way with the
@@ -161,7 +189,7 @@ class SuperNet(nn.Module):
             else:
                 h = h + out
             states.append(h)
-        return (self.base.lm_head(x) if logits else None), states
+        return (base.lm_head(x) if logits else None), states
 
     def fsdp_units(self) -> list[nn.Module]:
         """What FSDP2 shards block by block: the linear paths (called through their own forward). The teacher's

@@ -147,3 +147,32 @@ def test_fused_residual_adds_give_the_plain_adds_result(linear_type, monkeypatch
         assert len(got) == len(ref) and len(got) > 0
         for g, r in zip(got, ref):
             assert rel_err(g, r) < 1e-5
+
+
+def test_autocast_runs_a_copy_with_cast_linear_weights_bit_for_bit():
+    """Under bf16 autocast the super-network's forward runs `forward_base()`: a copy of the frozen base with its
+    Linear weights cast once (`autocast_copy`), made at the first such forward and kept; logits, states and the
+    linear paths' gradients equal those of the base cast by autocast at every call (`cast_frozen` off), bit for bit
+    (the same rounding of the same weights). Outside autocast, and with it off, the base itself runs."""
+    supernet, _ = make_supernet("gdn")
+    ids = torch.randint(0, 128, (2, 11))
+    choice = ("linear", "attn", "swa", "linear")
+    assert supernet.forward_base() is supernet.base
+    results = []
+    for cast in (False, True):
+        supernet.cast_frozen = cast
+        supernet.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            base = supernet.forward_base()
+            assert (base is supernet.base) != cast
+            logits, states = supernet.run_layers(ids, choice)
+            assert supernet.forward_base() is base  # kept, not remade
+        logits.float().square().mean().backward()
+        results.append((logits, states, [p.grad.clone() for p in supernet.linear.parameters() if p.grad is not None]))
+    copy = supernet.__dict__["_cast_base"][1]
+    assert copy.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert copy.model.embed_tokens.weight is supernet.base.model.embed_tokens.weight  # shared, not copied
+    assert not any(n.startswith("_cast_base") for n, _ in supernet.named_parameters())
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
+    assert g0 and all(torch.equal(a, b) for a, b in zip(g0, g1))
