@@ -170,6 +170,40 @@ def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, R, L, G, G_ROWS, g_stride
 
 
 @triton.jit
+def _gate_terms(x, dy, gate, HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    """`(u, dyw, silu, dsilu)` of the gated norm's backward, float32: the normed input u (x, or x * silu(gate) when
+    gated before the norm), the gradient w.r.t. norm(u) * w (dy, or dy * silu(gate) when gated after it), SiLU of
+    the gate and its derivative (x as placeholders without a gate: never read then)."""
+    u = x
+    dyw = dy
+    silu = x
+    dsilu = x
+    if HAS_GATE:
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        dsilu = sig * (1.0 + gate * (1.0 - sig))
+        if NORM_BEFORE_GATE:
+            dyw = dy * silu
+        else:
+            u = x * silu
+    return u, dyw, silu, dsilu
+
+
+@triton.jit
+def _gated_input_grads(x, dy, du, uhat, w, silu, dsilu, HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    """`(dx, dgate)` from du, the gradient w.r.t. the normed input u (dgate = du as a placeholder without a gate)."""
+    dx = du
+    dgate = du
+    if HAS_GATE:
+        if NORM_BEFORE_GATE:
+            dgate = dy * uhat * w * dsilu
+        else:
+            dx = du * silu
+            dgate = du * x * dsilu
+    return dx, dgate
+
+
+@triton.jit
 def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_ptr, R, L, G, G_ROWS, g_stride, eps,
                                HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_DW: tl.constexpr,
                                BLOCK_L: tl.constexpr):
@@ -187,33 +221,19 @@ def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr, dw_p
         off = (j * G + grp) * L
         x = tl.load(x_ptr + off + cols, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off + cols, mask=inside, other=0.0).to(tl.float32)
-        u = x
-        dyw = dy  # the gradient w.r.t. norm(u) * w
+        gate = x
         if HAS_GATE:
             r = j * G + grp
             gate = tl.load(g_ptr + (r // G_ROWS) * g_stride + (r % G_ROWS) * L + cols, mask=inside,
                            other=0.0).to(tl.float32)
-            sig = tl.sigmoid(gate)
-            silu = gate * sig
-            dsilu = sig * (1.0 + gate * (1.0 - sig))
-            if NORM_BEFORE_GATE:
-                dyw = dy * silu
-            else:
-                u = x * silu
+        u, dyw, silu, dsilu = _gate_terms(x, dy, gate, HAS_GATE, NORM_BEFORE_GATE)
         rstd = 1.0 / tl.sqrt(tl.sum(u * u, 0) / L + eps)
         uhat = u * rstd
         duhat = dyw * w
         du = rstd * (duhat - uhat * (tl.sum(duhat * uhat, 0) / L))
+        dx, dgate = _gated_input_grads(x, dy, du, uhat, w, silu, dsilu, HAS_GATE, NORM_BEFORE_GATE)
         if HAS_GATE:
-            if NORM_BEFORE_GATE:
-                dx = du
-                dgate = dy * uhat * w * dsilu
-            else:
-                dx = du * silu
-                dgate = du * x * dsilu
             tl.store(dg_ptr + off + cols, dgate.to(dg_ptr.dtype.element_ty), mask=inside)
-        else:
-            dx = du
         tl.store(dx_ptr + off + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         if HAS_DW:
             dw += dyw * uhat
@@ -242,32 +262,18 @@ def _gated_rms_norm_bwd_tile_kernel(x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, dg_ptr,
         off = rows[:, None] * L + cols[None, :]
         x = tl.load(x_ptr + off, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off, mask=inside, other=0.0).to(tl.float32)
-        u = x
-        dyw = dy
+        gate = x
         if HAS_GATE:
             g_row = (rows // G_ROWS) * g_stride + (rows % G_ROWS) * L
             gate = tl.load(g_ptr + g_row[:, None] + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(gate)
-            silu = gate * sig
-            dsilu = sig * (1.0 + gate * (1.0 - sig))
-            if NORM_BEFORE_GATE:
-                dyw = dy * silu
-            else:
-                u = x * silu
+        u, dyw, silu, dsilu = _gate_terms(x, dy, gate, HAS_GATE, NORM_BEFORE_GATE)
         rstd = 1.0 / tl.sqrt(tl.sum(u * u, 1) / L + eps)
         uhat = u * rstd[:, None]
         duhat = dyw * w
         du = rstd[:, None] * (duhat - uhat * (tl.sum(duhat * uhat, 1) / L)[:, None])
+        dx, dgate = _gated_input_grads(x, dy, du, uhat, w, silu, dsilu, HAS_GATE, NORM_BEFORE_GATE)
         if HAS_GATE:
-            if NORM_BEFORE_GATE:
-                dx = du
-                dgate = dy * uhat * w * dsilu
-            else:
-                dx = du * silu
-                dgate = du * x * dsilu
             tl.store(dg_ptr + off, dgate.to(dg_ptr.dtype.element_ty), mask=inside)
-        else:
-            dx = du
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         if HAS_DW:
             dw += dyw * uhat

@@ -121,6 +121,10 @@ def more_cases():
         yield (f"gated rms norm backward ({'gate' if gate else 'no gate'}, norm {'before' if before else 'after'},"
                f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_kernel, {**io, "dw_ptr": "*fp32"},
                {"HAS_GATE": gate, "NORM_BEFORE_GATE": before, "HAS_DW": dw, "BLOCK_L": 256})
+        # the tile backward (the default launch): 32 rows of 64-channel heads, as at the GDN blocks' shape
+        yield (f"gated rms norm tile backward ({'gate' if gate else 'no gate'}, norm {'before' if before else 'after'},"
+               f" {'with' if dw else 'no'} dw)", fused._gated_rms_norm_bwd_tile_kernel, {**io, "dw_ptr": "*fp32"},
+               {"HAS_GATE": gate, "NORM_BEFORE_GATE": before, "HAS_DW": dw, "BLOCK_R": 32, "BLOCK_L": 64})
     yield "silu * up backward", fused._silu_mul_bwd_kernel, io, {"BLOCK": 2048}
     # SwiGLU on the packed gate|up product (Backend.fused_projections), both ways
     yield "packed silu * up", fused._silu_mul_packed_kernel, {"gu_ptr": "*bf16", "y_ptr": "*bf16"}, {"BLOCK": 2048}
