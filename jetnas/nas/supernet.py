@@ -169,8 +169,8 @@ class SuperNet(nn.Module):
         # each residual add runs inside the norm after it (`RMSNorm.add_forward`: one kernel each way with the
         # backend's `fused_residual`, else the plain add then the norm, as before): the MLP's add inside the next
         # layer's input norm, the last one inside the final norm, as the model's own loop does. Before, the step ran
-        # 2 adds and 2 norms per layer each way: float32 adds took ~16 of the super-network step's 158 GPU-ms (the
-        # residual stream's sums and, backward, its gradient's among them; H100, 2026-12-06_h100_train_prefill_after)
+        # 2 adds and 2 norms per layer each way; float32 add kernels took ~16 of the super-network step's 158 GPU-ms
+        # (H100, 2026-12-06_h100_train_prefill_after; the profile does not say how many of them are these adds)
         x = model.layers[start].input_layernorm(h) if start < self.num_layers else model.norm(h)
         for i in range(start, self.num_layers):
             layer, block, c = model.layers[i], self.linear[i], choice[i]

@@ -449,23 +449,19 @@ def _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size, tile
     return y
 
 
-# the gated norm's backward in training: the tile kernel ("auto"). One H100, bf16, 64-channel heads, strided gate
-# (benchmarks/results/2026-12-06_h100_gated_norm_segpass): 85.6 us against the one-row kernel's 103.1 at the stage-1
-# step's 294,912 rows (83% vs 69% of a copy's bandwidth), 35.6 vs 37.5 us at the 8K prefill's 73,728
-GATED_BWD_LAUNCH = "auto"
-
-
 def _gated_bwd_tile(rows: int, L: int, G: int, device: torch.device) -> tuple[int, int, int] | None:
     """The tile backward's launch for `rows` rows of L channels in G weight groups: (rows per tile, warps, programs),
-    or None for the one-row kernel (G not a power of two: a tile's rows must start at a multiple of G)."""
+    or None for the one-row kernel (G not a power of two: a tile's rows must start at a multiple of G).
+
+    The default of the gated norm's backward. One H100, bf16, 64-channel heads, strided gate
+    (benchmarks/results/2026-12-06_h100_gated_norm_segpass): 85.6 us against the one-row kernel's 103.1 at the
+    stage-1 step's 294,912 rows (83% vs 69% of a copy's bandwidth), 35.6 vs 37.5 us at the 8K prefill's 73,728."""
     if G & (G - 1):
         return None
     block = triton.next_power_of_2(L)
     block_r = max(G, min(max(1, 2048 // block), triton.next_power_of_2(rows)))
     warps = _warps(block_r * block)
-    tiles = triton.cdiv(rows, block_r)
-    per_device = _sm_count(device) * max(1, 32 // warps) if device.type == "cuda" else 4
-    return block_r, warps, max(1, min(tiles, per_device))
+    return block_r, warps, _programs(triton.cdiv(rows, block_r), device, warps)
 
 
 def _gated_rms_norm_bwd(x, gate, weight, dy, eps, norm_before_gate, group_size, has_dw, tile="auto"):
@@ -625,7 +621,7 @@ class _GatedRMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, gate, weight = ctx.saved_tensors
         dx, dgate, dweight = _gated_rms_norm_bwd(x, gate, weight, dy.contiguous(), ctx.eps, ctx.norm_before_gate,
-                                                 ctx.group_size, ctx.needs_input_grad[2], tile=GATED_BWD_LAUNCH)
+                                                 ctx.group_size, ctx.needs_input_grad[2])
         return (dx if ctx.needs_input_grad[0] else None, dgate if ctx.needs_input_grad[1] else None, dweight,
                 None, None, None)
 

@@ -263,7 +263,7 @@ def test_frozen_weights_skip_the_weight_gradient(monkeypatch):
     torch.manual_seed(8)
     rms, gated = _Spy(tf._rms_norm_bwd_kernel), _Spy(tf._gated_rms_norm_bwd_tile_kernel)
     monkeypatch.setattr(tf, "_rms_norm_bwd_kernel", rms)
-    monkeypatch.setattr(tf, "_gated_rms_norm_bwd_tile_kernel", gated)  # the default launch (GATED_BWD_LAUNCH)
+    monkeypatch.setattr(tf, "_gated_rms_norm_bwd_tile_kernel", gated)  # the default launch (`_gated_bwd_tile`)
     x = torch.randn(10, 96, device=DEVICE, requires_grad=True)
     w = 1 + 0.1 * torch.randn(96, device=DEVICE)  # frozen
     tf.triton_rms_norm(x, w, 1e-5).square().sum().backward()
