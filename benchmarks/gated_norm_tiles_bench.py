@@ -33,12 +33,20 @@ SHAPES = {  # name: (tokens, heads, channels)
 }
 
 
-def inputs(tokens, heads, L, device, dtype=torch.bfloat16, seed=0):
+# the gate's row stride in the fused product, besides the sweep's 4 x heads x channels: the GDN's g|b|a product of
+# 9 heads of 64 unpadded (594), padded to 8 columns (600, the model's until 2026-12-07) and to 16 (608, now): Triton
+# vectorizes the gate's loads only for a stride divisible by 16 (jetnas.layers.jet._aligned)
+GATE_STRIDES = (594, 600, 608)
+
+
+def inputs(tokens, heads, L, device, dtype=torch.bfloat16, seed=0, stride=None):
+    """x, the gate, weight and dy; the gate a column slice of a wider product viewed as heads: columns 3HL.. of q, k,
+    v, gate side by side (stride None), or the first HL of `stride` columns (the model's g|b|a product)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(tokens, heads, L, device=device, generator=gen).to(dtype)
-    # the gate: a column slice of a wider product (q, k, v, gate side by side), viewed as heads
-    wide = 2 * torch.randn(tokens, 4 * heads * L, device=device, generator=gen)
-    gate = wide.to(dtype)[:, 3 * heads * L:].view(tokens, heads, L)
+    wide = 2 * torch.randn(tokens, stride or 4 * heads * L, device=device, generator=gen)
+    start = 0 if stride else 3 * heads * L
+    gate = wide.to(dtype)[:, start:start + heads * L].view(tokens, heads, L)
     w = (1 + 0.1 * torch.randn(L, device=device, generator=gen))
     dy = torch.randn(tokens, heads, L, device=device, generator=gen).to(dtype)
     return x, gate, w, dy
@@ -112,6 +120,24 @@ def main() -> None:
                                       "gb_s": bwd_bytes / ms / 1e6, "of_copy": bwd_bytes / ms / 1e6 / copy_gbs,
                                       "rel_err": errs, "passed": ok})
         entry["default_forward_rel_err"] = default_err
+        # the default launches at the model's gate strides (same x, gate values of another draw)
+        entry["gate_strides"] = []
+        for stride in GATE_STRIDES:
+            xs, gs, ws, dys = inputs(tokens, heads, L, dev, stride=stride)
+            assert gs.stride(0) == stride
+            gr2 = gs.detach().float().requires_grad_()
+            xr2, wr2 = xs.detach().float().requires_grad_(), ws.detach().float().requires_grad_()
+            ref2 = naive_gated_rms_norm(xr2, gr2, wr2, 1e-5, True, None)
+            ref2.backward(dys.float())
+            err = rel(tf._gated_rms_norm_fwd(xs, gs, ws, 1e-5, True, None), ref2)
+            dx, dg, dw = tf._gated_rms_norm_bwd(xs, gs, ws, dys, 1e-5, True, None, True)
+            berr = max(rel(dx, xr2.grad), rel(dg, gr2.grad))
+            fwd_ms = bench_ms(lambda: tf._gated_rms_norm_fwd(xs, gs, ws, 1e-5, True, None))
+            bwd_ms = bench_ms(lambda: tf._gated_rms_norm_bwd(xs, gs, ws, dys, 1e-5, True, None, True))
+            entry["gate_strides"].append({"stride": stride, "forward_ms": fwd_ms, "backward_ms": bwd_ms,
+                                          "forward_of_copy": fwd_bytes / fwd_ms / 1e6 / copy_gbs,
+                                          "backward_of_copy": bwd_bytes / bwd_ms / 1e6 / copy_gbs,
+                                          "passed": err < 1e-2 and berr < 2e-2})
         report["shapes"][name] = entry
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -127,6 +153,10 @@ def main() -> None:
             print(f"  {kind}: {len(fails)} of {len(rows)} configs failed the check")
             for label, r in [*named.items(), *((f"best {r['tile']}", r) for r in best)]:
                 print(f"    {label:<22} {r['ms'] * 1e3:8.1f} us {r['gb_s']:7.0f} GB/s ({r['of_copy']:.0%} of copy)")
+        for r in e["gate_strides"]:
+            print(f"  gate stride {r['stride']}: forward {r['forward_ms'] * 1e3:6.1f} us ({r['forward_of_copy']:.0%}), "
+                  f"backward {r['backward_ms'] * 1e3:6.1f} us ({r['backward_of_copy']:.0%})"
+                  f"{'' if r['passed'] else '  FAILED the check'}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,9 @@ def test_gated_norm_tiles_bench_checks_every_launch_on_cpu(tmp_path):
     assert len(entry["forward"]) == 7 and len(entry["backward"]) == 9  # --tiny: a sixth of each grid, its ends
     assert all(r["passed"] for r in entry["forward"] + entry["backward"])
     assert {"rows", "auto"} <= {r["tile"] for r in entry["backward"] if isinstance(r["tile"], str)}
+    # the default launches at the model's gate strides, checked too
+    assert [r["stride"] for r in entry["gate_strides"]] == [594, 600, 608]
+    assert all(r["passed"] for r in entry["gate_strides"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")

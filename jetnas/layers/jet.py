@@ -54,13 +54,17 @@ def initial_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def _aligned(weights: list[torch.Tensor], multiple: int = 8) -> tuple[list[torch.Tensor], list[int]]:
+def _aligned(weights: list[torch.Tensor], multiple: int = 16) -> tuple[list[torch.Tensor], list[int]]:
     """The weights of one fused product (`[N_i, D]` each) and their widths, with rows appended so that the product
-    has a multiple of `multiple` output columns (8 bf16 columns = 16 bytes: the alignment cuBLAS's vectorized
-    kernels need for the output's row stride). The appended rows are the first rows of the widest weight,
-    detached (a view: nothing allocated or filled): their output columns are never read, so their values do not
-    matter, and their gradient is zero, so x's gradient gets exactly zero from them (finite weights) and no weight
-    gets any. A weight with too few rows for that leaves zeros instead."""
+    has a multiple of `multiple` output columns. 16 columns: cuBLAS's vectorized kernels need a 16-byte-aligned
+    output row stride (8 bf16 columns), and our Triton kernels that read a slice of the product where it lies (the
+    gated norm's gate, the GDN gates' b and a) get vectorized loads only when the row stride, an integer argument,
+    is a multiple of 16: Triton specialises such integers as divisible by 16 and nothing less. At a stride of 600
+    (9 heads of 64 padded to 8) the gated norm's forward compiles for sm_90 to 32 two-byte gate loads per thread
+    where 608 gives 16-byte ones (tests/ops/sm90_compile.py checks it). The appended rows are the first rows of the
+    widest weight, detached (a view: nothing allocated or filled): their output columns are never read, so their
+    values do not matter, and their gradient is zero, so x's gradient gets exactly zero from them (finite weights)
+    and no weight gets any. A weight with too few rows for that leaves zeros instead."""
     widths = [w.shape[0] for w in weights]
     pad = -sum(widths) % multiple
     if not pad:
@@ -188,7 +192,7 @@ class JetBlock(TokenMixer):
     def _fused_projections(self, x: torch.Tensor, state: RecurrentState | None):
         """q, k, v (after their convolutions), b, a and the output gate of a prompt (not a decode step) from two
         matrix products, `x [B, T, D]` times the concatenated weights of q|k|v and of g|b|a (padded to a multiple
-        of 8 columns, see `_aligned`) (`Backend.fused_projections`): backward computes x's gradient in two products
+        of 16 columns, see `_aligned`) (`Backend.fused_projections`): backward computes x's gradient in two products
         instead of six, the second adding into the first's output (`jetnas.ops.fused.shared_input_linear`) instead
         of five adds. Returns
         `(q [B, T, H*K], k, v [B, T, H*V], b [B, T, H], a or None, gate [B, T, H*V] or None)`; b, a and the gate
@@ -204,8 +208,10 @@ class JetBlock(TokenMixer):
         """
         HK, HV = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
         sizes = [HK, HK, HV]
-        # the gate first, at column 0, and the product's width padded to a multiple of 8 (`_aligned`): a row stride
-        # of H*V + 2H columns (594 for 9 heads of 64) left cuBLAS only its 2-element-aligned kernels for it, and the
+        # the gate first, at column 0, and the product's width padded to a multiple of 16 (`_aligned`): a row stride
+        # of H*V + 2H columns (594 for 9 heads of 64) left cuBLAS only its 2-element-aligned kernels for it, one of
+        # 600 left the gated norm two-byte loads of the gate (the likely cause of its 46 us per GDN layer in the 8K
+        # prefill profile, where a stride of 2,304 gave the kernel 17 us alone), and the
         # gated norm reads the gate where it lies (H*V columns of every row)
         names = ["g_proj"] * self.use_output_gate + ["b_proj"] + ["a_proj"] * self.use_decay
         weights, widths = _aligned([getattr(self, n).weight for n in names])

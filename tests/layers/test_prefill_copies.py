@@ -46,13 +46,16 @@ class Copies(TorchDispatchMode):
         return out
 
 
-def test_aligned_pads_the_product_to_multiples_of_8_with_rows_it_never_reads():
+def test_aligned_pads_the_product_to_multiples_of_16_with_rows_it_never_reads():
     g, b, a = torch.randn(72, 16), torch.randn(9, 16), torch.randn(9, 16)
     weights, widths = _aligned([g, b, a])
     assert widths == [72, 9, 9, 6] and weights[3].data_ptr() == g.data_ptr()  # g's first rows, a view
     assert _aligned([g, g]) == ([g, g], [72, 72])  # already aligned: nothing added
-    small, widths = _aligned([b[:2], a[:2]])  # no weight has the 4 rows: zeros
-    assert widths == [2, 2, 4] and torch.equal(small[2], torch.zeros(4, 16))
+    small, widths = _aligned([b[:2], a[:2]])  # no weight has the 12 rows: zeros
+    assert widths == [2, 2, 12] and torch.equal(small[2], torch.zeros(12, 16))
+    # the model's widths: SmolLM2's 9 heads of 64 (594 -> 608) and Jet-Nemotron-2B's 12 of 256 (3,096 -> 3,104)
+    for heads, dv in ((9, 64), (12, 256)):
+        assert sum(_aligned([torch.empty(heads * dv, 1), torch.empty(heads, 1), torch.empty(heads, 1)])[1]) % 16 == 0
     # the padded product's gradients are the unpadded one's: the extra columns are never read. Equal up to float64
     # summation order (MKL blocks the [96, 16] and [90, 16] weight-gradient products differently on some CPUs: 4.4e-16
     # seen on an AMD EPYC box, bit-equal on others), so 1e-13 relative, far below any column read by mistake (~1)

@@ -171,6 +171,41 @@ def more_cases():
            {"K": 64, "V": 64, "BK": 64, "BV": 64})
 
 
+def gate_loads(stride_divisible: bool) -> dict[str, int]:
+    """The global loads of the gated norm's forward for sm_90 (GDN shape: rows of 64, 64 rows a program, bf16), its
+    pointers 16-byte aligned and `g_stride` (the fused product's row stride) either hinted divisible by 16, as
+    Triton specialises such an integer at launch, or not: `{instruction: count}`."""
+    import re
+    from collections import Counter
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jetnas.ops import triton_fused as fused
+
+    fn = fused._gated_rms_norm_kernel
+    names = list(fn.arg_names)
+    constexprs = {"HAS_GATE": True, "NORM_BEFORE_GATE": True, "BLOCK_R": 64, "BLOCK_L": 64}
+    signature = {n: "constexpr" if n in constexprs else "*fp32" if n == "w_ptr" else "*bf16" if n.endswith("_ptr")
+                 else "fp32" if n in FLOATS else "i32" for n in names}
+    divisible = [n for n in names if n.endswith("_ptr")] + ["L"] + ["g_stride"] * stride_divisible
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return dict(Counter(re.findall(r"ld\.global[.\w]*", ptx)))
+
+
+def check_gate_loads() -> None:
+    """The reason `jetnas.layers.jet._aligned` pads the g|b|a product to 16 columns: with its row stride divisible
+    by 16 every load of the gated norm is a 16-byte vector; without, the gate's are two-byte scalars."""
+    aligned, unaligned = gate_loads(True), gate_loads(False)
+    if set(aligned) != {"ld.global.v4.b32"}:
+        raise AssertionError(f"a stride divisible by 16 left scalar loads: {aligned}")
+    if not unaligned.get("ld.global.b16"):
+        raise AssertionError(f"an unaligned stride vectorized too (the padding may no longer be needed): {unaligned}")
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
@@ -181,6 +216,11 @@ def main() -> None:
             results[name] = "ok"
         except Exception as err:  # noqa: BLE001 - every case is reported
             results[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
+    try:
+        check_gate_loads()
+        results["gated rms norm: vector loads at a 16-divisible gate stride"] = "ok"
+    except Exception as err:  # noqa: BLE001
+        results["gated rms norm: vector loads at a 16-divisible gate stride"] = f"{type(err).__name__}: {err}"
     print(json.dumps(results))
 
 
