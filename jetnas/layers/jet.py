@@ -61,10 +61,11 @@ def _aligned(weights: list[torch.Tensor], multiple: int = 16) -> tuple[list[torc
     gated norm's gate, the GDN gates' b and a) get vectorized loads only when the row stride, an integer argument,
     is a multiple of 16: Triton specialises such integers as divisible by 16 and nothing less. At a stride of 600
     (9 heads of 64 padded to 8) the gated norm's forward compiles for sm_90 to 32 two-byte gate loads per thread
-    where 608 gives 16-byte ones (tests/ops/sm90_compile.py checks it). The appended rows are the first rows of the
-    widest weight, detached (a view: nothing allocated or filled): their output columns are never read, so their
-    values do not matter, and their gradient is zero, so x's gradient gets exactly zero from them (finite weights)
-    and no weight gets any. A weight with too few rows for that leaves zeros instead."""
+    where 608 gives 16-byte ones (tests/ops/sm90_compile.py checks it; on an H100 the kernel alone is ~3% faster,
+    the 8K prefill unchanged: benchmarks/results/2026-12-07_h100_gate_stride). The appended rows are the first
+    rows of the widest weight, detached (a view: nothing allocated or filled): their output columns are never read,
+    so their values do not matter, and their gradient is zero, so x's gradient gets exactly zero from them (finite
+    weights) and no weight gets any. A weight with too few rows for that leaves zeros instead."""
     widths = [w.shape[0] for w in weights]
     pad = -sum(widths) % multiple
     if not pad:
@@ -210,8 +211,8 @@ class JetBlock(TokenMixer):
         sizes = [HK, HK, HV]
         # the gate first, at column 0, and the product's width padded to a multiple of 16 (`_aligned`): a row stride
         # of H*V + 2H columns (594 for 9 heads of 64) left cuBLAS only its 2-element-aligned kernels for it, one of
-        # 600 left the gated norm two-byte loads of the gate (the likely cause of its 46 us per GDN layer in the 8K
-        # prefill profile, where a stride of 2,304 gave the kernel 17 us alone), and the
+        # 600 left the gated norm two-byte loads of the gate (3% slower alone; 46 us per layer under the profiler,
+        # 9 at 608: benchmarks/results/2026-12-07_h100_gate_stride), and the
         # gated norm reads the gate where it lies (H*V columns of every row)
         names = ["g_proj"] * self.use_output_gate + ["b_proj"] + ["a_proj"] * self.use_decay
         weights, widths = _aligned([getattr(self, n).weight for n in names])
