@@ -114,8 +114,12 @@ def measure(name: str, shape: tuple, args, time_ms) -> dict:
     }
     with torch.no_grad():
         outs = {label: fn() for label, fn in runs.items()}
-        fp32 = causal_attention(q.float(), k.float(), v.float(), window=W)
-        fp32_causal = causal_attention(q.float(), k.float(), v.float())
+        # float32 references with the key/value heads repeated: SDPA's memory-efficient kernel takes float32 but
+        # not grouped heads, and the math fallback would materialise [H, T, T] scores (200 GB at 64K)
+        qf, kf, vf = q.float(), k.float().repeat_interleave(H // Hkv, 2), v.float().repeat_interleave(H // Hkv, 2)
+        fp32 = causal_attention(qf, kf, vf, window=W)
+        fp32_causal = causal_attention(qf, kf, vf)
+        del qf, kf, vf
         rows = {}
         for label, fn in runs.items():
             windowed = label in ("old", "triton")
