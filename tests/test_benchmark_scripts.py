@@ -196,3 +196,22 @@ def test_short_conv_forward_sweep_runs_on_cpu(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["configs"] == 37 and summary["differ_from_default"] == []
     assert json.loads(out.read_text())["fwd_sweep"]["shape"] == [1, 16, 48, 4]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
+def test_swa_bench_checks_every_row_on_cpu(tmp_path):
+    """benchmarks/swa_bench.py --tiny --sweep under Triton's interpreter: the kernel's default launch and each swept
+    tile checked against the old path, the kernel without a window against causal SDPA, the table and JSON written."""
+    out = tmp_path / "swa.json"
+    proc = _run_interpreted(["benchmarks/swa_bench.py", "--tiny", "--sweep", "--shapes", "tiny-w8,tiny-short-w32",
+                             "--out", str(out)])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["passed"] and set(summary["old_over_triton"]) == {"tiny-w8", "tiny-short-w32"}
+    report = json.loads(out.read_text())["shapes"]
+    assert report["tiny-w8"]["path_old"] == "query blocks of 2W"
+    assert report["tiny-short-w32"]["path_old"] == "one SDPA with a mask"
+    for entry in report.values():
+        assert set(entry["rows"]) == {"old", "triton", "causal_sdpa", "triton_causal"}
+        assert len(entry["sweep"]) == 2 and all(s["passed"] for s in entry["sweep"])
+        assert entry["rows"]["triton"]["rel_vs_fp32"] < 1e-2
+    assert "old ms" in proc.stdout

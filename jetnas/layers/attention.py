@@ -30,8 +30,9 @@ class Attention(TokenMixer):
         norm_eps: eps of the QK norms.
         rope_theta: RoPE base, used when the caller passes positions rather than precomputed (cos, sin).
         backend: a `Backend` or "auto" | "torch" | "triton", resolved once here: the QK norms and the rotary
-            embedding (`jetnas.ops.fused.rotary`) run under it, and so does the engine's decode attention over this
-            layer's cache (`jetnas.engine.graph`).
+            embedding (`jetnas.ops.fused.rotary`) run under it, and so do a window's prefill attention without
+            gradients (`jetnas.ops.triton_attention`) and the engine's decode attention over this layer's cache
+            (`jetnas.engine.graph`).
     """
 
     def __init__(
@@ -94,7 +95,7 @@ class Attention(TokenMixer):
             k_all, v_all = state.update(k.transpose(1, 2), v.transpose(1, 2))
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         key_mask = None if attention_mask is None else attention_mask[:, -k.shape[1]:]
-        o = causal_attention(q, k, v, window=window_size, key_padding_mask=key_mask)
+        o = causal_attention(q, k, v, window=window_size, key_padding_mask=key_mask, backend=self.backend)
         return self.o_proj(o.reshape(B, T, -1)), state
 
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

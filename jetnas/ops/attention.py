@@ -1,7 +1,9 @@
 """Causal softmax attention with grouped-query heads, rotary positions, an optional sliding window and padding.
 
-No hand-written kernel: `scaled_dot_product_attention` dispatches to FlashAttention / memory-efficient kernels on
-GPU and to a fused CPU kernel otherwise. The masking rules are spelled out once, here.
+`scaled_dot_product_attention` dispatches to FlashAttention / cuDNN / memory-efficient kernels on GPU and to a fused
+CPU kernel otherwise; the masking rules are spelled out once, here. One exception: a sliding window over a prompt,
+when no gradient is needed and the backend runs our Triton kernels, goes to `jetnas.ops.triton_attention` (one
+launch that visits only the key blocks the window reaches; this module's mask path is its reference).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from jetnas.ops.backend import Backend, as_backend
 
 
 def rotary_cos_sin(
@@ -77,6 +81,24 @@ def attention_mask(
     return visible
 
 
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+    """Raise `ValueError` unless q `[B, Tq, H, D]`, k `[B, Tk, Hkv, D]`, v `[B, Tk, Hkv, Dv]` fit `causal_attention`
+    (H a multiple of Hkv, Tq <= Tk) and the window is None or >= 1."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, T, H, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[-1] != D or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k [B, Tk, Hkv, {D}] and v [B, Tk, Hkv, Dv] do not fit q {list(q.shape)}: "
+                         f"got {list(k.shape)}, {list(v.shape)}")
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if Tq > Tk:
+        raise ValueError(f"more queries ({Tq}) than keys ({Tk}): the keys must include the queries' own positions")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,6 +107,7 @@ def causal_attention(
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     sinks: int = 0,
+    backend: Backend | str = "torch",
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention with grouped-query heads.
 
@@ -100,29 +123,27 @@ def causal_attention(
             window (full attention sees those keys anyway). Computed through a materialised `[Tq, Tk]` mask (the
             windowed-teacher probe of the placement search, prompts of a few thousand tokens), not the blockwise
             path of plain windows.
+        backend: a `Backend` or its name (default "torch": SDPA everywhere). Where it runs our Triton kernels on
+            q, a plain window (no padding mask, no sinks) over more than one query, with no gradient needed, runs
+            `jetnas.ops.triton_attention.triton_swa_forward` (head dims 64 and 128, half or float32 inputs);
+            everything else, full attention included (cuDNN / FlashAttention are faster there), stays on SDPA.
 
     Returns:
         `[B, Tq, H, Dv]` in q's dtype.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, T, H, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    B, Tq, H, D = q.shape
+    check_attention_inputs(q, k, v, window)
+    B, Tq, H, _ = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[-1] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"k [B, Tk, Hkv, {D}] and v [B, Tk, Hkv, Dv] do not fit q {list(q.shape)}: "
-                         f"got {list(k.shape)}, {list(v.shape)}")
-    if H % Hkv:
-        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
-    if Tq > Tk:
-        raise ValueError(f"more queries ({Tq}) than keys ({Tk}): the keys must include the queries' own positions")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
         raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
         raise ValueError(f"key_padding_mask must be [B, Tk] = [{B}, {Tk}], got {list(key_padding_mask.shape)}")
     if key_padding_mask is not None and bool(key_padding_mask.all()):
         key_padding_mask = None
+    if window is not None and key_padding_mask is None and not sinks and _swa_kernel_takes(q, k, v, backend):
+        from jetnas.ops.triton_attention import triton_swa_forward
+
+        return triton_swa_forward(q, k, v, window, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if sinks and window is not None and window < Tk:
         # the first keys are visible beyond the window: one mask over all keys (no fast path; sinks == 0 never
@@ -143,6 +164,23 @@ def causal_attention(
     o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None and Tq == Tk > 1,
                                        scale=scale, enable_gqa=H != Hkv)
     return o.transpose(1, 2)
+
+
+def _swa_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend | str) -> bool:
+    """Whether the Triton window kernel takes these inputs (the window, padding and sinks checked by the caller).
+
+    Not for a single query: a decode step through the layer sees at most `window` cached keys, one SDPA call over
+    them with a `[1, Tk]` mask, and a kernel program of BLOCK_M query rows would compute one. Not when a gradient is
+    needed: the kernel has no backward (training keeps SDPA's).
+    """
+    if q.shape[1] < 2 or not as_backend(backend).runs_triton(q):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    from jetnas.ops.triton_attention import HEAD_DIMS
+
+    return (q.shape[-1] in HEAD_DIMS and v.shape[-1] == q.shape[-1] and q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.device == q.device == v.device)
 
 
 def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:

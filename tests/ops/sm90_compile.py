@@ -17,7 +17,11 @@ import sys
 FLOATS = {"scale", "eps"}
 
 
-def compile_for_hopper(fn, pointers: dict[str, str], constexprs: dict) -> None:
+#: the most shared memory one block may use on an H100 / H200 (227 KiB)
+HOPPER_SHARED = 232448
+
+
+def compile_for_hopper(fn, pointers: dict[str, str], constexprs: dict, options: dict | None = None) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,9 +39,11 @@ def compile_for_hopper(fn, pointers: dict[str, str], constexprs: dict) -> None:
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     if not kernel.asm.get("ptx"):
         raise RuntimeError("no PTX produced")
+    if kernel.metadata.shared > HOPPER_SHARED:
+        raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory, more than sm_90's {HOPPER_SHARED}")
 
 
 def cases():
@@ -171,6 +177,20 @@ def more_cases():
            {"K": 64, "V": 64, "BK": 64, "BV": 64})
 
 
+def attention_cases():
+    """The sliding-window attention forward, bf16, at the launches `triton_swa_forward` makes by default (with
+    their warps and pipeline stages, which set its shared memory): 9 query heads over 3 (SmolLM2's GQA)."""
+    from jetnas.ops import triton_attention as ta
+
+    pointers = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    for D in ta.HEAD_DIMS:
+        tiles = ta.default_tiles(D)
+        yield (f"sliding-window attention (bf16, D={D})", ta._swa_fwd_kernel, pointers,
+               {"G": 3, "BLOCK_M": tiles["block_m"], "BLOCK_N": tiles["block_n"], "BLOCK_D": D, "PRECISION": "tf32",
+                "UPCAST": False},
+               {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]})
+
+
 def gate_loads(stride_divisible: bool) -> dict[str, int]:
     """The global loads of the gated norm's forward for sm_90 (GDN shape: rows of 64, 64 rows a program, bf16), its
     pointers 16-byte aligned and `g_stride` (the fused product's row stride) either hinted divisible by 16, as
@@ -210,9 +230,9 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     results = {}
-    for name, fn, pointers, constexprs in [*cases(), *more_cases()]:
+    for name, fn, pointers, constexprs, *options in [*cases(), *more_cases(), *attention_cases()]:
         try:
-            compile_for_hopper(fn, pointers, constexprs)
+            compile_for_hopper(fn, pointers, constexprs, *options)
             results[name] = "ok"
         except Exception as err:  # noqa: BLE001 - every case is reported
             results[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
