@@ -17,11 +17,12 @@ Sections, run in the order --sections gives (each row is written to --out as soo
   forward prefill in one pass (`noise`), and a check passes when the captured error is at most twice it (+1e-6).
 - smollm2: the SmolLM2-135M GDN hybrid (results/h200_postnas_smollm2_135m/stage2/model/config.json: 26 gdn, 2 attn,
   2 swa) against its teacher's architecture (the same config, every layer `attn`) at 8K and 32K, one prompt, the
-  chunk `jetnas bench` picks ("auto"), prefill "forward" and "static"; and the hybrid's static prefill with its
-  static short convolutions on `F.conv1d` instead of the Triton kernel (`Backend.static_conv` off). Captured vs
-  eager last logits per model, against that model's rounding-order noise (the forward prefill in two chunks against
-  one pass). First the static conv kernel against `F.conv1d` on the hybrid's logits (if it fails, every hybrid row
-  runs on `F.conv1d`, and the check says so).
+  chunk `jetnas bench` picks ("auto"), prefill "forward" and "static"; and the hybrid's static prefill without each
+  of our kernels in turn: the static short convolutions on `F.conv1d` (`Backend.static_conv` off), the sliding-window
+  layers on SDPA over masked query blocks (`Backend.window_kernel` off). Captured vs eager last logits per model,
+  against that model's rounding-order noise (the forward prefill in two chunks against one pass). First each kernel
+  against the path it replaces on the hybrid's logits, both against a float32 copy (`kernel_check`; if one fails,
+  every hybrid row runs without it, and the check says so).
 - jet2b: the Jet-Nemotron-2B architecture at 64K: `jetnas bench`'s defaults (auto chunk, the static prefill on
   CUDA), the same chunk with the forward prefill, and the forward prefill at 8192-token chunks (bench's old
   default).
@@ -252,55 +253,65 @@ def logits_check(model, context: int, eager: torch.Tensor, captured: torch.Tenso
             "noise_two_chunks_vs_one_pass": noise, "passed": err <= 2 * noise + 1e-6}
 
 
+#: our kernels that `kernel_check` judges in the model: check name -> (the Backend field that turns it off, the
+#: path it replaces, as the table names it)
+KERNELS = {"static_conv_kernel": ("static_conv", "F.conv1d"), "window_kernel": ("window_kernel", "SDPA blocks")}
+
+
 @torch.inference_mode()
-def conv_kernel_check(model, args) -> bool:
-    """The static short convolutions' Triton kernel (`Backend.static_conv`, on by default) against `F.conv1d` on
-    the hybrid's last logits of a 2048-token prompt, both judged against a float32 copy of the model on the PyTorch
-    references: the kernel passes when its error is at most that of `F.conv1d` (x1.5 + 1e-3: two bf16 paths that
-    round at different places). Why not against each other with a chunking yardstick (the first version, 2026-12-06:
-    0.23 apart with 0.009 "noise"): the kernel accumulates in float32 and rounds once where `F.conv1d` rounds its
-    bf16 output, at every conv of 26 layers of a random model, which no chunk boundary exercises. On an error the
-    hybrid's rows run on `F.conv1d` (recorded), so one failed kernel does not void the section."""
+def kernel_check(model, args, check: str, base: Backend) -> bool:
+    """One of our kernels (`KERNELS`: the static short convolutions' `Backend.static_conv`, the sliding-window
+    attention's `Backend.window_kernel`; on by default) against the path it replaces, on the hybrid's last logits of
+    a 2048-token prompt (longer than two windows of 512: the windowed layers' long-prompt path), both judged against
+    a float32 copy of the model on the PyTorch references: the kernel passes when its error is at most the other
+    path's (x1.5 + 1e-3: two bf16 paths that round at different places). Why not against each other with a chunking
+    yardstick (the conv's first version, 2026-12-06: 0.23 apart with 0.009 "noise"): the conv kernel accumulates in
+    float32 and rounds once where `F.conv1d` rounds its bf16 output, at every conv of 26 layers of a random model,
+    which no chunk boundary exercises. `base`: the backend of the other kernels; the model is left on it. False on
+    an error or a failed check (recorded): the caller runs the hybrid's rows without the kernel, so one failed
+    kernel does not void the section."""
     import copy
 
+    field, _ = KERNELS[check]
+    on, off = (dataclasses.replace(base, **{field: flag}) for flag in (True, False))
     ids = measure._random_prompts(model, 1, 2048, args.device, 1)
     try:
         reference = copy.deepcopy(model).float()
         set_backend(reference, Backend("torch"))
         ref = reference(ids).logits[:, -1].float()
         del reference
-        set_backend(model, Backend("triton", static_conv=False))
+        set_backend(model, off)
         want = Engine(model).prefill(ids).float()
-        set_backend(model, "auto")
+        set_backend(model, on)
         got = Engine(model).prefill(ids).float()
         halves = Engine(model, chunk_size=1024).prefill(ids).float()  # rounding-order noise of this model
-        kernel, conv1d = rel(got, ref), rel(want, ref)
-        REPORT["checks"]["static_conv_kernel"] = {
-            "kernel_vs_float32": kernel, "conv1d_vs_float32": conv1d, "kernel_vs_conv1d": rel(got, want),
-            "noise_two_chunks_vs_one_pass": rel(halves, got), "passed": kernel <= 1.5 * conv1d + 1e-3}
-        return True
+        kernel, other = rel(got, ref), rel(want, ref)
+        REPORT["checks"][check] = {
+            "kernel_vs_float32": kernel, "other_vs_float32": other, "kernel_vs_other": rel(got, want),
+            "noise_two_chunks_vs_one_pass": rel(halves, got), "passed": kernel <= 1.5 * other + 1e-3}
+        return REPORT["checks"][check]["passed"]
     except Exception as err:  # noqa: BLE001
-        REPORT["checks"]["static_conv_kernel"] = {"error": repr(err)[:1000], "trace": traceback.format_exc()[-2000:],
-                                                  "passed": False}
-        set_backend(model, Backend("triton", static_conv=False))
+        REPORT["checks"][check] = {"error": repr(err)[:1000], "trace": traceback.format_exc()[-2000:],
+                                   "passed": False}
         return False
     finally:
+        set_backend(model, base)
         save(args.out)
 
 
-def segment_rows(model, ctx: int, eager: torch.Tensor, args) -> None:
+def segment_rows(model, ctx: int, eager: torch.Tensor, args, base: Backend) -> None:
     """The hybrid's captured prefill with the GDN state pass split into P segments (`Backend.segment_state_pass`,
     off by default), one row per P of `--segment-state-pass`, each checked against the default forward prefill's last
     logits like the captured rows (`logits_check`)."""
     for segments in args.segment_state_pass:
         label = f"smollm2-hybrid:static:segments{segments}"
-        # the backend this device resolves to ("triton" on CUDA, the PyTorch path on CPU) with the field set
-        set_backend(model, dataclasses.replace(resolve_backend("auto"), segment_state_pass=segments))
+        # the section's backend ("triton" on CUDA, the PyTorch path on CPU) with the field set
+        set_backend(model, dataclasses.replace(base, segment_state_pass=segments))
         try:
             logits: dict = {}
             row(model, "smollm2-hybrid", ctx, args, prefill="static", label=label, logits=logits)
         finally:
-            set_backend(model, "auto")
+            set_backend(model, base)
         if label in logits:
             # the yardstick on the default path: measured with the segment path on, it carried the path's own error
             # (2026-12-06: "noise" 0.160 beside an error of 0.156, passed; the default path's noise is 0.008)
@@ -312,7 +323,13 @@ def smollm2_section(args) -> None:
     logits: dict = {}
     hybrid_model, teacher = build("smollm2-hybrid", args), build("smollm2-teacher", args)
     cuda = torch.device(args.device).type == "cuda"
-    conv_kernel = conv_kernel_check(hybrid_model, args) if cuda else False
+    # the hybrid's backend: this device's, less any of our kernels that fails its check
+    base, kernels = resolve_backend("auto"), {}
+    for check in KERNELS:
+        kernels[check] = cuda and kernel_check(hybrid_model, args, check, base)
+        if cuda and not kernels[check]:
+            base = dataclasses.replace(base, **{KERNELS[check][0]: False})
+    set_backend(hybrid_model, base)
     for ctx in args.smollm2_contexts:
         for name, model in (("smollm2-hybrid", hybrid_model), ("smollm2-teacher", teacher)):
             for mode in ("forward", "static"):
@@ -321,12 +338,14 @@ def smollm2_section(args) -> None:
             if eager is not None and captured is not None:
                 REPORT["checks"][f"{name}@{ctx}"] = logits_check(model, ctx, eager, captured, args)
             if name == "smollm2-hybrid" and eager is not None:
-                segment_rows(model, ctx, eager, args)
-        if conv_kernel:
-            # the static short convolutions on F.conv1d (and its transposes) instead of the Triton kernel
-            set_backend(hybrid_model, Backend("triton", static_conv=False))
-            row(hybrid_model, "smollm2-hybrid", ctx, args, prefill="static", label="smollm2-hybrid:static:conv1d")
-            set_backend(hybrid_model, "auto")
+                segment_rows(model, ctx, eager, args, base)
+        for check, suffix in (("static_conv_kernel", "conv1d"), ("window_kernel", "window-sdpa")):
+            if kernels[check]:
+                # the model without that kernel (the static convs on F.conv1d, or the windows on SDPA's blocks)
+                set_backend(hybrid_model, dataclasses.replace(base, **{KERNELS[check][0]: False}))
+                row(hybrid_model, "smollm2-hybrid", ctx, args, prefill="static",
+                    label=f"smollm2-hybrid:static:{suffix}")
+                set_backend(hybrid_model, base)
     for target in args.profile:
         name, _, rest = target.partition("@")
         if name.startswith("smollm2") and torch.device(args.device).type == "cuda":
@@ -420,8 +439,8 @@ def table() -> None:
     for name, c in REPORT["checks"].items():
         verdict = "error" if "error" in c else "passed" if c.get("passed") else "FAILED"
         if "kernel_vs_float32" in c:
-            print(f"check {name:<34} {verdict}: to float32, kernel {c['kernel_vs_float32']:.2e}, F.conv1d "
-                  f"{c['conv1d_vs_float32']:.2e}")
+            print(f"check {name:<34} {verdict}: to float32, kernel {c['kernel_vs_float32']:.2e}, "
+                  f"{KERNELS[name][1]} {c['other_vs_float32']:.2e}")
             continue
         print(f"check {name:<34} {verdict}: captured vs eager {c.get('static_vs_forward', float('nan')):.2e}, noise "
               f"{c.get('noise_chunked_vs_one_pass', c.get('noise_two_chunks_vs_one_pass', float('nan'))):.2e}")

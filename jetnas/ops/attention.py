@@ -173,7 +173,8 @@ def _swa_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend
     them with a `[1, Tk]` mask, and a kernel program of BLOCK_M query rows would compute one. Not when a gradient is
     needed: the kernel has no backward (training keeps SDPA's).
     """
-    if q.shape[1] < 2 or not as_backend(backend).runs_triton(q):
+    backend = as_backend(backend)
+    if q.shape[1] < 2 or not backend.window_kernel or not backend.runs_triton(q):
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False

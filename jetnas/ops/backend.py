@@ -49,6 +49,9 @@ class Backend:
             sequence into when no gradient is needed (prefill), no `cu_seqlens` are given and the pass is
             latency-bound (`jetnas.ops.segment_pass.segment_count`): a segment-parallel pass on fla's own kernels
             (`jetnas.ops._fla`). 0 or 1: off, fla's sequential pass.
+        window_kernel: with "triton", sliding-window attention over a prompt with no gradient needed runs on our
+            Triton kernel (`jetnas.ops.triton_attention`, one launch visiting only the key blocks each window
+            reaches) instead of SDPA over masked query blocks (`jetnas.ops.attention.causal_attention`).
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -74,6 +77,10 @@ class Backend:
     # segments, initial states; dev/LOG.md, eighth session): what goes wrong on the GPU (bf16, or the model's use of
     # it) is not found. Its gain, where it ran: the GDN op at 8K 0.224 -> 0.210 ms graphed (1.07x).
     segment_state_pass: int = 0
+    # On: checked on CPU under Triton's interpreter against the SDPA mask path (float32 2e-7, bf16 4e-3, a tiny
+    # hybrid's logits) and compiled for sm_90; not yet run on a GPU (2026-12-07): benchmarks/swa_bench.py checks and
+    # times it against the block path, `prefill_bench.py` compares the model's logits with it off.
+    window_kernel: bool = True
     interpret: bool = False
 
     def __post_init__(self) -> None:

@@ -15,6 +15,8 @@ Tolerances (norm-relative, `rel_err`):
   probabilities to bfloat16 before multiplying them into V (~2e-3 more): ~4e-3 measured.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -139,6 +141,7 @@ def test_causal_attention_keeps_sdpa_elsewhere(kernel_calls):
     causal_attention(q, k, v, window=4, key_padding_mask=pad, backend=TRITON)
     causal_attention(q.double(), k.double(), v.double(), window=4, backend=TRITON)
     causal_attention(*inputs(2, 20, 20, 6, 2, 32), window=4, backend=TRITON)  # head dim 32
+    causal_attention(q, k, v, window=4, backend=dataclasses.replace(TRITON, window_kernel=False))  # switched off
     q.requires_grad_(True)
     out = causal_attention(q, k, v, window=4, backend=TRITON)  # training: SDPA's backward
     assert out.requires_grad
