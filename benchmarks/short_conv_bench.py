@@ -22,6 +22,12 @@ float32 (the two-kernel backward rounded it; the one-kernel backward that replac
 few 1e-3 (4.1e-3 measured under the CPU interpreter, which truncates). `--bwd-configs 16x32x4,32x64x8` also times
 the one-kernel backward with other tiles (`_bwd_config`: rows, channels, warps; chosen by register count, never
 timed). `--device cpu` (under TRITON_INTERPRET=1, tiny shapes) only smoke-tests the script.
+
+`--fwd-sweep BxTxD` times the static forward alone instead, old (`[BLOCK_T, BLOCK_D, W]` windows) and new (tap by
+tap) in one process, the new over a grid of tiles, each call timed inside a CUDA graph of 20 (see `fwd_sweep`):
+
+    PYTHONPATH=. python benchmarks/short_conv_bench.py --fwd-sweep 1x8192x1728 --out $OUT/short_conv_fwd.json
+
 Last stdout line: one JSON object.
 """
 
@@ -142,43 +148,109 @@ def bench_shape(B: int, T: int, D: int, W: int, bias: bool, impls: dict, dev: to
     return entry
 
 
+def graph_us(fn, inputs: list, dev: torch.device, iters: int, calls: int = 20) -> float:
+    """Median microseconds of one `fn(inp)`: on a GPU, `calls` back-to-back calls captured in one CUDA graph (cycling
+    through `inputs`) and replayed `iters` times between CUDA events, each replay's time over `calls`. Events around
+    one Python call time the launch path as well, which for a ~40 us kernel is most of it: the in-model graph
+    replay measured 41 us per layer where that timing gave 103 us. On CPU (the interpreter) one call's wall clock,
+    only to exercise the code path."""
+    if dev.type != "cuda":
+        return 1e3 * timed_ms(lambda: fn(inputs[0]), dev, iters, warmup=1)
+    for inp in inputs:  # compiles, loads the kernel, settles the allocator, before capturing
+        fn(inp)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for j in range(calls):
+            fn(inputs[j % len(inputs)])
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+# the per-tap forward's tiles swept: BLOCK_T x BLOCK_D on 2, 4 or 8 warps, 4 to 32 elements a thread (the default,
+# 16 x 256 on 8 warps, is 16; 32 took 128 registers compiled for sm_90, no spills)
+FWD_TILES = tuple((bt, bd, nw) for bt in (4, 8, 16, 32, 64) for bd in (64, 128, 256, 512) for nw in (2, 4, 8)
+                  if 4 <= bt * bd // (32 * nw) <= 32)
+# |new - old| <= 2^-7 |old| + FWD_TOL * max |old|: one bf16 step apart at most (the two forwards sum the same
+# float32 products in another order; see tests/ops/test_triton_dynamic_conv.py's FWD_TOL)
+FWD_TOL = 1e-6
+# at least this many bytes of distinct inputs in one graph, so that a call does not find its x in the L2 cache (50 MB
+# on an H100) from an earlier call
+COLD_BYTES = 200_000_000
+
+
+def within_one_rounding(parts, reference) -> bool:
+    """Every element of `parts` within one bf16 rounding (and FWD_TOL of the largest) of `reference`'s."""
+    for a, b in zip(parts, reference):
+        a, b = a.float(), b.float()
+        if not ((a - b).abs() <= 2**-7 * b.abs() + FWD_TOL * b.abs().max()).all():
+            return False
+    return True
+
+
 def fwd_sweep(shape: str, W: int, dev: torch.device, iters: int) -> dict:
-    """The static forward's tiles (`_launch_config`: BLOCK_T x BLOCK_D, warps) at a prefill shape, no gradients, as
-    the GDN layers run it: `triton_short_conv_split` over q|k|v (three equal parts), SiLU, no bias. Each config's
-    parts must equal the default launch's bit for bit (every output element is the same W-term sum whatever the
-    tile); times are CUDA-event medians, GB/s of the bytes the forward must move (x read, the parts written; bf16),
-    against a device copy of as many bytes (the bandwidth bound). Why: the 8K prefill profile of the SmolLM2 hybrid
-    gave this kernel 40 us per layer at [1, 8192, 1728], ~1.4 TB/s (2026-12-06_h100_train_prefill_after)."""
+    """The static forward at a prefill shape, no gradients, as the GDN layers run it: `triton_short_conv_split` over
+    q|k|v (three equal parts), SiLU, no bias, bf16. Rows: the old forward (`STATIC_FWD_PER_TAP = False`, the dynamic
+    convolution's kernel with its `[BLOCK_T, BLOCK_D, W]` windows) at its default tile, the per-tap forward
+    (`_short_conv_fwd_kernel`) at its default tile and at every tile of FWD_TILES (`_static_fwd_config`: BLOCK_T x
+    BLOCK_D, warps).
+
+    Every row's parts are checked against the old default's: within one bf16 rounding (`within_tol_of_old`; the
+    two sum in another order), and bit for bit against their own path's default (`equal_to_path_default`: each
+    output element is the same W-term sum whatever the tile). Times: `graph_us` (20 calls a CUDA graph, over
+    distinct copies of x adding up to COLD_BYTES so that x comes from memory, not L2); GB/s of the bytes the forward
+    must move (x read, the parts written), and the fraction of a device copy of as many bytes timed the same way
+    (the bandwidth bound). Why: the 8K prefill profile of the SmolLM2 hybrid gave this kernel 41 us per layer at
+    [1, 8192, 1728] (2026-12-06_h100_train_prefill_after); this script's old per-call timing said 103 us."""
     B, T, D = map(int, shape.split("x"))
     torch.manual_seed(0)
     x = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16)
     weight = (torch.randn(D, W, device=dev) / W**0.5).to(torch.bfloat16)
     sizes = (D // 3,) * 3
+    copies = 1 if dev.type != "cuda" else max(1, min(20, -(-COLD_BYTES // (x.numel() * x.element_size()))))
+    xs = [x] + [x.clone() for _ in range(copies - 1)]
 
-    def run():
+    def run(inp):
         with torch.inference_mode():
-            return new_module.triton_short_conv_split(x, weight, sizes, None, None, False, "silu", None)[0]
+            return new_module.triton_short_conv_split(inp, weight, sizes, None, None, False, "silu", None)[0]
 
     moved = 2 * 2 * x.numel()
-    src = torch.zeros(moved // 2, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy_ms = timed_ms(lambda: dst.copy_(src), dev, iters)
-    default = new_module._launch_config
-    reference = run()
-    rows = []
-    grid = [None] + [(bt, bd, nw) for bt in (2, 4, 8, 16) for bd in (128, 256, 512) for nw in (2, 4, 8)]
+    srcs = [torch.zeros(moved // 2, dtype=torch.uint8, device=dev) for _ in range(copies)]
+    dst = torch.empty_like(srcs[0])
+    copy_us = graph_us(dst.copy_, srcs, dev, iters)
+    defaults = {"old": new_module._launch_config, "per_tap": new_module._static_fwd_config}
+    per_tap = new_module.STATIC_FWD_PER_TAP
+    outputs, rows = {}, []
     try:
-        for cfg in grid:
-            if cfg is not None:
-                new_module._launch_config = (lambda T_, D_, W_, on_gpu, c=cfg: ((c[0], c[1]), {"num_warps": c[2]}))
-            parts = run()
-            same = all(torch.equal(a, b) for a, b in zip(parts, reference))
-            ms = timed_ms(run, dev, iters)
-            rows.append({"tile": "default" if cfg is None else list(cfg), "ms": ms, "gb_s": moved / ms / 1e6,
-                         "of_copy": copy_ms / ms, "equal_to_default": same})
+        for path, tile in [("old", None), ("per_tap", None)] + [("per_tap", c) for c in FWD_TILES]:
+            new_module.STATIC_FWD_PER_TAP = path == "per_tap"
+            config = "_launch_config" if path == "old" else "_static_fwd_config"
+            setattr(new_module, config, defaults[path] if tile is None else
+                    (lambda T_, D_, W_, on_gpu, c=tile: ((c[0], c[1]), {"num_warps": c[2]})))
+            parts = run(x)
+            outputs.setdefault(path, parts)
+            us = graph_us(run, xs, dev, iters)
+            rows.append({"path": path, "tile": "default" if tile is None else list(tile), "us": us,
+                         "gb_s": moved / us / 1e3, "of_copy": copy_us / us,
+                         "equal_to_path_default": all(torch.equal(a, b) for a, b in zip(parts, outputs[path])),
+                         "within_tol_of_old": within_one_rounding(parts, outputs["old"]),
+                         "max_abs_diff_vs_old": max((a.float() - b.float()).abs().max().item()
+                                                    for a, b in zip(parts, outputs["old"]))})
     finally:
-        new_module._launch_config = default
-    return {"shape": [B, T, D, W], "copy_ms": copy_ms, "rows": rows}
+        new_module.STATIC_FWD_PER_TAP = per_tap
+        new_module._launch_config, new_module._static_fwd_config = defaults["old"], defaults["per_tap"]
+    return {"shape": [B, T, D, W], "copy_us": copy_us, "graph_calls": 20 if dev.type == "cuda" else 1,
+            "distinct_inputs": copies, "rows": rows}
 
 
 def main() -> None:
@@ -209,10 +281,18 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
         rows = result["rows"]
-        bad = [r["tile"] for r in rows if not r["equal_to_default"]]
-        for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:5]:
-            print(f"{str(r['tile']):<16} {r['ms'] * 1e3:8.1f} us {r['gb_s']:7.0f} GB/s {r['of_copy']:5.0%} of copy")
-        print(json.dumps({"device": report["device"], "configs": len(rows), "differ_from_default": bad}))
+        print(f"copy bound {result['copy_us']:8.1f} us")
+        for r in rows[:2] + sorted(rows[2:], key=lambda r: r["us"])[:5]:
+            print(f"{r['path']:<8} {str(r['tile']):<16} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s "
+                  f"{r['of_copy']:5.0%} of copy")
+        best = min(rows[1:], key=lambda r: r["us"])
+        print(json.dumps({"device": report["device"], "configs": len(rows),
+                          "old_default_us": round(rows[0]["us"], 2), "per_tap_default_us": round(rows[1]["us"], 2),
+                          "per_tap_best": best["tile"], "per_tap_best_us": round(best["us"], 2),
+                          "copy_us": round(result["copy_us"], 2),
+                          "differ_from_default": [[r["path"], r["tile"]] for r in rows
+                                                  if not r["equal_to_path_default"]],
+                          "outside_tol_of_old": [[r["path"], r["tile"]] for r in rows if not r["within_tol_of_old"]]}))
         return
     impls = {"new": new_module.triton_short_conv,
              "conv1d": lambda *a: short_conv(*a, backend="torch")}

@@ -188,14 +188,18 @@ def test_gated_norm_tiles_bench_checks_every_launch_on_cpu(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
 def test_short_conv_forward_sweep_runs_on_cpu(tmp_path):
-    """benchmarks/short_conv_bench.py --fwd-sweep under Triton's interpreter: every tile gives the default launch's
-    output bit for bit."""
+    """benchmarks/short_conv_bench.py --fwd-sweep under Triton's interpreter: the old forward's default row, the
+    per-tap forward's default and its 37 tiles; every per-tap tile gives its default's output bit for bit, and
+    every row is within one bf16 rounding of the old forward's."""
     out = tmp_path / "sc.json"
     proc = _run_interpreted(["benchmarks/short_conv_bench.py", "--device", "cpu", "--fwd-sweep", "1x16x48",
                              "--iters", "1", "--out", str(out)])
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["configs"] == 37 and summary["differ_from_default"] == []
-    assert json.loads(out.read_text())["fwd_sweep"]["shape"] == [1, 16, 48, 4]
+    assert summary["configs"] == 39 and summary["differ_from_default"] == [] and summary["outside_tol_of_old"] == []
+    sweep = json.loads(out.read_text())["fwd_sweep"]
+    assert sweep["shape"] == [1, 16, 48, 4]
+    assert [(r["path"], r["tile"]) for r in sweep["rows"][:3]] == [("old", "default"), ("per_tap", "default"),
+                                                                  ("per_tap", [4, 64, 2])]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")

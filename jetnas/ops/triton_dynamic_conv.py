@@ -20,8 +20,15 @@ s's sequence. A third small kernel writes the state gradient (only the first W -
 state); the final state is plain torch indexing. Packed sequences pass per-token sequence start / end / index
 tensors made from `cu_seqlens`.
 
-`triton_short_conv` runs the static convolution (one `[D, W]` kernel for every token, optional bias): forward on
-the same kernel (`STATIC`), and `triton_short_conv_split` writes its output as 2 or 3 contiguous parts (`SPLIT`).
+`triton_short_conv` runs the static convolution (one `[D, W]` kernel for every token, optional bias), and
+`triton_short_conv_split` writes its output as 2 or 3 contiguous parts (`SPLIT`). Its forward goes tap by tap
+(`_short_conv_fwd_kernel`): W two-dimensional `[BLOCK_T, BLOCK_D]` tiles of x, each contiguous along the channels,
+times the weight's columns, so that x's loads and the parts' stores compile to 16-byte vectors (checked for sm_90 by
+tests/ops/sm90_compile.py); its speed on a GPU is not yet measured. The old forward, the dynamic convolution's
+kernel with `STATIC` (windows `[BLOCK_T, BLOCK_D, W]` with the taps D apart in memory: 8-byte x loads, two-byte split
+stores), stays selectable (`STATIC_FWD_PER_TAP = False`) so that `benchmarks/short_conv_bench.py --fwd-sweep` times
+both; on an H100 it took 41 us per layer of the SmolLM2 hybrid's 8K prefill ([1, 8192, 1728], bf16), where a copy of
+as many bytes takes about 26 us.
 Its backward is one kernel (`_short_conv_bwd_kernel`) that reads x once and dy once, where autograd leaves it: the
 parts' gradients in place (no `torch.cat` of them; a part without one reads as zeros, nothing allocated), and
 writes dx. Per tile of 32 tokens it recomputes the pre-activation and dacc in registers for the tile's tokens and
@@ -183,7 +190,8 @@ def _dynamic_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start
                              BLOCK_D: tl.constexpr, HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
                              SILU: tl.constexpr, STATIC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """Grid (cdiv(T, BLOCK_T), B, cdiv(D, BLOCK_D)); writes `y [B, T, D]`. STATIC: `k_ptr` is one `[D, W]`
-    kernel; HAS_BIAS: `bias [D]` added before the activation. SPLIT: channels `[0, D1)`, `[D1, D2)` and `[D2, D)`
+    kernel (the old static forward, launched only with `STATIC_FWD_PER_TAP = False`; `_short_conv_fwd_kernel` is the
+    default); HAS_BIAS: `bias [D]` added before the activation. SPLIT: channels `[0, D1)`, `[D1, D2)` and `[D2, D)`
     go to three `[B, T, width]` tensors laid out one after the other in y (`ROWS = B * T` rows each), so that each
     part is contiguous (see `triton_short_conv_split`)."""
     row0, r, t, d, w, start, seq, mask = _tile(tl.program_id(1), tl.program_id(0) * BLOCK_T, tl.program_id(2),
@@ -320,12 +328,82 @@ def _load_tap(x_ptr, state_ptr, row0, r, t, d, start, seq, mask, D, W: tl.conste
     xv = tl.load(x_ptr + row0 * D + (r - (W - 1) + i)[:, None] * D + d[None, :], mask=mask & inside[:, None],
                  other=0.0).to(tl.float32)
     if HAS_STATE:
-        # row pointers in int64 (N * D * (W - 1) may pass 2**31), offsets within a row in int32
-        rows = state_ptr + seq.to(tl.int64) * (D * (W - 1))
-        col = src - start + (W - 1)
-        xv += tl.load(rows[:, None] + d[None, :] * (W - 1) + col[:, None], mask=mask & (src < start)[:, None],
-                      other=0.0).to(tl.float32)
+        xv += _load_state_tap(state_ptr, t, d, start, seq, mask, D, W, i)
     return xv
+
+
+@triton.jit
+def _load_state_tap(state_ptr, t, d, start, seq, mask, D, W: tl.constexpr, i: tl.constexpr):
+    """The state's part of tap i's input (`_load_tap`): for tokens whose input `t - W + 1 + i` lies before their
+    sequence's start, its state row's column `W - 1 + src - start`; zero for the others."""
+    src = t - (W - 1) + i
+    # row pointers in int64 (N * D * (W - 1) may pass 2**31), offsets within a row in int32
+    rows = state_ptr + seq.to(tl.int64) * (D * (W - 1))
+    col = src - start + (W - 1)
+    return tl.load(rows[:, None] + d[None, :] * (W - 1) + col[:, None], mask=mask & (src < start)[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_parts(y_ptr, acc, row0, r, d, mask, D, D1, D2, ROWS, SPLIT: tl.constexpr):
+    """Store the float32 `[BLOCK_T, BLOCK_D]` tile `acc` (rows `row0 + r`, channels d) in y's dtype: into `y [B * T,
+    D]`, or with SPLIT into the three parts laid out one after the other in y (channels `[0, D1)`, `[D1, D2)`,
+    `[D2, D)`, each `[ROWS, width]`; see `triton_short_conv_split`).
+
+    With SPLIT one masked store per part, each with scalar offsets (a part's first channel and width), as `_load_dy`
+    reads the parts: the offsets stay contiguous along d, so the stores can vectorize. The old forward's one store
+    with per-channel widths (`tl.where` of the parts') compiled for sm_90 to two-byte scalar stores. A part the tile
+    does not reach is a store with an all-false mask."""
+    out = acc.to(y_ptr.dtype.element_ty)
+    rows = row0 + r
+    if SPLIT:
+        tl.store(y_ptr + rows[:, None] * D1 + d[None, :], out, mask=mask & (d < D1)[None, :])
+        tl.store(y_ptr + D1 * ROWS + rows[:, None] * (D2 - D1) + (d - D1)[None, :], out,
+                 mask=mask & ((d >= D1) & (d < D2))[None, :])
+        tl.store(y_ptr + D2 * ROWS + rows[:, None] * (D - D2) + (d - D2)[None, :], out,
+                 mask=mask & (d >= D2)[None, :])
+    else:
+        tl.store(y_ptr + rows[:, None] * D + d[None, :], out, mask=mask)
+
+
+@triton.jit
+def _short_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, D1, D2, ROWS, T, D,
+                           W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """The static convolution's forward tap by tap (the default; `STATIC_FWD_PER_TAP`). Grid, arguments and output
+    as `_dynamic_conv_fwd_kernel` with STATIC (`k_ptr` one `[D, W]` weight; `bias [D]` with HAS_BIAS; SPLIT: three
+    contiguous parts, stored by `_store_parts`).
+
+    `pre = bias + sum_i x[t - W + 1 + i] * weight[:, i]`, summed tap by tap in float32 from two-dimensional
+    `[BLOCK_T, BLOCK_D]` tiles (`_load_tap`: contiguous along the channels, so the loads can vectorize; the W tiles
+    overlap in all but one row, and those re-reads come from cache) times the weight's column `[BLOCK_D]`. The old
+    forward instead gathers one `[BLOCK_T, BLOCK_D, W]` tile whose innermost (tap) axis has stride D in memory.
+    Each output element is the same W-term sum in the same order whatever the tile, so every tile gives the same
+    result; against the old forward's tree sum over taps (and its bias added last) float32 results differ by
+    rounding (~1e-7 relative) and bf16 outputs by at most one rounding. Not yet timed on a GPU."""
+    row0, r, t, d, _w, start, seq, mask = _tile(tl.program_id(1), tl.program_id(0) * BLOCK_T, tl.program_id(2),
+                                                tok_start_ptr, tok_seq_ptr, T, D, BLOCK_T, BLOCK_D, W_POW2,
+                                                IS_VARLEN)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    for i in tl.static_range(W):
+        tap = tl.load(k_ptr + d * W + i, mask=d < D, other=0.0).to(tl.float32)
+        acc += _load_tap(x_ptr, state_ptr, row0, r, t, d, start, seq, mask, D, W, i, False) * tap[None, :]
+    if HAS_STATE:
+        # Inputs before a sequence's start (zero in the loads above) from its state row, in a second pass: only a
+        # tile holding one of its sequences' first W - 1 tokens takes it (the state's loads are a gather, W - 1
+        # elements apart, issued masked off for every tile otherwise), and with the x tiles consumed by then its
+        # addresses need fewer registers (ptxas for sm_90, 16 x 256 tiles on 8 warps: 187 registers a thread with
+        # the state read inside the first loop, 128 and no spills this way).
+        if tl.min(t - start, axis=0) < W - 1:
+            for i in tl.static_range(W - 1):
+                tap = tl.load(k_ptr + d * W + i, mask=d < D, other=0.0).to(tl.float32)
+                acc += _load_state_tap(state_ptr, t, d, start, seq, mask, D, W, i) * tap[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    _store_parts(y_ptr, acc, row0, r, d, mask, D, D1, D2, ROWS, SPLIT)
 
 
 @triton.jit
@@ -480,6 +558,23 @@ def _launch_config(T: int, D: int, W: int, on_gpu: bool) -> tuple[tuple[int, int
     return (block_t, min(128, max(16, triton.next_power_of_2(D)))), {"num_warps": 4}
 
 
+def _static_fwd_config(T: int, D: int, W: int, on_gpu: bool) -> tuple[tuple[int, int], dict]:
+    """`((BLOCK_T, BLOCK_D), {"num_warps": ...})` of the static forward tap by tap (`_short_conv_fwd_kernel`).
+
+    Chosen by reasoning, not timed (no GPU here; `benchmarks/short_conv_bench.py --fwd-sweep` sweeps the tiles):
+    the kernel streams x in and y out with a few flops an element, so wide rows of channels make each warp's loads
+    and stores long contiguous runs (256 bf16 channels: a warp loads 512 bytes of a row, 16 bytes a thread), and
+    16 tokens a tile keep the rows re-read for the W - 1 tokens before the tile (from cache) at 3 / 16 of the
+    tile's. 16 x 256 on 8 warps is 16 elements a thread; compiled for sm_90 (ptxas, W = 4, SiLU, split, bf16, the
+    launch's 16-divisible sizes) it takes 66 registers a thread, 118 with a state, no spills (on 4 warps, 32
+    elements a thread: 128 and 184). The 1 x 8,192 x 1,728 prefill makes 512 x 7 programs, the last channel block
+    three quarters full. T and W do not pick the tile (no recompiles)."""
+    if not on_gpu:
+        # the interpreter (CPU tensors): fewer, taller tiles run faster, as in `_launch_config`
+        return (32, min(256, max(16, triton.next_power_of_2(D)))), {"num_warps": 4}
+    return (16, 256), {"num_warps": 8}
+
+
 def _bwd_config(D: int, W: int, on_gpu: bool) -> tuple[int, int, int]:
     """`(BLOCK_T, BLOCK_D, num_warps)` of the static backward (`_short_conv_bwd_kernel`): each tile computes dacc
     for BLOCK_T tokens and owns `BLOCK_T - (W - 1)` of them (BLOCK_T >= 2 * MAX_WIDTH keeps at least 9 owned).
@@ -545,12 +640,13 @@ def _check_batch(B: int) -> None:
         raise ValueError(f"the short convolutions take at most 65,535 sequences per call, got B={B}")
 
 
-def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, **constexprs) -> None:
-    """Launch `kernel(*args, T, D, ...)` over (T blocks, B, D blocks) for `x [B, T, D]` and width W."""
+def _launch(kernel, x: torch.Tensor, W: int, seg: _Segments, *args, config=None, **constexprs) -> None:
+    """Launch `kernel(*args, T, D, ...)` over (T blocks, B, D blocks) for `x [B, T, D]` and width W, with the tile
+    of `config(T, D, W, on_gpu)` (`_launch_config` when None)."""
     B, T, D = x.shape
     if x.numel() == 0:  # nothing to compute, and an empty grid cannot be launched
         return
-    (block_t, block_d), opts = _launch_config(T, D, W, x.is_cuda)
+    (block_t, block_d), opts = (config or _launch_config)(T, D, W, x.is_cuda)
     _check_batch(B)
     grid = (triton.cdiv(T, block_t), B, triton.cdiv(D, block_d))
     kernel[grid](*args, T, D, W=W, W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t, BLOCK_D=block_d,
@@ -564,6 +660,12 @@ def _varlen_ptrs(x: torch.Tensor, seg: _Segments) -> tuple[torch.Tensor, torch.T
         return dummy, dummy, dummy
     return seg.tok_start, seg.tok_seq, seg.tok_end
 
+
+# The static convolution's forward: tap by tap from two-dimensional tiles (`_short_conv_fwd_kernel`, the default), or
+# False: the old forward, the dynamic convolution's kernel with STATIC (`[BLOCK_T, BLOCK_D, W]` windows). Both give
+# the same values up to the order of a W-term float32 sum; kept switchable so that the benchmark times both in one
+# process (`benchmarks/short_conv_bench.py --fwd-sweep`). The new one's GPU speed is not yet measured.
+STATIC_FWD_PER_TAP = True
 
 # The static backward kernel uses tl.gather and tuples of tensors, which came with Triton 3.3 (shipped with torch
 # 2.7); an older Triton takes `_static_backward_torch`.
@@ -663,9 +765,14 @@ class _ConvFunction(torch.autograd.Function):
         # split: the parts' channel widths (2 or 3), each part written contiguous into one buffer
         y = torch.empty_like(x) if split is None else x.new_empty(B * T * D)
         ends = [D, D] if split is None else [split[0], split[0] + split[1]]
-        _launch(_dynamic_conv_fwd_kernel, x, W, seg, x, kernels, x if bias is None else bias,
-                state if has_state else x, y, tok_start, tok_seq, *ends, B * T, HAS_STATE=has_state,
-                SILU=activation == "silu", STATIC=static, HAS_BIAS=bias is not None, SPLIT=split is not None)
+        args = (x, kernels, x if bias is None else bias, state if has_state else x, y, tok_start, tok_seq, *ends,
+                B * T)
+        flags = {"HAS_STATE": has_state, "SILU": activation == "silu", "HAS_BIAS": bias is not None,
+                 "SPLIT": split is not None}
+        if static and STATIC_FWD_PER_TAP:
+            _launch(_short_conv_fwd_kernel, x, W, seg, *args, config=_static_fwd_config, **flags)
+        else:
+            _launch(_dynamic_conv_fwd_kernel, x, W, seg, *args, STATIC=static, **flags)
         ctx.save_for_backward(x, kernels, bias, state if has_state else None)
         ctx.activation, ctx.seg, ctx.static, ctx.split = activation, seg, static, split
         ctx.state_shape = None if state is None else state.shape
@@ -774,8 +881,9 @@ def triton_short_conv(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The static causal depthwise convolution (`jetnas.ops.conv.short_conv`'s contract: `weight [D, W]`, optional
-    `bias [D]`) on `[B, T, D]` as it lies, forward on the dynamic convolution's kernel with one kernel for every
-    token: one read of x and one write of y, accumulated in float32 with the bias and SiLU fused. Gradients to x,
+    `bias [D]`) on `[B, T, D]` as it lies. Forward tap by tap (`_short_conv_fwd_kernel`; GPU speed not yet
+    measured, see `STATIC_FWD_PER_TAP`): one read of x from memory and one write of y, accumulated in float32 with
+    the bias and SiLU fused. Gradients to x,
     weight, bias and the initial state from one backward kernel (one read of x and dy, one write of dx; the
     weight's and bias's summed per slab of tokens, then over slabs; see the module's docstring).
 

@@ -64,6 +64,13 @@ def cases():
             if static and not varlen:  # q|k|v written as three contiguous tensors (triton_short_conv_split)
                 yield "conv fwd (static, dense, split)", conv._dynamic_conv_fwd_kernel, io, {**tiles, **flags,
                                                                                             "SPLIT": True}
+            if static:  # the static forward tap by tap (the default), at its GPU tile, with and without a state
+                (block_t, block_d), _ = conv._static_fwd_config(8192, 1728, 4, True)
+                per_tap = {**tiles, "BLOCK_T": block_t, "BLOCK_D": block_d, "SILU": True, "HAS_BIAS": True}
+                for state, split in ((True, False), (True, True), (False, True)):
+                    yield (f"conv fwd per tap ({tag}, {'state' if state else 'no state'}"
+                           f"{', split' if split else ''})", conv._short_conv_fwd_kernel, io,
+                           {**per_tap, "HAS_STATE": state, "SPLIT": split})
             if static:  # one backward kernel reading q|k|v's three gradients where they lie, and the state's
                 bwd = {**io, "dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "db_ptr": "*fp32"}
                 parts = {"IS_VARLEN": varlen, "SILU": True, "HAS_BIAS": True, "HAS_DY0": True, "HAS_DY1": True,
@@ -191,10 +198,9 @@ def attention_cases():
                {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]})
 
 
-def gate_loads(stride_divisible: bool) -> dict[str, int]:
-    """The global loads of the gated norm's forward for sm_90 (GDN shape: rows of 64, 64 rows a program, bf16), its
-    pointers 16-byte aligned and `g_stride` (the fused product's row stride) either hinted divisible by 16, as
-    Triton specialises such an integer at launch, or not: `{instruction: count}`."""
+def memory_ops(fn, signature: dict[str, str], constexprs: dict, divisible: list[str], options: dict) -> dict[str, int]:
+    """The global loads and stores of `fn` compiled for sm_90, the arguments in `divisible` hinted divisible by 16
+    (as Triton specialises a pointer or integer that is, at launch): `{instruction: count}`."""
     import re
     from collections import Counter
 
@@ -202,6 +208,17 @@ def gate_loads(stride_divisible: bool) -> dict[str, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    names = list(fn.arg_names)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return dict(Counter(re.findall(r"(?:ld|st)\.global[.\w]*", ptx)))
+
+
+def gate_loads(stride_divisible: bool) -> dict[str, int]:
+    """The global loads of the gated norm's forward for sm_90 (GDN shape: rows of 64, 64 rows a program, bf16), its
+    pointers 16-byte aligned and `g_stride` (the fused product's row stride) either hinted divisible by 16, as
+    Triton specialises such an integer at launch, or not: `{instruction: count}`."""
     from jetnas.ops import triton_fused as fused
 
     fn = fused._gated_rms_norm_kernel
@@ -210,10 +227,8 @@ def gate_loads(stride_divisible: bool) -> dict[str, int]:
     signature = {n: "constexpr" if n in constexprs else "*fp32" if n == "w_ptr" else "*bf16" if n.endswith("_ptr")
                  else "fp32" if n in FLOATS else "i32" for n in names}
     divisible = [n for n in names if n.endswith("_ptr")] + ["L"] + ["g_stride"] * stride_divisible
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return dict(Counter(re.findall(r"ld\.global[.\w]*", ptx)))
+    ops = memory_ops(fn, signature, constexprs, divisible, {"num_warps": 4})
+    return {k: v for k, v in ops.items() if k.startswith("ld.")}
 
 
 def check_gate_loads() -> None:
@@ -226,6 +241,34 @@ def check_gate_loads() -> None:
         raise AssertionError(f"an unaligned stride vectorized too (the padding may no longer be needed): {unaligned}")
 
 
+def conv_fwd_memory_ops() -> dict[str, int]:
+    """The global loads and stores of the static forward tap by tap for sm_90, as the GDN layers launch it: q|k|v
+    split, bf16, W = 4, SiLU, no bias or state, at its GPU tile and warps, the pointers 16-byte aligned and the sizes
+    divisible by 16 (1,728 = 3 x 576 channels): `{instruction: count}`."""
+    from jetnas.ops import triton_dynamic_conv as conv
+
+    fn = conv._short_conv_fwd_kernel
+    names = list(fn.arg_names)
+    (block_t, block_d), opts = conv._static_fwd_config(8192, 1728, 4, True)
+    constexprs = {"W": 4, "W_POW2": 4, "BLOCK_T": block_t, "BLOCK_D": block_d, "HAS_STATE": False,
+                  "IS_VARLEN": False, "SILU": True, "HAS_BIAS": False, "SPLIT": True}
+    signature = {n: "constexpr" if n in constexprs else ("*i32" if n.startswith("tok_") else "*bf16")
+                 if n.endswith("_ptr") else "i32" for n in names}
+    divisible = [n for n in names if n.endswith("_ptr")] + ["D1", "D2", "ROWS", "T", "D"]
+    return memory_ops(fn, signature, constexprs, divisible, opts)
+
+
+def check_conv_fwd_vectors() -> None:
+    """Why the static forward goes tap by tap: its x loads and its split stores are 16-byte vectors (the old forward
+    compiled the same way: 8-byte loads, two-byte stores of the split parts). Two-byte loads are left only for the
+    weight's columns (W apart in memory, read once a tile)."""
+    ops = conv_fwd_memory_ops()
+    if not ops.get("ld.global.v4.b32") or set(k for k in ops if k.startswith("st.")) != {"st.global.v4.b32"}:
+        raise AssertionError(f"the per-tap forward's x loads or stores are not 16-byte vectors: {ops}")
+    if ops.get("ld.global.b16", 0) > 2 * 4:
+        raise AssertionError(f"more scalar loads than the weight's columns need: {ops}")
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
@@ -236,11 +279,13 @@ def main() -> None:
             results[name] = "ok"
         except Exception as err:  # noqa: BLE001 - every case is reported
             results[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
-    try:
-        check_gate_loads()
-        results["gated rms norm: vector loads at a 16-divisible gate stride"] = "ok"
-    except Exception as err:  # noqa: BLE001
-        results["gated rms norm: vector loads at a 16-divisible gate stride"] = f"{type(err).__name__}: {err}"
+    for name, check in (("gated rms norm: vector loads at a 16-divisible gate stride", check_gate_loads),
+                        ("static conv fwd per tap: 16-byte x loads and split stores", check_conv_fwd_vectors)):
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as err:  # noqa: BLE001
+            results[name] = f"{type(err).__name__}: {err}"
     print(json.dumps(results))
 
 

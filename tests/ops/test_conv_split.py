@@ -82,7 +82,8 @@ def small_tiles(monkeypatch):
     4-token tiles: several tiles, slabs and channel blocks at tiny shapes."""
     import jetnas.ops.triton_dynamic_conv as module
 
-    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, 16), {"num_warps": 4}))
+    for config in ("_launch_config", "_static_fwd_config"):  # the old forward's and the new's
+        monkeypatch.setattr(module, config, lambda T, D, W, on_gpu: ((4, 16), {"num_warps": 4}))
     monkeypatch.setattr(module, "_bwd_config", lambda D, W, on_gpu: (8, 16, 4))
     monkeypatch.setattr(module, "_slab_tiles", lambda *args: 3)
 

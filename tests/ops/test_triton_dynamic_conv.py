@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from jetnas.ops.backend import Backend
 from jetnas.ops.conv import dynamic_conv, naive_dynamic_conv, short_conv
-from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv, triton_short_conv
+from jetnas.ops.triton_dynamic_conv import triton_dynamic_conv, triton_short_conv, triton_short_conv_split
 from tests.utils import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,7 +233,8 @@ def _force_slabs(monkeypatch, tiles, bwd_rows=8, block_d=16):
     `block_d` channels, and `tiles` backward tiles per slab."""
     import jetnas.ops.triton_dynamic_conv as module
 
-    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, block_d), {"num_warps": 4}))
+    for config in ("_launch_config", "_static_fwd_config"):  # the old forward's and the new's
+        monkeypatch.setattr(module, config, lambda T, D, W, on_gpu: ((4, block_d), {"num_warps": 4}))
     monkeypatch.setattr(module, "_bwd_config", lambda D, W, on_gpu: (bwd_rows, block_d, 4))
     monkeypatch.setattr(module, "_slab_tiles", lambda *args: tiles)
 
@@ -303,6 +304,84 @@ def test_static_slab_rule():
         assert (own * tiles, got) == (tokens, programs), (B, T, D)
         assert tiles == 1 or got >= module.MIN_SLAB_PROGRAMS
     assert module._slab_tiles(2, 50, 40, 32, 64, False) == 2
+
+
+# -- the static forward tap by tap (`_short_conv_fwd_kernel`, the default) against the old one -----------------------
+# Both sum the same W float32 products and the bias, in another order (the new: bias, then taps 0, 1, ...; the old: a
+# tree over the taps, then the bias), so float32 outputs agree to ~1e-7 relative: FWD_TOL = 1e-6 elementwise,
+# relative to the output's largest magnitude (a cancelling sum's own error is relative to its terms, not to itself).
+# bf16 outputs are each rounded once from float32 values that close, so they differ by one bf16 step at most where
+# the two roundings fall on either side of a boundary: |new - old| <= 2^-7 |old| (a step of bf16's 8-bit
+# significand is at most 2^-7 of the value) plus FWD_TOL of the largest magnitude for values that cancel to near
+# zero. A wrong term or a misplaced element is of the order of the values themselves. Against the float32 reference
+# (short_conv's F.conv1d path on the upcast inputs) TOL and BF16_TOL, as above.
+FWD_TOL = 1e-6
+
+
+def _static_forward(monkeypatch, per_tap, x, weight, bias, state, cu, activation, sizes):
+    """The static forward's parts (one `y` without `sizes`) and final state, by the new forward or the old one."""
+    import jetnas.ops.triton_dynamic_conv as module
+
+    monkeypatch.setattr(module, "STATIC_FWD_PER_TAP", per_tap)
+    with torch.no_grad():
+        if sizes is None:
+            y, final = triton_short_conv(x, weight, bias, state, True, activation, cu)
+            return (y,), final
+        return triton_short_conv_split(x, weight, sizes, bias, state, True, activation, cu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", [None, "silu"], ids=["linear", "silu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("split", [False, True], ids=["one_output", "split"])
+def test_static_forward_per_tap_matches_old_and_reference(monkeypatch, split, packed, with_state, bias, activation,
+                                                          dtype):
+    # 8-token x 16-channel tiles for the new forward (4 x 16 for the old): T = 37 ends in a partial tile, D = 41
+    # spans two full channel blocks and a partial one, the parts 20 | 12 | 9 start inside blocks. Packed sequences
+    # [0, 2), [2, 2), [2, 3), [3, 20), [20, 37): some tiles hold sequence starts (they read the state), tile [8, 16)
+    # none (it skips the state's loads); a sequence shorter than W - 1 reads its state for all its tokens.
+    import jetnas.ops.triton_dynamic_conv as module
+
+    monkeypatch.setattr(module, "_launch_config", lambda T, D, W, on_gpu: ((4, 16), {"num_warps": 4}))
+    monkeypatch.setattr(module, "_static_fwd_config", lambda T, D, W, on_gpu: ((8, 16), {"num_warps": 4}))
+    torch.manual_seed(0)
+    sizes = (20, 12, 9) if split else None
+    B, T, D, W = (1, 37, 41, 4) if packed else (2, 37, 41, 4)
+    cu = torch.tensor([0, 2, 2, 3, 20, 37], device=DEVICE, dtype=torch.int32) if packed else None
+    N = B if cu is None else cu.numel() - 1
+    x = torch.randn(B, T, D, device=DEVICE).to(dtype)
+    weight = torch.randn(D, W, device=DEVICE).to(dtype)
+    b = torch.randn(D, device=DEVICE).to(dtype) if bias else None
+    state = torch.randn(N, D, W - 1, device=DEVICE).to(dtype) if with_state else None
+    new, final = _static_forward(monkeypatch, True, x, weight, b, state, cu, activation, sizes)
+    old, final_old = _static_forward(monkeypatch, False, x, weight, b, state, cu, activation, sizes)
+    upcast = [None if t is None else t.float() for t in (x, weight, b, state)]
+    ref, final_ref = short_conv(*upcast, True, activation, cu)
+    refs = (ref,) if sizes is None else ref.split(sizes, -1)
+    assert len(new) == len(refs) and torch.equal(final, final_old) and torch.equal(final.float(), final_ref)
+    for part, part_old, part_ref in zip(new, old, refs):
+        assert part.dtype == dtype and part.shape == part_ref.shape and part.is_contiguous()
+        assert rel_err(part, part_ref) < (TOL if dtype == torch.float32 else BF16_TOL)
+        diff = (part.float() - part_old.float()).abs()
+        scale = part_old.float().abs()
+        allowed = FWD_TOL * scale.max() + (0 if dtype == torch.float32 else 2**-7 * scale)
+        assert (diff <= allowed).all(), diff.max().item()
+
+
+def test_static_forward_per_tap_is_the_default(monkeypatch):
+    # the static forward launches the new kernel, not the old one (which the dynamic convolution keeps)
+    import jetnas.ops.triton_dynamic_conv as module
+
+    assert module.STATIC_FWD_PER_TAP
+    launched = []
+    launch = module._launch
+    monkeypatch.setattr(module, "_launch", lambda kernel, *a, **k: launched.append(kernel) or launch(kernel, *a, **k))
+    x = torch.randn(1, 9, 24, device=DEVICE)
+    triton_short_conv(x, torch.randn(24, 4, device=DEVICE))
+    triton_dynamic_conv(x, torch.randn(1, 9, 24, 4, device=DEVICE))
+    assert launched == [module._short_conv_fwd_kernel, module._dynamic_conv_fwd_kernel]
 
 
 def test_static_bad_inputs_raise():
