@@ -37,8 +37,11 @@ from jetnas.ops.fused import silu_mul, silu_mul_packed
 
 class JetNemotronMLP(nn.Module):
     """SwiGLU MLP: `down(act(gate(x)) * up(x))`; with SiLU, `jetnas.ops.fused.silu_mul` under `backend`. With the
-    backend's `fused_projections`, gate and up are one product (`cat` of their weights, made at each forward) and
-    SiLU's product `jetnas.ops.fused.silu_mul_packed`: the same parameters and results."""
+    backend's `fused_projections` and a gradient to compute, gate and up are one product (`cat` of their weights,
+    made at each forward) and SiLU's product `jetnas.ops.fused.silu_mul_packed`: the same parameters and results.
+    Without a gradient (prefill, decode, evaluation) they stay two products: the fusion pays only in backward (x's
+    gradient once), and its weight `cat` copies the whole MLP's gate and up every call, which a decode step cannot
+    amortise (Jet-Nemotron-2B: ~1.5 GB copied per step, as much traffic again as reading those weights)."""
 
     def __init__(self, config: JetNemotronConfig, backend: Backend | str = "auto"):
         super().__init__()
@@ -50,7 +53,7 @@ class JetNemotronMLP(nn.Module):
         self.swiglu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend.fused_projections:
+        if self.backend.fused_projections and self._needs_grad(x):
             # gate and up as one product: backward computes x's gradient once, not twice and then an add
             bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
             gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), bias)
@@ -61,6 +64,12 @@ class JetNemotronMLP(nn.Module):
         if self.swiglu:  # one fused pass each way under a fused "triton" backend on CUDA
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.backend))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether this call's backward computes anything: x's gradient (frozen MLPs in stage 1) or a weight's."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad
+                                            or self.up_proj.weight.requires_grad)
 
 
 class JetNemotronDecoderLayer(nn.Module):

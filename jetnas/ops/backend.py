@@ -39,8 +39,9 @@ class Backend:
             kernel, and its backward is one more (`jetnas.ops.triton_hidden_loss`).
         fused_projections: the projections that read one input run as one matrix product with their weights
             concatenated at forward time (parameter names and checkpoints unchanged), so backward computes one
-            input gradient instead of one per projection plus the adds that sum them: the MLP's gate and up (then
-            `jetnas.ops.fused.silu_mul_packed` on the packed `[..., 2I]`), and in the JetBlock family (JetBlock,
+            input gradient instead of one per projection plus the adds that sum them: the MLP's gate and up when a
+            gradient is computed (then `jetnas.ops.fused.silu_mul_packed` on the packed `[..., 2I]`; without one,
+            e.g. in a decode step, the weight cat would cost more than it saves), and in the JetBlock family (JetBlock,
             Gated DeltaNet, DeltaNet) outside decode steps q|k|v in one product (then, when all three convolutions
             are static, one short conv over all their channels) and g|b|a in another; in GLA outside decode steps
             its five products of x (q, k, v, gate, the decay's low-rank half) as one `shared_input_linear`. Any

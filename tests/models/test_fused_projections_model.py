@@ -100,6 +100,29 @@ def test_frozen_mlp_weights_get_no_gradient():
     assert x.grad is not None and all(p.grad is None for p in mlp.parameters())
 
 
+def test_mlp_fuses_only_when_a_gradient_flows(monkeypatch):
+    # the fused product pays in backward; without a gradient (prefill, decode) its per-call weight cat would copy the
+    # MLP's gate and up every step, so the MLP keeps two products there (same results either way)
+    import jetnas.models.modeling as modeling
+
+    packed = []
+    original = modeling.silu_mul_packed
+    monkeypatch.setattr(modeling, "silu_mul_packed", lambda *a, **kw: packed.append(1) or original(*a, **kw))
+    torch.manual_seed(2)
+    mlp = JetNemotronMLP(tiny_config(["attn"]), Backend("torch", fused_projections=True))
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        inference = mlp(x)
+    with torch.no_grad():
+        mlp(x)
+    assert packed == []
+    mlp.requires_grad_(False)
+    mlp(x)  # nothing requires a gradient
+    assert packed == []
+    training = mlp(x.clone().requires_grad_(True))  # stage 1: frozen MLP, x's gradient flows
+    assert packed == [1] and rel_err(training.detach(), inference) < TOL
+
+
 @pytest.mark.parametrize("block_type", ["gdn", "jet", "deltanet"])
 def test_cached_greedy_generation_equals_uncached(block_type):
     # the model-level cache contract (tests/models/test_modeling.py) with the flag on: batched, left padding
