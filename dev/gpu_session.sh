@@ -190,6 +190,10 @@ for step in "$@"; do
     checks) checks ;;
     convfwd:*) timeout "${step#*:}" python3 benchmarks/short_conv_bench.py --fwd-sweep 1x8192x1728 \
                  --out $OUT/short_conv_fwd_sweep.json 2>&1 | grep -v Warn | tail -8 ;;
+    # the sliding-window attention kernel (jetnas.ops.triton_attention) against SDPA's masked query blocks, checked
+    # and timed at the SmolLM2 hybrid's and Jet-2B's shapes (benchmarks/swa_bench.py; --sweep: its tiles)
+    swabench:*) timeout "${step#*:}" python3 benchmarks/swa_bench.py --out $OUT/swa_bench.json 2>&1 | grep -v Warn \
+                  | tail -16 ;;
     gatednorm:*) timeout "${step#*:}" python3 benchmarks/gated_norm_tiles_bench.py --out $OUT/gated_norm_tiles.json \
                    2>&1 | grep -v Warn | tail -24 ;;
     # pytest on the GPU (pytest wheels ride in c8): tests that take CUDA when it is there, e.g. the weighted Triton
