@@ -29,7 +29,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
 
 
 def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None) -> DataResult:
-    """`tokens` tokens of text sampled from `teacher` (seeded), saved as a token file at `target`."""
+    """`tokens` tokens of text sampled from `teacher` (seeded; `jetnas.train.data.teacher_generated`: through the
+    inference engine, in `generation_defaults` batches for the device), saved as a token file at `target`."""
     from jetnas.models.teachers import load_teacher
     from jetnas.train.data import teacher_generated
 

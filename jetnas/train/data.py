@@ -6,7 +6,8 @@ A token stream is a read-only 1-D array of token ids (a memory map: corpora are 
   `<file>.json` with `{"dtype": "uint32"}` marks 32-bit ids, which vocabularies over 65,535 need);
 - text files `.txt` / `.jsonl` / `.jsonl.gz` (a "text" field), tokenised once and cached as a `.bin`;
 - `hf:NAME[:CONFIG][@SPLIT]`, a Hugging Face dataset's "text" field (the optional `data` extra), cached likewise;
-- nothing: text the teacher generates itself (sampled continuations), cached by teacher, seed and size.
+- nothing: text the teacher generates itself (continuations of short seed prompts sampled at temperature 1 by
+  `jetnas.engine.Engine`), cached by teacher, sampler, seed, batch shape and size.
 
 Cached files live under `$JETNAS_CACHE/data`, built by one process while the others (the ranks of one job, other
 jobs) wait for it, and written atomically (`jetnas.files`); each one's sidecar records its token count, so a damaged
@@ -173,74 +174,143 @@ def hf_dataset(spec: str, tokenizer, eos_id: int, max_tokens: int | None = None)
     return TokenStream.from_file(target)
 
 
-def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0, batch_size: int = 32,
-                      length: int = 256, name: str = "teacher") -> TokenStream:
-    """Text sampled from the teacher itself (temperature 1, from short seed prompts), EOS after each sample;
-    cached by teacher name, seed and size so later runs reuse it."""
-    target = _cache_dir() / f"generated-{name}-seed{seed}-{tokens}.bin"
+#: the sampler of teacher-generated text: part of its cache name (and of the pipeline's data fingerprint), since
+#: another sampler's text (transformers' `generate()`, which this replaced) is other text for the same seed
+SAMPLER = "engine"
+
+
+def generation_defaults(device: str | torch.device) -> tuple[int, int]:
+    """`(batch_size, length)` of teacher-text sampling on `device`: on CUDA 512 rows of 512 new tokens (the static
+    cache of a 135M teacher at 512 x ~520 positions is ~12 GB in float32, and a large batch is what makes the
+    captured decode step fast); elsewhere 16 rows of 256, so a CPU batch ends (and the bar moves) within minutes."""
+    return (512, 512) if torch.device(device).type == "cuda" else (16, 256)
+
+
+def teacher_generated(model, tokenizer, eos_id: int, tokens: int, seed: int = 0, batch_size: int | None = None,
+                      length: int | None = None, name: str = "teacher") -> TokenStream:
+    """Text sampled from the teacher itself (`_sample_text`: temperature 1, from short seed prompts, through
+    `jetnas.engine.Engine`), EOS after each sample; cached by teacher name, sampler, device type, seed, batch size,
+    length and size, so later runs reuse it and text sampled another way is never taken for it.
+
+    Args:
+        tokens: how many ids to keep (the samples' concatenation, cut there).
+        batch_size, length: rows per batch and new tokens per row (None: `generation_defaults` of the model's
+            device). Both change what is sampled, so both name the cache file.
+    """
+    device = next(model.parameters()).device
+    default_batch, default_length = generation_defaults(device)
+    batch_size = default_batch if batch_size is None else batch_size
+    length = default_length if length is None else length
+    if tokens < 1 or batch_size < 1 or length < 1:
+        raise ValueError(f"tokens, batch_size and length must be >= 1, got {tokens}, {batch_size}, {length}")
+    target = _cache_dir() / f"generated-{name}-{SAMPLER}-{device.type}-seed{seed}-b{batch_size}-n{length}-{tokens}.bin"
     with build_lock(target):
         if _cached(target) is None:
-            ids = _sample_text(model, tokenizer, eos_id, tokens, seed, batch_size, length, name)
+            partial = target.with_name(target.name + ".partial")
+            ids = _sample_text(model, tokenizer, eos_id, tokens, seed, batch_size, length, name, partial)
             _write_bin(target, np.array(ids[:tokens]), _dtype_for(len(tokenizer)))
+            partial.unlink(missing_ok=True)
+            _progress_path(partial).unlink(missing_ok=True)
     return TokenStream.from_file(target)
 
 
-class _StepProgress:
-    """A logits processor for `generate()` that changes nothing and advances a progress bar as tokens are sampled:
-    each decoding step adds one token to every row that has not ended (no end-of-document token since `start`),
-    so the bar moves from the first step and its rate, and so its estimate, is the real sampling rate (a bar
-    advanced once per batch sat at 0 for the whole first batch, minutes on a busy CPU)."""
+def _progress_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".json")
 
-    def __init__(self, bar, start: int, eos_id: int):
-        self.bar, self.start, self.eos_id = bar, start, eos_id
-        self.counted = 0
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        live = int((~(input_ids[:, self.start:] == self.eos_id).any(dim=1)).sum())
-        room = self.bar.total - self.bar.n
-        if room > 0:
-            self.bar.update(min(live, room))
-        self.counted += live
-        return scores
+def _resume_partial(partial: Path | None) -> tuple[list[int], int]:
+    """`(ids, batches)` an interrupted sampling kept in `partial` (uint32 ids appended batch by batch; its sidecar
+    records how many batches and ids are whole): a long generation cut off (a device call's time limit) goes on from
+    its last whole batch. `([], 0)` without one."""
+    if partial is None or not partial.exists() or not _progress_path(partial).exists():
+        return [], 0
+    done = json.loads(_progress_path(partial).read_text())
+    ids = np.fromfile(partial, dtype="<u4")
+    if len(ids) < done["tokens"]:  # shorter than recorded: not this sampling's file; start over
+        return [], 0
+    return ids[: done["tokens"]].tolist(), int(done["batches"])
+
+
+def _append_partial(partial: Path, new: list[int], ids: int, batches: int) -> None:
+    """Append one batch's ids to `partial`, then record the whole batches (a cut-off append is ignored on resume:
+    the sidecar counts only what was written before it)."""
+    if batches == 1:
+        partial.unlink(missing_ok=True)  # ids past the sidecar's count, left by a run cut off in its first batch
+    with open(partial, "r+b" if partial.exists() else "wb") as f:
+        f.seek((ids - len(new)) * 4)
+        f.write(np.asarray(new, dtype="<u4").tobytes())
+        f.truncate()
+    write_text_atomic(_progress_path(partial), json.dumps({"batches": batches, "tokens": ids}))
+
+
+def _seed_prompts(tokenizer, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`SEED_PROMPTS` tokenised, each after an EOS (a sample starts as a document does after the one before it),
+    left-padded with EOS to one width: `([P, W] ids, [P, W] attention mask)`. One width for every batch keeps the
+    engine's cache and captured decode step the same from batch to batch."""
+    encoded = [[eos_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in SEED_PROMPTS]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), eos_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), width, dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
 
 
 @torch.no_grad()
 def _sample_text(model, tokenizer, eos_id: int, tokens: int, seed: int, batch_size: int, length: int,
-                 name: str) -> list[int]:
-    """At least `tokens` ids of the teacher's samples (see `teacher_generated`)."""
-    from transformers import LogitsProcessorList
+                 name: str, partial: Path | None = None) -> list[int]:
+    """At least `tokens` ids of the teacher's samples (see `teacher_generated`), in batches of `batch_size` rows.
 
-    device = next(model.parameters()).device
+    Each row: a seed prompt drawn uniformly, `length` new tokens sampled at temperature 1 (plain multinomial over
+    the softmax: no top-k, no top-p) by `jetnas.engine.Engine`, kept as the prompt without its leading EOS and the
+    text up to the first EOS after the prompt, then one EOS. Batch b's prompts and sampling seed are drawn from a
+    generator seeded by `seed`, so the ids are a pure function of (seed, batch_size, length, model, device type).
+    The progress bar advances once per batch by the tokens that batch kept. `partial`: a file the ids are appended
+    to batch by batch, and resumed from when it holds an interrupted sampling's whole batches (the same ids as an
+    uninterrupted run: batch b's prompts and seed are drawn again for the batches already kept).
+    """
+    from jetnas.engine import Engine
+
+    prompts, prompt_mask = _seed_prompts(tokenizer, eos_id)
+    width = prompts.shape[1]
     gen = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    bar = tqdm(total=tokens, desc=f"generating training text with {name}", unit="tok", file=sys.stderr,
-               dynamic_ncols=True)
-    bar.refresh()  # shown at once, before the first step (which includes the prompts' prefill) ends
+    ids, batches = _resume_partial(partial)
+    for _ in range(batches):  # the draws of the batches already kept
+        torch.randint(len(SEED_PROMPTS), (batch_size,), generator=gen)
+        torch.randint(2**31 - 1, (1,), generator=gen)
+    bar = tqdm(total=tokens, desc=f"generating training text with {name} ({batch_size} x {length} tokens a batch)",
+               unit="tok", file=sys.stderr, dynamic_ncols=True)
+    if ids:
+        bar.update(min(len(ids), tokens))
+    bar.refresh()  # shown at once: the first batch (its prefill, a captured step's warm-up) takes a while
     was_training = model.training
-    model.eval()
-    while len(ids) < tokens:
-        prompts = [SEED_PROMPTS[int(torch.randint(len(SEED_PROMPTS), (1,), generator=gen))] for _ in range(batch_size)]
-        encoded = [[eos_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(map(len, encoded))
-        input_ids = torch.full((batch_size, width), eos_id, dtype=torch.long)
-        mask = torch.zeros(batch_size, width, dtype=torch.long)
-        for row, seq in enumerate(encoded):  # left padding
-            input_ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-        progress = _StepProgress(bar, width, eos_id)
-        out = model.generate(input_ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=eos_id, eos_token_id=eos_id,
-                             logits_processor=LogitsProcessorList([progress]))
-        for row, seq in enumerate(encoded):
-            sample = out[row, width - len(seq) + 1:].tolist()  # the prompt (without its leading EOS) + text
-            if eos_id in sample[len(seq) - 1:]:
-                sample = sample[: sample.index(eos_id, len(seq) - 1)]
-            ids += sample + [eos_id]
-        # the steps counted sampled tokens; the batch also kept its prompts' tokens
-        bar.update(max(0, min(len(ids), tokens) - bar.n))
-    bar.close()
-    model.train(was_training)
+    # a Llama / Qwen teacher is converted (a copy of its weights, every layer attention: the same logits); a jetnas
+    # model is used as it is, in eval mode
+    engine = Engine(model)
+    try:
+        while len(ids) < tokens:
+            picks = torch.randint(len(SEED_PROMPTS), (batch_size,), generator=gen)
+            batch_seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+            out = engine.generate(prompts[picks], prompt_mask[picks], max_new_tokens=length, temperature=1.0,
+                                  eos_token_id=eos_id, pad_token_id=eos_id, seed=batch_seed).sequences.cpu()
+            new: list[int] = []
+            for row, k in enumerate(picks.tolist()):
+                start = width - int(prompt_mask[k].sum()) + 1  # after the padding and the leading EOS
+                sample = out[row, start:].tolist()
+                prompt_len = width - start
+                if eos_id in sample[prompt_len:]:
+                    sample = sample[: sample.index(eos_id, prompt_len)]
+                new += sample + [eos_id]
+            ids += new
+            batches += 1
+            if partial is not None:
+                _append_partial(partial, new, len(ids), batches)
+            bar.update(min(len(ids), tokens) - bar.n)
+    finally:
+        bar.close()
+        engine.release()
+        model.train(was_training)
     return ids
 
 
