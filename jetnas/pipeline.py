@@ -2,13 +2,14 @@
 
     data -> supernet -> placement -> blocks -> hardware -> stage1 -> stage2 -> eval -> bench -> report
 
-A recipe is a YAML mapping: `name`, `teacher`, `out_dir`, optional `device` and `seed`, `data` (a path / `hf:`
-spec, or `{generate: TOKENS}` for text sampled from the teacher), and `stages`: one mapping per stage whose keys are
-the fields of that stage's typed recipe (`jetnas.runner.recipes`; the flags of its command in snake_case), or
-`skip`. Loading a recipe checks every key, type and range, so a recipe that loads runs. Every stage writes under
-`out_dir/<stage>/`; `out_dir/pipeline.json` records each finished stage's result and the arguments it ran with.
-Running the recipe again reuses finished stages whose arguments are unchanged, resumes an interrupted stage from its
-own checkpoints, and reruns a changed stage and everything after it.
+A recipe is a YAML mapping: `name`, `teacher`, `out_dir`, optional `device` and `seed`, `data` (a path / `hf:` spec;
+`{generate: TOKENS}` for text sampled from the teacher; or `{path: SPEC}` with optional `generate: {tokens: N,
+weight: W}` and `recall: [...]` sources mixed in, see `check_data_section`), and `stages`: one mapping per stage
+whose keys are the fields of that stage's typed recipe (`jetnas.runner.recipes`; the flags of its command in
+snake_case), or `skip`. Loading a recipe checks every key, type and range, so a recipe that loads runs. Every stage
+writes under `out_dir/<stage>/`; `out_dir/pipeline.json` records each finished stage's result and the arguments it
+ran with. Running the recipe again reuses finished stages whose arguments are unchanged, resumes an interrupted
+stage from its own checkpoints, and reruns a changed stage and everything after it.
 
 What flows between stages (typed results, `jetnas.runner.results`): the searched placement (`placement` ->
 `blocks`, `hardware`, `stage1`), the best linear block (`blocks` -> `hardware`, `stage1`), the chosen block shape
@@ -339,34 +340,60 @@ def check_answer_weights(data: dict, stages: dict[str, dict | None], source: str
 
 
 def check_data_section(data: dict, source: str) -> None:
-    """`data` as a mapping: `{generate: TOKENS}` or `{path: SPEC}` (the text), optionally with `recall: {corpus:
-    ARTICLES.jsonl(.gz), weight: W, documents: N, doc_tokens: T, ...}` (retrieval-bearing documents built from
-    those articles, mixed in at weight W)."""
+    """`data` as a mapping: the text, `{generate: TOKENS}` (sampled from the teacher, the whole data) or `{path: SPEC}`;
+    with a path, optionally `generate: {tokens: N, weight: W}` (N tokens sampled from the teacher, mixed in at weight
+    W: broad text in the teacher's own distribution beside the corpus) and `recall: {corpus: ARTICLES.jsonl(.gz),
+    weight: W, documents: N, doc_tokens: T, ...}` or a list of such (retrieval-bearing documents built from those
+    articles, mixed in at weight W). The weights are shares of the mixture: each in (0, 1), their sum < 1, the rest
+    is the text's."""
     unknown = set(data) - {"generate", "path", "recall", "heldout"}
-    if unknown or ("generate" in data) == ("path" in data):
-        raise RecipeError(f"{source}: data must be a path / hf: spec, or a mapping with exactly one of generate: "
-                          f"TOKENS and path: SPEC (plus recall: {{...}}), got {data!r}")
-    recalls = data.get("recall")
-    if recalls is None:
-        return
-    if isinstance(recalls, list) and not 1 <= len(recalls) <= MAX_RECALL:
-        raise RecipeError(f"{source}: data.recall as a list holds 1 to {MAX_RECALL} mappings, got {len(recalls)}")
+    if unknown or ("generate" not in data and "path" not in data):
+        raise RecipeError(f"{source}: data must be a path / hf: spec, or a mapping with generate: TOKENS or path: "
+                          f"SPEC (plus generate: {{tokens: N, weight: W}} beside a path, and recall: {{...}}), got "
+                          f"{data!r}")
     total = 0.0
-    for i, recall in enumerate(recall_sections(data)):
-        where = "data.recall" if not isinstance(recalls, list) else f"data.recall[{i}]"
-        if not isinstance(recall, dict) or not {"corpus", "documents"} <= set(recall):
-            raise RecipeError(f"{source}: {where} needs corpus (articles .jsonl(.gz)) and documents, got {recall!r}")
-        bad = set(recall) - RECALL_KEYS - {"corpus", "weight"}
-        if bad:
-            raise RecipeError(f"{source}: {where}: unknown key(s) {sorted(bad)}; allowed: "
-                              f"{sorted(RECALL_KEYS | {'corpus', 'weight'})}")
-        weight = recall.get("weight", 0.2)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
-            raise RecipeError(f"{source}: {where}.weight={weight!r} must be a fraction in (0, 1)")
-        total += weight
+    generate = data.get("generate")
+    if isinstance(generate, dict):
+        if "path" not in data:
+            raise RecipeError(f"{source}: data.generate={generate!r} mixes generated text into data.path, and data "
+                              f"has no path; for generated text alone give generate: TOKENS")
+        if set(generate) != {"tokens", "weight"}:
+            raise RecipeError(f"{source}: data.generate takes tokens and weight (the generated text's share of the "
+                              f"mixture), got keys {sorted(generate)}")
+        total += _check_weight(generate["weight"], "data.generate", source)
+        generate = generate["tokens"]
+        where = "data.generate.tokens"
+    elif "path" in data and generate is not None:
+        raise RecipeError(f"{source}: data.generate={generate!r} beside data.path: give generate: {{tokens: N, weight: "
+                          f"W}}, W the generated text's share of the mixture")
+    else:
+        where = "data.generate"
+    if generate is not None and (isinstance(generate, bool) or not isinstance(generate, int) or generate < 1):
+        raise RecipeError(f"{source}: {where}={generate!r} must be a positive integer (tokens to generate)")
+    recalls = data.get("recall")
+    if recalls is not None:
+        if isinstance(recalls, list) and not 1 <= len(recalls) <= MAX_RECALL:
+            raise RecipeError(f"{source}: data.recall as a list holds 1 to {MAX_RECALL} mappings, got {len(recalls)}")
+        for i, recall in enumerate(recall_sections(data)):
+            where = "data.recall" if not isinstance(recalls, list) else f"data.recall[{i}]"
+            if not isinstance(recall, dict) or not {"corpus", "documents"} <= set(recall):
+                raise RecipeError(f"{source}: {where} needs corpus (articles .jsonl(.gz)) and documents, got "
+                                  f"{recall!r}")
+            bad = set(recall) - RECALL_KEYS - {"corpus", "weight"}
+            if bad:
+                raise RecipeError(f"{source}: {where}: unknown key(s) {sorted(bad)}; allowed: "
+                                  f"{sorted(RECALL_KEYS | {'corpus', 'weight'})}")
+            total += _check_weight(recall.get("weight", 0.2), where, source)
     if total >= 1:
-        raise RecipeError(f"{source}: the recall sources' weights add up to {total:g}: they must leave the text a "
-                          f"share (sum < 1)")
+        named = "the generated text's and recall sources'" if isinstance(data.get("generate"), dict) else \
+            "the recall sources'"
+        raise RecipeError(f"{source}: {named} weights add up to {total:g}: they must leave the text a share (sum < 1)")
+
+
+def _check_weight(weight, where: str, source: str) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
+        raise RecipeError(f"{source}: {where}.weight={weight!r} must be a fraction in (0, 1)")
+    return float(weight)
 
 
 def _fingerprint(kwargs: dict) -> str:
@@ -486,24 +513,26 @@ class Pipeline:
 
     def prepare_data(self) -> str | None:
         """The training data every stage uses: the recipe's spec as is; or teacher text generated once into
-        `out_dir/data/train.bin`; with `recall`, that text mixed with retrieval-bearing documents built once into
-        `out_dir/data/recall.bin` (`jetnas.train.recall_data`)."""
+        `out_dir/data/train.bin`; or the recipe's path mixed with teacher text generated once into
+        `out_dir/data/generated.bin` (`generate: {tokens, weight}`) and with retrieval-bearing documents built once
+        into `out_dir/data/recall.bin`, `recall2.bin`, ... (`recall`, `jetnas.train.recall_data`): the spec
+        `PATH:1-sum(weights),generated.bin:W,recall.bin:W1,...` (`jetnas.train.mixture`), each source with its own
+        held-out tail and `heldout/<term>/<file name>` metrics in the training stages."""
         data = self.recipe.data
         if not isinstance(data, dict):
             return data
-        if "generate" in data:
-            target = str(self.out / "data" / "train.bin")
-            kwargs = {"teacher": self.recipe.teacher, "tokens": int(data["generate"]), "seed": self.recipe.seed}
-            self.done.data = self._run("data", kwargs, lambda kw: generate_data(
-                target=target, device=self.recipe.device, **kw), DataResult)
-            text = self.done.data.path
+        generate = data.get("generate")
+        parts, total = [], 0.0
+        if isinstance(generate, dict):
+            generated = self._generate(int(generate["tokens"]), "generated.bin")
+            total += float(generate["weight"])
+            parts.append(f"{generated.path}:{float(generate['weight']):g}")
+            text = str(data["path"])
+        elif generate is not None:
+            text = self._generate(int(generate), "train.bin").path
         else:
             text = str(data["path"])
-        recalls = recall_sections(data)
-        if not recalls:
-            return text
-        parts, total = [], 0.0
-        for i, recall in enumerate(recalls):
+        for i, recall in enumerate(recall_sections(data)):
             options = {k: v for k, v in recall.items() if k != "weight"}
             kwargs = {"teacher": self.recipe.teacher, "seed": self.recipe.seed, **options}
             name = recall_stage_name(i)
@@ -514,7 +543,22 @@ class Pipeline:
             weight = float(recall.get("weight", 0.2))
             total += weight
             parts.append(f"{result.path}:{weight:g}")
+        if not parts:
+            return text
         return ",".join([f"{text}:{1 - total:g}", *parts])
+
+    def _generate(self, tokens: int, file: str) -> DataResult:
+        """The "data" stage: `tokens` tokens of teacher text (the recipe's seed) in `out_dir/data/<file>`, sampled
+        once and reused like any stage."""
+        from jetnas.train.data import SAMPLER
+
+        target = str(self.out / "data" / file)
+        # the sampler is part of the stage's arguments (not of generate_data's): text another sampler made for the
+        # same seed is other text, so a record of it must not be reused, nor its lost file remade by this one
+        kwargs = {"teacher": self.recipe.teacher, "tokens": tokens, "seed": self.recipe.seed, "sampler": SAMPLER}
+        self.done.data = self._run("data", kwargs, lambda kw: generate_data(
+            target=target, device=self.recipe.device, **{k: v for k, v in kw.items() if k != "sampler"}), DataResult)
+        return self.done.data
 
     # -- what each stage is given -------------------------------------------------------------------------------
 

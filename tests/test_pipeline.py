@@ -219,6 +219,83 @@ def test_recall_documents_are_built_once_and_mixed_into_every_stages_data(tmp_pa
             Recipe.from_dict({**raw, "data": {"path": "web.bin", "recall": bad}}, source="test.yaml")
 
 
+def test_generated_text_is_made_once_and_mixed_with_the_corpus_and_the_recall_documents(tmp_path, monkeypatch):
+    made, built, seen = [], [], []
+
+    def fake_generate(target, device, teacher, tokens, seed):
+        made.append((Path(target).name, tokens))
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"\0\0" * tokens)
+        return results.DataResult(target, tokens)
+
+    def fake_build(target, teacher, corpus, documents, seed, **options):
+        built.append(Path(target).name)
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"\0\0" * 64)
+        return results.DataResult(target, 64)
+
+    monkeypatch.setattr(pipeline, "generate_data", fake_generate)
+    monkeypatch.setattr(pipeline, "build_recall_data", fake_build)
+    monkeypatch.setattr(pipeline, "SPECS", {**pipeline.SPECS, "supernet": dataclasses.replace(
+        pipeline.SPECS["supernet"], run=lambda r: seen.append(r.data) or fake_supernet(r))})
+    run = tmp_path / "run"
+    raw = {"name": "t", "teacher": "tiny-teacher", "out_dir": str(run), "stages": {"supernet": {"steps": 3}},
+           "data": {"path": "web.bin", "generate": {"tokens": 8, "weight": 0.2},
+                    "recall": [{"corpus": "wiki.jsonl.gz", "documents": 8, "weight": 0.15},
+                               {"corpus": "wiki.jsonl.gz", "documents": 16, "weight": 0.15}]}}
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    Pipeline(Recipe.from_dict(raw, source="test.yaml")).run()
+    # each source made once (the second run reuses them); the corpus keeps 1 - 0.2 - 0.15 - 0.15; every source has
+    # its own file name, so the training stages report a held-out KL per source, heldout/kl/generated.bin included
+    assert made == [("generated.bin", 8)] and built == ["recall.bin", "recall2.bin"]
+    assert seen == [f"web.bin:0.5,{run}/data/generated.bin:0.2,{run}/data/recall.bin:0.15,"
+                    f"{run}/data/recall2.bin:0.15"]
+    from jetnas.train.mixture import parse_mixture
+
+    assert [w for _, w in parse_mixture(seen[0])] == pytest.approx([0.5, 0.2, 0.15, 0.15])
+    # the sampler is part of the data stage's identity: text sampled another way is never reused as this one's
+    state = json.loads((run / "pipeline.json").read_text())
+    assert state["stages"]["data"]["arguments"] == {"teacher": "tiny-teacher", "tokens": 8, "seed": 0,
+                                                    "sampler": "engine"}
+
+    # without recall documents, and the older forms: generated text alone, the corpus alone
+    seen.clear()
+    Pipeline(Recipe.from_dict({**raw, "out_dir": str(tmp_path / "two"), "data": {
+        "path": "web.bin", "generate": {"tokens": 8, "weight": 0.25}}}, source="test.yaml")).run()
+    Pipeline(Recipe.from_dict({**raw, "out_dir": str(tmp_path / "alone"), "data": {"generate": 8}},
+                              source="test.yaml")).run()
+    Pipeline(Recipe.from_dict({**raw, "out_dir": str(tmp_path / "path"), "data": {"path": "web.bin"}},
+                              source="test.yaml")).run()
+    assert seen == [f"web.bin:0.75,{tmp_path}/two/data/generated.bin:0.25", f"{tmp_path}/alone/data/train.bin",
+                    "web.bin"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"path": "web.bin", "generate": 8}, r"data.generate=8 beside data.path: give generate: \{tokens: N, weight: W\}"),
+    ({"generate": {"tokens": 8, "weight": 0.2}}, r"data has no path; for generated text alone give generate: TOKENS"),
+    ({"path": "web.bin", "generate": {"tokens": 8}}, r"data.generate takes tokens and weight .*got keys \['tokens'\]"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": 0.2, "seed": 1}}, r"got keys \['seed', 'tokens'"),
+    ({"path": "web.bin", "generate": {"tokens": 0, "weight": 0.2}}, r"data.generate.tokens=0 must be a positive"),
+    ({"path": "web.bin", "generate": {"tokens": "10M", "weight": 0.2}}, r"data.generate.tokens='10M' must be a posi"),
+    ({"path": "web.bin", "generate": {"tokens": True, "weight": 0.2}}, r"data.generate.tokens=True must be a posi"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": 1.0}},
+     r"data.generate.weight=1.0 must be a fraction in \(0, 1\)"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": 0}}, r"data.generate.weight=0 must be a fraction"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": "0.2"}}, r"data.generate.weight='0.2' must be a frac"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": 0.5},
+      "recall": {"corpus": "w", "documents": 8, "weight": 0.5}},
+     r"the generated text's and recall sources' weights add up to 1: they must leave the text a share"),
+    ({"generate": 0}, r"data.generate=0 must be a positive integer"),
+    ({"generate": 2.5}, r"data.generate=2.5 must be a positive integer"),
+    ({"recall": {"corpus": "w", "documents": 8}}, r"data must be a path / hf: spec, or a mapping with generate"),
+], ids=["int-beside-path", "mapping-without-path", "no-weight", "unknown-key", "zero-tokens", "text-tokens",
+        "bool-tokens", "weight-one", "weight-zero", "text-weight", "weights-sum-to-one", "zero-alone", "float-alone",
+        "neither"])
+def test_bad_data_sections_name_the_bad_value(data, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict({"name": "t", "teacher": "tiny-teacher", "data": data}, source="test.yaml")
+
+
 def test_without_block_and_shape_searches_stage1_gets_the_jetblock_and_the_supernets_window(tmp_path):
     Pipeline(recipe(tmp_path, blocks="skip", hardware="skip", stage2="skip")).run()
     assert CALLS[:3] == ["supernet", "placement", "stage1"]
