@@ -254,8 +254,9 @@ def logits_check(model, context: int, eager: torch.Tensor, captured: torch.Tenso
 
 
 #: our kernels that `kernel_check` judges in the model: check name -> (the Backend field that turns it off, the
-#: path it replaces, as the table names it)
-KERNELS = {"static_conv_kernel": ("static_conv", "F.conv1d"), "window_kernel": ("window_kernel", "SDPA blocks")}
+#: path it replaces as the table names it, the suffix of the hybrid's row without it)
+KERNELS = {"static_conv_kernel": ("static_conv", "F.conv1d", "conv1d"),
+           "window_kernel": ("window_kernel", "SDPA blocks", "window-sdpa")}
 
 
 @torch.inference_mode()
@@ -272,7 +273,7 @@ def kernel_check(model, args, check: str, base: Backend) -> bool:
     kernel does not void the section."""
     import copy
 
-    field, _ = KERNELS[check]
+    field = KERNELS[check][0]
     on, off = (dataclasses.replace(base, **{field: flag}) for flag in (True, False))
     ids = measure._random_prompts(model, 1, 2048, args.device, 1)
     try:
@@ -339,10 +340,10 @@ def smollm2_section(args) -> None:
                 REPORT["checks"][f"{name}@{ctx}"] = logits_check(model, ctx, eager, captured, args)
             if name == "smollm2-hybrid" and eager is not None:
                 segment_rows(model, ctx, eager, args, base)
-        for check, suffix in (("static_conv_kernel", "conv1d"), ("window_kernel", "window-sdpa")):
+        for check, (field, _, suffix) in KERNELS.items():
             if kernels[check]:
                 # the model without that kernel (the static convs on F.conv1d, or the windows on SDPA's blocks)
-                set_backend(hybrid_model, dataclasses.replace(base, **{KERNELS[check][0]: False}))
+                set_backend(hybrid_model, dataclasses.replace(base, **{field: False}))
                 row(hybrid_model, "smollm2-hybrid", ctx, args, prefill="static",
                     label=f"smollm2-hybrid:static:{suffix}")
                 set_backend(hybrid_model, base)

@@ -31,7 +31,7 @@ from jetnas.models import hf_compat
 from jetnas.models.configuration import JetNemotronConfig
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm, RMSNorm
-from jetnas.ops.backend import Backend, resolve_backend
+from jetnas.ops.backend import Backend, needs_grad, resolve_backend
 from jetnas.ops.fused import silu_mul, silu_mul_packed
 
 
@@ -53,7 +53,8 @@ class JetNemotronMLP(nn.Module):
         self.swiglu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend.fused_projections and self._needs_grad(x):
+        # a backward will follow: x's gradient (frozen MLPs in stage 1) or a weight's
+        if self.backend.fused_projections and needs_grad(x, self.gate_proj.weight, self.up_proj.weight):
             # gate and up as one product: backward computes x's gradient once, not twice and then an add
             bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
             gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), bias)
@@ -64,12 +65,6 @@ class JetNemotronMLP(nn.Module):
         if self.swiglu:  # one fused pass each way under a fused "triton" backend on CUDA
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.backend))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        """Whether this call's backward computes anything: x's gradient (frozen MLPs in stage 1) or a weight's."""
-        return torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad
-                                            or self.up_proj.weight.requires_grad)
 
 
 class JetNemotronDecoderLayer(nn.Module):

@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from jetnas.ops.backend import needs_grad
+
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
                            segments: int = 0):
@@ -21,7 +23,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
     if g is None:
         # the plain delta rule is the gated one with log-decay 0; fla's own ungated kernel refuses float32 inputs
         g = q.new_zeros(q.shape[:3], dtype=torch.float32)
-    if segments > 1 and cu_seqlens is None and not _needs_grad(q, k, v, g, beta, initial_state):
+    if segments > 1 and cu_seqlens is None and not needs_grad(q, k, v, g, beta, initial_state):
         from jetnas.ops.segment_pass import segment_count
 
         B, T, H, _ = q.shape
@@ -33,10 +35,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
 
     return fla_chunk(q, k, v, g.float(), beta, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @functools.cache

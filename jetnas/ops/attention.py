@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from jetnas.ops.backend import Backend, as_backend
+from jetnas.ops.backend import Backend, as_backend, needs_grad
 
 
 def rotary_cos_sin(
@@ -176,7 +176,7 @@ def _swa_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend
     backend = as_backend(backend)
     if q.shape[1] < 2 or not backend.window_kernel or not backend.runs_triton(q):
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return False
     from jetnas.ops.triton_attention import HEAD_DIMS
 

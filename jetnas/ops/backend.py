@@ -102,6 +102,13 @@ class Backend:
         return self.name == "triton" and x.is_cuda
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these tensors: grad mode on and one of them requiring a gradient. The
+    one test for "a backward will follow" that picks forward-only kernels (inference) over ones that save for
+    backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def as_backend(backend: Backend | str) -> Backend:
     """An op's `backend` argument as a `Backend`: a name stands for `Backend(name)` (the default options)."""
     if isinstance(backend, Backend):

@@ -27,8 +27,8 @@ times the weight's columns, so that x's loads and the parts' stores compile to 1
 tests/ops/sm90_compile.py); its speed on a GPU is not yet measured. The old forward, the dynamic convolution's
 kernel with `STATIC` (windows `[BLOCK_T, BLOCK_D, W]` with the taps D apart in memory: 8-byte x loads, two-byte split
 stores), stays selectable (`STATIC_FWD_PER_TAP = False`) so that `benchmarks/short_conv_bench.py --fwd-sweep` times
-both; on an H100 it took 41 us per layer of the SmolLM2 hybrid's 8K prefill ([1, 8192, 1728], bf16), where a copy of
-as many bytes takes about 26 us.
+both; on an H100 it took 41 us per layer of the SmolLM2 hybrid's 8K prefill ([1, 8192, 1728], bf16; profile of the
+captured prefill), and the old single-call sweep timed a copy of as many bytes at 26 us (launch included).
 Its backward is one kernel (`_short_conv_bwd_kernel`) that reads x once and dy once, where autograd leaves it: the
 parts' gradients in place (no `torch.cat` of them; a part without one reads as zeros, nothing allocated), and
 writes dx. Per tile of 32 tokens it recomputes the pre-activation and dacc in registers for the tile's tokens and

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from jetnas.ops.backend import needs_grad
+
 # widest row one program holds (a row lives in registers); wider rows take the references
 MAX_WIDTH = 65536
 
@@ -663,10 +665,6 @@ class _SiluMulPacked(torch.autograd.Function):
         return dgate_up
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # -- the ops -----------------------------------------------------------------------------------------------------
 
 
@@ -676,7 +674,7 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     returns `[..., N]` in `out_dtype`, else the promoted dtype of x and weight (the product is rounded once, to the
     output's dtype, so an `out_dtype` equals the reference followed by a cast). Shapes are checked by
     `jetnas.ops.fused.rms_norm`."""
-    if _needs_grad(x, weight):
+    if needs_grad(x, weight):
         return _RMSNorm.apply(x, weight, eps, out_dtype)
     return _rms_norm_fwd(x, weight, eps, out_dtype)
 
@@ -687,7 +685,7 @@ def triton_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
     stride), weight `[N]`; returns `(x + y, normed)`, the sum contiguous in the promoted dtype of x and y, normed in
     `out_dtype` (else the promoted dtype of the sum and the weight). Shapes are checked by
     `jetnas.ops.fused.add_rms_norm`."""
-    if _needs_grad(x, y, weight):
+    if needs_grad(x, y, weight):
         return _AddRMSNorm.apply(x, y, weight, eps, out_dtype)
     return _add_rms_norm_fwd(x, y, weight, eps, out_dtype)
 
@@ -699,7 +697,7 @@ def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: to
     column slice of a wider tensor is read where it lies (`_gate_lines`), forward and backward, not copied (its
     gradient is written contiguous)."""
     x = x.contiguous()
-    if _needs_grad(x, gate, weight):
+    if needs_grad(x, gate, weight):
         return _GatedRMSNorm.apply(x, gate, weight, eps, norm_before_gate, group_size)
     return _gated_rms_norm_fwd(x, gate, weight, eps, norm_before_gate, group_size)
 
@@ -707,7 +705,7 @@ def triton_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: to
 def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` in one pass (and its backward in one more): gate and up of one shape and dtype."""
     gate, up = gate.contiguous(), up.contiguous()
-    if _needs_grad(gate, up):
+    if needs_grad(gate, up):
         return _SiluMul.apply(gate, up)
     return _silu_mul_fwd(gate, up)
 
@@ -717,6 +715,6 @@ def triton_silu_mul_packed(gate_up: torch.Tensor) -> torch.Tensor:
     gradient of the packed `[..., 2I]` input as one contiguous tensor); returns `[..., I]` in gate_up's dtype. The
     last dim's evenness is checked by `jetnas.ops.fused.silu_mul_packed`."""
     gate_up = gate_up.contiguous()
-    if _needs_grad(gate_up):
+    if needs_grad(gate_up):
         return _SiluMulPacked.apply(gate_up)
     return _silu_mul_packed_fwd(gate_up)
