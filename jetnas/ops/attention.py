@@ -140,7 +140,11 @@ def causal_attention(
         raise ValueError(f"key_padding_mask must be [B, Tk] = [{B}, {Tk}], got {list(key_padding_mask.shape)}")
     if key_padding_mask is not None and bool(key_padding_mask.all()):
         key_padding_mask = None
-    if window is not None and key_padding_mask is None and not sinks and _swa_kernel_takes(q, k, v, backend):
+    if (window is not None and key_padding_mask is None and not sinks and not Tq == Tk <= window
+            and _swa_kernel_takes(q, k, v, backend)):
+        # a prompt no longer than the window is plain causal attention: SDPA's flash path below is faster there
+        # (one H100, benchmarks/results/2026-12-07_h100_window_conv: 8.4 vs 10.9 us at 300 tokens; in causal mode
+        # at 8K-64K the kernel takes 1.20-1.38x SDPA's time)
         from jetnas.ops.triton_attention import triton_swa_forward
 
         return triton_swa_forward(q, k, v, window, scale)

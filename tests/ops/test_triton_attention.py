@@ -119,8 +119,8 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("Tq, Tk, window", [(40, 40, 8), (12, 40, 8), (10, 10, 32)],
-                         ids=["long-prompt", "chunk-after-cache", "short-prompt"])
+@pytest.mark.parametrize("Tq, Tk, window", [(40, 40, 8), (12, 40, 8), (12, 40, 32)],
+                         ids=["long-prompt", "chunk-after-cache", "chunk-after-cache-within-window"])
 def test_causal_attention_routes_windows_without_grad(kernel_calls, Tq, Tk, window):
     torch.manual_seed(0)
     q, k, v = inputs(2, Tq, Tk, 6, 2, 64)
@@ -135,6 +135,7 @@ def test_causal_attention_keeps_sdpa_elsewhere(kernel_calls):
     causal_attention(q, k, v, backend=TRITON)  # full attention: SDPA (cuDNN) stays faster
     causal_attention(q, k, v, window=4)  # the default backend
     causal_attention(q[:, -1:], k, v, window=4, backend=TRITON)  # a decode step
+    causal_attention(q, k, v, window=20, backend=TRITON)  # a prompt within its window: plain causal, SDPA's flash
     causal_attention(q, k, v, window=4, sinks=2, backend=TRITON)
     pad = torch.ones(2, 20, dtype=torch.long, device=DEVICE)
     pad[0, :3] = 0
