@@ -16,7 +16,7 @@
 #   bash dev/gpu_session.sh fla generate:300 prefill:300          # checks: carry .stage/fla (+ .stage/autotune)
 #   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, convprefill:S, teacher_eval:S, dist:S
 #    (S seconds for each of its three runs); S = seconds)
-#   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c5, c8)
+#   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c5, c1b, c3b, c4b, c8)
 #   RECIPE=smollm2-135m-gpu-final bash dev/gpu_session.sh setup recipe:560   # the final hybrid on the committed search
 #   bash dev/gpu_session.sh setup trainbench:100 && RECIPE=... bash dev/gpu_session.sh recipe:400   # issue 16 first
 # Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
@@ -76,6 +76,9 @@ setup() {
   if [ ! -f "$GGUF" ]; then
     cat /root/stage/gguf.part0 /root/stage/gguf.part1 /root/stage/gguf.part2 /root/stage/gguf.part3 > "$GGUF"
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c - || exit 3
+    for part in /root/stage/*.whl.part0; do  # a wheel staged in halves (tilelang: c1 + c1b)
+      [ -f "$part" ] && cat "${part%.part0}".part* > "${part%.part0}" && rm "${part%.part0}".part*
+    done
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/stage/*.whl 2>&1 | tail -2
   fi
   cp -r /root/stage/bench /root/stage/corpus ../shared/data/
