@@ -18,7 +18,8 @@ Sections, run in the order --sections gives (each row is written to --out as soo
 - smollm2: the SmolLM2-135M GDN hybrid (results/h200_postnas_smollm2_135m/stage2/model/config.json: 26 gdn, 2 attn,
   2 swa) against its teacher's architecture (the same config, every layer `attn`) at 8K and 32K, one prompt, the
   chunk `jetnas bench` picks ("auto"), prefill "forward" and "static"; and the hybrid's static prefill without each
-  of our kernels in turn: the static short convolutions on `F.conv1d` (`Backend.static_conv` off), the sliding-window
+  of our kernels in turn: the static short convolutions on `F.conv1d` (`Backend.static_conv` off), q and k
+  normalised by fla's own pass instead of the conv's epilogue (`Backend.conv_l2norm` off), the sliding-window
   layers on SDPA over masked query blocks (`Backend.window_kernel` off). Captured vs eager last logits per model,
   against that model's rounding-order noise (the forward prefill in two chunks against one pass). First each kernel
   against the path it replaces on the hybrid's logits, both against a float32 copy (`kernel_check`; if one fails,
@@ -256,13 +257,16 @@ def logits_check(model, context: int, eager: torch.Tensor, captured: torch.Tenso
 #: our kernels that `kernel_check` judges in the model: check name -> (the Backend field that turns it off, the
 #: path it replaces as the table names it, the suffix of the hybrid's row without it)
 KERNELS = {"static_conv_kernel": ("static_conv", "F.conv1d", "conv1d"),
+           # q and k normalised in the static conv's epilogue (after static_conv: inert without it)
+           "conv_l2norm_kernel": ("conv_l2norm", "fla's l2norm pass", "l2norm-pass"),
            "window_kernel": ("window_kernel", "SDPA blocks", "window-sdpa")}
 
 
 @torch.inference_mode()
 def kernel_check(model, args, check: str, base: Backend) -> bool:
-    """One of our kernels (`KERNELS`: the static short convolutions' `Backend.static_conv`, the sliding-window
-    attention's `Backend.window_kernel`; on by default) against the path it replaces, on the hybrid's last logits of
+    """One of our kernels (`KERNELS`: the static short convolutions' `Backend.static_conv`, q and k normalised in
+    that conv (`Backend.conv_l2norm`), the sliding-window attention's `Backend.window_kernel`; on by default) against
+    the path it replaces, on the hybrid's last logits of
     a 2048-token prompt (longer than two windows of 512: the windowed layers' long-prompt path), both judged against
     a float32 copy of the model on the PyTorch references: the kernel passes when its error is at most the other
     path's (x1.5 + 1e-3: two bf16 paths that round at different places). Why not against each other with a chunking

@@ -33,7 +33,7 @@ from jetnas.layers.base import (
 )
 from jetnas.modules.conv import DynamicShortConvolution, ShortConvolution
 from jetnas.modules.norm import GatedRMSNorm
-from jetnas.ops.backend import Backend, resolve_backend
+from jetnas.ops.backend import Backend, needs_grad, resolve_backend
 from jetnas.ops.conv import short_conv_split
 from jetnas.ops.decode import gated_delta_rule_step_, gated_delta_rule_step_raw_
 from jetnas.ops.delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -190,7 +190,7 @@ class JetBlock(TokenMixer):
             return False
         return len({c.activation for c in convs}) == 1 and len({c.bias is None for c in convs}) == 1
 
-    def _fused_projections(self, x: torch.Tensor, state: RecurrentState | None):
+    def _fused_projections(self, x: torch.Tensor, state: RecurrentState | None, normalized: bool = False):
         """q, k, v (after their convolutions), b, a and the output gate of a prompt (not a decode step) from two
         matrix products, `x [B, T, D]` times the concatenated weights of q|k|v and of g|b|a (padded to a multiple
         of 16 columns, see `_aligned`) (`Backend.fused_projections`): backward computes x's gradient in two products
@@ -198,6 +198,7 @@ class JetBlock(TokenMixer):
         of five adds. Returns
         `(q [B, T, H*K], k, v [B, T, H*V], b [B, T, H], a or None, gate [B, T, H*V] or None)`; b, a and the gate
         are column slices of their product (the gate norm and the gates kernel read them where they lie).
+        `normalized` (from `_norm_in_conv`): q and k come back L2-normalised per head by the one conv's kernel.
 
         Two products, not one: the short conv reads its input contiguous, and q|k|v is that only as a product of
         its own (a slice of a wider one would be copied forward, and its gradient assembled by a copy backward).
@@ -231,9 +232,11 @@ class JetBlock(TokenMixer):
                 present = next(s for s in initial if s is not None)
                 initial = torch.cat([present.new_zeros(present.shape[0], c, present.shape[2]) if s is None else s
                                      for s, c in zip(initial, sizes)], 1)
-            # q, k and v each come back contiguous from the Triton kernel: fla's kernels would copy strided ones
+            # q, k and v each come back contiguous from the Triton kernel: fla's kernels would copy strided ones;
+            # without a gradient q and k come back L2-normalised from it too (`_norm_in_conv`)
             (q, k, v), final = short_conv_split(qkv, weight, sizes, bias, initial, state is not None,
-                                                convs[0].activation, backend=self.backend)
+                                                convs[0].activation, backend=self.backend,
+                                                l2norm_head=self.head_k_dim if normalized else 0)
             if state is not None:
                 for name, part in zip("qkv", final.split(sizes, 1)):
                     state.conv[name] = part
@@ -242,9 +245,19 @@ class JetBlock(TokenMixer):
         parts = dict(zip(names, bag.split(widths, -1)))
         return q, k, v, parts["b_proj"], parts.get("a_proj"), parts.get("g_proj")
 
-    def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool):
+    def _norm_in_conv(self, x: torch.Tensor) -> bool:
+        """Whether `_fused_projections` hands q and k over L2-normalised by the one short conv's kernel (its
+        epilogue: `short_conv_split`'s `l2norm_head`) rather than the recurrence normalising them in a pass of its
+        own: the conv runs on our Triton kernel, no gradient flows (the epilogue has no backward) and the head is a
+        power of two within the kernel's channel tile (`Backend.conv_l2norm`)."""
+        K = self.head_k_dim
+        return (self.backend.conv_l2norm and self.backend.static_conv and self.backend.runs_triton(x)
+                and K & (K - 1) == 0 and K <= 128 and self._one_conv()
+                and not needs_grad(x, *(p for p in self.parameters())))
+
+    def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool, normalized: bool = False):
         """The gated delta rule of a prompt (chunked), or of a decode step whose state cannot be updated in place
-        or whose batch has padding. Returns `(o, final_state)`."""
+        or whose batch has padding; `normalized`: q and k come L2-normalised already. Returns `(o, final_state)`."""
         # g in float32, beta in q's dtype; padded tokens (mask 0): no write (beta = 0) and no decay (g = 0)
         decay = a is not None
         g, beta = gdn_gates(a, b, self.A_log if decay else None, self.dt_bias if decay else None, mask, q.dtype,
@@ -255,7 +268,7 @@ class JetBlock(TokenMixer):
             return o, state.recurrent
         rule = fused_recurrent_gated_delta_rule if step else chunk_gated_delta_rule
         return rule(q, k, v, g, beta, initial_state=None if state is None else state.recurrent,
-                    output_final_state=state is not None, use_qk_l2norm=True, backend=self.backend)
+                    output_final_state=state is not None, use_qk_l2norm=not normalized, backend=self.backend)
 
     def forward(self, hidden_states, state=None, *, attention_mask=None, position_ids=None,
                 position_embeddings=None, use_cache=False):
@@ -266,8 +279,9 @@ class JetBlock(TokenMixer):
         x, mask, state, step = begin_linear(x, state, attention_mask, use_cache)
 
         fused = self.backend.fused_projections and not step
+        normalized = fused and self._norm_in_conv(x)
         if fused:
-            q, k, v, b, a, gate = self._fused_projections(x, state)
+            q, k, v, b, a, gate = self._fused_projections(x, state, normalized)
         else:
             q = self._mix("q", self.q_proj(x), x, state, step)
             k = self._mix("k", self.k_proj(x), x, state, step)
@@ -283,7 +297,7 @@ class JetBlock(TokenMixer):
                 backend=self.backend)[:, None]
             final = state.recurrent
         else:
-            o, final = self._recurrence(q, k, v, a, b, mask, state, step)
+            o, final = self._recurrence(q, k, v, a, b, mask, state, step, normalized)
         if state is not None:
             state.recurrent = final
             state.seq_length += T

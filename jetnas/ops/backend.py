@@ -53,6 +53,11 @@ class Backend:
         window_kernel: with "triton", sliding-window attention over a prompt with no gradient needed runs on our
             Triton kernel (`jetnas.ops.triton_attention`, one launch visiting only the key blocks each window
             reaches) instead of SDPA over masked query blocks (`jetnas.ops.attention.causal_attention`).
+        conv_l2norm: with "triton" and `static_conv`, a JetBlock-family layer's one short conv over q|k|v
+            L2-normalises q and k per head in its kernel's epilogue when no gradient is needed (prefill,
+            evaluation), and the gated delta rule then skips its own normalisation pass (fla's `l2norm_fwd`: two
+            reads and writes of the prompt's q and k per layer) (`jetnas.ops.conv.short_conv_split`'s
+            `l2norm_head`).
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -79,9 +84,13 @@ class Backend:
     # it) is not found. Its gain, where it ran: the GDN op at 8K 0.224 -> 0.210 ms graphed (1.07x).
     segment_state_pass: int = 0
     # On: checked on CPU under Triton's interpreter against the SDPA mask path (float32 2e-7, bf16 4e-3, a tiny
-    # hybrid's logits) and compiled for sm_90; not yet run on a GPU (2026-12-07): benchmarks/swa_bench.py checks and
-    # times it against the block path, `prefill_bench.py` compares the model's logits with it off.
+    # hybrid's logits); on one H100 (2026-12-07, benchmarks/results/2026-12-07_h100_window_conv) its tests passed on
+    # CUDA and it ran 10-14x the block path at 8K-64K with the same error against float32. The model-level prefill
+    # with it is not yet measured (`prefill_bench.py` compares the model's logits with it off).
     window_kernel: bool = True
+    # On: CPU-tested against the reference (values; the interpreter) and compiled for sm_90, not yet run on a GPU
+    # (2026-12-07). Expected (arithmetic): fla's l2norm pass took 0.37 of the SmolLM2 hybrid's 14.4 GPU-ms at 8K.
+    conv_l2norm: bool = True
     interpret: bool = False
 
     def __post_init__(self) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from jetnas.ops.backend import Backend, as_backend
+from jetnas.ops.backend import Backend, as_backend, needs_grad
 from jetnas.ops.utils import CONV_ACTIVATIONS as ACTIVATIONS
-from jetnas.ops.utils import check_conv_inputs, check_short_conv_inputs, check_state
+from jetnas.ops.utils import check_conv_inputs, check_l2norm_head, check_short_conv_inputs, check_state, l2norm
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -161,9 +161,17 @@ def short_conv_split(
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
     backend: Backend | str = "torch",
+    l2norm_head: int = 0,
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """`short_conv` over channels that belong to 2 or 3 consumers (the JetBlock family's q|k|v), its output
     returned split by channels: `y.split(sizes, -1)`, the reference (strided views of one `[B, T, D]` output).
+
+    `l2norm_head` > 0 (a power of two dividing the first two widths; only without gradients): the first two parts
+    come back L2-normalised per head of that many channels (`jetnas.ops.utils.l2norm`, eps 1e-6), as the gated
+    delta rule's `use_qk_l2norm` would normalise q and k. Under the Triton kernel this happens in the conv's
+    epilogue, on the float32 activations before rounding: the prompt's q and k are not read and written a second
+    time (fla's `l2norm_fwd_kernel`: 0.37 of the SmolLM2 hybrid's 14.4 GPU-ms at 8K, one H100, 2026-12-07). The
+    reference normalises the rounded parts in float32, so the two differ by about one rounding of x's dtype.
 
     Under the Triton kernel (`short_conv`'s dispatch rule) each part is written contiguous instead
     (`jetnas.ops.triton_dynamic_conv.triton_short_conv_split`): what fla's chunked kernels read without first
@@ -181,13 +189,23 @@ def short_conv_split(
         raise ValueError(f"sizes must be 2 or 3 positive widths summing to the channels of x {list(x.shape)}, "
                          f"got {list(sizes)}")
     backend = as_backend(backend)
+    if l2norm_head:
+        check_l2norm_head(l2norm_head, sizes, needs_grad(x, weight, bias, initial_state))
     if backend.static_conv and backend.runs_triton(x):
         from jetnas.ops.triton_dynamic_conv import triton_short_conv_split
 
         return triton_short_conv_split(x, weight, sizes, bias, initial_state, output_final_state, activation,
-                                       cu_seqlens)
+                                       cu_seqlens, l2norm_head)
     y, final = short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, backend)
-    return y.split(sizes, -1), final
+    parts = y.split(sizes, -1)
+    if l2norm_head:
+        parts = (*(_l2norm_heads(p, l2norm_head) for p in parts[:2]), *parts[2:])
+    return parts, final
+
+
+def _l2norm_heads(x: torch.Tensor, head: int) -> torch.Tensor:
+    """`x [..., H * head]` L2-normalised per head, in float32, returned in x's dtype."""
+    return l2norm(x.float().unflatten(-1, (-1, head))).flatten(-2).to(x.dtype)
 
 
 def short_conv_step(

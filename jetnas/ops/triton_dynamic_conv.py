@@ -71,7 +71,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from jetnas.ops.utils import check_conv_inputs, check_short_conv_inputs
+from jetnas.ops.backend import needs_grad
+from jetnas.ops.utils import check_conv_inputs, check_l2norm_head, check_short_conv_inputs
 
 MAX_WIDTH = 8
 
@@ -370,10 +371,13 @@ def _store_parts(y_ptr, acc, row0, r, d, mask, D, D1, D2, ROWS, SPLIT: tl.conste
 def _short_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start_ptr, tok_seq_ptr, D1, D2, ROWS, T, D,
                            W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, SILU: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORM_HEAD: tl.constexpr = 0):
     """The static convolution's forward tap by tap (the default; `STATIC_FWD_PER_TAP`). Grid, arguments and output
     as `_dynamic_conv_fwd_kernel` with STATIC (`k_ptr` one `[D, W]` weight; `bias [D]` with HAS_BIAS; SPLIT: three
-    contiguous parts, stored by `_store_parts`).
+    contiguous parts, stored by `_store_parts`). NORM_HEAD > 0 (a power of two dividing BLOCK_D, the first two parts'
+    widths multiples of it): the channels before D2 (the first two parts, the JetBlock's q and k) come out
+    L2-normalised per head of NORM_HEAD channels, `y / sqrt(sum(y^2) + 1e-6)` over the float32 activations before
+    their rounding (`triton_short_conv_split`'s `l2norm_head`).
 
     `pre = bias + sum_i x[t - W + 1 + i] * weight[:, i]`, summed tap by tap in float32 from two-dimensional
     `[BLOCK_T, BLOCK_D]` tiles (`_load_tap`: contiguous along the channels, so the loads can vectorize; the W tiles
@@ -403,6 +407,13 @@ def _short_conv_fwd_kernel(x_ptr, k_ptr, bias_ptr, state_ptr, y_ptr, tok_start_p
                 acc += _load_state_tap(state_ptr, t, d, start, seq, mask, D, W, i) * tap[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
+    if NORM_HEAD > 0:
+        # a tile's channels start at a multiple of BLOCK_D, so it holds whole heads; channels past D are zero here
+        heads: tl.constexpr = BLOCK_D // NORM_HEAD
+        sq = tl.reshape(acc * acc, (BLOCK_T, heads, NORM_HEAD))
+        inv = 1.0 / tl.sqrt(tl.sum(sq, axis=2) + 1e-6)
+        scale = tl.reshape(tl.broadcast_to(inv[:, :, None], (BLOCK_T, heads, NORM_HEAD)), (BLOCK_T, BLOCK_D))
+        acc = tl.where((d < D2)[None, :], acc * scale, acc)
     _store_parts(y_ptr, acc, row0, r, d, mask, D, D1, D2, ROWS, SPLIT)
 
 
@@ -757,7 +768,7 @@ class _ConvFunction(torch.autograd.Function):
     `bias [D]`, optional `split` of its output into 2 or 3 contiguous parts by channels), forward and backward."""
 
     @staticmethod
-    def forward(ctx, x, kernels, bias, state, activation, seg, static, split=None):
+    def forward(ctx, x, kernels, bias, state, activation, seg, static, split=None, norm_head=0):
         W = kernels.shape[-1]
         B, T, D = x.shape
         has_state = state is not None and W > 1  # with W == 1 the state is [N, D, 0] and never read
@@ -769,7 +780,10 @@ class _ConvFunction(torch.autograd.Function):
                 B * T)
         flags = {"HAS_STATE": has_state, "SILU": activation == "silu", "HAS_BIAS": bias is not None,
                  "SPLIT": split is not None}
-        if static and STATIC_FWD_PER_TAP:
+        if norm_head:  # forward only (`triton_short_conv_split` refuses it where a gradient would be needed)
+            _launch(_short_conv_fwd_kernel, x, W, seg, *args, config=_static_fwd_config, NORM_HEAD=norm_head,
+                    **flags)
+        elif static and STATIC_FWD_PER_TAP:
             _launch(_short_conv_fwd_kernel, x, W, seg, *args, config=_static_fwd_config, **flags)
         else:
             _launch(_dynamic_conv_fwd_kernel, x, W, seg, *args, STATIC=static, **flags)
@@ -792,7 +806,7 @@ class _ConvFunction(torch.autograd.Function):
         x, kernels, bias, state = ctx.saved_tensors
         if ctx.static:
             backward = _static_backward if FUSED_STATIC_BACKWARD else _static_backward_torch
-            return (*backward(ctx, x, kernels, bias, state, dys), None, None, None, None)
+            return (*backward(ctx, x, kernels, bias, state, dys), None, None, None, None, None)
         seg = ctx.seg
         T, D = x.shape[1:]
         W = kernels.shape[-1]
@@ -820,7 +834,7 @@ class _ConvFunction(torch.autograd.Function):
                     _dynamic_conv_bwd_dstate_kernel[(N, triton.cdiv(D, block_d))](
                         kernels, dacc, dstate, x if seg.cu is None else seg.cu, T, D, W=W,
                         W_POW2=triton.next_power_of_2(W), BLOCK_D=block_d, IS_VARLEN=seg.cu is not None)
-        return dx, dk, None, dstate, None, None, None, None
+        return dx, dk, None, dstate, None, None, None, None, None
 
 
 def triton_dynamic_conv(
@@ -855,7 +869,8 @@ def triton_dynamic_conv(
     return _apply(x, kernels, None, initial_state, output_final_state, activation, cu_seqlens, static=False)
 
 
-def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_seqlens, static, split=None):
+def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_seqlens, static, split=None,
+           norm_head=0):
     """Both convolutions once their shapes are checked: devices, packed-sequence indices, the autograd Function,
     the final state. With `split` (the static one only), y is a tuple of parts (see `triton_short_conv_split`)."""
     for name, t in (("weight" if static else "kernels", kernels), ("bias", bias), ("initial_state", initial_state)):
@@ -866,7 +881,7 @@ def _apply(x, kernels, bias, initial_state, output_final_state, activation, cu_s
     # carry the gradient back to the state's own dtype.
     state = None if initial_state is None else initial_state.to(x.dtype).contiguous()
     y = _ConvFunction.apply(x.contiguous(), kernels.contiguous(), None if bias is None else bias.contiguous(), state,
-                            activation, seg, static, split)
+                            activation, seg, static, split, norm_head)
     final = _final_state(x, state, seg, kernels.shape[-1]) if output_final_state else None
     return y, final
 
@@ -905,9 +920,12 @@ def triton_short_conv_split(
     output_final_state: bool = False,
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
+    l2norm_head: int = 0,
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """`triton_short_conv` whose output comes back split by channels into parts of `sizes` (2 or 3 widths summing
     to D), each written contiguous `[B, T, size]` by the kernel (`jetnas.ops.conv.short_conv_split`'s contract).
+    `l2norm_head` > 0: the first two parts L2-normalised per head of that many channels inside the kernel (forward
+    only: refused when a gradient would be needed; see `short_conv_split`).
 
     Why: the JetBlock family runs one conv over its q|k|v product; `y.split(...)` of one `[B, T, D]` output gives
     strided parts, which fla's kernels copy to contiguous ones first (its `input_guard`): three copies of the
@@ -920,5 +938,11 @@ def triton_short_conv_split(
         raise ValueError(f"sizes must be 2 or 3 positive widths summing to D={x.shape[-1]}, got {list(sizes)}")
     if W > MAX_WIDTH:
         raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
+    if l2norm_head:
+        check_l2norm_head(l2norm_head, sizes, needs_grad(x, weight, bias, initial_state))
+        block_d = _static_fwd_config(x.shape[1], x.shape[-1], W, x.is_cuda)[0][1]
+        if l2norm_head > block_d:
+            raise ValueError(f"l2norm_head={l2norm_head} is wider than the kernel's channel tile ({block_d})")
     return _apply(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, static=True,
-                  split=sizes)
+                  split=sizes, norm_head=int(l2norm_head))
+

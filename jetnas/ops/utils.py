@@ -21,6 +21,18 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def check_l2norm_head(head: int, sizes: tuple[int, ...], grad: bool) -> None:
+    """`short_conv_split`'s `l2norm_head`: a power of two dividing the first two parts' widths, and no gradient
+    (the normalisation has no backward here: training normalises in the recurrence's own kernels)."""
+    if isinstance(head, bool) or not isinstance(head, int) or head < 1 or head & (head - 1):
+        raise ValueError(f"l2norm_head must be a power of two, got {head!r}")
+    if sizes[0] % head or sizes[1] % head:
+        raise ValueError(f"l2norm_head={head} must divide the first two parts' widths, got {list(sizes[:2])}")
+    if grad:
+        raise ValueError("l2norm_head: the normalisation inside the conv has no backward; it is for prompts without "
+                         "gradients (prefill, evaluation)")
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch_size: int, seq_len: int, name: str = "cu_seqlens") -> int:
     """Validate packed-sequence boundaries and return the number of sequences N.
 

@@ -166,3 +166,28 @@ def fused_contract(monkeypatch):
 def test_cache_contract_with_fused_projections(fused_contract, layer_type, check):
     assert contract.make(layer_type).backend.fused_projections
     check(layer_type)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+@pytest.mark.parametrize("kind", ["gdn", "deltanet", "gdn-conv-bias"])
+def test_q_and_k_normalised_in_the_conv_only_without_gradients(kind, monkeypatch):
+    # `Backend.conv_l2norm`: a prompt with no gradient gets q and k L2-normalised by the one conv's kernel and the
+    # recurrence skips its own normalisation; the same outputs and caches as with it off (float32, TOL); with a
+    # gradient (training) the conv leaves them alone
+    import jetnas.layers.jet as jet
+
+    _, on = pair(kind, Backend("triton", interpret=True))
+    off = copy.deepcopy(on)
+    off.backend = dataclasses.replace(on.backend, conv_l2norm=False)
+    heads = []
+    original = jet.short_conv_split
+    monkeypatch.setattr(jet, "short_conv_split",
+                        lambda *a, **kw: heads.append(kw.get("l2norm_head", 0)) or original(*a, **kw))
+    x = torch.randn(2, 21, D)
+    with torch.no_grad():
+        (out_on, state_on), (out_off, state_off) = (block(x, None, use_cache=True) for block in (on, off))
+    assert heads == [on.head_k_dim, 0]
+    assert rel_err(out_on, out_off) < TOL and rel_err(state_on.recurrent, state_off.recurrent) < TOL
+    assert all(torch.equal(state_on.conv[n], state_off.conv[n]) for n in state_off.conv)
+    out, _ = on(x.requires_grad_(True))
+    assert heads[-1] == 0 and out.requires_grad

@@ -66,11 +66,16 @@ def cases():
                                                                                             "SPLIT": True}
             if static:  # the static forward tap by tap (the default), at its GPU tile, with and without a state
                 (block_t, block_d), _ = conv._static_fwd_config(8192, 1728, 4, True)
-                per_tap = {**tiles, "BLOCK_T": block_t, "BLOCK_D": block_d, "SILU": True, "HAS_BIAS": True}
+                per_tap = {**tiles, "BLOCK_T": block_t, "BLOCK_D": block_d, "SILU": True, "HAS_BIAS": True,
+                           "NORM_HEAD": 0}
                 for state, split in ((True, False), (True, True), (False, True)):
                     yield (f"conv fwd per tap ({tag}, {'state' if state else 'no state'}"
                            f"{', split' if split else ''})", conv._short_conv_fwd_kernel, io,
                            {**per_tap, "HAS_STATE": state, "SPLIT": split})
+                for head in (64, 128):  # q and k L2-normalised per head in the epilogue (prefill, no gradient)
+                    yield (f"conv fwd per tap ({tag}, state, split, l2norm heads of {head})",
+                           conv._short_conv_fwd_kernel, io,
+                           {**per_tap, "HAS_STATE": True, "SPLIT": True, "NORM_HEAD": head})
             if static:  # one backward kernel reading q|k|v's three gradients where they lie, and the state's
                 bwd = {**io, "dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "db_ptr": "*fp32"}
                 parts = {"IS_VARLEN": varlen, "SILU": True, "HAS_BIAS": True, "HAS_DY0": True, "HAS_DY1": True,
@@ -241,17 +246,18 @@ def check_gate_loads() -> None:
         raise AssertionError(f"an unaligned stride vectorized too (the padding may no longer be needed): {unaligned}")
 
 
-def conv_fwd_memory_ops() -> dict[str, int]:
+def conv_fwd_memory_ops(norm_head: int = 0) -> dict[str, int]:
     """The global loads and stores of the static forward tap by tap for sm_90, as the GDN layers launch it: q|k|v
     split, bf16, W = 4, SiLU, no bias or state, at its GPU tile and warps, the pointers 16-byte aligned and the sizes
-    divisible by 16 (1,728 = 3 x 576 channels): `{instruction: count}`."""
+    divisible by 16 (1,728 = 3 x 576 channels), q and k L2-normalised per head of `norm_head` channels when > 0
+    (a prompt without gradients): `{instruction: count}`."""
     from jetnas.ops import triton_dynamic_conv as conv
 
     fn = conv._short_conv_fwd_kernel
     names = list(fn.arg_names)
     (block_t, block_d), opts = conv._static_fwd_config(8192, 1728, 4, True)
     constexprs = {"W": 4, "W_POW2": 4, "BLOCK_T": block_t, "BLOCK_D": block_d, "HAS_STATE": False,
-                  "IS_VARLEN": False, "SILU": True, "HAS_BIAS": False, "SPLIT": True}
+                  "IS_VARLEN": False, "SILU": True, "HAS_BIAS": False, "SPLIT": True, "NORM_HEAD": norm_head}
     signature = {n: "constexpr" if n in constexprs else ("*i32" if n.startswith("tok_") else "*bf16")
                  if n.endswith("_ptr") else "i32" for n in names}
     divisible = [n for n in names if n.endswith("_ptr")] + ["D1", "D2", "ROWS", "T", "D"]
@@ -261,12 +267,15 @@ def conv_fwd_memory_ops() -> dict[str, int]:
 def check_conv_fwd_vectors() -> None:
     """Why the static forward goes tap by tap: its x loads and its split stores are 16-byte vectors (the old forward
     compiled the same way: 8-byte loads, two-byte stores of the split parts). Two-byte loads are left only for the
-    weight's columns (W apart in memory, read once a tile)."""
-    ops = conv_fwd_memory_ops()
-    if not ops.get("ld.global.v4.b32") or set(k for k in ops if k.startswith("st.")) != {"st.global.v4.b32"}:
-        raise AssertionError(f"the per-tap forward's x loads or stores are not 16-byte vectors: {ops}")
-    if ops.get("ld.global.b16", 0) > 2 * 4:
-        raise AssertionError(f"more scalar loads than the weight's columns need: {ops}")
+    weight's columns (W apart in memory, read once a tile). The same with q and k L2-normalised per head of 64 in
+    the epilogue (the per-head sums must not cost the vectors, nor spill to local memory)."""
+    for head in (0, 64):
+        ops = conv_fwd_memory_ops(head)
+        if not ops.get("ld.global.v4.b32") or set(k for k in ops if k.startswith("st.")) != {"st.global.v4.b32"}:
+            raise AssertionError(f"the per-tap forward's x loads or stores are not 16-byte vectors "
+                                 f"(l2norm heads {head}): {ops}")
+        if ops.get("ld.global.b16", 0) > 2 * 4 or any(k.startswith("ld.local") for k in ops):
+            raise AssertionError(f"more scalar loads than the weight's columns need (l2norm heads {head}): {ops}")
 
 
 def main() -> None:

@@ -205,3 +205,48 @@ def test_bad_sizes_raise(sizes):
     for backend in ("torch", TRITON):
         with pytest.raises(ValueError, match="sizes"):
             short_conv_split(x, weight, sizes, backend=backend)
+
+
+# `l2norm_head`: q and k (the first two parts) L2-normalised per head inside the kernel's epilogue (prompts without
+# gradients). Float32: the kernel normalises its float32 activations, the reference the same values through
+# `jetnas.ops.utils.l2norm` (TOL); bf16: the kernel normalises before rounding, the reference after (one more
+# rounding, BF16_TOL).
+@pytest.mark.parametrize("dtype, head, sizes, ragged", [
+    (torch.float32, 16, (32, 32, 48), False),  # heads of 16 in a 128-channel tile; v (48 wide) left as it is
+    (torch.float32, 32, (64, 64), True),  # two parts (both normalised), packed sequences with initial states
+    (torch.bfloat16, 64, (64, 128, 64), False),  # q and k of different widths: every tile holds whole heads
+], ids=["f32-heads16-qkv", "f32-heads32-qk-varlen", "bf16-heads64"])
+def test_l2norm_heads_in_the_epilogue(dtype, head, sizes, ragged):
+    torch.manual_seed(0)
+    D = sum(sizes)
+    T, W = 37, 4
+    x = torch.randn(1 if ragged else 2, T, D, device=DEVICE).to(dtype)
+    weight = torch.randn(D, W, device=DEVICE).to(dtype)
+    bias = torch.randn(D, device=DEVICE).to(dtype)
+    cu = torch.tensor([0, 5, 20, T], device=DEVICE) if ragged else None
+    state = torch.randn(3 if ragged else 2, D, W - 1, device=DEVICE).to(dtype)
+    with torch.no_grad():
+        want, want_final = short_conv_split(x.float(), weight.float(), sizes, bias.float(), state.float(), True,
+                                            "silu", cu, backend="torch", l2norm_head=head)
+        got, final = short_conv_split(x, weight, sizes, bias, state, True, "silu", cu, backend=TRITON,
+                                      l2norm_head=head)
+        plain, _ = short_conv_split(x, weight, sizes, bias, state, True, "silu", cu, backend=TRITON)
+    for i, (part, ref) in enumerate(zip(got, want)):
+        assert part.shape == ref.shape and part.is_contiguous() and part.dtype == dtype
+        assert rel_err(part, ref) < (TOL if dtype == torch.float32 else BF16_TOL), i
+    norms = got[0].float().unflatten(-1, (-1, head)).norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=2e-2)
+    if len(sizes) == 3:
+        assert torch.equal(got[2], plain[2])  # v is not touched
+    assert torch.equal(final, want_final.to(dtype))
+
+
+def test_l2norm_head_is_refused_where_it_cannot_hold():
+    x = torch.randn(1, 8, 96, device=DEVICE)
+    weight = torch.randn(96, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two"):
+        short_conv_split(x, weight, (32, 32, 32), l2norm_head=24, backend=TRITON)
+    with pytest.raises(ValueError, match="must divide the first two parts"):
+        short_conv_split(x, weight, (48, 16, 32), l2norm_head=32, backend=TRITON)
+    with pytest.raises(ValueError, match="no backward"):  # either backend: the reference refuses it too
+        short_conv_split(x, weight.requires_grad_(True), (32, 32, 32), l2norm_head=32)
