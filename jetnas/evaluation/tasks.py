@@ -98,7 +98,7 @@ def mc_prompt(row: dict) -> tuple[str, list[str]]:
     if task == "mmlu":
         lines = [row["question"].strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"])]
         return "\n".join(lines) + "\nAnswer:", [f" {LETTERS[i]}" for i in range(len(row["choices"]))]
-    if task == "hellaswag":
+    if task in ("hellaswag", "continuation"):  # continuation: jetnas.evaluation.continuation's development task
         return row["question"], [f" {c}" for c in row["choices"]]
     return f"Question: {row['question']}\nAnswer:", [f" {c}" for c in row["choices"]]
 
