@@ -42,3 +42,15 @@ def teacher():
     from jetnas.models.teachers import load_teacher
 
     return load_teacher("smollm2-135m")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests record (`record_property("figures", line)`: the quickstart's wall time, memory and disk,
+    which the README quotes), one line each; they reach the main process in the test reports, also from xdist
+    workers."""
+    lines = [value for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed")
+             for name, value in report.user_properties if name == "figures"]
+    if lines:
+        terminalreporter.write_sep("-", "figures")
+        for line in lines:
+            terminalreporter.write_line(line)
