@@ -289,7 +289,8 @@ def main() -> None:
                         help="benchmark at most N autotuning configs per Triton kernel (a fast start, fresh machine)")
     parser.add_argument("--types", default=None,
                         help="engine section: only attn,X,swa,X for these linear types X (comma-separated), without "
-                             "the model of every type; default: every linear type and the model of every type")
+                             "the model of every type; --per-type: only these X; default: every linear type and the "
+                             "model of every type")
     args = parser.parse_args()
     if args.autotune_configs is not None:
         limit_autotuning(args.autotune_configs)
@@ -310,7 +311,7 @@ def main() -> None:
             elif section == "teacher_forced":
                 # the model of every type last and GLA last of the rest: a CUDA error (fla's float32 GLA autotuning
                 # crashed once) leaves the context unusable for what follows
-                per_type = [["attn", "swa"]] + [["attn", t, "swa", t] for t in sorted(LINEAR, key=lambda t: t == "gla")]
+                per_type = [["attn", "swa"]] + [["attn", t, "swa", t] for t in sorted(linear, key=lambda t: t == "gla")]
                 configs = (per_type if args.per_type else []) + [TYPES]
                 teacher_forced_section(report, args.out, args.dtypes.split(","), configs)
             else:

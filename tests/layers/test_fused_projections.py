@@ -106,9 +106,11 @@ def test_outputs_and_every_gradient_match(kind, backend, padded):
 def test_caches_match_through_chunked_prefill_and_decode(kind, backend):
     # the fused prefill leaves each path's conv state (split back by channels) and the recurrent state the
     # separate projections leave; a second chunk starts from them (the one conv from concatenated states); decode
-    # steps, which never take the fused path, go on from either cache alike
+    # steps, which never take the fused path, go on from either cache alike: five of them (eleven until 2026-12-07,
+    # 34 s of interpreted steps over the eight blocks), more than the conv width of 4, so the last steps' conv windows
+    # hold decoded tokens only
     layer, fused = pair(kind, backend)
-    x = torch.randn(2, 30, D)
+    x = torch.randn(2, 24, D)
     with torch.no_grad():
         states, outs = {}, {}
         for name, block in (("unfused", layer), ("fused", fused)):
@@ -116,13 +118,13 @@ def test_caches_match_through_chunked_prefill_and_decode(kind, backend):
             for a, b in [(0, 7), (7, 19)]:
                 out, state = block(x[:, a:b], state, use_cache=True)
                 chunks.append(out)
-            for t in range(19, 30):
+            for t in range(19, 24):
                 out, state = block(x[:, t : t + 1], state)
                 chunks.append(out)
             states[name], outs[name] = state, torch.cat(chunks, 1)
     assert rel_err(outs["fused"], outs["unfused"]) < TOL
     want, got = states["unfused"], states["fused"]
-    assert got.seq_length == want.seq_length == 30
+    assert got.seq_length == want.seq_length == 24
     assert rel_err(got.recurrent, want.recurrent) < TOL
     assert got.conv.keys() == want.conv.keys()
     for name in want.conv:

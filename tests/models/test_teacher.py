@@ -51,6 +51,7 @@ def test_convert_cli_then_generate_from_the_directory(teacher, tmp_path, capsys)
     assert main(["convert", "--teacher", "smollm2-135m", "--layer-types", "attn*30", "--out", str(out_dir)]) == 2
 
 
+@pytest.mark.slow(seconds=42)
 def test_a_truncated_teacher_cache_is_detected_and_rebuilt(teacher, tmp_path, monkeypatch, capsys):
     """The dequantised copy cut short (a full disk, a kill while copying a cache): detected by its manifest and
     rebuilt from the GGUF (~20-40 s), giving the same model."""

@@ -77,7 +77,7 @@ def test_supernet_then_placement_search_from_the_cli(teacher_dir, tmp_path, caps
         assert (out / name).stat().st_size > 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_supernet_under_torchrun_ddp_and_fsdp_agree(teacher_dir, tmp_path):
     """`jetnas supernet` on two gloo processes, DDP and FSDP2, and in one process: the same losses, and DDP and FSDP
     the same trained linear branches. Until 2026-12-02

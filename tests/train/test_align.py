@@ -249,7 +249,7 @@ def _align_under(teacher_dir: str, out: str, mode: str) -> None:
     teardown()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=16)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_align_like_one(tmp_path, mode):
     """The aligner is what the trainer wraps, so DDP averages its gradients and FSDP gathers its blocks: two

@@ -49,7 +49,7 @@ def differing_bytes(a: Path, b: Path) -> int:
     return abs(len(x) - len(y)) + sum(p != q for p, q in zip(x, y))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=36)
 def test_killed_and_damaged_runs_finish_equal_to_an_uninterrupted_one(workspace, tmp_path):
     plan = {"args": train_args(workspace), "reference": str(tmp_path / "reference"), "run": str(tmp_path / "run"),
             "logs": str(tmp_path / "logs"), "kills": KILLS, "seed": SEED, "report": str(tmp_path / "report.json")}
@@ -84,7 +84,7 @@ def test_killed_and_damaged_runs_finish_equal_to_an_uninterrupted_one(workspace,
     assert not (run / "run.lock").exists() and not (run / "model.partial").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=27)
 def test_two_writers_on_one_run_folder(workspace, tmp_path):
     """Two `jetnas train` started at once on one --out-dir: one trains, the other is refused (exit 2, one line
     naming the holder's pid); the run is whole, every step logged once."""

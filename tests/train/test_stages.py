@@ -244,7 +244,7 @@ def test_an_unweighted_spec_keeps_the_plain_batcher(workspace):
     assert isinstance(weighted.batcher(16, 4), MixtureBatcher)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=31)
 def test_torchrun_two_processes_match_one(workspace, tmp_path):
     """A stage under torchrun (gloo, 2 processes, DDP and FSDP): the same losses as one process, and one saved model
     directory (gathered from both ranks) with the same weights. Hidden-state and KL terms both: each is a mean

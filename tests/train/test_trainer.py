@@ -166,7 +166,7 @@ def test_config_errors_name_the_field():
         TrainConfig(steps=1, precision="fp8")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=18)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, mode):
     script = ROOT / "tests" / "train" / "distributed_script.py"
