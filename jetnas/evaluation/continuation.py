@@ -43,7 +43,7 @@ def article_rows(article: dict, rng: random.Random, per_article: int, choices: i
     title = article.get("title") or ""
     # paragraphs: the text's lines after the title, without headings ("History.": short lines)
     paragraphs = [line for line in article["text"].split("\n")[1:] if len(line) > 80]
-    spans = []  # (paragraph index, its sentences)
+    spans = []  # each paragraph's sentences
     flat = []  # (paragraph index, sentence index, sentence) of every usable sentence, in order
     for p, paragraph in enumerate(paragraphs):
         sents = sentences(paragraph)

@@ -253,7 +253,7 @@ class JetBlock(TokenMixer):
         K = self.head_k_dim
         return (self.backend.conv_l2norm and self.backend.static_conv and self.backend.runs_triton(x)
                 and K & (K - 1) == 0 and K <= 128 and self._one_conv()
-                and not needs_grad(x, *(p for p in self.parameters())))
+                and not needs_grad(x, *self.parameters()))
 
     def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool, normalized: bool = False):
         """The gated delta rule of a prompt (chunked), or of a decode step whose state cannot be updated in place
