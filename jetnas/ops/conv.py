@@ -189,13 +189,13 @@ def short_conv_split(
         raise ValueError(f"sizes must be 2 or 3 positive widths summing to the channels of x {list(x.shape)}, "
                          f"got {list(sizes)}")
     backend = as_backend(backend)
-    if l2norm_head:
-        check_l2norm_head(l2norm_head, sizes, needs_grad(x, weight, bias, initial_state))
     if backend.static_conv and backend.runs_triton(x):
         from jetnas.ops.triton_dynamic_conv import triton_short_conv_split
 
         return triton_short_conv_split(x, weight, sizes, bias, initial_state, output_final_state, activation,
                                        cu_seqlens, l2norm_head)
+    if l2norm_head:  # (the Triton path checks it itself)
+        check_l2norm_head(l2norm_head, sizes, needs_grad(x, weight, bias, initial_state))
     y, final = short_conv(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, backend)
     parts = y.split(sizes, -1)
     if l2norm_head:

@@ -780,11 +780,10 @@ class _ConvFunction(torch.autograd.Function):
                 B * T)
         flags = {"HAS_STATE": has_state, "SILU": activation == "silu", "HAS_BIAS": bias is not None,
                  "SPLIT": split is not None}
-        if norm_head:  # forward only (`triton_short_conv_split` refuses it where a gradient would be needed)
+        # norm_head: per-tap only, forward only (`triton_short_conv_split` refuses it where a gradient is needed)
+        if norm_head or (static and STATIC_FWD_PER_TAP):
             _launch(_short_conv_fwd_kernel, x, W, seg, *args, config=_static_fwd_config, NORM_HEAD=norm_head,
                     **flags)
-        elif static and STATIC_FWD_PER_TAP:
-            _launch(_short_conv_fwd_kernel, x, W, seg, *args, config=_static_fwd_config, **flags)
         else:
             _launch(_dynamic_conv_fwd_kernel, x, W, seg, *args, STATIC=static, **flags)
         ctx.save_for_backward(x, kernels, bias, state if has_state else None)
