@@ -123,6 +123,12 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   # out of the tar), e.g. RUN_TAR=run_uniform EXTRA_SETS="--set stages.stage1.layer_types=..."
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
      ! -name "tokenizer*.json" | grep -v -e checkpoint -e old-runs | tar -cf "$OUT/${RUN_TAR:-run}.tar" -T -)
+  # GEN_BACK=1: the teacher-sampled text (data stage, ~20 MB for 10M tokens) comes back in 15 MB parts, so a run cut
+  # off before stage 2 ends need not sample it again next session: `cat gen.part* > .stage/gen/data/generated.bin`
+  # beside the pipeline.json record (RUN_FROM puts both back)
+  if [ -n "${GEN_BACK:-}" ] && [ -f /root/run/data/generated.bin ]; then
+    split -b 15M -d /root/run/data/generated.bin "$OUT/gen.part" && sha256sum /root/run/data/generated.bin
+  fi
 }
 
 dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
