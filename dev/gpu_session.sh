@@ -209,6 +209,16 @@ for step in "$@"; do
     # LM-head loss (tests/utils.DEVICE). GPUTESTS: the test files (default: the chunked loss, weighted and not)
     gputests:*) timeout "${step#*:}" python3 -m pytest -q -x -p no:cacheprovider \
                   ${GPUTESTS:-tests/ops/test_losses_token_weight.py tests/ops/test_losses.py} 2>&1 | tail -15 ;;
+    # issue 16's super-network step, new vs old (bbfe8a2: carry .carry/old = `git archive bbfe8a2 jetnas`), each in its
+    # own process with the same settings (the GDN stage-1 hybrid's teacher as the super-network's base, GLA paths)
+    supernetbench:*) for label in new old; do
+                       tree=$PWD; [ $label = old ] && tree=$PWD/.carry/old
+                       PYTHONPATH=/root/site:$tree timeout "${step#*:}" python3 benchmarks/train_bench.py --teacher random \
+                         --tokenizer-from /root/stage/prof/tok --data ../shared/data/corpus/val.bin --autotune-configs 4 \
+                         --modes supernet --steps "${SN_STEPS:-40}" --warmup 5 --label $label --out "$OUT/train_supernet_$label.json" \
+                         2>&1 | grep -v -i -E "warn|it/s\]$" | tail -n 3
+                     done
+                     python3 benchmarks/train_bench.py --compare "$OUT/train_supernet_old.json,$OUT/train_supernet_new.json" ;;
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
