@@ -84,6 +84,17 @@ setup() {
   cp -r /root/stage/bench /root/stage/corpus ../shared/data/
 }
 
+# `lite`: the kernel and throughput measurements (prefillbench, supernetbench, swabench, gputests of the ops) in the
+# same call that carries their files, no staging calls first (2026-12-07: two machines were taken back mid-staging,
+# ~170 s of device time lost before any measurement). Carry .stage/k1 (~19 MB: fla, transformers, gguf and pytest
+# wheels, the tokenizer in prof/tok, val.bin; dev/stage_wheels.sh) and, for supernetbench, .carry/old. No teacher
+# weights and no TileLang: nothing that trains GDN or needs the real teacher.
+lite() {
+  mkdir -p /root/site /root/stage ../shared/data/corpus
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .stage/k1/*.whl 2>&1 | tail -2
+  cp .stage/k1/val.bin ../shared/data/corpus/ && rm -rf /root/stage/prof && cp -r .stage/k1/prof /root/stage/
+}
+
 checks() {  # issue 2 (deltanet, mamba2 blocks), issue 3 (generate on GPU), issue 7 (prefill after the attention fix)
   timeout 200 python3 benchmarks/gpu_kernel_check.py --sections blocks --blocks deltanet,mamba2,jet,swa \
     --out $OUT/kernel_check_blocks.json 2>&1 | grep -v Warn | tail -12
@@ -146,6 +157,7 @@ restore_autotune
 for step in "$@"; do
   case $step in
     setup) setup ;;
+    lite) lite ;;
     fla) fla_only ;;
     # fp32 crashed once in fla's chunk_gla_fwd_kernel_o autotuning (misaligned address, 2026-12-02): GLA and the
     # model of every type run last, each configuration on its own

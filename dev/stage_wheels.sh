@@ -6,7 +6,8 @@
 #                     2026-12-07, when c1, c3 and c4 no longer fitted and were split; the last lines check the sizes):
 #                     tilelang + its dependencies (fla's backward of the gated delta rule on Hopper with Triton 3.6),
 #                     the teacher's GGUF in four parts, gguf-py, transformers, the bench files and the corpus
-#                     (c5: the articles the recall data is built from, the tokenizer for the training benchmark)
+#                     (c1b: the articles the recall data is built from; c5: the tokenizer for the training benchmark)
+#   .stage/k1         the kernel and throughput measurements' files, carried by the call that runs them (`lite`)
 # The device runs Python 3.12 on x86_64 (KINDS.md); wheels are fetched for it, not for this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,15 +48,22 @@ mkdir -p .stage/c3/bench .stage/c4/corpus
 cp ../shared/data/bench/* .stage/c3/bench/
 cp ../shared/data/corpus/train.bin ../shared/data/corpus/val.bin .stage/c4/corpus/
 # the articles the recipes' retrieval-bearing documents are built from (data.recall.corpus): with gguf.part2
-mkdir -p .stage/c5/corpus
-cp ../shared/data/corpus/train.jsonl.gz .stage/c5/corpus/
+# (in c1b since 2026-12-07: with gguf.part2 and the grown repository c5 passed 64 MiB)
+mkdir -p .stage/c1b/corpus
+cp ../shared/data/corpus/train.jsonl.gz .stage/c1b/corpus/
 # the teacher's tokenizer for benchmarks/train_bench.py (gpu_session.sh trainbench, before any recipe loads the teacher)
 python3 -c "from jetnas.models.teachers import load_teacher; load_teacher('smollm2-135m')[1].save_pretrained('.stage/c5/prof/tok')"
+# k1: everything the kernel and throughput measurements need, carried in the call that runs them
+# (`gpu_session.sh lite`): fla, transformers, gguf and pytest wheels, the tokenizer, val.bin (~19 MB)
+rm -rf .stage/k1 && mkdir -p .stage/k1
+cp "$WHL"/fla_core-*.whl "$WHL"/flash_linear_attention-*.whl "$WHL"/transformers-*.whl "$WHL"/gguf-*.whl \
+   "$WHL"/pytest-*.whl "$WHL"/pluggy-*.whl "$WHL"/iniconfig-*.whl ../shared/data/corpus/val.bin .stage/k1/
+cp -r .stage/c5/prof .stage/k1/
 sha256sum "$GGUF"
-du -sh .stage/fla .stage/c1 .stage/c1b .stage/c2 .stage/c3 .stage/c3b .stage/c4 .stage/c4b .stage/c5 .stage/c8
+du -sh .stage/fla .stage/c1 .stage/c1b .stage/c2 .stage/c3 .stage/c3b .stage/c4 .stage/c4b .stage/c5 .stage/c8 .stage/k1
 # each call carries one folder (c4: with .stage/tilelang) plus the tracked files: all of it must stay under 64 MiB
 tracked=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
-for c in c1 c1b c2 c3 c3b c4 c4b c5 c8; do
+for c in c1 c1b c2 c3 c3b c4 c4b c5 c8 k1; do
   extra=0; [ $c = c4 ] && [ -d .stage/tilelang ] && extra=$(du -sb .stage/tilelang | cut -f1)
   total=$(( $(du -sb .stage/$c | cut -f1) + extra + tracked ))
   [ $total -lt $((62 * 1024 * 1024)) ] || echo "WARNING: .stage/$c and the repository make $((total >> 20)) MiB, over a call's 64 MiB: move a file to another folder"
