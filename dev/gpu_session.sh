@@ -231,6 +231,20 @@ for step in "$@"; do
                          2>&1 | grep -v -i -E "warn|it/s\]$" | tail -n 3
                      done
                      python3 benchmarks/train_bench.py --compare "$OUT/train_supernet_old.json,$OUT/train_supernet_new.json" ;;
+    # the teacher-sampled text of a `data: {generate: ...}` recipe, alone (after setup; GEN_TOKENS, default 10M), timed,
+    # and back in 15 MB parts: put it in a later machine's jetnas cache (`cat gen.part* > .stage/gen/<name>`, carried,
+    # copied to $JETNAS_CACHE/data/) and that recipe's data stage takes it from the cache instead of sampling again
+    gendata:*) timeout "${step#*:}" python3 - "${GEN_TOKENS:-10000000}" <<'PY' 2>&1 | tr "\r" "\n" | grep -v Warn | tail -4
+import sys, time
+from jetnas.models.teachers import load_teacher
+from jetnas.train.data import teacher_generated
+model, tok, spec = load_teacher("smollm2-135m", device="cuda")
+t = time.perf_counter()
+stream = teacher_generated(model, tok, spec.eos_token_id, int(sys.argv[1]), seed=0, name=spec.name)
+print(f"generated {len(stream):,} tokens in {time.perf_counter() - t:.1f} s: {stream.name}")
+PY
+               f=$(ls /root/jc/data/generated-*.bin 2>/dev/null | head -1)
+               [ -n "$f" ] && sha256sum "$f" && (cd "$(dirname "$f")" && split -b 15M -d "$(basename "$f")" "$OUT/gen.part") ;;
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
