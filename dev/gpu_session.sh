@@ -244,7 +244,7 @@ stream = teacher_generated(model, tok, spec.eos_token_id, int(sys.argv[1]), seed
 print(f"generated {len(stream):,} tokens in {time.perf_counter() - t:.1f} s: {stream.name}")
 PY
                f=$(ls /root/jc/data/generated-*.bin 2>/dev/null | head -1)
-               [ -n "$f" ] && sha256sum "$f" && (cd "$(dirname "$f")" && split -b 15M -d "$(basename "$f")" "$OUT/gen.part") ;;
+               [ -n "$f" ] && sha256sum "$f" && cp "$f.json" "$OUT/gen.json" && (cd "$(dirname "$f")" && split -b 15M -d "$(basename "$f")" "$OUT/gen.part") ;;
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
