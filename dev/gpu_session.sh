@@ -82,6 +82,11 @@ setup() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/stage/*.whl 2>&1 | tail -2
   fi
   cp -r /root/stage/bench /root/stage/corpus ../shared/data/
+  # teacher-sampled text from an earlier machine (gendata; staged as /root/stage/gen): the data stage finds it in
+  # the cache by name (teacher, sampler, device type, seed, batch, length, size) instead of sampling for ~6 minutes
+  if [ -d /root/stage/gen ]; then
+    mkdir -p /root/jc/data && cp -n /root/stage/gen/* /root/jc/data/ && echo "cached teacher text: $(ls /root/stage/gen | head -1)"
+  fi
 }
 
 # `lite`: the kernel and throughput measurements (prefillbench, supernetbench, swabench, gputests of the ops) in the
