@@ -139,12 +139,19 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   # out of the tar), e.g. RUN_TAR=run_uniform EXTRA_SETS="--set stages.stage1.layer_types=..."
   (cd /root/run && find . \( -name "*.md" -o -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) \
      ! -name "tokenizer*.json" | grep -v -e checkpoint -e old-runs | tar -cf "$OUT/${RUN_TAR:-run}.tar" -T -)
-  # GEN_BACK=1: the teacher-sampled text (data stage, ~20 MB for 10M tokens) comes back in 15 MB parts, so a run cut
-  # off before stage 2 ends need not sample it again next session: `cat gen.part* > .stage/gen/data/generated.bin`
-  # beside the pipeline.json record (RUN_FROM puts both back)
-  if [ -n "${GEN_BACK:-}" ] && [ -f /root/run/data/generated.bin ]; then
-    split -b 15M -d /root/run/data/generated.bin "$OUT/gen.part" && sha256sum /root/run/data/generated.bin
-  fi
+  # GEN_BACK=1: the teacher-sampled text the data stage made comes back (gen_back), so a run cut off before stage 2
+  # ends need not sample it again on the next machine
+  [ -n "${GEN_BACK:-}" ] && gen_back
+}
+
+# The teacher-sampled text in this machine's jetnas cache (~20 MB for 10M tokens) back in 15 MB parts with its
+# header file: `cat gen.part* > .stage/gen/<cache name>` and `cp gen.json .stage/gen/<cache name>.json` (the name
+# sha256sum prints), then stage .stage/gen as /root/stage/gen, which `setup` puts into the next machine's cache.
+gen_back() {
+  local f
+  f=$(ls /root/jc/data/generated-*.bin 2>/dev/null | head -1)
+  [ -n "$f" ] || { echo "gen_back: no teacher text in /root/jc/data"; return 0; }
+  sha256sum "$f" && cp "$f.json" "$OUT/gen.json" && (cd "$(dirname "$f")" && split -b 15M -d "$(basename "$f")" "$OUT/gen.part")
 }
 
 dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
@@ -237,8 +244,8 @@ for step in "$@"; do
                      done
                      python3 benchmarks/train_bench.py --compare "$OUT/train_supernet_old.json,$OUT/train_supernet_new.json" ;;
     # the teacher-sampled text of a `data: {generate: ...}` recipe, alone (after setup; GEN_TOKENS, default 10M), timed,
-    # and back in 15 MB parts: put it in a later machine's jetnas cache (`cat gen.part* > .stage/gen/<name>`, carried,
-    # copied to $JETNAS_CACHE/data/) and that recipe's data stage takes it from the cache instead of sampling again
+    # and back in parts (gen_back): in a later machine's jetnas cache that recipe's data stage takes it instead of
+    # sampling again
     gendata:*) timeout "${step#*:}" python3 - "${GEN_TOKENS:-10000000}" <<'PY' 2>&1 | tr "\r" "\n" | grep -v Warn | tail -4
 import sys, time
 from jetnas.models.teachers import load_teacher
@@ -248,8 +255,7 @@ t = time.perf_counter()
 stream = teacher_generated(model, tok, spec.eos_token_id, int(sys.argv[1]), seed=0, name=spec.name)
 print(f"generated {len(stream):,} tokens in {time.perf_counter() - t:.1f} s: {stream.name}")
 PY
-               f=$(ls /root/jc/data/generated-*.bin 2>/dev/null | head -1)
-               [ -n "$f" ] && sha256sum "$f" && cp "$f.json" "$OUT/gen.json" && (cd "$(dirname "$f")" && split -b 15M -d "$(basename "$f")" "$OUT/gen.part") ;;
+               gen_back ;;
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
