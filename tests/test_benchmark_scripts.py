@@ -41,9 +41,11 @@ def run_script(args: list[str], tmp_path: Path) -> dict:
 def test_generate_check_runs_on_cpu(tmp_path):
     out = tmp_path / "generate.json"
     # --per-type for one linear type: each type's `attn, X, swa, X` runs the same section code (163 s for all seven on
-    # one thread of the 2-core box), and the model of every type still runs every block type through it
+    # one thread of the 2-core box), and the model of every type still runs every block type through it. An 80-token
+    # prompt (two prefill chunks, the second partial) and 16 steps instead of the GPU's 288 and 32: the same code
     summary = run_script(["benchmarks/gpu_generate_check.py", "--sections", "generate,teacher_forced", "--dtypes",
-                          "bfloat16", "--per-type", "--types", "jet", "--out", str(out)], tmp_path)
+                          "bfloat16", "--per-type", "--types", "jet", "--prompt-len", "80", "--new-tokens", "16",
+                          "--out", str(out)], tmp_path)
     assert summary["passed"], summary["failures"]
     report = json.loads(out.read_text())
     assert report["generate"]["cached_equals_uncached"]
