@@ -56,8 +56,9 @@ def test_generate_check_runs_on_cpu(tmp_path):
 @pytest.mark.slow(seconds=48)
 def test_decode_step_bench_logit_check_runs_on_cpu(tmp_path):
     out = tmp_path / "decode_step.json"
+    # the logit check along an 80-token prompt (two prefill chunks) and 16 steps, not the GPU's 288 and 32
     summary = run_script(["benchmarks/decode_step_bench.py", "--device", "cpu", "--repeats", "0", "--blocks", "gdn",
-                          "--out", str(out)], tmp_path)
+                          "--prompt-len", "80", "--new-tokens", "16", "--out", str(out)], tmp_path)
     assert summary["gdn"]["logits_ok"]
     assert json.loads(out.read_text())["blocks"]["gdn"]["logits"]["after_vs_before"] == 0.0  # one path on CPU
 
