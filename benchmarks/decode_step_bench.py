@@ -8,13 +8,13 @@ one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUD
 
     python benchmarks/decode_step_bench.py --out $OUT/decode_step.json [--blocks gdn,gla,jet,mamba2 --repeats 3]
 
-Before timing, each block type's two paths are teacher-forced along one sequence (2 rows, a 288-token prompt, 31 steps by default
-through the engine: `gpu_generate_check.engine_teacher_forced`) and their logits compared with one full forward of
-the same weights in float32 on the CPU: the changed step must be no further from it than the old one (greedy
-tokens are no check in bf16 with random weights: near-tied logits flip and the sequences part; 2026-12-02 on the
-H200: 13 and 28 of 32 tokens differed for gdn and jet while both paths may be equally right). Bound: a decode step
-reads the weights and every row's cache once: `roofline_tok_s` is `jetnas.bench.costs.decode_cost`'s roofline at
-the copy bandwidth measured here. Last stdout line: JSON.
+Before timing, each block type's two paths are teacher-forced along one sequence (2 rows, by default a 288-token
+prompt and 31 steps through the engine: `gpu_generate_check.engine_teacher_forced`) and their logits compared with
+one full forward of the same weights in float32 on the CPU: the changed step must be no further from it than the old
+one (greedy tokens are no check in bf16 with random weights: near-tied logits flip and the sequences part;
+2026-12-02 on the H200: 13 and 28 of 32 tokens differed for gdn and jet while both paths may be equally right).
+Bound: a decode step reads the weights and every row's cache once: `roofline_tok_s` is
+`jetnas.bench.costs.decode_cost`'s roofline at the copy bandwidth measured here. Last stdout line: JSON.
 """
 
 from __future__ import annotations
