@@ -37,7 +37,7 @@ def run_script(args: list[str], tmp_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=28)
 def test_generate_check_runs_on_cpu(tmp_path):
     out = tmp_path / "generate.json"
     # --per-type for one linear type: each type's `attn, X, swa, X` runs the same section code (163 s for all seven on
@@ -53,7 +53,7 @@ def test_generate_check_runs_on_cpu(tmp_path):
     assert report["teacher_forced"]["bfloat16"]["full_vs_fp32"] > 0  # a real bf16 vs fp32 distance was measured
 
 
-@pytest.mark.slow(seconds=48)
+@pytest.mark.slow(seconds=21)
 def test_decode_step_bench_logit_check_runs_on_cpu(tmp_path):
     out = tmp_path / "decode_step.json"
     # the logit check along an 80-token prompt (two prefill chunks) and 16 steps, not the GPU's 288 and 32
