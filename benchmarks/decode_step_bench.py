@@ -8,13 +8,13 @@ one 8K prompt prefilled and copied into 64 rows, 32 new tokens, the engine's CUD
 
     python benchmarks/decode_step_bench.py --out $OUT/decode_step.json [--blocks gdn,gla,jet,mamba2 --repeats 3]
 
-Before timing, each block type's two paths are teacher-forced along one sequence (2 rows, a 288-token prompt, 31 steps
-through the engine: `gpu_generate_check.engine_teacher_forced`) and their logits compared with one full forward of
-the same weights in float32 on the CPU: the changed step must be no further from it than the old one (greedy
-tokens are no check in bf16 with random weights: near-tied logits flip and the sequences part; 2026-12-02 on the
-H200: 13 and 28 of 32 tokens differed for gdn and jet while both paths may be equally right). Bound: a decode step
-reads the weights and every row's cache once: `roofline_tok_s` is `jetnas.bench.costs.decode_cost`'s roofline at
-the copy bandwidth measured here. Last stdout line: JSON.
+Before timing, each block type's two paths are teacher-forced along one sequence (2 rows, by default a 288-token
+prompt and 31 steps through the engine: `gpu_generate_check.engine_teacher_forced`) and their logits compared with
+one full forward of the same weights in float32 on the CPU: the changed step must be no further from it than the old
+one (greedy tokens are no check in bf16 with random weights: near-tied logits flip and the sequences part;
+2026-12-02 on the H200: 13 and 28 of 32 tokens differed for gdn and jet while both paths may be equally right).
+Bound: a decode step reads the weights and every row's cache once: `roofline_tok_s` is
+`jetnas.bench.costs.decode_cost`'s roofline at the copy bandwidth measured here. Last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ def before_changes(on: bool):
     return stack
 
 
-def logit_errors(model) -> dict:
-    """Teacher-forced logits of the old and the new step against a float32 full forward (see the docstring)."""
-    seq = torch.randint(0, 49152, (2, 320), generator=torch.Generator().manual_seed(1)).to(DEV)
-    prompt_len = 288
+def logit_errors(model, prompt_len: int = 288, new_tokens: int = 32) -> dict:
+    """Teacher-forced logits of the old and the new step against a float32 full forward (see the docstring), along
+    two rows of `prompt_len + new_tokens` random tokens."""
+    seq = torch.randint(0, 49152, (2, prompt_len + new_tokens), generator=torch.Generator().manual_seed(1)).to(DEV)
     # float32 on the CPU's reference paths: exact products (GPU float32 kernels multiply in TF32)
     reference = copy.deepcopy(model).float().cpu()
     want = reference(seq.cpu()).logits.float()[:, prompt_len - 1 : -1].to(DEV)
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="0: the logit check only, no timing")
     ap.add_argument("--out", default="decode_step.json")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script, no meaningful figures")
+    ap.add_argument("--prompt-len", type=int, default=288, help="the logit check's prompt (prefilled in chunks of 64)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="the logit check's tokens after the prompt")
     args = ap.parse_args()
     global DEV
     DEV = torch.device(args.device)
@@ -118,7 +120,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     for block in args.blocks.split(","):
         model = hybrid(block)
-        row = {"logits": logit_errors(model)}
+        row = {"logits": logit_errors(model, args.prompt_len, args.new_tokens)}
         e = row["logits"]
         # the new step may differ from the old by rounding (beta kept in fp32, one fewer bf16 rounding of the conv
         # output), not by being further from the float32 model; 10% slack for that rounding's own noise

@@ -200,9 +200,11 @@ def _errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16"), configs=(TYPES,)) -> dict:
+def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16"), configs=(TYPES,),
+                           prompt_len: int = 288, new_tokens: int = 32) -> dict:
     """`configs`: the layer-type lists to check; the model of every type is reported under the dtype's name,
-    others under `dtype:types` (used to find which layer type or which engine stage adds error)."""
+    others under `dtype:types` (used to find which layer type or which engine stage adds error). Four rows of
+    `prompt_len + new_tokens` random tokens; the engine prefills the prompt in chunks of 64."""
     res = report.setdefault("teacher_forced", {})
     for dtype in [getattr(torch, d) for d in dtypes]:
         for types in configs:
@@ -211,8 +213,7 @@ def teacher_forced_section(report: dict, out: str, dtypes=("float32", "bfloat16"
                 full_model = list(types) == TYPES
                 model = hybrid(dtype, types, repeat=2)
                 g = torch.Generator().manual_seed(2)
-                seq = torch.randint(1, 1000, (4, 320), generator=g).to(DEVICE)
-                prompt_len = 288
+                seq = torch.randint(1, 1000, (4, prompt_len + new_tokens), generator=g).to(DEVICE)
                 ref = model(seq).logits.float()[:, prompt_len - 1 : -1]
                 # the truth for bf16: the same weights in float32 (rounding differences between bf16 paths say nothing
                 # about which is right; the engine must be about as close to this as the bf16 full forward is), on
@@ -287,6 +288,9 @@ def main() -> None:
                         help="teacher_forced also for attn+swa alone and attn,X,swa,X per linear type X (diagnostic)")
     parser.add_argument("--autotune-configs", type=int, default=None,
                         help="benchmark at most N autotuning configs per Triton kernel (a fast start, fresh machine)")
+    parser.add_argument("--prompt-len", type=int, default=288,
+                        help="teacher_forced: prompt tokens (prefilled in chunks of 64; more than 64 for two chunks)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="teacher_forced: tokens after the prompt")
     parser.add_argument("--types", default=None,
                         help="engine section: only attn,X,swa,X for these linear types X (comma-separated), without "
                              "the model of every type; --per-type: only these X; default: every linear type and the "
@@ -313,7 +317,8 @@ def main() -> None:
                 # crashed once) leaves the context unusable for what follows
                 per_type = [["attn", "swa"]] + [["attn", t, "swa", t] for t in sorted(linear, key=lambda t: t == "gla")]
                 configs = (per_type if args.per_type else []) + [TYPES]
-                teacher_forced_section(report, args.out, args.dtypes.split(","), configs)
+                teacher_forced_section(report, args.out, args.dtypes.split(","), configs, args.prompt_len,
+                                       args.new_tokens)
             else:
                 raise SystemExit(f"unknown section {section!r}: use generate, engine, teacher_forced")
         except Exception as err:  # keep the other sections' results; the error is part of the report

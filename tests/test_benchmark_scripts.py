@@ -37,13 +37,15 @@ def run_script(args: list[str], tmp_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=28)
 def test_generate_check_runs_on_cpu(tmp_path):
     out = tmp_path / "generate.json"
     # --per-type for one linear type: each type's `attn, X, swa, X` runs the same section code (163 s for all seven on
-    # one thread of the 2-core box), and the model of every type still runs every block type through it
+    # one thread of the 2-core box), and the model of every type still runs every block type through it. An 80-token
+    # prompt (two prefill chunks, the second partial) and 16 steps instead of the GPU's 288 and 32: the same code
     summary = run_script(["benchmarks/gpu_generate_check.py", "--sections", "generate,teacher_forced", "--dtypes",
-                          "bfloat16", "--per-type", "--types", "jet", "--out", str(out)], tmp_path)
+                          "bfloat16", "--per-type", "--types", "jet", "--prompt-len", "80", "--new-tokens", "16",
+                          "--out", str(out)], tmp_path)
     assert summary["passed"], summary["failures"]
     report = json.loads(out.read_text())
     assert report["generate"]["cached_equals_uncached"]
@@ -51,11 +53,12 @@ def test_generate_check_runs_on_cpu(tmp_path):
     assert report["teacher_forced"]["bfloat16"]["full_vs_fp32"] > 0  # a real bf16 vs fp32 distance was measured
 
 
-@pytest.mark.slow(seconds=48)
+@pytest.mark.slow(seconds=21)
 def test_decode_step_bench_logit_check_runs_on_cpu(tmp_path):
     out = tmp_path / "decode_step.json"
+    # the logit check along an 80-token prompt (two prefill chunks) and 16 steps, not the GPU's 288 and 32
     summary = run_script(["benchmarks/decode_step_bench.py", "--device", "cpu", "--repeats", "0", "--blocks", "gdn",
-                          "--out", str(out)], tmp_path)
+                          "--prompt-len", "80", "--new-tokens", "16", "--out", str(out)], tmp_path)
     assert summary["gdn"]["logits_ok"]
     assert json.loads(out.read_text())["blocks"]["gdn"]["logits"]["after_vs_before"] == 0.0  # one path on CPU
 

@@ -99,7 +99,7 @@ def run_measured(args: list[str], cwd: Path) -> tuple[int, float, int]:
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
-@pytest.mark.slow(seconds=890)
+@pytest.mark.slow(seconds=430)
 def test_quickstart_runs_end_to_end_and_reuses_its_stages(teacher, tmp_path, capsys, record_property):
     out = tmp_path / "quickstart"
     # the README states these figures: measured here, in the run CI makes, and printed at the end of the run by

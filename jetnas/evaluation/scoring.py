@@ -36,6 +36,11 @@ class LanguageModel:
         device: where inputs go.
         name: for reports.
         vocab_size: the number of token ids the model embeds (None: unknown); token files are checked against it.
+        logits_at: `(input_ids [B, T], attention_mask [B, T], positions [N]) -> logits [N, V]` at the given
+            positions of the flattened `[B * T]` batch, the same values as `logits` gives there (up to the float
+            rounding of a product over fewer rows); None: `logits` for all positions. `score_continuations` reads
+            only the continuations' positions: with it, the LM head (a fifth of the SmolLM2-135M forward per
+            position) runs on those alone.
     """
 
     logits: LogitsFn
@@ -46,10 +51,15 @@ class LanguageModel:
     device: torch.device | str = "cpu"
     name: str = "model"
     vocab_size: int | None = None
+    logits_at: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_hf(cls, model, tokenizer, max_length: int | None = None, batch_size: int = 16, name: str | None = None):
-        """Wrap a transformers causal LM (eval mode, no cache)."""
+        """Wrap a transformers causal LM (eval mode, no cache). When its forward takes `logits_to_keep` (ours and
+        transformers' own models: an int, or a 1-D tensor of sequence positions), `logits_at` keeps the sequence
+        positions any row asks for."""
+        import inspect
+
         device = next(model.parameters()).device
         window = max_length or getattr(model.config, "max_position_embeddings", 2048)
 
@@ -57,11 +67,20 @@ class LanguageModel:
         def logits(ids, mask):
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
+        @torch.no_grad()
+        def logits_at(ids, mask, positions):
+            width = ids.shape[1]
+            rows, columns = positions // width, positions % width
+            kept = torch.unique(columns)  # sorted
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=kept).logits
+            return out[rows, torch.searchsorted(kept, columns)]
+
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         vocab = embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else \
             getattr(model.config, "vocab_size", None)
+        keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
         return cls(logits, tokenizer, window, batch_size, device=device, name=name or type(model).__name__,
-                   vocab_size=vocab)
+                   vocab_size=vocab, logits_at=logits_at if keeps else None)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -244,8 +263,7 @@ def score_continuations(lm: LanguageModel, requests: Sequence[tuple[str, str]], 
         seqs = [(todo.encoded[i][0] + todo.encoded[i][1])[-(lm.max_length + 1):] for i in batch]
         conts = [todo.encoded[i][1] for i in batch]
         ids, mask = _padded([s[:-1] for s in seqs])
-        logits = lm.logits(_to_device(ids, lm.device), _to_device(mask, lm.device))
-        width, longest = logits.shape[1], max(len(c) for c in conts)
+        width, longest = ids.shape[1], max(len(c) for c in conts)
         # continuation token j of request `row` is predicted at input position n_in - len(cont) + j; its slot in the
         # zero-padded [rows, longest] matrix of per-token scores is row * longest + j
         flat, targets, slots = [], [], []
@@ -254,8 +272,17 @@ def score_continuations(lm: LanguageModel, requests: Sequence[tuple[str, str]], 
             flat += range(row * width + n_in - len(cont), row * width + n_in)
             slots += range(row * longest, row * longest + len(cont))
             targets += cont
-        index = _to_device(torch.tensor([flat, targets, slots], dtype=torch.long), logits.device)
-        logp, hit = _target_logprobs(logits, index[1], flat=index[0])
+        ids, mask = _to_device(ids, lm.device), _to_device(mask, lm.device)
+        index = _to_device(torch.tensor([flat, targets, slots], dtype=torch.long), lm.device)
+        if lm.logits_at is not None:
+            # the logits of the continuations' positions only, [N, V] in their order
+            logits = lm.logits_at(ids, mask, index[0])
+            index = index.to(logits.device)
+            logp, hit = _target_logprobs(logits, index[1])
+        else:
+            logits = lm.logits(ids, mask)
+            index = index.to(logits.device)
+            logp, hit = _target_logprobs(logits, index[1], flat=index[0])
         sums = _segment_sums(logp, index[2], len(batch), longest)
         misses = _segment_sums((~hit).float(), index[2], len(batch), longest)
         logprob, missed = torch.stack([sums, misses]).tolist()

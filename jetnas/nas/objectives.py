@@ -103,7 +103,8 @@ class CandidateEvaluator:
         self._prefix_used = 0
         self.layers_run = 0  # layer evaluations actually computed (bookkeeping for tests and logs)
 
-    def _logits(self, ids: torch.Tensor, mask: torch.Tensor | None, candidate: Candidate) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor | None, candidate: Candidate,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         key = hashlib.sha1(ids.cpu().numpy().tobytes() + (b"" if mask is None else mask.cpu().numpy().tobytes())
                            + str(tuple(ids.shape)).encode()).digest()
         start, hidden, earlier = 0, None, []
@@ -112,7 +113,7 @@ class CandidateEvaluator:
             start = next((i for i, (a, b) in enumerate(zip(previous, candidate)) if a != b), len(candidate))
             hidden = states[start] if start else None
             earlier = states[:start]
-        logits, states = self.supernet.run_layers(ids, candidate, mask, start, hidden)
+        logits, states = self.supernet.run_layers(ids, candidate, mask, start, hidden, positions=positions)
         self.layers_run += len(candidate) - start
         states = earlier + states
         size = sum(t.numel() * t.element_size() for t in states)
@@ -127,8 +128,12 @@ class CandidateEvaluator:
         def logits(ids, mask):
             return self._logits(ids, mask, tuple(candidate))
 
+        @torch.no_grad()
+        def logits_at(ids, mask, positions):
+            return self._logits(ids, mask, tuple(candidate), positions)
+
         return LanguageModel(logits, self.tokenizer, self.max_length, self.batch_size, device=self.device,
-                             name="+".join(f"{k}{v}" for k, v in _short(candidate).items()))
+                             name="+".join(f"{k}{v}" for k, v in _short(candidate).items()), logits_at=logits_at)
 
     def results(self, candidate: Candidate) -> dict[str, dict]:
         """`{task name: metrics}` of one candidate."""

@@ -75,11 +75,12 @@ class WindowedTeacher(nn.Module):
         return [None if c == "attn" else self.swa_window if c == "swa" else self.window for c in choice]
 
     def run_layers(self, input_ids: torch.Tensor, choice: Sequence[str], attention_mask: torch.Tensor | None = None,
-                   start: int = 0, hidden: torch.Tensor | None = None,
-                   logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+                   start: int = 0, hidden: torch.Tensor | None = None, logits: bool = True,
+                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Layers `start..` of the probe network on `input_ids [B, T]` (from `hidden`, the input of layer `start`,
         when start > 0), right-padded batches with `attention_mask [B, T]`. Returns `(logits [B, T, V] or None,
-        states)`: states[j] is the input of layer start + j, the last one the output of the last layer."""
+        states)`: states[j] is the input of layer start + j, the last one the output of the last layer.
+        `positions` (`[N]` int64 into the flattened `[B * T]` positions): the logits of those only, `[N, V]`."""
         windows = self.windows(choice)
         model = self.base.model
         B, T = input_ids.shape
@@ -99,7 +100,10 @@ class WindowedTeacher(nn.Module):
             h = h + mixed
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             states.append(h)
-        return (self.base.lm_head(model.norm(h)) if logits else None), states
+        if not logits:
+            return None, states
+        x = model.norm(h)
+        return self.base.lm_head(x if positions is None else x.reshape(-1, x.shape[-1])[positions]), states
 
 
 @dataclass

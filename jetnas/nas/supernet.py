@@ -155,12 +155,14 @@ class SuperNet(nn.Module):
         return out, tuple(states[1:]) if output_hidden_states else None
 
     def run_layers(self, input_ids: torch.Tensor, choice: Sequence[str], attention_mask: torch.Tensor | None = None,
-                   start: int = 0, hidden: torch.Tensor | None = None,
-                   logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+                   start: int = 0, hidden: torch.Tensor | None = None, logits: bool = True,
+                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """`forward` from layer `start` on, given `hidden`, the input of that layer (from an earlier run whose
         choices agree on layers `0 .. start - 1`: the placement search's sub-networks differ in one layer from the
         one before them). Returns `(logits or None, states)`: states[j] is the input of layer start + j, the last
-        one the output of the last layer."""
+        one the output of the last layer. `positions` (`[N]` int64 into the flattened `[B * T]` positions): the
+        logits of those positions only, `[N, V]` (the LM head is a fifth of a SmolLM2-135M forward per position;
+        a retrieval task scores a few positions of each row)."""
         choice = self.check_choice(choice)
         base = self.forward_base()
         model = base.model
@@ -189,7 +191,9 @@ class SuperNet(nn.Module):
             else:
                 h = h + out
             states.append(h)
-        return (base.lm_head(x) if logits else None), states
+        if not logits:
+            return None, states
+        return base.lm_head(x if positions is None else x.reshape(-1, x.shape[-1])[positions]), states
 
     def fsdp_units(self) -> list[nn.Module]:
         """What FSDP2 shards block by block: the linear paths (called through their own forward). The teacher's

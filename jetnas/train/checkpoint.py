@@ -87,6 +87,15 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in _unwrap(model).named_parameters() if p.requires_grad]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or infinity. A NaN or infinity anywhere makes the sum NaN or
+    infinite, so a finite sum proves every element finite in one read of the tensor, with no temporary (an
+    `isfinite` mask and its reduction took 1.5 s of each 2-step candidate's checkpoint on one CPU thread,
+    2026-12-07); only a non-finite sum (a NaN or infinity, or finite values whose sum overflows) is checked element
+    by element."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise `NonFiniteError` when a floating-point tensor of `tensors` holds a NaN or infinity, naming `what` and
     up to five such tensors with their counts. Call it before writing weights anywhere (`save_checkpoint` does; a
@@ -95,6 +104,8 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             local = t.to_local() if hasattr(t, "to_local") else t
+            if all_finite(local):
+                continue
             count = int((~torch.isfinite(local)).sum())
             if count:
                 bad.append(f"{name} ({count} of {local.numel()})")

@@ -46,6 +46,7 @@ from jetnas.train.checkpoint import (
     NonFiniteError,
     RunIdentityError,
     acquire_run_lock,
+    all_finite,
     checkpoint_dirs,
     choose_checkpoint,
     clean_partials,
@@ -464,7 +465,7 @@ class Trainer:
         """Raise `NonFiniteError` on every rank when any rank's parameters (its shards, under FSDP) hold a NaN or
         infinity; a collective."""
         model = getattr(self.model, "module", self.model)
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(_local(p.detach())).all())]
+        bad = [n for n, p in model.named_parameters() if not all_finite(_local(p.detach()))]
         count = dist_utils.mean_over_ranks({"bad": float(len(bad))}, self.device)["bad"]
         if count > 0:
             names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else \

@@ -113,6 +113,25 @@ def test_fast_scores_equal_the_reference_on_a_tiny_llama(llama_lm, batch_size, b
                        _score_continuations_reference(lm, requests, rows=rows))
 
 
+def test_a_hybrid_scores_through_its_kept_positions_as_through_all_logits(tmp_path):
+    # `LanguageModel.from_hf` keeps only the sequence positions some continuation needs (`logits_to_keep`)
+    import dataclasses
+
+    import jetnas  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from jetnas.models.convert import convert_model
+
+    teacher = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path, num_layers=2)).eval()
+    hybrid, _ = convert_model(teacher, ["gdn", "attn"])
+    lm = LanguageModel.from_hf(hybrid.eval(), tiny_tokenizer(), max_length=512, batch_size=4)
+    assert lm.logits_at is not None
+    requests = [("The quick brown fox jumps over the lazy", " dog"), ("0123456789 ABCD.", " EFGH and more"),
+                ("A farmer walked along the stone wall. " * 3, "The end."), ("Answer:", " Paris")]
+    assert_same_scores(score_continuations(lm, requests), score_continuations(dataclasses.replace(lm, logits_at=None),
+                                                                              requests))
+
+
 def test_a_continuation_longer_than_the_window_is_an_error():
     lm = char_lm(max_length=8)
     with pytest.raises(ValueError, match=r"request 1: the continuation takes 9 tokens, more than the model's window "

@@ -358,6 +358,26 @@ def test_decode_throughput_is_the_median_of_repeated_measurements():
     assert median_run(runs[:1])["i"] == 0
 
 
+def test_repeated_measurements_warm_up_before_the_first_only():
+    from jetnas.runner.candidates import repeated_measurements
+
+    calls = []
+
+    def with_warmup(model, batch_size, warmup=True):
+        calls.append(warmup)
+        return {"decode_tokens_per_s": float(len(calls))}
+
+    runs = repeated_measurements(with_warmup, None, 3, batch_size=2)
+    assert calls == [True, False, False] and [r["decode_tokens_per_s"] for r in runs] == [1.0, 2.0, 3.0]
+    # a plugin's measurement without the argument is called as before
+    def plugin(model, batch_size):
+        calls.append(batch_size)
+        return {"decode_tokens_per_s": 1.0}
+
+    calls.clear()
+    assert len(repeated_measurements(plugin, None, 2, batch_size=5)) == 2 and calls == [5, 5]
+
+
 def fake_plugin() -> dict:
     """The `jetnas.measures` entry points of an installed plugin whose `fake` is `fake_decode_throughput`."""
     from importlib.metadata import EntryPoint

@@ -66,6 +66,22 @@ def test_prefix_reuse_gives_the_same_scores_with_fewer_layers(tmp_path):
     assert calls > 0 and reused.tokenizer.calls == calls
 
 
+def test_scoring_reads_the_logits_of_the_scored_positions_only(tmp_path):
+    # the retrieval task scores its answers through `logits_at` (the LM head on those positions alone): the same
+    # scores as from every position's logits, to float32 rounding (a product over fewer rows)
+    import dataclasses
+
+    supernet, tok, tasks = tiny_search(tmp_path)
+    evaluator = CandidateEvaluator(supernet, tok, tasks, batch_size=4, max_length=512, prefix_bytes=0)
+    retrieval = next(t.task for t in tasks if t.name != "lm")
+    for cand in [("linear",) * 4, ("attn", "linear", "swa", "linear")]:
+        lm = evaluator.language_model(cand)
+        assert lm.logits_at is not None
+        fast, full = retrieval.evaluate(lm), retrieval.evaluate(dataclasses.replace(lm, logits_at=None))
+        assert fast.keys() == full.keys() and fast["acc"] == full["acc"]
+        assert fast["target_nll"] == pytest.approx(full["target_nll"], rel=1e-6)
+
+
 class _FakeEvaluator:
     """Fixed metrics per candidate (lower is better on both tasks), for the objective's arithmetic alone."""
 

@@ -19,6 +19,7 @@ from jetnas.train.checkpoint import (
     NonFiniteError,
     RunIdentityError,
     RunLockedError,
+    all_finite,
     check_finite,
     checkpoint_problem,
     load_checkpoint,
@@ -272,6 +273,19 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == before
     with pytest.raises(NonFiniteError, match=r"final model: non-finite values in w \(1 of 4\); not written"):
         check_finite({"w": torch.tensor([1.0, float("nan"), 2.0, 3.0]), "ids": torch.tensor([1, 2])}, "final model")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_all_finite_agrees_with_isfinite_also_where_the_sum_overflows(dtype):
+    big = torch.finfo(dtype).max
+    cases = {"finite": [1.0, -2.0, 3.0], "empty": [], "overflowing sum": [big, big, big],
+             "nan": [1.0, float("nan")], "inf": [float("inf"), 1.0], "-inf": [-big, float("-inf")],
+             "inf - inf": [float("inf"), float("-inf")]}
+    for name, values in cases.items():
+        t = torch.tensor(values, dtype=dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+    with pytest.raises(NonFiniteError, match=r"w \(1 of 3\)"):
+        check_finite({"w": torch.tensor([big, big, float("inf")], dtype=dtype)}, "m")
 
 
 # ---------------------------------------------------------------------------------------------------------------
