@@ -583,8 +583,19 @@ class Pipeline:
     def _hardware_args(self, args: dict, data: str | None) -> dict:
         kwargs = self._search_args(args, data)
         if self.done.blocks is not None and "block" not in args:
-            kwargs["block"] = self.done.blocks.best
+            kwargs["block"] = self._chosen_block()
         return kwargs
+
+    def _chosen_block(self) -> str:
+        """Block selection's winner as the hardware search's block, with the options it was selected with (the
+        teacher's matched shape among them): its name alone would give the block's default shape, so the shape
+        search would start from one that block selection never trained (2026-12-07: JetBlock's value dim 2x)."""
+        from jetnas.models.layer_types import BlockSpec
+
+        blocks = self.done.blocks
+        if not blocks.block_type:  # a record from before block_type was kept
+            return blocks.best
+        return BlockSpec(blocks.best, blocks.block_type, tuple((blocks.options or {}).items())).written()
 
     def _stage1_args(self, args: dict, data: str | None) -> dict:
         kwargs = {"teacher": self.recipe.teacher, "data": data, "seed": self.recipe.seed, "model": None}

@@ -44,6 +44,27 @@ def fake_hardware(r):
     return make(results.ShapeSearchResult, chosen=[4, 32, 64], block_config={"gdn": {"num_heads": 4}}, block=r.block)
 
 
+def test_the_hardware_search_starts_from_the_block_selected_with_its_options(tmp_path, monkeypatch):
+    # block selection trains its candidates at the teacher's matched shape under their plain names: the hardware
+    # search must get those options too, or it starts from the block's default shape
+    def jet_blocks(r):
+        CALLS.append("blocks")
+        return make(results.BlockSearchResult, best="jet", block_type="jet", options={"expand_v": 1.0}, outputs={})
+
+    seen = []
+
+    def hardware(r):
+        seen.append(r.block)
+        return fake_hardware(r)
+
+    specs = dict(pipeline.SPECS)  # the fakes (the autouse fixture's), with these two in place
+    specs["blocks"] = dataclasses.replace(specs["blocks"], run=jet_blocks)
+    specs["hardware"] = dataclasses.replace(specs["hardware"], run=hardware)
+    monkeypatch.setattr(pipeline, "SPECS", specs)
+    Pipeline(recipe(tmp_path, stage1="skip", stage2="skip", eval="skip", bench="skip")).run()
+    assert seen == ["jet:expand_v=1.0"]
+
+
 def fake_train(r):
     CALLS.append(f"stage{r.stage}")
     if r.stage == 1 and r.block_config is None:

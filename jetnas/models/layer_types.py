@@ -109,6 +109,18 @@ class BlockSpec:
         """The same block with more (or overriding) options, under a new name."""
         return BlockSpec(name, self.block_type, tuple({**self.kwargs, **options}.items()))
 
+    def written(self) -> str:
+        """The written form `parse_block` reads back to this block type with exactly these options: the name's head
+        (a block type or JetBlock variant) and every option. A candidate changed after parsing (block selection's
+        `matched_shape` adds the teacher's shape under the same name) keeps its options this way where its name
+        alone would lose them."""
+        head = self.name.partition(":")[0]
+        if not self.options:
+            return head
+        def form(value) -> str:
+            return ("true" if value else "false") if isinstance(value, bool) else str(value)
+        return f"{head}:" + "+".join(f"{key}={form(value)}" for key, value in self.options)
+
     @property
     def slug(self) -> str:
         """A file-system-safe form of the name (a search candidate's directory)."""

@@ -347,6 +347,11 @@ def test_matched_shapes_give_jet_and_mamba2_the_attention_shape_unless_the_candi
     assert jet.kwargs == {"qk_conv": "static", "expand_v": 1.0} and jet.name == "jet-static-qk"
     assert mamba2.kwargs == {"expand": 1}
     assert gdn.kwargs == {} and own.kwargs == {"expand_v": 2}
+    # written out, each reads back as the block it is, the matched shape included (its name alone would not)
+    for c in (jet, mamba2, gdn, own, parse_candidate("jet:use_decay=false+num_heads=4+qk_conv=dynamic")):
+        again = parse_candidate(c.written())
+        assert (again.block_type, again.kwargs) == (c.block_type, c.kwargs), c.written()
+    assert jet.written() == "jet-static-qk:qk_conv=static+expand_v=1.0" and gdn.written() == "gdn"
 
 
 def test_decode_throughput_is_the_median_of_repeated_measurements():
