@@ -91,7 +91,7 @@ setup() {
 
 # `lite`: the kernel and throughput measurements (prefillbench, supernetbench, swabench, gputests of the ops) in the
 # same call that carries their files, no staging calls first (2026-12-07: two machines were taken back mid-staging,
-# ~170 s of device time lost before any measurement). Carry .stage/k1 (~19 MB: fla, transformers, gguf and pytest
+# ~320 s of device time lost before any measurement). Carry .stage/k1 (~19 MB: fla, transformers, gguf and pytest
 # wheels, the tokenizer in prof/tok, val.bin; dev/stage_wheels.sh) and, for supernetbench, .carry/old. No teacher
 # weights and no TileLang: nothing that trains GDN or needs the real teacher.
 lite() {

@@ -593,8 +593,6 @@ class Pipeline:
         from jetnas.models.layer_types import BlockSpec
 
         blocks = self.done.blocks
-        if not blocks.block_type:  # a record from before block_type was kept
-            return blocks.best
         return BlockSpec(blocks.best, blocks.block_type, tuple((blocks.options or {}).items())).written()
 
     def _stage1_args(self, args: dict, data: str | None) -> dict:

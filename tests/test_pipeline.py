@@ -36,7 +36,7 @@ def fake_placement(r):
 def fake_blocks(r):
     CALLS.append("blocks")
     assert r.placement.endswith("placements.json")
-    return make(results.BlockSearchResult, best="gdn", outputs={})
+    return make(results.BlockSearchResult, best="gdn", block_type="gdn", options={}, outputs={})
 
 
 def fake_hardware(r):
