@@ -246,15 +246,13 @@ for step in "$@"; do
     # the teacher-sampled text of a `data: {generate: ...}` recipe, alone (after setup; GEN_TOKENS, default 10M), timed,
     # and back in parts (gen_back): in a later machine's jetnas cache that recipe's data stage takes it instead of
     # sampling again
-    gendata:*) timeout "${step#*:}" python3 - "${GEN_TOKENS:-10000000}" <<'PY' 2>&1 | tr "\r" "\n" | grep -v Warn | tail -4
+    gendata:*) timeout "${step#*:}" python3 -c "
 import sys, time
-from jetnas.models.teachers import load_teacher
-from jetnas.train.data import teacher_generated
-model, tok, spec = load_teacher("smollm2-135m", device="cuda")
-t = time.perf_counter()
-stream = teacher_generated(model, tok, spec.eos_token_id, int(sys.argv[1]), seed=0, name=spec.name)
-print(f"generated {len(stream):,} tokens in {time.perf_counter() - t:.1f} s: {stream.name}")
-PY
+from jetnas.runner.training import generate_data
+t = time.perf_counter()  # the teacher's loading included (seconds)
+r = generate_data('smollm2-135m', int(sys.argv[1]), 0, '/root/gen/generated.bin', 'cuda')
+print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${GEN_TOKENS:-10000000}" 2>&1 \
+                 | tr "\r" "\n" | grep -v Warn | tail -4
                gen_back ;;
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;

@@ -274,15 +274,10 @@ def score_continuations(lm: LanguageModel, requests: Sequence[tuple[str, str]], 
             targets += cont
         ids, mask = _to_device(ids, lm.device), _to_device(mask, lm.device)
         index = _to_device(torch.tensor([flat, targets, slots], dtype=torch.long), lm.device)
-        if lm.logits_at is not None:
-            # the logits of the continuations' positions only, [N, V] in their order
-            logits = lm.logits_at(ids, mask, index[0])
-            index = index.to(logits.device)
-            logp, hit = _target_logprobs(logits, index[1])
-        else:
-            logits = lm.logits(ids, mask)
-            index = index.to(logits.device)
-            logp, hit = _target_logprobs(logits, index[1], flat=index[0])
+        # with `logits_at`, the logits of the continuations' positions only, [N, V] in their order
+        logits = lm.logits(ids, mask) if lm.logits_at is None else lm.logits_at(ids, mask, index[0])
+        index = index.to(logits.device)
+        logp, hit = _target_logprobs(logits, index[1], flat=index[0] if lm.logits_at is None else None)
         sums = _segment_sums(logp, index[2], len(batch), longest)
         misses = _segment_sums((~hit).float(), index[2], len(batch), longest)
         logprob, missed = torch.stack([sums, misses]).tolist()
