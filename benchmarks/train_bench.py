@@ -347,35 +347,44 @@ def run_mode(api: Api, mode: str, args, teacher, out_dir: Path, device: torch.de
 
 
 def compare(paths: list[str]) -> dict:
-    """Side-by-side tokens/s, MFU and loss agreement of runs of several code versions (the first is the base)."""
+    """Side-by-side tokens/s, MFU and loss agreement of runs of several code versions (the first is the base).
+
+    A later run's captured step (`<mode>-graph`, from `--cuda-graph`) is compared with the base's `<mode>` as a
+    column of its own (`<label>-graph`)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     base = runs[0]
+    columns = [(base["label"], base, "")]
+    for run in runs[1:]:
+        columns.append((run["label"], run, ""))
+        if any(m.endswith("-graph") for m in run["modes"]):
+            columns.append((run["label"] + "-graph", run, "-graph"))
     table = {}
     for mode in base["modes"]:
         row = {}
-        for run in runs:
-            m = run["modes"].get(mode)
+        b = base["modes"][mode]
+        for label, run, suffix in columns:
+            m = run["modes"].get(mode + suffix)
             if not m or "tokens_per_s" not in m:
                 continue
-            row[run["label"]] = {"tokens_per_s": m["tokens_per_s"], "mfu": m.get("mfu")}
-        b = base["modes"][mode]
-        for run in runs[1:]:
-            m = run["modes"].get(mode)
-            if m and "tokens_per_s" in m and "tokens_per_s" in b:
-                row[run["label"]]["speedup_vs_" + base["label"]] = m["tokens_per_s"] / b["tokens_per_s"]
+            row[label] = {"tokens_per_s": m["tokens_per_s"], "mfu": m.get("mfu")}
+            if run is not base and "tokens_per_s" in b:
+                row[label]["speedup_vs_" + base["label"]] = m["tokens_per_s"] / b["tokens_per_s"]
                 n = min(len(m["losses"]), len(b["losses"]))
                 diffs = [abs(m["losses"][i]["loss"] - b["losses"][i]["loss"]) for i in range(n)]
-                row[run["label"]]["max_abs_loss_diff_vs_" + base["label"]] = max(diffs) if diffs else None
+                row[label]["max_abs_loss_diff_vs_" + base["label"]] = max(diffs) if diffs else None
+                row[label]["mean_abs_loss_diff_vs_" + base["label"]] = sum(diffs) / n if diffs else None
         table[mode] = row
-    print(f"{'mode':<10} " + " ".join(f"{r['label'] + ' tok/s':>16} {'MFU':>6}" for r in runs) + f" {'speed-up':>9}")
+    print(f"{'mode':<10} " + " ".join(f"{label + ' tok/s':>16} {'MFU':>6}" for label, _, _ in columns)
+          + " speed-up")
     for mode, row in table.items():
         cells = []
-        for r in runs:
-            v = row.get(r["label"], {})
+        for label, _, _ in columns:
+            v = row.get(label, {})
             mfu = v.get("mfu")
             cells.append(f"{v.get('tokens_per_s', float('nan')):>16,.0f} {100 * mfu if mfu else float('nan'):>5.1f}%")
-        last = row.get(runs[-1]["label"], {}).get("speedup_vs_" + base["label"], float("nan"))
-        print(f"{mode:<10} " + " ".join(cells) + f" {last:>9.2f}")
+        ups = [f"{row[label]['speedup_vs_' + base['label']]:.2f}x" for label, _, _ in columns[1:]
+               if "speedup_vs_" + base["label"] in row.get(label, {})]
+        print(f"{mode:<10} " + " ".join(cells) + " " + " / ".join(ups))
     return table
 
 

@@ -243,6 +243,17 @@ for step in "$@"; do
                          2>&1 | grep -v -i -E "warn|it/s\]$" | tail -n 3
                      done
                      python3 benchmarks/train_bench.py --compare "$OUT/train_supernet_old.json,$OUT/train_supernet_new.json" ;;
+    # issue 16's stage-1 step, new (eager, then captured: --cuda-graph) vs old (bbfe8a2, eager: .carry/old), each in its
+    # own process with the same settings, the GDN hybrid (TileLang's backward: after setup). S1_STEPS timed steps.
+    stage1bench:*) for label in new old; do
+                     tree=$PWD; [ $label = old ] && tree=$PWD/.carry/old
+                     PYTHONPATH=/root/site:$tree timeout "${step#*:}" python3 benchmarks/train_bench.py --teacher random \
+                       --tokenizer-from /root/stage/prof/tok --data ../shared/data/corpus/val.bin --linear gdn \
+                       --autotune-configs 4 --modes stage1 --steps "${S1_STEPS:-40}" --warmup 5 --label $label \
+                       $([ $label = new ] && echo --cuda-graph) --out "$OUT/train_stage1_$label.json" \
+                       2>&1 | grep -v -i -E "warn|it/s\]$" | tail -n 3
+                   done
+                   python3 benchmarks/train_bench.py --compare "$OUT/train_stage1_old.json,$OUT/train_stage1_new.json" ;;
     # the teacher-sampled text of a `data: {generate: ...}` recipe, alone (after setup; GEN_TOKENS, default 10M), timed,
     # and back in parts (gen_back): in a later machine's jetnas cache that recipe's data stage takes it instead of
     # sampling again

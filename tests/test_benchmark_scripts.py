@@ -127,6 +127,24 @@ def test_train_bench_times_every_mode_and_compares_two_runs(tmp_path):
     assert table["supernet"]["b"]["speedup_vs_a"] > 0
 
 
+def test_train_bench_compare_puts_a_captured_step_beside_the_base(tmp_path):
+    """`--compare old,new` with `new` run under `--cuda-graph`: the new run's `stage1-graph` mode becomes its own
+    column against the old run's `stage1` (speed-up and loss agreement), as the GPU session's stage-1 step reads it."""
+    def run(label, modes):
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps({"label": label, "modes": {
+            mode: {"tokens_per_s": tps, "mfu": 0.1, "losses": [{"step": i, "loss": loss} for i, loss in enumerate(ls)]}
+            for mode, (tps, ls) in modes.items()}}))
+        return path
+    old = run("old", {"stage1": (100.0, [3.0, 2.0])})
+    new = run("new", {"stage1": (250.0, [3.0, 2.5]), "stage1-graph": (300.0, [3.5, 2.0])})
+    table = run_script(["benchmarks/train_bench.py", "--compare", f"{old},{new}"], tmp_path)
+    row = table["stage1"]
+    assert row["new"]["speedup_vs_old"] == 2.5 and row["new-graph"]["speedup_vs_old"] == 3.0
+    assert row["new"]["max_abs_loss_diff_vs_old"] == 0.5 and row["new-graph"]["mean_abs_loss_diff_vs_old"] == 0.25
+    assert "speedup_vs_old" not in row["old"]
+
+
 @pytest.mark.slow
 def test_prefill_bench_runs_on_cpu(tmp_path):
     """benchmarks/prefill_bench.py --device cpu --tiny: every section's rows measured (tokens/s, MFU, the chunk rule),
