@@ -462,12 +462,15 @@ class Pipeline:
         print(f"[jetnas run {self.recipe.name}] {msg}", file=sys.stderr, flush=True)
 
     def _run(self, name: str, kwargs: dict, run: Callable[[dict], StageResult], result: type[StageResult],
-             upstream: bool = True, kind: str | None = None) -> StageResult:
+             upstream: bool = True, kind: str | None = None, reads_earlier: bool = True) -> StageResult:
         """Run (or reuse) one stage; its record in pipeline.json is written when it finishes. `upstream=False`:
-        the stage depends on nothing earlier (the teacher's own evaluation), only its arguments decide."""
+        the stage depends on nothing earlier (the teacher's own evaluation), only its arguments decide.
+        `reads_earlier=False`: the stage reads nothing an earlier stage made (the recall documents, built from the
+        corpus), so whether it is reused is decided by its arguments alone, while its rerun still makes every later
+        stage rerun (they read its output)."""
         fingerprint = _fingerprint(kwargs)
         record = self.state["stages"].get(name)
-        stale = self.changed and upstream
+        stale = self.changed and upstream and reads_earlier
         current = bool(record) and record.get("fingerprint") == fingerprint and not stale and name not in self.redo
         gone = _missing_output(record["result"]) if current else None
         if current and not gone:
@@ -537,8 +540,10 @@ class Pipeline:
             kwargs = {"teacher": self.recipe.teacher, "seed": self.recipe.seed, **options}
             name = recall_stage_name(i)
             target = str(self.out / "data" / f"{name}.bin")
+            # the recall documents come from the corpus, not from the teacher's text: a rerun data stage (another
+            # generated text) does not make them stale (2026-12-07: 82 s of a GPU session rebuilt them for nothing)
             result = self._run(name, kwargs, lambda kw, target=target: build_recall_data(target=target, **kw),
-                               DataResult)
+                               DataResult, reads_earlier=False)
             self.done.recalls.append(result)
             weight = float(recall.get("weight", 0.2))
             total += weight

@@ -195,6 +195,44 @@ def test_lost_generated_data_is_remade_without_rerunning_the_stages_that_used_it
     assert len(made) == 2 and data.exists() and CALLS == []
 
 
+def test_recall_documents_are_reused_when_the_generated_text_changes_and_later_stages_still_rerun(tmp_path,
+                                                                                                  monkeypatch):
+    # the recall documents are built from the corpus alone: another teacher-generated text (a rerun data stage)
+    # must not rebuild them, but the stages that read the mixture must rerun
+    built, made = [], []
+
+    def fake_build(target, teacher, corpus, documents, seed, **options):
+        built.append(documents)
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"\0\0" * 64)
+        return results.DataResult(target, 64)
+
+    def fake_generate(target, device, teacher, tokens, seed):
+        made.append(tokens)
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"\0\0" * tokens)
+        return results.DataResult(target, tokens)
+
+    monkeypatch.setattr(pipeline, "build_recall_data", fake_build)
+    monkeypatch.setattr(pipeline, "generate_data", fake_generate)
+
+    def raw(tokens):
+        return {"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"),
+                "data": {"path": "web.bin", "generate": {"tokens": tokens, "weight": 0.2},
+                         "recall": {"corpus": "wiki.jsonl.gz", "documents": 8, "weight": 0.25}},
+                "stages": {"supernet": {"steps": 3}}}
+
+    Pipeline(Recipe.from_dict(raw(8), source="test.yaml")).run()
+    CALLS.clear()
+    Pipeline(Recipe.from_dict(raw(16), source="test.yaml")).run()
+    assert made == [8, 16] and built == [8] and CALLS == ["supernet"]
+    # a changed recall section still rebuilds its documents, and what follows
+    CALLS.clear()
+    Pipeline(Recipe.from_dict({**raw(16), "data": {**raw(16)["data"], "recall": {
+        "corpus": "wiki.jsonl.gz", "documents": 9, "weight": 0.25}}}, source="test.yaml")).run()
+    assert made == [8, 16] and built == [8, 9] and CALLS == ["supernet"]
+
+
 def test_recall_documents_are_built_once_and_mixed_into_every_stages_data(tmp_path, monkeypatch):
     built = []
 
