@@ -1,4 +1,5 @@
-"""The segment-parallel GDN state pass (`Backend.segment_state_pass`) against fla's plain `chunk_gated_delta_rule`.
+"""The segment-parallel GDN state pass (`Backend.segment_state_pass`) and the affine-form one
+(`Backend.affine_state_pass`, `--affine bf16,tf32`) against fla's plain `chunk_gated_delta_rule`.
 
 Issue 16: in the SmolLM2 hybrid's 8K prefill (batch 1, one H100, 2026-12-06, benchmarks/results/
 2026-12-06_h100_graph_step) fla's sequential state pass `chunk_gated_delta_rule_fwd_kernel_h` is 3.3 of 14.5 GPU-ms:
@@ -21,6 +22,12 @@ For each shape (BxHxKxV) and length, every (summary, P):
 
     python benchmarks/gdn_segment_pass_bench.py --out $OUT/gdn_segment_pass.json --autotune-configs 4
     python benchmarks/gdn_segment_pass_bench.py --device cpu --out /tmp/seg.json   # the PyTorch reference, checks only
+    python benchmarks/gdn_segment_pass_bench.py --segments "" --affine bf16,tf32 --out $OUT/gdn_affine_pass.json \
+        --autotune-configs 4     # the affine pass: whole op + the state pass alone at each launch, against fla
+
+The affine form (`jetnas.ops.triton_affine_pass`) keeps one matrix product per chunk on the sequential path
+(the chunks' [K, K] state matrices computed in parallel first); its rows are checked like the segments' (within 2x
+of bf16's own noise against fla's plain op, on inputs whose carried state matters).
 """
 
 from __future__ import annotations
@@ -103,30 +110,93 @@ def _measure(shape: str, T: int, args, rows: list, checks: list) -> None:
         except Exception as e:  # report, keep measuring the eager rows
             plain_graph_ms, base["graph_error"] = None, str(e)[:200]
         rows.append({**base, "path": "fla", "ms": plain_ms, "graph_ms": plain_graph_ms})
+
+        def path_row(row: dict, fn) -> None:
+            """Check `fn` (another path to the same op) against fla's plain op, then time it eagerly and graphed."""
+            try:
+                o, S = fn()
+                torch.cuda.synchronize()
+            except Exception as e:  # a kernel refusing this shape: say so, go on
+                rows.append({**row, "error": str(e)[:300]})
+                return
+            err = {"o_rel_err": _rel(o, ref_o), "state_rel_err": _rel(S, ref_S)}
+            checks.append({**row, **err, "bf16_noise": noise, "bound": bound, "sensitive": sensitive,
+                           "passed": sensitive and max(err.values()) <= bound})
+            row["ms"] = sync_time(fn, args.repeats, warmup=args.warmup)
+            try:
+                row["graph_ms"] = graph_time(fn, args.repeats, sync_time)
+            except Exception as e:
+                row["graph_ms"], row["graph_error"] = None, str(e)[:200]
+            row["speedup"] = plain_ms / row["ms"]
+            if row["graph_ms"] and plain_graph_ms:
+                row["graph_speedup"] = plain_graph_ms / row["graph_ms"]
+            rows.append(row)
+
         for summary in args.summaries.split(","):
-            for P in (int(p) for p in args.segments.split(",")):
-                def seg(summary=summary, P=P):
-                    return _fla.segment_parallel_chunk_gated_delta_rule(q, k, v, g, beta, None, S0, True,
-                                                                        True, P, summary)
-                row = {**base, "path": f"segments:{summary}", "P": P}
-                try:
-                    o, S = seg()
-                    torch.cuda.synchronize()
-                except Exception as e:  # a kernel refusing this shape: say so, go on
-                    rows.append({**row, "error": str(e)[:300]})
-                    continue
-                err = {"o_rel_err": _rel(o, ref_o), "state_rel_err": _rel(S, ref_S)}
-                checks.append({**row, **err, "bf16_noise": noise, "bound": bound, "sensitive": sensitive,
-                               "passed": sensitive and max(err.values()) <= bound})
-                row["ms"] = sync_time(seg, args.repeats, warmup=args.warmup)
-                try:
-                    row["graph_ms"] = graph_time(seg, args.repeats, sync_time)
-                except Exception as e:
-                    row["graph_ms"], row["graph_error"] = None, str(e)[:200]
-                row["speedup"] = plain_ms / row["ms"]
-                if row["graph_ms"] and plain_graph_ms:
-                    row["graph_speedup"] = plain_graph_ms / row["graph_ms"]
-                rows.append(row)
+            for P in _ints(args.segments):
+                path_row({**base, "path": f"segments:{summary}", "P": P},
+                         lambda summary=summary, P=P: _fla.segment_parallel_chunk_gated_delta_rule(
+                             q, k, v, g, beta, None, S0, True, True, P, summary))
+        for precision in filter(None, args.affine.split(",")):
+            path_row({**base, "path": f"affine:{precision}"},
+                     lambda precision=precision: _fla.affine_chunk_gated_delta_rule(
+                         q, k, v, g, beta, None, S0, True, True, precise=precision == "tf32"))
+        if args.affine:
+            _state_pass_sweep(q, k, v, g, beta, S0, base, args, rows)
+
+
+def _ints(spec: str) -> list[int]:
+    return [int(x) for x in spec.split(",") if x]
+
+
+def _state_pass_sweep(q, k, v, g, beta, S0, base: dict, args, rows: list) -> None:
+    """The state pass alone on the same inputs (fla's chunk-local cumsum and WY kernels first): fla's
+    `chunk_gated_delta_rule_fwd_h` against `affine_state_pass` at each launch of `--affine-launches`
+    (block_v x num_warps x num_stages) and precision, graphed; each path's h and v_new against fla's."""
+    from fla.modules.norm.l2norm import l2norm_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+    from gpu_kernel_check import sync_time
+
+    from jetnas.ops.triton_affine_pass import affine_state_pass
+
+    kn, _ = l2norm_fwd(k.contiguous())
+    g2 = chunk_local_cumsum(g.contiguous(), chunk_size=64, scale=RCP_LN2)
+    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=kn, v=v.contiguous(), g=g2, beta=beta.contiguous(), chunk_size=64)
+
+    def fla_pass():
+        return chunk_gated_delta_rule_fwd_h(k=kn, w=w, u=u, g=g2, initial_state=S0, output_final_state=True,
+                                            chunk_size=64)
+
+    ref_h, ref_v, _ = fla_pass()
+    fla_ms = graph_time(fla_pass, args.repeats, sync_time)
+    rows.append({**base, "path": "state-pass:fla", "graph_ms": fla_ms})
+    for precision in filter(None, args.affine.split(",")):
+        for launch in args.affine_launches.split(","):
+            bv, warps, stages = (int(x) for x in launch.split("x"))
+            row = {**base, "path": f"state-pass:affine:{precision}", "launch": launch}
+            if bv > triton_next_pow2(v.shape[-1]):
+                continue
+
+            def ours(precision=precision, bv=bv, warps=warps, stages=stages):
+                return affine_state_pass(kn, w, u, g2, S0, True, precise=precision == "tf32", block_v=bv,
+                                         num_warps=warps, num_stages=stages)
+
+            try:
+                h, vn, _ = ours()
+                torch.cuda.synchronize()
+                row.update(h_rel_to_fla=_rel(h, ref_h), v_new_rel_to_fla=_rel(vn, ref_v))
+                row["graph_ms"] = graph_time(ours, args.repeats, sync_time)
+                row["graph_speedup"] = fla_ms / row["graph_ms"]
+            except Exception as e:  # a launch Triton refuses (shared memory): say so, go on
+                row["error"] = str(e)[:300]
+            rows.append(row)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def run_gpu(args) -> dict:
@@ -149,7 +219,7 @@ def run_cpu(args) -> dict:
         for T in (int(t) for t in args.lengths.split(",")):
             q, k, v, g, beta = _inputs(B, T, H, K, V, "cpu", torch.float32)
             ref_o, ref_S = naive_chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True, use_qk_l2norm=True)
-            for P in (int(p) for p in args.segments.split(",")):
+            for P in _ints(args.segments):
                 o, S = segment_parallel_chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
                                                                use_qk_l2norm=True, segments=P)
                 err = max(_rel(o, ref_o), _rel(S, ref_S))
@@ -164,6 +234,12 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768", help="sequence lengths T, comma-separated")
     ap.add_argument("--segments", default="2,4,8,16", help="segment counts P, comma-separated")
     ap.add_argument("--summaries", default="prescan,state_pass", help="how the segments' maps are computed")
+    ap.add_argument("--affine", default="",
+                    help="also the affine-form state pass (Backend.affine_state_pass) at these precisions, e.g. "
+                         "bf16,tf32: the whole op checked and timed like the segments, and the state pass alone "
+                         "against fla's at each of --affine-launches")
+    ap.add_argument("--affine-launches", default="64x4x2,64x4x3,32x4x2,32x2x2,16x2x2,64x8x2",
+                    help="the affine pass's launches to time, block_v x num_warps x num_stages")
     ap.add_argument("--initial-state", action="store_true", help="start from a random state (prefill after a cache)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -189,13 +265,15 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if result["rows"]:
-        print(f"{'shape':>14} {'T':>6} {'path':>20} {'P':>3} {'ms':>8} {'graph ms':>9} {'x fla':>6} {'x fla graph':>11}")
+        print(f"{'shape':>14} {'T':>6} {'path':>26} {'P/launch':>8} {'ms':>8} {'graph ms':>9} {'x fla':>6} "
+              f"{'x fla graph':>11}")
         for r in result["rows"]:
+            what = r.get("P", r.get("launch", ""))
             if "error" in r:
-                print(f"{r['shape']:>14} {r['T']:>6} {r['path']:>20} {r.get('P', ''):>3} error: {r['error'][:60]}")
+                print(f"{r['shape']:>14} {r['T']:>6} {r['path']:>26} {what:>8} error: {r['error'][:60]}")
                 continue
-            gms = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else "-"
-            print(f"{r['shape']:>14} {r['T']:>6} {r['path']:>20} {r.get('P', ''):>3} {r['ms']:>8.3f} {gms:>9} "
+            ms, gms = (f"{r[key]:.3f}" if r.get(key) else "-" for key in ("ms", "graph_ms"))
+            print(f"{r['shape']:>14} {r['T']:>6} {r['path']:>26} {what:>8} {ms:>8} {gms:>9} "
                   f"{r.get('speedup', 1.0):>6.2f} {r.get('graph_speedup', 1.0):>11.2f}")
     worst = max((max(c.get("o_rel_err", c.get("rel_err", 0)), c.get("state_rel_err", 0)) for c in result["checks"]),
                 default=None)

@@ -263,7 +263,7 @@ KERNELS = {"static_conv_kernel": ("static_conv", "F.conv1d", "conv1d"),
 
 
 @torch.inference_mode()
-def kernel_check(model, args, check: str, base: Backend) -> bool:
+def kernel_check(model, args, check: str, base: Backend, switch: tuple | None = None) -> bool:
     """One of our kernels (`KERNELS`: the static short convolutions' `Backend.static_conv`, q and k normalised in
     that conv (`Backend.conv_l2norm`), the sliding-window attention's `Backend.window_kernel`; on by default) against
     the path it replaces, on the hybrid's last logits of
@@ -274,11 +274,12 @@ def kernel_check(model, args, check: str, base: Backend) -> bool:
     float32 and rounds once where `F.conv1d` rounds its bf16 output, at every conv of 26 layers of a random model,
     which no chunk boundary exercises. `base`: the backend of the other kernels; the model is left on it. False on
     an error or a failed check (recorded): the caller runs the hybrid's rows without the kernel, so one failed
-    kernel does not void the section."""
+    kernel does not void the section. `switch`: `(field, on value, off value)` for a kernel outside `KERNELS` (the
+    experimental, off-by-default ones: `--affine-state-pass`)."""
     import copy
 
-    field = KERNELS[check][0]
-    on, off = (dataclasses.replace(base, **{field: flag}) for flag in (True, False))
+    field, on_value, off_value = switch or (KERNELS[check][0], True, False)
+    on, off = (dataclasses.replace(base, **{field: flag}) for flag in (on_value, off_value))
     ids = measure._random_prompts(model, 1, 2048, args.device, 1)
     try:
         reference = copy.deepcopy(model).float()
@@ -335,6 +336,11 @@ def smollm2_section(args) -> None:
         if cuda and not kernels[check]:
             base = dataclasses.replace(base, **{KERNELS[check][0]: False})
     set_backend(hybrid_model, base)
+    affine = [p for p in args.affine_state_pass.split(",") if p]
+    for precision in affine:
+        if cuda:
+            kernel_check(hybrid_model, args, f"affine_state_pass_{precision}", base,
+                         switch=("affine_state_pass", precision, "off"))
     for ctx in args.smollm2_contexts:
         for name, model in (("smollm2-hybrid", hybrid_model), ("smollm2-teacher", teacher)):
             for mode in ("forward", "static"):
@@ -351,6 +357,13 @@ def smollm2_section(args) -> None:
                 row(hybrid_model, "smollm2-hybrid", ctx, args, prefill="static",
                     label=f"smollm2-hybrid:static:{suffix}")
                 set_backend(hybrid_model, base)
+        for precision in affine:
+            # the experimental affine-form GDN state pass on top of the default backend, timed whatever its check
+            # said (the check is in the JSON beside the row)
+            set_backend(hybrid_model, dataclasses.replace(base, affine_state_pass=precision))
+            row(hybrid_model, "smollm2-hybrid", ctx, args, prefill="static",
+                label=f"smollm2-hybrid:static:affine-{precision}")
+            set_backend(hybrid_model, base)
     for target in args.profile:
         name, _, rest = target.partition("@")
         if name.startswith("smollm2") and torch.device(args.device).type == "cuda":
@@ -362,6 +375,10 @@ def jet2b_section(args) -> None:
     model = build("jet-nemotron-2b", args)
     ctx = args.jet_context
     row(model, "jet-nemotron-2b", ctx, args, label="jet-nemotron-2b:bench-defaults")
+    for precision in filter(None, args.affine_state_pass.split(",")):
+        set_backend(model, dataclasses.replace(resolve_backend("auto"), affine_state_pass=precision))
+        row(model, "jet-nemotron-2b", ctx, args, label=f"jet-nemotron-2b:bench-defaults:affine-{precision}")
+        set_backend(model, resolve_backend("auto"))
     row(model, "jet-nemotron-2b", ctx, args, prefill="forward", label="jet-nemotron-2b:auto:forward")
     row(model, "jet-nemotron-2b", ctx, args, chunk=min(ctx, args.old_chunk), prefill="forward",
         label="jet-nemotron-2b:chunk-8192:forward")
@@ -426,6 +443,11 @@ def summary(args) -> dict:
                                                        tok_s("smollm2-teacher:forward", c32)),
         "default_prefill_mode": default,
     }
+    for precision in filter(None, args.affine_state_pass.split(",")):  # the experimental pass: not the headline
+        out[f"hybrid_prefill_vs_teacher_8k_affine_{precision}"] = ratio(
+            tok_s(f"smollm2-hybrid:{default}:affine-{precision}", c8), tok_s(f"smollm2-teacher:{default}", c8))
+        out[f"jet2b_prefill_64k_tok_s_affine_{precision}"] = tok_s(
+            f"jet-nemotron-2b:bench-defaults:affine-{precision}", args.jet_context)
     out["targets"] = {k: {"value": out[k], "target": t, "met": out[k] is not None and out[k] >= t,
                           "shortfall": None if out[k] is None else max(0.0, 1 - out[k] / t)}
                       for k, t in TARGETS.items()}
@@ -445,7 +467,7 @@ def table() -> None:
         verdict = "error" if "error" in c else "passed" if c.get("passed") else "FAILED"
         if "kernel_vs_float32" in c:
             print(f"check {name:<34} {verdict}: to float32, kernel {c['kernel_vs_float32']:.2e}, "
-                  f"{KERNELS[name][1]} {c['other_vs_float32']:.2e}")
+                  f"{KERNELS[name][1] if name in KERNELS else 'off'} {c['other_vs_float32']:.2e}")
             continue
         print(f"check {name:<34} {verdict}: captured vs eager {c.get('static_vs_forward', float('nan')):.2e}, noise "
               f"{c.get('noise_chunked_vs_one_pass', c.get('noise_two_chunks_vs_one_pass', float('nan'))):.2e}")
@@ -463,6 +485,10 @@ def main() -> None:
     ap.add_argument("--segment-state-pass", default="",
                     help="comma-separated segment counts P: also time the SmolLM2 hybrid's captured prefill with the "
                          "GDN state pass split into P segments (Backend.segment_state_pass), each checked")
+    ap.add_argument("--affine-state-pass", default="",
+                    help="comma-separated precisions (bf16, tf32): also time the SmolLM2 hybrid's captured prefill "
+                         "and Jet-2B's bench row with the affine-form GDN state pass (Backend.affine_state_pass), "
+                         "the hybrid's checked against a float32 copy like our other kernels")
     ap.add_argument("--old-chunk", type=int, default=8192, help="jetnas bench's chunk before 'auto' (a baseline row)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long-repeats", type=int, default=2, help="timed prefills per 256K row (Qwen3: ~20 s each)")

@@ -191,9 +191,14 @@ for step in "$@"; do
                  --out $OUT/kernel_check.json 2>&1 | grep -v Warn | tail -20 ;;
     warmup:*) timeout "${step#*:}" python3 benchmarks/autotune_warmup.py 2>&1 | grep -v Warn | tail -8 ;;
     # issue 16's prefill targets (benchmarks/prefill_bench.py): PB_SECTIONS=smollm2,jet2b,check (default, in that order) or long
+    # PB_AFFINE=bf16,tf32: also the rows with the affine-form GDN state pass (Backend.affine_state_pass), checked
     prefillbench:*) timeout "${step#*:}" python3 benchmarks/prefill_bench.py --autotune-configs 4 \
                       --sections "${PB_SECTIONS:=smollm2,jet2b,check}" --out "$OUT/prefill_bench_${PB_SECTIONS//,/_}.json" \
-                      2>&1 | grep -v Warn | tail -30 ;;
+                      ${PB_AFFINE:+--affine-state-pass $PB_AFFINE} 2>&1 | grep -v Warn | tail -30 ;;
+    # the affine-form GDN state pass against fla's: the whole op checked and timed, the pass alone at each launch
+    affinepass:*) timeout "${step#*:}" python3 benchmarks/gdn_segment_pass_bench.py --segments "" \
+                    --affine "${AFFINE:-bf16,tf32}" --autotune-configs 4 --out $OUT/gdn_affine_pass.json \
+                    2>&1 | grep -v Warn | tail -40 ;;
     # issue 16's training step and small-model prefill in one step (2026-12-06: 150 s on a warm H100 with the recipe's
     # kernels compiled): the stage-1 step whole and in two micro-batches with a profile, the SmolLM2 prefill at 8K and
     # 32K with the 8K profile. After setup; the tokenizer comes in .stage/c5/prof/tok (dev/stage_wheels.sh)

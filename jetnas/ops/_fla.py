@@ -7,6 +7,7 @@ CPU path work without fla or Triton. Our conventions match fla's: `[B, T, H, K]`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -15,14 +16,20 @@ from jetnas.ops.backend import needs_grad
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
-                           segments: int = 0):
+                           segments: int = 0, affine: str = "off"):
     """fla's chunked gated delta rule; with `segments` > 1 (`Backend.segment_state_pass`), no gradient needed, no
-    `cu_seqlens` and a latency-bound state pass (`segment_pass.segment_count`), its state pass segment-parallel."""
+    `cu_seqlens` and a latency-bound state pass (`segment_pass.segment_count`), its state pass segment-parallel;
+    with `affine` "bf16" or "tf32" (`Backend.affine_state_pass`), no gradient needed, no `cu_seqlens` and head key
+    dims <= 128, its state pass in the affine form (`affine_chunk_gated_delta_rule`)."""
     if beta is None:
         beta = q.new_ones(q.shape[:3])
     if g is None:
         # the plain delta rule is the gated one with log-decay 0; fla's own ungated kernel refuses float32 inputs
         g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    if (affine != "off" and cu_seqlens is None and k.shape[-1] <= 128 and v.shape[2] == k.shape[2]
+            and not needs_grad(q, k, v, g, beta, initial_state)):
+        return affine_chunk_gated_delta_rule(q, k, v, g.float(), beta, scale, initial_state, output_final_state,
+                                             use_qk_l2norm, precise=affine == "tf32")
     if segments > 1 and cu_seqlens is None and not needs_grad(q, k, v, g, beta, initial_state):
         from jetnas.ops.segment_pass import segment_count
 
@@ -153,6 +160,37 @@ def _segment_parallel(q, k, v, g, beta, scale, initial_state, output_final_state
     o = chunk_fwd_o(q=q, k=k, v=v_new.view(B, T, H, V), h=h.view(B, -1, H, K, V), g=g, scale=scale,
                     chunk_size=chunk)
     final_state = finals.view(B, P, H, K, V)[:, -1] if output_final_state else None
+    return o.to(q.dtype), final_state
+
+
+def affine_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                                  precise: bool = False):
+    """fla 0.6's chunked gated delta rule forward (no autograd, equal-length sequences, H heads for all) with its
+    state pass `chunk_gated_delta_rule_fwd_h` replaced by `triton_affine_pass.affine_state_pass` (same contract):
+    fla's chunk-local cumsum and WY kernels before it, its output kernel after. Arguments and returns as
+    `segment_parallel_chunk_gated_delta_rule`'s."""
+    from fla.modules.norm.l2norm import l2norm_fwd
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    from jetnas.ops.triton_affine_pass import affine_state_pass
+
+    chunk = 64
+    # Triton launches on the current device (fla's input_guard does the same); on CPU (tests: fla's stand-ins and
+    # the interpreter) there is none to set
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+        scale = k.shape[-1] ** -0.5 if scale is None else scale
+        if use_qk_l2norm:
+            q, _ = l2norm_fwd(q)
+            k, _ = l2norm_fwd(k)
+        g = chunk_local_cumsum(g.contiguous(), chunk_size=chunk, scale=RCP_LN2)
+        w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk)
+        h, v_new, final_state = affine_state_pass(k, w, u, g, initial_state, output_final_state, chunk_size=chunk,
+                                                  precise=precise)
+        o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, chunk_size=chunk)
     return o.to(q.dtype), final_state
 
 

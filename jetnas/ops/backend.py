@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+#: `Backend.affine_state_pass` values: off, or the precision of the state pass's one product per chunk
+AFFINE_PASSES = ("off", "bf16", "tf32")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class Backend:
             evaluation), and the gated delta rule then skips its own normalisation pass (fla's `l2norm_fwd`: two
             reads and writes of the prompt's q and k per layer) (`jetnas.ops.conv.short_conv_split`'s
             `l2norm_head`).
+        affine_state_pass: with "triton", the chunked gated delta rule's state pass when no gradient is needed and no
+            `cu_seqlens` are given, for head key dims <= 128: "off" (fla's pass, two chained products per chunk),
+            "bf16" or "tf32" (`jetnas.ops.triton_affine_pass`: the chunks' state matrices computed in parallel first,
+            one product per chunk on the sequential path; the name is the precision of that product).
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -91,6 +97,10 @@ class Backend:
     # On: CPU-tested against the reference (values; the interpreter) and compiled for sm_90, not yet run on a GPU
     # (2026-12-07). Expected (arithmetic): fla's l2norm pass took 0.37 of the SmolLM2 hybrid's 14.4 GPU-ms at 8K.
     conv_l2norm: bool = True
+    # Off: CPU-tested against the state pass's contract (float32 1e-5 under the interpreter, bf16 within rounding:
+    # tests/ops/test_affine_pass.py), not yet run on a GPU (2026-12-07); benchmarks/gdn_affine_pass_bench.py and
+    # `prefill_bench.py --experimental affine_state_pass` measure and judge it there.
+    affine_state_pass: str = "off"
     interpret: bool = False
 
     def __post_init__(self) -> None:
@@ -98,6 +108,8 @@ class Backend:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
         if not isinstance(self.segment_state_pass, int) or self.segment_state_pass < 0:
             raise ValueError(f"segment_state_pass must be an int >= 0, got {self.segment_state_pass!r}")
+        if self.affine_state_pass not in AFFINE_PASSES:
+            raise ValueError(f"affine_state_pass must be one of {AFFINE_PASSES}, got {self.affine_state_pass!r}")
         if self.segment_state_pass > 1 and self.name == "triton":
             warnings.warn("Backend.segment_state_pass is experimental: on a GPU (2026-12-06) the fla path moved a "
                           "model's logits far beyond rounding noise; results may be wrong", stacklevel=3)

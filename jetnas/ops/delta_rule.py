@@ -304,13 +304,15 @@ def chunk_gated_delta_rule(
     """Chunked gated delta rule: fla's Triton kernels on CUDA with `backend="triton"`, the PyTorch reference otherwise.
 
     Arguments and returns as in `naive_recurrent_gated_delta_rule`. The final state is float32. With the backend's
-    `segment_state_pass` > 1, a prefill's state pass may run segment-parallel (`jetnas.ops.segment_pass`).
+    `segment_state_pass` > 1, a prefill's state pass may run segment-parallel (`jetnas.ops.segment_pass`); with its
+    `affine_state_pass` on, in the affine form (`jetnas.ops.triton_affine_pass`).
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     backend = as_backend(backend)
     if backend.runs_fla(q):
         return _fla.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                           use_qk_l2norm, segments=backend.segment_state_pass)
+                                           use_qk_l2norm, segments=backend.segment_state_pass,
+                                           affine=backend.affine_state_pass)
     return naive_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                         use_qk_l2norm)
 

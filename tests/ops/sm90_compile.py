@@ -101,9 +101,25 @@ def cases():
 
 
 def more_cases():
-    """The decode steps' recurrences and convolution, and the fused norms / SwiGLU."""
+    """The decode steps' recurrences and convolution, and the fused norms / SwiGLU; the affine state pass."""
+    from jetnas.ops import triton_affine_pass as affine
     from jetnas.ops import triton_decode as dec
     from jetnas.ops import triton_fused as fused
+
+    # the affine-form GDN state pass: the SmolLM2 hybrid's heads (K = V = 64) and Jet-2B's (K = 96 in a 128 tile,
+    # V = 256 in blocks of 64), M in bf16 or float32 (TF32 products)
+    for precise in (False, True):
+        for K, BK in ((64, 64), (96, 128)):
+            pointers = {n: "*bf16" for n in ("k_ptr", "w_ptr", "u_ptr", "h_ptr", "v_new_ptr")}
+            pointers.update({"g_ptr": "*fp32", "m_ptr": "*fp32" if precise else "*bf16", "h0_ptr": "*fp32",
+                             "ht_ptr": "*fp32"})
+            tag = f"K {K}, {'tf32' if precise else 'bf16'}"
+            yield (f"affine pass M ({tag})", affine._affine_m_kernel, pointers,
+                   {"H": 9, "K": K, "BT": 64, "BK": BK, "PRECISE": precise, "UPCAST": False})
+            yield (f"affine pass ({tag})", affine._affine_pass_kernel, pointers,
+                   {"H": 9, "K": K, "V": 64 if K == 64 else 256, "BT": 64, "BK": BK, "BV": 64, "USE_H0": True,
+                    "STORE_HT": True, "PRECISE": precise, "UPCAST": False},
+                   {"num_warps": 4, "num_stages": affine.default_stages(BK, precise)})
 
     bf16 = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "beta_ptr", "o_ptr", "alog_ptr", "dtb_ptr")}
     for name, flags in (("GLA, per-key decay", {"DELTA": False, "USE_G": True, "G_PER_KEY": True, "USE_BETA": False,

@@ -1,0 +1,187 @@
+"""The gated delta rule's inter-chunk state pass with one dependent matrix product per chunk (prefill, no grad).
+
+Contract: fla 0.6's `chunk_gated_delta_rule_fwd_h` for equal-length sequences (`reference_state_pass` below is its
+readable PyTorch form): token-major `k, w [B, T, H, K]`, `u [B, T, H, V]`, `g [B, T, H]` the log2-space decay
+cumulated within each chunk of 64 (fla's `chunk_local_cumsum(..., scale=RCP_LN2)`), states `[K, V]`. Per chunk c,
+from the state S_c at its start:
+
+    v_new_c = U_c - W_c S_c
+    S_{c+1} = d_c S_c + Kt_c^T v_new_c        (d_c = 2^g_last, Kt_c = k_c * 2^(g_last - g))
+
+fla's kernel runs exactly that per chunk: two matrix products in a chain (W S, then Kt^T v_new), with the state
+rounded to bf16 for the first. At batch 1 it is one program per (head, value block) walking the chunks in
+sequence (9 programs on a 132-SM H100 for the SmolLM2 hybrid), so its time is the chain's latency: 3.35 of the
+hybrid's 12.77 GPU-ms at 8K (benchmarks/results/2026-12-07_h100_chunked).
+
+The update is affine in S, and its matrix does not depend on S:
+
+    S_{c+1} = d_c S_c - M_c S_c + Kt_c^T U_c,     M_c = Kt_c^T W_c  [K, K]
+
+so M_c is computed for every chunk at once beforehand (`_affine_m_kernel`, parallel over chunks and heads), and
+the sequential kernel (`_affine_pass_kernel`) has one product on the state's path per chunk (M_c S_c); the other two
+(Kt_c^T U_c, which needs no state, and W_c S_c for v_new, which nothing later in the chain needs) are off it.
+The decay d_c S_c stays an float32 elementwise product, as in fla: only the correction goes through the matrix unit.
+
+Rounding: `precise=False` stores M in the inputs' dtype (bf16) and multiplies it into the state rounded to bf16, as
+fla rounds the state for W S; `precise=True` keeps M and the state in float32 for that product (TF32 on a GPU).
+Outputs as fla's: `h [B, NT, H, K, V]` (each chunk's initial state) in k's dtype, `v_new` in u's dtype, the final
+state float32.
+
+Whether it is faster is for a GPU to say (`benchmarks/gdn_affine_pass_bench.py`); `Backend.affine_state_pass`
+switches it on in the model's prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from jetnas.ops.triton_attention import _dot
+
+
+def reference_state_pass(k, w, u, g, initial_state=None, output_final_state=False, chunk_size=64):
+    """The contract in PyTorch (fla 0.6's `chunk_gated_delta_rule_fwd_h`, equal-length sequences), computed in the
+    inputs' dtype: `(h [B, NT, H, K, V], v_new [B, T, H, V], final [B, H, K, V] or None)`."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    NT = -(-T // chunk_size)
+    S = k.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(k.dtype)
+    h = k.new_empty(B, NT, H, K, V)
+    v_new = torch.empty_like(u)
+    for c in range(NT):
+        s, e = c * chunk_size, min((c + 1) * chunk_size, T)
+        h[:, c] = S
+        vn = u[:, s:e].transpose(1, 2) - w[:, s:e].transpose(1, 2) @ S  # [B, H, c, V]
+        v_new[:, s:e] = vn.transpose(1, 2)
+        g_last = g[:, e - 1]  # [B, H]
+        kt = (k[:, s:e] * torch.exp2(g_last[:, None] - g[:, s:e])[..., None]).transpose(1, 2)  # [B, H, c, K]
+        S = torch.exp2(g_last)[..., None, None] * S + kt.transpose(-1, -2) @ vn
+    return h, v_new, (S.float() if output_final_state else None)
+
+
+@triton.jit
+def _affine_m_kernel(k_ptr, w_ptr, g_ptr, m_ptr, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
+    """M_c = Kt_c^T W_c for one (chunk, batch x head): [K, K], stored as m's dtype."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    rows = (i_b * T + o_t).to(tl.int64) * H + i_h  # token-major row of each position
+    b_k = tl.load(k_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_g = tl.load(g_ptr + rows, mask=m_t, other=0.0)
+    last = tl.minimum((i_t + 1) * BT, T) - 1
+    b_gl = tl.load(g_ptr + (i_b * T + last).to(tl.int64) * H + i_h)
+    b_kt = b_k.to(tl.float32) * tl.exp2(b_gl - b_g)[:, None]
+    if PRECISE:
+        b_m = _dot(tl.trans(b_kt), b_w.to(tl.float32), "tf32", UPCAST)
+    else:
+        b_m = _dot(tl.trans(b_kt.to(b_w.dtype)), b_w, "tf32", UPCAST)
+    base = ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * K
+    tl.store(m_ptr + base + o_k[:, None] * K + o_k[None, :], b_m.to(m_ptr.dtype.element_ty),
+             mask=m_k[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _affine_pass_kernel(k_ptr, w_ptr, u_ptr, g_ptr, m_ptr, h_ptr, v_new_ptr, h0_ptr, ht_ptr, T, H: tl.constexpr,
+                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        USE_H0: tl.constexpr,
+                        STORE_HT: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
+    """One (value block, batch x head) through every chunk in sequence: stores each chunk's initial state and new
+    values; the state's update has the one product M_c S_c on its path."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    state = o_k[:, None] * V + o_v[None, :]  # [BK, BV] offsets in a [K, V] state
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + state, mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(NT):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        rows = (i_b * T + o_t).to(tl.int64) * H + i_h
+        tl.store(h_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + state,
+                 b_h.to(h_ptr.dtype.element_ty), mask=m_kv)
+        b_hb = b_h.to(k_ptr.dtype.element_ty)
+        b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_u = tl.load(u_ptr + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_k = tl.load(k_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_g = tl.load(g_ptr + rows, mask=m_t, other=0.0)
+        last = tl.minimum((i_t + 1) * BT, T) - 1
+        b_gl = tl.load(g_ptr + (i_b * T + last).to(tl.int64) * H + i_h)
+        b_m = tl.load(m_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :],
+                      mask=m_k[:, None] & m_k[None, :], other=0.0)
+        # the state's path: one product
+        if PRECISE:
+            b_ms = _dot(b_m.to(tl.float32), b_h, "tf32", UPCAST)
+        else:
+            b_ms = _dot(b_m, b_hb, "tf32", UPCAST)
+        # off it: the new values (stored for the output kernel) and the state-free write Kt^T U
+        b_v = b_u.to(tl.float32) - _dot(b_w, b_hb, "tf32", UPCAST)
+        tl.store(v_new_ptr + rows[:, None] * V + o_v[None, :], b_v.to(v_new_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        b_kt = (b_k.to(tl.float32) * tl.exp2(b_gl - b_g)[:, None]).to(b_u.dtype)
+        b_n = _dot(tl.trans(b_kt), b_u, "tf32", UPCAST)
+        b_h = b_h * tl.exp2(b_gl) - b_ms + b_n
+    if STORE_HT:
+        tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + state, b_h, mask=m_kv)
+
+
+def default_stages(block_k: int, precise: bool) -> int:
+    """The sequential kernel's software-pipelining depth: 2, or 1 for float32 M at K > 64, whose [128, 128] tile
+    twice would pass Hopper's 227 KiB of shared memory (compiled for sm_90: 265 KiB with 3 stages)."""
+    return 1 if precise and block_k > 64 else 2
+
+
+def affine_state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tensor,
+                      initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                      chunk_size: int = 64, precise: bool = False, block_v: int | None = None,
+                      num_warps: int = 4, num_stages: int | None = None):
+    """fla's `chunk_gated_delta_rule_fwd_h` (equal-length sequences) by the affine form (module docstring).
+
+    Args:
+        k, w: `[B, T, H, K]` (K <= 128); u: `[B, T, H, V]`; g: `[B, T, H]` float32, log2 decays cumulated per chunk;
+            initial_state: `[B, H, K, V]` or None.
+        precise: M and the state in float32 for their product (module docstring).
+        block_v, num_warps, num_stages: the sequential kernel's launch (block_v default: min(64, V) rounded up to a
+            power of two >= 16; num_stages default: `default_stages`).
+
+    Returns:
+        `(h [B, NT, H, K, V]` in k's dtype, `v_new [B, T, H, V]` in u's dtype, `final [B, H, K, V]` float32 or None).
+    """
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    if K > 128:
+        raise ValueError(f"affine_state_pass: head key dim {K} > 128 (M would be {K} x {K} per chunk)")
+    if w.shape != k.shape or u.shape[:3] != k.shape[:3] or g.shape != k.shape[:3]:
+        raise ValueError(f"affine_state_pass: shapes k {tuple(k.shape)}, w {tuple(w.shape)}, u {tuple(u.shape)}, "
+                         f"g {tuple(g.shape)} do not match")
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"affine_state_pass: chunk_size must be 16, 32 or 64, got {chunk_size}")
+    k, w, u, g = (x.contiguous() for x in (k, w, u, g))
+    NT = triton.cdiv(T, chunk_size)
+    BK = max(16, triton.next_power_of_2(K))
+    BV = block_v or max(16, min(64, triton.next_power_of_2(V)))
+    m = torch.empty(B, NT, H, K, K, device=k.device, dtype=torch.float32 if precise else k.dtype)
+    h = torch.empty(B, NT, H, K, V, device=k.device, dtype=k.dtype)
+    v_new = torch.empty_like(u)
+    final = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    # Triton's CPU interpreter multiplies bf16 tiles as raw bits: there the operands go up to float32 (`_dot`)
+    upcast = k.device.type == "cpu" and k.dtype != torch.float32
+    _affine_m_kernel[(NT, B * H)](k, w, g, m, T, H=H, K=K, BT=chunk_size, BK=BK, PRECISE=precise, UPCAST=upcast)
+    _affine_pass_kernel[(triton.cdiv(V, BV), B * H)](
+        k, w, u, g, m, h, v_new, h0, final, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        USE_H0=h0 is not None, STORE_HT=final is not None, PRECISE=precise, UPCAST=upcast, num_warps=num_warps,
+        num_stages=num_stages or default_stages(BK, precise))
+    return h, v_new, final
