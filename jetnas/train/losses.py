@@ -107,13 +107,22 @@ def logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     """KL(teacher || student) of next-token distributions at `temperature`, per token (mean), times T^2; from
     `[..., V]` logits in float32 (the reference of `head_terms`' KL). `token_weight` (`[...]`, float): each token's
     KL times its weight, still divided by the number of tokens (`sum_t w_t KL_t / N`; None: every weight 1)."""
+    return logits_kl_terms(student_logits, teacher_logits, temperature, token_weight)[0]
+
+
+def logits_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                    token_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits_kl with token_weight, the plain mean KL detached)` from one pass over the `[..., V]` logits: a
+    weighted loss and its unweighted metric without a second float32 softmax of the full vocabulary."""
     t = temperature
     log_p = F.log_softmax(teacher_logits.float() / t, -1)
     log_q = F.log_softmax(student_logits.float() / t, -1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    if token_weight is not None:
-        per_token = per_token * _check_token_weight(token_weight, per_token.shape, "logits_kl")
-    return per_token.mean() * t * t
+    plain = per_token.detach().mean() * t * t
+    if token_weight is None:
+        return per_token.mean() * t * t, plain
+    per_token = per_token * _check_token_weight(token_weight, per_token.shape, "logits_kl")
+    return per_token.mean() * t * t, plain
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,9 +132,21 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tens
     flat_logits, flat_labels = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
     if token_weight is None:
         return F.cross_entropy(flat_logits, flat_labels)
+    return lm_loss_terms(logits, labels, token_weight)[0]
+
+
+def lm_loss_terms(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(lm_loss with token_weight, the plain mean cross-entropy detached)` from one pass over the logits (as
+    `logits_kl_terms`)."""
+    flat_logits, flat_labels = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    per_token = F.cross_entropy(flat_logits, flat_labels, reduction="none")  # 0 at labels -100
+    count = (flat_labels != -100).sum().clamp_min(1)
+    plain = per_token.detach().sum() / count
+    if token_weight is None:
+        return per_token.sum() / count, plain
     w = _check_token_weight(token_weight, labels.shape, "lm_loss").reshape(-1)
-    per_token = F.cross_entropy(flat_logits, flat_labels, reduction="none")
-    return (per_token * w).sum() / (flat_labels != -100).sum().clamp_min(1)
+    return (per_token * w).sum() / count, plain
 
 
 def head_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,

@@ -38,7 +38,7 @@ import torch
 from jetnas.files import atomic_dir, write_json_atomic
 from jetnas.models.layer_types import merge_block_configs, resolve_layer_types
 from jetnas.train import distributed as dist_utils
-from jetnas.train.losses import distill_terms, head_terms, lm_loss, logits_kl
+from jetnas.train.losses import distill_terms, head_terms, lm_loss_terms, logits_kl_terms
 from jetnas.train.mixture import Mixture, carries_answer_spans, data_sources, resolve_mixture, split_answer_flags
 from jetnas.train.checkpoint import check_finite
 from jetnas.train.frozen import autocast_copy
@@ -456,21 +456,15 @@ def stage_losses(config: StageConfig, model, teacher_model, input_ids: torch.Ten
         loss = loss + terms_loss
         metrics.update(terms)
     elif head:
-        # the full-logits path (a head sharded by FSDP2); with token weights, each term is computed twice: weighted
-        # for the loss, plain (without gradients) for the metric
+        # the full-logits path (a head sharded by FSDP2): each term's weighted loss and plain metric from one pass
         if t_out is not None and config.kl_weight > 0:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and token_weight is None):
-                kl = logits_kl(s_out.logits, t_out.logits, config.temperature)
-            weighted = kl if token_weight is None else logits_kl(s_out.logits, t_out.logits, config.temperature,
-                                                                 token_weight=token_weight)
+            weighted, metrics["kl"] = logits_kl_terms(s_out.logits, t_out.logits, config.temperature,
+                                                      token_weight=token_weight)
             loss = loss + config.kl_weight * weighted
-            metrics["kl"] = kl.detach()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and token_weight is None):
-            lm = lm_loss(s_out.logits, labels)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.lm_weight > 0):
+            weighted, metrics["lm"] = lm_loss_terms(s_out.logits, labels, token_weight=token_weight)
         if config.lm_weight > 0:
-            weighted = lm if token_weight is None else lm_loss(s_out.logits, labels, token_weight=token_weight)
             loss = loss + config.lm_weight * weighted
-        metrics["lm"] = lm.detach()
     return loss, metrics
 
 
