@@ -175,14 +175,19 @@ def test_a_finished_stage_whose_model_weights_are_gone_runs_again(tmp_path):
     assert CALLS == ["stage1", "stage2", f"eval:{tmp_path}/run/stage2/model", f"bench:{tmp_path}/run/stage2/model"]
 
 
+def token_file(target, tokens: int) -> results.DataResult:
+    """What the fake data builders write: `tokens` zero ids at `target`."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_bytes(b"\0\0" * tokens)
+    return results.DataResult(target, tokens)
+
+
 def test_lost_generated_data_is_remade_without_rerunning_the_stages_that_used_it(tmp_path, monkeypatch):
     made = []
 
     def fake_generate(target, device, teacher, tokens, seed):
         made.append(target)
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(b"\0\0" * tokens)
-        return results.DataResult(target, tokens)
+        return token_file(target, tokens)
 
     monkeypatch.setattr(pipeline, "generate_data", fake_generate)
     r = Recipe.from_dict({"name": "t", "teacher": "tiny-teacher", "out_dir": str(tmp_path / "run"),
@@ -203,15 +208,11 @@ def test_recall_documents_are_reused_when_the_generated_text_changes_and_later_s
 
     def fake_build(target, teacher, corpus, documents, seed, **options):
         built.append(documents)
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(b"\0\0" * 64)
-        return results.DataResult(target, 64)
+        return token_file(target, 64)
 
     def fake_generate(target, device, teacher, tokens, seed):
         made.append(tokens)
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(b"\0\0" * tokens)
-        return results.DataResult(target, tokens)
+        return token_file(target, tokens)
 
     monkeypatch.setattr(pipeline, "build_recall_data", fake_build)
     monkeypatch.setattr(pipeline, "generate_data", fake_generate)
@@ -238,9 +239,7 @@ def test_recall_documents_are_built_once_and_mixed_into_every_stages_data(tmp_pa
 
     def fake_build(target, teacher, corpus, documents, seed, **options):
         built.append((corpus, documents, options))
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(b"\0\0" * 64)
-        return results.DataResult(target, 64)
+        return token_file(target, 64)
 
     seen = []
     monkeypatch.setattr(pipeline, "build_recall_data", fake_build)
@@ -283,15 +282,11 @@ def test_generated_text_is_made_once_and_mixed_with_the_corpus_and_the_recall_do
 
     def fake_generate(target, device, teacher, tokens, seed):
         made.append((Path(target).name, tokens))
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(b"\0\0" * tokens)
-        return results.DataResult(target, tokens)
+        return token_file(target, tokens)
 
     def fake_build(target, teacher, corpus, documents, seed, **options):
         built.append(Path(target).name)
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(b"\0\0" * 64)
-        return results.DataResult(target, 64)
+        return token_file(target, 64)
 
     monkeypatch.setattr(pipeline, "generate_data", fake_generate)
     monkeypatch.setattr(pipeline, "build_recall_data", fake_build)
