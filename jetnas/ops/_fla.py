@@ -114,26 +114,15 @@ def segment_parallel_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_sta
 
 
 def _segment_parallel(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, segments, summary):
-    from fla.modules.norm.l2norm import l2norm_fwd
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_o import chunk_fwd_o
-    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
-    from fla.ops.utils import chunk_local_cumsum
-    from fla.ops.utils.constant import RCP_LN2
 
     from jetnas.ops.segment_pass import combine_segment_maps
 
     chunk = 64
-    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     B, T, H, K = k.shape
     V = v.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    if use_qk_l2norm:
-        q, _ = l2norm_fwd(q)
-        k, _ = l2norm_fwd(k)
-    # the chunk-local parts, over the whole batch as fla computes them (log2-space decays, cumulated per chunk)
-    g = chunk_local_cumsum(g.contiguous(), chunk_size=chunk, scale=RCP_LN2)
-    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk)
+    q, k, g, w, u, scale = _chunk_local_fla(q, k, v, g, beta, scale, use_qk_l2norm, chunk)
     cu_seqlens, chunk_indices, chunk_offsets, P = _segment_index(B, T, segments, chunk, q.device)
     # the state pass sees the segments as packed sequences of the flattened batch (views: all contiguous)
     k1, w1, u1, g1 = k.view(1, B * T, H, K), w.view(1, B * T, H, K), u.view(1, B * T, H, V), g.view(1, B * T, H)
@@ -163,17 +152,32 @@ def _segment_parallel(q, k, v, g, beta, scale, initial_state, output_final_state
     return o.to(q.dtype), final_state
 
 
+def _chunk_local_fla(q, k, v, g, beta, scale, use_qk_l2norm, chunk):
+    """The steps of fla 0.6's chunked forward before its state pass, over the whole batch as fla computes them:
+    q and k L2-normed when asked, log2-space decays cumulated per chunk, the WY form. Returns
+    `(q, k, g, w, u, scale)` (scale K^-1/2 when None)."""
+    from fla.modules.norm.l2norm import l2norm_fwd
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, _ = l2norm_fwd(q)
+        k, _ = l2norm_fwd(k)
+    g = chunk_local_cumsum(g.contiguous(), chunk_size=chunk, scale=RCP_LN2)
+    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk)
+    return q, k, g, w, u, scale
+
+
 def affine_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                                   precise: bool = False):
     """fla 0.6's chunked gated delta rule forward (no autograd, equal-length sequences, H heads for all) with its
     state pass `chunk_gated_delta_rule_fwd_h` replaced by `triton_affine_pass.affine_state_pass` (same contract):
     fla's chunk-local cumsum and WY kernels before it, its output kernel after. Arguments and returns as
     `segment_parallel_chunk_gated_delta_rule`'s."""
-    from fla.modules.norm.l2norm import l2norm_fwd
     from fla.ops.common.chunk_o import chunk_fwd_o
-    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
-    from fla.ops.utils import chunk_local_cumsum
-    from fla.ops.utils.constant import RCP_LN2
 
     from jetnas.ops.triton_affine_pass import affine_state_pass
 
@@ -181,13 +185,7 @@ def affine_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output
     # Triton launches on the current device (fla's input_guard does the same); on CPU (tests: fla's stand-ins and
     # the interpreter) there is none to set
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
-        scale = k.shape[-1] ** -0.5 if scale is None else scale
-        if use_qk_l2norm:
-            q, _ = l2norm_fwd(q)
-            k, _ = l2norm_fwd(k)
-        g = chunk_local_cumsum(g.contiguous(), chunk_size=chunk, scale=RCP_LN2)
-        w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk)
+        q, k, g, w, u, scale = _chunk_local_fla(q, k, v, g, beta, scale, use_qk_l2norm, chunk)
         h, v_new, final_state = affine_state_pass(k, w, u, g, initial_state, output_final_state, chunk_size=chunk,
                                                   precise=precise)
         o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, chunk_size=chunk)

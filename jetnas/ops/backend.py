@@ -98,8 +98,8 @@ class Backend:
     # (2026-12-07). Expected (arithmetic): fla's l2norm pass took 0.37 of the SmolLM2 hybrid's 14.4 GPU-ms at 8K.
     conv_l2norm: bool = True
     # Off: CPU-tested against the state pass's contract (float32 1e-5 under the interpreter, bf16 within rounding:
-    # tests/ops/test_affine_pass.py), not yet run on a GPU (2026-12-07); benchmarks/gdn_affine_pass_bench.py and
-    # `prefill_bench.py --experimental affine_state_pass` measure and judge it there.
+    # tests/ops/test_affine_pass.py), not yet run on a GPU (2026-12-07); `benchmarks/gdn_segment_pass_bench.py
+    # --affine bf16,tf32` and `benchmarks/prefill_bench.py --affine-state-pass bf16,tf32` measure and judge it there.
     affine_state_pass: str = "off"
     interpret: bool = False
 

@@ -20,15 +20,16 @@ The update is affine in S, and its matrix does not depend on S:
 so M_c is computed for every chunk at once beforehand (`_affine_m_kernel`, parallel over chunks and heads), and
 the sequential kernel (`_affine_pass_kernel`) has one product on the state's path per chunk (M_c S_c); the other two
 (Kt_c^T U_c, which needs no state, and W_c S_c for v_new, which nothing later in the chain needs) are off it.
-The decay d_c S_c stays an float32 elementwise product, as in fla: only the correction goes through the matrix unit.
+The decay d_c S_c stays a float32 elementwise product, as in fla: only the correction goes through the matrix unit.
 
 Rounding: `precise=False` stores M in the inputs' dtype (bf16) and multiplies it into the state rounded to bf16, as
 fla rounds the state for W S; `precise=True` keeps M and the state in float32 for that product (TF32 on a GPU).
 Outputs as fla's: `h [B, NT, H, K, V]` (each chunk's initial state) in k's dtype, `v_new` in u's dtype, the final
 state float32.
 
-Whether it is faster is for a GPU to say (`benchmarks/gdn_affine_pass_bench.py`); `Backend.affine_state_pass`
-switches it on in the model's prefill.
+Whether it is faster is for a GPU to say (`benchmarks/gdn_segment_pass_bench.py --affine bf16,tf32`, and the
+model's rows of `benchmarks/prefill_bench.py --affine-state-pass`); `Backend.affine_state_pass` switches it on in
+the model's prefill.
 """
 
 from __future__ import annotations

@@ -118,11 +118,9 @@ def logits_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_p = F.log_softmax(teacher_logits.float() / t, -1)
     log_q = F.log_softmax(student_logits.float() / t, -1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    plain = per_token.detach().mean() * t * t
-    if token_weight is None:
-        return per_token.mean() * t * t, plain
-    per_token = per_token * _check_token_weight(token_weight, per_token.shape, "logits_kl")
-    return per_token.mean() * t * t, plain
+    weighted = per_token if token_weight is None else (
+        per_token * _check_token_weight(token_weight, per_token.shape, "logits_kl"))
+    return weighted.mean() * t * t, per_token.detach().mean() * t * t
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,11 +140,9 @@ def lm_loss_terms(logits: torch.Tensor, labels: torch.Tensor, token_weight: torc
     flat_logits, flat_labels = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
     per_token = F.cross_entropy(flat_logits, flat_labels, reduction="none")  # 0 at labels -100
     count = (flat_labels != -100).sum().clamp_min(1)
-    plain = per_token.detach().sum() / count
-    if token_weight is None:
-        return per_token.sum() / count, plain
-    w = _check_token_weight(token_weight, labels.shape, "lm_loss").reshape(-1)
-    return (per_token * w).sum() / count, plain
+    weighted = per_token if token_weight is None else (
+        per_token * _check_token_weight(token_weight, labels.shape, "lm_loss").reshape(-1))
+    return weighted.sum() / count, per_token.detach().sum() / count
 
 
 def head_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
