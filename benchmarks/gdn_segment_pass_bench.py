@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from jetnas.ops.backend import parse_affine
+
 SHAPES = "1x9x64x64,1x12x96x256"  # SmolLM2-135M hybrid's GDN; Jet-Nemotron-2B's JetBlock (jetnas.models.presets)
 
 
@@ -137,10 +139,11 @@ def _measure(shape: str, T: int, args, rows: list, checks: list) -> None:
                 path_row({**base, "path": f"segments:{summary}", "P": P},
                          lambda summary=summary, P=P: _fla.segment_parallel_chunk_gated_delta_rule(
                              q, k, v, g, beta, None, S0, True, True, P, summary))
-        for precision in filter(None, args.affine.split(",")):
-            path_row({**base, "path": f"affine:{precision}"},
-                     lambda precision=precision: _fla.affine_chunk_gated_delta_rule(
-                         q, k, v, g, beta, None, S0, True, True, precise=precision == "tf32"))
+        for value in filter(None, args.affine.split(",")):
+            precision, variant = parse_affine(value)
+            path_row({**base, "path": f"affine:{value}"},
+                     lambda precision=precision, variant=variant: _fla.affine_chunk_gated_delta_rule(
+                         q, k, v, g, beta, None, S0, True, True, precise=precision == "tf32", variant=variant))
         if args.affine:
             _state_pass_sweep(q, k, v, g, beta, S0, base, args, rows)
 
@@ -173,26 +176,31 @@ def _state_pass_sweep(q, k, v, g, beta, S0, base: dict, args, rows: list) -> Non
     ref_h, ref_v, _ = fla_pass()
     fla_ms = graph_time(fla_pass, args.repeats, sync_time)
     rows.append({**base, "path": "state-pass:fla", "graph_ms": fla_ms})
-    for precision in filter(None, args.affine.split(",")):
-        for launch in args.affine_launches.split(","):
-            bv, warps, stages = (int(x) for x in launch.split("x"))
-            row = {**base, "path": f"state-pass:affine:{precision}", "launch": launch}
-            if bv > triton_next_pow2(v.shape[-1]):
-                continue
+    # every launch for the "loop" kernel of each precision, the other variants at the first launch
+    precisions = sorted({parse_affine(value)[0] for value in filter(None, args.affine.split(","))})
+    launches = args.affine_launches.split(",")
+    runs = [(p, "loop", launch) for p in precisions for launch in launches]
+    variants = [variant for variant in args.affine_variants.split(",") if variant]
+    runs += [(p, variant, launches[0]) for p in precisions for variant in variants]
+    for precision, variant, launch in runs:
+        bv, warps, stages = (int(x) for x in launch.split("x"))
+        row = {**base, "path": f"state-pass:affine:{precision}:{variant}", "launch": launch}
+        if bv > triton_next_pow2(v.shape[-1]):
+            continue
 
-            def ours(precision=precision, bv=bv, warps=warps, stages=stages):
-                return affine_state_pass(kn, w, u, g2, S0, True, precise=precision == "tf32", block_v=bv,
-                                         num_warps=warps, num_stages=stages)
+        def ours(precision=precision, bv=bv, warps=warps, stages=stages, variant=variant):
+            return affine_state_pass(kn, w, u, g2, S0, True, precise=precision == "tf32", block_v=bv,
+                                     num_warps=warps, num_stages=stages, variant=variant)
 
-            try:
-                h, vn, _ = ours()
-                torch.cuda.synchronize()
-                row.update(h_rel_to_fla=_rel(h, ref_h), v_new_rel_to_fla=_rel(vn, ref_v))
-                row["graph_ms"] = graph_time(ours, args.repeats, sync_time)
-                row["graph_speedup"] = fla_ms / row["graph_ms"]
-            except Exception as e:  # a launch Triton refuses (shared memory): say so, go on
-                row["error"] = str(e)[:300]
-            rows.append(row)
+        try:
+            h, vn, _ = ours()
+            torch.cuda.synchronize()
+            row.update(h_rel_to_fla=_rel(h, ref_h), v_new_rel_to_fla=_rel(vn, ref_v))
+            row["graph_ms"] = graph_time(ours, args.repeats, sync_time)
+            row["graph_speedup"] = fla_ms / row["graph_ms"]
+        except Exception as e:  # a launch Triton refuses (shared memory): say so, go on
+            row["error"] = str(e)[:300]
+        rows.append(row)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -240,6 +248,9 @@ def main() -> None:
                          "against fla's at each of --affine-launches")
     ap.add_argument("--affine-launches", default="64x4x2,64x4x3,32x4x2,32x2x2,16x2x2,64x8x2",
                     help="the affine pass's launches to time, block_v x num_warps x num_stages")
+    ap.add_argument("--affine-variants", default="v-after,pre-n",
+                    help="the affine pass's other variants (jetnas.ops.triton_affine_pass.VARIANTS), timed at the "
+                         "first launch")
     ap.add_argument("--initial-state", action="store_true", help="start from a random state (prefill after a cache)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

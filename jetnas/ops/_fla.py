@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from jetnas.ops.backend import needs_grad
+from jetnas.ops.backend import needs_grad, parse_affine
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
@@ -28,8 +28,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
         g = q.new_zeros(q.shape[:3], dtype=torch.float32)
     if (affine != "off" and cu_seqlens is None and k.shape[-1] <= 128 and v.shape[2] == k.shape[2]
             and not needs_grad(q, k, v, g, beta, initial_state)):
+        precision, variant = parse_affine(affine)
         return affine_chunk_gated_delta_rule(q, k, v, g.float(), beta, scale, initial_state, output_final_state,
-                                             use_qk_l2norm, precise=affine == "tf32")
+                                             use_qk_l2norm, precise=precision == "tf32", variant=variant)
     if segments > 1 and cu_seqlens is None and not needs_grad(q, k, v, g, beta, initial_state):
         from jetnas.ops.segment_pass import segment_count
 
@@ -172,7 +173,7 @@ def _chunk_local_fla(q, k, v, g, beta, scale, use_qk_l2norm, chunk):
 
 
 def affine_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                  precise: bool = False):
+                                  precise: bool = False, variant: str = "loop"):
     """fla 0.6's chunked gated delta rule forward (no autograd, equal-length sequences, H heads for all) with its
     state pass `chunk_gated_delta_rule_fwd_h` replaced by `triton_affine_pass.affine_state_pass` (same contract):
     fla's chunk-local cumsum and WY kernels before it, its output kernel after. Arguments and returns as
@@ -187,7 +188,7 @@ def affine_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         q, k, g, w, u, scale = _chunk_local_fla(q, k, v, g, beta, scale, use_qk_l2norm, chunk)
         h, v_new, final_state = affine_state_pass(k, w, u, g, initial_state, output_final_state, chunk_size=chunk,
-                                                  precise=precise)
+                                                  precise=precise, variant=variant)
         o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, chunk_size=chunk)
     return o.to(q.dtype), final_state
 

@@ -16,8 +16,25 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
-#: `Backend.affine_state_pass` values: off, or the precision of the state pass's one product per chunk
-AFFINE_PASSES = ("off", "bf16", "tf32")
+#: `Backend.affine_state_pass`: "off", or the precision of the state pass's one product per chunk, optionally with
+#: where its side work goes after a colon ("bf16:pre-n"; `jetnas.ops.triton_affine_pass`, default "loop")
+AFFINE_PRECISIONS = ("bf16", "tf32")
+AFFINE_VARIANTS = ("loop", "v-after", "pre-n")
+
+
+def parse_affine(value: str) -> tuple[str, str] | None:
+    """`Backend.affine_state_pass` as `(precision, variant)`, None for "off".
+
+    Raises:
+        ValueError: another value (named).
+    """
+    if value == "off":
+        return None
+    precision, _, variant = value.partition(":")
+    if precision not in AFFINE_PRECISIONS or (variant and variant not in AFFINE_VARIANTS):
+        raise ValueError(f"affine_state_pass must be 'off' or one of {AFFINE_PRECISIONS}, optionally ':' and one of "
+                         f"{AFFINE_VARIANTS}, got {value!r}")
+    return precision, variant or "loop"
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,8 @@ class Backend:
         affine_state_pass: with "triton", the chunked gated delta rule's state pass when no gradient is needed and no
             `cu_seqlens` are given, for head key dims <= 128: "off" (fla's pass, two chained products per chunk),
             "bf16" or "tf32" (`jetnas.ops.triton_affine_pass`: the chunks' state matrices computed in parallel first,
-            one product per chunk on the sequential path; the name is the precision of that product).
+            one product per chunk on the sequential path; the name is the precision of that product), optionally
+            with the kernel's variant after a colon (`parse_affine`).
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """
@@ -108,8 +126,7 @@ class Backend:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.name!r}")
         if not isinstance(self.segment_state_pass, int) or self.segment_state_pass < 0:
             raise ValueError(f"segment_state_pass must be an int >= 0, got {self.segment_state_pass!r}")
-        if self.affine_state_pass not in AFFINE_PASSES:
-            raise ValueError(f"affine_state_pass must be one of {AFFINE_PASSES}, got {self.affine_state_pass!r}")
+        parse_affine(self.affine_state_pass)
         if self.segment_state_pass > 1 and self.name == "triton":
             warnings.warn("Backend.segment_state_pass is experimental: on a GPU (2026-12-06) the fla path moved a "
                           "model's logits far beyond rounding noise; results may be wrong", stacklevel=3)

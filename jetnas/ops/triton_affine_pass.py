@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from jetnas.ops.backend import AFFINE_VARIANTS
 from jetnas.ops.triton_attention import _dot
 
 
@@ -62,9 +63,11 @@ def reference_state_pass(k, w, u, g, initial_state=None, output_final_state=Fals
 
 
 @triton.jit
-def _affine_m_kernel(k_ptr, w_ptr, g_ptr, m_ptr, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                     BK: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
-    """M_c = Kt_c^T W_c for one (chunk, batch x head): [K, K], stored as m's dtype."""
+def _affine_m_kernel(k_ptr, w_ptr, g_ptr, m_ptr, u_ptr, n_ptr, T, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISE: tl.constexpr,
+                     PRE_N: tl.constexpr, UPCAST: tl.constexpr):
+    """M_c = Kt_c^T W_c for one (chunk, batch x head): [K, K], stored as m's dtype; with PRE_N also
+    N_c = Kt_c^T U_c ([K, V], float32, value block by value block)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -86,15 +89,25 @@ def _affine_m_kernel(k_ptr, w_ptr, g_ptr, m_ptr, T, H: tl.constexpr, K: tl.const
     base = ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * K
     tl.store(m_ptr + base + o_k[:, None] * K + o_k[None, :], b_m.to(m_ptr.dtype.element_ty),
              mask=m_k[:, None] & m_k[None, :])
+    if PRE_N:
+        b_ktb = b_kt.to(b_k.dtype)  # rounded as the sequential kernel rounds it for its own Kt^T U
+        n_base = ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_u = tl.load(u_ptr + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+            b_n = _dot(tl.trans(b_ktb), b_u, "tf32", UPCAST)
+            tl.store(n_ptr + n_base + o_k[:, None] * V + o_v[None, :], b_n, mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _affine_pass_kernel(k_ptr, w_ptr, u_ptr, g_ptr, m_ptr, h_ptr, v_new_ptr, h0_ptr, ht_ptr, T, H: tl.constexpr,
-                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        USE_H0: tl.constexpr,
-                        STORE_HT: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
-    """One (value block, batch x head) through every chunk in sequence: stores each chunk's initial state and new
-    values; the state's update has the one product M_c S_c on its path."""
+def _affine_pass_kernel(k_ptr, w_ptr, u_ptr, g_ptr, m_ptr, n_ptr, h_ptr, v_new_ptr, h0_ptr, ht_ptr, T,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PRECISE: tl.constexpr,
+                        SAVE_V: tl.constexpr, PRE_N: tl.constexpr, UPCAST: tl.constexpr):
+    """One (value block, batch x head) through every chunk in sequence: stores each chunk's initial state (and,
+    with SAVE_V, its new values); the state's update has the one product M_c S_c on its path. PRE_N: N_c = Kt_c^T
+    U_c is read (from `_affine_m_kernel`) instead of computed here."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -114,10 +127,6 @@ def _affine_pass_kernel(k_ptr, w_ptr, u_ptr, g_ptr, m_ptr, h_ptr, v_new_ptr, h0_
         tl.store(h_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + state,
                  b_h.to(h_ptr.dtype.element_ty), mask=m_kv)
         b_hb = b_h.to(k_ptr.dtype.element_ty)
-        b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_u = tl.load(u_ptr + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_k = tl.load(k_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_g = tl.load(g_ptr + rows, mask=m_t, other=0.0)
         last = tl.minimum((i_t + 1) * BT, T) - 1
         b_gl = tl.load(g_ptr + (i_b * T + last).to(tl.int64) * H + i_h)
         b_m = tl.load(m_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :],
@@ -128,14 +137,53 @@ def _affine_pass_kernel(k_ptr, w_ptr, u_ptr, g_ptr, m_ptr, h_ptr, v_new_ptr, h0_
         else:
             b_ms = _dot(b_m, b_hb, "tf32", UPCAST)
         # off it: the new values (stored for the output kernel) and the state-free write Kt^T U
-        b_v = b_u.to(tl.float32) - _dot(b_w, b_hb, "tf32", UPCAST)
-        tl.store(v_new_ptr + rows[:, None] * V + o_v[None, :], b_v.to(v_new_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        b_kt = (b_k.to(tl.float32) * tl.exp2(b_gl - b_g)[:, None]).to(b_u.dtype)
-        b_n = _dot(tl.trans(b_kt), b_u, "tf32", UPCAST)
+        if SAVE_V or not PRE_N:
+            b_u = tl.load(u_ptr + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        if SAVE_V:
+            b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+            b_v = b_u.to(tl.float32) - _dot(b_w, b_hb, "tf32", UPCAST)
+            tl.store(v_new_ptr + rows[:, None] * V + o_v[None, :], b_v.to(v_new_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+        if PRE_N:
+            b_n = tl.load(n_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + state, mask=m_kv, other=0.0)
+        else:
+            b_k = tl.load(k_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+            b_g = tl.load(g_ptr + rows, mask=m_t, other=0.0)
+            b_kt = (b_k.to(tl.float32) * tl.exp2(b_gl - b_g)[:, None]).to(b_u.dtype)
+            b_n = _dot(tl.trans(b_kt), b_u, "tf32", UPCAST)
         b_h = b_h * tl.exp2(b_gl) - b_ms + b_n
     if STORE_HT:
         tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + state, b_h, mask=m_kv)
+
+
+@triton.jit
+def _affine_v_new_kernel(w_ptr, u_ptr, h_ptr, v_new_ptr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    """v_new_c = U_c - W_c S_c for one (chunk, batch x head, value block) from the stored states (rounded as the
+    sequential kernel rounds S for this product), when the pass left it out of its loop."""
+    i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    rows = (i_b * T + o_t).to(tl.int64) * H + i_h
+    b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_u = tl.load(u_ptr + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_s = tl.load(h_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)
+    b_v = b_u.to(tl.float32) - _dot(b_w, b_s.to(b_w.dtype), "tf32", UPCAST)
+    tl.store(v_new_ptr + rows[:, None] * V + o_v[None, :], b_v.to(v_new_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+#: where the sequential kernel's side work goes (`affine_state_pass`'s `variant`): "loop" computes the new values
+#: and Kt^T U inside it, "v-after" the new values in a parallel kernel afterwards, "pre-n" also Kt^T U beforehand
+#: (with M), leaving the loop one product, a load of M and N, and the state's store
+VARIANTS = AFFINE_VARIANTS
 
 
 def default_stages(block_k: int, precise: bool) -> int:
@@ -147,7 +195,7 @@ def default_stages(block_k: int, precise: bool) -> int:
 def affine_state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tensor,
                       initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                       chunk_size: int = 64, precise: bool = False, block_v: int | None = None,
-                      num_warps: int = 4, num_stages: int | None = None):
+                      num_warps: int = 4, num_stages: int | None = None, variant: str = "loop"):
     """fla's `chunk_gated_delta_rule_fwd_h` (equal-length sequences) by the affine form (module docstring).
 
     Args:
@@ -156,6 +204,7 @@ def affine_state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torc
         precise: M and the state in float32 for their product (module docstring).
         block_v, num_warps, num_stages: the sequential kernel's launch (block_v default: min(64, V) rounded up to a
             power of two >= 16; num_stages default: `default_stages`).
+        variant: where the side work goes (`VARIANTS`): the same numbers up to float32 order, other launches.
 
     Returns:
         `(h [B, NT, H, K, V]` in k's dtype, `v_new [B, T, H, V]` in u's dtype, `final [B, H, K, V]` float32 or None).
@@ -167,6 +216,8 @@ def affine_state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torc
     if w.shape != k.shape or u.shape[:3] != k.shape[:3] or g.shape != k.shape[:3]:
         raise ValueError(f"affine_state_pass: shapes k {tuple(k.shape)}, w {tuple(w.shape)}, u {tuple(u.shape)}, "
                          f"g {tuple(g.shape)} do not match")
+    if variant not in VARIANTS:
+        raise ValueError(f"affine_state_pass: variant must be one of {VARIANTS}, got {variant!r}")
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"affine_state_pass: chunk_size must be 16, 32 or 64, got {chunk_size}")
     k, w, u, g = (x.contiguous() for x in (k, w, u, g))
@@ -180,9 +231,15 @@ def affine_state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torc
     h0 = initial_state.contiguous() if initial_state is not None else None
     # Triton's CPU interpreter multiplies bf16 tiles as raw bits: there the operands go up to float32 (`_dot`)
     upcast = k.device.type == "cpu" and k.dtype != torch.float32
-    _affine_m_kernel[(NT, B * H)](k, w, g, m, T, H=H, K=K, BT=chunk_size, BK=BK, PRECISE=precise, UPCAST=upcast)
+    pre_n, save_v = variant == "pre-n", variant == "loop"
+    n = torch.empty(B, NT, H, K, V, device=k.device, dtype=torch.float32) if pre_n else None
+    _affine_m_kernel[(NT, B * H)](k, w, g, m, u, n, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+                                  PRECISE=precise, PRE_N=pre_n, UPCAST=upcast)
     _affine_pass_kernel[(triton.cdiv(V, BV), B * H)](
-        k, w, u, g, m, h, v_new, h0, final, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-        USE_H0=h0 is not None, STORE_HT=final is not None, PRECISE=precise, UPCAST=upcast, num_warps=num_warps,
-        num_stages=num_stages or default_stages(BK, precise))
+        k, w, u, g, m, n, h, v_new, h0, final, T, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        USE_H0=h0 is not None, STORE_HT=final is not None, PRECISE=precise, SAVE_V=save_v, PRE_N=pre_n,
+        UPCAST=upcast, num_warps=num_warps, num_stages=num_stages or default_stages(BK, precise))
+    if not save_v:
+        _affine_v_new_kernel[(NT, B * H, triton.cdiv(V, BV))](w, u, h, v_new, T, H=H, K=K, V=V, BT=chunk_size,
+                                                             BK=BK, BV=BV, UPCAST=upcast)
     return h, v_new, final

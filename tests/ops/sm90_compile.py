@@ -111,15 +111,20 @@ def more_cases():
     for precise in (False, True):
         for K, BK in ((64, 64), (96, 128)):
             pointers = {n: "*bf16" for n in ("k_ptr", "w_ptr", "u_ptr", "h_ptr", "v_new_ptr")}
-            pointers.update({"g_ptr": "*fp32", "m_ptr": "*fp32" if precise else "*bf16", "h0_ptr": "*fp32",
-                             "ht_ptr": "*fp32"})
+            pointers.update({"g_ptr": "*fp32", "m_ptr": "*fp32" if precise else "*bf16", "n_ptr": "*fp32",
+                             "h0_ptr": "*fp32", "ht_ptr": "*fp32"})
+            shape = {"H": 9, "K": K, "V": 64 if K == 64 else 256, "BT": 64, "BK": BK, "BV": 64, "UPCAST": False}
             tag = f"K {K}, {'tf32' if precise else 'bf16'}"
-            yield (f"affine pass M ({tag})", affine._affine_m_kernel, pointers,
-                   {"H": 9, "K": K, "BT": 64, "BK": BK, "PRECISE": precise, "UPCAST": False})
-            yield (f"affine pass ({tag})", affine._affine_pass_kernel, pointers,
-                   {"H": 9, "K": K, "V": 64 if K == 64 else 256, "BT": 64, "BK": BK, "BV": 64, "USE_H0": True,
-                    "STORE_HT": True, "PRECISE": precise, "UPCAST": False},
-                   {"num_warps": 4, "num_stages": affine.default_stages(BK, precise)})
+            for pre_n in (False, True):
+                yield (f"affine pass M ({tag}{', N' if pre_n else ''})", affine._affine_m_kernel, pointers,
+                       {**shape, "PRECISE": precise, "PRE_N": pre_n})
+            for variant in affine.VARIANTS:
+                yield (f"affine pass ({tag}, {variant})", affine._affine_pass_kernel, pointers,
+                       {**shape, "USE_H0": True, "STORE_HT": True, "PRECISE": precise, "SAVE_V": variant == "loop",
+                        "PRE_N": variant == "pre-n"},
+                       {"num_warps": 4, "num_stages": affine.default_stages(BK, precise)})
+            if not precise:
+                yield f"affine pass v_new after (K {K})", affine._affine_v_new_kernel, pointers, shape
 
     bf16 = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "beta_ptr", "o_ptr", "alog_ptr", "dtb_ptr")}
     for name, flags in (("GLA, per-key decay", {"DELTA": False, "USE_G": True, "G_PER_KEY": True, "USE_BETA": False,

@@ -60,25 +60,27 @@ def f64(*xs):
     return [x.double().cpu() for x in xs]
 
 
-@pytest.mark.parametrize(("B", "T", "H", "K", "V", "with_state", "block_v"), [
-    (1, 200, 2, 32, 32, True, None),     # ragged last chunk, initial state
-    (2, 128, 3, 16, 48, False, 16),      # K != V, three value blocks, batch 2
-    (1, 64 * 3 + 1, 1, 64, 16, True, None),  # a one-token last chunk
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "with_state", "block_v", "variant"), [
+    (1, 200, 2, 32, 32, True, None, "loop"),     # ragged last chunk, initial state
+    (2, 128, 3, 16, 48, False, 16, "loop"),      # K != V, three value blocks, batch 2
+    (1, 64 * 3 + 1, 1, 64, 16, True, None, "loop"),  # a one-token last chunk
+    (2, 200, 2, 32, 48, True, 16, "v-after"),   # the new values in a kernel of their own
+    (2, 200, 2, 32, 48, True, 16, "pre-n"),     # and Kt^T U with M, value block by value block
 ])
-def test_precise_float32_matches_the_reference(B, T, H, K, V, with_state, block_v):
+def test_precise_float32_matches_the_reference(B, T, H, K, V, with_state, block_v, variant):
     (k, w, u, g), h0 = wy_inputs(B, T, H, K, V, dtype=torch.float32)
     h0 = h0 if with_state else None
-    h, v_new, final = affine_state_pass(k, w, u, g, h0, True, precise=True, block_v=block_v)
+    h, v_new, final = affine_state_pass(k, w, u, g, h0, True, precise=True, block_v=block_v, variant=variant)
     rh, rv, rf = reference_state_pass(*f64(k, w, u, g), None if h0 is None else h0.double().cpu(), True)
     assert h.shape == rh.shape and v_new.shape == rv.shape and final.dtype == torch.float32
     for ours, ref in ((h, rh), (v_new, rv), (final, rf)):
         assert rel_err(ours.double().cpu(), ref) < 1e-5
 
 
-@pytest.mark.parametrize("precise", [False, True])
-def test_bf16_within_rounding_of_the_float64_reference(precise):
+@pytest.mark.parametrize(("precise", "variant"), [(False, "loop"), (True, "loop"), (False, "pre-n")])
+def test_bf16_within_rounding_of_the_float64_reference(precise, variant):
     (k, w, u, g), h0 = wy_inputs(1, 256 + 17, 2, 64, 64, seed=1, dtype=torch.bfloat16)
-    h, v_new, final = affine_state_pass(k, w, u, g, h0, True, precise=precise)
+    h, v_new, final = affine_state_pass(k, w, u, g, h0, True, precise=precise, variant=variant)
     rh, rv, rf = reference_state_pass(*f64(k, w, u, g), h0.double().cpu(), True)
     assert h.dtype == torch.bfloat16 and v_new.dtype == torch.bfloat16
     for ours, ref in ((h, rh), (v_new, rv), (final, rf)):
@@ -101,11 +103,14 @@ def test_bad_shapes_are_refused_with_the_values():
         affine_state_pass(k.new_zeros(1, 64, 1, 256), k.new_zeros(1, 64, 1, 256), u, g)
     with pytest.raises(ValueError, match=r"w \(1, 63, 1, 16\)"):
         affine_state_pass(k, w[:, :63], u, g)
+    with pytest.raises(ValueError, match="'fused'"):
+        affine_state_pass(k, w, u, g, variant="fused")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="fla's stand-ins are CPU PyTorch; on CUDA the GPU benchmark judges it")
-@pytest.mark.parametrize(("B", "T", "with_state", "precise"), [(1, 200, True, False), (2, 128, False, True)])
-def test_the_fla_adapter_with_the_affine_pass_matches_the_reference(fake_fla, B, T, with_state, precise):
+@pytest.mark.parametrize(("B", "T", "with_state", "precise", "variant"), [(1, 200, True, False, "loop"),
+                                                                          (2, 128, False, True, "pre-n")])
+def test_the_fla_adapter_with_the_affine_pass_matches_the_reference(fake_fla, B, T, with_state, precise, variant):
     # `_fla.affine_chunk_gated_delta_rule` on fla 0.6's contracts (test_segment_pass_fla_adapter's stand-ins): the
     # whole op (normalisation, cumsum, WY form, the affine pass, the output) against the PyTorch chunked reference
     from jetnas.ops import _fla
@@ -118,7 +123,8 @@ def test_the_fla_adapter_with_the_affine_pass_matches_the_reference(fake_fla, B,
     g = -1e-3 * torch.rand(B, T, H, generator=gen)
     beta = torch.rand(B, T, H, generator=gen)
     h0 = torch.randn(B, H, K, V, generator=gen) if with_state else None
-    o, final = _fla.affine_chunk_gated_delta_rule(q, k, v, g, beta, None, h0, True, True, precise=precise)
+    o, final = _fla.affine_chunk_gated_delta_rule(q, k, v, g, beta, None, h0, True, True, precise=precise,
+                                                  variant=variant)
     ro, rf = naive_chunk_gated_delta_rule(q, k, v, g, beta, None, h0, True, None, True)
     assert rel_err(o, ro) < 1e-4 and rel_err(final, rf) < 1e-4
 
@@ -126,6 +132,10 @@ def test_the_fla_adapter_with_the_affine_pass_matches_the_reference(fake_fla, B,
 def test_the_backend_names_a_bad_affine_precision():
     from jetnas.ops.backend import Backend
 
+    from jetnas.ops.backend import parse_affine
+
     assert Backend("triton").affine_state_pass == "off"  # off by default until a GPU has judged it
-    with pytest.raises(ValueError, match="'fp8'"):
-        Backend("triton", affine_state_pass="fp8")
+    assert parse_affine("bf16") == ("bf16", "loop") and parse_affine("tf32:pre-n") == ("tf32", "pre-n")
+    for bad in ("fp8", "bf16:fused", "on"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            Backend("triton", affine_state_pass=bad)
