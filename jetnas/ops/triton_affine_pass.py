@@ -63,19 +63,24 @@ def reference_state_pass(k, w, u, g, initial_state=None, output_final_state=Fals
 
 
 @triton.jit
+def _chunk_rows(i_t, i_bh, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Chunk i_t of (batch x head) i_bh: `(batch, head, the positions' mask, key offsets, their mask, the positions'
+    token-major rows)`."""
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    return i_b, i_h, o_t < T, o_k, o_k < K, (i_b * T + o_t).to(tl.int64) * H + i_h
+
+
+@triton.jit
 def _affine_m_kernel(k_ptr, w_ptr, g_ptr, m_ptr, u_ptr, n_ptr, T, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISE: tl.constexpr,
                      PRE_N: tl.constexpr, UPCAST: tl.constexpr):
     """M_c = Kt_c^T W_c for one (chunk, batch x head): [K, K], stored as m's dtype; with PRE_N also
     N_c = Kt_c^T U_c ([K, V], float32, value block by value block)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h, m_t, o_k, m_k, rows = _chunk_rows(i_t, i_bh, T, H, K, BT, BK)
     NT = tl.cdiv(T, BT)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    rows = (i_b * T + o_t).to(tl.int64) * H + i_h  # token-major row of each position
     b_k = tl.load(k_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     b_g = tl.load(g_ptr + rows, mask=m_t, other=0.0)
@@ -162,15 +167,10 @@ def _affine_v_new_kernel(w_ptr, u_ptr, h_ptr, v_new_ptr, T, H: tl.constexpr, K: 
     """v_new_c = U_c - W_c S_c for one (chunk, batch x head, value block) from the stored states (rounded as the
     sequential kernel rounds S for this product), when the pass left it out of its loop."""
     i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h, m_t, o_k, m_k, rows = _chunk_rows(i_t, i_bh, T, H, K, BT, BK)
     NT = tl.cdiv(T, BT)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    rows = (i_b * T + o_t).to(tl.int64) * H + i_h
     b_w = tl.load(w_ptr + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     b_u = tl.load(u_ptr + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_s = tl.load(h_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
