@@ -115,6 +115,8 @@ teacher_eval() {  # issue 6: the full HellaSwag and MMLU, and the retrieval leng
 }
 
 recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes where the last call stopped
+  # (at its limit `timeout` sends SIGTERM: a training stage finishes its step, saves it and exits, 2026-12-07;
+  # before, the steps since the last save_every checkpoint ran again in the next call)
   # A run split over sessions (machines): RUN_FROM=<a committed copy of an earlier call's $OUT/run> puts its
   # pipeline.json and small outputs back, so the finished stages (whose later consumers need only those files:
   # placement, blocks, hardware results) are reused; only stage1 -> stage2 must run within one machine.

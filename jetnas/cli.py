@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         # user errors: one clear line, no traceback
         print(f"jetnas: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        # Ctrl-C, or SIGTERM between training steps (`jetnas.train.trainer.TrainingStopped`; a training stage saves
+        # its last completed step first): the shell's status for an interruption, and no traceback
+        print(f"jetnas: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     if isinstance(result, dict):
         print(json.dumps(result))
     return 0

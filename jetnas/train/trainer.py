@@ -29,7 +29,9 @@ import copy
 import hashlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -665,6 +667,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.is_main, file=sys.stderr,
                    dynamic_ncols=True)
         start, start_step, last = time.perf_counter(), self.step, {}
+        stop = _SigtermStop(enabled=self.world_size == 1)
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -681,14 +684,25 @@ class Trainer:
                     record.update({f"eval/{k}": v for k, v in self._evaluate().items()})
                 if evaluating or self.step % cfg.log_every == 0:
                     self._log(record)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                saved = cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps
+                if saved:
                     self._save()
+                if stop.signal is not None and self.step < cfg.steps:
+                    if not saved:
+                        self._save()
+                    raise TrainingStopped(f"stopped by signal {stop.signal} after step {self.step} of {cfg.steps}; "
+                                          f"saved in {self.out / 'checkpoints'}: the same command resumes there")
+        except TrainingStopped:
+            bar.close()
+            raise
         except KeyboardInterrupt:
             # keep what was trained: checkpoint the last completed step, then stop
             if self.step > start_step:
                 self._save()
             bar.close()
             raise
+        finally:
+            stop.restore()
         bar.close()
         final_eval = self._evaluate()
         if final_eval and self.step not in self._evaluated:  # a finished run resumed: its evaluation is logged
@@ -710,6 +724,34 @@ class Trainer:
         (a run that says `cuda_graph: true` but replayed nothing ran eagerly)."""
         live = self._static.replays if self._static is not None else 0
         return {"replayed_steps": self.graph_replays + live, "fallback": self.graph_failure}
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A run stopped between two steps by SIGTERM (a scheduler's preemption, `timeout`, a device call's time
+    limit), its last completed step saved: an interruption, as Ctrl-C is, that lost nothing."""
+
+
+class _SigtermStop:
+    """While a single-process run trains: SIGTERM asks the loop to stop after the step it is in (the step finishes,
+    is saved, and `TrainingStopped` is raised) instead of killing the process mid-step, which loses every step since
+    the last checkpoint. Off in multi-process runs (the ranks could stop after different steps and block in each
+    other's collectives) and outside the main thread (where Python cannot set a handler); `restore` puts the
+    previous handler back."""
+
+    def __init__(self, enabled: bool):
+        self.signal: int | None = None
+        self._installed = enabled and threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is the closest to it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
 
 def show_line(line: str, limit: int = 60) -> str:

@@ -86,6 +86,30 @@ def assert_equals_reference(model, out_dir, reference):
         assert torch.equal(p, ref_weights[n]), n
 
 
+def test_sigterm_stops_after_the_step_saves_it_and_the_run_resumes_exactly(tmp_path, reference):
+    # a scheduler's preemption or `timeout` sends SIGTERM: the step in progress finishes and is saved (step 3, not
+    # a save_every multiple), the run raises TrainingStopped (a KeyboardInterrupt) and the previous handler is back;
+    # the same command resumes and ends equal to an uninterrupted run
+    import signal
+
+    from jetnas.train.trainer import TrainingStopped
+
+    def terminated_at_2(model, batch, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lm_loss(model, batch, step)
+
+    before = signal.getsignal(signal.SIGTERM)
+    _, trainer = make_trainer(tmp_path, "run", loss=terminated_at_2)
+    with pytest.raises(TrainingStopped, match="after step 3 of 6"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
+                  if p.name.startswith("step-")) == ["step-00000002", "step-00000003"]
+    model, _, _ = run(tmp_path, "run")
+    assert_equals_reference(model, tmp_path / "run", reference)
+
+
 def assert_loads(path):
     """A checkpoint verifies and loads into a fresh model and optimizer, with finite weights."""
     assert checkpoint_problem(path) is None, path
