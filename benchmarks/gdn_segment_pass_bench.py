@@ -156,6 +156,7 @@ def _state_pass_sweep(q, k, v, g, beta, S0, base: dict, args, rows: list) -> Non
     """The state pass alone on the same inputs (fla's chunk-local cumsum and WY kernels first): fla's
     `chunk_gated_delta_rule_fwd_h` against `affine_state_pass` at each launch of `--affine-launches`
     (block_v x num_warps x num_stages) and precision, graphed; each path's h and v_new against fla's."""
+    import triton
     from fla.modules.norm.l2norm import l2norm_fwd
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
@@ -185,7 +186,7 @@ def _state_pass_sweep(q, k, v, g, beta, S0, base: dict, args, rows: list) -> Non
     for precision, variant, launch in runs:
         bv, warps, stages = (int(x) for x in launch.split("x"))
         row = {**base, "path": f"state-pass:affine:{precision}:{variant}", "launch": launch}
-        if bv > triton_next_pow2(v.shape[-1]):
+        if bv > triton.next_power_of_2(v.shape[-1]):
             continue
 
         def ours(precision=precision, bv=bv, warps=warps, stages=stages, variant=variant):
@@ -201,10 +202,6 @@ def _state_pass_sweep(q, k, v, g, beta, S0, base: dict, args, rows: list) -> Non
         except Exception as e:  # a launch Triton refuses (shared memory): say so, go on
             row["error"] = str(e)[:300]
         rows.append(row)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def run_gpu(args) -> dict:

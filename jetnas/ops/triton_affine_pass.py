@@ -19,7 +19,8 @@ The update is affine in S, and its matrix does not depend on S:
 
 so M_c is computed for every chunk at once beforehand (`_affine_m_kernel`, parallel over chunks and heads), and
 the sequential kernel (`_affine_pass_kernel`) has one product on the state's path per chunk (M_c S_c); the other two
-(Kt_c^T U_c, which needs no state, and W_c S_c for v_new, which nothing later in the chain needs) are off it.
+(Kt_c^T U_c, which needs no state, and W_c S_c for v_new, which nothing later in the chain needs) are off it, in the
+loop or in parallel kernels before and after it (`VARIANTS`).
 The decay d_c S_c stays a float32 elementwise product, as in fla: only the correction goes through the matrix unit.
 
 Rounding: `precise=False` stores M in the inputs' dtype (bf16) and multiplies it into the state rounded to bf16, as
@@ -126,9 +127,7 @@ def _affine_pass_kernel(k_ptr, w_ptr, u_ptr, g_ptr, m_ptr, n_ptr, h_ptr, v_new_p
     if USE_H0:
         b_h += tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + state, mask=m_kv, other=0.0).to(tl.float32)
     for i_t in range(NT):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        rows = (i_b * T + o_t).to(tl.int64) * H + i_h
+        _, _, m_t, _, _, rows = _chunk_rows(i_t, i_bh, T, H, K, BT, BK)
         tl.store(h_ptr + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + state,
                  b_h.to(h_ptr.dtype.element_ty), mask=m_kv)
         b_hb = b_h.to(k_ptr.dtype.element_ty)

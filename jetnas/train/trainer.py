@@ -669,9 +669,35 @@ class Trainer:
         start, start_step, last = time.perf_counter(), self.step, {}
         stop = _SigtermStop(enabled=self.world_size == 1)
         try:
+            self._train_loop(stop, start_step, tokens_per_step, bar, last)
+            final_eval = self._evaluate()
+            if final_eval and self.step not in self._evaluated:  # a finished run resumed: its evaluation is logged
+                self._log({"step": self.step, **{f"eval/{k}": v for k, v in final_eval.items()}})
+            if self.step > start_step or ckpt is None:
+                self._save()
+            else:
+                self._check_weights(f"the model resumed at step {self.step}")
+        finally:
+            # a SIGTERM that came during the last step or the final evaluation and save is delivered now, to the
+            # handler before ours, with everything saved
+            stop.restore()
+        elapsed = time.perf_counter() - start
+        done = self.step - start_step
+        return {"steps": self.step, "final_loss": last.get("loss"), "tokens": self.step * tokens_per_step,
+                "seconds": round(elapsed, 2),
+                "tokens_per_s": round(done * tokens_per_step / elapsed, 1) if done else None,
+                "eval": final_eval, "world_size": self.world_size, "skipped_steps": self.skipped_steps,
+                **({"cuda_graph": self.graph_summary()} if cfg.cuda_graph else {})}
+
+    def _train_loop(self, stop: _SigtermStop, start_step: int, tokens_per_step: int, bar, last: dict) -> None:
+        """The steps from `self.step` to the config's end (`last`: filled with the newest step's metrics); saves and
+        re-raises on Ctrl-C, saves and raises `TrainingStopped` on SIGTERM between steps (`stop`)."""
+        cfg = self.config
+        try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
-                last = self._train_step(self.step)
+                last.clear()
+                last.update(self._train_step(self.step))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 last["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
@@ -684,40 +710,19 @@ class Trainer:
                     record.update({f"eval/{k}": v for k, v in self._evaluate().items()})
                 if evaluating or self.step % cfg.log_every == 0:
                     self._log(record)
-                saved = cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps
-                if saved:
-                    self._save()
                 if stop.signal is not None and self.step < cfg.steps:
-                    if not saved:
-                        self._save()
+                    stop.handled = True
                     raise TrainingStopped(f"stopped by signal {stop.signal} after step {self.step} of {cfg.steps}; "
                                           f"saved in {self.out / 'checkpoints'}: the same command resumes there")
-        except TrainingStopped:
-            bar.close()
-            raise
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self._save()
         except KeyboardInterrupt:
-            # keep what was trained: checkpoint the last completed step, then stop
+            # keep what was trained (Ctrl-C or SIGTERM): checkpoint the last completed step, then stop
             if self.step > start_step:
                 self._save()
-            bar.close()
             raise
         finally:
-            stop.restore()
-        bar.close()
-        final_eval = self._evaluate()
-        if final_eval and self.step not in self._evaluated:  # a finished run resumed: its evaluation is logged
-            self._log({"step": self.step, **{f"eval/{k}": v for k, v in final_eval.items()}})
-        if self.step > start_step or ckpt is None:
-            self._save()
-        else:
-            self._check_weights(f"the model resumed at step {self.step}")
-        elapsed = time.perf_counter() - start
-        done = self.step - start_step
-        return {"steps": self.step, "final_loss": last.get("loss"), "tokens": self.step * tokens_per_step,
-                "seconds": round(elapsed, 2),
-                "tokens_per_s": round(done * tokens_per_step / elapsed, 1) if done else None,
-                "eval": final_eval, "world_size": self.world_size, "skipped_steps": self.skipped_steps,
-                **({"cuda_graph": self.graph_summary()} if cfg.cuda_graph else {})}
+            bar.close()
 
     def graph_summary(self) -> dict:
         """What the captured step did in this process: how many steps replayed it, and why it fell back if it did
@@ -740,6 +745,7 @@ class _SigtermStop:
 
     def __init__(self, enabled: bool):
         self.signal: int | None = None
+        self.handled = False  # the loop stopped for it (TrainingStopped)
         self._installed = enabled and threading.current_thread() is threading.main_thread()
         if self._installed:
             self._previous = signal.signal(signal.SIGTERM, self._note)
@@ -748,10 +754,15 @@ class _SigtermStop:
         self.signal = signum
 
     def restore(self) -> None:
-        if self._installed:
-            # None: the previous handler was not set from Python; the default is the closest to it
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-            self._installed = False
+        """Put the previous handler back; a signal noted but not acted on (it came during the last step or after)
+        is sent again, to that handler."""
+        if not self._installed:
+            return
+        # None: the previous handler was not set from Python; the default is the closest to it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+        self._installed = False
+        if self.signal is not None and not self.handled:
+            signal.raise_signal(self.signal)
 
 
 def show_line(line: str, limit: int = 60) -> str:

@@ -110,6 +110,28 @@ def test_sigterm_stops_after_the_step_saves_it_and_the_run_resumes_exactly(tmp_p
     assert_equals_reference(model, tmp_path / "run", reference)
 
 
+def test_a_sigterm_in_the_last_step_is_passed_on_once_the_run_is_saved(tmp_path):
+    # nothing is left to stop for: the run finishes, saves, and the signal then reaches the handler installed before
+    # (here a recording one; by default it would end the process, with everything saved)
+    import signal
+
+    seen = []
+
+    def terminated_last(model, batch, step):
+        if step == STEPS - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lm_loss(model, batch, step)
+
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        _, trainer = make_trainer(tmp_path, "run", loss=terminated_last)
+        summary = trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert summary["steps"] == STEPS and seen == [signal.SIGTERM]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}").is_dir()
+
+
 def assert_loads(path):
     """A checkpoint verifies and loads into a fresh model and optimizer, with finite weights."""
     assert checkpoint_problem(path) is None, path
