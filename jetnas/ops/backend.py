@@ -81,7 +81,8 @@ class Backend:
             `cu_seqlens` are given, for head key dims <= 128: "off" (fla's pass, two chained products per chunk),
             "bf16" or "tf32" (`jetnas.ops.triton_affine_pass`: the chunks' state matrices computed in parallel first,
             one product per chunk on the sequential path; the name is the precision of that product), optionally
-            with the kernel's variant after a colon (`parse_affine`).
+            with the kernel's variant after a colon (`parse_affine`). Off by default: slower than fla's on an H200
+            (0.86x in the SmolLM2 hybrid's 8K prefill; benchmarks/results/2026-12-07_h200_affine).
         interpret: our Triton kernels (not fla's) also take CPU tensors, which Triton runs in its interpreter; that
             must be on (`TRITON_INTERPRET=1` before Triton is imported, as tests/conftest.py does). For tests.
     """

@@ -28,9 +28,11 @@ fla rounds the state for W S; `precise=True` keeps M and the state in float32 fo
 Outputs as fla's: `h [B, NT, H, K, V]` (each chunk's initial state) in k's dtype, `v_new` in u's dtype, the final
 state float32.
 
-Whether it is faster is for a GPU to say (`benchmarks/gdn_segment_pass_bench.py --affine bf16,tf32`, and the
-model's rows of `benchmarks/prefill_bench.py --affine-state-pass`); `Backend.affine_state_pass` switches it on in
-the model's prefill.
+Measured slower (H200, 2026-12-07, benchmarks/results/2026-12-07_h200_affine): the pass alone 0.61-0.76x of fla's
+at every shape, the SmolLM2 hybrid's 8K prefill 0.86x, Jet-Nemotron-2B's 64K prefill 0.95x. One product per step
+is not what bounds the loop (fla's two-product step ~1.06 us, this one ~1.4 us): the per-step loads and stores
+are. So `Backend.affine_state_pass` stays "off"; the kernel is kept, tested, as the measured alternative
+(`benchmarks/gdn_segment_pass_bench.py --affine bf16,tf32`, `benchmarks/prefill_bench.py --affine-state-pass`).
 """
 
 from __future__ import annotations
