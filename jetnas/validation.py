@@ -244,7 +244,9 @@ _JET_RULES = {"num_heads": "size", "head_dim": "size", "expand_v": "positive tex
               "dconv_generator_reduction": "size", "norm_eps": "positive text", "mode": ("chunk", "fused_recurrent"),
               "dconv_implementation": "str", "qk_conv": ("none", "static", "dynamic"),
               "v_conv": ("none", "static", "dynamic"), "use_decay": "bool", "use_output_gate": "bool"}
-_SWA_RULES = {"window_size": "size"}
+#: `layer_windows`: `{layer index: window}` for `swa` layers whose window is not `window_size` (keys as JSON writes
+#: them, strings, or ints)
+_SWA_RULES = {"window_size": "size", "layer_windows": "layer sizes"}
 
 
 def _rules_from_signature(cls) -> dict[str, Any]:
@@ -291,6 +293,7 @@ def check_block_config(config: Any, where: str) -> dict:
             raise InputError(f"{where}: unknown block type {show(block)}; known: {', '.join(rules)}")
         if not isinstance(options, Mapping):
             raise InputError(f"{where}: [{show(block)}]={show(options)}: must be an object of options")
+        checked = dict(options)
         for key, value in options.items():
             field = f"[{show(block)}][{show(key)}]"
             rule = rules[block].get(key)
@@ -310,12 +313,28 @@ def check_block_config(config: Any, where: str) -> dict:
                 check_number(value, field, where, minimum=0.0, inclusive=True)
             elif rule == "bool":
                 check_bool(value, field, where)
+            elif rule == "layer sizes":
+                checked[key] = check_layer_sizes(value, field, where)
             elif isinstance(rule, tuple):
                 check_str(value, field, where, choices=rule)
             else:
                 check_str(value, field, where)
-        out[block] = dict(options)
+        out[block] = checked
     return out
+
+
+def check_layer_sizes(value: Any, field: str, where: str) -> dict[str, int]:
+    """`{layer index: size}` (indices as ints or decimal strings, sizes ints >= 1) with string keys, as JSON keeps
+    them, in layer order."""
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where}: {field}={show(value)}: must be an object of layer index -> size")
+    out = {}
+    for key, size in value.items():
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())):
+            raise InputError(f"{where}: {field}: key {show(key)} is not a layer index")
+        check_int(size, f"{field}[{show(key)}]", where)
+        out[str(int(key))] = size
+    return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
 
 def parse_block_config(value: str | Mapping | None, flag: str = "--block-config") -> dict | None:

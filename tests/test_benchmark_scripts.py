@@ -242,3 +242,24 @@ def test_swa_bench_checks_every_row_on_cpu(tmp_path):
         assert len(entry["sweep"]) == 2 and all(s["passed"] for s in entry["sweep"])
         assert entry["rows"]["triton"]["rel_vs_fp32"] < 1e-2
     assert "old ms" in proc.stdout
+
+
+def test_attention_locality_splits_a_known_attention_into_window_sink_and_rest():
+    from attention_locality import window_shares
+
+    # T = 6, one head: each query puts 0.5 on the first token, 0.3 on itself, 0.2 spread evenly over the keys between
+    T = 6
+    a = torch.zeros(1, 1, T, T)
+    for q in range(T):
+        a[0, 0, q, 0] += 0.5
+        a[0, 0, q, q] += 0.3 if q else 0.5
+        for k in range(1, q):
+            a[0, 0, q, k] += 0.2 / (q - 1)
+        if q == 1:
+            a[0, 0, q, 1] += 0.2
+    assert torch.allclose(a.sum(-1), torch.ones(1, 1, T))
+    inside, sink, rest = window_shares([a], [2])
+    # W = 2, queries 2..5: the window holds the query (0.3) and the key before it (0.2 / (q - 1))
+    want = sum(0.3 + 0.2 / (q - 1) for q in range(2, T)) / 4
+    assert inside[0, 0] == pytest.approx(want) and sink[0, 0] == pytest.approx(0.5)
+    assert rest[0, 0] == pytest.approx(want / 0.5)

@@ -40,7 +40,9 @@ class JetNemotronConfig(PretrainedConfig):
         block_types: the block of each layer, from `jetnas.layers.LAYER_TYPES`. (The released format's
             `layer_types` list of block names is accepted too and moved here.)
         efficient_attention_config: per block type, its keyword arguments: `{"swa": {"window_size": W}, "jet":
-            {released JetBlock keys}, "gdn": {...}}`.
+            {released JetBlock keys}, "gdn": {...}}`. `swa` layers may have windows of their own:
+            `{"swa": {"window_size": W, "layer_windows": {"8": 256}}}` (a jetnas extension: the released code reads
+            `window_size` only); `sliding_window` is then the largest window, which transformers' caches keep.
         attention_bias: bias on the q/k/v projections of attention layers (Qwen2: True, Llama/Qwen3: False).
         attention_out_bias: bias on o_proj of attention layers (Llama's `attention_bias` also sets this).
         qk_norm: per-head RMS norm on q and k (Qwen3).
@@ -95,8 +97,9 @@ class JetNemotronConfig(PretrainedConfig):
             self.block_types = ["attn"] * self.num_hidden_layers
         self._check()
         self.layer_types = [CACHE_KINDS[t] for t in self.block_types]
-        if "swa" in self.block_types:
-            self.sliding_window = int(self.efficient_attention_config["swa"]["window_size"])
+        if "swa" in self.block_types:  # the largest window: what a transformers cache's sliding layers keep
+            swa = self.efficient_attention_config["swa"]
+            self.sliding_window = max([int(swa["window_size"]), *swa.get("layer_windows", {}).values()])
         # a released config points at remote-code files we neither need nor ship
         kwargs.pop("auto_map", None)
         super().__post_init__(**kwargs)
@@ -124,7 +127,8 @@ class JetNemotronConfig(PretrainedConfig):
                 raise InputError(f"{where}: {name}={show(value)}: must be a list of layer type names")
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             raise InputError(f"{where}: rope_parameters={show(self.rope_parameters)}: must be an object")
-        check_block_config(self.efficient_attention_config, f"{where}: efficient_attention_config")
+        self.efficient_attention_config = check_block_config(self.efficient_attention_config,
+                                                             f"{where}: efficient_attention_config")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             for token in value if isinstance(value, list) else [value]:
@@ -148,16 +152,26 @@ class JetNemotronConfig(PretrainedConfig):
             if not isinstance(window, int) or window < 1:
                 raise InputError(f"JetNemotronConfig: efficient_attention_config['swa']['window_size'] must be an "
                                  f"int >= 1 when a layer is 'swa', got {window!r}")
+        for key in self.efficient_attention_config.get("swa", {}).get("layer_windows", {}):
+            i = int(key)
+            if i >= self.num_hidden_layers or self.block_types[i] != "swa":
+                found = self.block_types[i] if i < self.num_hidden_layers else \
+                    f"beyond the {self.num_hidden_layers} layers"
+                raise InputError(f"JetNemotronConfig: efficient_attention_config['swa']['layer_windows'] names layer "
+                                 f"{i}, which is not 'swa' ({found})")
 
-    def block_kwargs(self, block_type: str) -> dict[str, Any]:
-        """Keyword arguments for `jetnas.layers.build_layer(block_type, hidden_size, **kwargs)`."""
+    def block_kwargs(self, block_type: str, layer: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for `jetnas.layers.build_layer(block_type, hidden_size, **kwargs)`; `layer`: the layer's
+        index, for an `swa` layer's own window (`layer_windows`)."""
         rope_theta = (self.rope_parameters or {}).get("rope_theta", self.default_theta)
         if block_type in ATTENTION_TYPES:
             kwargs = dict(num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
                           head_dim=self.head_dim, qkv_bias=self.attention_bias, o_bias=self.attention_out_bias,
                           qk_norm=self.qk_norm, norm_eps=self.rms_norm_eps, rope_theta=rope_theta)
             if block_type == "swa":
-                kwargs["window_size"] = self.sliding_window or self.efficient_attention_config["swa"]["window_size"]
+                swa = self.efficient_attention_config["swa"]
+                own = swa.get("layer_windows", {}).get(str(layer)) if layer is not None else None
+                kwargs["window_size"] = own or swa["window_size"]
             return kwargs
         given = dict(self.efficient_attention_config.get(block_type, {}))
         if block_type == "jet":

@@ -13,7 +13,8 @@ search's block candidates are written in.
 An `swa` layer's window is the `swa` entry of the block config (`--block-config '{"swa": {"window_size": W}}'`,
 `--swa-window`); without one it is the teacher's own sliding window when its config has one in use, else
 `DEFAULT_SWA_WINDOW` = 512 tokens (the super-network's default, so a layout searched with default settings is built
-as it was searched), capped at half the teacher's positions (`jetnas.models.convert.default_swa_window`).
+as it was searched), capped at half the teacher's positions (`jetnas.models.convert.default_swa_window`). Single
+`swa` layers may have windows of their own: `{"swa": {"window_size": 1152, "layer_windows": {"14": 256}}}`.
 
 In a comma-separated list, options may also be separated by commas: a piece that is `KEY=VALUE` (no `:`) continues
 the entry before it, so `gdn,jet:qk_conv=dynamic,v_conv=static` is two entries. Options of `jet` are the released

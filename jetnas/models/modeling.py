@@ -75,7 +75,7 @@ class JetNemotronDecoderLayer(nn.Module):
         self.block_type = config.block_types[layer_idx]
         self.is_attention = self.block_type in ATTENTION_TYPES
         self.self_attn = build_layer(self.block_type, config.hidden_size, backend=backend,
-                                     **config.block_kwargs(self.block_type))
+                                     **config.block_kwargs(self.block_type, layer_idx))
         self.mlp = JetNemotronMLP(config, backend)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)

@@ -56,6 +56,10 @@ def test_preset_parameter_counts():
     assert 1.9e9 < n2 < 2.1e9 and 3.9e9 < n4 < 4.1e9
 
 
+def _swa(layer_windows):
+    return {"swa": {"window_size": 8, "layer_windows": layer_windows}}
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(block_types=["attn", "lstm"]), r"block_types\[1\]='lstm' is not a known block"),
     (dict(block_types=["attn"]), r"block_types has 1 entries but num_hidden_layers=2"),
@@ -67,8 +71,34 @@ def test_preset_parameter_counts():
     (dict(block_types=["jet", "attn"], efficient_attention_config={"jet": {"mode": "fast"}}),
      r"\['jet'\]\['mode'\]='fast': must be one of chunk, fused_recurrent"),
     (dict(num_key_value_heads=3), r"num_attention_heads=4 must be a multiple of num_key_value_heads=3"),
+    (dict(block_types=["attn", "swa"], efficient_attention_config=_swa({"0": 4})),
+     r"\['layer_windows'\] names layer 0, which is not 'swa' \(attn\)"),
+    (dict(block_types=["attn", "swa"], efficient_attention_config=_swa({"5": 4})),
+     r"names layer 5, which is not 'swa' \(beyond the 2 layers\)"),
+    (dict(block_types=["attn", "swa"], efficient_attention_config=_swa({"1": 0})),
+     r"\['layer_windows'\]\['1'\]=0: must be an integer >= 1"),
+    (dict(block_types=["attn", "swa"], efficient_attention_config=_swa({"x": 4})),
+     r"\['layer_windows'\]: key 'x' is not a layer index"),
+    (dict(block_types=["attn", "swa"], efficient_attention_config=_swa([4])),
+     r"\['layer_windows'\]=\[4\]: must be an object of layer index -> size"),
 ])
 def test_invalid_configs_name_field_and_value(fields, message):
     base = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
     with pytest.raises(ValueError, match=message):
         JetNemotronConfig(**{**base, **fields})
+
+
+def test_swa_layers_take_their_own_windows_and_the_config_round_trips(tmp_path):
+    from jetnas.models import JetNemotronForCausalLM
+
+    config = JetNemotronConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                               intermediate_size=64, vocab_size=97, block_types=["swa", "attn", "swa", "swa"],
+                               efficient_attention_config={"swa": {"window_size": 8, "layer_windows": {3: 3, "0": 5}}})
+    assert JetNemotronConfig(**{**config.to_dict(), "efficient_attention_config": {"swa": {
+        "window_size": 8, "layer_windows": {"3": 12}}}}).sliding_window == 12
+    windows = [layer.self_attn.window_size for layer in JetNemotronForCausalLM(config).model.layers]
+    assert windows == [5, None, 8, 3] and config.sliding_window == 8  # the largest
+    config.save_pretrained(tmp_path)  # JSON keys are strings: the config reads back the same
+    again = JetNemotronConfig.from_pretrained(tmp_path)
+    assert again.efficient_attention_config["swa"]["layer_windows"] == {"0": 5, "3": 3}
+    assert [again.block_kwargs("swa", i).get("window_size") for i in (0, 2, 3)] == [5, 8, 3]

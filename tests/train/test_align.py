@@ -284,3 +284,13 @@ if __name__ == "__main__":
     import sys
 
     _align_under(*sys.argv[1:4])
+
+
+def test_a_stage_gives_swa_layers_the_windows_its_block_config_names(setup):
+    teacher, config, _, _ = setup
+    config = copy.copy(config)
+    config.layer_types, config.block_config = "swa,gdn,swa,attn", {"swa": {"layer_windows": {"2": 3}}}
+    student, types, block_config = build_student(config, teacher)
+    windows = [getattr(layer.self_attn, "window_size", None) for layer in student.model.layers]
+    assert types == ["swa", "gdn", "swa", "attn"] and windows == [6, None, 3, None]
+    assert block_config["swa"] == {"window_size": 6, "layer_windows": {"2": 3}}
