@@ -99,16 +99,16 @@ def test_sampling_is_seeded_and_filters():
     assert {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(20)} == {3}
 
 
-@pytest.mark.parametrize("decode", ["static", "forward"])
-def test_swa_layers_with_windows_of_their_own_decode_like_generate(decode):
-    # windows 3 and 7 (the default 5 nowhere): each ring wraps at its own size, and the captured step's slot
-    # arithmetic is per window
+@pytest.mark.parametrize("prefill,decode", [("static", "static"), ("forward", "forward")])
+def test_swa_layers_with_windows_of_their_own_decode_like_generate(prefill, decode):
+    # windows 3 and 7 (the default 5 nowhere): each ring wraps at its own size, and the static prefill's and the
+    # captured step's slot arithmetic is per window
     model = make_model(["swa", "gdn", "swa", "attn"], efficient_attention_config={
         "swa": {"window_size": 5, "layer_windows": {"0": 3, "2": 7}}})
     assert [getattr(layer.self_attn, "window_size", None) for layer in model.model.layers] == [3, None, 7, None]
     ids, mask = left_padded_batch(1)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
-    engine = Engine(model, chunk_size=4, decode=decode)
+    engine = Engine(model, chunk_size=4, prefill=prefill, decode=decode)
     out = engine.generate(ids, mask, max_new_tokens=9)
     assert torch.equal(out.sequences, expected)
     assert [engine.cache.layers[i].keys.shape[2] for i in (0, 2)] == [3, 7]
