@@ -263,3 +263,16 @@ def test_attention_locality_splits_a_known_attention_into_window_sink_and_rest()
     want = sum(0.3 + 0.2 / (q - 1) for q in range(2, T)) / 4
     assert inside[0, 0] == pytest.approx(want) and sink[0, 0] == pytest.approx(0.5)
     assert rest[0, 0] == pytest.approx(want / 0.5)
+
+
+def test_attention_locality_window_cost_is_zero_without_windows_and_not_with_them():
+    from attention_locality import window_damage
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows = torch.randint(0, 64, (2, 24))
+    none, narrow = window_damage(teacher, rows, 4, [[]]), window_damage(teacher, rows, 4, [[1], [0, 2]])
+    assert abs(none[0]) < 1e-5  # converted with every layer full attention: the teacher's own loss
+    assert all(abs(cost) > 1e-4 for cost in narrow)  # a 4-token window changes every later position's loss
