@@ -4,8 +4,9 @@ For every layer, head and query position q >= W (so that the row's first token l
 softmax mass on keys q - W + 1 .. q, averaged over heads, positions and rows, for several W; also the mass on the
 row's first token (an attention sink, which a window drops), and the window's share of the mass off the sink. A
 layer whose mass lies almost all inside W tokens is one a sliding window of W reproduces almost exactly at any
-length (and exactly on prompts shorter than W); a layer with mass far back is one a window cuts. Issue 19 reads it beside the linear blocks' alignment
-residuals to choose which linear layers become short-window attention (the -lw256 recipe).
+length (and exactly on prompts shorter than W); a layer with mass far back is one a window cuts. Issue 19 reads it
+beside the linear blocks' alignment residuals to choose which linear layers become short-window attention (the
+-lw256 recipe).
 
 With `--ablate-window W`, also what a window costs the teacher itself: each layer alone (then each set of
 `--ablate-sets`) turned into a W-token sliding window, the rest full attention, and the mean NLL of the tokens beyond
@@ -33,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from retrieval_layers import band_mask  # noqa: E402  (benchmarks/, this script's folder)
+
 
 def window_shares(attentions: list[torch.Tensor], windows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(inside, sink, inside_of_rest)`, each `[layers, windows]`, means over heads and the query positions beyond
@@ -42,11 +45,8 @@ def window_shares(attentions: list[torch.Tensor], windows: list[int]) -> tuple[n
     `attentions`: per layer `[B, H, T, T]` softmax weights."""
     inside, sink, rest = (np.zeros((len(attentions), len(windows))) for _ in range(3))
     for i, a in enumerate(attentions):
-        T = a.shape[-1]
-        q = torch.arange(T)[:, None]
-        k = torch.arange(T)[None, :]
         for j, W in enumerate(windows):
-            mass = (a * (((q - k) < W) & (k <= q))).sum(-1)[..., W:]  # [B, H, T - W]
+            mass = (a * band_mask(a.shape[-1], W, a.device)).sum(-1)[..., W:]  # [B, H, T - W]
             first = a[..., W:, 0]
             inside[i, j] = mass.mean().item()
             sink[i, j] = first.mean().item()

@@ -102,7 +102,7 @@ def test_sampling_is_seeded_and_filters():
 @pytest.mark.parametrize("prefill,decode", [("static", "static"), ("forward", "forward")])
 def test_swa_layers_with_windows_of_their_own_decode_like_generate(prefill, decode):
     # windows 3 and 7 (the default 5 nowhere): each ring wraps at its own size, and the static prefill's and the
-    # captured step's slot arithmetic is per window
+    # static decoder's slot arithmetic (what a GPU captures) is per window
     model = make_model(["swa", "gdn", "swa", "attn"], efficient_attention_config={
         "swa": {"window_size": 5, "layer_windows": {"0": 3, "2": 7}}})
     assert [getattr(layer.self_attn, "window_size", None) for layer in model.model.layers] == [3, None, 7, None]
