@@ -329,7 +329,10 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
     `{"tasks": {name: {"teacher", "hybrid", "chance", "kept"}}, "cache_ratio_8k", "heldout_nll_gap"}`.
 
     Accuracies are fractions (`acc`); `kept` is the share of the teacher's margin over chance the hybrid keeps,
-    (hybrid - chance) / (teacher - chance) (None when the teacher is at chance). The held-out gap is the hybrid's
+    (hybrid - chance) / (teacher - chance) (None when the teacher is at chance). Multiple-choice tasks also carry
+    the same three figures by `acc_norm` (per-character log-likelihood, which the paper's released evaluation
+    configs and most linear-attention papers report for HellaSwag and ARC) under `"acc_norm"`; `acc` stays the
+    headline. The held-out gap is the hybrid's
     perplexity task's mean nll less the teacher's (nats per token); the cache ratio is the teacher's cache bytes per
     sequence over the hybrid's at `cache_context` tokens, from the two throughput benchmarks (None when either
     lacks that context). `hybrid_eval` / `teacher_eval` map task specs to metrics (eval.json's `tasks`)."""
@@ -349,6 +352,11 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
         margin = other["acc"] - chance
         tasks[name] = {"teacher": other["acc"], "hybrid": metrics["acc"], "chance": chance,
                        "kept": (metrics["acc"] - chance) / margin if margin > 0 else None, "n": metrics.get("n")}
+        if _number(metrics.get("acc_norm")) and _number(other.get("acc_norm")):
+            norm_margin = other["acc_norm"] - chance
+            tasks[name]["acc_norm"] = {"teacher": other["acc_norm"], "hybrid": metrics["acc_norm"],
+                                       "kept": (metrics["acc_norm"] - chance) / norm_margin if norm_margin > 0
+                                       else None}
     cache_ratio = None
     h = _context_row(hybrid_bench or {}, cache_context)
     t = _context_row(teacher_bench or {}, cache_context)
@@ -372,11 +380,14 @@ def retention_table(summary: dict) -> list[str]:
     """Markdown: per task the teacher, the hybrid, chance and the share of the teacher's margin kept."""
     if not summary["tasks"]:
         return []
-    lines = ["Share of the teacher's margin over chance the hybrid keeps ((hybrid - chance) / (teacher - chance)):",
-             "", "| task | hybrid | teacher | chance | kept |", "|---|---|---|---|---|"]
+    lines = ["Share of the teacher's margin over chance the hybrid keeps ((hybrid - chance) / (teacher - chance)), by "
+             "`acc` and, for multiple choice, by `acc_norm`:",
+             "", "| task | hybrid | teacher | chance | kept | kept, acc_norm |", "|---|---|---|---|---|---|"]
+    share = lambda kept: "" if kept is None else f"{100 * kept:.0f}%"
     for name, row in summary["tasks"].items():
-        kept = "" if row["kept"] is None else f"{100 * row['kept']:.0f}%"
-        lines.append(f"| {name} | {row['hybrid']:.3f} | {row['teacher']:.3f} | {row['chance']:g} | {kept} |")
+        norm = share((row.get("acc_norm") or {}).get("kept"))
+        lines.append(f"| {name} | {row['hybrid']:.3f} | {row['teacher']:.3f} | {row['chance']:g} | "
+                     f"{share(row['kept'])} | {norm} |")
     extra = [f"held-out nll gap (hybrid - teacher): {summary['heldout_nll_gap']:+.3f} nats"
              if summary["heldout_nll_gap"] is not None else None]
     ratio = summary.get("cache_ratio_8k")

@@ -132,10 +132,10 @@ def test_retention_summary_shares_of_the_teachers_margin():
     assert task_name("retrieval:needle@4096") == "needle@4096"
     assert task_name("retrieval:needle@4096?n=100&seed=3") == "needle@4096"  # more rows of the same task
     assert task_name("retrieval:kv@2048?n=50&keys=4") == "kv@2048?keys=4"
-    hybrid = {"mc:b/arc_easy_test.jsonl": {"acc": 0.45, "n": 100}, "mc:b/piqa_val.jsonl": {"acc": 0.6, "n": 10},
+    hybrid = {"mc:b/arc_easy_test.jsonl": {"acc": 0.45, "acc_norm": 0.4, "n": 100}, "mc:b/piqa_val.jsonl": {"acc": 0.6, "n": 10},
               "mc:b/mmlu_test.jsonl.gz": {"acc": 0.24}, "retrieval:needle@4096": {"acc": 0.5},
               "ppl:c/val.bin": {"nll": 3.1}, "mc:b/only_hybrid.jsonl": {"acc": 0.9}}
-    teacher = {"mc:b/arc_easy_test.jsonl": {"acc": 0.5}, "mc:b/piqa_val.jsonl": {"acc": 0.7},
+    teacher = {"mc:b/arc_easy_test.jsonl": {"acc": 0.5, "acc_norm": 0.45}, "mc:b/piqa_val.jsonl": {"acc": 0.7},
                "mc:b/mmlu_test.jsonl.gz": {"acc": 0.23}, "retrieval:needle@4096": {"acc": 1.0},
                "ppl:c/val.bin": {"nll": 3.0}}
     rows = lambda cache: {"rows": [{"context_length": 8192, "cache_bytes_per_sequence": cache},  # noqa: E731
@@ -144,13 +144,17 @@ def test_retention_summary_shares_of_the_teachers_margin():
     assert set(r["tasks"]) == {"arc_easy", "piqa", "mmlu", "needle@4096"}
     assert r["tasks"]["arc_easy"]["kept"] == pytest.approx(0.8)       # (0.45 - 0.25) / (0.5 - 0.25)
     assert r["tasks"]["piqa"]["kept"] == pytest.approx(0.5)           # (0.6 - 0.5) / (0.7 - 0.5)
+    # the same share by acc_norm where both sides have it: (0.4 - 0.25) / (0.45 - 0.25); acc stays the headline
+    assert r["tasks"]["arc_easy"]["acc_norm"] == pytest.approx({"teacher": 0.45, "hybrid": 0.4, "kept": 0.75})
+    assert "acc_norm" not in r["tasks"]["piqa"]                        # the teacher's row has no acc_norm
     assert r["tasks"]["mmlu"]["kept"] is None                         # the teacher is below chance: no margin
     assert r["tasks"]["needle@4096"] == {"teacher": 1.0, "hybrid": 0.5, "chance": 0.0, "kept": 0.5, "n": None}
     assert r["heldout_nll_gap"] == pytest.approx(0.1)
     assert r["cache_ratio_8k"] == pytest.approx(15.0)
     assert retention(hybrid, teacher)["cache_ratio_8k"] is None       # no throughput run: no ratio
     table = "\n".join(retention_table(r))
-    assert "| arc_easy | 0.450 | 0.500 | 0.25 | 80% |" in table and "15.0x smaller" in table
+    assert "| arc_easy | 0.450 | 0.500 | 0.25 | 80% | 75% |" in table and "15.0x smaller" in table
+    assert "| piqa | 0.600 | 0.700 | 0.5 | 50% |  |" in table
 
 
 def test_the_placements_table_gives_each_placements_accuracy_and_share_of_the_teachers_margin():
