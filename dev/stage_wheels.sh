@@ -82,15 +82,21 @@ if [ -n "${DENSE:-}" ]; then
   cp /root/run/data/recall.bin* .stage/c6/run_dense/data/
   cp /root/run/data/recall2.bin* .stage/c7/run_dense/data/
   # the teacher's evaluation (69 s of an H100) is the same for every recipe of this family (the same arguments, so
-  # the same fingerprint): the committed one rides along and is reused (2026-12-07: it was, in the aw4-lm25 run)
+  # the same fingerprint): the committed one rides along and is reused (2026-12-07: it was, in the aw4-lm25 run),
+  # with its per-item outcomes (outcomes.json) where it has them, for the paired intervals of retention.json.
+  # TEACHER_EVAL=none carries none: the device evaluates the teacher again (and writes its outcomes).
   TEACHER_EVAL=${TEACHER_EVAL:-results/h100_final_4k_dense_w1152_aw4_smollm2_135m}
-  mkdir -p .stage/c6/run_dense/eval_teacher && cp "$TEACHER_EVAL"/eval_teacher/eval.* .stage/c6/run_dense/eval_teacher/
-  python3 - "$TEACHER_EVAL/pipeline.json" .stage/c6/run_dense/pipeline.json <<'PY'
+  if [ "$TEACHER_EVAL" != none ]; then
+    [ -f "$TEACHER_EVAL/eval_teacher/outcomes.json" ] || echo "note: $TEACHER_EVAL has no teacher outcomes.json:" \
+      "retention.json will have no paired intervals (TEACHER_EVAL=none evaluates the teacher on the device)"
+    mkdir -p .stage/c6/run_dense/eval_teacher && cp "$TEACHER_EVAL"/eval_teacher/* .stage/c6/run_dense/eval_teacher/
+    python3 - "$TEACHER_EVAL/pipeline.json" .stage/c6/run_dense/pipeline.json <<'PY'
 import json, sys
 src, dst = sys.argv[1:]
 state = json.load(open(dst))
 state["stages"]["eval_teacher"] = json.load(open(src))["stages"]["eval_teacher"]
 json.dump(state, open(dst, "w"), indent=1)
 PY
+  fi
   du -sh .stage/c6 .stage/c7
 fi

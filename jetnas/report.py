@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from jetnas.evaluation.paired import paired_bootstrap
 from jetnas.files import write_json_atomic, write_text_atomic
 
 TITLES = {
@@ -324,7 +325,8 @@ def _context_row(bench: dict, context: int) -> dict | None:
 
 
 def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None = None,
-              teacher_bench: dict | None = None, cache_context: int = 8192) -> dict:
+              teacher_bench: dict | None = None, cache_context: int = 8192, hybrid_outcomes: dict | None = None,
+              teacher_outcomes: dict | None = None) -> dict:
     """How much of the teacher a hybrid keeps, in the form issue 19 asks for (`retention.json`):
     `{"tasks": {name: {"teacher", "hybrid", "chance", "kept"}}, "cache_ratio_8k", "heldout_nll_gap"}`.
 
@@ -332,7 +334,9 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
     (hybrid - chance) / (teacher - chance) (None when the teacher is at chance). Multiple-choice tasks also carry
     the same three figures by `acc_norm` (per-character log-likelihood, which the paper's released evaluation
     configs and most linear-attention papers report for HellaSwag and ARC) under `"acc_norm"`; `acc` stays the
-    headline. The held-out gap is the hybrid's
+    headline. Where both evaluations kept their per-item outcomes (`outcomes.json`, by task spec), each share also
+    gets a paired 95% bootstrap interval over the rows (`kept_ci95`; `jetnas.evaluation.paired`), with the interval
+    of the accuracy difference (`difference_ci95`) and the share of items the two models disagree on. The held-out gap is the hybrid's
     perplexity task's mean nll less the teacher's (nats per token); the cache ratio is the teacher's cache bytes per
     sequence over the hybrid's at `cache_context` tokens, from the two throughput benchmarks (None when either
     lacks that context). `hybrid_eval` / `teacher_eval` map task specs to metrics (eval.json's `tasks`)."""
@@ -357,6 +361,12 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
             tasks[name]["acc_norm"] = {"teacher": other["acc_norm"], "hybrid": metrics["acc_norm"],
                                        "kept": (metrics["acc_norm"] - chance) / norm_margin if norm_margin > 0
                                        else None}
+        h_rows, t_rows = (hybrid_outcomes or {}).get(spec), (teacher_outcomes or {}).get(spec)
+        if h_rows and t_rows:
+            for metric, row in (("acc", tasks[name]), ("acc_norm", tasks[name].get("acc_norm"))):
+                paired = paired_bootstrap(h_rows, t_rows, metric, chance) if row is not None else None
+                if paired is not None:
+                    row.update({k: paired[k] for k in ("kept_ci95", "difference_ci95", "disagree")})
     cache_ratio = None
     h = _context_row(hybrid_bench or {}, cache_context)
     t = _context_row(teacher_bench or {}, cache_context)
@@ -365,6 +375,13 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
     gap = next(iter(gaps.values()), None)
     return {"tasks": tasks, "cache_ratio_8k" if cache_context == 8192 else f"cache_ratio_{cache_context}": cache_ratio,
             "heldout_nll_gap": gap, "heldout_nll_gaps": gaps}
+
+
+def _outcomes(evaluation: dict, out: Path) -> dict:
+    """The per-item outcomes an evaluation wrote beside its eval.json (`outcomes.json`), by task; {} if none."""
+    folder = evaluation.get("out_dir")
+    path = _local(str(Path(folder) / "outcomes.json"), out) if folder else None
+    return json.loads(path.read_text()).get("tasks", {}) if path is not None else {}
 
 
 def _bench_files(bench: dict | None, out: Path) -> tuple[dict | None, dict | None]:
@@ -383,11 +400,17 @@ def retention_table(summary: dict) -> list[str]:
     lines = ["Share of the teacher's margin over chance the hybrid keeps ((hybrid - chance) / (teacher - chance)), by "
              "`acc` and, for multiple choice, by `acc_norm`:",
              "", "| task | hybrid | teacher | chance | kept | kept, acc_norm |", "|---|---|---|---|---|---|"]
-    share = lambda kept: "" if kept is None else f"{100 * kept:.0f}%"
+    def share(row: dict | None) -> str:
+        if row is None or row.get("kept") is None:
+            return ""
+        ci = row.get("kept_ci95")
+        return f"{100 * row['kept']:.0f}%" + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f}%)" if ci else "")
+
+    if any(row.get("kept_ci95") for row in summary["tasks"].values()):
+        lines[0] += " (in brackets: a paired 95% bootstrap interval over the rows)"
     for name, row in summary["tasks"].items():
-        norm = share((row.get("acc_norm") or {}).get("kept"))
         lines.append(f"| {name} | {row['hybrid']:.3f} | {row['teacher']:.3f} | {row['chance']:g} | "
-                     f"{share(row['kept'])} | {norm} |")
+                     f"{share(row)} | {share(row.get('acc_norm'))} |")
     extra = [f"held-out nll gap (hybrid - teacher): {summary['heldout_nll_gap']:+.3f} nats"
              if summary["heldout_nll_gap"] is not None else None]
     ratio = summary.get("cache_ratio_8k")
@@ -431,7 +454,9 @@ def write_pipeline_report(recipe, results: dict, state: dict, out: Path) -> dict
         lines += [f"## {title}", ""]
         if stage == "eval":
             kept = retention(result["hybrid"].get("results", {}), result["teacher"].get("results", {}),
-                             *_bench_files(results.get("bench"), out))
+                             *_bench_files(results.get("bench"), out),
+                             hybrid_outcomes=_outcomes(result["hybrid"], out),
+                             teacher_outcomes=_outcomes(result["teacher"], out))
             write_json_atomic(out / "retention.json", kept)
             lines += retention_table(kept)
             lines += _side_by_side(result["hybrid"], result["teacher"], "results")

@@ -155,6 +155,16 @@ def test_retention_summary_shares_of_the_teachers_margin():
     table = "\n".join(retention_table(r))
     assert "| arc_easy | 0.450 | 0.500 | 0.25 | 80% | 75% |" in table and "15.0x smaller" in table
     assert "| piqa | 0.600 | 0.700 | 0.5 | 50% |  |" in table
+    # with both evaluations' per-item outcomes, each share gets a paired interval over the rows
+    h_rows = {"mc:b/arc_easy_test.jsonl": {"acc": [1] * 45 + [0] * 55, "acc_norm": [1] * 40 + [0] * 60}}
+    t_rows = {"mc:b/arc_easy_test.jsonl": {"acc": [1] * 50 + [0] * 50, "acc_norm": [1] * 45 + [0] * 55}}
+    r = retention(hybrid, teacher, hybrid_outcomes=h_rows, teacher_outcomes=t_rows)
+    row = r["tasks"]["arc_easy"]
+    assert row["kept_ci95"][0] < 0.8 < row["kept_ci95"][1] and row["disagree"] == pytest.approx(0.05)
+    assert row["acc_norm"]["kept_ci95"][0] < 0.75 < row["acc_norm"]["kept_ci95"][1]
+    assert "kept_ci95" not in r["tasks"]["piqa"]                       # no outcomes for it
+    lo, hi = (round(100 * x) for x in row["kept_ci95"])
+    assert f"| arc_easy | 0.450 | 0.500 | 0.25 | 80% ({lo}-{hi}%) |" in "\n".join(retention_table(r))
 
 
 def test_the_placements_table_gives_each_placements_accuracy_and_share_of_the_teachers_margin():
@@ -171,3 +181,14 @@ def test_the_placements_table_gives_each_placements_accuracy_and_share_of_the_te
     assert table[2] == "| searched | 7, 18 | 17, 23 | 70.0 (67%) | 60.0 (86%) | +0.100 |"
     assert table[3] == "| uniform | 7, 22 | 17, 23 | 60.0 (33%) | 50.0 (71%) | +0.300 |"
     assert table[4] == "| teacher |  |  | 80.0 | 70.0 |  |"
+
+
+def test_an_evaluations_outcomes_are_found_in_a_run_copied_from_another_machine(tmp_path):
+    """The run's records keep the device's paths (/root/run/eval); the report finds outcomes.json under the copy."""
+    from jetnas.report import _outcomes
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "outcomes.json").write_text(json.dumps({"tasks": {"mc:x": {"acc": [1, 0]}}}))
+    assert _outcomes({"out_dir": "/root/run/eval"}, tmp_path) == {"mc:x": {"acc": [1, 0]}}
+    assert _outcomes({"out_dir": "/root/run/eval_teacher"}, tmp_path) == {}   # an evaluation without outcomes
+    assert _outcomes({}, tmp_path) == {}

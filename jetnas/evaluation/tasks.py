@@ -78,6 +78,12 @@ class Task(ABC):
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
         """Run the task on `lm`; metrics are floats, plus `n` (rows scored)."""
 
+    def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict | None]:
+        """`evaluate`'s metrics and the per-item outcomes behind them (`jetnas.evaluation.paired`'s format: one
+        0/1 per scored item for each accuracy metric, `group` where items share a row), or None where the task has
+        no per-item accuracy (perplexity)."""
+        return self.evaluate(lm, progress), None
+
     @property
     def primary_metric(self) -> str:
         """The metric reports and searches rank by."""
@@ -166,6 +172,9 @@ class MultipleChoiceTask(Task):
         return _mmlu_description(row) + "".join(s + "\n\n" for s in shots) + ctx
 
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        return self.evaluate_rows(lm, progress)[0]
+
+    def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
         rows = self.rows()
         requests, spans, owners = [], [], []
         for number, row in enumerate(rows):
@@ -175,21 +184,25 @@ class MultipleChoiceTask(Task):
             requests += [(ctx, c) for c in conts]
             owners += [number] * len(conts)
         scores = score_continuations(lm, requests, progress=self.name if progress else None, rows=owners)
-        return summarize_mc(rows, requests, scores, spans)
+        outcomes = mc_outcomes(rows, requests, scores, spans)
+        n = max(len(rows), 1)
+        metrics = {"acc": sum(outcomes["acc"]) / n, "acc_norm": sum(outcomes["acc_norm"]) / n,
+                   "correct_nll": sum(outcomes.pop("correct_nll")) / n, "n": len(rows)}
+        return metrics, outcomes
 
 
-def summarize_mc(rows, requests, scores: list[Score], spans) -> dict[str, float]:
-    acc = acc_norm = nll = 0.0
+def mc_outcomes(rows, requests, scores: list[Score], spans) -> dict[str, list]:
+    """Per row: `acc` and `acc_norm` (1 if the answer ranks first) and the answer's NLL per token."""
+    out = {"acc": [], "acc_norm": [], "correct_nll": []}
     for row, (start, n) in zip(rows, spans):
         s = scores[start : start + n]
         ll = np.array([x.logprob for x in s])
         # the harness normalises by the answer's length in characters, leading delimiter excluded
         chars = np.array([max(len(requests[start + i][1].lstrip(" ")), 1) for i in range(n)])
-        acc += float(ll.argmax() == row["label"])
-        acc_norm += float((ll / chars).argmax() == row["label"])
-        nll += -s[row["label"]].logprob / s[row["label"]].num_tokens
-    n = max(len(rows), 1)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "correct_nll": nll / n, "n": len(rows)}
+        out["acc"].append(int(ll.argmax() == row["label"]))
+        out["acc_norm"].append(int((ll / chars).argmax() == row["label"]))
+        out["correct_nll"].append(-s[row["label"]].logprob / s[row["label"]].num_tokens)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,12 +231,16 @@ class ClozeTask(Task):
         self._rows = [row for _, row in numbered]
 
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        return self.evaluate_rows(lm, progress)[0]
+
+    def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
         rows = self._rows[: self.limit] if self.limit else self._rows
         scores = score_continuations(lm, [(r["context"], " " + r["target"]) for r in rows],
                                      progress=self.name if progress else None)
         n = max(len(rows), 1)
-        return {"acc": sum(s.is_greedy for s in scores) / n,
-                "ppl": math.exp(-sum(s.logprob for s in scores) / n), "n": len(rows)}
+        hits = [int(s.is_greedy) for s in scores]
+        return ({"acc": sum(hits) / n, "ppl": math.exp(-sum(s.logprob for s in scores) / n), "n": len(rows)},
+                {"acc": hits})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,6 +448,9 @@ class RetrievalTask(Task):
         return self._fit(lm, self._fill(rng, lm, statement), build)
 
     def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        return self.evaluate_rows(lm, progress)[0]
+
+    def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
         rows = self.make_rows(lm)
         # each answer is a continuation of everything before it (earlier answers given, teacher-forced)
         requests, owners = [], []
@@ -454,7 +474,8 @@ class RetrievalTask(Task):
             hits = buckets[lo, hi]
             out[f"acc@{lo}-{hi}"] = sum(hits) / len(hits)
             out[f"n@{lo}-{hi}"] = len(hits)
-        return out
+        # a row's answers share its document: the row is the unit a paired interval resamples
+        return out, {"acc": [int(s.is_greedy) for s in scores], "group": owners}
 
 
 def source_distance(lm: LanguageModel, context: str, answer: str) -> int | None:

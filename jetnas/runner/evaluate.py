@@ -55,6 +55,16 @@ def _previous_results(path: Path, model: str, identity: str, limit: int | None) 
     return dict(previous.get("tasks", {}))
 
 
+def _previous_outcomes(path: Path, identity: str, limit: int | None, kept: dict) -> dict[str, dict]:
+    """The per-item outcomes of the tasks `kept` from an earlier run into the same folder (same weights, limit)."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous.get("model_id") != identity or previous.get("limit") != limit:
+        return {}
+    return {name: rows for name, rows in previous.get("tasks", {}).items() if name in kept}
+
+
 def markdown_table(model: str, results: dict[str, dict]) -> str:
     keys = ["acc", "acc_norm", "correct_nll", "nll", "ppl", "bits_per_byte", "target_nll", "n"]
     shown = [k for k in keys if any(k in r for r in results.values())]
@@ -69,13 +79,15 @@ def markdown_table(model: str, results: dict[str, dict]) -> str:
 
 
 def run_eval(recipe: EvalRecipe) -> EvalResult:
-    """Evaluate `recipe.model` on its tasks; writes eval.json (after every task) and eval.md under out_dir."""
+    """Evaluate `recipe.model` on its tasks; writes eval.json (after every task) and eval.md under out_dir, and
+    outcomes.json: each built-in accuracy task's per-item outcomes, for paired intervals between two models on the
+    same rows (`jetnas.evaluation.paired`)."""
     import torch
 
     from jetnas.evaluation.names import check_harness_available, is_builtin
     from jetnas.evaluation.scoring import LanguageModel
     from jetnas.evaluation.tasks import parse_task
-    from jetnas.files import write_json_atomic
+    from jetnas.files import write_json_atomic, write_text_atomic
 
     r = recipe
     specs = [t for t in r.tasks.split(",") if t]
@@ -89,6 +101,7 @@ def run_eval(recipe: EvalRecipe) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     identity = model_identity(r.model)
     results = _previous_results(out / "eval.json", r.model, identity, r.limit) if r.resume else {}
+    outcomes = _previous_outcomes(out / "outcomes.json", identity, r.limit, results) if r.resume else {}
     device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     start = time.perf_counter()
 
@@ -96,14 +109,21 @@ def run_eval(recipe: EvalRecipe) -> EvalResult:
         write_json_atomic(out / "eval.json", {
             "model": r.model, "model_id": identity, "device": device_name, "dtype": str(next(net.parameters()).dtype),
             "limit": r.limit, "tasks": results, "seconds": round(time.perf_counter() - start, 1)})
+        if outcomes:  # compact: one task per line (thousands of 0/1 each)
+            body = ",\n".join(f"  {json.dumps(name)}: {json.dumps(rows, separators=(',', ':'))}"
+                               for name, rows in outcomes.items())
+            head = json.dumps({"model": r.model, "model_id": identity, "limit": r.limit})[:-1]
+            write_text_atomic(out / "outcomes.json", f'{head}, "tasks": {{\n{body}\n}}}}\n')
 
     for task in builtin:
         if task.name in results:
             print(f"{task.name}: kept from {out / 'eval.json'}", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        results[task.name] = {**_apply_limit(task, r.limit).evaluate(lm, progress=True),
-                              "seconds": round(time.perf_counter() - t0, 2)}
+        metrics, rows = _apply_limit(task, r.limit).evaluate_rows(lm, progress=True)
+        results[task.name] = {**metrics, "seconds": round(time.perf_counter() - t0, 2)}
+        if rows is not None:
+            outcomes[task.name] = rows
         print(f"{task.name}: {results[task.name]}", file=sys.stderr)
         write()
     if harness:

@@ -79,6 +79,12 @@ def test_multiple_choice_metrics_follow_the_scores(tmp_path):
         correct += max(range(len(scores)), key=scores.__getitem__) == row["label"]
     assert result["acc"] == pytest.approx(correct / len(MC_ROWS)) and result["n"] == len(MC_ROWS)
     assert 0 < result["correct_nll"] < 50
+    # the per-row outcomes behind the metrics (paired intervals between models): one 0/1 per row, same means
+    metrics, outcomes = task.evaluate_rows(lm)
+    assert metrics == result and set(outcomes) == {"acc", "acc_norm"}
+    assert len(outcomes["acc"]) == len(MC_ROWS) and set(outcomes["acc"]) <= {0, 1}
+    assert sum(outcomes["acc"]) / len(MC_ROWS) == pytest.approx(result["acc"])
+    assert sum(outcomes["acc_norm"]) / len(MC_ROWS) == pytest.approx(result["acc_norm"])
 
 
 def test_mmlu_prompts_are_lettered_with_a_description_and_shots(tmp_path):
@@ -127,7 +133,11 @@ def test_retrieval_accuracy_by_distance_adds_up(kind):
                 # the source lies in the body: further back than the questions, within the context
                 assert len(lm.encode(context[len(body):])) <= distance <= len(lm.encode(context))
             context += text
-    result = task.evaluate(lm)
+    result, outcomes = task.evaluate_rows(lm)
+    # one outcome per answer, grouped by the row (document) it belongs to
+    assert len(outcomes["acc"]) == len(outcomes["group"]) == result["n"]
+    assert sorted(set(outcomes["group"])) == list(range(3))
+    assert sum(outcomes["acc"]) == pytest.approx(result["acc"] * result["n"])
     counts = {k[2:]: v for k, v in result.items() if k.startswith("n@")}
     assert sum(counts.values()) == result["n"] and counts
     assert sum(result[f"acc@{b}"] * n for b, n in counts.items()) == pytest.approx(result["acc"] * result["n"])
@@ -166,6 +176,12 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, capsys):
     assert saved["tasks"][f"mc:{mc}"]["n"] == len(MC_ROWS)
     assert math.isfinite(saved["tasks"][f"ppl:{text}?window=64"]["ppl"])
     assert "| task (" in (tmp_path / "out" / "eval.md").read_text()
+    # per-item outcomes of the accuracy tasks (not perplexity), agreeing with eval.json
+    outcomes = json.loads((tmp_path / "out" / "outcomes.json").read_text())
+    assert set(outcomes["tasks"]) == {f"mc:{mc}", f"cloze:{cloze}", "retrieval:needle@200?n=2"}
+    assert outcomes["model_id"] == saved["model_id"]
+    for name, rows in outcomes["tasks"].items():
+        assert sum(rows["acc"]) / len(rows["acc"]) == pytest.approx(saved["tasks"][name]["acc"])
 
 
 def test_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, capsys):
@@ -182,6 +198,8 @@ def test_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, capsys):
     assert main(args + ["--tasks", f"mc:{mc},retrieval:needle@200?n=2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["results"][f"mc:{mc}"]["acc"] == -1.0 and "retrieval:needle@200?n=2" in result["results"]
+    # a kept task keeps its outcomes too
+    assert set(json.loads((out / "outcomes.json").read_text())["tasks"]) == {f"mc:{mc}", "retrieval:needle@200?n=2"}
     assert main(args + ["--tasks", f"mc:{mc}", "--no-resume"]) == 0
     assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"]["acc"] >= 0
     # the same path with new weights (a retrained model): nothing is kept
