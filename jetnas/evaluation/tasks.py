@@ -19,6 +19,9 @@ lettered questions, ARC/PIQA as "Question: ...\\nAnswer:", HellaSwag as the cont
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import math
 import random
 import re
@@ -341,6 +344,25 @@ def _insert(lines: list[str], facts: list[tuple[float, str]]) -> list[str]:
 
 RETRIEVAL_KINDS = ("kv", "needle", "mqar")
 
+#: `RetrievalTask.make_rows`'s rows, by task and tokenizer (the rows of one evaluation are ~1-4 MB of text)
+_ROWS: dict[tuple, list] = {}
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """What makes two tokenizer objects encode alike: a fast tokenizer's full serialisation, hashed once per
+    object (the teacher's and the hybrid's evaluations load separate copies of the same tokenizer)."""
+    key = getattr(tokenizer, "_jetnas_rows_key", None)
+    if key is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:  # not a fast tokenizer: nothing to fingerprint, so its rows are not kept
+            return None
+        key = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        try:
+            tokenizer._jetnas_rows_key = key
+        except AttributeError:  # an object without a __dict__: hashed again next time
+            pass
+    return key
+
 
 @dataclass
 class RetrievalTask(Task):
@@ -377,20 +399,81 @@ class RetrievalTask(Task):
         self.name = self.name or f"retrieval:{self.kind}@{self.length}"
 
     def make_rows(self, lm: LanguageModel) -> list[list[tuple[str, bool]]]:
-        """Rows as text segments `(text, is_answer)`, the answers starting with a space."""
-        maker = {"kv": self._kv, "needle": self._needle, "mqar": self._mqar}[self.kind]
-        return [maker(random.Random(f"{self.seed}-{i}"), lm) for i in range(self.n)]
+        """Rows as text segments `(text, is_answer)`, the answers starting with a space. Built once per process
+        for the same task and tokenizer (`_ROWS`): an evaluation of the teacher after the hybrid's, and a training
+        stage's development rows at every evaluation, reuse them (needle@4096's 100 rows: ~13 s of tokenizing)."""
+        tokenizer = _tokenizer_key(lm.tokenizer)
+        key = (self.kind, self.length, self.n, self.seed, self.queries, self.keys, tokenizer)
+        rows = _ROWS.get(key) if tokenizer is not None else None
+        if rows is None:
+            maker = {"kv": self._kv, "needle": self._needle, "mqar": self._mqar}[self.kind]
+            rows = [maker(random.Random(f"{self.seed}-{i}"), lm) for i in range(self.n)]
+            if tokenizer is not None:
+                _ROWS[key] = rows
+        return [list(row) for row in rows]
 
-    def _fill(self, rng, lm, make_line) -> list[str]:
-        """Lines from `make_line` until they alone take `length` tokens (trimmed to fit later)."""
-        lines, used = [], 0
+    def _fill(self, rng, lm, make_line) -> tuple[list[str], list[int]]:
+        """Lines from `make_line` until they alone take `length` tokens (trimmed to fit later), and each line's
+        token count. Lines are drawn in blocks and encoded a block at a time; the lines past the one that reaches
+        `length` are dropped, so the result is the one-line-at-a-time loop's (`rng` is not used after filling)."""
+        lines, counts, used = [], [], 0
         while used < self.length:
-            lines.append(make_line(rng))
-            used += len(lm.encode(" " + lines[-1]))
-        return lines
+            block, error = [], None
+            for _ in range(max(8, (self.length - used) // 8)):
+                try:
+                    block.append(make_line(rng))
+                except ValueError as err:  # mqar's keys ran out: an error only if the lines drawn fall short
+                    error = err
+                    break
+            for line, ids in zip(block, lm.encode_many([" " + x for x in block])):
+                lines.append(line)
+                counts.append(len(ids))
+                used += len(ids)
+                if used >= self.length:
+                    break
+            if used < self.length and error is not None:
+                raise error
+        return lines, counts
 
-    def _fit(self, lm, lines: list[str], build) -> list[tuple[str, bool]]:
-        """`build(lines)` with as many leading filler lines as fit in `length` tokens, the whole row counted."""
+    def _fit(self, lm, filled: tuple[list[str], list[int]], build) -> list[tuple[str, bool]]:
+        """`build(lines)` with as many leading filler lines as fit in `length` tokens, the whole row counted.
+
+        The row's token count grows with the lines, so the longest fitting prefix is a boundary: it is searched
+        from the estimate the lines' own counts give (the row's fixed text plus each line's tokens), galloping
+        outward, then bisecting; 2-4 encodings of the row instead of a bisection's ~9 from scratch
+        (`_fit_reference`, which this agrees with: tests/evaluation/test_tasks.py)."""
+        lines, counts = filled
+        n = len(lines)
+
+        def fits(k: int) -> bool:
+            return len(lm.encode("".join(t for t, _ in build(lines[:k])))) <= self.length
+
+        budget = self.length - len(lm.encode("".join(t for t, _ in build([]))))
+        guess = bisect.bisect_right(list(itertools.accumulate(counts)), budget)
+        if fits(guess):  # lo fits; look up for the first prefix that does not
+            lo, hi, step = guess, n, 1
+            while lo + step <= n:
+                if not fits(lo + step):
+                    hi = lo + step - 1
+                    break
+                lo, step = lo + step, step * 2
+        else:  # guess does not fit; look down for one that does (0 lines: taken as is, as the bisection does)
+            lo, hi, step = 0, guess - 1, 1
+            while guess - step > 0:
+                if fits(guess - step):
+                    lo = guess - step
+                    break
+                hi, step = guess - step - 1, step * 2
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return build(lines[:lo])
+
+    def _fit_reference(self, lm, lines: list[str], build) -> list[tuple[str, bool]]:
+        """`_fit` by plain bisection over every prefix length: the readable definition."""
         lo, hi = 0, len(lines)
         while lo < hi:  # the longest prefix of filler whose row fits
             mid = (lo + hi + 1) // 2

@@ -145,6 +145,44 @@ def test_retrieval_accuracy_by_distance_adds_up(kind):
         assert len(counts) >= 2
 
 
+@pytest.mark.parametrize("kind, length", [("needle", 300), ("kv", 260), ("mqar", 200)])
+def test_rows_are_built_as_the_one_line_at_a_time_bisection_builds_them(kind, length, monkeypatch):
+    """`_fill` encodes lines a block at a time and `_fit` gallops from an estimate; both must give the rows the
+    plain loops give (the evaluation's rows are fixed by their seed: committed results were scored on them)."""
+    from jetnas.evaluation import tasks
+
+    lm, _ = tiny_lm(max_length=1024)
+
+    def fill_one_at_a_time(self, rng, lm, make_line):
+        lines, used = [], 0
+        while used < self.length:
+            lines.append(make_line(rng))
+            used += len(lm.encode(" " + lines[-1]))
+        return lines
+
+    fast = RetrievalTask(kind, length, n=12, seed=5)
+    rows = fast.make_rows(lm)
+    monkeypatch.setattr(tasks, "_ROWS", {})
+    monkeypatch.setattr(RetrievalTask, "_fill", fill_one_at_a_time)
+    monkeypatch.setattr(RetrievalTask, "_fit", RetrievalTask._fit_reference)
+    assert RetrievalTask(kind, length, n=12, seed=5).make_rows(lm) == rows
+
+
+def test_retrieval_rows_are_built_once_per_task_and_tokenizer(monkeypatch):
+    from jetnas.evaluation import tasks
+
+    monkeypatch.setattr(tasks, "_ROWS", {})
+    lm, _ = tiny_lm(max_length=1024)
+    rows = RetrievalTask("needle", 300, n=3, seed=4).make_rows(lm)
+    rows[0].append(("changed by a caller", False))                   # the caller's copy, not the kept rows
+    calls = []
+    monkeypatch.setattr(RetrievalTask, "_needle", lambda self, rng, lm: calls.append(1) or [("built", False)])
+    again = RetrievalTask("needle", 300, n=3, seed=4).make_rows(tiny_lm(max_length=1024)[0])  # another tokenizer object
+    assert not calls and again == [r for r in RetrievalTask("needle", 300, n=3, seed=4).make_rows(lm)]
+    assert ("changed by a caller", False) not in again[0]
+    assert RetrievalTask("needle", 300, n=3, seed=5).make_rows(lm) == [[("built", False)]] * 3  # another seed: built
+
+
 def test_task_names_and_errors(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
     assert parse_task(f"mc:{path}?shots=2&limit=3").shots == 2
