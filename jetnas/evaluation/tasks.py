@@ -195,8 +195,9 @@ class MultipleChoiceTask(Task):
 
 
 def mc_outcomes(rows, requests, scores: list[Score], spans) -> dict[str, list]:
-    """Per row: `acc` and `acc_norm` (1 if the answer ranks first) and the answer's NLL per token."""
-    out = {"acc": [], "acc_norm": [], "correct_nll": []}
+    """Per row: `acc` and `acc_norm` (1 if the answer ranks first), the answer's NLL per token, and every choice's
+    total log-likelihood (`ll`, 4 decimals: where two models' discrimination differs, row by row)."""
+    out = {"acc": [], "acc_norm": [], "correct_nll": [], "ll": []}
     for row, (start, n) in zip(rows, spans):
         s = scores[start : start + n]
         ll = np.array([x.logprob for x in s])
@@ -205,6 +206,7 @@ def mc_outcomes(rows, requests, scores: list[Score], spans) -> dict[str, list]:
         out["acc"].append(int(ll.argmax() == row["label"]))
         out["acc_norm"].append(int((ll / chars).argmax() == row["label"]))
         out["correct_nll"].append(-s[row["label"]].logprob / s[row["label"]].num_tokens)
+        out["ll"].append([round(float(x), 4) for x in ll])
     return out
 
 

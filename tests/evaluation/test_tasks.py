@@ -81,7 +81,9 @@ def test_multiple_choice_metrics_follow_the_scores(tmp_path):
     assert 0 < result["correct_nll"] < 50
     # the per-row outcomes behind the metrics (paired intervals between models): one 0/1 per row, same means
     metrics, outcomes = task.evaluate_rows(lm)
-    assert metrics == result and set(outcomes) == {"acc", "acc_norm"}
+    assert metrics == result and set(outcomes) == {"acc", "acc_norm", "ll"}
+    assert [max(range(4), key=ll.__getitem__) == row["label"] for ll, row in zip(outcomes["ll"], MC_ROWS)] == \
+        [bool(x) for x in outcomes["acc"]]
     assert len(outcomes["acc"]) == len(MC_ROWS) and set(outcomes["acc"]) <= {0, 1}
     assert sum(outcomes["acc"]) / len(MC_ROWS) == pytest.approx(result["acc"])
     assert sum(outcomes["acc_norm"]) / len(MC_ROWS) == pytest.approx(result["acc_norm"])
