@@ -249,11 +249,15 @@ class JetBlock(TokenMixer):
         """Whether `_fused_projections` hands q and k over L2-normalised by the one short conv's kernel (its
         epilogue: `short_conv_split`'s `l2norm_head`) rather than the recurrence normalising them in a pass of its
         own: the conv runs on our Triton kernel, no gradient flows (the epilogue has no backward) and the head is a
-        power of two within the kernel's channel tile (`Backend.conv_l2norm`)."""
-        K = self.head_k_dim
-        return (self.backend.conv_l2norm and self.backend.static_conv and self.backend.runs_triton(x)
-                and K & (K - 1) == 0 and K <= 128 and self._one_conv()
-                and not needs_grad(x, *self.parameters()))
+        power of two within the kernel's channel tile (`Backend.conv_l2norm`; the kernel's own rule,
+        `triton_dynamic_conv.l2norm_head_fits`, asked for the conv's input of 2HK + HV channels)."""
+        if not (self.backend.conv_l2norm and self.backend.static_conv and self.backend.runs_triton(x)
+                and self._one_conv() and not needs_grad(x, *self.parameters())):
+            return False
+        from jetnas.ops.triton_dynamic_conv import l2norm_head_fits  # Triton runs here: importable
+
+        H, K = self.num_heads, self.head_k_dim
+        return l2norm_head_fits(K, x.shape[1], H * (2 * K + self.head_v_dim), self.conv_size, x.is_cuda)
 
     def _recurrence(self, q, k, v, a, b, mask, state: RecurrentState | None, step: bool, normalized: bool = False):
         """The gated delta rule of a prompt (chunked), or of a decode step whose state cannot be updated in place

@@ -586,6 +586,13 @@ def _static_fwd_config(T: int, D: int, W: int, on_gpu: bool) -> tuple[tuple[int,
     return (16, 256), {"num_warps": 8}
 
 
+def l2norm_head_fits(head: int, T: int, D: int, W: int, on_gpu: bool) -> bool:
+    """Whether `triton_short_conv_split` can L2-normalise heads of `head` channels in its epilogue for an input of
+    T tokens and D channels: a power of two no wider than the channel tile its forward runs with
+    (`_static_fwd_config`), so that each head lies in one program. The JetBlock asks this before choosing it."""
+    return head >= 1 and head & (head - 1) == 0 and head <= _static_fwd_config(T, D, W, on_gpu)[0][1]
+
+
 def _bwd_config(D: int, W: int, on_gpu: bool) -> tuple[int, int, int]:
     """`(BLOCK_T, BLOCK_D, num_warps)` of the static backward (`_short_conv_bwd_kernel`): each tile computes dacc
     for BLOCK_T tokens and owns `BLOCK_T - (W - 1)` of them (BLOCK_T >= 2 * MAX_WIDTH keeps at least 9 owned).
@@ -939,8 +946,8 @@ def triton_short_conv_split(
         raise ValueError(f"triton_short_conv supports kernel widths W <= {MAX_WIDTH}, got W={W}")
     if l2norm_head:
         check_l2norm_head(l2norm_head, sizes, needs_grad(x, weight, bias, initial_state))
-        block_d = _static_fwd_config(x.shape[1], x.shape[-1], W, x.is_cuda)[0][1]
-        if l2norm_head > block_d:
+        if not l2norm_head_fits(l2norm_head, x.shape[1], x.shape[-1], W, x.is_cuda):
+            block_d = _static_fwd_config(x.shape[1], x.shape[-1], W, x.is_cuda)[0][1]
             raise ValueError(f"l2norm_head={l2norm_head} is wider than the kernel's channel tile ({block_d})")
     return _apply(x, weight, bias, initial_state, output_final_state, activation, cu_seqlens, static=True,
                   split=sizes, norm_head=int(l2norm_head))

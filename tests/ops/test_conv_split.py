@@ -258,3 +258,19 @@ def test_l2norm_head_is_refused_where_it_cannot_hold():
         short_conv_split(x, weight, (48, 16, 32), l2norm_head=32, backend=TRITON)
     with pytest.raises(ValueError, match="no backward"):  # either backend: the reference refuses it too
         short_conv_split(x, weight.requires_grad_(True), (32, 32, 32), l2norm_head=32)
+
+
+def test_the_kernels_tile_rule_for_l2norm_heads():
+    """`l2norm_head_fits` is the one rule for which heads the epilogue normalises (the JetBlock asks it): a power of
+    two no wider than the forward's channel tile, on a GPU 256 channels, in the interpreter D's power of two up to
+    256; a head the rule refuses is refused by the kernel too."""
+    from jetnas.ops.triton_dynamic_conv import l2norm_head_fits
+
+    assert l2norm_head_fits(64, 8192, 1728, 4, on_gpu=True) and l2norm_head_fits(256, 8192, 1728, 4, on_gpu=True)
+    assert not l2norm_head_fits(512, 8192, 4096, 4, on_gpu=True)      # wider than the GPU's 256-channel tile
+    assert not l2norm_head_fits(48, 8192, 1728, 4, on_gpu=True)       # not a power of two
+    assert l2norm_head_fits(32, 8, 96, 4, on_gpu=False) and not l2norm_head_fits(256, 8, 96, 4, on_gpu=False)
+    assert not l2norm_head_fits(512, 8, 1536, 4, on_gpu=False)      # the interpreter's widest tile is 256 too
+    x, weight = torch.randn(1, 8, 1536, device=DEVICE), torch.randn(1536, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="wider than the kernel's channel tile"):
+        short_conv_split(x, weight, (512, 512, 512), l2norm_head=512, backend=TRITON)
