@@ -352,9 +352,10 @@ _ROWS: dict[tuple, list] = {}
 
 def _tokenizer_key(tokenizer) -> str | None:
     """What makes two tokenizer objects encode alike: a fast tokenizer's full serialisation, hashed once per
-    object (the teacher's and the hybrid's evaluations load separate copies of the same tokenizer)."""
+    object (the teacher's and the hybrid's evaluations load separate copies of the same tokenizer); None (rows not
+    kept) for anything else."""
     key = getattr(tokenizer, "_jetnas_rows_key", None)
-    if key is None:
+    if key is None and tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:  # not a fast tokenizer: nothing to fingerprint, so its rows are not kept
             return None
@@ -404,7 +405,7 @@ class RetrievalTask(Task):
         """Rows as text segments `(text, is_answer)`, the answers starting with a space. Built once per process
         for the same task and tokenizer (`_ROWS`): an evaluation of the teacher after the hybrid's, and a training
         stage's development rows at every evaluation, reuse them (needle@4096's 100 rows: ~13 s of tokenizing)."""
-        tokenizer = _tokenizer_key(lm.tokenizer)
+        tokenizer = _tokenizer_key(getattr(lm, "tokenizer", None))  # any object with `encode` will do
         key = (self.kind, self.length, self.n, self.seed, self.queries, self.keys, tokenizer)
         rows = _ROWS.get(key) if tokenizer is not None else None
         if rows is None:
@@ -427,7 +428,9 @@ class RetrievalTask(Task):
                 except ValueError as err:  # mqar's keys ran out: an error only if the lines drawn fall short
                     error = err
                     break
-            for line, ids in zip(block, lm.encode_many([" " + x for x in block])):
+            texts = [" " + x for x in block]
+            encoded = lm.encode_many(texts) if hasattr(lm, "encode_many") else [lm.encode(t) for t in texts]
+            for line, ids in zip(block, encoded):
                 lines.append(line)
                 counts.append(len(ids))
                 used += len(ids)
