@@ -20,6 +20,7 @@ lettered questions, ARC/PIQA as "Question: ...\\nAnswer:", HellaSwag as the cont
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import math
@@ -360,10 +361,8 @@ def _tokenizer_key(tokenizer) -> str | None:
         if backend is None:  # not a fast tokenizer: nothing to fingerprint, so its rows are not kept
             return None
         key = hashlib.sha256(backend.to_str().encode()).hexdigest()
-        try:
+        with contextlib.suppress(AttributeError):  # an object without a __dict__: hashed again next time
             tokenizer._jetnas_rows_key = key
-        except AttributeError:  # an object without a __dict__: hashed again next time
-            pass
     return key
 
 

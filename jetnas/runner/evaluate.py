@@ -109,11 +109,9 @@ def run_eval(recipe: EvalRecipe) -> EvalResult:
         write_json_atomic(out / "eval.json", {
             "model": r.model, "model_id": identity, "device": device_name, "dtype": str(next(net.parameters()).dtype),
             "limit": r.limit, "tasks": results, "seconds": round(time.perf_counter() - start, 1)})
-        if outcomes:  # compact: one task per line (thousands of 0/1 each)
-            body = ",\n".join(f"  {json.dumps(name)}: {json.dumps(rows, separators=(',', ':'))}"
-                               for name, rows in outcomes.items())
-            head = json.dumps({"model": r.model, "model_id": identity, "limit": r.limit})[:-1]
-            write_text_atomic(out / "outcomes.json", f'{head}, "tasks": {{\n{body}\n}}}}\n')
+        if outcomes:  # compact: thousands of 0/1 a task
+            write_text_atomic(out / "outcomes.json", json.dumps(
+                {"model": r.model, "model_id": identity, "limit": r.limit, "tasks": outcomes}, separators=(",", ":")))
 
     for task in builtin:
         if task.name in results:
