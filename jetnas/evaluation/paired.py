@@ -11,16 +11,16 @@ its document); a row is then the unit that is resampled, as the items of one row
 
 `paired_bootstrap` resamples rows with replacement, the same rows for both models, and returns percentile
 intervals of the difference and of the share of the teacher's margin over chance that the other model keeps
-(`(a - chance) / (b - chance)`, issue 19's `kept`). Efron & Tibshirani (1993), ch. 13; the paired form is the one
-Dror et al. (2018) recommend for NLP test sets.
+(`(a - chance) / (b - chance)`, issue 19's `kept`): the percentile bootstrap of Efron & Tibshirani (1993), with
+rows resampled jointly for both models; Dror et al. (2018) survey such tests for NLP test sets.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-#: resamples of `paired_bootstrap`: the 2.5th and 97.5th percentiles of 2,000 move by well under a tenth of the
-#: interval's width between seeds
+#: resamples of `paired_bootstrap`: on a HellaSwag-sized pair (5,021 rows, 20% of them redrawn), each end of the kept
+#: interval moved within 9% of its width over ten seeds
 RESAMPLES = 2000
 
 

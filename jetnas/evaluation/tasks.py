@@ -98,6 +98,18 @@ class Task(ABC):
         return True
 
 
+class _RowsTask(Task):
+    """A task whose metrics come from per-item outcomes: it implements `evaluate_rows`, and `evaluate` is that
+    without the outcomes."""
+
+    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
+        return self.evaluate_rows(lm, progress)[0]
+
+    @abstractmethod
+    def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
+        """The metrics and the per-item outcomes behind them (see `Task.evaluate_rows`)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # multiple choice
 
@@ -120,7 +132,7 @@ def _mmlu_description(row: dict) -> str:
 
 
 @dataclass
-class MultipleChoiceTask(Task):
+class MultipleChoiceTask(_RowsTask):
     """Multiple choice by log-likelihood of each answer.
 
     Metrics: `acc` (highest total log-probability), `acc_norm` (per character of the answer, as the harness),
@@ -175,9 +187,6 @@ class MultipleChoiceTask(Task):
         ctx, _ = mc_prompt(row)
         return _mmlu_description(row) + "".join(s + "\n\n" for s in shots) + ctx
 
-    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
-        return self.evaluate_rows(lm, progress)[0]
-
     def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
         rows = self.rows()
         requests, spans, owners = [], [], []
@@ -216,7 +225,7 @@ def mc_outcomes(rows, requests, scores: list[Score], spans) -> dict[str, list]:
 
 
 @dataclass
-class ClozeTask(Task):
+class ClozeTask(_RowsTask):
     """Predict the last word (LAMBADA): `acc` = greedy decoding reproduces `" " + target` exactly; `ppl` of the
     target tokens."""
 
@@ -235,9 +244,6 @@ class ClozeTask(Task):
                     raise InputError(f"{self.path} line {lineno}: {what}: cloze rows need non-empty context and "
                                      f"target strings")
         self._rows = [row for _, row in numbered]
-
-    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
-        return self.evaluate_rows(lm, progress)[0]
 
     def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
         rows = self._rows[: self.limit] if self.limit else self._rows
@@ -367,7 +373,7 @@ def _tokenizer_key(tokenizer) -> str | None:
 
 
 @dataclass
-class RetrievalTask(Task):
+class RetrievalTask(_RowsTask):
     """Synthetic retrieval over a long context, deterministic from `seed`.
 
     - `kv`: `keys` facts "The special code for <city> is <4 digits>." spread through filler prose; one is asked
@@ -533,9 +539,6 @@ class RetrievalTask(Task):
                                  f"need; use kv or needle for longer contexts") from None
 
         return self._fit(lm, self._fill(rng, lm, statement), build)
-
-    def evaluate(self, lm: LanguageModel, progress: bool = False) -> dict[str, float]:
-        return self.evaluate_rows(lm, progress)[0]
 
     def evaluate_rows(self, lm: LanguageModel, progress: bool = False) -> tuple[dict[str, float], dict]:
         rows = self.make_rows(lm)
