@@ -16,7 +16,7 @@
 #   bash dev/gpu_session.sh fla generate:300 prefill:300          # checks: carry .stage/fla (+ .stage/autotune)
 #   (other check steps: tests:S, blocks:S [BLOCKS=a,b], kernels:S, warmup:S, convstep:S, convprefill:S, teacher_eval:S, dist:S
 #    (S seconds for each of its three runs); S = seconds)
-#   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c5, c1b, c3b, c4b, c8)
+#   bash dev/gpu_session.sh setup recipe:540                      # after the staging calls (.stage/c1..c5, c1b, c3b, c4b, c8, c9)
 #   RECIPE=smollm2-135m-gpu-final bash dev/gpu_session.sh setup recipe:560   # the final hybrid on the committed search
 #   bash dev/gpu_session.sh setup trainbench:100 && RECIPE=... bash dev/gpu_session.sh recipe:400   # issue 16 first
 # Results come back as $OUT/run.tar (the run's small outputs: unpack into results/...) and $OUT/autotune.tar.
