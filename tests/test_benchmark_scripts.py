@@ -276,3 +276,65 @@ def test_attention_locality_window_cost_is_zero_without_windows_and_not_with_the
     none, narrow = window_damage(teacher, rows, 4, [[]]), window_damage(teacher, rows, 4, [[1], [0, 2]])
     assert abs(none[0]) < 1e-5  # converted with every layer full attention: the teacher's own loss
     assert all(abs(cost) > 1e-4 for cost in narrow)  # a 4-token window changes every later position's loss
+
+
+def test_layer_ablation_knocks_out_one_mixer_exactly_and_restores_it(tmp_path):
+    from layer_ablation import ablate, knocked_out
+
+    from jetnas.evaluation.tasks import parse_task
+    from tests.utils import randomize_zero_init, tiny_lm
+
+    lm, model = tiny_lm(("attn", "gdn", "swa"))
+    randomize_zero_init(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        intact = model(ids).logits
+        with knocked_out(model, 0):
+            knocked = model(ids).logits
+        assert torch.equal(model(ids).logits, intact)  # the hook is gone after the block
+        # an attention layer's mixer output is its o_proj's: zeroing that projection is the same knock-out
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        assert torch.allclose(model(ids).logits, knocked, atol=1e-6)
+    tasks = [parse_task("retrieval:kv@96?n=2&keys=2"), parse_task("mc:" + str(_tiny_mc(tmp_path)))]
+    saved = []
+    result = ablate(model, lm, tasks, [1, 2], on_layer=lambda r: saved.append(len(r["layers"])))
+    assert saved == [1, 2] and [e["type"] for e in result["layers"]] == ["gdn", "swa"]
+    for entry in result["layers"]:
+        for task in tasks:
+            metric = task.primary_metric
+            assert entry["delta"][task.name] == pytest.approx(
+                entry["tasks"][task.name][metric] - result["baseline"][task.name][metric])
+        assert "retrieval:kv@96?n=2&keys=2:target_nll" in entry["delta"]
+    # the gdn layer's knock-out moves the answers' loss (the model's output depends on every mixer)
+    assert result["layers"][0]["delta"]["retrieval:kv@96?n=2&keys=2:target_nll"] != 0
+    # a time budget already spent starts no layer and says which it left out
+    cut = ablate(model, lm, tasks, [1, 2], max_seconds=0)
+    assert cut["layers"] == [] and cut["left_out"] == [1, 2]
+
+
+def _tiny_mc(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    rows = [{"id": i, "task": "t", "question": "The quick brown fox", "choices": [" jumps", " sleeps"], "label": i % 2}
+            for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_layer_ablation_script_runs_on_a_saved_model_and_refuses_a_layer_it_lacks(tmp_path):
+    from jetnas.models import JetNemotronForCausalLM
+    from tests.utils import tiny_config, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    JetNemotronForCausalLM(tiny_config(["attn", "gdn"], vocab_size=len(tiny_tokenizer()))).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    script = ROOT / "benchmarks" / "layer_ablation.py"
+    common = [sys.executable, str(script), "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
+              "--tasks", f"retrieval:kv@96?n=2&keys=2,ppl:{tmp_path / 'text.txt'}", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(common, check=False, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "layer_ablation.json").read_text())
+    assert [e["layer"] for e in report["layers"]] == [0, 1] and (tmp_path / "out" / "layer_ablation.png").exists()
+    assert "| intact |" in proc.stdout
+    bad = subprocess.run(common + ["--layers", "0,5"], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "[5] outside the model's 2 layers" in bad.stderr
