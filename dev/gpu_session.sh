@@ -156,6 +156,34 @@ gen_back() {
   sha256sum "$f" && cp "$f.json" "$OUT/gen.json" && (cd "$(dirname "$f")" && split -b 15M -d "$(basename "$f")" "$OUT/gen.part")
 }
 
+# The trained model back to this machine for CPU analysis (layer ablations, per-row readings), which would otherwise
+# spend device time: WEIGHTS_FROM (default /root/run/stage2/model) cast to bf16 (what the evaluation runs; 270 MB for
+# the SmolLM2 hybrid) and split into 15 MiB parts, returned 7 a call (a call brings back at most 8 files, one of
+# them autotune.tar):
+# `weightsback:0` makes the parts and returns parts 0-6, `weightsback:1` parts 7-13, and so on; the output names the
+# part count and the whole file's sha256. Here: `cat part.* > model.safetensors`, check the sha256, and put it beside
+# the run's committed config.json (dev/LOG.md, 2026-12-07).
+weights_back() {
+  local src=${WEIGHTS_FROM:-/root/run/stage2/model} dir=/root/wback
+  if [ ! -f $dir/model.safetensors ]; then
+    mkdir -p $dir && python3 - "$src" "$dir/model.safetensors" <<'PY' || return 1
+import glob, sys
+import torch
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1:]
+state = {}
+for f in sorted(glob.glob(src + "/*.safetensors")):
+    state.update(load_file(f))
+save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}, dst,
+          metadata={"format": "pt"})
+print(f"{len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
+PY
+    (cd $dir && split -b 15M -d -a 2 model.safetensors part.)
+  fi
+  echo "weights: $(ls $dir/part.* | wc -l) parts; $(cd $dir && sha256sum model.safetensors)"
+  ls $dir/part.* | sed -n "$(( $1 * 7 + 1 )),$(( $1 * 7 + 7 ))p" | xargs -r -I{} cp {} "$OUT"/
+}
+
 dist() {  # issue 8 on one GPU: the super-network trainer plain, under torchrun with DDP, and with FSDP2 (same seed)
   for mode in plain ddp fsdp; do
     launch="python3 -m jetnas --autotune-configs 4"
@@ -275,5 +303,6 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
     dist:*) dist "${step#*:}" ;;
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
+    weightsback:*) weights_back "${step#*:}" ;;
   esac
 done
