@@ -338,3 +338,30 @@ def test_layer_ablation_script_runs_on_a_saved_model_and_refuses_a_layer_it_lack
     assert "| intact |" in proc.stdout
     bad = subprocess.run(common + ["--layers", "0,5"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "[5] outside the model's 2 layers" in bad.stderr
+
+
+def test_position_kl_rows_start_at_documents_and_a_model_against_itself_is_zero():
+    import numpy as np
+    from position_kl import buckets, document_rows, per_position, summarise
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens = np.array([5, 6, 0, 7, 8, 9, 0, 10, 11, 12, 13, 0, 14], dtype=np.uint16)
+    rows = document_rows(tokens, eos=0, rows=2, length=3)
+    assert rows.tolist() == [[7, 8, 9], [10, 11, 12]]  # after each EOS with 3 tokens to follow
+    with pytest.raises(ValueError, match="2 document starts have 3 tokens after them; asked for 3 rows"):
+        document_rows(tokens, eos=0, rows=3, length=3)
+    assert buckets(40) == [(0, 16), (16, 32), (32, 40)]
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    teacher, other = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    same = summarise(per_position(teacher, teacher, ids))
+    assert [b["n"] for b in same] == [32, 32, 14]  # 39 predicted positions a row
+    assert all(abs(b["kl"]) < 1e-6 and b["teacher_nll"] == b["student_nll"] for b in same)
+    values = per_position(teacher, other, ids)
+    assert (values["kl"] >= -1e-6).all() and values["kl"].mean() > 1e-3
+    # the bucket means are the positions' means
+    table = summarise(values)
+    assert table[1]["kl"] == pytest.approx(values["kl"][:, 16:32].mean().item())
