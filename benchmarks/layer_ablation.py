@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (a stage's model/) or a teacher name")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tasks", default=DEV_TASKS, help="comma-separated built-in tasks (development rows)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")

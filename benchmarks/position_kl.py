@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--eos", type=int, default=None, help="end-of-document id in --data (default: the teacher's)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
