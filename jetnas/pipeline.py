@@ -306,6 +306,9 @@ def _missing_output(result: dict) -> str | None:
 RECALL_KEYS = {"documents", "doc_tokens", "min_distance", "max_distance", "kinds", "queries", "entries",
                "answer_tokens", "max_articles"}
 MAX_RECALL = 4
+#: `data: {path: ..., generate: {tokens, weight, ...}}`'s optional keys: `length` new tokens a sample (default the
+#: device's `generation_defaults`) and `special: false` (the teacher never samples its special tokens but EOS)
+GENERATE_OPTIONS = ("length", "special")
 
 
 def recall_sections(data: dict) -> list[dict]:
@@ -342,7 +345,8 @@ def check_answer_weights(data: dict, stages: dict[str, dict | None], source: str
 def check_data_section(data: dict, source: str) -> None:
     """`data` as a mapping: the text, `{generate: TOKENS}` (sampled from the teacher, the whole data) or `{path: SPEC}`;
     with a path, optionally `generate: {tokens: N, weight: W}` (N tokens sampled from the teacher, mixed in at weight
-    W: broad text in the teacher's own distribution beside the corpus) and `recall: {corpus: ARTICLES.jsonl(.gz),
+    W: broad text in the teacher's own distribution beside the corpus; optionally `length` and `special`, see
+    `GENERATE_OPTIONS`) and `recall: {corpus: ARTICLES.jsonl(.gz),
     weight: W, documents: N, doc_tokens: T, ...}` or a list of such (retrieval-bearing documents built from those
     articles, mixed in at weight W). The weights are shares of the mixture: each in (0, 1), their sum < 1, the rest
     is the text's."""
@@ -357,10 +361,16 @@ def check_data_section(data: dict, source: str) -> None:
         if "path" not in data:
             raise RecipeError(f"{source}: data.generate={generate!r} mixes generated text into data.path, and data "
                               f"has no path; for generated text alone give generate: TOKENS")
-        if set(generate) != {"tokens", "weight"}:
+        if not {"tokens", "weight"} <= set(generate) <= {"tokens", "weight", *GENERATE_OPTIONS}:
             raise RecipeError(f"{source}: data.generate takes tokens and weight (the generated text's share of the "
-                              f"mixture), got keys {sorted(generate)}")
+                              f"mixture), optionally {' and '.join(GENERATE_OPTIONS)}, got keys {sorted(generate)}")
         total += _check_weight(generate["weight"], "data.generate", source)
+        length = generate.get("length")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise RecipeError(f"{source}: data.generate.length={length!r} must be a positive integer (new tokens a "
+                              f"sample)")
+        if not isinstance(generate.get("special", True), bool):
+            raise RecipeError(f"{source}: data.generate.special={generate['special']!r} must be true or false")
         generate = generate["tokens"]
         where = "data.generate.tokens"
     elif "path" in data and generate is not None:
@@ -527,7 +537,8 @@ class Pipeline:
         generate = data.get("generate")
         parts, total = [], 0.0
         if isinstance(generate, dict):
-            generated = self._generate(int(generate["tokens"]), "generated.bin")
+            options = {k: generate[k] for k in GENERATE_OPTIONS if k in generate}
+            generated = self._generate(int(generate["tokens"]), "generated.bin", **options)
             total += float(generate["weight"])
             parts.append(f"{generated.path}:{float(generate['weight']):g}")
             text = str(data["path"])
@@ -552,15 +563,17 @@ class Pipeline:
             return text
         return ",".join([f"{text}:{1 - total:g}", *parts])
 
-    def _generate(self, tokens: int, file: str) -> DataResult:
+    def _generate(self, tokens: int, file: str, **options) -> DataResult:
         """The "data" stage: `tokens` tokens of teacher text (the recipe's seed) in `out_dir/data/<file>`, sampled
-        once and reused like any stage."""
+        once and reused like any stage; `options` (`GENERATE_OPTIONS`: length, special) as the recipe gives them, so
+        a recipe without them keeps its fingerprint."""
         from jetnas.train.data import SAMPLER
 
         target = str(self.out / "data" / file)
         # the sampler is part of the stage's arguments (not of generate_data's): text another sampler made for the
         # same seed is other text, so a record of it must not be reused, nor its lost file remade by this one
-        kwargs = {"teacher": self.recipe.teacher, "tokens": tokens, "seed": self.recipe.seed, "sampler": SAMPLER}
+        kwargs = {"teacher": self.recipe.teacher, "tokens": tokens, "seed": self.recipe.seed, "sampler": SAMPLER,
+                  **options}
         self.done.data = self._run("data", kwargs, lambda kw: generate_data(
             target=target, device=self.recipe.device, **{k: v for k, v in kw.items() if k != "sampler"}), DataResult)
         return self.done.data

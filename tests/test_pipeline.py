@@ -280,8 +280,8 @@ def test_recall_documents_are_built_once_and_mixed_into_every_stages_data(tmp_pa
 def test_generated_text_is_made_once_and_mixed_with_the_corpus_and_the_recall_documents(tmp_path, monkeypatch):
     made, built, seen = [], [], []
 
-    def fake_generate(target, device, teacher, tokens, seed):
-        made.append((Path(target).name, tokens))
+    def fake_generate(target, device, teacher, tokens, seed, **options):
+        made.append((Path(target).name, tokens, *options.items()))
         return token_file(target, tokens)
 
     def fake_build(target, teacher, corpus, documents, seed, **options):
@@ -323,6 +323,21 @@ def test_generated_text_is_made_once_and_mixed_with_the_corpus_and_the_recall_do
     assert seen == [f"web.bin:0.75,{tmp_path}/two/data/generated.bin:0.25", f"{tmp_path}/alone/data/train.bin",
                     "web.bin"]
 
+    # the sampler's options, given, reach the sampler and name the data stage (a recipe without them keeps its
+    # arguments, so its finished data stage is reused); changed, they make the text again
+    made.clear()
+    options = {"tokens": 8, "weight": 0.2, "length": 4096, "special": False}
+    gen = {**raw, "out_dir": str(tmp_path / "gen"), "data": {"path": "web.bin", "generate": options}}
+    Pipeline(Recipe.from_dict(gen, source="test.yaml")).run()
+    Pipeline(Recipe.from_dict(gen, source="test.yaml")).run()
+    assert made == [("generated.bin", 8, ("length", 4096), ("special", False))]
+    state = json.loads((tmp_path / "gen" / "pipeline.json").read_text())
+    assert state["stages"]["data"]["arguments"] == {"teacher": "tiny-teacher", "tokens": 8, "seed": 0,
+                                                    "sampler": "engine", "length": 4096, "special": False}
+    Pipeline(Recipe.from_dict({**gen, "data": {"path": "web.bin", "generate": {**options, "length": 2048}}},
+                              source="test.yaml")).run()
+    assert made[-1] == ("generated.bin", 8, ("length", 2048), ("special", False))
+
 
 @pytest.mark.parametrize("data, message", [
     ({"path": "web.bin", "generate": 8}, r"data.generate=8 beside data.path: give generate: \{tokens: N, weight: W\}"),
@@ -342,9 +357,13 @@ def test_generated_text_is_made_once_and_mixed_with_the_corpus_and_the_recall_do
     ({"generate": 0}, r"data.generate=0 must be a positive integer"),
     ({"generate": 2.5}, r"data.generate=2.5 must be a positive integer"),
     ({"recall": {"corpus": "w", "documents": 8}}, r"data must be a path / hf: spec, or a mapping with generate"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": 0.2, "length": 0}},
+     r"data.generate.length=0 must be a positive integer \(new tokens a sample\)"),
+    ({"path": "web.bin", "generate": {"tokens": 8, "weight": 0.2, "special": "no"}},
+     r"data.generate.special='no' must be true or false"),
 ], ids=["int-beside-path", "mapping-without-path", "no-weight", "unknown-key", "zero-tokens", "text-tokens",
         "bool-tokens", "weight-one", "weight-zero", "text-weight", "weights-sum-to-one", "zero-alone", "float-alone",
-        "neither"])
+        "neither", "zero-length", "text-special"])
 def test_bad_data_sections_name_the_bad_value(data, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_dict({"name": "t", "teacher": "tiny-teacher", "data": data}, source="test.yaml")

@@ -18,6 +18,7 @@ the forward path.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,12 @@ def _sync(device: torch.device) -> None:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, suppress: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens `[B]` from last-position logits `[B, V]`: argmax at temperature 0, else sampling after
-    temperature, top-k and top-p (nucleus) filtering."""
+    temperature, top-k and top-p (nucleus) filtering. `suppress`: token ids (a 1-D long tensor on the logits'
+    device) that are never chosen, e.g. an instruction-tuned teacher's chat markup in sampled training text."""
+    if suppress is not None:
+        logits = logits.index_fill(-1, suppress, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -137,10 +141,11 @@ class Engine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 seed: int | None = None) -> GenerateOutput:
+                 seed: int | None = None, suppress_token_ids: Sequence[int] | None = None) -> GenerateOutput:
         """Generate up to `max_new_tokens` after left-padded prompts `input_ids [B, T]` (`attention_mask` 1 for
         real tokens). Rows that produced `eos_token_id` continue with `pad_token_id` (default: the eos id), as
-        `generate()` does; decoding stops early when every row has finished."""
+        `generate()` does; decoding stops early when every row has finished. `suppress_token_ids` are never
+        generated (see `sample_next`)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be [batch, tokens >= 1], got {list(input_ids.shape)}")
         if max_new_tokens < 1:
@@ -158,15 +163,22 @@ class Engine:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(0 if seed is None else seed)
         pad = eos_token_id if pad_token_id is None else pad_token_id
+        suppress = None
+        if suppress_token_ids:
+            vocab = self.model.config.vocab_size
+            bad = [i for i in suppress_token_ids if not 0 <= int(i) < vocab]
+            if bad:
+                raise ValueError(f"suppress_token_ids {bad} outside the model's vocabulary of {vocab:,}")
+            suppress = torch.tensor(sorted({int(i) for i in suppress_token_ids}), dtype=torch.long, device=self.device)
 
         _sync(self.device)
         start = time.perf_counter()
         logits = self.prefill(input_ids, mask, cache)
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sample_next(logits, temperature, top_k, top_p, generator, suppress)
         _sync(self.device)
         prefill_seconds = time.perf_counter() - start
         return self._decode(input_ids, mask, token, cache, decoder, max_new_tokens, prefill_seconds, temperature, top_k,
-                            top_p, generator, eos_token_id, pad)
+                            top_p, generator, eos_token_id, pad, suppress)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -191,7 +203,7 @@ class Engine:
         return logits
 
     def _decode(self, input_ids, mask, token, cache, decoder, max_new_tokens, prefill_seconds, temperature=0.0,
-                top_k=None, top_p=None, generator=None, eos_token_id=None, pad=None) -> GenerateOutput:
+                top_k=None, top_p=None, generator=None, eos_token_id=None, pad=None, suppress=None) -> GenerateOutput:
         B = input_ids.shape[0]
         out = [token]
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -210,7 +222,7 @@ class Engine:
                 mask = torch.cat([mask, ones], 1)
                 logits = self.model(token[:, None], attention_mask=mask, past_key_values=cache,
                                     use_cache=True).logits[:, -1]
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = sample_next(logits, temperature, top_k, top_p, generator, suppress)
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, pad), token)
                 finished |= token == eos_token_id

@@ -28,14 +28,17 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                                 "log": str(Path(out) / "log.jsonl")}, cuda_graph=s.get("cuda_graph"))
 
 
-def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None) -> DataResult:
+def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None, length: int | None = None,
+                  special: bool = True) -> DataResult:
     """`tokens` tokens of text sampled from `teacher` (seeded; `jetnas.train.data.teacher_generated`: through the
-    inference engine, in `generation_defaults` batches for the device), saved as a token file at `target`."""
+    inference engine, in `generation_defaults` batches for the device, or `length` new tokens a sample; `special`
+    False never samples the tokenizer's special tokens but EOS), saved as a token file at `target`."""
     from jetnas.models.teachers import load_teacher
     from jetnas.train.data import teacher_generated
 
     model, tokenizer, spec = load_teacher(teacher, device=resolve_device(device))
-    stream = teacher_generated(model, tokenizer, spec.eos_token_id, tokens, seed=seed, name=spec.name)
+    stream = teacher_generated(model, tokenizer, spec.eos_token_id, tokens, seed=seed, name=spec.name, length=length,
+                               special=special)
     path = stream.save(target)
     return DataResult(path=str(path), tokens=len(stream))
 

@@ -190,3 +190,56 @@ def test_the_generated_source_gets_its_own_held_out_kl(tmp_path, models):
     kl = {k: v for k, v in metrics.items() if k.startswith("heldout/kl")}
     assert set(kl) == {"heldout/kl", "heldout/kl/train.bin", "heldout/kl/generated.bin", "heldout/kl/recall.bin"}
     assert kl["heldout/kl/generated.bin"] > 0
+
+
+class MarkupTokenizer(CharTokenizer):
+    """CharTokenizer whose ids 1 and 2 are special (an instruction-tuned teacher's chat markup), 0 the EOS."""
+
+    all_special_ids = (0, 1)
+
+    def get_added_vocab(self):
+        return {"<eos>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+
+
+def test_sampling_without_special_tokens_never_draws_them_and_has_its_own_cache(tmp_path, monkeypatch):
+    from jetnas.engine import sample_next
+
+    # sample_next: a suppressed id is never chosen, greedy or sampled, even when it holds almost all the mass
+    logits = torch.tensor([[0.0, 9.0, 8.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    assert int(sample_next(logits, suppress=torch.tensor([1]))) == 2
+    draws = {int(sample_next(logits, 1.0, generator=g, suppress=torch.tensor([1, 2]))) for _ in range(50)}
+    assert draws == {0, 3}
+    assert int(sample_next(logits)) == 1  # and nothing is suppressed without it
+
+    monkeypatch.setenv("JETNAS_CACHE", str(tmp_path))
+    tok, model = MarkupTokenizer(), tiny_teacher()
+    assert data.special_ids(tok, EOS) == [1, 2]
+    with_markup = data.teacher_generated(model, tok, EOS, 300, seed=1, batch_size=4, length=16, name="tiny")
+    plain = data.teacher_generated(model, tok, EOS, 300, seed=1, batch_size=4, length=16, name="tiny", special=False)
+    ids = np.asarray(plain.array)
+    assert np.isin(np.asarray(with_markup.array), [1, 2]).any()  # the random model draws them when allowed
+    # prompts are character ids 1-7 too: past them, no sample holds a special id
+    new_tokens = data._sample_text(model, tok, EOS, 300, 1, 4, 16, "tiny", suppress=[1, 2])
+    assert new_tokens[:300] == ids.tolist()
+    prompts = {tuple(tok(p)["input_ids"]) for p in data.SEED_PROMPTS}
+    for doc in split_documents(new_tokens):
+        head = max((len(p) for p in prompts if tuple(doc[:len(p)]) == p), default=0)
+        assert not set(doc[head:]) & {1, 2}
+    names = sorted(p.name for p in (tmp_path / "data").glob("generated-*.bin"))
+    assert names == ["generated-tiny-engine-cpu-seed1-b4-n16-300.bin",
+                     "generated-tiny-engine-nospecial-cpu-seed1-b4-n16-300.bin"]
+    with pytest.raises(ValueError, match=r"suppress_token_ids \[8\] outside the model's vocabulary of 8"):
+        Engine(model).generate(torch.tensor([[1, 2]]), max_new_tokens=2, suppress_token_ids=[8])
+
+
+def test_a_sample_length_without_a_batch_size_keeps_the_default_cache_positions(tmp_path, monkeypatch):
+    monkeypatch.setenv("JETNAS_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(data, "_sample_text", lambda model, tok, eos, tokens, seed, batch, length, *rest:
+                        seen.append((batch, length)) or [1] * tokens)
+    tok, model = CharTokenizer(), tiny_teacher()
+    data.teacher_generated(model, tok, EOS, 50, seed=1, length=1024, name="tiny")
+    data.teacher_generated(model, tok, EOS, 50, seed=1, length=8192, name="tiny")
+    data.teacher_generated(model, tok, EOS, 50, seed=1, name="tiny")
+    assert seen == [(4, 1024), (1, 8192), (16, 256)]  # CPU defaults 16 x 256 positions
