@@ -704,7 +704,9 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                record = {"step": self.step, **last}
+                # wall time (epoch seconds): where a device call's time goes besides the steps (evaluations,
+                # checkpoints, start-up), read from the gaps between rows
+                record = {"step": self.step, **last, "time": round(time.time(), 2)}
                 evaluating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < cfg.steps
                 if evaluating:
                     record.update({f"eval/{k}": v for k, v in self._evaluate().items()})

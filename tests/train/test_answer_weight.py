@@ -204,6 +204,7 @@ def log(out_dir) -> list[dict]:
     rows = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
     for r in rows:
         r.pop("tokens_per_s", None)
+        r.pop("time", None)
     return [r for r in rows if "loss" in r]
 
 

@@ -41,7 +41,7 @@ def env(workspace):
 def log_rows(out_dir: Path) -> list[dict]:
     """The rows of a run's log, without the measured throughput (which differs between any two runs)."""
     rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "time")} for row in rows]
 
 
 def differing_bytes(a: Path, b: Path) -> int:

@@ -56,6 +56,7 @@ def log_rows(out_dir) -> list[dict]:
     rows = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
     for r in rows:
         r.pop("tokens_per_s", None)  # wall time
+        r.pop("time", None)
     return rows
 
 
