@@ -9,7 +9,8 @@ For every layer L (or those of `--layers`), the output of L's token mixer (atten
 layer adds only its MLP to the residual stream, and every task is scored again; the change against the intact model
 is that layer's contribution. Issue 19 reads it on the trained hybrid to choose which linear layers may become
 short sliding windows: the -lw256 run turned four GDN layers into 256-token windows by the teacher's attention
-locality and the alignment residuals, and lost a third of its short-range recall, which neither measure could see.
+locality and the alignment residuals, and lost a third of its development mqar (31% against 46%), most of it at
+short range, inside the windows' reach: neither measure could see which GDN layers held that memory.
 A layer whose knock-out costs recall (retrieval `acc`, and `target_nll`, which moves where accuracy is flat) holds
 memory a window of its reach must take over in training; one whose knock-out costs little does not.
 

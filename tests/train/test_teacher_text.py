@@ -217,15 +217,21 @@ def test_sampling_without_special_tokens_never_draws_them_and_has_its_own_cache(
     assert data.special_ids(tok, EOS) == [1, 2]
     with_markup = data.teacher_generated(model, tok, EOS, 300, seed=1, batch_size=4, length=16, name="tiny")
     plain = data.teacher_generated(model, tok, EOS, 300, seed=1, batch_size=4, length=16, name="tiny", special=False)
-    ids = np.asarray(plain.array)
-    assert np.isin(np.asarray(with_markup.array), [1, 2]).any()  # the random model draws them when allowed
-    # prompts are character ids 1-7 too: past them, no sample holds a special id
-    new_tokens = data._sample_text(model, tok, EOS, 300, 1, 4, 16, "tiny", suppress=[1, 2])
-    assert new_tokens[:300] == ids.tolist()
     prompts = {tuple(tok(p)["input_ids"]) for p in data.SEED_PROMPTS}
-    for doc in split_documents(new_tokens):
-        head = max((len(p) for p in prompts if tuple(doc[:len(p)]) == p), default=0)
-        assert not set(doc[head:]) & {1, 2}
+
+    def sampled(ids: list[int]) -> set[int]:
+        """The ids the model drew: each document without its seed prompt (prompts are character ids 1-7 too)."""
+        out = set()
+        for doc in split_documents(ids):
+            out |= set(doc[max((len(p) for p in prompts if tuple(doc[:len(p)]) == p), default=0):])
+        return out
+
+    allowed = data._sample_text(model, tok, EOS, 300, 1, 4, 16, "tiny")
+    suppressed = data._sample_text(model, tok, EOS, 300, 1, 4, 16, "tiny", suppress=[1, 2])
+    assert allowed[:300] == np.asarray(with_markup.array).tolist()
+    assert suppressed[:300] == np.asarray(plain.array).tolist()
+    assert sampled(allowed) & {1, 2}  # the random model draws them when allowed
+    assert not sampled(suppressed) & {1, 2}
     names = sorted(p.name for p in (tmp_path / "data").glob("generated-*.bin"))
     assert names == ["generated-tiny-engine-cpu-seed1-b4-n16-300.bin",
                      "generated-tiny-engine-nospecial-cpu-seed1-b4-n16-300.bin"]
