@@ -4,11 +4,13 @@
         --data ../shared/data/corpus/val.bin --rows 8 --length 2048 --out results/x/position_kl
 
 Each row starts at a document's first token (just after an end-of-document id in `--data`), so position 0 has no
-earlier text, as a benchmark prompt has none: HellaSwag's contexts are ~50-150 tokens, scored from a fresh state.
-Training packs documents into 4,096-token sequences, so a fresh state is rare there (one position in 4,096) and a
-document's opening tokens mostly follow another document. A hybrid whose linear layers learned to lean on what came
-before would show it here, as a KL that is high at the first positions and falls along the row; a hybrid that is
-as good everywhere shows a flat KL. Positions are bucketed by doubling from 16 (0-15, 16-31, 32-63, ...). Held-out
+earlier text, as a benchmark prompt has none: HellaSwag's context and longest ending fit 128 tokens in 98.9% of its
+rows (SmolLM2's tokenizer), scored from a fresh state. Training cuts its token streams into 4,096-token rows at fixed
+offsets, not at document starts (Wikipedia articles average ~4,000 tokens), so a fresh state starts each row mostly
+mid-document (the first 128 positions are 3% of the trained tokens) and a document's opening tokens mostly follow
+another document's text. A hybrid whose linear layers learned to lean on what came before would show it here, as a
+KL that is high at the first positions and falls along the row; a hybrid that is as good everywhere shows a flat KL.
+Positions are bucketed by doubling from 16 (0-15, 16-31, 32-63, ...). Held-out
 text only (`--data`, default Wikipedia's validation tokens); never an evaluation set. Writes `position_kl.json` and
 `position_kl.png`; prints a table last.
 """
