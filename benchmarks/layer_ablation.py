@@ -1,8 +1,6 @@
 """What each layer of a trained model contributes: its token mixer knocked out, one layer at a time.
 
-    python benchmarks/layer_ablation.py --model runs/x/stage2/model --device cuda \\
-        --tasks "retrieval:mqar@1024?n=50&seed=1,retrieval:needle@4096?n=50&seed=1,ppl:../shared/data/corpus/val.bin?tokens=16384" \\
-        --out results/x/layer_ablation
+    python benchmarks/layer_ablation.py --model runs/x/stage2/model --out results/x/layer_ablation
 
 For every layer L (or those of `--layers`), the output of L's token mixer (attention, sliding window or linear block,
 `model.model.layers[L].self_attn`: jetnas hybrids and HF Llama-style teachers alike) is replaced by zeros, so the
@@ -33,8 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+#: the recipes' development rows (their stages' `eval_tasks`), held-out Wikipedia and the HellaSwag-form proxy
 DEV_TASKS = ("retrieval:mqar@1024?n=50&seed=1,retrieval:needle@4096?n=50&seed=1,"
-             "ppl:../shared/data/corpus/val.bin?tokens=16384")
+             "ppl:../shared/data/corpus/val.bin?tokens=16384,mc:data/dev/continuation_wiki_val.jsonl?limit=300")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -304,14 +304,14 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
     teacher_eval:*) teacher_eval "${step#*:}" ;;
     recipe:*) recipe "${step#*:}" ;;
     # issue 19's diagnostics of a trained model (DIAG_MODEL, default /root/run/stage2/model), back in $OUT/diagnose:
-    # its KL to the teacher by position from a document's start (benchmarks/position_kl.py, 16 rows of 4,096) and
-    # each layer's mixer knocked out on the development rows (benchmarks/layer_ablation.py; no layer starts in the
-    # step's last 40 s)
+    # its KL to the teacher by position from a document's start (benchmarks/position_kl.py, 16 rows of 4,096; at
+    # most 150 s of its own) and each layer's mixer knocked out on the development rows (benchmarks/layer_ablation.py,
+    # its default tasks unless DIAG_TASKS; at most S seconds, no layer started in the last 40)
     diagnose:*) m=${DIAG_MODEL:-/root/run/stage2/model}
                 timeout 150 python3 benchmarks/position_kl.py --student "$m" --rows 16 --length 4096 \
                   --out $OUT/diagnose 2>&1 | grep -v -i -E "warn|loading weights" | tail -14
                 timeout "${step#*:}" python3 benchmarks/layer_ablation.py --model "$m" --batch-size 64 \
-                  --max-seconds $(( ${step#*:} - 40 )) --out $OUT/diagnose --tasks "${DIAG_TASKS:-retrieval:mqar@1024?n=50&seed=1,retrieval:needle@4096?n=50&seed=1,ppl:../shared/data/corpus/val.bin?tokens=16384,mc:data/dev/continuation_wiki_val.jsonl?limit=300}" \
+                  --max-seconds $(( ${step#*:} - 40 )) --out $OUT/diagnose ${DIAG_TASKS:+--tasks "$DIAG_TASKS"} \
                   2>&1 | grep -v -i -E "warn|loading weights|done \(" | tail -36 ;;
     weightsback:*) weights_back "${step#*:}" ;;
   esac
