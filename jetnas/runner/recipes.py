@@ -342,6 +342,9 @@ class TrainRecipe(Recipe):
             in an answer span of a recall document count this many times in the loss (the logged kl / lm and the
             held-out loss stay unweighted); > 0, 1 = off. Other values need a recall .bin with its .spans.npy among
             the data sources.
+        doc_starts: the share of rows of text sources that start at a document's first token instead of on the
+            fixed grid of seq_len (a document's opening read from a fresh state, as evaluation prompts are); 0-1,
+            0 = off (recall documents keep their grid).
         align_steps: stage 1: first align each linear block to its teacher layer's attention output, from the
             teacher's own inputs, for this many steps (layer-wise, cheap; 0: no alignment phase).
         align_lr: peak learning rate of the alignment phase.
@@ -389,6 +392,7 @@ class TrainRecipe(Recipe):
     lm_weight: float | None = arg(None, min=0)
     temperature: float = arg(1.0, above=0)
     answer_weight: float = arg(1.0, above=0)
+    doc_starts: float = arg(0.0, min=0, max=1)
     align_steps: int = arg(0, min=0)
     align_lr: float = arg(1e-2, above=0)
     heldout_tokens: int = arg(16384, min=0)

@@ -17,7 +17,9 @@ a "text" string, a file with no text) fail with `jetnas.validation.InputError` n
 The batcher cuts the stream into non-overlapping windows of `seq_len + 1` tokens (inputs and next-token labels) and
 visits them in a seeded permutation; the windows of step `s` are a pure function of (seed, s), so resuming needs
 only the step, and rank r of W takes the r-th contiguous share of each global batch, so W ranks see exactly the
-single-process batch.
+single-process batch. With `doc_starts` = p > 0, a share p of the samples instead starts at a document's first token
+(the token after an end-of-document id, or the stream's first), so that rows begin the way an evaluation's prompts
+do: a document's opening read from a fresh state (see `WindowBatcher`).
 """
 
 from __future__ import annotations
@@ -374,9 +376,19 @@ class WindowBatcher:
     Window w covers tokens `[w * seq_len, w * seq_len + seq_len + 1)` of the stream. Sample i (counting over
     the whole run) is window `perm_e(i mod n)` with epoch `e = i // n` and `perm_e` an affine permutation of the
     n windows seeded by (seed, e): O(1) memory for any corpus size.
+
+    Document starts (`doc_starts` = p > 0, with `eos_id`): sample i starts at a document's first token instead when
+    `frac(phase + i / golden ratio) < p` (a Weyl sequence: every prefix of the run holds within a sample or two of
+    the share p), the document drawn uniformly (seeded by (seed, i)) among those whose first `seq_len + 1` tokens
+    lie in the stream. Such a row reads a document's opening from a fresh state, as an evaluation's prompt is read;
+    cut at the fixed grid, a row starts mid-document in all but ~seq_len / document length of the cases, and a
+    document's opening is otherwise read only after the previous document's tokens. The other samples keep their
+    windows (so a share p of each epoch's windows goes unread). A stream without an eligible document start
+    (no `eos_id` in it) refuses p > 0.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int = 0):
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int = 0, doc_starts: float = 0.0,
+                 eos_id: int | None = None):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         self.stream, self.seq_len, self.batch_size, self.seed = stream, seq_len, batch_size, seed
@@ -384,6 +396,12 @@ class WindowBatcher:
         if self.num_windows < 1:
             raise InputError(f"{stream.name}: its {len(stream)} training tokens hold no window of seq_len + 1 = "
                              f"{seq_len + 1} tokens")
+        self.doc_starts = check_doc_starts(doc_starts)
+        self.documents = None
+        if self.doc_starts:
+            self.documents = document_starts(stream, eos_id, seq_len + 1)
+            self._doc_phase = np.uint64(int(np.random.default_rng([seed, 0x646F63]).integers(0, 2**32)))
+            self._doc_bound = np.uint64(round(self.doc_starts * 2**32))
 
     def _window(self, sample: int) -> int:
         n = self.num_windows
@@ -395,14 +413,66 @@ class WindowBatcher:
         b = int(rng.integers(0, n))
         return (a * i + b) % n
 
+    def at_document(self, sample: int) -> bool:
+        """Whether sample `sample` starts at a document's first token (see the class docstring)."""
+        if self.documents is None:
+            return False
+        return bool((self._doc_phase + np.uint64(sample) * _WEYL_STEP) & _MASK32 < self._doc_bound)
+
+    def start_of(self, sample: int) -> int:
+        """Token offset of sample `sample`'s window (see the class docstring)."""
+        if self.at_document(sample):
+            pick = np.random.default_rng([self.seed, 0x646F63, sample]).integers(len(self.documents))
+            return int(self.documents[pick])
+        return self._window(sample) * self.seq_len
+
     def windows(self, step: int) -> list[int]:
-        """Window indices of global batch `step`."""
+        """Window indices of global batch `step` on the fixed grid (without document starts)."""
         return [self._window(step * self.batch_size + j) for j in range(self.batch_size)]
+
+    def starts(self, step: int) -> list[int]:
+        """Token offsets of the samples of global batch `step` (`windows` x seq_len without document starts)."""
+        return [self.start_of(step * self.batch_size + j) for j in range(self.batch_size)]
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """Rank `rank`'s share (a contiguous slice) of global batch `step`: `[batch_size / world, seq_len + 1]`."""
+        return torch.stack([self.stream.tokens(s, self.seq_len + 1) for s in self.share(step, rank, world_size)])
+
+    def share(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """The token offsets of rank `rank`'s contiguous share of global batch `step`."""
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
         share = self.batch_size // world_size
-        mine = self.windows(step)[rank * share : (rank + 1) * share]
-        return torch.stack([self.stream.tokens(w * self.seq_len, self.seq_len + 1) for w in mine])
+        return self.starts(step)[rank * share : (rank + 1) * share]
+
+
+# 2^32 / golden ratio, odd: the Weyl step visits every 32-bit phase once per 2^32 samples
+_WEYL_STEP = np.uint64(2654435769)
+_MASK32 = np.uint64(2**32 - 1)
+
+
+def check_doc_starts(share) -> float:
+    """A share of document-start rows: a number in [0, 1]; ValueError naming the value otherwise."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"doc_starts={share!r} must be a number in [0, 1] (the share of rows that start at a "
+                         f"document's first token)")
+    return float(share)
+
+
+def document_starts(stream: TokenStream, eos_id: int | None, length: int) -> np.ndarray:
+    """Offsets (into `stream`) of the documents' first tokens, the stream's first and every token after `eos_id`,
+    whose next `length` tokens lie in the stream (int64). InputError when there are none: no `eos_id` given or
+    found, or no document starts early enough."""
+    if eos_id is None:
+        raise InputError(f"{stream.name}: rows at document starts need the end-of-document id (eos_id)")
+    ids = np.asarray(stream.array[stream.start : stream.end])
+    starts = np.flatnonzero(ids[:-1] == eos_id) + 1
+    if not len(starts):
+        raise InputError(f"{stream.name}: no end-of-document id {eos_id} in its {len(stream)} tokens, so no "
+                         f"document starts to begin rows at (doc_starts > 0)")
+    first = stream.start == 0 or stream.array[stream.start - 1] == eos_id
+    starts = np.concatenate([[0] if first else [], starts]).astype(np.int64)
+    starts = starts[starts + length <= len(stream)]
+    if not len(starts):
+        raise InputError(f"{stream.name}: no document starts {length} tokens before its end")
+    return starts

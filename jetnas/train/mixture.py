@@ -35,12 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jetnas.train.data import TokenStream, WindowBatcher, resolve_data
+from jetnas.train.data import _MASK32, _WEYL_STEP, TokenStream, WindowBatcher, check_doc_starts, resolve_data
 
 _WEIGHTED = re.compile(r"^(?P<source>.+):(?P<weight>(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
-# 2^32 / golden ratio, odd: the Weyl step visits every 32-bit phase once per 2^32 samples
-_WEYL_STEP = np.uint64(2654435769)
-_MASK32 = np.uint64(2**32 - 1)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]] | None:
@@ -135,7 +132,7 @@ class AnswerWindowBatcher(WindowBatcher):
     `[batch / world, 2, seq_len + 1]` (see the module docstring). `answers`: the uint8 mask over `stream.array`."""
 
     def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int = 0, *, answers: np.ndarray):
-        super().__init__(stream, seq_len, batch_size, seed=seed)
+        super().__init__(stream, seq_len, batch_size, seed=seed)  # recall documents keep the grid (no doc_starts)
         if len(answers) != len(stream.array):
             raise ValueError(f"{stream.name}: the answer mask covers {len(answers)} tokens, its token file "
                              f"{len(stream.array)}")
@@ -143,10 +140,8 @@ class AnswerWindowBatcher(WindowBatcher):
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         ids = super().batch(step, rank, world_size)
-        share = self.batch_size // world_size
-        mine = self.windows(step)[rank * share : (rank + 1) * share]
-        flags = torch.stack([_window_flags(self.stream, self.answers, w * self.seq_len, self.seq_len + 1)
-                             for w in mine])
+        flags = torch.stack([_window_flags(self.stream, self.answers, s, self.seq_len + 1)
+                             for s in self.share(step, rank, world_size)])
         return torch.stack([ids, flags], dim=1)
 
 
@@ -172,12 +167,18 @@ class MixtureBatcher:
         seed: sets the Weyl phase and each source's window order.
         answers: per source, its answer mask (uint8 over `stream.array`) or None: the batches then carry answer
             flags, `[B, 2, seq_len + 1]` (module docstring). None (default): `[B, seq_len + 1]` ids.
+        doc_starts, eos_id: per source, the share of its samples that start at a document's first token
+            (`WindowBatcher`; None: 0 for all), and the end-of-document id that marks them.
     """
 
     def __init__(self, sources: list[tuple[TokenStream, float]], seq_len: int, batch_size: int, seed: int = 0,
-                 answers: list[np.ndarray | None] | None = None):
+                 answers: list[np.ndarray | None] | None = None, doc_starts: list[float] | None = None,
+                 eos_id: int | None = None):
         if not sources:
             raise ValueError("a mixture needs at least one source")
+        doc_starts = [0.0] * len(sources) if doc_starts is None else doc_starts
+        if len(doc_starts) != len(sources):
+            raise ValueError(f"doc_starts holds {len(doc_starts)} shares for {len(sources)} sources")
         if answers is not None:
             if len(answers) != len(sources):
                 raise ValueError(f"answers holds {len(answers)} masks for {len(sources)} sources")
@@ -192,7 +193,8 @@ class MixtureBatcher:
         self.weights = weights / weights.sum()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         # each source's own window order, seeded apart from the others'
-        self.sources = [WindowBatcher(s, seq_len, 1, seed=seed * 1_000_003 + k + 1) for k, (s, _) in enumerate(sources)]
+        self.sources = [WindowBatcher(s, seq_len, 1, seed=seed * 1_000_003 + k + 1, doc_starts=d, eos_id=eos_id)
+                        for k, ((s, _), d) in enumerate(zip(sources, doc_starts))]
         cumulative = np.cumsum(self.weights)[:-1]
         self._bounds = np.round(cumulative * 2**32).astype(np.uint64)
         self._phase = np.uint64(int(np.random.default_rng([seed, 0x6D6978]).integers(0, 2**32)))
@@ -219,12 +221,21 @@ class MixtureBatcher:
         return self._counts.copy()
 
     def windows(self, step: int) -> list[tuple[int, int]]:
-        """`(source, window)` of each sample of global batch `step`."""
+        """`(source, window)` of each sample of global batch `step`, on the sources' fixed grids (without document
+        starts; `starts` gives the offsets)."""
+        return [(k, self.sources[k].windows(c)[0]) for k, c in self._draws(step)]
+
+    def starts(self, step: int) -> list[tuple[int, int]]:
+        """`(source, token offset)` of each sample of global batch `step`."""
+        return [(k, self.sources[k].start_of(c)) for k, c in self._draws(step)]
+
+    def _draws(self, step: int) -> list[tuple[int, int]]:
+        """`(source, how many samples that source gave before)` of each sample of global batch `step`."""
         first = step * self.batch_size
         counts = self.counts_before(first)
         out = []
         for k in self.source_of(np.arange(first, first + self.batch_size, dtype=np.uint64)).tolist():
-            out.append((k, self.sources[k].windows(int(counts[k]))[0]))
+            out.append((k, int(counts[k])))
             counts[k] += 1
         return out
 
@@ -234,12 +245,12 @@ class MixtureBatcher:
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
         share = self.batch_size // world_size
-        mine = self.windows(step)[rank * share : (rank + 1) * share]
-        ids = torch.stack([self.sources[k].stream.tokens(w * self.seq_len, self.seq_len + 1) for k, w in mine])
+        mine = self.starts(step)[rank * share : (rank + 1) * share]
+        ids = torch.stack([self.sources[k].stream.tokens(s, self.seq_len + 1) for k, s in mine])
         if self.answers is None:
             return ids
-        flags = torch.stack([_window_flags(self.sources[k].stream, self.answers[k], w * self.seq_len,
-                                           self.seq_len + 1) for k, w in mine])
+        flags = torch.stack([_window_flags(self.sources[k].stream, self.answers[k], s, self.seq_len + 1)
+                             for k, s in mine])
         return torch.stack([ids, flags], dim=1)
 
 
@@ -250,22 +261,32 @@ class Mixture:
     sources: list[Source]
     weighted: bool
 
-    def batcher(self, seq_len: int, batch_size: int, seed: int = 0,
-                answers: bool = False) -> WindowBatcher | MixtureBatcher:
+    def batcher(self, seq_len: int, batch_size: int, seed: int = 0, answers: bool = False, doc_starts: float = 0.0,
+                eos_id: int | None = None) -> WindowBatcher | MixtureBatcher:
         """The batcher the trainer should use: the plain `WindowBatcher` for one unweighted source (bit-identical
         to passing that stream to the trainer), a `MixtureBatcher` otherwise. `answers`: its batches carry the
         sources' answer flags (`[B, 2, seq_len + 1]`, the same windows and ids); at least one source must have its
-        answer mask loaded (`resolve_mixture(answer_spans=True)`), else ValueError naming the sources."""
+        answer mask loaded (`resolve_mixture(answer_spans=True)`), else ValueError naming the sources.
+        `doc_starts`: the share of each text source's samples that start at a document's first token (after
+        `eos_id`; `WindowBatcher`); recall documents (sources that carry answer spans) keep their grid, which
+        their documents already line up with."""
         if answers and all(s.answers is None for s in self.sources):
             raise ValueError(f"answer flags need a source with answer spans (a recall .bin with its .spans.npy, "
                              f"resolved with answer_spans=True); the sources are {[s.name for s in self.sources]}")
+        check_doc_starts(doc_starts)
+        shares = [0.0 if carries_answer_spans(s.name) else doc_starts for s in self.sources]
+        if doc_starts and not any(shares):
+            raise ValueError(f"doc_starts={doc_starts} starts rows at text documents, but every source is recall "
+                             f"documents (already aligned with the rows): {[s.name for s in self.sources]}")
         if not self.weighted:
             if answers:
                 return AnswerWindowBatcher(self.sources[0].stream, seq_len, batch_size, seed=seed,
                                            answers=self.sources[0].answers)
-            return WindowBatcher(self.sources[0].stream, seq_len, batch_size, seed=seed)
+            return WindowBatcher(self.sources[0].stream, seq_len, batch_size, seed=seed, doc_starts=shares[0],
+                                 eos_id=eos_id)
         return MixtureBatcher([(s.stream, s.weight) for s in self.sources], seq_len, batch_size, seed=seed,
-                              answers=[s.answers for s in self.sources] if answers else None)
+                              answers=[s.answers for s in self.sources] if answers else None, doc_starts=shares,
+                              eos_id=eos_id)
 
     def heldout(self) -> TokenStream | None:
         """Every source's held-out tail, concatenated (None when nothing was held out)."""

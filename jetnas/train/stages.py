@@ -41,6 +41,7 @@ from jetnas.train import distributed as dist_utils
 from jetnas.train.losses import distill_terms, head_terms, lm_loss_terms, logits_kl_terms
 from jetnas.train.mixture import Mixture, carries_answer_spans, data_sources, resolve_mixture, split_answer_flags
 from jetnas.train.checkpoint import check_finite
+from jetnas.train.data import check_doc_starts
 from jetnas.train.frozen import autocast_copy
 from jetnas.train.trainer import TrainConfig, Trainer, uses_bf16
 from jetnas.validation import read_json
@@ -81,6 +82,11 @@ class StageConfig:
             logged `kl` / `lm` (unweighted means, comparable with any run) and the held-out evaluation are
             unchanged. > 0; 1 (the default) is the plain loss, bit for bit the same batches and losses. Any other
             value needs a source of `data` that carries answer spans (a recall .bin with its .spans.npy).
+        doc_starts: the share of the rows of text sources that start at a document's first token (the token after
+            an end-of-document id) instead of on the fixed grid of `seq_len` (`jetnas.train.data.WindowBatcher`):
+            rows that read a document's opening from a fresh state, as an evaluation's prompts are read (HellaSwag's
+            fit in 128 tokens). In [0, 1]; 0 (the default): the grid, bit for bit the same batches. Recall
+            documents keep their grid. Both the alignment phase's and the stage's batches use it.
         heldout_tokens: held out of every data source's tail for the held-out loss (0: none).
         eval_windows: held-out windows of `seq_len` per source scored at each evaluation.
         eval_tasks: built-in evaluation tasks (`jetnas.evaluation.tasks.parse_task` specs, comma-separated, e.g.
@@ -133,6 +139,7 @@ class StageConfig:
     lm_weight: float | None = None
     temperature: float = 1.0
     answer_weight: float = 1.0
+    doc_starts: float = 0.0
     align_steps: int = 0
     align_lr: float = 1e-2
     heldout_tokens: int = 16384
@@ -174,6 +181,7 @@ class StageConfig:
         if self.temperature <= 0:
             raise ValueError(f"StageConfig.temperature={self.temperature!r} must be > 0")
         self.check_answer_weight()
+        check_doc_starts(self.doc_starts)
         if self.heldout_tokens < 0 or self.eval_windows < 0:
             raise ValueError(f"heldout_tokens={self.heldout_tokens} and eval_windows={self.eval_windows} must be >= 0")
         if self.eval_batch_size < 1:
@@ -258,7 +266,8 @@ class StageConfig:
                 "kl_weight": self.kl_weight, "lm_weight": self.lm_weight, "temperature": self.temperature,
                 "heldout_tokens": self.heldout_tokens, "align_steps": self.align_steps, "align_lr": self.align_lr,
                 # only when set: the runs from before the option keep their identity (and resume)
-                **({"answer_weight": self.answer_weight} if self.answer_flags else {})}
+                **({"answer_weight": self.answer_weight} if self.answer_flags else {}),
+                **({"doc_starts": self.doc_starts} if self.doc_starts else {})}
 
 
 def parse_eval_tasks(spec: str | None) -> list:
@@ -652,7 +661,8 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
                       identity=config.identity(types, block_config, teacher_name))
     # the trainer reads batches through `batcher.batch(step, rank, world)`; a weighted mixture supplies its own, and
     # with answer_weight != 1 its batches carry the answer flags (`[B, 2, T + 1]`, read by `stage_losses`)
-    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed, answers=config.answer_flags)
+    trainer.batcher = mixture.batcher(config.seq_len, config.batch_size, config.seed, answers=config.answer_flags,
+                                      doc_starts=config.doc_starts, eos_id=eos)
     # take the run folder (lock, identity, resume point) before writing into it: a refused run leaves it as it was
     trainer.prepare()
     if dist_utils.is_main_process():
@@ -662,7 +672,7 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
     if dist_utils.is_main_process():
         print(f"jetnas: stage {config.stage}: {counts['trainable_parameters']:,} of {counts['parameters']:,} "
               f"parameters train; layers {_layout(types)}; data {weights}", file=sys.stderr)
-    align = _align(config, model, teacher, mixture, trainer) if config.align_steps else None
+    align = _align(config, model, teacher, mixture, trainer, eos) if config.align_steps else None
     summary = trainer.fit()
     if align is not None:
         summary["align"] = align
@@ -677,7 +687,8 @@ def train_stage(config: StageConfig, teacher: StageTeacher | None = None) -> Sta
     return StageResult(model, tokenizer, summary, model_dir, types, block_config, mixture, counts)
 
 
-def _align(config: StageConfig, model, teacher: StageTeacher | None, mixture: Mixture, trainer: Trainer) -> dict:
+def _align(config: StageConfig, model, teacher: StageTeacher | None, mixture: Mixture, trainer: Trainer,
+           eos: int | None) -> dict:
     """Stage 1's alignment phase (`jetnas.train.align`): each linear block learns its teacher layer's attention
     output from the teacher's inputs, `align_steps` steps at `align_lr` on the stage's batches, in `out_dir/align`
     (resumable like any run). Skipped when the stage resumes from a checkpoint of its own (that already holds the
@@ -696,7 +707,8 @@ def _align(config: StageConfig, model, teacher: StageTeacher | None, mixture: Mi
     # plain ids (no answer flags): the alignment's layer-wise loss has no per-token terms to weight
     summary = train_alignment(model, teacher.model, mixture.sources[0].stream, align, heldout=heldout,
                               eval_windows=config.eval_windows,
-                              batcher=mixture.batcher(config.seq_len, config.batch_size, config.seed + 1))
+                              batcher=mixture.batcher(config.seq_len, config.batch_size, config.seed + 1,
+                                                      doc_starts=config.doc_starts, eos_id=eos))
     set_trainable(model, config.stage)
     return summary
 
