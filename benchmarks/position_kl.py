@@ -12,7 +12,8 @@ another document's text. A hybrid whose linear layers learned to lean on what ca
 KL that is high at the first positions and falls along the row; a hybrid that is as good everywhere shows a flat KL.
 Positions are bucketed by doubling from 16 (0-15, 16-31, 32-63, ...). Held-out
 text only (`--data`, default Wikipedia's validation tokens); never an evaluation set. Writes `position_kl.json` and
-`position_kl.png`; prints a table last.
+`position_kl.png`; prints a table last. `--compare A.json B.json --out DIR` pairs two students measured on the same
+rows: B - A per bucket with its standard error over rows (`position_kl_compare.json`).
 """
 
 from __future__ import annotations
@@ -66,10 +67,42 @@ def per_position(teacher, student, rows: torch.Tensor) -> dict[str, torch.Tensor
 
 
 def summarise(values: dict[str, torch.Tensor]) -> list[dict]:
-    """Each bucket's means over rows and the positions in it (position p predicts token p + 1)."""
+    """Each bucket's means over rows and the positions in it (position p predicts token p + 1), and each row's own
+    mean KL and student NLL in the bucket (`row_kl`, `row_student_nll`: what `compare` pairs two students on)."""
     length = values["kl"].shape[1]
     return [{"positions": [lo, hi], "n": values["kl"][:, lo:hi].numel(),
-             **{k: v[:, lo:hi].mean().item() for k, v in values.items()}} for lo, hi in buckets(length)]
+             **{k: v[:, lo:hi].mean().item() for k, v in values.items()},
+             "row_kl": values["kl"][:, lo:hi].mean(1).tolist(),
+             "row_student_nll": values["student_nll"][:, lo:hi].mean(1).tolist()} for lo, hi in buckets(length)]
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """Two students' `position_kl.json` on the same rows (same data, rows, length, teacher), bucket by bucket: the
+    mean of B - A over rows of the KL and of the student NLL, with the standard error of that paired difference
+    (rows differ far more from each other than the two students do on one row, so pairing is what resolves them).
+    ValueError when the two were not measured on the same rows."""
+    keys = ("data", "rows", "length", "teacher")
+    if any(a.get(k) != b.get(k) for k in keys):
+        raise ValueError(f"not the same rows: {[(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]}")
+    out = []
+    for x, y in zip(a["buckets"], b["buckets"]):
+        row = {"positions": x["positions"]}
+        for name in ("kl", "student_nll"):
+            d = np.asarray(y[f"row_{name}"]) - np.asarray(x[f"row_{name}"])
+            row[f"{name}_a"], row[f"{name}_b"] = x[name], y[name]
+            row[f"{name}_diff"] = float(d.mean())
+            row[f"{name}_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def print_comparison(table: list[dict], a: str, b: str) -> None:
+    print(f"B - A, paired over rows (A: {a}; B: {b})")
+    print("| positions | KL A | KL B | KL B - A (se) | NLL B - A (se) |\n|---|---|---|---|---|")
+    for t in table:
+        lo, hi = t["positions"]
+        print(f"| {lo}-{hi - 1} | {t['kl_a']:.4f} | {t['kl_b']:.4f} | {t['kl_diff']:+.4f} ({t['kl_se']:.4f}) | "
+              f"{t['student_nll_diff']:+.4f} ({t['student_nll_se']:.4f}) |")
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -96,7 +129,9 @@ def plot(table: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", required=True, help="the hybrid's model directory")
+    p.add_argument("--student", help="the hybrid's model directory")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="instead of measuring: pair two position_kl.json files of the same rows (B - A per bucket)")
     p.add_argument("--teacher", default="smollm2-135m")
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/corpus/val.bin"))
     p.add_argument("--eos", type=int, default=None, help="end-of-document id in --data (default: the teacher's)")
@@ -105,6 +140,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.compare:
+        import json
+
+        first, second = (json.loads(Path(f).read_text()) for f in a.compare)
+        try:
+            table = compare(first, second)
+        except ValueError as e:
+            p.error(f"--compare {a.compare[0]} {a.compare[1]}: {e}")
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "position_kl_compare.json").write_text(json.dumps({"a": a.compare[0], "b": a.compare[1],
+                                                                   "buckets": table}, indent=1))
+        print_comparison(table, *a.compare)
+        return 0
+    if not a.student:
+        p.error("--student is required (or --compare A B)")
 
     from jetnas.files import write_json_atomic
     from jetnas.models.teachers import load_teacher

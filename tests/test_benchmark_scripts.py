@@ -365,3 +365,32 @@ def test_position_kl_rows_start_at_documents_and_a_model_against_itself_is_zero(
     # the bucket means are the positions' means
     table = summarise(values)
     assert table[1]["kl"] == pytest.approx(values["kl"][:, 16:32].mean().item())
+
+
+def test_position_kl_compare_pairs_two_students_row_by_row(tmp_path):
+    """`--compare`: B - A per bucket is the mean of the rows' differences, with its standard error over rows; files
+    of other rows are refused."""
+    import numpy as np
+    from position_kl import compare
+
+    def report(kl_rows, nll_rows, rows=3):
+        return {"data": "val.bin", "rows": rows, "length": 32, "teacher": "t",
+                "buckets": [{"positions": [0, 16], "kl": float(np.mean(kl_rows)), "student_nll": float(np.mean(nll_rows)),
+                             "row_kl": kl_rows, "row_student_nll": nll_rows}]}
+
+    a = report([0.10, 0.30, 0.50], [2.0, 3.0, 4.0])
+    b = report([0.08, 0.27, 0.49], [2.0, 2.9, 4.1])
+    (row,) = compare(a, b)
+    d = np.array([-0.02, -0.03, -0.01])
+    assert row["kl_diff"] == pytest.approx(d.mean()) and row["kl_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert row["student_nll_diff"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="not the same rows"):
+        compare(a, report([0.1] * 4, [1.0] * 4, rows=4))
+    for name, r in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(r))
+    proc = subprocess.run([sys.executable, "benchmarks/position_kl.py", "--compare", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")],
+                          check=False, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 0-15 | 0.3000 | 0.2800 | -0.0200 (0.0058) |" in proc.stdout
+    assert (tmp_path / "cmp" / "position_kl_compare.json").exists()
