@@ -319,5 +319,19 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
     poskl:*) timeout "${step#*:}" python3 benchmarks/position_kl.py --student "${DIAG_MODEL:-/root/run/stage1/model}" \
                --rows 128 --length 512 --out $OUT/poskl${POSKL_TAG:-} 2>&1 | grep -v -i -E "warn|loading weights" | tail -14 ;;
     weightsback:*) weights_back "${step#*:}" ;;
+    # a trained stage's model to a later machine, exactly (dev/carry_model.py): `modelback:N` packs MODEL_FROM
+    # (default /root/run/stage1/model) as the tensors training changed (stage 1: 188 MB in 12 parts for the SmolLM2
+    # hybrid) and returns parts 4N..4N+3 with manifest.json and modelfiles.tar (8 files with autotune and tilelang);
+    # here `python dev/carry_model.py stage --from <the files>` makes .stage/m0, m1, ...; on the next machine, after
+    # those staging calls and `setup`, `modelin` rebuilds it into MODEL_TO (default /root/run/stage1/model), before
+    # the `recipe` step whose RUN_FROM holds the run's pipeline.json (the stage is then reused, not retrained)
+    modelback:*) n=${step#*:}
+               [ -f /root/mback/manifest.json ] || python3 dev/carry_model.py pack --model "${MODEL_FROM:-/root/run/stage1/model}" \
+                 --out /root/mback 2>&1 | grep -v -i -E "warn|loading weights" | tail -3
+               cp /root/mback/manifest.json /root/mback/modelfiles.tar "$OUT"/
+               ls /root/mback/mparts/mpart.* | sed -n "$(( n * 4 + 1 )),$(( n * 4 + 4 ))p" | xargs -r -I{} cp {} "$OUT"/
+               echo "model parts: $(ls /root/mback/mparts | wc -l); returned $(ls "$OUT" | grep -c mpart) this call" ;;
+    modelin) python3 dev/carry_model.py unpack --parts /root/stage/mparts --out "${MODEL_TO:-/root/run/stage1/model}" \
+               2>&1 | grep -v -i -E "warn|loading weights" | tail -3 ;;
   esac
 done
