@@ -76,10 +76,7 @@ setup() {
   if [ ! -f "$GGUF" ]; then
     cat /root/stage/gguf.part0 /root/stage/gguf.part1 /root/stage/gguf.part2 /root/stage/gguf.part3 > "$GGUF"
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c - || exit 3
-    for part in /root/stage/*.whl.part0; do  # a wheel staged in halves (tilelang: c1 + c1b)
-      [ -f "$part" ] && cat "${part%.part0}".part* > "${part%.part0}" && rm "${part%.part0}".part*
-    done
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/stage/*.whl 2>&1 | tail -2
+    wheels  # a wheel staged in halves (tilelang: c1 + c1b) joined, then every staged wheel installed
   fi
   cp -r /root/stage/bench /root/stage/corpus ../shared/data/
   # teacher-sampled text from an earlier machine (gendata; staged as /root/stage/gen): the data stage finds it in
@@ -98,6 +95,17 @@ lite() {
   mkdir -p /root/site /root/stage ../shared/data/corpus
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .stage/k1/*.whl 2>&1 | tail -2
   cp .stage/k1/val.bin ../shared/data/corpus/ && rm -rf /root/stage/prof && cp -r .stage/k1/prof /root/stage/
+}
+
+# `wheels`: the staged wheels alone (no teacher GGUF, which `setup` requires): the halves joined, everything in
+# /root/stage/*.whl installed. With `lite` (carry .stage/k1), after staging c1, c1b, c3 and c8 (TileLang and its
+# dependencies), the GDN stage-1 bench runs without the teacher's ~140 MB: `lite wheels stage1bench:75`
+wheels() {
+  mkdir -p /root/site
+  for part in /root/stage/*.whl.part0; do
+    [ -f "$part" ] && cat "${part%.part0}".part* > "${part%.part0}" && rm "${part%.part0}".part*
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/stage/*.whl 2>&1 | tail -2
 }
 
 checks() {  # issue 2 (deltanet, mamba2 blocks), issue 3 (generate on GPU), issue 7 (prefill after the attention fix)
@@ -199,6 +207,7 @@ restore_autotune
 for step in "$@"; do
   case $step in
     setup) setup ;;
+    wheels) wheels ;;
     lite) lite ;;
     fla) fla_only ;;
     # fp32 crashed once in fla's chunk_gla_fwd_kernel_o autotuning (misaligned address, 2026-12-02): GLA and the
