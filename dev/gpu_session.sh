@@ -323,7 +323,7 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
                   --max-seconds $(( ${step#*:} - 40 )) --out $OUT/diagnose ${DIAG_TASKS:+--tasks "$DIAG_TASKS"} \
                   2>&1 | grep -v -i -E "warn|loading weights|done \(" | tail -36 ;;
     # the position KL alone, on a document's opening (HellaSwag's regime: 128 rows of 512 tokens from document
-    # starts of val.bin, all 136 it has are eligible), of DIAG_MODEL (default /root/run/stage1/model), in
+    # starts of val.bin, of the 136 it has (position_kl.py takes starts after an EOS)), of DIAG_MODEL (default /root/run/stage1/model), in
     # $OUT/poskl${POSKL_TAG:-}: the A/B of rows at document starts (dev/LOG.md, 2026-12-07, sixteenth session)
     poskl:*) timeout "${step#*:}" python3 benchmarks/position_kl.py --student "${DIAG_MODEL:-/root/run/stage1/model}" \
                --rows 128 --length 512 --out $OUT/poskl${POSKL_TAG:-} 2>&1 | grep -v -i -E "warn|loading weights" | tail -14 ;;
