@@ -79,7 +79,7 @@ def summarise(values: dict[str, torch.Tensor]) -> list[dict]:
 def compare(a: dict, b: dict) -> list[dict]:
     """Two students' `position_kl.json` on the same rows (same data, rows, length, teacher), bucket by bucket: the
     mean of B - A over rows of the KL and of the student NLL, with the standard error of that paired difference
-    (rows differ far more from each other than the two students do on one row, so pairing is what resolves them).
+    (pairing takes out the variation between rows, which both students share).
     ValueError when the two were not measured on the same rows."""
     keys = ("data", "rows", "length", "teacher")
     if any(a.get(k) != b.get(k) for k in keys):
@@ -150,8 +150,9 @@ def main(argv=None) -> int:
             p.error(f"--compare {a.compare[0]} {a.compare[1]}: {e}")
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "position_kl_compare.json").write_text(json.dumps({"a": a.compare[0], "b": a.compare[1],
-                                                                   "buckets": table}, indent=1))
+        from jetnas.files import write_json_atomic
+
+        write_json_atomic(out / "position_kl_compare.json", {"a": a.compare[0], "b": a.compare[1], "buckets": table})
         print_comparison(table, *a.compare)
         return 0
     if not a.student:

@@ -8,9 +8,9 @@ stage and go on in a later session: only the tensors the training changed come b
 - `pack --model DIR --out OUT` (on the device): rebuilds the model the stage started from, the teacher converted
   with the directory's layer types and block options (seed 0, so anyone rebuilds the same one), and keeps every
   tensor of the trained model that differs from it, in float32 as trained (`carried.safetensors`, split into parts
-  of `--part-mib`). Stage 1 trains only the token mixers: 47M of the SmolLM2-135M hybrid's 155M parameters, 188 MB
-  in 12 parts, instead of 620 MB for the whole model in float32, or 310 MB in bfloat16, which would not be the
-  model that trained. `manifest.json` records the base's recipe, the sha256 of the carried file and a digest of
+  of `--part-mib`). Stage 1 trains only the token mixers: 47.1M of the SmolLM2-135M hybrid's 155.1M parameters
+  (counted on its conversion), so 188 MB in 12 parts by arithmetic (not yet packed on a device), instead of 620 MB
+  for the whole model in float32, or 310 MB in bfloat16, which would not be the model that trained. `manifest.json` records the base's recipe, the sha256 of the carried file and a digest of
   the trained model's whole state; `modelfiles.tar` the directory's other files (config, tokenizer, jetnas_stage).
 - `stage --from DIR --to .stage` (here): checks the returned parts against the manifest and lays them out as
   staging folders `.stage/m0, m1, ...` of `--per-folder` parts each (m0 with the manifest and the model files), to

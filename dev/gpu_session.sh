@@ -99,7 +99,7 @@ lite() {
 
 # `wheels`: the staged wheels alone (no teacher GGUF, which `setup` requires): the halves joined, everything in
 # /root/stage/*.whl installed. With `lite` (carry .stage/k1), after staging c1, c1b, c3 and c8 (TileLang and its
-# dependencies), the GDN stage-1 bench runs without the teacher's ~140 MB: `lite wheels stage1bench:75`
+# dependencies), the GDN stage-1 bench runs without the teacher's 98 MB GGUF: `lite wheels stage1bench:75`
 wheels() {
   mkdir -p /root/site
   for part in /root/stage/*.whl.part0; do
@@ -329,8 +329,8 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
                --rows 128 --length 512 --out $OUT/poskl${POSKL_TAG:-} 2>&1 | grep -v -i -E "warn|loading weights" | tail -14 ;;
     weightsback:*) weights_back "${step#*:}" ;;
     # a trained stage's model to a later machine, exactly (dev/carry_model.py): `modelback:N` packs MODEL_FROM
-    # (default /root/run/stage1/model) as the tensors training changed (stage 1: 188 MB in 12 parts for the SmolLM2
-    # hybrid) and returns parts 4N..4N+3 with manifest.json and modelfiles.tar (8 files with autotune and tilelang);
+    # (default /root/run/stage1/model) as the tensors training changed (stage 1 of the SmolLM2 hybrid: 47.1M float32
+    # values, 188 MB in 12 parts by arithmetic; not yet packed on a device) and returns parts 4N..4N+3 with manifest.json and modelfiles.tar (8 files with autotune and tilelang);
     # here `python dev/carry_model.py stage --from <the files>` makes .stage/m0, m1, ...; on the next machine, after
     # those staging calls and `setup`, `modelin` rebuilds it into MODEL_TO (default /root/run/stage1/model), before
     # the `recipe` step whose RUN_FROM holds the run's pipeline.json (the stage is then reused, not retrained)
