@@ -31,10 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def document_rows(tokens: np.ndarray, eos: int, rows: int, length: int) -> torch.Tensor:
-    """`[rows, length]` ids, each starting at the first token after an `eos` (spread evenly over the file), running
-    on through later documents as packed text does. A row is taken only where `length` tokens follow the start."""
-    starts = np.flatnonzero(tokens[:-length] == eos) + 1
-    starts = starts[starts + length <= len(tokens)]
+    """`[rows, length]` ids, each starting at a document's first token (the file's first and every token after an
+    `eos`; `jetnas.train.data.document_starts`, the training rows' own definition), spread evenly over the file and
+    running on through later documents as packed text does. A row is taken only where `length` tokens follow the
+    start."""
+    from jetnas.train.data import TokenStream, document_starts
+
+    starts = document_starts(TokenStream(tokens), eos, length)
     if len(starts) < rows:
         raise ValueError(f"{len(starts)} document starts have {length} tokens after them; asked for {rows} rows")
     picks = starts[np.linspace(0, len(starts) - 1, rows).round().astype(int)]

@@ -346,10 +346,10 @@ def test_position_kl_rows_start_at_documents_and_a_model_against_itself_is_zero(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens = np.array([5, 6, 0, 7, 8, 9, 0, 10, 11, 12, 13, 0, 14], dtype=np.uint16)
-    rows = document_rows(tokens, eos=0, rows=2, length=3)
-    assert rows.tolist() == [[7, 8, 9], [10, 11, 12]]  # after each EOS with 3 tokens to follow
-    with pytest.raises(ValueError, match="2 document starts have 3 tokens after them; asked for 3 rows"):
-        document_rows(tokens, eos=0, rows=3, length=3)
+    rows = document_rows(tokens, eos=0, rows=3, length=3)
+    assert rows.tolist() == [[5, 6, 0], [7, 8, 9], [10, 11, 12]]  # the file's start, then after each EOS, 3 to follow
+    with pytest.raises(ValueError, match="3 document starts have 3 tokens after them; asked for 4 rows"):
+        document_rows(tokens, eos=0, rows=4, length=3)
     assert buckets(40) == [(0, 16), (16, 32), (32, 40)]
 
     torch.manual_seed(0)
