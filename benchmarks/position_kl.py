@@ -142,7 +142,16 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", required=True)
+    p.add_argument("--autotune-configs", type=int, default=None, metavar="N",
+                   help="benchmark at most N of each Triton kernel's autotuning configs (a fresh GPU machine's first "
+                        "run of new shapes: minutes less, barely slower kernels; the values are the same)")
     a = p.parse_args(argv)
+    if a.autotune_configs is not None:
+        if a.autotune_configs < 1:
+            p.error(f"--autotune-configs={a.autotune_configs} must be >= 1")
+        from jetnas.ops.autotune import limit_autotuning
+
+        limit_autotuning(a.autotune_configs)
     if a.compare:
         import json
 

@@ -317,15 +317,15 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
     # most 150 s of its own) and each layer's mixer knocked out on the development rows (benchmarks/layer_ablation.py,
     # its default tasks unless DIAG_TASKS; at most S seconds, no layer started in the last 40)
     diagnose:*) m=${DIAG_MODEL:-/root/run/stage2/model}
-                timeout 150 python3 benchmarks/position_kl.py --student "$m" --rows 16 --length 4096 \
+                timeout 150 python3 benchmarks/position_kl.py --autotune-configs 4 --student "$m" --rows 16 --length 4096 \
                   --out $OUT/diagnose 2>&1 | grep -v -i -E "warn|loading weights" | tail -14
-                timeout "${step#*:}" python3 benchmarks/layer_ablation.py --model "$m" --batch-size 64 \
+                timeout "${step#*:}" python3 benchmarks/layer_ablation.py --autotune-configs 4 --model "$m" --batch-size 64 \
                   --max-seconds $(( ${step#*:} - 40 )) --out $OUT/diagnose ${DIAG_TASKS:+--tasks "$DIAG_TASKS"} \
                   2>&1 | grep -v -i -E "warn|loading weights|done \(" | tail -36 ;;
     # the position KL alone, on a document's opening (HellaSwag's regime: 128 rows of 512 tokens from document
     # starts of val.bin, of the 136 it has (position_kl.py takes starts after an EOS)), of DIAG_MODEL (default /root/run/stage1/model), in
     # $OUT/poskl${POSKL_TAG:-}: the A/B of rows at document starts (dev/LOG.md, 2026-12-07, sixteenth session)
-    poskl:*) timeout "${step#*:}" python3 benchmarks/position_kl.py --student "${DIAG_MODEL:-/root/run/stage1/model}" \
+    poskl:*) timeout "${step#*:}" python3 benchmarks/position_kl.py --autotune-configs 4 --student "${DIAG_MODEL:-/root/run/stage1/model}" \
                --rows 128 --length 512 --out $OUT/poskl${POSKL_TAG:-} 2>&1 | grep -v -i -E "warn|loading weights" | tail -14 ;;
     weightsback:*) weights_back "${step#*:}" ;;
     # a trained stage's model to a later machine, exactly (dev/carry_model.py): `modelback:N` packs MODEL_FROM

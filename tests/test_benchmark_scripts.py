@@ -338,6 +338,8 @@ def test_layer_ablation_script_runs_on_a_saved_model_and_refuses_a_layer_it_lack
     assert "| intact |" in proc.stdout
     bad = subprocess.run(common + ["--layers", "0,5"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "[5] outside the model's 2 layers" in bad.stderr
+    bad = subprocess.run(common + ["--autotune-configs", "0"], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--autotune-configs=0 must be >= 1" in bad.stderr
 
 
 def test_position_kl_rows_start_at_documents_and_a_model_against_itself_is_zero():
