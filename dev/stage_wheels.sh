@@ -84,8 +84,9 @@ if [ -n "${DENSE:-}" ]; then
   # the teacher's evaluation (69 s of an H100) is the same for every recipe of this family (the same arguments, so
   # the same fingerprint): the committed one rides along and is reused (2026-12-07: it was, in the aw4-lm25 run),
   # with its per-item outcomes (outcomes.json) where it has them, for the paired intervals of retention.json.
-  # TEACHER_EVAL=none carries none: the device evaluates the teacher again (and writes its outcomes).
-  TEACHER_EVAL=${TEACHER_EVAL:-results/h100_final_4k_dense_w1152_aw4_smollm2_135m}
+  # TEACHER_EVAL=none carries none: the device evaluates the teacher again (and writes its outcomes). The default,
+  # the -aw4-docs run of 2026-12-08, is the first teacher evaluation with outcomes (46 s of an H100).
+  TEACHER_EVAL=${TEACHER_EVAL:-results/h100_final_4k_dense_w1152_aw4_docs_smollm2_135m}
   if [ "$TEACHER_EVAL" != none ]; then
     [ -f "$TEACHER_EVAL/eval_teacher/outcomes.json" ] || echo "note: $TEACHER_EVAL has no teacher outcomes.json:" \
       "retention.json will have no paired intervals (TEACHER_EVAL=none evaluates the teacher on the device)"
