@@ -137,6 +137,9 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   # EXTRA_SETS: more `--set key=value` words for any recipe, e.g. another placement for the final recipe:
   #   EXTRA_SETS="--set stages.stage1.layer_types=gdn*7,attn,gdn*9,swa,attn,gdn,swa,gdn*2,attn,gdn*6"
   # (read into an array without globbing: `gdn*7` must not match file names)
+  # A SIGTERM that comes during a stage's final evaluation and save waits for them (20-30 s), and the step starts
+  # ~10 s before `timeout`: recipe:585 ran into the tool's 600 s limit (2026-12-08). 560 is the most to ask.
+  [ "$1" -gt 560 ] && echo "note: recipe:$1 may run past the tool's 600 s limit (a stage's last evaluation and save finish first): ask 560 at most"
   local name=${RECIPE:-smollm2-135m-gpu} sets=() extra=()
   [ "$name" = smollm2-135m-gpu ] && sets=("${RECIPE_SETS[@]}")
   read -ra extra <<< "${EXTRA_SETS:-}"
