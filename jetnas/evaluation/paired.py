@@ -86,9 +86,17 @@ def compare(a: dict, b: dict, chance: dict[str, float] | None = None) -> dict[st
     return out
 
 
+def apart(rows: dict[str, dict]) -> list[str]:
+    """The keys of `compare`'s rows whose paired 95% interval of the difference leaves out 0."""
+    return [key for key, p in rows.items() if p["difference_ci95"][0] > 0 or p["difference_ci95"][1] < 0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jetnas.evaluation.paired A B`: two evaluations' `outcomes.json` (files or their folders) on the
-    same rows; prints a table of A against B with paired 95% intervals, and with --json the numbers."""
+    """`python -m jetnas.evaluation.paired A B`: two evaluations' `outcomes.json` (the files, their folders, or a
+    `jetnas run` folder, whose hybrid evaluation is `eval/`) on the same rows; prints a table of A against B with
+    paired 95% intervals and, last, which differences those intervals tell from 0 (a rerun of the same recipe
+    should have none, but for the ~1 in 20 a 95% interval misses by chance); with --json the numbers, with --out
+    FILE also written there."""
     import argparse
     import json
     from pathlib import Path
@@ -97,16 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", help="outcomes.json of model A (or the evaluation folder holding it)")
     parser.add_argument("b", help="outcomes.json of model B, evaluated on the same rows")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
+    parser.add_argument("--out", default=None, help="also write the comparison as JSON to this file")
     args = parser.parse_args(argv)
     files = []
     for given in (args.a, args.b):
-        path = Path(given) / "outcomes.json" if Path(given).is_dir() else Path(given)
+        path = Path(given)
+        if path.is_dir():
+            path = path / "outcomes.json" if (path / "outcomes.json").is_file() else path / "eval" / "outcomes.json"
         if not path.is_file():
-            parser.error(f"{given!r}: no outcomes.json there (an evaluation writes it beside eval.json)")
+            parser.error(f"{given!r}: no outcomes.json there (an evaluation writes it beside eval.json; a run "
+                         f"folder holds its hybrid's in eval/)")
         files.append(json.loads(path.read_text()).get("tasks", {}))
     rows = compare(*files)
     if not rows:
         parser.error("the two evaluations share no task with outcomes on the same rows")
+    if args.out:
+        from jetnas.files import write_json_atomic
+
+        write_json_atomic(args.out, {"a": args.a, "b": args.b, "rows": rows, "apart": apart(rows)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -117,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = p["difference_ci95"]
         print(f"| {task} | {metric} | {p['a']:.4f} | {p['b']:.4f} | {p['difference']:+.4f} | "
               f"{lo:+.4f} to {hi:+.4f} | {100 * p['disagree']:.1f}% | {p['rows']} |")
+    told = apart(rows)
+    if told:
+        print(f"{len(told)} of {len(rows)} differences are told from 0 by their paired 95% interval: "
+              + "; ".join(f"{k} {rows[k]['difference']:+.4f}" for k in told))
+    else:
+        print(f"all {len(rows)} differences are within their paired 95% intervals of 0")
     return 0
 
 

@@ -80,6 +80,13 @@ def test_the_command_compares_two_evaluations(tmp_path, capsys):
     assert main([str(tmp_path / "a"), str(tmp_path / "b" / "outcomes.json")]) == 0
     table = capsys.readouterr().out
     assert "| mc:x | acc | 0.7500 | 0.5000 | +0.2500 |" in table and "only_" not in table
+    assert table.splitlines()[-1] == "1 of 1 differences are told from 0 by their paired 95% interval: mc:x acc +0.2500"
+    # a run folder: its hybrid's evaluation is eval/; --out keeps the numbers
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "outcomes.json").write_text((tmp_path / "a" / "outcomes.json").read_text())
+    assert main([str(tmp_path / "run"), str(tmp_path / "a"), "--out", str(tmp_path / "same.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "all 2 differences are within their paired 95% intervals of 0"
+    assert json.loads((tmp_path / "same.json").read_text())["apart"] == []
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mc:x acc"]["disagree"] == pytest.approx(0.25)
     with pytest.raises(SystemExit):
