@@ -32,7 +32,8 @@ TITLES = {
     "eval": "Evaluation: the hybrid against its teacher",
     "bench": "Throughput: the hybrid against its teacher",
 }
-SCALARS = ("steps", "tokens", "final_loss", "tokens_per_s", "seconds", "placement", "layer_types", "best", "chosen",
+SCALARS = ("steps", "tokens", "final_loss", "tokens_per_s", "seconds", "resumed_at_step", "seconds_this_process",
+           "placement", "layer_types", "best", "chosen",
            "model_dir", "objective", "uniform_objective", "one_layer_objective", "cuda_graph")
 #: a run whose stages 1 and 2 together trained on fewer tokens is a smoke test (the paper: 400B; the GPU recipe's
 #: shortened run, whose findings the README reports, 18M)

@@ -135,6 +135,10 @@ class TrainResult(StageResult):
     outputs: dict
     #: with `cuda_graph`: how many steps replayed the captured step, and why it fell back if it did
     cuda_graph: dict | None = None
+    #: a run resumed from a checkpoint: the step it resumed at; `seconds` is then the whole run's training time over
+    #: every process (when the checkpoint recorded it), this one's alone in `seconds_this_process`
+    resumed_at_step: int | None = None
+    seconds_this_process: float | None = None
 
 
 @dataclass

@@ -25,7 +25,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                        tokens=s["tokens"], final_loss=s["final_loss"], tokens_per_s=s["step_tokens_per_s"],
                        seconds=s["seconds"], eval=s["eval"], **result.counts, data=result.mixture.describe(),
                        outputs={"model": str(result.model_dir), "config": str(Path(out) / "stage_config.json"),
-                                "log": str(Path(out) / "log.jsonl")}, cuda_graph=s.get("cuda_graph"))
+                                "log": str(Path(out) / "log.jsonl")}, cuda_graph=s.get("cuda_graph"),
+                       resumed_at_step=s.get("resumed_at_step"), seconds_this_process=s.get("seconds_this_process"))
 
 
 def generate_data(teacher: str, tokens: int, seed: int, target: str, device: str | None, length: int | None = None,

@@ -290,6 +290,9 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.step = 0
         self.skipped_steps = 0
+        # `_train_seconds`: the run's training time before this process (None: unknown), and this process's start
+        self._seconds_before: float | None = 0.0
+        self._clock: float | None = None
         self._locked = False
         self._evaluated: set[int] = set()  # steps whose evaluation log.jsonl holds already
         self._chosen: tuple[Path | None] | None = None  # (checkpoint to resume from,) once `prepare` ran
@@ -477,10 +480,21 @@ class Trainer:
 
     def _save(self) -> None:
         self._check_weights(f"step {self.step}")
-        save_checkpoint(self.out, self.step, self.model, self.optimizer,
-                        {"data_step": self.step, "seed": self.config.seed, "world_size": self.world_size},
+        extras = {"data_step": self.step, "seed": self.config.seed, "world_size": self.world_size}
+        seconds = self._train_seconds()
+        if seconds is not None:
+            extras["train_seconds"] = round(seconds, 2)
+        save_checkpoint(self.out, self.step, self.model, self.optimizer, extras,
                         keep=self.config.keep_checkpoints, is_main=self.is_main)
         dist_utils.barrier()
+
+    def _train_seconds(self) -> float | None:
+        """Wall seconds this run has trained so far, over every process that resumed it (the seconds of the steps
+        a checkpoint holds; steps lost to a kill and done again count once). None before `fit` starts its clock, or
+        when an earlier process's share is unknown (a checkpoint from before this was recorded)."""
+        if self._clock is None or self._seconds_before is None:
+            return None
+        return self._seconds_before + time.perf_counter() - self._clock
 
     def _evaluate(self) -> dict:
         if self.evaluate_fn is None:
@@ -656,9 +670,11 @@ class Trainer:
         # a captured step is rebuilt from here: its warm-up runs again on the loaded weights (loading copies into the
         # same parameters, but the optimizer's state is replaced, and the loader wants .grad None on a fresh one)
         self._drop_static()
+        self._seconds_before = 0.0
         if ckpt is not None:
             meta = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)  # verified by _claim
             self.step = meta["step"]
+            self._seconds_before = meta.get("train_seconds")
             if self.is_main:
                 print(f"jetnas: resuming from {ckpt} (step {self.step})", file=sys.stderr)
         self._trim_log()
@@ -667,6 +683,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.is_main, file=sys.stderr,
                    dynamic_ncols=True)
         start, start_step, last = time.perf_counter(), self.step, {}
+        self._clock = start
         stop = _SigtermStop(enabled=self.world_size == 1)
         try:
             self._train_loop(stop, start_step, tokens_per_step, bar, last)
@@ -682,9 +699,14 @@ class Trainer:
             # handler before ours, with everything saved
             stop.restore()
         elapsed = time.perf_counter() - start
+        total = self._train_seconds()
+        self._clock = None
         done = self.step - start_step
+        # `seconds`: the whole run's, over the processes that resumed it (this one's alone when an earlier share is
+        # unknown); `tokens_per_s`: this process's steps over its own time. A resumed run says where it resumed.
+        resumed = {"resumed_at_step": start_step, "seconds_this_process": round(elapsed, 2)} if ckpt is not None else {}
         return {"steps": self.step, "final_loss": last.get("loss"), "tokens": self.step * tokens_per_step,
-                "seconds": round(elapsed, 2),
+                "seconds": round(elapsed if total is None else total, 2), **resumed,
                 "tokens_per_s": round(done * tokens_per_step / elapsed, 1) if done else None,
                 "eval": final_eval, "world_size": self.world_size, "skipped_steps": self.skipped_steps,
                 **({"cuda_graph": self.graph_summary()} if cfg.cuda_graph else {})}

@@ -93,6 +93,24 @@ def test_resume_continues_bit_identically(tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_a_resumed_run_counts_the_seconds_of_every_process(tmp_path):
+    """`seconds` is the whole run's: the checkpoint carries the time before it, the resumed process adds its own
+    (kept apart as `seconds_this_process`, with the step it resumed at)."""
+    run_to(tmp_path, "timed", 3, 6, save_every=1)
+    before = json.loads((latest_checkpoint(tmp_path / "timed") / "state.json").read_text())["train_seconds"]
+    assert before > 0
+    model = tiny_model()
+    for n, p in model.named_parameters():
+        p.requires_grad_(".self_attn." in n)
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, lr=1e-3, warmup_steps=2, out_dir=str(tmp_path / "timed"))
+    summary = Trainer(cfg, model, lm_loss, pattern_stream(tmp_path)).fit()
+    assert summary["resumed_at_step"] == 3
+    assert summary["seconds"] == pytest.approx(before + summary["seconds_this_process"], abs=0.02)
+    # the last checkpoint (saved after the final evaluation) carries the whole run's time on to any later resume
+    state = json.loads((latest_checkpoint(tmp_path / "timed") / "state.json").read_text())
+    assert before < state["train_seconds"] <= summary["seconds"] + 0.01
+
+
 def test_a_fresh_start_over_an_old_run_replaces_its_log(tmp_path):
     """A run directory copied without its checkpoints (as a GPU session carries on) trains from step 0 again: the
     log must then describe the new run only, the old rows kept aside, not appended to."""
