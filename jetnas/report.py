@@ -51,8 +51,8 @@ STEPS = {
     "eval": "evaluation, hybrid and teacher",
     "bench": "throughput, hybrid and teacher",
 }
-#: metrics that count rows, shown in a row's label rather than compared
-COUNTS = ("n", "seconds")
+#: metrics not compared between the models: counts of rows (shown in a row's label), durations, a task's chance level
+COUNTS = ("n", "seconds", "chance")
 
 
 def _fmt(v) -> str:
@@ -297,7 +297,8 @@ def steps_table(recipe, state: dict) -> list[str]:
 
 
 #: chance accuracy of the shipped benchmark files' tasks (multiple choice: one over the options; cloze and
-#: retrieval: 0), by the short name `task_name` gives; a task may report its own `chance` instead
+#: retrieval: 0), by the short name `task_name` gives; other tasks report their own `chance` (a multiple-choice file:
+#: 1 / choices over its rows)
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "mmlu": 0.25, "piqa": 0.5, "lambada": 0.0}
 #: short names of the shipped files whose stem says more than the task (LAMBADA's OpenAI text is "lambada")
 ALIASES = {"lambada_openai": "lambada"}
@@ -353,7 +354,9 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
             continue
         if not (_number(metrics.get("acc")) and _number(other.get("acc"))):
             continue
-        chance = metrics.get("chance", CHANCE.get(name, 0.0))
+        # the benchmark's standard figure where there is one (ARC's few 3- and 5-way rows are left out of it, as
+        # papers do), else the task's own (a multiple-choice file's 1 / choices), else 0 (cloze, retrieval)
+        chance = CHANCE[name] if name in CHANCE else metrics.get("chance", 0.0)
         margin = other["acc"] - chance
         tasks[name] = {"teacher": other["acc"], "hybrid": metrics["acc"], "chance": chance,
                        "kept": (metrics["acc"] - chance) / margin if margin > 0 else None, "n": metrics.get("n")}

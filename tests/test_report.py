@@ -151,6 +151,14 @@ def test_retention_summary_shares_of_the_teachers_margin():
     assert r["tasks"]["needle@4096"] == {"teacher": 1.0, "hybrid": 0.5, "chance": 0.0, "kept": 0.5, "n": None}
     assert r["heldout_nll_gap"] == pytest.approx(0.1)
     assert r["cache_ratio_8k"] == pytest.approx(15.0)
+    # a multiple-choice file without a standard figure: its own chance (1 / choices), e.g. the HellaSwag-form proxy;
+    # a shipped benchmark keeps its standard one even when the task reports another (ARC's few 3- and 5-way rows)
+    own = retention({"mc:d/continuation_wiki_val.jsonl": {"acc": 0.30, "chance": 0.25},
+                     "mc:b/arc_easy_test.jsonl": {"acc": 0.45, "chance": 0.2502}},
+                    {"mc:d/continuation_wiki_val.jsonl": {"acc": 0.35, "chance": 0.25},
+                     "mc:b/arc_easy_test.jsonl": {"acc": 0.5, "chance": 0.2502}})["tasks"]
+    assert own["continuation_wiki"]["chance"] == 0.25 and own["continuation_wiki"]["kept"] == pytest.approx(0.5)
+    assert own["arc_easy"]["chance"] == 0.25
     assert retention(hybrid, teacher)["cache_ratio_8k"] is None       # no throughput run: no ratio
     table = "\n".join(retention_table(r))
     assert "| arc_easy | 0.450 | 0.500 | 0.25 | 80% | 75% |" in table and "15.0x smaller" in table
@@ -189,6 +197,9 @@ def test_an_evaluations_outcomes_are_found_in_a_run_copied_from_another_machine(
 
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "outcomes.json").write_text(json.dumps({"tasks": {"mc:x": {"acc": [1, 0]}}}))
-    assert _outcomes({"out_dir": "/root/run/eval"}, tmp_path) == {"mc:x": {"acc": [1, 0]}}
-    assert _outcomes({"out_dir": "/root/run/eval_teacher"}, tmp_path) == {}   # an evaluation without outcomes
+    # the device's path, under a root that is surely absent here (a developer's machine may have a /root/run of
+    # its own: dev/stage_wheels.sh builds the recall documents there)
+    device = tmp_path / "device" / "root" / "run"
+    assert _outcomes({"out_dir": str(device / "eval")}, tmp_path) == {"mc:x": {"acc": [1, 0]}}
+    assert _outcomes({"out_dir": str(device / "eval_teacher")}, tmp_path) == {}   # an evaluation without outcomes
     assert _outcomes({}, tmp_path) == {}

@@ -199,8 +199,11 @@ class MultipleChoiceTask(_RowsTask):
         scores = score_continuations(lm, requests, progress=self.name if progress else None, rows=owners)
         outcomes = mc_outcomes(rows, requests, scores, spans)
         n = max(len(rows), 1)
+        # `chance`: a random pick's expected accuracy, 1 / choices averaged over the rows (what `retention` measures
+        # margins from, for files it has no standard figure for)
         metrics = {"acc": sum(outcomes["acc"]) / n, "acc_norm": sum(outcomes["acc_norm"]) / n,
-                   "correct_nll": sum(outcomes.pop("correct_nll")) / n, "n": len(rows)}
+                   "correct_nll": sum(outcomes.pop("correct_nll")) / n, "n": len(rows),
+                   "chance": sum(1 / count for _, count in spans) / n}
         return metrics, outcomes
 
 

@@ -79,6 +79,7 @@ def test_multiple_choice_metrics_follow_the_scores(tmp_path):
         correct += max(range(len(scores)), key=scores.__getitem__) == row["label"]
     assert result["acc"] == pytest.approx(correct / len(MC_ROWS)) and result["n"] == len(MC_ROWS)
     assert 0 < result["correct_nll"] < 50
+    assert result["chance"] == pytest.approx(sum(1 / len(r["choices"]) for r in MC_ROWS) / len(MC_ROWS))
     # the per-row outcomes behind the metrics (paired intervals between models): one 0/1 per row, same means
     metrics, outcomes = task.evaluate_rows(lm)
     assert metrics == result and set(outcomes) == {"acc", "acc_norm", "ll"}
