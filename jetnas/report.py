@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from jetnas.evaluation.paired import paired_bootstrap
+from jetnas.evaluation.paired import choice_agreement, paired_bootstrap
 from jetnas.files import write_json_atomic, write_text_atomic
 
 TITLES = {
@@ -338,7 +338,10 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
     configs and most linear-attention papers report for HellaSwag and ARC) under `"acc_norm"`; `acc` stays the
     headline. Where both evaluations kept their per-item outcomes (`outcomes.json`, by task spec), each share also
     gets a paired 95% bootstrap interval over the rows (`kept_ci95`; `jetnas.evaluation.paired`), with the interval
-    of the accuracy difference (`difference_ci95`) and the share of items the two models disagree on. The held-out gap is the hybrid's
+    of the accuracy difference (`difference_ci95`) and the share of items the two models disagree on; a
+    multiple-choice task with each choice's log-likelihood also gets the share of rows where the hybrid's top choice
+    is the teacher's (`agree`, `agree_ci95`) and the mean KL between their distributions over the choices
+    (`choice_kl`; `jetnas.evaluation.paired.choice_agreement`). The held-out gap is the hybrid's
     perplexity task's mean nll less the teacher's (nats per token); the cache ratio is the teacher's cache bytes per
     sequence over the hybrid's at `cache_context` tokens, from the two throughput benchmarks (None when either
     lacks that context). `hybrid_eval` / `teacher_eval` map task specs to metrics (eval.json's `tasks`)."""
@@ -371,6 +374,10 @@ def retention(hybrid_eval: dict, teacher_eval: dict, hybrid_bench: dict | None =
                 paired = paired_bootstrap(h_rows, t_rows, metric, chance) if row is not None else None
                 if paired is not None:
                     row.update({k: paired[k] for k in ("kept_ci95", "difference_ci95", "disagree")})
+            # multiple choice: how often the hybrid picks the teacher's choice, and how closely it weighs them
+            choices = choice_agreement(h_rows, t_rows)
+            if choices is not None:
+                tasks[name].update({k: choices[k] for k in ("agree", "agree_ci95", "choice_kl")})
     cache_ratio = None
     h = _context_row(hybrid_bench or {}, cache_context)
     t = _context_row(teacher_bench or {}, cache_context)

@@ -171,8 +171,14 @@ def test_retention_summary_shares_of_the_teachers_margin():
     assert row["kept_ci95"][0] < 0.8 < row["kept_ci95"][1] and row["disagree"] == pytest.approx(0.05)
     assert row["acc_norm"]["kept_ci95"][0] < 0.75 < row["acc_norm"]["kept_ci95"][1]
     assert "kept_ci95" not in r["tasks"]["piqa"]                       # no outcomes for it
+    assert "agree" not in row                                          # no choice scores in these outcomes
     lo, hi = (round(100 * x) for x in row["kept_ci95"])
     assert f"| arc_easy | 0.450 | 0.500 | 0.25 | 80% ({lo}-{hi}%) |" in "\n".join(retention_table(r))
+    # with each choice's log-likelihood: how often the hybrid's top choice is the teacher's
+    h_rows["mc:b/arc_easy_test.jsonl"]["ll"] = [[-1.0, -2.0]] * 100
+    t_rows["mc:b/arc_easy_test.jsonl"]["ll"] = [[-1.0, -2.0]] * 90 + [[-2.0, -1.0]] * 10
+    row = retention(hybrid, teacher, hybrid_outcomes=h_rows, teacher_outcomes=t_rows)["tasks"]["arc_easy"]
+    assert row["agree"] == pytest.approx(0.9) and row["choice_kl"] > 0
 
 
 def test_the_placements_table_gives_each_placements_accuracy_and_share_of_the_teachers_margin():

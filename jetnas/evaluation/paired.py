@@ -72,6 +72,29 @@ def paired_bootstrap(a: dict, b: dict, metric: str = "acc", chance: float | None
     return out
 
 
+def choice_agreement(a: dict, b: dict) -> dict | None:
+    """How closely model `a` makes model `b`'s choices on the same multiple-choice rows, from each row's choice
+    log-likelihoods (`ll`, as `jetnas.evaluation.tasks.mc_outcomes` keeps them): `agree`, the share of rows whose
+    top choice is the same, with its 95% bootstrap interval over rows (`agree_ci95`); `choice_kl`, the mean over
+    rows of KL(b || a) between the two softmax distributions over the row's choices (nats; 0 when `a` ranks and
+    weighs the choices as `b` does), which moves with every row's scores where accuracy moves only with flips.
+    None without `ll` on both sides or on other rows."""
+    la, lb = a.get("ll"), b.get("ll")
+    if not la or not lb or len(la) != len(lb) or any(len(x) != len(y) for x, y in zip(la, lb)):
+        return None
+    same, kl = [], []
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        same.append(float(x.argmax() == y.argmax()))
+        px, py = x - np.logaddexp.reduce(x), y - np.logaddexp.reduce(y)
+        kl.append(float(np.sum(np.exp(py) * (py - px))))
+    same = np.asarray(same)
+    picks = np.random.default_rng(0).integers(0, len(same), size=(RESAMPLES, len(same)))
+    return {"agree": float(same.mean()),
+            "agree_ci95": [float(v) for v in np.percentile(same[picks].mean(axis=1), [2.5, 97.5])],
+            "choice_kl": float(np.mean(kl)), "rows": len(same)}
+
+
 def compare(a: dict, b: dict, chance: dict[str, float] | None = None) -> dict[str, dict]:
     """Per task both outcome files hold (`outcomes.json`'s `tasks`), `paired_bootstrap` of `a` against `b` on each
     accuracy metric; `chance` by task name gives the `kept` share too."""
@@ -83,6 +106,9 @@ def compare(a: dict, b: dict, chance: dict[str, float] | None = None) -> dict[st
             paired = paired_bootstrap(rows, b[task], metric, (chance or {}).get(task))
             if paired is not None:
                 out[f"{task} {metric}"] = paired
+        choices = choice_agreement(rows, b[task])
+        if choices is not None and f"{task} acc" in out:
+            out[f"{task} acc"]["choices"] = choices
     return out
 
 
@@ -133,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = p["difference_ci95"]
         print(f"| {task} | {metric} | {p['a']:.4f} | {p['b']:.4f} | {p['difference']:+.4f} | "
               f"{lo:+.4f} to {hi:+.4f} | {100 * p['disagree']:.1f}% | {p['rows']} |")
+    agreement = [(key.rsplit(" ", 1)[0], p["choices"]) for key, p in rows.items() if "choices" in p]
+    if agreement:
+        print()
+        print("| task | same top choice | 95% interval | mean KL(B || A) over the choices | rows |")
+        print("|---|---|---|---|---|")
+        for task, c in agreement:
+            lo, hi = c["agree_ci95"]
+            print(f"| {task} | {100 * c['agree']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {c['choice_kl']:.4f} | "
+                  f"{c['rows']} |")
+        print()
     told = apart(rows)
     if told:
         print(f"{len(told)} of {len(rows)} differences are told from 0 by their paired 95% interval: "

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jetnas.evaluation.paired import paired_bootstrap
+from jetnas.evaluation.paired import choice_agreement, paired_bootstrap
 
 
 def test_identical_outcomes_differ_by_nothing():
@@ -92,3 +92,22 @@ def test_the_command_compares_two_evaluations(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a"), str(tmp_path / "missing")])
     assert "no outcomes.json there" in capsys.readouterr().err
+
+
+def test_choice_agreement_reads_each_rows_choice_log_likelihoods():
+    """The share of rows with the same top choice (with its interval) and the mean KL between the two models'
+    distributions over a row's choices: 0 for the same scores, larger as the weights part, None without `ll`."""
+    import math
+
+    ll = [[-1.0, -2.0, -3.0, -4.0], [-2.0, -1.0, -5.0, -5.0], [-3.0, -3.5, -1.0, -9.0], [-1.0, -1.5]]
+    same = choice_agreement({"ll": ll}, {"ll": ll})
+    assert same["agree"] == 1.0 and same["agree_ci95"] == [1.0, 1.0] and same["choice_kl"] == pytest.approx(0.0)
+    # the last row's top choice flips; its KL is the two-way softmax's
+    other = ll[:3] + [[-1.5, -1.0]]
+    flip = choice_agreement({"ll": other}, {"ll": ll})
+    p, q = 1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5))     # b = softmax(-1, -1.5), a = softmax(-1.5, -1)
+    want = (p * math.log(p / q) + q * math.log(q / p)) / 4
+    assert flip["agree"] == 0.75 and flip["choice_kl"] == pytest.approx(want) and flip["rows"] == 4
+    assert choice_agreement({"acc": [1]}, {"ll": ll}) is None                   # no scores on one side
+    assert choice_agreement({"ll": ll[:3]}, {"ll": ll}) is None                 # other rows
+    assert choice_agreement({"ll": ll[:3] + [[-1.0, -1.5, -2.0]]}, {"ll": ll}) is None   # other choices
