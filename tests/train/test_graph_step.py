@@ -90,6 +90,23 @@ def test_static_steps_equal_eager_steps_bit_for_bit(models, tmp_path, cpu_graph,
     assert all(p.grad is g for p, g in zip(static._static.params, static._static.grads))
 
 
+def test_a_jetblock_student_steps_the_same_static_and_eager(tmp_path, cpu_graph):
+    """The -aw4-jet recipe's block (dynamic value convolution, its kernel generator) on the static path: the same
+    losses, gradients and weights as the eager steps, bit for bit (what the GPU capture records is that region)."""
+    from jetnas.models import JetNemotronForCausalLM
+    from tests.utils import tiny_config
+
+    torch.manual_seed(0)
+    teacher = JetNemotronForCausalLM(tiny_config(["attn"] * 4)).eval().requires_grad_(False)
+    student = JetNemotronForCausalLM(tiny_config(["attn", "jet", "swa", "jet"]))
+    eager, eager_model = make((teacher, student), tmp_path / "eager", graph=False)
+    static, static_model = make((teacher, student), tmp_path / "static", graph=True)
+    ge, gs = record_gradients(eager, eager_model), record_gradients(static, static_model)
+    eager.fit()
+    assert static.fit()["cuda_graph"] == {"replayed_steps": STEPS - CAPTURE, "fallback": None}
+    assert_same_run(eager_model, static_model, eager, static, ge, gs)
+
+
 def test_resume_rebuilds_the_static_step_and_matches_the_eager_run(models, tmp_path, cpu_graph):
     """Nine steps eagerly, against five static steps (then a Ctrl-C, which checkpoints them) resumed to nine: the
     resumed trainer warms up and captures again on the loaded weights. cuda_graph is not the run's identity, so the
