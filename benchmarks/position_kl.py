@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/position_kl.py --student runs/x/stage2/model --teacher smollm2-135m \\
         --data ../shared/data/corpus/val.bin --rows 8 --length 2048 --out results/x/position_kl
 
-Each row starts at a document's first token (just after an end-of-document id in `--data`), so position 0 has no
+Each row starts at a document's first token (the file's first, or one just after an end-of-document id in `--data`), so position 0 has no
 earlier text, as a benchmark prompt has none: HellaSwag's context and longest ending fit 128 tokens in 98.9% of its
 rows (SmolLM2's tokenizer), scored from a fresh state. Training cuts its token streams into 4,096-token rows at fixed
 offsets, not at document starts (Wikipedia articles average ~4,000 tokens), so a fresh state starts each row mostly

@@ -137,8 +137,8 @@ recipe() {  # issues 4 and 5: the SmolLM2-135M recipe with fewer steps; resumes 
   # EXTRA_SETS: more `--set key=value` words for any recipe, e.g. another placement for the final recipe:
   #   EXTRA_SETS="--set stages.stage1.layer_types=gdn*7,attn,gdn*9,swa,attn,gdn,swa,gdn*2,attn,gdn*6"
   # (read into an array without globbing: `gdn*7` must not match file names)
-  # A SIGTERM that comes during a stage's final evaluation and save waits for them (20-30 s), and the step starts
-  # ~10 s before `timeout`: recipe:585 ran into the tool's 600 s limit (2026-12-08). 560 is the most to ask.
+  # A SIGTERM that comes during a stage's final evaluation and save waits for them (24 s on 2026-12-08), and the
+  # step's own start and the packing come on top: recipe:585 ran into the tool's 600 s limit. 560 is the most to ask.
   [ "$1" -gt 560 ] && echo "note: recipe:$1 may run past the tool's 600 s limit (a stage's last evaluation and save finish first): ask 560 at most"
   local name=${RECIPE:-smollm2-135m-gpu} sets=() extra=()
   [ "$name" = smollm2-135m-gpu ] && sets=("${RECIPE_SETS[@]}")
@@ -326,7 +326,7 @@ print(f'generated {r.tokens:,} tokens in {time.perf_counter() - t:.1f} s')" "${G
                   --max-seconds $(( ${step#*:} - 40 )) --out $OUT/diagnose ${DIAG_TASKS:+--tasks "$DIAG_TASKS"} \
                   2>&1 | grep -v -i -E "warn|loading weights|done \(" | tail -36 ;;
     # the position KL alone, on a document's opening (HellaSwag's regime: 128 rows of 512 tokens from document
-    # starts of val.bin, of the 136 it has (position_kl.py takes starts after an EOS)), of DIAG_MODEL (default /root/run/stage1/model), in
+    # starts of val.bin, of the 137 it has (the file's first token and every one after an EOS)), of DIAG_MODEL (default /root/run/stage1/model), in
     # $OUT/poskl${POSKL_TAG:-}: the A/B of rows at document starts (dev/LOG.md, 2026-12-07, sixteenth session)
     poskl:*) timeout "${step#*:}" python3 benchmarks/position_kl.py --autotune-configs 4 --student "${DIAG_MODEL:-/root/run/stage1/model}" \
                --rows 128 --length 512 --out $OUT/poskl${POSKL_TAG:-} 2>&1 | grep -v -i -E "warn|loading weights" | tail -14 ;;
